@@ -1,0 +1,45 @@
+"""fx_flash: attention written any way, run as generated FlashAttention kernels.
+
+Public surface: ``flash_attention`` (SDPA's signature, fused forward and backward). Importing
+registers the ``fx_flash::`` torch ops; it does no GPU work and imports no Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fx_flash import ops as _ops  # noqa: F401  (registers torch.ops.fx_flash.*)
+
+__all__ = ["flash_attention"]
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Fused attention with ``torch.nn.functional.scaled_dot_product_attention``'s semantics.
+
+    Args:
+        q: (B, Hq, Nq, d); k, v: (B, Hkv, Nk, d). float16, bfloat16 or float32; any strides.
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+            (B, Hq, Nq, Nk); read through broadcast strides, never expanded. A float mask that
+            requires grad receives a gradient.
+        dropout_p: dropout on the attention weights, drawn inside the kernel (Philox, seeded
+            from torch's generator).
+        is_causal: top-left aligned causal mask (``tril(ones(Nq, Nk))``); may be combined with
+            ``attn_mask``.
+        scale: multiplier of q·kᵀ, default 1/sqrt(d).
+        enable_gqa: allow Hq to be a multiple of Hkv; K/V are not repeated in memory.
+
+    Returns:
+        (B, Hq, Nq, d) in q's dtype. Rows with every key masked out are 0, as in SDPA.
+    """
+    return torch.ops.fx_flash.flash_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -1,0 +1,163 @@
+"""Launching the generated kernels: outputs, strides, grids, and the configurations from tiling.
+
+On a GPU each kernel is wrapped in ``triton.autotune`` over the candidates that
+``tiling.candidates`` derives from the device's shared memory, keyed by power-of-two buckets of
+the sequence lengths (so nearby lengths share one tuning result). Under the interpreter the
+paper's fitted configuration runs directly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+
+from fx_flash.codegen import loader, tiling
+from fx_flash.codegen.generate import score_in_log2
+from fx_flash.codegen.spec import AttentionSpec, sdpa_spec
+from fx_flash.device import device_profile, interpreting
+
+DELTA_BLOCK_M = 64
+
+
+def _strides4(t: Optional[torch.Tensor], shape) -> tuple[int, int, int, int]:
+    """Strides of ``t`` broadcast to ``shape`` (0 on broadcast axes); zeros when absent."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(t.expand(shape).stride())
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"  # fp32 stays fp32: tf32 only when the user enabled it
+    return "tf32"  # fp32 with tf32 enabled; ignored by fp16/bf16 dots
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_dim: int, elem_bytes: int):
+    """``name`` from ``spec``'s module, autotuned over the candidates that fit this device."""
+    fn = getattr(loader.load(spec), name)
+    profile = device_profile(torch.device("cuda", device_index))
+    configs = [
+        triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in tiling.candidates(kernel, profile, head_dim, elem_bytes)
+    ]
+    reset = ["DBias"] if name == "_attn_bwd_dkdv" and spec.bias_grad else None
+    key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP"]
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(fn)
+
+
+def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, **kwargs):
+    """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes."""
+    head_dim, elem = q.shape[-1], q.element_size()
+    if q.device.type == "cuda" and not interpreting():
+        fn = _tuned(spec, name, kernel, q.device.index if q.device.index is not None else torch.cuda.current_device(), head_dim, elem)
+        fn[grid](*args, **kwargs)
+        return
+    cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem)
+    fn = getattr(loader.load(spec), name)
+    meta = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
+    fn[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def spec_of(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = False) -> AttentionSpec:
+    """The spec the op's arguments describe."""
+    return sdpa_spec(bias=bias is not None, bias_grad=bias_grad, mask=mask is not None,
+                     causal=is_causal, dropout=dropout_p > 0.0)
+
+
+def _common(spec, q, k, scale, dropout_p):
+    z, h, n_q, d = q.shape
+    n_kv = k.shape[2]
+    return dict(
+        H=h, N_Q=n_q, N_KV=n_kv, N_Q_BUCKET=_bucket(n_q), N_KV_BUCKET=_bucket(n_kv),
+        GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=tiling.pad_head_dim(d),
+        CAUSAL=spec.causal, DROPOUT=spec.dropout, SCORE_IN_LOG2=score_in_log2(spec),
+        INPUT_PRECISION=_input_precision(q.dtype),
+    ), (z, h, n_q, n_kv)
+
+
+def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # Triton reads torch.bool as bytes; a uint8 view keeps the (broadcast) strides.
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bool, scale: float):
+    """Run the forward kernel. Returns (out (Z, H, N_Q, d) in q's dtype, lse (Z, H, N_Q) fp32).
+
+    ``bias``/``mask`` are the caller's tensors, broadcastable to (Z, H, N_Q, N_KV); ``seed`` an
+    int64 tensor of one element when dropout_p > 0.
+    """
+    spec = spec_of(bias, mask, is_causal, dropout_p)
+    consts, (z, h, n_q, n_kv) = _common(spec, q, k, scale, dropout_p)
+    full = (z, h, n_q, n_kv)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((z, h, n_q), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if n_kv == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    mask_b = _mask_bytes(mask)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+    _run(spec, "_attn_fwd", "fwd", grid, q,
+         q, k, v, out, lse, bias if bias is not None else q, mask_b if mask_b is not None else q,
+         seed if seed is not None else q, scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         *_strides4(bias, full), *_strides4(mask_b, full), **consts)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: float, is_causal: bool,
+                       scale: float, bias_grad: bool):
+    """Run the backward kernels. Returns (dq, dk, dv, dbias or None), each in its input's dtype."""
+    spec = spec_of(bias, mask, is_causal, dropout_p, bias_grad)
+    consts, (z, h, n_q, n_kv) = _common(spec, q, k, scale, dropout_p)
+    full = (z, h, n_q, n_kv)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), (dbias.to(bias.dtype) if bias_grad else None)
+    delta = torch.empty((z, h, n_q), device=q.device, dtype=torch.float32)
+    d_pad = tiling.pad_head_dim(q.shape[-1])
+    fn = loader.load(spec)._attn_bwd_delta
+    fn[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
+        out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
+
+    mask_b = _mask_bytes(mask)
+    bias_arg = bias if bias is not None else q
+    mask_arg = mask_b if mask_b is not None else q
+    seed_arg = seed if seed is not None else q
+    dbias_strides = _strides4(dbias, full) if bias_grad else (0, 0, 0, 0)
+    grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
+    _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
+         q, k, v, dout, dk, dv, lse, delta, bias_arg, dbias if bias_grad else q, mask_arg, seed_arg,
+         scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+         *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full), **consts)
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+    _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
+         q, k, v, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+         *_strides4(bias, full), *_strides4(mask_b, full), **consts)
+    return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None)
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """Test-only: the (Z, H, N_Q, N_KV) bool mask of kept weights the kernels draw for ``seed``."""
+    z, h, n_q, n_kv = shape
+    keep = torch.empty(shape, dtype=torch.bool, device=seed.device)
+    if keep.numel() == 0:
+        return keep
+    fn = loader.load(sdpa_spec(bias=False, bias_grad=False, mask=False, causal=False, dropout=True))._dropout_mask
+    fn[(triton.cdiv(n_q, 32), z * h)](seed, keep.view(torch.uint8), dropout_p, *keep.stride(), h, n_q, n_kv,
+                                      BLOCK_M=32, BLOCK_N=32)
+    return keep

@@ -1,0 +1,60 @@
+"""Generated source → importable module, cached on disk by the spec's key.
+
+``@triton.jit`` reads its function's source file, so rendered kernels must live in real files:
+each spec's module is written to ``$FX_FLASH_CACHE_DIR`` (default ``~/.cache/fx_flash``) under
+its key with an atomic rename, as Inductor does, then imported once per process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+from fx_flash.codegen.generate import render
+from fx_flash.codegen.spec import AttentionSpec
+
+log = logging.getLogger("fx_flash")
+_modules: dict[str, ModuleType] = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where generated kernel sources are written."""
+    root = os.environ.get("FX_FLASH_CACHE_DIR") or os.path.join(Path.home(), ".cache", "fx_flash")
+    return Path(root) / "kernels"
+
+
+def source_path(spec: AttentionSpec) -> Path:
+    """The file holding ``spec``'s generated source (written on first use)."""
+    return cache_dir() / f"fx_flash_{spec.key}.py"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+
+
+def load(spec: AttentionSpec) -> ModuleType:
+    """The imported module of ``spec``'s kernels, generating its source if needed."""
+    with _lock:
+        module = _modules.get(spec.key)
+        if module is not None:
+            return module
+        path = source_path(spec)
+        source = render(spec)
+        if not path.exists() or path.read_text() != source:
+            _write_atomically(path, source)
+            log.debug("generated %s for %s", path, spec.describe())
+        import_spec = importlib.util.spec_from_file_location(f"fx_flash_generated_{spec.key}", path)
+        module = importlib.util.module_from_spec(import_spec)
+        import_spec.loader.exec_module(module)
+        _modules[spec.key] = module
+        return module

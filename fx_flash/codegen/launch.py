@@ -3,12 +3,12 @@
 On a GPU each kernel is wrapped in ``triton.autotune`` over the candidates that
 ``tiling.candidates`` derives from the device's shared memory, keyed by power-of-two buckets of
 the sequence lengths (so nearby lengths share one tuning result). Under the interpreter the
-paper's fitted configuration runs directly.
+paper's fitted configuration runs directly (also on GPUs with FX_FLASH_AUTOTUNE=0).
 """
 
 from __future__ import annotations
 
-import functools
+import os
 from typing import Optional
 
 import torch
@@ -39,24 +39,35 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-@functools.lru_cache(maxsize=None)
+# (spec, kernel name, tiling kernel, device index, head dim, element bytes) → autotuned kernel.
+TUNED: dict[tuple, object] = {}
+
+
 def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_dim: int, elem_bytes: int):
     """``name`` from ``spec``'s module, autotuned over the candidates that fit this device."""
-    fn = getattr(loader.load(spec), name)
-    profile = device_profile(torch.device("cuda", device_index))
-    configs = [
-        triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
-        for c in tiling.candidates(kernel, profile, head_dim, elem_bytes)
-    ]
-    reset = ["DBias"] if name == "_attn_bwd_dkdv" and spec.bias_grad else None
-    key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP"]
-    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(fn)
+    key = (spec, name, kernel, device_index, head_dim, elem_bytes)
+    if key not in TUNED:
+        fn = getattr(loader.load(spec), name)
+        profile = device_profile(torch.device("cuda", device_index))
+        configs = [
+            triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in tiling.candidates(kernel, profile, head_dim, elem_bytes)
+        ]
+        reset = ["DBias"] if name == "_attn_bwd_dkdv" and spec.bias_grad else None
+        tune_key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP"]
+        TUNED[key] = triton.autotune(configs=configs, key=tune_key, reset_to_zero=reset)(fn)
+    return TUNED[key]
+
+
+def autotuning() -> bool:
+    """Autotune on GPUs unless FX_FLASH_AUTOTUNE=0 (then the paper's fitted tile runs)."""
+    return os.environ.get("FX_FLASH_AUTOTUNE", "1") != "0"
 
 
 def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, **kwargs):
     """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes."""
     head_dim, elem = q.shape[-1], q.element_size()
-    if q.device.type == "cuda" and not interpreting():
+    if q.device.type == "cuda" and not interpreting() and autotuning():
         fn = _tuned(spec, name, kernel, q.device.index if q.device.index is not None else torch.cuda.current_device(), head_dim, elem)
         fn[grid](*args, **kwargs)
         return

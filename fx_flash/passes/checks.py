@@ -158,6 +158,23 @@ def _expr(x):
     return sympy.sympify(as_expr(x))
 
 
+def _plain(expr):
+    """Torch's shape-env functions (ToFloat, FloatPow, …) as plain sympy, floats as rationals."""
+    from torch.utils._sympy import functions as tf
+
+    plain = {
+        tf.ToFloat: lambda x: x,
+        tf.FloatPow: lambda a, b: a**b,
+        tf.PowByNatural: lambda a, b: a**b,
+        tf.FloatTrueDiv: lambda a, b: a / b,
+        tf.IntTrueDiv: lambda a, b: a / b,
+        tf.OpaqueUnaryFn_sqrt: sympy.sqrt,
+    }
+    for fn, rule in plain.items():
+        expr = expr.replace(fn, rule)
+    return sympy.nsimplify(expr, rational=True)
+
+
 def site_scale(site: AttentionSite):
     """The op's ``scale``: a float, or None when the scale is symbolically 1/sqrt(head dim)."""
     total = 1.0
@@ -167,10 +184,10 @@ def site_scale(site: AttentionSite):
         if not math.isfinite(total):
             raise NotConstant(f"the scale {total} is not finite")
         return float(total)
-    expr = sympy.sympify(total)
+    expr = _plain(sympy.sympify(total))
     if expr.is_number:
         return float(expr)
-    head_dim = _expr(tensor_of(site.q).shape[-1])
+    head_dim = _plain(_expr(tensor_of(site.q).shape[-1]))
     if sympy.simplify(expr - 1 / sympy.sqrt(head_dim)) == 0:
         return None
     raise NotConstant(f"the scale {expr} depends on sizes other than the head dim {head_dim}")

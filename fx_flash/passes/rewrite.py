@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 
 import fx_flash.ops  # noqa: F401  (registers torch.ops.fx_flash.*)
 from fx_flash.passes.causal import is_causal_keep
@@ -50,7 +49,8 @@ class _Emitter:
     def __init__(self, graph: fx.Graph, anchor: fx.Node):
         self.graph, self.anchor = graph, anchor
         self.key = meta_key(graph)
-        self.fake_mode = detect_fake_mode([t for t in (tensor_of(n) for n in graph.nodes) if t is not None])
+        fakes = (tensor_of(n) for n in graph.nodes)
+        self.fake_mode = next((t.fake_mode for t in fakes if hasattr(t, "fake_mode")), None)
 
     def __call__(self, op: str, target: Any, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
         with self.graph.inserting_before(self.anchor):

@@ -120,6 +120,8 @@ def evaluate(value: Any, depth: int = 0) -> Any:
             return evaluate(args[0], depth + 1)
         if target is torch.full and len(args) == 2 and tuple(args[0]) == ():
             return evaluate(args[1], depth + 1)
+        if target in (torch.zeros, torch.ones) and len(args) == 1 and tuple(args[0]) == ():
+            return 0.0 if target is torch.zeros else 1.0
         if target is getattr and args[1] == "shape":
             raise NotConstant("a whole shape is not a number")
         if target is operator.getitem and _is_shape(args[0]) and isinstance(args[1], int):

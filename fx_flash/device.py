@@ -1,8 +1,9 @@
 """What a device offers the kernels: shared memory per block (M), multiprocessors, capability.
 
 Read once per device and cached. CPU tensors run the Triton interpreter, which has no shared
-memory; they get ``INTERPRETER_PROFILE``, a documented stand-in with the 48 KiB that every CUDA
-GPU grants a block without opting in, so tiling is exercised on the same code path.
+memory; they get ``INTERPRETER_PROFILE``, a documented stand-in: the 101376 bytes a consumer
+Ada (RTX 40xx) block may opt into, the smallest M of current GPUs that still fits fp32 tiles at
+head dim 256, so tiling runs the same code path as on a GPU.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class DeviceProfile:
 
 
 INTERPRETER_PROFILE = DeviceProfile(
-    name="triton-interpreter", shared_memory=48 * 1024, multiprocessors=1, capability=(0, 0)
+    name="triton-interpreter", shared_memory=101376, multiprocessors=1, capability=(0, 0)
 )
 
 

@@ -99,17 +99,24 @@ def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.view(torch.uint8)
 
 
-def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bool, scale: float):
+def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """Allocate a kernel output (every element is written by a kernel; tests poison these)."""
+    return torch.empty(like.shape if shape is None else shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bool, scale: float,
+                      spec: Optional[AttentionSpec] = None):
     """Run the forward kernel. Returns (out (Z, H, N_Q, d) in q's dtype, lse (Z, H, N_Q) fp32).
 
     ``bias``/``mask`` are the caller's tensors, broadcastable to (Z, H, N_Q, N_KV); ``seed`` an
-    int64 tensor of one element when dropout_p > 0.
+    int64 tensor of one element when dropout_p > 0. ``spec`` overrides the SDPA spec these
+    arguments describe (a score expression beyond SDPA's; it must use the same tensors).
     """
-    spec = spec_of(bias, mask, is_causal, dropout_p)
+    spec = spec or spec_of(bias, mask, is_causal, dropout_p)
     consts, (z, h, n_q, n_kv) = _common(spec, q, k, scale, dropout_p)
     full = (z, h, n_q, n_kv)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((z, h, n_q), device=q.device, dtype=torch.float32)
+    out = new_output(q)
+    lse = new_output(q, (z, h, n_q), torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     if n_kv == 0:
@@ -125,18 +132,16 @@ def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bo
 
 
 def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: float, is_causal: bool,
-                       scale: float, bias_grad: bool):
+                       scale: float, bias_grad: bool, spec: Optional[AttentionSpec] = None):
     """Run the backward kernels. Returns (dq, dk, dv, dbias or None), each in its input's dtype."""
-    spec = spec_of(bias, mask, is_causal, dropout_p, bias_grad)
+    spec = spec or spec_of(bias, mask, is_causal, dropout_p, bias_grad)
     consts, (z, h, n_q, n_kv) = _common(spec, q, k, scale, dropout_p)
     full = (z, h, n_q, n_kv)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = new_output(q), new_output(k), new_output(v)
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), (dbias.to(bias.dtype) if bias_grad else None)
-    delta = torch.empty((z, h, n_q), device=q.device, dtype=torch.float32)
+    delta = new_output(q, (z, h, n_q), torch.float32)
     d_pad = tiling.pad_head_dim(q.shape[-1])
     fn = loader.load(spec)._attn_bwd_delta
     fn[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](

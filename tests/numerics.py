@@ -1,0 +1,45 @@
+"""The numerics rule of the kernel tests, from flash-attn's suite.
+
+Against a float64 reference, fx_flash's max error must be at most twice PyTorch's own error
+computing the same thing in the same dtype, plus a small absolute term; gradients alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fx_flash.codegen import launch
+from fx_flash.reference import attention_reference
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_rule(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor, dtype) -> None:
+    """|ours − exact| ≤ 2·|same_dtype − exact| + ATOL[dtype], elementwise maximum; no NaN."""
+    assert ours.shape == exact.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(exact.shape)}"
+    assert not torch.isnan(ours).any(), f"{name}: NaN (an element left unwritten or a 0/0)"
+    err = (ours.double() - exact).abs().max().item()
+    torch_err = (same_dtype.double() - exact).abs().max().item()
+    assert err <= 2 * torch_err + ATOL[dtype], f"{name}: error {err:.3g} > 2 x torch's {torch_err:.3g} + {ATOL[dtype]}"
+
+
+def reference_with_grads(q, k, v, attn_mask, dout, *, dtype, bias_grad=False, **kwargs):
+    """attention_reference and its gradients (q, k, v[, mask]) computed in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    mask = attn_mask
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        mask = attn_mask.detach().to(dtype).requires_grad_(bias_grad)
+    out = attention_reference(*leaves, mask, **kwargs)
+    inputs = leaves + ([mask] if bias_grad else [])
+    return out, torch.autograd.grad(out, inputs, dout.to(dtype))
+
+
+def poison_outputs(monkeypatch) -> None:
+    """Make every kernel output start as NaN, so an element no kernel writes fails the test."""
+    real = launch.new_output
+
+    def poisoned(like, shape=None, dtype=None):
+        t = real(like, shape, dtype)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(launch, "new_output", poisoned)

@@ -231,11 +231,16 @@ def cast(node: Any) -> Optional[fx.Node]:
     if not (is_method(node, *CAST_METHODS) and node.args):
         return None
     if node.target == "to":
-        dtype_args = [a for a in node.args[1:] if not isinstance(a, torch.dtype)]
+        dtype_args = [a for a in node.args[1:] if not (isinstance(a, torch.dtype) or _is_dtype_attr(a))]
         extra = set(node.kwargs) - {"dtype", "copy", "non_blocking"}
         if dtype_args or extra:
             return None  # a device move is not a cast we may look through
     return node.args[0]
+
+
+def _is_dtype_attr(node: Any) -> bool:
+    """``x.dtype`` as symbolic_trace records it (Dynamo folds it to a literal dtype)."""
+    return is_function(node, getattr) and node.args[1] == "dtype"
 
 
 @dataclass

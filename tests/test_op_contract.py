@@ -1,0 +1,152 @@
+"""The torch.library contract: opcheck, torch.compile with dynamic shapes, dispatch, and the
+clear errors every unsupported input must raise before any kernel is generated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fx_flash
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qkv(b=2, h=2, nq=9, nk=11, d=16, hkv=None, dtype=torch.float32, grad=False):
+    hkv = hkv or h
+    return [torch.randn(b, hh, n, d, device=DEVICE, dtype=dtype, requires_grad=grad)
+            for hh, n in ((h, nq), (hkv, nk), (hkv, nk))]
+
+
+@pytest.mark.parametrize("case", ["plain", "bias_grad_causal", "mask_dropout_gqa"])
+def test_opcheck(case):
+    """torch.library.opcheck passes for the forward op (schema, fake kernel, autograd, AOT)."""
+    q, k, v = _qkv(grad=True, hkv=1 if case == "mask_dropout_gqa" else None)
+    bias = torch.randn(1, 2, 9, 11, device=DEVICE, requires_grad=True) if case == "bias_grad_causal" else None
+    mask = (torch.rand(2, 1, 9, 11, device=DEVICE) > 0.3) if case == "mask_dropout_gqa" else None
+    seed = torch.tensor([3], device=DEVICE) if case == "mask_dropout_gqa" else None
+    p = 0.2 if seed is not None else 0.0
+    torch.library.opcheck(torch.ops.fx_flash.flash_attn_fwd.default,
+                          (q, k, v, bias, mask, seed, p, case == "bias_grad_causal", 0.3))
+
+
+def test_opcheck_backward():
+    """The backward op passes opcheck too (it is called directly by compiled backward graphs)."""
+    q, k, v = _qkv()
+    bias = torch.randn(1, 2, 9, 11, device=DEVICE)
+    out, lse = torch.ops.fx_flash.flash_attn_fwd(q, k, v, bias, None, None, 0.0, True, 0.3)
+    torch.library.opcheck(torch.ops.fx_flash.flash_attn_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, bias, None, None, 0.0, True, 0.3, True))
+
+
+def test_compile_fullgraph_dynamic_no_recompile():
+    """Under torch.compile(fullgraph, dynamic) a new sequence length reuses the compiled graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True, dynamic=True)
+    def attn(q, k, v):
+        return fx_flash.flash_attention(q, k, v, is_causal=True)
+
+    for n in (17, 29, 40):
+        q, k, v = _qkv(nq=n, nk=n, grad=True)
+        out = attn(q, k, v)
+        out.sum().backward()
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_graph_shows_one_op_call():
+    """A traced call is one fx_flash.flash_attention node (what the graph pass emits)."""
+    gm = torch.fx.symbolic_trace(lambda q, k, v: torch.ops.fx_flash.flash_attention.default(q, k, v, None, 0.0, True))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.fx_flash.flash_attention.default]
+
+
+def test_cpu_without_interpreter_runs_reference(monkeypatch):
+    """On CPU with TRITON_INTERPRET unset, the op computes with the eager oracle, same answers."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from fx_flash import ops
+
+    assert not ops.runs_kernels(torch.device("cpu"))
+    q, k, v = (t.cpu() for t in _qkv(grad=True, hkv=1))
+    bias = torch.randn(2, 1, 1, 11, requires_grad=True)
+    out = fx_flash.flash_attention(q, k, v, bias, is_causal=True, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, k, v, bias.masked_fill(~torch.ones(9, 11, dtype=torch.bool).tril(),
+                                                                   float("-inf")), enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out))
+    ref_grads = torch.autograd.grad(ref, (q, k, v, bias), torch.ones_like(ref))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def _err(exc, match, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fx_flash.flash_attention(*args, **kwargs)
+
+
+def test_rejects_float64():
+    """float64 is refused with a TypeError naming q."""
+    q, k, v = _qkv(dtype=torch.float64)
+    _err(TypeError, "q has dtype torch.float64", q, k, v)
+
+
+def test_rejects_mixed_dtypes():
+    """q, k, v of different dtypes are refused."""
+    q, k, v = _qkv()
+    _err(TypeError, "share a dtype", q, k.half(), v)
+
+
+def test_rejects_head_dim_over_256():
+    """Head dims above 256 are refused (the kernels' tiles are sized up to 256)."""
+    q, k, v = _qkv(d=320)
+    _err(ValueError, "head_dim 320", q, k, v)
+
+
+def test_rejects_wrong_rank():
+    """3-D inputs are refused with the expected layout in the message."""
+    q, k, v = _qkv()
+    _err(ValueError, "k must be 4-D", q, k[0], v)
+
+
+def test_rejects_mismatched_devices():
+    """A mask on another device is refused before any kernel runs."""
+    q, k, v = _qkv()
+    mask = torch.ones(9, 11, dtype=torch.bool, device="meta")
+    _err(ValueError, "one device", q, k, v, mask)
+
+
+def test_rejects_mask_that_does_not_broadcast():
+    """A mask whose shape does not broadcast to (B, H, Nq, Nk) is refused, naming both shapes."""
+    q, k, v = _qkv()
+    _err(ValueError, r"attn_mask of shape \(9, 10\) does not broadcast", q, k, v, torch.ones(9, 10, dtype=torch.bool))
+
+
+def test_rejects_integer_mask():
+    """An integer mask is ambiguous (keep or add?) and refused."""
+    q, k, v = _qkv()
+    _err(TypeError, "attn_mask must be bool", q, k, v, torch.ones(9, 11, dtype=torch.int64, device=DEVICE))
+
+
+def test_rejects_heads_without_gqa():
+    """Different head counts need enable_gqa=True, and a whole group ratio."""
+    q, k, v = _qkv(h=4, hkv=2)
+    _err(ValueError, "enable_gqa=True", q, k, v)
+    q, k, v = _qkv(h=4, hkv=3)
+    _err(ValueError, "multiple", q, k, v, enable_gqa=True)
+
+
+def test_rejects_bad_dropout():
+    """dropout_p outside [0, 1) is refused."""
+    q, k, v = _qkv()
+    _err(ValueError, "dropout_p", q, k, v, dropout_p=1.0)
+
+
+def test_rejects_mismatched_lengths_and_dims():
+    """k/v disagreeing in length or head dim are refused."""
+    q, k, v = _qkv()
+    _err(ValueError, "same sequence length", q, k, v[:, :, :5])
+    _err(ValueError, "head_dim must agree", q, k, v[..., :8])

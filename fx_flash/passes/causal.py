@@ -58,6 +58,8 @@ def is_causal_keep(node: Any, keep_when: bool, scores: torch.Tensor, inputs: Opt
             break
     if not _has_extent(node, scores):
         return False
+    if _constant_is_tril(node, keep_when, inputs, trust_buffers):
+        return True
     if keep_when:
         return _tril_buffer_slice(node, inputs, trust_buffers) or _tril_of_ones(node) or _index_compare(node)
     return _triu_of_ones(node)
@@ -68,6 +70,22 @@ def _has_extent(node: Any, scores: torch.Tensor) -> bool:
     if t is None or t.dim() < 2:
         return False
     return same_size(t.shape[-2], scores.shape[-2]) and same_size(t.shape[-1], scores.shape[-1])
+
+
+def _readable(node: Any, inputs: Optional[dict], trust_buffers: bool) -> Optional[torch.Tensor]:
+    """The value of a get_attr constant, or of a Dynamo buffer placeholder when trusted."""
+    if isinstance(node, fx.Node) and node.op == "placeholder" and not (trust_buffers and is_module_buffer(node)):
+        return None
+    return concrete(node, inputs)
+
+
+def _constant_is_tril(node: Any, keep_when: bool, inputs: Optional[dict], trust_buffers: bool) -> bool:
+    """A constant mask (symbolic_trace folds ``buffer[...] == 0`` into one) whose keep-set is tril."""
+    value = _readable(node, inputs, trust_buffers)
+    if value is None:
+        return False
+    keep = (value != 0) if keep_when else (value == 0)
+    return is_lower_triangular_ones(keep)
 
 
 def _tril_buffer_slice(node: Any, inputs: Optional[dict], trust_buffers: bool) -> bool:
@@ -86,9 +104,7 @@ def _tril_buffer_slice(node: Any, inputs: Optional[dict], trust_buffers: bool) -
     for s in (rows, cols):
         if not isinstance(s, slice) or s.start not in (None, 0) or s.step not in (None, 1):
             return False
-    if isinstance(buf, fx.Node) and buf.op == "placeholder" and not (trust_buffers and is_module_buffer(buf)):
-        return False
-    value = concrete(buf, inputs)
+    value = _readable(buf, inputs, trust_buffers)
     return value is not None and is_lower_triangular_ones(value)
 
 

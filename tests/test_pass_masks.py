@@ -1,0 +1,195 @@
+"""The pass on masks: bool fills, where, additive and HF extended masks, causal proofs.
+
+Fills with -inf become a bool ``attn_mask``; fills with a finite large negative (finfo.min)
+become an additive mask so fully masked rows stay the uniform average eager computes; causal
+masks proved lower-triangular become ``is_causal=True`` with no mask tensor at all.
+"""
+
+from __future__ import annotations
+
+import expecttest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from test_pass_spellings import B, H, N, assert_same, code, fuse, fused_once, ops_in, qkv
+
+MIN = torch.finfo(torch.float32).min
+
+
+def padding_mask(fully_masked_row: bool = False) -> torch.Tensor:
+    """(B, 1, N, N) bool, True = attend; optionally one query row with no key at all."""
+    torch.manual_seed(1)
+    keep = torch.rand(B, 1, N, N) > 0.3
+    keep[..., 0] = True
+    if fully_masked_row:
+        keep[0, 0, 3, :] = False
+    return keep
+
+
+def scores(q, k):
+    return q @ k.transpose(-2, -1) * 0.25
+
+
+class TestBoolMasks(expecttest.TestCase):
+    def test_masked_fill_eq_zero_with_minus_inf_is_a_bool_mask(self):
+        """``masked_fill(mask == 0, -inf)``: the op gets ``mask != 0`` as its keep-mask."""
+        gm = fused_once(self, lambda q, k, v, m: scores(q, k).masked_fill(m == 0, float("-inf")).softmax(-1) @ v, *qkv(requires_grad=True), padding_mask(), grads=True)
+        self.assertExpectedInline(code(gm), """\
+def forward(self, q, k, v, m):
+    ne = m != 0;  m = None
+    flash_attention_default = torch.ops.fx_flash.flash_attention.default(q, k, v, ne, 0.0, False, 0.25, False);  q = k = v = ne = None
+    return flash_attention_default""")
+
+    def test_masked_fill_of_inverted_mask_uses_the_mask_itself(self):
+        """``masked_fill(~keep, -inf)`` and ``logical_not``: the op reads ``keep`` directly."""
+        for invert in (lambda m: ~m, torch.logical_not):
+            gm = fused_once(self, lambda q, k, v, m: scores(q, k).masked_fill(invert(m), float("-inf")).softmax(-1) @ v, *qkv(), padding_mask())
+            self.assertEqual(ops_in(gm)[0].args[3].name, "m")
+
+    def test_where_keep_scores_else_minus_inf(self):
+        """``torch.where(keep, scores, -inf)`` is the same bool mask."""
+        fused_once(self, lambda q, k, v, m: torch.where(m, scores(q, k), float("-inf")).softmax(-1) @ v, *qkv(), padding_mask())
+
+    def test_fully_masked_row_gives_zero_where_eager_gives_nan(self):
+        """Note: -inf fills leave eager NaN in a row with no key; the op returns 0 there (as SDPA)."""
+        fn = lambda q, k, v, m: scores(q, k).masked_fill(~m, float("-inf")).softmax(-1) @ v  # noqa: E731
+        inputs = (*qkv(), padding_mask(fully_masked_row=True))
+        gm, result = fuse(fn, *inputs)
+        self.assertEqual(result.count, 1)
+        expected, got = fn(*inputs), gm(*inputs)
+        self.assertTrue(expected[0, :, 3].isnan().all())
+        self.assertTrue((got[0, :, 3] == 0).all())
+        expected[0, :, 3] = 0
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+class TestAdditiveMasks(expecttest.TestCase):
+    def test_masked_fill_with_finfo_min_becomes_additive(self):
+        """``masked_fill(~keep, finfo.min)`` → additive ``where(~keep, min, 0)``: fully masked rows stay uniform."""
+        gm = fused_once(self, lambda q, k, v, m: scores(q, k).masked_fill(~m, MIN).softmax(-1) @ v, *qkv(), padding_mask(fully_masked_row=True))
+        self.assertEqual(tensor_dtype(ops_in(gm)[0].args[3]), torch.float32)
+
+    def test_where_with_finfo_min(self):
+        """``torch.where(keep, scores, finfo.min)`` keeps eager's uniform rows too."""
+        fused_once(self, lambda q, k, v, m: torch.where(m, scores(q, k), MIN).softmax(-1) @ v, *qkv(), padding_mask(fully_masked_row=True))
+
+    def test_additive_mask_in_either_order(self):
+        """``scores + mask`` and ``mask + scores`` both pass the mask through as is."""
+        mask = torch.randn(B, 1, 1, N)
+        for fn in (lambda q, k, v, m: (scores(q, k) + m).softmax(-1) @ v, lambda q, k, v, m: (m + scores(q, k)).softmax(-1) @ v):
+            gm = fused_once(self, fn, *qkv(), mask)
+            self.assertEqual(ops_in(gm)[0].args[3].name, "m")
+
+    def test_in_place_add(self):
+        """``scores += mask`` (symbolic_trace records it as an add)."""
+        def attention(q, k, v, m):
+            s = scores(q, k)
+            s += m
+            return s.softmax(-1) @ v
+
+        fused_once(self, attention, *qkv(), torch.randn(1, 1, N, N))
+
+    def test_hf_extended_mask(self):
+        """HF's ``(1 - m) * finfo.min`` (B, 1, 1, N) built from an int padding mask."""
+        attention_mask = torch.ones(B, N)
+        attention_mask[1, 5:] = 0
+
+        def attention(q, k, v, am):
+            extended = (1.0 - am[:, None, None, :]) * MIN
+            return F.softmax(scores(q, k) + extended, dim=-1) @ v
+
+        fused_once(self, attention, *qkv(requires_grad=True), attention_mask, grads=True)
+
+    def test_learned_bias_gets_its_gradient(self):
+        """A T5-style learned position bias (requires grad) receives the same gradient as eager."""
+        bias = torch.randn(1, H, N, N, requires_grad=True)
+        fused_once(self, lambda q, k, v, b: (scores(q, k) + b).softmax(-1) @ v, *qkv(requires_grad=True), bias, grads=True)
+
+    def test_bias_then_scale_scales_the_bias(self):
+        """``(q·kᵀ + bias) / s``: the op's bias is ``bias / s``, emitted in the graph."""
+        bias = torch.randn(1, 1, N, N)
+        gm = fused_once(self, lambda q, k, v, b: ((q @ k.transpose(-2, -1) + b) / 4.0).softmax(-1) @ v, *qkv(), bias)
+        self.assertIn("mul = b * 0.25", gm.code)
+
+    def test_bool_and_additive_together(self):
+        """A -inf fill and an additive bias combine into one float mask with -inf where not kept."""
+        bias = torch.randn(1, H, N, N)
+        fused_once(self, lambda q, k, v, m, b: (scores(q, k) + b).masked_fill(~m, float("-inf")).softmax(-1) @ v, *qkv(), padding_mask(), bias)
+
+
+class TestCausal(expecttest.TestCase):
+    def test_tril_of_ones_is_causal(self):
+        """``masked_fill(tril(ones(T, T)) == 0, -inf)`` becomes is_causal=True, no mask tensor."""
+        def attention(q, k, v):
+            t = q.size(-2)
+            causal = torch.tril(q.new_ones(t, t))
+            return scores(q, k).masked_fill(causal == 0, float("-inf")).softmax(-1) @ v
+
+        gm = fused_once(self, attention, *qkv(requires_grad=True), grads=True)
+        self.assertExpectedInline(code(gm), """\
+def forward(self, q, k, v):
+    flash_attention_default = torch.ops.fx_flash.flash_attention.default(q, k, v, None, 0.0, True, 0.25, False);  q = k = v = None
+    return flash_attention_default""")
+
+    def test_triu_diagonal_one_filled_is_causal(self):
+        """``masked_fill(triu(ones, diagonal=1).bool(), -inf)`` is the same causal mask."""
+        def attention(q, k, v):
+            t = q.size(-2)
+            upper = q.new_ones(t, t).triu(diagonal=1).bool()
+            return scores(q, k).masked_fill(upper, float("-inf")).softmax(-1) @ v
+
+        gm = fused_once(self, attention, *qkv())
+        self.assertTrue(ops_in(gm)[0].args[5])
+
+    def test_tril_buffer_slice_is_causal(self):
+        """nanoGPT's ``bias[:, :, :T, :T] == 0`` on a tril buffer, read through get_attr."""
+        class Attention(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("bias", torch.tril(torch.ones(N, N)).view(1, 1, N, N))
+
+            def forward(self, q, k, v):
+                return scores(q, k).masked_fill(self.bias[:, :, :N, :N] == 0, float("-inf")).softmax(-1) @ v
+
+        module = Attention()
+        gm, result = fuse(module, *qkv())
+        self.assertEqual(result.count, 1)
+        self.assertTrue(ops_in(gm)[0].args[5])
+        assert_same(module, gm, *qkv())
+
+    def test_buffer_that_is_not_tril_stays_a_mask(self):
+        """A buffer that is not lower-triangular ones is passed as a bool mask (still correct)."""
+        class Attention(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("bias", torch.triu(torch.ones(N, N)).view(1, 1, N, N))
+
+            def forward(self, q, k, v):
+                return scores(q, k).masked_fill(self.bias[:, :, :N, :N] == 0, float("-inf")).softmax(-1) @ v
+
+        module = Attention()
+        gm, result = fuse(module, *qkv())
+        self.assertEqual(result.count, 1)
+        self.assertFalse(ops_in(gm)[0].args[5])
+        self.assertIsNotNone(ops_in(gm)[0].args[3])
+        assert_same(module, gm, *qkv())
+
+    def test_causal_slice_shorter_than_queries_is_not_causal(self):
+        """A one-row slice broadcast over all queries is not causal: kept as a mask."""
+        class Attention(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("bias", torch.tril(torch.ones(N, N)).view(1, 1, N, N))
+
+            def forward(self, q, k, v):
+                return scores(q, k).masked_fill(self.bias[:, :, :1, :N] == 0, float("-inf")).softmax(-1) @ v
+
+        module = Attention()
+        gm, result = fuse(module, *qkv())
+        self.assertFalse(ops_in(gm)[0].args[5])
+        assert_same(module, gm, *qkv())
+
+
+def tensor_dtype(node):
+    return node.meta["val"].dtype

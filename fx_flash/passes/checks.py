@@ -130,11 +130,11 @@ def dropout_is_known(site: AttentionSite) -> Optional[str]:
 CHECKS = (
     scores_used_once,
     softmax_over_keys,
+    masks_supported,
     value_shaped,
     operands_are_heads,
     dtypes_supported,
     scale_is_constant,
-    masks_supported,
     dropout_is_known,
 )
 

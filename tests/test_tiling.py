@@ -1,0 +1,93 @@
+"""Tiles derived from shared memory M: every candidate fits the footprint model on mocked
+devices, tiles grow with M, the paper's sizes come first; on a GPU, compiled binaries fit M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fx_flash.codegen import tiling
+from fx_flash.device import INTERPRETER_PROFILE, DeviceProfile, device_profile
+
+DEVICES = {
+    "default_48k": DeviceProfile("48 KiB default", 49152, 80, (8, 0)),
+    "ada_rtx": DeviceProfile("Ada RTX", 101376, 128, (8, 9)),
+    "a100": DeviceProfile("A100", 166912, 108, (8, 0)),
+    "h100": DeviceProfile("H100", 232448, 132, (9, 0)),
+}
+KERNELS = list(tiling.FOOTPRINT)
+
+
+def test_paper_formula():
+    """B_c = ceil(M / 4d), B_r = min(B_c, d), with M in elements (H100, bf16, d = 128)."""
+    assert tiling.paper_blocks(232448, 128, 2) == (128, 227)
+    assert tiling.paper_blocks(49152, 64, 4) == (48, 48)
+
+
+@pytest.mark.parametrize("elem", [2, 4], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128, 256])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("device", DEVICES.values(), ids=DEVICES.keys())
+def test_candidates_fit_budget(device, kernel, head_dim, elem):
+    """Every candidate's modelled footprint is at most M, and registers hold its accumulators."""
+    if device.shared_memory < 60000 and head_dim == 256 and elem == 4:
+        with pytest.raises(ValueError, match="no tile"):
+            tiling.candidates(kernel, device, head_dim, elem)
+        return
+    configs = tiling.candidates(kernel, device, head_dim, elem)
+    assert 1 <= len(configs) <= tiling.MAX_CANDIDATES
+    for c in configs:
+        assert tiling.footprint(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem, c.num_stages) <= device.shared_memory
+        assert c.BLOCK_M >= tiling.MIN_BLOCK and c.BLOCK_N >= tiling.MIN_BLOCK
+        assert c.BLOCK_M & (c.BLOCK_M - 1) == 0 and c.BLOCK_N & (c.BLOCK_N - 1) == 0  # powers of two
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_tiles_grow_with_shared_memory(kernel, head_dim):
+    """More shared memory never shrinks the largest tile or the deepest pipeline on offer."""
+    ordered = sorted(DEVICES.values(), key=lambda d: d.shared_memory)
+    biggest = [max(c.BLOCK_M * c.BLOCK_N * c.num_stages for c in tiling.candidates(kernel, d, head_dim, 2))
+               for d in ordered]
+    assert biggest == sorted(biggest)
+    assert biggest[-1] > biggest[0]
+
+
+def test_first_candidate_is_papers_pick():
+    """On an H100 in bf16 at d = 128 the forward starts from (B_r, B_c) = (128, 227) → (128, 128)."""
+    first = tiling.candidates("fwd", DEVICES["h100"], 128, 2)[0]
+    assert (first.BLOCK_M, first.BLOCK_N) == (128, 128)
+    assert tiling.footprint("fwd", 128, 128, 128, 2, first.num_stages) <= 232448
+
+
+def test_max_stages_solves_footprint():
+    """The stage count solved with sympy is the largest s with footprint(s) ≤ M."""
+    s = tiling.max_stages("fwd", 128, 64, 128, 2, 232448)
+    assert tiling.footprint("fwd", 128, 64, 128, 2, s) <= 232448 < tiling.footprint("fwd", 128, 64, 128, 2, s + 1) \
+        or s == tiling.STAGES[-1]
+
+
+def test_head_dim_padding():
+    """Head dims pad to the next power of two, at least 16 (80 → 128, 8 → 16)."""
+    assert [tiling.pad_head_dim(d) for d in (8, 16, 80, 96, 128, 256)] == [16, 16, 128, 128, 128, 256]
+
+
+def test_cpu_uses_interpreter_profile():
+    """CPU tensors get the documented interpreter profile."""
+    assert device_profile(torch.device("cpu")) == INTERPRETER_PROFILE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_compiled_kernels_fit_device(head_dim):
+    """On a real GPU the default configuration compiles and its binary's shared memory ≤ M."""
+    import fx_flash
+    from fx_flash.codegen import launch, loader
+
+    q, k, v = (torch.randn(1, 2, 256, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    fx_flash.flash_attention(q, k, v)
+    m = device_profile(q.device).shared_memory
+    fn = loader.load(launch.spec_of(None, None, False, 0.0))._attn_fwd
+    shared = [kern.metadata.shared for cache in fn.device_caches.values() for kern in cache[0].values()]
+    assert shared and max(shared) <= m

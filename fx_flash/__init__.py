@@ -1,7 +1,12 @@
 """fx_flash: attention written any way, run as generated FlashAttention kernels.
 
-Public surface: ``flash_attention`` (SDPA's signature, fused forward and backward). Importing
-registers the ``fx_flash::`` torch ops; it does no GPU work and imports no Triton.
+Public surface:
+    flash_attention   SDPA's signature, fused forward and backward (generated Triton kernels).
+    fuse_attention    the FX pass: rewrites attention chains of a GraphModule in place.
+    explain           what the pass fused and missed in a model, and why.
+    backend           options for ``torch.compile(model, backend=fx_flash.backend(...))``;
+                      plain ``backend="fx_flash"`` works through the package's entry point.
+Importing registers the ``fx_flash::`` torch ops; it does no GPU work and imports no Triton.
 """
 
 from __future__ import annotations
@@ -12,7 +17,18 @@ import torch
 
 from fx_flash import ops as _ops  # noqa: F401  (registers torch.ops.fx_flash.*)
 
-__all__ = ["flash_attention"]
+__all__ = ["backend", "explain", "flash_attention", "fuse_attention"]
+
+_LAZY = {"fuse_attention": "fx_flash.passes", "explain": "fx_flash.explain", "backend": "fx_flash.backend"}
+
+
+def __getattr__(name: str):
+    # The pass and the backend import torch.fx / Inductor machinery: load them on first use.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fx_flash' has no attribute {name!r}")
 
 
 def flash_attention(

@@ -3,7 +3,7 @@ and a timing table against PyTorch's attentions.
 
     python benchmarks/gpu_check.py --numerics --tiles --bench --dims 64,128 --out $OUT
 
-Numerics follow flash-attn's rule: against an fp32 reference computed from the same inputs,
+Numerics follow flash-attn's rule: against an fp32 reference (fp64 for fp32 inputs),
 fx_flash's max error must be at most 2x that of PyTorch's own attention in the same dtype
 (SDPA math backend), plus a small absolute term; gradients too. Timing: median of
 triton.testing.do_bench, TFLOP/s counted as fwd = 4·B·H·Nq·Nk·d (halved when causal),
@@ -78,7 +78,7 @@ def check_case(name, b, hq, hkv, nq, nk, d, dtype, causal=False, mask=None, drop
         r = attention_reference(qq, kk, vv, m, dropout_p, causal, scale, gqa, dropout_keep=keep)
         return r, torch.autograd.grad(r, ins, do.to(cast))
 
-    ref, ref_grads = run_ref(torch.float32)
+    ref, ref_grads = run_ref(torch.float64 if dtype == torch.float32 else torch.float32)
     torch_out, torch_grads = run_ref(dtype)  # PyTorch's own arithmetic in the test dtype
     ok = True
     rows = []

@@ -158,6 +158,11 @@ def bench(dims, ns, modes, dtype=torch.bfloat16, tokens=16384, hidden=2048):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # One compiled FlexAttention per shape: lift Dynamo's recompile limit, or later shapes fall
+    # back to flex's unfused eager path and time at a few TFLOP/s.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 1024)
     flex = torch.compile(flex_attention, dynamic=False)
     rows = []
     for d in dims:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence, Union
 
-import torch
 from torch import fx
 
 import fx_flash.ops  # noqa: F401  (registers torch.ops.fx_flash.* before any graph is compiled)
 from fx_flash.passes.fuse_attention import PassResult, run_pass
 
-log = logging.getLogger("fx_flash")
+log = logging.getLogger(__name__)  # a child of "fx_flash"
 
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable]
 

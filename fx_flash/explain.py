@@ -7,9 +7,8 @@ op arguments, the kernel spec and block sizes; per missed softmax the check that
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import fx
@@ -18,7 +17,6 @@ from fx_flash.passes.fuse_attention import Fused, PassResult, run_pass
 from fx_flash.passes.match import Miss
 from fx_flash.passes.values import tensor_of
 
-log = logging.getLogger("fx_flash")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from fx_flash.passes.match import AttentionSite, Miss, match_site
 from fx_flash.passes.rewrite import Rewritten, rewrite
 from fx_flash.passes.values import meta_key
 
-log = logging.getLogger("fx_flash")
+log = logging.getLogger(__name__)  # a child of "fx_flash"
 
 # "fused", "missed", "missed.<check>", "spelling.<how q·kᵀ was written>": running totals.
 counters: collections.Counter = collections.Counter()

@@ -252,10 +252,11 @@ class Softmax:
 
 
 def softmax(node: Any) -> Optional[Softmax]:
-    """F.softmax / torch.softmax / Tensor.softmax / nn.Softmax (also log_softmax is *not* one)."""
-    if is_function(node, F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax):
-        spelling = "F.softmax" if node.target is F.softmax else "torch.softmax"
-        return Softmax(node.args[0], arg(node, 1, "dim"), node.kwargs.get("dtype", arg(node, 3, "dtype") if node.target is F.softmax else arg(node, 2, "dtype")), spelling)
+    """F.softmax / torch.softmax / Tensor.softmax / nn.Softmax (log_softmax is *not* one)."""
+    if is_function(node, F.softmax):  # F.softmax(input, dim, _stacklevel, dtype)
+        return Softmax(node.args[0], arg(node, 1, "dim"), arg(node, 3, "dtype"), "F.softmax")
+    if is_function(node, torch.softmax, torch.special.softmax):  # torch.softmax(input, dim, dtype)
+        return Softmax(node.args[0], arg(node, 1, "dim"), arg(node, 2, "dtype"), "torch.softmax")
     if is_method(node, "softmax"):
         return Softmax(node.args[0], arg(node, 1, "dim"), arg(node, 2, "dtype"), "Tensor.softmax")
     module = submodule(node)

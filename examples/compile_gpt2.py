@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import transformers
 
-import fx_flash.explain
+from fx_flash.explain import explain
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
     compiled = torch.compile(model, backend="fx_flash")  # no fx_flash import needed for this line
     with torch.no_grad():
         print("max |compiled - eager|:", (compiled(ids).logits - model(ids).logits).abs().max().item())
-        report = fx_flash.explain.explain(model, ids)
+        report = explain(model, ids)
     print(f"fused {report.fused} attention(s)")
     for site in report.sites:
         print(" ", site)

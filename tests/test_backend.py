@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch._dynamo.testing
 from torch._inductor.utils import run_and_get_code
 
-import fx_flash.backend
+from fx_flash.backend import backend
 from fx_flash.explain import explain
 from fx_flash.passes import run_pass
 
@@ -86,7 +86,7 @@ class TestBackend(expecttest.TestCase):
         """With dynamic=True a new sequence length reuses the graph (and the op) without recompiling."""
         graphs = []
         counter = torch._dynamo.testing.CompileCounterWithBackend(
-            fx_flash.backend.backend("eager", on_pass=lambda gm, r: graphs.append(r.count))
+            backend("eager", on_pass=lambda gm, r: graphs.append(r.count))
         )
         model = SelfAttention().eval()
         compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
@@ -101,7 +101,7 @@ class TestBackend(expecttest.TestCase):
         """``fx_flash.backend(inner="eager")`` runs the rewritten graph without Inductor."""
         seen = []
         model = SelfAttention().eval()
-        compiled = torch.compile(model, backend=fx_flash.backend.backend("eager", on_pass=lambda gm, r: seen.append(gm)))
+        compiled = torch.compile(model, backend=backend("eager", on_pass=lambda gm, r: seen.append(gm)))
         torch.testing.assert_close(compiled(inputs()), model(inputs()), atol=2e-5, rtol=1e-4)
         self.assertEqual(sum(n.target is FLASH for n in seen[0].graph.nodes), 1)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fx_flash.backend
+from fx_flash.backend import backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,8 +61,8 @@ def first_tensor(output):
 
 def compile_counting(model):
     counts = []
-    backend = fx_flash.backend.backend("eager", on_pass=lambda gm, result: counts.append((result.count, result.missed)))
-    return torch.compile(model, backend=backend), counts
+    fx_backend = backend("eager", on_pass=lambda gm, result: counts.append((result.count, result.missed)))
+    return torch.compile(model, backend=fx_backend), counts
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -126,9 +126,9 @@ def test_nanogpt_block_is_causal_with_no_mask_tensor():
     torch.manual_seed(0)
     model = NanoGPTBlock()
     graphs = []
-    backend = fx_flash.backend.backend("eager", on_pass=lambda gm, result: graphs.append((gm, result)))
+    fx_backend = backend("eager", on_pass=lambda gm, result: graphs.append((gm, result)))
     x = torch.randn(2, 16, 32)
-    got, expected = torch.compile(model, backend=backend)(x), model(x)
+    got, expected = torch.compile(model, backend=fx_backend)(x), model(x)
     (gm, result), = graphs
     assert result.count == 1
     (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.fx_flash.flash_attention.default]
@@ -142,8 +142,8 @@ def test_nanogpt_untrusted_buffer_stays_a_mask():
     """With trust_buffers=False the buffer is not read: the sliced mask is passed (still correct)."""
     model = NanoGPTBlock().eval()
     graphs = []
-    backend = fx_flash.backend.backend("eager", trust_buffers=False, on_pass=lambda gm, r: graphs.append(gm))
+    fx_backend = backend("eager", trust_buffers=False, on_pass=lambda gm, r: graphs.append(gm))
     x = torch.randn(2, 16, 32)
-    torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.compile(model, backend=fx_backend)(x), model(x), atol=1e-5, rtol=1e-4)
     (op,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fx_flash.flash_attention.default]
     assert op.args[3] is not None and op.args[5] is False

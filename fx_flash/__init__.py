@@ -6,7 +6,8 @@ Public surface:
     explain           what the pass fused and missed in a model, and why.
     backend           options for ``torch.compile(model, backend=fx_flash.backend(...))``;
                       plain ``backend="fx_flash"`` works through the package's entry point.
-Importing registers the ``fx_flash::`` torch ops; it does no GPU work and imports no Triton.
+Importing registers the ``fx_flash::`` torch ops and the backend; it does no GPU work and
+compiles nothing.
 """
 
 from __future__ import annotations
@@ -17,18 +18,13 @@ import torch
 
 from fx_flash import ops as _ops  # noqa: F401  (registers torch.ops.fx_flash.*)
 
+# Imported eagerly, so the package attributes are these functions rather than the submodules of
+# the same name (a later ``import fx_flash.backend``, as the entry point does, would not rebind).
+from fx_flash.backend import backend
+from fx_flash.explain import explain
+from fx_flash.passes import fuse_attention
+
 __all__ = ["backend", "explain", "flash_attention", "fuse_attention"]
-
-_LAZY = {"fuse_attention": "fx_flash.passes", "explain": "fx_flash.explain", "backend": "fx_flash.backend"}
-
-
-def __getattr__(name: str):
-    # The pass and the backend import torch.fx / Inductor machinery: load them on first use.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fx_flash' has no attribute {name!r}")
 
 
 def flash_attention(

@@ -122,14 +122,16 @@ def _reference_backward(dout, q, k, v, bias, mask, seed, dropout_p, is_causal, s
                                                   is_causal, scale, enable_gqa=True)
     dbias = None
     if bias_requires_grad:
-        dbias = ds.sum_to_size(bias.shape).to(bias.dtype)  # summed over the broadcast axes
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+        dbias = ds.sum_to_size(bias.shape).to(bias.dtype).contiguous()  # summed over the broadcast axes
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dbias
 
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, bias, mask, seed, dropout_p, is_causal, scale, bias_requires_grad):
-    dbias = torch.empty_like(bias) if bias_requires_grad else q.new_empty((0,))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    # Gradients come back contiguous whatever the inputs' strides (q/k/v are often transposed views).
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_requires_grad else q.new_empty((0,))
+    return (*grads, dbias)
 
 
 def _setup_context(ctx, inputs, output):

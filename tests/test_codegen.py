@@ -3,8 +3,6 @@ SDPA's (ALiBi-style position bias, a non-linear score) runs forward and backward
 
 from __future__ import annotations
 
-import re
-
 import expecttest
 import pytest
 import sympy
@@ -16,10 +14,20 @@ from fx_flash.codegen.spec import CAUSAL, KV_IDX, Q_IDX, QK, SCALE, AttentionSpe
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _score_lines(source: str, kernel: str) -> str:
-    body = source.split(f"def {kernel}(")[1].split("@triton.jit")[0]
-    return "\n".join(line.strip() for line in body.splitlines()
-                     if re.match(r"\s*(s = |bias = |mask = |tl.atomic_add|ds = ds|dsT = dsT|dq = dq|dk = dk)", line))
+def _rendered(spec: AttentionSpec, orient: str) -> str:
+    """The score block generated for ``spec`` (rows = queries "mn", or keys "nm"), checked to be
+    in the module source, with the bias-gradient and chain-rule lines when present."""
+    src = generate.render(spec)
+    parts = [generate._score_block(spec, orient)]
+    chain = generate._chain_rule(spec)
+    if orient == "nm":
+        parts += [generate._bias_grad_block(spec), chain["DS_CHAIN_T"].strip()]
+    else:
+        parts.append(chain["DS_CHAIN"].strip())
+    block = "\n".join(p for p in parts if p)
+    for line in block.splitlines():
+        assert line.strip() in src, line
+    return block
 
 
 class TestRenderedSource(expecttest.TestCase):
@@ -34,29 +42,30 @@ class TestRenderedSource(expecttest.TestCase):
 
     def test_plain_score_folds_log2e(self):
         """Without a bias, log2(e) folds into the scale: one multiply per score, in log2 units."""
-        src = generate.render(sdpa_spec(bias=False, bias_grad=False, mask=False, causal=False, dropout=False))
-        self.assertExpectedInline(_score_lines(src, "_attn_fwd"), """\
+        self.assertExpectedInline(_rendered(sdpa_spec(bias=False, bias_grad=False, mask=False, causal=False, dropout=False), "mn"), """\
 s = qk*qk_scale
-s = tl.where(in_bounds, s, float("-inf"))""")
+if MASKED:
+    s = tl.where(tile_ok, s, float("-inf"))""")
 
     def test_bias_mask_causal_transposed_in_dkdv(self):
         """The dK/dV kernel reads the same expression with keys on rows, and sums dS into dBias."""
-        src = generate.render(sdpa_spec(bias=True, bias_grad=True, mask=True, causal=True, dropout=False))
-        self.assertExpectedInline(_score_lines(src, "_attn_bwd_dkdv"), """\
-bias = tl.load(Bias_head + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn, mask=in_bounds, other=0.0).to(tl.float32)
-mask = tl.load(Mask_head + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn, mask=in_bounds, other=0) != 0
+        self.assertExpectedInline(_rendered(sdpa_spec(bias=True, bias_grad=True, mask=True, causal=True, dropout=False), "nm"), """\
+bias = tl.load(Bias_head + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn, mask=tile_ok, other=0.0).to(tl.float32)
+mask = tl.load(Mask_head + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn, mask=tile_ok, other=0) != 0
 s = bias + qk*qk_scale
-s = tl.where(in_bounds & (mask & (offs_n[:, None] <= offs_m[None, :])), s, float("-inf"))
-tl.atomic_add(DBias_head + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn, dsT, mask=in_bounds)
-dk = dk * (sm_scale)""")
+if MASKED:
+    s = tl.where(tile_ok & (mask & (offs_n[:, None] <= offs_m[None, :])), s, float("-inf"))
+else:
+    s = tl.where(mask, s, float("-inf"))
+tl.atomic_add(DBias_head + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn, dsT, mask=tile_ok)""")
 
     def test_nonlinear_score_chain_rule_is_elementwise(self):
         """A score whose derivative depends on qk multiplies dS per element (no final fold)."""
         spec = AttentionSpec(SCALE * QK + QK**2 / 20, name="quadratic")
-        src = generate.render(spec)
-        self.assertExpectedInline(_score_lines(src, "_attn_bwd_dq"), """\
+        self.assertExpectedInline(_rendered(spec, "mn"), """\
 s = LOG2E*(qk * qk)/20 + qk*qk_scale
-s = tl.where(in_bounds, s, float("-inf"))
+if MASKED:
+    s = tl.where(tile_ok, s, float("-inf"))
 ds = ds * (qk/10 + sm_scale)""")
 
 

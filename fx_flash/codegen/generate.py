@@ -15,7 +15,7 @@ from string import Template
 import sympy
 from sympy.printing.str import StrPrinter
 
-from fx_flash.codegen.spec import BIAS, KV_IDX, MASK, Q_IDX, QK, SCALE, AttentionSpec
+from fx_flash.codegen.spec import BIAS, CAUSAL, KV_IDX, MASK, Q_IDX, QK, SCALE, AttentionSpec
 from fx_flash.codegen.template import TEMPLATE
 
 LOG2E_SYM, QK_SCALE = sympy.symbols("LOG2E qk_scale", positive=True)
@@ -78,27 +78,32 @@ def score_in_log2(spec: AttentionSpec) -> bool:
 
 
 def _score_block(spec: AttentionSpec, orient: str) -> str:
-    """Lines computing ``s`` (the masked score tile) from ``qk`` in orientation ``orient``."""
+    """Lines computing ``s`` (the masked score tile) from ``qk`` in orientation ``orient``.
+
+    ``tile_ok`` (set by the template) bounds the loads; tiles with MASKED=True also apply the
+    whole keep-predicate, interior tiles only what the tile ranges do not already guarantee
+    (the causal predicate holds on them by construction, see the template's interior note).
+    """
     bind = BINDINGS[orient]
-    rows, cols = ("offs_m", "offs_n") if orient == "mn" else ("offs_n", "offs_m")
-    m_index, n_index = (f"{rows}[:, None]", f"{cols}[None, :]")
-    if orient == "nm":
-        m_index, n_index = n_index, m_index  # query index is on the columns
+    q_index, kv_index = bind[Q_IDX], bind[KV_IDX]
     lines = []
     if spec.has_bias:
-        lines.append(f"bias = tl.load(Bias_head + {m_index} * stride_bm + {n_index} * stride_bn, "
-                     "mask=in_bounds, other=0.0).to(tl.float32)")
+        lines.append(f"bias = tl.load(Bias_head + {q_index} * stride_bm + {kv_index} * stride_bn, "
+                     "mask=tile_ok, other=0.0).to(tl.float32)")
     if spec.has_mask:
-        lines.append(f"mask = tl.load(Mask_head + {m_index} * stride_mm + {n_index} * stride_mn, "
-                     "mask=in_bounds, other=0) != 0")
+        lines.append(f"mask = tl.load(Mask_head + {q_index} * stride_mm + {kv_index} * stride_mn, "
+                     "mask=tile_ok, other=0) != 0")
     if score_in_log2(spec):
         expr = sympy.expand(sympy.expand(spec.score * LOG2E_SYM).subs(SCALE, QK_SCALE / LOG2E_SYM))
     else:
         expr = spec.score.subs(SCALE, QK_SCALE)
     printer = TritonPrinter(bind)
     lines.append(f"s = {printer.doprint(expr)}")
-    keep = "in_bounds" if spec.keep is sympy.true else f"in_bounds & {printer.doprint(spec.keep)}"
-    lines.append(f's = tl.where({keep}, s, float("-inf"))')
+    keep = "tile_ok" if spec.keep is sympy.true else f"tile_ok & {printer.doprint(spec.keep)}"
+    lines += ["if MASKED:", f'    s = tl.where({keep}, s, float("-inf"))']
+    interior = spec.keep.subs(CAUSAL, sympy.true)
+    if interior is not sympy.true:
+        lines += ["else:", f'    s = tl.where({printer.doprint(interior)}, s, float("-inf"))']
     return "\n".join(lines)
 
 
@@ -107,11 +112,11 @@ def _chain_rule(spec: AttentionSpec) -> dict:
     d_qk = sympy.diff(spec.score, QK)
     if not d_qk.free_symbols & ELEMENT_SYMBOLS:
         factor = TritonPrinter({SCALE: "sm_scale"}).doprint(d_qk)
-        return {"DS_CHAIN": "", "DS_CHAIN_T": "",
+        return {"DS_CHAIN": "", "DS_CHAIN_T": "", "DQK_FACTOR": f"({factor})",
                 "DQ_FINAL": f"    dq = dq * ({factor})", "DK_FINAL": f"    dk = dk * ({factor})"}
     per_tile = {o: TritonPrinter({**BINDINGS[o], SCALE: "sm_scale"}).doprint(d_qk) for o in BINDINGS}
-    return {"DS_CHAIN": f"        ds = ds * ({per_tile['mn']})", "DS_CHAIN_T": f"            dsT = dsT * ({per_tile['nm']})",
-            "DQ_FINAL": "", "DK_FINAL": ""}
+    return {"DS_CHAIN": f"        ds = ds * ({per_tile['mn']})", "DS_CHAIN_T": f"        dsT = dsT * ({per_tile['nm']})",
+            "DQK_FACTOR": "1.0", "DQ_FINAL": "", "DK_FINAL": ""}
 
 
 def _bias_grad_block(spec: AttentionSpec) -> str:
@@ -121,7 +126,7 @@ def _bias_grad_block(spec: AttentionSpec) -> str:
     scaled = "dsT" if factor == 1 else f"dsT * ({TritonPrinter({**BINDINGS['nm'], SCALE: 'sm_scale'}).doprint(factor)})"
     # Several programs add into one element when the bias broadcasts (stride 0): atomics.
     return ("tl.atomic_add(DBias_head + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn, "
-            f"{scaled}, mask=in_bounds)")
+            f"{scaled}, mask=tile_ok)")
 
 
 def render(spec: AttentionSpec) -> str:
@@ -130,8 +135,8 @@ def render(spec: AttentionSpec) -> str:
         "SPEC_DESCRIPTION": spec.describe(),
         "SPEC_KEY": spec.key,
         "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 8),
-        "SCORE_BWD_T": textwrap.indent(_score_block(spec, "nm"), " " * 12),
-        "BIAS_GRAD_T": textwrap.indent(_bias_grad_block(spec), " " * 12),
+        "SCORE_BWD_T": textwrap.indent(_score_block(spec, "nm"), " " * 8),
+        "BIAS_GRAD_T": textwrap.indent(_bias_grad_block(spec), " " * 8),
         **_chain_rule(spec),
     }
     return Template(TEMPLATE).substitute(fields)

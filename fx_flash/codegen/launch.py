@@ -43,9 +43,13 @@ def _bucket(n: int) -> int:
 TUNED: dict[tuple, object] = {}
 
 
-def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_dim: int, elem_bytes: int):
-    """``name`` from ``spec``'s module, autotuned over the candidates that fit this device."""
-    key = (spec, name, kernel, device_index, head_dim, elem_bytes)
+def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_dim: int, elem_bytes: int,
+           reset: tuple = ()):
+    """``name`` from ``spec``'s module, autotuned over the candidates that fit this device.
+
+    ``reset`` names the buffers kernels accumulate into with atomics: zeroed before each trial.
+    """
+    key = (spec, name, kernel, device_index, head_dim, elem_bytes, reset)
     if key not in TUNED:
         fn = getattr(loader.load(spec), name)
         profile = device_profile(torch.device("cuda", device_index))
@@ -53,10 +57,17 @@ def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_
             triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in tiling.candidates(kernel, profile, head_dim, elem_bytes)
         ]
-        reset = ["DBias"] if name == "_attn_bwd_dkdv" and spec.bias_grad else None
         tune_key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP"]
-        TUNED[key] = triton.autotune(configs=configs, key=tune_key, reset_to_zero=reset)(fn)
+        TUNED[key] = triton.autotune(configs=configs, key=tune_key, reset_to_zero=list(reset) or None)(fn)
     return TUNED[key]
+
+
+def atomic_dq() -> bool:
+    """dQ by atomics inside the dK/dV kernel (FX_FLASH_DQ=atomic) instead of a separate pass.
+
+    The separate pass (default) is deterministic: the same inputs give bitwise the same dQ.
+    """
+    return os.environ.get("FX_FLASH_DQ", "separate") == "atomic"
 
 
 def autotuning() -> bool:
@@ -68,7 +79,11 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
     """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes."""
     head_dim, elem = q.shape[-1], q.element_size()
     if q.device.type == "cuda" and not interpreting() and autotuning():
-        fn = _tuned(spec, name, kernel, q.device.index if q.device.index is not None else torch.cuda.current_device(), head_dim, elem)
+        reset = ()
+        if name == "_attn_bwd_dkdv":
+            reset = tuple(n for n, on in (("DBias", spec.bias_grad), ("DQ", kwargs["DQ_ATOMIC"])) if on)
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        fn = _tuned(spec, name, kernel, index, head_dim, elem, reset)
         fn[grid](*args, **kwargs)
         return
     cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem)
@@ -89,7 +104,8 @@ def _common(spec, q, k, scale, dropout_p):
     return dict(
         H=h, N_Q=n_q, N_KV=n_kv, N_Q_BUCKET=_bucket(n_q), N_KV_BUCKET=_bucket(n_kv),
         GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=tiling.pad_head_dim(d),
-        CAUSAL=spec.causal, DROPOUT=spec.dropout, SCORE_IN_LOG2=score_in_log2(spec),
+        CHECK_D=d != tiling.pad_head_dim(d), CAUSAL=spec.causal, DROPOUT=spec.dropout,
+        SCORE_IN_LOG2=score_in_log2(spec), DQ_ATOMIC=atomic_dq(),
         INPUT_PRECISION=_input_precision(q.dtype),
     ), (z, h, n_q, n_kv)
 
@@ -153,17 +169,25 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
     mask_arg = mask_b if mask_b is not None else q
     seed_arg = seed if seed is not None else q
     dbias_strides = _strides4(dbias, full) if bias_grad else (0, 0, 0, 0)
+    # Atomic dQ: the dK/dV kernel adds each key tile's share into an fp32 buffer (one pass);
+    # otherwise a separate dQ kernel recomputes the scores and sums deterministically.
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if consts["DQ_ATOMIC"] else None
+    dq_arg = dq_acc if dq_acc is not None else q
     grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
     _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
-         q, k, v, dout, dk, dv, lse, delta, bias_arg, dbias if bias_grad else q, mask_arg, seed_arg,
+         q, k, v, dout, dk, dv, dq_arg, lse, delta, bias_arg, dbias if bias_grad else q, mask_arg, seed_arg,
          scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+         *(dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0)),
          *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full), **consts)
-    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
-    _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
-         q, k, v, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-         *_strides4(bias, full), *_strides4(mask_b, full), **consts)
+    if dq_acc is not None:
+        dq = dq_acc.to(q.dtype)
+    else:
+        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+        _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
+             q, k, v, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
+             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+             *_strides4(bias, full), *_strides4(mask_b, full), **consts)
     return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None)
 
 

@@ -25,12 +25,18 @@ TEMPLATE = '''\
 #
 # Note (fully masked rows): a row whose every score is -inf has m_i = -inf; exponentiating
 # against m_safe = 0 instead gives p = 0, l_i stays 0, the row's output is written as 0 and its
-# LSE as -inf (what SDPA does). The backward reads LSE = -inf as +inf, so p = 0 there as well.
+# LSE as -inf (what SDPA does). The backward reads LSE = -inf, and rows past N_Q, as +inf, so
+# p = 0 there as well.
 #
 # Note (exp2): exp(x) = exp2(x·log2 e). Without a bias, log2 e is folded into the scale once
 # (s comes out in log2 units, one FMA per element). With a bias the score stays in natural units
 # so that a finite fill such as finfo(float32).min cannot overflow to -inf when multiplied by
 # log2 e: a row filled with it must still average uniformly, as eager softmax does.
+#
+# Note (interior tiles): each kernel walks its streamed axis in up to three ranges. Tiles that
+# lie wholly inside both tensors and wholly on the visible side of the causal diagonal run with
+# MASKED=False: no bounds masks on loads, no index predicate (only a tensor mask, if the spec has
+# one). The others (the diagonal band, ragged tails) run with MASKED=True.
 #
 # Note (dropout RNG): keep(z·H + h, m, n) = philox(seed; counter = (n, m, z·H + h, 0)) ≥ p, a
 # pure function of the element's coordinates, so the forward, both backward kernels and the
@@ -52,60 +58,41 @@ def _dropout_keep(seed, off_hz, rows, cols, dropout_p):
 
 
 @triton.jit
-def _attn_fwd(
-    Q, K, V, Out, LSE, Bias, Mask, Seed,
-    sm_scale, dropout_p,
-    stride_qz, stride_qh, stride_qm, stride_qk,
-    stride_kz, stride_kh, stride_kn, stride_kk,
-    stride_vz, stride_vh, stride_vn, stride_vk,
-    stride_oz, stride_oh, stride_om, stride_ok,
-    stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_mz, stride_mh, stride_mm, stride_mn,
-    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking only the axes that may run past the tensor."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attn_fwd_tiles(
+    acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, dropout_p,
+    stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+    offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
+    MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = (off_hz // H).to(tl.int64)
-    off_h = (off_hz % H).to(tl.int64)
-    off_hkv = off_h // GROUP
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_DIM
-
-    q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, HEAD_DIM_PAD)
-    K_head = K + off_z * stride_kz + off_hkv * stride_kh
-    V_head = V + off_z * stride_vz + off_hkv * stride_vh
-    Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
-    Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
-    if DROPOUT:
-        seed = tl.load(Seed)
-    if SCORE_IN_LOG2:
-        qk_scale = sm_scale * LOG2E
-    else:
-        qk_scale = sm_scale
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    if CAUSAL:
-        # Keys past this block's last row are masked for every row: skip those tiles.
-        hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
-    else:
-        hi = N_KV
-    for start_n in range(0, hi, BLOCK_N):
+    """Online softmax over the key tiles [lo, hi) of one query tile."""
+    for start_n in range(lo, hi, BLOCK_N):
         # -- scores of this tile: qk = q·kᵀ, then the spec's expression and keep-predicate --
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        k = tl.load(K_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kk,
-                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_N)
+        k = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
+                       CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
         qk = tl.dot(q, k, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        in_bounds = row_ok[:, None] & col_ok[None, :]
+        if MASKED:
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+        else:
+            tile_ok = row_ok[:, None]
 $SCORE_FWD
         # -- online softmax: new running max, rescale what was accumulated so far --
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -123,10 +110,73 @@ $SCORE_FWD
             p = tl.where(_dropout_keep(seed, off_hz, offs_m[:, None] + 0 * offs_n[None, :],
                                        offs_n[None, :] + 0 * offs_m[:, None], dropout_p), p, 0.0)
         # -- accumulate p·v --
-        v = tl.load(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, HEAD_DIM_PAD)
+        v = _load_tile(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, col_ok, d_ok,
+                       MASKED, CHECK_D)  # (BLOCK_N, HEAD_DIM_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out, LSE, Bias, Mask, Seed,
+    sm_scale, dropout_p,
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_bz, stride_bh, stride_bm, stride_bn,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+    off_hkv = off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
+
+    q = _load_tile(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                   row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
+    K_head = K + off_z * stride_kz + off_hkv * stride_kh
+    V_head = V + off_z * stride_vz + off_hkv * stride_vh
+    Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
+    Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if SCORE_IN_LOG2:
+        qk_scale = sm_scale * LOG2E
+    else:
+        qk_scale = sm_scale
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if CAUSAL:
+        # Keys past this block's last row are masked for every row: those tiles are skipped.
+        hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
+        interior_hi = tl.minimum((start_m * BLOCK_M) // BLOCK_N * BLOCK_N, N_KV // BLOCK_N * BLOCK_N)
+    else:
+        hi = N_KV
+        interior_hi = N_KV // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
 
     # -- epilogue: normalize, write the output and the logsumexp once --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -167,8 +217,71 @@ def _attn_bwd_delta(
 
 
 @triton.jit
+def _attn_bwd_dkdv_tiles(
+    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
+    seed, off_hz, qk_scale, sm_scale, dropout_p,
+    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+    stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
+    offs_n, col_ok, offs_d, d_ok, N_Q, lo, hi,
+    MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dK and dV of one key tile from the query tiles [lo, hi) of one query head.
+
+    Tiles are transposed (keys on rows): qk, s, pT, dpT, dsT are (BLOCK_N, BLOCK_M).
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N_Q
+        qT = _load_tile(Q_head + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm, d_ok, row_ok,
+                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_M)
+        if MASKED:
+            lse = tl.load(LSE_row + offs_m, mask=row_ok, other=float("inf"))
+            tile_ok = col_ok[:, None] & row_ok[None, :]
+        else:
+            lse = tl.load(LSE_row + offs_m)
+            tile_ok = col_ok[:, None]
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
+        # -- recompute the weights of this tile from q, k and the logsumexp --
+        qk = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+$SCORE_BWD_T
+        if SCORE_IN_LOG2:
+            pT = tl.math.exp2(s - (lse * LOG2E)[None, :])
+        else:
+            pT = tl.math.exp2((s - lse[None, :]) * LOG2E)
+        do = _load_tile(DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, row_ok, d_ok,
+                        MASKED, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
+        # -- dV += P_droppedᵀ·dO ; dP = dO·Vᵀ (through the same dropout mask) --
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep_scale = 1.0 / (1.0 - dropout_p)
+            keepT = _dropout_keep(seed, off_hz, offs_m[None, :] + 0 * offs_n[:, None],
+                                  offs_n[:, None] + 0 * offs_m[None, :], dropout_p)
+            pT_used = tl.where(keepT, pT * keep_scale, 0.0)
+            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
+        else:
+            pT_used = pT
+        dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        # -- dS = P ∘ (dP − Delta), the gradient of the score; then through the score --
+        if MASKED:
+            delta = tl.load(Delta_row + offs_m, mask=row_ok, other=0.0)
+        else:
+            delta = tl.load(Delta_row + offs_m)
+        dsT = pT * (dpT - delta[None, :])
+$BIAS_GRAD_T
+$DS_CHAIN_T
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        if DQ_ATOMIC:
+            # dQ from this key tile, summed into fp32 by atomics (one pass, not deterministic).
+            dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=INPUT_PRECISION) * $DQK_FACTOR
+            tl.atomic_add(DQ_head + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk, dq_part,
+                          mask=row_ok[:, None] & d_ok[None, :])
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, Delta, Bias, DBias, Mask, Seed,
+    Q, K, V, DO, DK, DV, DQ, LSE, Delta, Bias, DBias, Mask, Seed,
     sm_scale, dropout_p,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
@@ -176,19 +289,17 @@ def _attn_bwd_dkdv(
     stride_doz, stride_doh, stride_dom, stride_dok,
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
+    stride_dqz, stride_dqh, stride_dqm, stride_dqk,
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_dbz, stride_dbh, stride_dbm, stride_dbn,
     stride_mz, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK and dV of one key tile, summed over every query row of the GROUP heads that read it.
-
-    Tiles are transposed (keys on rows): sT = (k·qᵀ → score), pT, dpT, dsT are (BLOCK_N, BLOCK_M).
-    """
+    """dK and dV of one key tile, summed over every query row of the GROUP heads that read it."""
     start_n = tl.program_id(0)
     off_hkvz = tl.program_id(1)
     H_KV = H // GROUP
@@ -199,72 +310,106 @@ def _attn_bwd_dkdv(
     col_ok = offs_n < N_KV
     d_ok = offs_d < HEAD_DIM
 
-    k = tl.load(K + off_z * stride_kz + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, HEAD_DIM_PAD)
-    v = tl.load(V + off_z * stride_vz + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, HEAD_DIM_PAD)
+    k = _load_tile(K + off_z * stride_kz + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
+                   col_ok, d_ok, True, CHECK_D)  # (BLOCK_N, HEAD_DIM_PAD)
+    v = _load_tile(V + off_z * stride_vz + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
+                   col_ok, d_ok, True, CHECK_D)  # (BLOCK_N, HEAD_DIM_PAD)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-        keep_scale = 1.0 / (1.0 - dropout_p)
     if SCORE_IN_LOG2:
         qk_scale = sm_scale * LOG2E
     else:
         qk_scale = sm_scale
+    # Query tiles: [lo, mid) on the causal diagonal, [mid, interior_hi) wholly inside, then the
+    # ragged tail. Rows before lo see none of these keys (causal) and are skipped.
+    interior_hi = N_Q // BLOCK_M * BLOCK_M
     if CAUSAL:
-        # Rows before this tile's first key see none of it: start at the block holding that row.
-        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        lo = (start_n * BLOCK_N) // BLOCK_M * BLOCK_M
+        mid = tl.maximum(lo, tl.minimum(tl.cdiv(start_n * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M, interior_hi))
     else:
         lo = 0
+        mid = 0
+    if (start_n + 1) * BLOCK_N > N_KV:
+        mid = tl.maximum(mid, interior_hi)  # ragged key tile: every query tile checks key bounds
 
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         off_hz = off_z * H + off_h
         Q_head = Q + off_z * stride_qz + off_h * stride_qh
         DO_head = DO + off_z * stride_doz + off_h * stride_doh
+        DQ_head = DQ + off_z * stride_dqz + off_h * stride_dqh
         Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
         DBias_head = DBias + off_z * stride_dbz + off_h * stride_dbh
         Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
-        for start_m in range(lo, N_Q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < N_Q
-            qT = tl.load(Q_head + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qk,
-                         mask=row_ok[None, :] & d_ok[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_M)
-            lse = tl.load(LSE + off_hz * N_Q + offs_m, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
-            # -- recompute the weights of this tile from q, k and the logsumexp --
-            qk = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            in_bounds = col_ok[:, None] & row_ok[None, :]
-$SCORE_BWD_T
-            if SCORE_IN_LOG2:
-                pT = tl.math.exp2(s - (lse * LOG2E)[None, :])
-            else:
-                pT = tl.math.exp2((s - lse[None, :]) * LOG2E)
-            do = tl.load(DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, HEAD_DIM_PAD)
-            # -- dV += P_droppedᵀ·dO ; dP = dO·Vᵀ (through the same dropout mask) --
-            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            if DROPOUT:
-                keepT = _dropout_keep(seed, off_hz, offs_m[None, :] + 0 * offs_n[:, None],
-                                      offs_n[:, None] + 0 * offs_m[None, :], dropout_p)
-                pT_used = tl.where(keepT, pT * keep_scale, 0.0)
-                dpT = tl.where(keepT, dpT * keep_scale, 0.0)
-            else:
-                pT_used = pT
-            dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-            # -- dS = P ∘ (dP − Delta), the gradient of the score; then through the score --
-            delta = tl.load(Delta + off_hz * N_Q + offs_m, mask=row_ok, other=0.0)
-            dsT = pT * (dpT - delta[None, :])
-$BIAS_GRAD_T
-$DS_CHAIN_T
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        LSE_row = LSE + off_hz * N_Q
+        Delta_row = Delta + off_hz * N_Q
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
+            offs_n, col_ok, offs_d, d_ok, N_Q, lo, mid,
+            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
+            offs_n, col_ok, offs_d, d_ok, N_Q, mid, interior_hi,
+            False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
+            offs_n, col_ok, offs_d, d_ok, N_Q, tl.maximum(mid, interior_hi), N_Q,
+            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
     tl.store(DV + off_z * stride_dvz + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvk,
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_tiles(
+    dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+    stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+    offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
+    MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query tile from the key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N_KV
+        kT = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
+                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+        vT = _load_tile(V_head + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn, d_ok, col_ok,
+                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+        else:
+            tile_ok = row_ok[:, None]
+$SCORE_FWD
+        if SCORE_IN_LOG2:
+            p = tl.math.exp2(s - (lse * LOG2E)[:, None])
+        else:
+            p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, off_hz, offs_m[:, None] + 0 * offs_n[None, :],
+                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+$DS_CHAIN
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -279,8 +424,8 @@ def _attn_bwd_dq(
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_mz, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -295,11 +440,11 @@ def _attn_bwd_dq(
     row_ok = offs_m < N_Q
     d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, HEAD_DIM_PAD)
-    do = tl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, HEAD_DIM_PAD)
-    lse = tl.load(LSE + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    q = _load_tile(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                   row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
+    do = _load_tile(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
+                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
+    lse = tl.load(LSE + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
     K_head = K + off_z * stride_kz + off_hkv * stride_kh
@@ -307,39 +452,29 @@ def _attn_bwd_dq(
     Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
     Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-        keep_scale = 1.0 / (1.0 - dropout_p)
     if SCORE_IN_LOG2:
         qk_scale = sm_scale * LOG2E
     else:
         qk_scale = sm_scale
     if CAUSAL:
         hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
+        interior_hi = tl.minimum((start_m * BLOCK_M) // BLOCK_N * BLOCK_N, N_KV // BLOCK_N * BLOCK_N)
     else:
         hi = N_KV
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N_KV
-        kT = tl.load(K_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kk,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_N)
-        vT = tl.load(V_head + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vk,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_N)
-        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        in_bounds = row_ok[:, None] & col_ok[None, :]
-$SCORE_FWD
-        if SCORE_IN_LOG2:
-            p = tl.math.exp2(s - (lse * LOG2E)[:, None])
-        else:
-            p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if DROPOUT:
-            keep = _dropout_keep(seed, off_hz, offs_m[:, None] + 0 * offs_n[None, :],
-                                 offs_n[None, :] + 0 * offs_m[:, None], dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-$DS_CHAIN
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+        interior_hi = N_KV // BLOCK_N * BLOCK_N
+    dq = _attn_bwd_dq_tiles(
+        dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
+    dq = _attn_bwd_dq_tiles(
+        dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
 
 $DQ_FINAL
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,

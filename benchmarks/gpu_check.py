@@ -154,6 +154,22 @@ def tiles():
 
 
 # ----------------------------------------------------------------------------- timing
+def with_env(fn, **env):
+    """``fn`` run with environment variables set (fx_flash reads FX_FLASH_DQ at each call)."""
+    def wrapped():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return wrapped
+
+
 def bench(dims, ns, modes, dtype=torch.bfloat16, tokens=16384, hidden=2048):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -184,6 +200,8 @@ def bench(dims, ns, modes, dtype=torch.bfloat16, tokens=16384, hidden=2048):
 
                 variants = {
                     "fx_flash": lambda: fx_flash.flash_attention(q, k, v, is_causal=causal),
+                    "fx_atomic_dq": with_env(lambda: fx_flash.flash_attention(q, k, v, is_causal=causal),
+                                             FX_FLASH_DQ="atomic"),
                     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                     "sdpa_cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
                     "sdpa_flash": sdpa_with(SDPBackend.FLASH_ATTENTION),

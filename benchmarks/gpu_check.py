@@ -247,6 +247,28 @@ def bench(dims, ns, modes, dtype=torch.bfloat16, tokens=16384, hidden=2048):
     return rows
 
 
+def overhead():
+    """Host time per call at a tiny size (the GPU finishes first): what launches cost on the CPU."""
+    q, k, v = (torch.randn(1, 1, 128, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    cases = {
+        "fx_flash fwd": lambda: fx_flash.flash_attention(q, k, v, is_causal=True),
+        "sdpa fwd": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "fx_flash fwd+bwd": lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=True), (q, k, v), do),
+        "sdpa fwd+bwd": lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), do),
+    }
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        host = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        print(f"host overhead {name:<18} {host:7.1f} us/call")
+
+
 def table(rows):
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
@@ -266,6 +288,7 @@ def main():
     ap.add_argument("--numerics", action="store_true")
     ap.add_argument("--tiles", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--ns", default="1024,2048,4096,8192,16384")
     ap.add_argument("--modes", default="fwd,bwd")
@@ -284,6 +307,8 @@ def main():
             json.dump(rows, f)
         table(rows)
         ok &= BENCH_OK[0]
+    if args.overhead:
+        overhead()
     if args.tiles:  # after the bench, so the autotuner has compiled its candidates
         ok &= tiles()
     print("ALL PASS" if ok else "SOME FAILED")

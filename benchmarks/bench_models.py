@@ -19,6 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import transformers
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import fx_flash  # noqa: E402,F401  (registers backend="fx_flash" where the package is not pip-installed)
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

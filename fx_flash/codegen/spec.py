@@ -15,6 +15,7 @@ Symbols available to scores and masks (each evaluated per (query row, key column
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -56,21 +57,23 @@ class AttentionSpec:
         if self.bias_grad and not self.has_bias:
             raise ValueError("bias_grad needs a bias term in the score")
 
-    @property
+    # Derived facts are cached on the instance: sympy queries cost microseconds, and launches
+    # ask them on every call.
+    @functools.cached_property
     def has_bias(self) -> bool:
         return BIAS in self.score.free_symbols
 
-    @property
+    @functools.cached_property
     def has_mask(self) -> bool:
         return MASK in self.keep.free_symbols
 
-    @property
+    @functools.cached_property
     def causal(self) -> bool:
         """True when the keep-predicate implies the causal one, so tiles past the diagonal skip."""
         conjuncts = self.keep.args if isinstance(self.keep, sympy.And) else (self.keep,)
         return any(c == CAUSAL for c in conjuncts)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """A stable hash naming the generated source (same spec → same file, across processes)."""
         text = f"{sympy.srepr(self.score)}|{sympy.srepr(self.keep)}|{self.bias_grad}|{self.dropout}"
@@ -87,6 +90,7 @@ class AttentionSpec:
         return f"{self.name}({', '.join(parts)})"
 
 
+@functools.lru_cache(maxsize=None)
 def sdpa_spec(*, bias: bool, bias_grad: bool, mask: bool, causal: bool, dropout: bool) -> AttentionSpec:
     """The spec for ``F.scaled_dot_product_attention``-style arguments.
 

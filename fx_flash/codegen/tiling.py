@@ -11,8 +11,9 @@ Footprints (e = element bytes, d = head dim padded to a power of two, s = pipeli
     forward   Q tile resident, K and V tiles per stage, P staged once:  e(B_r d + 2 s B_c d + B_r B_c)
     dK/dV     K and V resident, Q and dO per stage, P and dS staged:    e(2 B_c d + 2 s B_r d + 2 B_r B_c)
     dQ        Q and dO resident, K and V per stage, dS staged:          e(2 B_r d + 2 s B_c d + B_r B_c)
-Register pressure is the other limit: the fp32 accumulators (B_r·d in the forward) live in
-registers, so B_r·d is capped at REGISTER_TILE elements.
+Register pressure is the other limit: the fp32 accumulators (B_r·d in the forward, 2·B_c·d in
+dK/dV) live in registers, spread over 32·warps threads; each thread may give them at most
+ACCUMULATOR_REGISTERS of its 255 registers.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ FOOTPRINT = {
 RESIDENT_AXIS = {"fwd": "m", "bwd_dkdv": "n", "bwd_dq": "m"}
 
 MIN_BLOCK = 16  # tl.dot needs every dimension ≥ 16
-REGISTER_TILE = 128 * 128  # fp32 accumulator elements one program keeps in registers
+ACCUMULATOR_REGISTERS = 128  # fp32 accumulator registers per thread, of the 255 a thread may use
 STAGES = (1, 2, 3, 4)
 BLOCK_SIZES = (16, 32, 64, 128)
 MAX_CANDIDATES = 8
@@ -84,11 +85,11 @@ def max_stages(kernel: str, block_m: int, block_n: int, head_dim: int, elem_byte
     return max(0, min(STAGES[-1], int(sympy.floor(bound))))
 
 
-def _register_fits(kernel: str, block_m: int, block_n: int, head_dim: int) -> bool:
-    """The fp32 accumulators of the resident tile stay within REGISTER_TILE elements."""
+def _register_fits(kernel: str, block_m: int, block_n: int, head_dim: int, warps: int) -> bool:
+    """The fp32 accumulators of the resident tile take at most half of a thread's 255 registers."""
     resident = block_n if RESIDENT_AXIS[kernel] == "n" else block_m
     accumulators = 2 if kernel == "bwd_dkdv" else 1  # dK and dV
-    return accumulators * resident * pad_head_dim(head_dim) <= REGISTER_TILE
+    return accumulators * resident * pad_head_dim(head_dim) <= ACCUMULATOR_REGISTERS * 32 * warps
 
 
 def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int) -> list[TileConfig]:
@@ -102,10 +103,10 @@ def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: in
     found: list[TileConfig] = []
     for block_m in BLOCK_SIZES:
         for block_n in BLOCK_SIZES:
-            if not _register_fits(kernel, block_m, block_n, head_dim):
+            warps = 8 if block_m * block_n >= 128 * 64 else 4
+            if not _register_fits(kernel, block_m, block_n, head_dim, warps):
                 continue
             deepest = max_stages(kernel, block_m, block_n, head_dim, elem_bytes, m)
-            warps = 8 if block_m * block_n >= 128 * 64 else 4
             for stages in sorted({min(deepest, 2), min(deepest, 3)} - {0}, reverse=True):
                 found.append(TileConfig(block_m, block_n, warps, stages))
     if not found:

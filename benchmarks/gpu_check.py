@@ -140,7 +140,7 @@ def tiles():
     print(f"device {prof.name}: M = {prof.shared_memory} B, {prof.multiprocessors} SMs, "
           f"sm_{prof.capability[0]}{prof.capability[1]}")
     ok = True
-    for (spec, name, _, _, head_dim, elem), tuned in launch.TUNED.items():
+    for (spec, name, _, _, head_dim, elem, _), tuned in launch.TUNED.items():
         shared = []
         for cache in getattr(tuned.fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache

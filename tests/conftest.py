@@ -9,3 +9,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from a clean Dynamo state: sizes marked dynamic by an earlier test's
+    recompile (say, of the same HF attention code) must not leak into the next one."""
+    torch._dynamo.reset()
+    yield

@@ -23,7 +23,7 @@ def _rendered(spec: AttentionSpec, orient: str) -> str:
     if orient == "nm":
         parts += [generate._bias_grad_block(spec), chain["DS_CHAIN_T"].strip()]
     else:
-        parts.append(chain["DS_CHAIN"].strip())
+        parts += [chain["SCORE_GRAD"].strip(), chain["DS_CHAIN"].strip()]
     block = "\n".join(p for p in parts if p)
     for line in block.splitlines():
         assert line.strip() in src, line
@@ -45,7 +45,8 @@ class TestRenderedSource(expecttest.TestCase):
         self.assertExpectedInline(_rendered(sdpa_spec(bias=False, bias_grad=False, mask=False, causal=False, dropout=False), "mn"), """\
 s = qk*qk_scale
 if MASKED:
-    s = tl.where(tile_ok, s, float("-inf"))""")
+    s = tl.where(tile_ok, s, float("-inf"))
+g = 1.0""")
 
     def test_bias_mask_causal_transposed_in_dkdv(self):
         """The dK/dV kernel reads the same expression with keys on rows, and sums dS into dBias."""
@@ -66,7 +67,8 @@ tl.atomic_add(DBias_head + offs_m[None, :] * stride_dbm + offs_n[:, None] * stri
 s = LOG2E*(qk * qk)/20 + qk*qk_scale
 if MASKED:
     s = tl.where(tile_ok, s, float("-inf"))
-ds = ds * (qk/10 + sm_scale)""")
+g = qk/10 + sm_scale
+ds = ds * g""")
 
 
 def test_unknown_symbol_is_rejected():
@@ -79,8 +81,9 @@ def test_source_cached_by_key(tmp_path, monkeypatch):
     """Sources are written under the spec's key and loaded once per process."""
     monkeypatch.setenv("FX_FLASH_CACHE_DIR", str(tmp_path))
     spec = AttentionSpec(SCALE * QK, name="cache_probe")
-    path = loader.source_path(spec)
+    path = loader.source_path(spec, generate.render(spec))
     assert path.parent == tmp_path / "kernels" and spec.key in path.name
+    assert loader.source_path(spec, "another template's source") != path  # versions never collide
     loader._modules.pop(spec.key, None)
     module = loader.load(spec)
     assert path.read_text() == generate.render(spec)

@@ -112,10 +112,12 @@ def _chain_rule(spec: AttentionSpec) -> dict:
     d_qk = sympy.diff(spec.score, QK)
     if not d_qk.free_symbols & ELEMENT_SYMBOLS:
         factor = TritonPrinter({SCALE: "sm_scale"}).doprint(d_qk)
-        return {"DS_CHAIN": "", "DS_CHAIN_T": "", "DQK_FACTOR": f"({factor})",
+        return {"SCORE_GRAD": "    g = 1.0", "DS_CHAIN": "", "DS_CHAIN_T": "", "DQK_FACTOR": f"({factor})",
                 "DQ_FINAL": f"    dq = dq * ({factor})", "DK_FINAL": f"    dk = dk * ({factor})"}
     per_tile = {o: TritonPrinter({**BINDINGS[o], SCALE: "sm_scale"}).doprint(d_qk) for o in BINDINGS}
-    return {"DS_CHAIN": f"        ds = ds * ({per_tile['mn']})", "DS_CHAIN_T": f"        dsT = dsT * ({per_tile['nm']})",
+    # The queries-on-rows factor g is computed in _scores, where qk and the loads live.
+    return {"SCORE_GRAD": f"    g = {per_tile['mn']}", "DS_CHAIN": "        ds = ds * g",
+            "DS_CHAIN_T": f"        dsT = dsT * ({per_tile['nm']})",
             "DQK_FACTOR": "1.0", "DQ_FINAL": "", "DK_FINAL": ""}
 
 
@@ -134,7 +136,7 @@ def render(spec: AttentionSpec) -> str:
     fields = {
         "SPEC_DESCRIPTION": spec.describe(),
         "SPEC_KEY": spec.key,
-        "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 8),
+        "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 4),
         "SCORE_BWD_T": textwrap.indent(_score_block(spec, "nm"), " " * 8),
         "BIAS_GRAD_T": textwrap.indent(_bias_grad_block(spec), " " * 8),
         **_chain_rule(spec),

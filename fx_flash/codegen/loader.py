@@ -2,11 +2,13 @@
 
 ``@triton.jit`` reads its function's source file, so rendered kernels must live in real files:
 each spec's module is written to ``$FX_FLASH_CACHE_DIR`` (default ``~/.cache/fx_flash``) under
-its key with an atomic rename, as Inductor does, then imported once per process.
+its key and its source's hash with an atomic rename, as Inductor does, then imported once per
+process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -29,9 +31,11 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def source_path(spec: AttentionSpec) -> Path:
-    """The file holding ``spec``'s generated source (written on first use)."""
-    return cache_dir() / f"fx_flash_{spec.key}.py"
+def source_path(spec: AttentionSpec, source: str) -> Path:
+    """The file holding ``spec``'s generated ``source``: named by the spec's key and the source's
+    own hash, so two fx_flash versions sharing a cache never overwrite each other's kernels."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    return cache_dir() / f"fx_flash_{spec.key}_{digest}.py"
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -48,9 +52,9 @@ def load(spec: AttentionSpec) -> ModuleType:
         module = _modules.get(spec.key)
         if module is not None:
             return module
-        path = source_path(spec)
         source = render(spec)
-        if not path.exists() or path.read_text() != source:
+        path = source_path(spec, source)
+        if not path.exists():
             _write_atomically(path, source)
             log.debug("generated %s for %s", path, spec.describe())
         import_spec = importlib.util.spec_from_file_location(f"fx_flash_generated_{spec.key}", path)

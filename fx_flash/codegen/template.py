@@ -74,8 +74,29 @@ def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.
 
 
 @triton.jit
+def _scores(
+    q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, offs_n, col_ok, offs_d, d_ok,
+    stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+    MASKED: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One tile of scores with queries on rows: qk = q·kᵀ, then the spec's expression and
+    keep-predicate. Returns s (BLOCK_M, BLOCK_N), kᵀ (HEAD_DIM_PAD, BLOCK_N) and g, the score's
+    derivative by qk per element (1.0 when it is a constant, applied once at the end instead)."""
+    kT = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
+                    CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+    qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+    else:
+        tile_ok = row_ok[:, None]
+$SCORE_FWD
+$SCORE_GRAD
+    return s, kT, g
+
+
+@triton.jit
 def _attn_fwd_tiles(
-    acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, dropout_p,
+    acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
@@ -83,17 +104,11 @@ def _attn_fwd_tiles(
 ):
     """Online softmax over the key tiles [lo, hi) of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
-        # -- scores of this tile: qk = q·kᵀ, then the spec's expression and keep-predicate --
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        k = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
-                       CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
-        qk = tl.dot(q, k, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-        else:
-            tile_ok = row_ok[:, None]
-$SCORE_FWD
+        s, _, _ = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, offs_n, col_ok, offs_d, d_ok,
+                          stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+                          MASKED, CHECK_D, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         # -- online softmax: new running max, rescale what was accumulated so far --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -168,12 +183,12 @@ def _attn_fwd(
         hi = N_KV
         interior_hi = N_KV // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, dropout_p,
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
         False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, dropout_p,
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
         True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
@@ -387,16 +402,11 @@ def _attn_bwd_dq_tiles(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        kT = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
-                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+        s, kT, g = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, offs_n, col_ok, offs_d, d_ok,
+                           stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+                           MASKED, CHECK_D, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         vT = _load_tile(V_head + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn, d_ok, col_ok,
                         CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
-        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-        else:
-            tile_ok = row_ok[:, None]
-$SCORE_FWD
         if SCORE_IN_LOG2:
             p = tl.math.exp2(s - (lse * LOG2E)[:, None])
         else:

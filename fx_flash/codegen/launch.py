@@ -158,20 +158,26 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), (dbias.to(bias.dtype) if bias_grad else None)
     delta = new_output(q, (z, h, n_q), torch.float32)
-    d_pad = tiling.pad_head_dim(q.shape[-1])
-    fn = loader.load(spec)._attn_bwd_delta
-    fn[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
-        out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
-
     mask_b = _mask_bytes(mask)
     bias_arg = bias if bias is not None else q
     mask_arg = mask_b if mask_b is not None else q
     seed_arg = seed if seed is not None else q
     dbias_strides = _strides4(dbias, full) if bias_grad else (0, 0, 0, 0)
     # Atomic dQ: the dK/dV kernel adds each key tile's share into an fp32 buffer (one pass);
-    # otherwise a separate dQ kernel recomputes the scores and sums deterministically.
+    # otherwise a separate dQ kernel, run first, recomputes the scores, sums deterministically
+    # and writes Delta for the dK/dV kernel.
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if consts["DQ_ATOMIC"] else None
+    if dq_acc is None:
+        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+        _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
+             q, k, v, out, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
+             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+             *_strides4(bias, full), *_strides4(mask_b, full), **consts)
+    else:
+        d_pad = tiling.pad_head_dim(q.shape[-1])
+        loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
+            out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
+            HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
     dq_arg = dq_acc if dq_acc is not None else q
     grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
     _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
@@ -182,12 +188,6 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
          *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full), **consts)
     if dq_acc is not None:
         dq = dq_acc.to(q.dtype)
-    else:
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
-        _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
-             q, k, v, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
-             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-             *_strides4(bias, full), *_strides4(mask_b, full), **consts)
     return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None)
 
 

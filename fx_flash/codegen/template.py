@@ -216,7 +216,8 @@ def _attn_bwd_delta(
     H, N_Q,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Delta = rowsum(dO ∘ O): the softmax backward's per-row correction term."""
+    """Delta = rowsum(dO ∘ O), the softmax backward's per-row correction term, for the
+    atomic-dQ backward (the dQ kernel computes it otherwise)."""
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = (off_hz // H).to(tl.int64)
@@ -424,11 +425,12 @@ $DS_CHAIN
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, Delta, Bias, Mask, Seed,
+    Q, K, V, Out, DO, DQ, LSE, Delta, Bias, Mask, Seed,
     sm_scale, dropout_p,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_oz, stride_oh, stride_om, stride_ok,
     stride_doz, stride_doh, stride_dom, stride_dok,
     stride_dqz, stride_dqh, stride_dqm, stride_dqk,
     stride_bz, stride_bh, stride_bm, stride_bn,
@@ -439,7 +441,11 @@ def _attn_bwd_dq(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one query tile: a separate pass over the keys, so no atomics and a deterministic sum."""
+    """dQ of one query tile: a separate pass over the keys, so no atomics and a deterministic sum.
+
+    It runs before the dK/dV kernel and also writes Delta = rowsum(dO ∘ O) for its rows, which
+    saves the launch of a separate preprocessing kernel.
+    """
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = (off_hz // H).to(tl.int64)
@@ -456,7 +462,10 @@ def _attn_bwd_dq(
                     row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     lse = tl.load(LSE + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(Delta + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    o = _load_tile(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
+                   row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    tl.store(Delta + off_hz.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
     K_head = K + off_z * stride_kz + off_hkv * stride_kh
     V_head = V + off_z * stride_vz + off_hkv * stride_vh
     Bias_head = Bias + off_z * stride_bz + off_h * stride_bh

@@ -60,12 +60,14 @@ class TritonPrinter(StrPrinter):
             return f"(1.0 / {self._print(base ** -exp)})"
         if exp == sympy.Rational(1, 2):
             return f"tl.sqrt({self._print(base)})"
-        raise NotImplementedError(f"power {expr} has no Triton form yet")
+        raise ValueError(f"power {expr} has no Triton form: fx_flash prints integer powers and sqrt")
 
     def _print_Function(self, expr):
         name = type(expr).__name__
+        if name == "tanh":  # tanh(x) = 2·sigmoid(2x) − 1: Triton has sigmoid on every backend
+            return f"(2.0 * tl.sigmoid(2.0 * {self._print(expr.args[0])}) - 1.0)"
         if name not in _FUNCTIONS:
-            raise NotImplementedError(f"function {name} has no Triton form yet")
+            raise ValueError(f"function {name} has no Triton form: fx_flash prints {sorted(_FUNCTIONS) + ['tanh']}")
         return f"{_FUNCTIONS[name]}({', '.join(self._print(a) for a in expr.args)})"
 
     def _print_Float(self, expr):

@@ -68,8 +68,23 @@ def _reference_forward(q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
     return out.to(q.dtype), lse
 
 
-@torch.library.custom_op(f"{LIB}::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(
+# The ops are defined with torch.library.define/impl rather than torch.library.custom_op: the
+# latter's per-call wrapper (Dynamo guard, aliasing checks) cost ~0.4 ms of host time per call on
+# the GPU, as much as the kernels at N = 1k (benchmarks/profile_host.py).
+torch.library.define(
+    f"{LIB}::flash_attn_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? seed, float dropout_p, bool is_causal, "
+    "float scale) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    f"{LIB}::flash_attn_bwd",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, Tensor? mask, Tensor? seed, "
+    "float dropout_p, bool is_causal, float scale, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.impl(f"{LIB}::flash_attn_fwd", ("CPU", "CUDA"))
+def _flash_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
     dropout_p: float, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
@@ -84,14 +99,14 @@ def flash_attn_fwd(
     return out.to(dtype), lse
 
 
-@flash_attn_fwd.register_fake
+@torch.library.register_fake(f"{LIB}::flash_attn_fwd")
 def _(q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::flash_attn_bwd", mutates_args=())
-def flash_attn_bwd(
+@torch.library.impl(f"{LIB}::flash_attn_bwd", ("CPU", "CUDA"))
+def _flash_attn_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
     dropout_p: float, is_causal: bool, scale: float, bias_requires_grad: bool,
@@ -126,7 +141,7 @@ def _reference_backward(dout, q, k, v, bias, mask, seed, dropout_p, is_causal, s
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dbias
 
 
-@flash_attn_bwd.register_fake
+@torch.library.register_fake(f"{LIB}::flash_attn_bwd")
 def _(dout, q, k, v, out, lse, bias, mask, seed, dropout_p, is_causal, scale, bias_requires_grad):
     # Gradients come back contiguous whatever the inputs' strides (q/k/v are often transposed views).
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
@@ -145,12 +160,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     # The logsumexp is an auxiliary output (as in SDPA's kernels): it has no gradient.
     q, k, v, out, lse, bias, mask, seed = ctx.saved_tensors
-    dq, dk, dv, dbias = flash_attn_bwd(grad_out, q, k, v, out, lse, bias, mask, seed,
+    dq, dk, dv, dbias = torch.ops.fx_flash.flash_attn_bwd.default(grad_out, q, k, v, out, lse, bias, mask, seed,
                                        ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.bias_requires_grad)
     return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), None, None, None, None, None
 
 
-flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd(f"{LIB}::flash_attn_fwd", _backward, setup_context=_setup_context)
+flash_attn_fwd = torch.ops.fx_flash.flash_attn_fwd.default
+flash_attn_bwd = torch.ops.fx_flash.flash_attn_bwd.default
 
 
 torch.library.define(

@@ -18,6 +18,7 @@ ACCUMULATOR_REGISTERS of its 255 registers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ def _register_fits(kernel: str, block_m: int, block_n: int, head_dim: int, warps
     return accumulators * resident * pad_head_dim(head_dim) <= ACCUMULATOR_REGISTERS * 32 * warps
 
 
+@functools.lru_cache(maxsize=None)
 def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int) -> list[TileConfig]:
     """The configurations the autotuner may try for ``kernel``, each fitting M by construction.
 
@@ -117,6 +119,7 @@ def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: in
         paper_m, paper_n = paper_n, paper_m
     found.sort(key=lambda c: (c.BLOCK_M * c.BLOCK_N, c.BLOCK_M, c.num_stages), reverse=True)
     first = next((c for c in found if c.BLOCK_M <= paper_m and c.BLOCK_N <= paper_n), found[0])
+    # Cached (sympy's solve takes milliseconds), so callers must not mutate the list.
     return ([first] + [c for c in found if c != first])[:MAX_CANDIDATES]
 
 

@@ -68,9 +68,9 @@ def _reference_forward(q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
     return out.to(q.dtype), lse
 
 
-# The ops are defined with torch.library.define/impl rather than torch.library.custom_op: the
-# latter's per-call wrapper (Dynamo guard, aliasing checks) cost ~0.4 ms of host time per call on
-# the GPU, as much as the kernels at N = 1k (benchmarks/profile_host.py).
+# The ops are defined with torch.library.define/impl rather than torch.library.custom_op, whose
+# per-call wrapper (Dynamo guard, aliasing checks) cost ~80 µs of host time per forward+backward
+# on the H200 (benchmarks/RESULTS.md, host overhead).
 torch.library.define(
     f"{LIB}::flash_attn_fwd",
     "(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? seed, float dropout_p, bool is_causal, "

@@ -39,10 +39,6 @@ def _interpreter_dtype(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
-def _as_dtype(t: Optional[Tensor], dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
 def _reference_keep(seed: Tensor, shape, dropout_p: float) -> Tensor:
     """Dropout mask of the reference path: a torch Generator seeded by the op's seed."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed.reshape(-1)[0]))

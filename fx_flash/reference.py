@@ -47,10 +47,7 @@ def attention_reference(
     v = v.to(dtype)
     if q.shape[-3] != v.shape[-3]:
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    # Note: a row with every score at -inf has no softmax; SDPA (and the kernel) return 0 there,
-    # where a bare softmax would give NaN.
-    empty_row = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    weights = torch.softmax(scores.masked_fill(empty_row, 0.0), dim=-1).masked_fill(empty_row, 0.0)
+    weights = safe_softmax(scores)
     if dropout_p > 0.0:
         if dropout_keep is None:
             weights = torch.nn.functional.dropout(weights, dropout_p)
@@ -79,6 +76,16 @@ def masked_scores(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=
     return scores.masked_fill(~allowed, float("-inf"))
 
 
+def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, with 0 for rows whose every score is -inf.
+
+    Note: such a row has no softmax; SDPA (and the kernels) return 0 there, where a bare softmax
+    would give NaN.
+    """
+    empty_row = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(empty_row, 0.0), dim=-1).masked_fill(empty_row, 0.0)
+
+
 def attention_logsumexp(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, upcast=None):
     """The logsumexp of each query row's masked scores, (B, Hq, Nq); -inf for fully masked rows."""
     dtype = upcast or q.dtype
@@ -99,8 +106,7 @@ def attention_reference_backward(dout, q, k, v, attn_mask=None, dropout_keep=Non
     group = q.shape[-3] // k.shape[-3]
     kk, vv = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scores = masked_scores(q, kk, attn_mask, is_causal, scale)
-    empty_row = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    p = torch.softmax(scores.masked_fill(empty_row, 0.0), dim=-1).masked_fill(empty_row, 0.0)
+    p = safe_softmax(scores)
     keep_scale = 1.0 if dropout_keep is None else dropout_keep / (1.0 - dropout_p)
     dv = (p * keep_scale).transpose(-2, -1) @ dout
     dp = (dout @ vv.transpose(-2, -1)) * keep_scale

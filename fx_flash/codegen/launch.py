@@ -39,7 +39,7 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-# (spec, kernel name, tiling kernel, device index, head dim, element bytes) → autotuned kernel.
+# (spec, kernel name, tiling kernel, device index, head dim, element bytes, reset buffers) → autotuned kernel.
 TUNED: dict[tuple, object] = {}
 
 
@@ -98,7 +98,7 @@ def spec_of(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = Fal
                      causal=is_causal, dropout=dropout_p > 0.0)
 
 
-def _common(spec, q, k, scale, dropout_p):
+def _common(spec, q, k):
     z, h, n_q, d = q.shape
     n_kv = k.shape[2]
     return dict(
@@ -115,6 +115,12 @@ def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.view(torch.uint8)
 
 
+def _pointers(q: torch.Tensor, *optional: Optional[torch.Tensor]) -> list:
+    """Kernel pointer arguments for optional tensors: an absent one is passed as ``q``, which
+    the kernel never reads because the spec's constexpr flags switch that code off."""
+    return [q if t is None else t for t in optional]
+
+
 def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """Allocate a kernel output (every element is written by a kernel; tests poison these)."""
     return torch.empty(like.shape if shape is None else shape, device=like.device, dtype=dtype or like.dtype)
@@ -129,7 +135,7 @@ def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bo
     arguments describe (a score expression beyond SDPA's; it must use the same tensors).
     """
     spec = spec or spec_of(bias, mask, is_causal, dropout_p)
-    consts, (z, h, n_q, n_kv) = _common(spec, q, k, scale, dropout_p)
+    consts, (z, h, n_q, n_kv) = _common(spec, q, k)
     full = (z, h, n_q, n_kv)
     out = new_output(q)
     lse = new_output(q, (z, h, n_q), torch.float32)
@@ -140,8 +146,7 @@ def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bo
     mask_b = _mask_bytes(mask)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
-         q, k, v, out, lse, bias if bias is not None else q, mask_b if mask_b is not None else q,
-         seed if seed is not None else q, scale, dropout_p,
+         q, k, v, out, lse, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(),
          *_strides4(bias, full), *_strides4(mask_b, full), **consts)
     return out, lse
@@ -151,7 +156,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
                        scale: float, bias_grad: bool, spec: Optional[AttentionSpec] = None):
     """Run the backward kernels. Returns (dq, dk, dv, dbias or None), each in its input's dtype."""
     spec = spec or spec_of(bias, mask, is_causal, dropout_p, bias_grad)
-    consts, (z, h, n_q, n_kv) = _common(spec, q, k, scale, dropout_p)
+    consts, (z, h, n_q, n_kv) = _common(spec, q, k)
     full = (z, h, n_q, n_kv)
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
     dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
@@ -159,9 +164,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
         return dq.zero_(), dk.zero_(), dv.zero_(), (dbias.to(bias.dtype) if bias_grad else None)
     delta = new_output(q, (z, h, n_q), torch.float32)
     mask_b = _mask_bytes(mask)
-    bias_arg = bias if bias is not None else q
-    mask_arg = mask_b if mask_b is not None else q
-    seed_arg = seed if seed is not None else q
+    bias_arg, mask_arg, seed_arg = _pointers(q, bias, mask_b, seed)
     dbias_strides = _strides4(dbias, full) if bias_grad else (0, 0, 0, 0)
     # Atomic dQ: the dK/dV kernel adds each key tile's share into an fp32 buffer (one pass);
     # otherwise a separate dQ kernel, run first, recomputes the scores, sums deterministically

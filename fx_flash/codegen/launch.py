@@ -44,18 +44,18 @@ TUNED: dict[tuple, object] = {}
 
 
 def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_dim: int, elem_bytes: int,
-           reset: tuple = ()):
+           reset: tuple = (), rows: int = 0):
     """``name`` from ``spec``'s module, autotuned over the candidates that fit this device.
 
     ``reset`` names the buffers kernels accumulate into with atomics: zeroed before each trial.
     """
-    key = (spec, name, kernel, device_index, head_dim, elem_bytes, reset)
+    key = (spec, name, kernel, device_index, head_dim, elem_bytes, reset, rows)
     if key not in TUNED:
         fn = getattr(loader.load(spec), name)
         profile = device_profile(torch.device("cuda", device_index))
         configs = [
             triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in tiling.candidates(kernel, profile, head_dim, elem_bytes)
+            for c in tiling.candidates(kernel, profile, head_dim, elem_bytes, rows)
         ]
         tune_key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP"]
         TUNED[key] = triton.autotune(configs=configs, key=tune_key, reset_to_zero=list(reset) or None)(fn)
@@ -75,18 +75,19 @@ def autotuning() -> bool:
     return os.environ.get("FX_FLASH_AUTOTUNE", "1") != "0"
 
 
-def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, **kwargs):
-    """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes."""
+def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, rows: int = 0, **kwargs):
+    """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes (BLOCK_M = ``rows``
+    when given)."""
     head_dim, elem = q.shape[-1], q.element_size()
     if q.device.type == "cuda" and not interpreting() and autotuning():
         reset = ()
         if name == "_attn_bwd_dkdv":
             reset = tuple(n for n, on in (("DBias", spec.bias_grad), ("DQ", kwargs["DQ_ATOMIC"])) if on)
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        fn = _tuned(spec, name, kernel, index, head_dim, elem, reset)
+        fn = _tuned(spec, name, kernel, index, head_dim, elem, reset, rows)
         fn[grid](*args, **kwargs)
         return
-    cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem)
+    cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem, rows)
     fn = getattr(loader.load(spec), name)
     meta = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
     fn[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -98,6 +99,49 @@ def spec_of(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = Fal
                      causal=is_causal, dropout=dropout_p > 0.0)
 
 
+def _tma_allowed(device: torch.device) -> bool:
+    """TMA tensor descriptors: FX_FLASH_TMA=1 forces them (also in the interpreter, for tests),
+    0 turns them off, and the default uses them on Hopper and newer GPUs."""
+    mode = os.environ.get("FX_FLASH_TMA", "auto")
+    if mode in ("0", "1"):
+        return mode == "1"
+    return device.type == "cuda" and not interpreting() and device_profile(device).capability >= (9, 0)
+
+
+def _tma_compatible(*tensors: torch.Tensor) -> bool:
+    """A descriptor over each head's (rows, head dim) needs unit stride along the head dim and
+    16-byte aligned heads and rows."""
+    for t in tensors:
+        e = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * e) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+_ALLOCATOR_SET = [False]
+
+
+def _descriptor_scratch() -> None:
+    # Descriptors built inside a kernel need a global-memory scratch from Triton's allocator.
+    if not _ALLOCATOR_SET[0] and not interpreting():
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+        _ALLOCATOR_SET[0] = True
+
+
+def warp_specialized() -> bool:
+    """FX_FLASH_WARP_SPECIALIZE=1: ask Triton to warp-specialize the forward's key loop."""
+    return os.environ.get("FX_FLASH_WARP_SPECIALIZE", "0") == "1"
+
+
+def _with_tma(consts: dict, *streamed: torch.Tensor) -> dict:
+    """``consts`` for a kernel that loads ``streamed`` tile by tile (K/V in the forward and dQ
+    kernels, Q/dO in dK/dV): through TMA descriptors when allowed and the tensors permit."""
+    use_tma = _tma_allowed(streamed[0].device) and _tma_compatible(*streamed)
+    if use_tma:
+        _descriptor_scratch()
+    return {**consts, "USE_TMA": use_tma}
+
+
 def _common(spec, q, k):
     z, h, n_q, d = q.shape
     n_kv = k.shape[2]
@@ -106,7 +150,7 @@ def _common(spec, q, k):
         GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=tiling.pad_head_dim(d),
         CHECK_D=d != tiling.pad_head_dim(d), CAUSAL=spec.causal, DROPOUT=spec.dropout,
         SCORE_IN_LOG2=score_in_log2(spec), DQ_ATOMIC=atomic_dq(),
-        INPUT_PRECISION=_input_precision(q.dtype),
+        INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False, WARP_SPECIALIZE=warp_specialized(),
     ), (z, h, n_q, n_kv)
 
 
@@ -136,6 +180,7 @@ def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bo
     """
     spec = spec or spec_of(bias, mask, is_causal, dropout_p)
     consts, (z, h, n_q, n_kv) = _common(spec, q, k)
+    consts = _with_tma(consts, k, v)
     full = (z, h, n_q, n_kv)
     out = new_output(q)
     lse = new_output(q, (z, h, n_q), torch.float32)
@@ -144,12 +189,68 @@ def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bo
     if n_kv == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     mask_b = _mask_bytes(mask)
+    splits, rows = decode_plan(q, k)
+    if splits:
+        _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, seed, scale, dropout_p)
+        return out, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
          q, k, v, out, lse, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(),
          *_strides4(bias, full), *_strides4(mask_b, full), **consts)
     return out, lse
+
+
+# Split-KV decoding (FlashDecoding): with few query rows the forward's grid of
+# cdiv(N_Q, BLOCK_M)·Z·H programs leaves most SMs idle while each program streams all N_KV keys.
+# The split kernel packs the GROUP query heads of one K/V head into its rows and splits the keys
+# across programs; a second kernel merges the partial outputs by their logsumexps.
+DECODE_MAX_QUERIES = 16  # query rows per head up to which the split-KV path is considered
+SPLIT_MIN_KEYS = 256  # fewest keys a split streams: below that the merge costs more than it saves
+MAX_SPLITS = 128
+SPLIT_WAVES = 2  # aim for this many programs per SM
+
+
+def decode_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
+    """(number of key splits, rows per tile) for the split-KV forward; (0, 0) for the plain one.
+
+    Used when there are at most DECODE_MAX_QUERIES queries and either the keys can be split
+    across more programs or GQA rows can be packed (K/V read once per group).
+    """
+    z, h, n_q, _ = q.shape
+    h_kv, n_kv = k.shape[1], k.shape[2]
+    if n_q > DECODE_MAX_QUERIES or n_kv == 0:
+        return 0, 0
+    group = h // h_kv
+    rows = min(64, max(tiling.MIN_BLOCK, triton.next_power_of_2(group * n_q)))
+    programs = triton.cdiv(group * n_q, rows) * z * h_kv
+    sms = device_profile(q.device).multiprocessors
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(n_kv, SPLIT_MIN_KEYS), triton.cdiv(SPLIT_WAVES * sms, programs)))
+    if splits == 1 and group == 1:
+        return 0, 0
+    return splits, rows
+
+
+def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, seed, scale, dropout_p):
+    """Split-KV forward into ``out``/``lse``: partial results per key split, then their merge."""
+    z, h, n_q, d = q.shape
+    n_kv, h_kv = k.shape[2], k.shape[1]
+    full = (z, h, n_q, n_kv)
+    d_pad = consts["HEAD_DIM_PAD"]
+    # fp32 partials in the (split, z·h, query) order; every element is written by a split.
+    out_part = torch.empty((splits, z * h, n_q, d_pad), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((splits, z * h, n_q), device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(consts["GROUP"] * n_q, rows), z * h_kv, splits)
+    _run(spec, "_attn_fwd_split", "fwd_split", lambda meta: grid, q,
+         q, k, v, out_part, lse_part, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(),
+         *_strides4(bias, full), *_strides4(mask_b, full), NUM_SPLITS=splits, rows=rows, **consts)
+    loader.load(spec)._attn_fwd_combine[(triton.cdiv(n_q, COMBINE_BLOCK_M), z * h)](
+        out_part, lse_part, out, lse, *out.stride(), h, n_q, splits, z * h,
+        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_M=COMBINE_BLOCK_M)
+
+
+COMBINE_BLOCK_M = 16
 
 
 def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: float, is_causal: bool,
@@ -175,7 +276,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
         _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
              q, k, v, out, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-             *_strides4(bias, full), *_strides4(mask_b, full), **consts)
+             *_strides4(bias, full), *_strides4(mask_b, full), **_with_tma(consts, k, v))
     else:
         d_pad = tiling.pad_head_dim(q.shape[-1])
         loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
@@ -188,7 +289,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
          scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
          *(dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0)),
-         *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full), **consts)
+         *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full), **_with_tma(consts, q, dout))
     if dq_acc is not None:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None)

@@ -38,6 +38,16 @@ TEMPLATE = '''\
 # MASKED=False: no bounds masks on loads, no index predicate (only a tensor mask, if the spec has
 # one). The others (the diagonal band, ragged tails) run with MASKED=True.
 #
+# Note (TMA): with USE_TMA the streamed tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV)
+# are loaded through tensor descriptors over one head's (rows, HEAD_DIM) matrix, built in the
+# kernel. The copy engine zero-fills rows past the end and columns past HEAD_DIM, which is what
+# the masked pointer loads give, so both branches compute the same tiles.
+#
+# Note (split-KV decoding): _attn_fwd_split runs the forward's tile loop over one split of the
+# keys and stores that split's normalized output o_s and logsumexp lse_s (fp32). The softmax over
+# all keys is the lse-weighted mix: lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s − lse)·o_s,
+# which _attn_fwd_combine computes; an empty split has lse_s = −inf and weight 0.
+#
 # Note (dropout RNG): keep(z·H + h, m, n) = philox(seed; counter = (n, m, z·H + h, 0)) ≥ p, a
 # pure function of the element's coordinates, so the forward, both backward kernels and the
 # test-only mask kernel draw the same bit for the same element, whatever their tiling.
@@ -74,16 +84,44 @@ def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.
 
 
 @triton.jit
+def _tma_rows(base, n_rows, stride_row, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+              USE_TMA: tl.constexpr):
+    """A (BLOCK, HEAD_DIM_PAD) TMA descriptor over one head's rows when USE_TMA, else ``base``
+    itself (then the loads go through pointers). The descriptor zero-fills rows past ``n_rows`` and
+    columns past HEAD_DIM, so its loads need no masks."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                        block_shape=[BLOCK, HEAD_DIM_PAD])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def _load_rows(src, start, offs, rows_ok, offs_d, d_ok, stride_row, stride_col,
+               MASKED: tl.constexpr, CHECK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + len(offs)) of one head, (rows, HEAD_DIM_PAD): by TMA or pointers."""
+    if USE_TMA:
+        x = src.load([start, 0])
+    else:
+        x = _load_tile(src + offs[:, None] * stride_row + offs_d[None, :] * stride_col, rows_ok, d_ok, MASKED, CHECK_D)
+    return x
+
+
+@triton.jit
 def _scores(
-    q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, offs_n, col_ok, offs_d, d_ok,
+    q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
     stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
-    MASKED: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One tile of scores with queries on rows: qk = q·kᵀ, then the spec's expression and
     keep-predicate. Returns s (BLOCK_M, BLOCK_N), kᵀ (HEAD_DIM_PAD, BLOCK_N) and g, the score's
     derivative by qk per element (1.0 when it is a constant, applied once at the end instead)."""
-    kT = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
-                    CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+    if USE_TMA:
+        kT = tl.trans(K_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
+    else:
+        kT = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
+                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
     qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         tile_ok = row_ok[:, None] & col_ok[None, :]
@@ -100,15 +138,15 @@ def _attn_fwd_tiles(
     stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over the key tiles [lo, hi) of one query tile."""
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        s, _, _ = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, offs_n, col_ok, offs_d, d_ok,
-                          stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
-                          MASKED, CHECK_D, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s, _, _ = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
+                          offs_d, d_ok, stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+                          MASKED, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
         # -- online softmax: new running max, rescale what was accumulated so far --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -125,8 +163,8 @@ def _attn_fwd_tiles(
             p = tl.where(_dropout_keep(seed, off_hz, offs_m[:, None] + 0 * offs_n[None, :],
                                        offs_n[None, :] + 0 * offs_m[:, None], dropout_p), p, 0.0)
         # -- accumulate p·v --
-        v = _load_tile(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, col_ok, d_ok,
-                       MASKED, CHECK_D)  # (BLOCK_N, HEAD_DIM_PAD)
+        v = _load_rows(V_head, start_n, offs_n, col_ok, offs_d, d_ok, stride_vn, stride_vk,
+                       MASKED, CHECK_D, USE_TMA)  # (BLOCK_N, HEAD_DIM_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -145,7 +183,7 @@ def _attn_fwd(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -160,8 +198,8 @@ def _attn_fwd(
 
     q = _load_tile(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
-    K_head = K + off_z * stride_kz + off_hkv * stride_kh
-    V_head = V + off_z * stride_vz + off_hkv * stride_vh
+    K_head = _tma_rows(K + off_z * stride_kz + off_hkv * stride_kh, N_KV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
     Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
     seed = 0
@@ -186,12 +224,12 @@ def _attn_fwd(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
 
     # -- epilogue: normalize, write the output and the logsumexp once --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -206,6 +244,134 @@ def _attn_fwd(
     tl.store(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + off_hz.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_split(
+    Q, K, V, OutPart, LSEPart, Bias, Mask, Seed,
+    sm_scale, dropout_p,
+    stride_qz, stride_qh, stride_qm, stride_qk,
+    stride_kz, stride_kh, stride_kn, stride_kk,
+    stride_vz, stride_vh, stride_vn, stride_vk,
+    stride_bz, stride_bh, stride_bm, stride_bn,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, NUM_SPLITS,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-KV forward for few query rows (decoding): one program per (row tile, batch·K/V head,
+    key split), each writing a partial output and logsumexp that _attn_fwd_combine merges.
+
+    Rows pack the GROUP query heads that share one K/V head: row r is query r % N_Q of head
+    off_hkv·GROUP + r // N_Q, so each K/V tile is read once for the whole group (GQA decoding
+    reads K/V GROUP times less than one program per query head would).
+    """
+    start_m = tl.program_id(0)
+    off_zkv = tl.program_id(1)
+    split = tl.program_id(2)
+    H_KV = H // GROUP
+    off_z = (off_zkv // H_KV).to(tl.int64)
+    off_hkv = (off_zkv % H_KV).to(tl.int64)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * N_Q
+    offs_m = rows % N_Q  # the query index of each row
+    off_h = off_hkv * GROUP + (rows // N_Q).to(tl.int64)  # (BLOCK_M,) its query head
+    off_hz = (off_z * H + off_h)[:, None]  # (BLOCK_M, 1): per row, for the dropout counter
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    q = _load_tile(Q + off_z * stride_qz + off_h[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                   row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
+    K_head = _tma_rows(K + off_z * stride_kz + off_hkv * stride_kh, N_KV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    Bias_head = (Bias + off_z * stride_bz + off_h * stride_bh)[:, None]  # (BLOCK_M, 1) per-row heads
+    Mask_head = (Mask + off_z * stride_mz + off_h * stride_mh)[:, None]
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if SCORE_IN_LOG2:
+        qk_scale = sm_scale * LOG2E
+    else:
+        qk_scale = sm_scale
+
+    # This program's keys: a run of whole BLOCK_N tiles, the last split taking the remainder.
+    chunk = tl.cdiv(tl.cdiv(N_KV, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(N_KV, lo + chunk)
+    if CAUSAL:
+        hi = tl.minimum(hi, N_Q)  # no query of this tile sees a key at or past N_Q
+        interior_hi = lo  # packed rows hold every query index: all tiles check the predicate
+    else:
+        interior_hi = N_KV // BLOCK_N * BLOCK_N
+    mid = tl.maximum(lo, tl.minimum(interior_hi, hi))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid,
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, mid, hi,
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
+
+    # -- partial epilogue: this split's normalized output and logsumexp (-inf when it saw no key) --
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    if SCORE_IN_LOG2:
+        lse = (m_i + tl.math.log2(l_safe)) * LN2
+    else:
+        lse = m_i + tl.math.log2(l_safe) * LN2
+    lse = tl.where(l_i == 0.0, float("-inf"), lse)
+    # Packed row r of K/V head off_hkv is element (off_zkv·GROUP)·N_Q + r of the (Z·H, N_Q) rows.
+    row_index = (split.to(tl.int64) * tl.num_programs(1) + off_zkv) * GROUP * N_Q + rows  # (BLOCK_M,)
+    tl.store(OutPart + row_index[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=row_ok[:, None])
+    tl.store(LSEPart + row_index, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_combine(
+    OutPart, LSEPart, Out, LSE,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    H, N_Q, NUM_SPLITS, ZH,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the splits of _attn_fwd_split: out = Σ_s e^(lse_s − lse)·out_s, lse = log Σ_s e^(lse_s).
+
+    Parts are (NUM_SPLITS, Z·H, N_Q, HEAD_DIM_PAD) fp32, in the (z, h, query) order of Out.
+    """
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1).to(tl.int64)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    row_ok = offs_m < N_Q
+    lse_parts = tl.load(LSEPart + (offs_s[None, :].to(tl.int64) * ZH + off_hz) * N_Q + offs_m[:, None],
+                        mask=row_ok[:, None] & (offs_s[None, :] < NUM_SPLITS), other=float("-inf"))  # (BLOCK_M, SPLITS_PAD)
+    m = tl.max(lse_parts, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+    l = tl.sum(tl.math.exp2((lse_parts - m_safe[:, None]) * LOG2E), 1)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        row_index = (s * ZH + off_hz) * N_Q + offs_m  # (BLOCK_M,)
+        w = tl.math.exp2((tl.load(LSEPart + row_index, mask=row_ok, other=float("-inf")) - m_safe) * LOG2E)
+        part = tl.load(OutPart + row_index[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        acc += w[:, None] * part
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    lse = tl.where(l == 0.0, float("-inf"), m_safe + tl.math.log2(l_safe) * LN2)
+    tl.store(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
+             (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + off_hz * N_Q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -240,7 +406,7 @@ def _attn_bwd_dkdv_tiles(
     stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
     offs_n, col_ok, offs_d, d_ok, N_Q, lo, hi,
     MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dK and dV of one key tile from the query tiles [lo, hi) of one query head.
 
@@ -249,8 +415,11 @@ def _attn_bwd_dkdv_tiles(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N_Q
-        qT = _load_tile(Q_head + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm, d_ok, row_ok,
-                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_M)
+        if USE_TMA:
+            qT = tl.trans(Q_head.load([start_m, 0]))  # (HEAD_DIM_PAD, BLOCK_M)
+        else:
+            qT = _load_tile(Q_head + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm, d_ok, row_ok,
+                            CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_M)
         if MASKED:
             lse = tl.load(LSE_row + offs_m, mask=row_ok, other=float("inf"))
             tile_ok = col_ok[:, None] & row_ok[None, :]
@@ -265,8 +434,8 @@ $SCORE_BWD_T
             pT = tl.math.exp2(s - (lse * LOG2E)[None, :])
         else:
             pT = tl.math.exp2((s - lse[None, :]) * LOG2E)
-        do = _load_tile(DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, row_ok, d_ok,
-                        MASKED, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
+        do = _load_rows(DO_head, start_m, offs_m, row_ok, offs_d, d_ok, stride_dom, stride_dok,
+                        MASKED, CHECK_D, USE_TMA)  # (BLOCK_M, HEAD_DIM_PAD)
         # -- dV += P_droppedᵀ·dO ; dP = dO·Vᵀ (through the same dropout mask) --
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
@@ -312,7 +481,7 @@ def _attn_bwd_dkdv(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key tile, summed over every query row of the GROUP heads that read it."""
@@ -354,8 +523,9 @@ def _attn_bwd_dkdv(
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         off_hz = off_z * H + off_h
-        Q_head = Q + off_z * stride_qz + off_h * stride_qh
-        DO_head = DO + off_z * stride_doz + off_h * stride_doh
+        Q_head = _tma_rows(Q + off_z * stride_qz + off_h * stride_qh, N_Q, stride_qm, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
+        DO_head = _tma_rows(DO + off_z * stride_doz + off_h * stride_doh, N_Q, stride_dom, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                            USE_TMA)
         DQ_head = DQ + off_z * stride_dqz + off_h * stride_dqh
         Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
         DBias_head = DBias + off_z * stride_dbz + off_h * stride_dbh
@@ -368,21 +538,21 @@ def _attn_bwd_dkdv(
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
             stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
             offs_n, col_ok, offs_d, d_ok, N_Q, lo, mid,
-            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
+            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_tiles(
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
             stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
             offs_n, col_ok, offs_d, d_ok, N_Q, mid, interior_hi,
-            False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
+            False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_tiles(
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
             stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
             offs_n, col_ok, offs_d, d_ok, N_Q, tl.maximum(mid, interior_hi), N_Q,
-            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
+            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
@@ -397,17 +567,20 @@ def _attn_bwd_dq_tiles(
     stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile from the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        s, kT, g = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, offs_n, col_ok, offs_d, d_ok,
-                           stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
-                           MASKED, CHECK_D, INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        vT = _load_tile(V_head + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn, d_ok, col_ok,
-                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+        s, kT, g = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
+                           offs_d, d_ok, stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+                           MASKED, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
+        if USE_TMA:
+            vT = tl.trans(V_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
+        else:
+            vT = _load_tile(V_head + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn, d_ok, col_ok,
+                            CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
         if SCORE_IN_LOG2:
             p = tl.math.exp2(s - (lse * LOG2E)[:, None])
         else:
@@ -438,7 +611,7 @@ def _attn_bwd_dq(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile: a separate pass over the keys, so no atomics and a deterministic sum.
@@ -466,8 +639,8 @@ def _attn_bwd_dq(
                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     tl.store(Delta + off_hz.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
-    K_head = K + off_z * stride_kz + off_hkv * stride_kh
-    V_head = V + off_z * stride_vz + off_hkv * stride_vh
+    K_head = _tma_rows(K + off_z * stride_kz + off_hkv * stride_kh, N_KV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
     Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -488,12 +661,12 @@ def _attn_bwd_dq(
         dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
         dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, BLOCK_N)
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
 
 $DQ_FINAL
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,

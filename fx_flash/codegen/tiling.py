@@ -34,8 +34,9 @@ FOOTPRINT = {
     "bwd_dkdv": E * (2 * B_C * D + 2 * S * B_R * D + 2 * B_R * B_C),
     "bwd_dq": E * (2 * B_R * D + 2 * S * B_C * D + B_R * B_C),
 }
+FOOTPRINT["fwd_split"] = FOOTPRINT["fwd"]  # split-KV decoding holds the forward's tiles
 # The tile dimension each kernel keeps resident (its "rows") and the one it streams.
-RESIDENT_AXIS = {"fwd": "m", "bwd_dkdv": "n", "bwd_dq": "m"}
+RESIDENT_AXIS = {"fwd": "m", "fwd_split": "m", "bwd_dkdv": "n", "bwd_dq": "m"}
 
 MIN_BLOCK = 16  # tl.dot needs every dimension ≥ 16
 ACCUMULATOR_REGISTERS = 128  # fp32 accumulator registers per thread, of the 255 a thread may use
@@ -94,16 +95,17 @@ def _register_fits(kernel: str, block_m: int, block_n: int, head_dim: int, warps
 
 
 @functools.lru_cache(maxsize=None)
-def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int) -> list[TileConfig]:
+def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0) -> list[TileConfig]:
     """The configurations the autotuner may try for ``kernel``, each fitting M by construction.
 
     The first is the paper's (B_r, B_c), rounded down to powers of two and fitted to the
     footprint; the others are the largest neighbouring power-of-two tiles that also fit, each
     at 2 and 3 pipeline stages where those fit. At most MAX_CANDIDATES, to bound autotuning.
+    ``rows``, when given, fixes BLOCK_M (split-KV decoding sizes its row tile to the rows it packs).
     """
     m = device.shared_memory
     found: list[TileConfig] = []
-    for block_m in BLOCK_SIZES:
+    for block_m in (rows,) if rows else BLOCK_SIZES:
         for block_n in BLOCK_SIZES:
             warps = 8 if block_m * block_n >= 128 * 64 else 4
             if not _register_fits(kernel, block_m, block_n, head_dim, warps):
@@ -123,6 +125,6 @@ def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: in
     return ([first] + [c for c in found if c != first])[:MAX_CANDIDATES]
 
 
-def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int) -> TileConfig:
+def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0) -> TileConfig:
     """The configuration used without autotuning (the interpreter): the paper's fitted pick."""
-    return candidates(kernel, device, head_dim, elem_bytes)[0]
+    return candidates(kernel, device, head_dim, elem_bytes, rows)[0]

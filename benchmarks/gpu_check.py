@@ -106,6 +106,9 @@ def numerics():
             (f"{t} d256 N1024", 1, 8, 8, 1024, 1024, 256, dtype, False),
             (f"{t} d16 Nq1 decode 1x4097", 4, 8, 8, 1, 4097, 16, dtype, False),
             (f"{t} GQA 32/4 d128 causal", 1, 32, 4, 1024, 1024, 128, dtype, True),
+            # split-KV decoding: packed GQA rows, keys split across programs
+            (f"{t} decode split-KV GQA 32/8 1x20000", 2, 32, 8, 1, 20000, 128, dtype, False),
+            (f"{t} decode split-KV MHA 4x9000 d64", 2, 16, 16, 4, 9000, 64, dtype, False),
         ]
         extra = [
             (f"{t} bool mask (B,1,N,N) d64", dict(mask="bool")),
@@ -117,6 +120,8 @@ def numerics():
         for name, kw in extra:
             causal = kw.pop("causal", False)
             cases.append((name, 2, 8, 8, 777, 777, 64, dtype, causal, kw))
+        cases.append((f"{t} decode split-KV GQA bool mask 2x8000", 2, 16, 4, 2, 8000, 128, dtype, False,
+                      dict(mask="bool")))
     cases.append(("fp32 (ieee) d64 causal 513x513", 2, 4, 4, 513, 513, 64, torch.float32, True))
     ok = True
     for c in cases:
@@ -140,7 +145,7 @@ def tiles():
     print(f"device {prof.name}: M = {prof.shared_memory} B, {prof.multiprocessors} SMs, "
           f"sm_{prof.capability[0]}{prof.capability[1]}")
     ok = True
-    for (spec, name, _, _, head_dim, elem, _), tuned in launch.TUNED.items():
+    for (spec, name, _, _, head_dim, elem, *_), tuned in launch.TUNED.items():
         shared = []
         for cache in getattr(tuned.fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
@@ -170,84 +175,171 @@ def with_env(fn, **env):
     return wrapped
 
 
-def bench(dims, ns, modes, dtype=torch.bfloat16, tokens=16384, hidden=2048):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+# fx_flash variants: the same op under other settings, switched by environment variables that
+# fx_flash reads at each call (set around the whole fwd+bwd step).
+FX_VARIANTS = {
+    "fx_flash": {},
+    "fx_notma": {"FX_FLASH_TMA": "0"},
+    "fx_ws": {"FX_FLASH_WARP_SPECIALIZE": "1"},
+    "fx_atomic_dq": {"FX_FLASH_DQ": "atomic"},
+    "fx_nosplit": {"FX_FLASH_SPLIT_KV": "0"},
+}
+DEFAULT_VARIANTS = "fx_flash,sdpa,sdpa_cudnn,sdpa_flash,flex,eager"
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
 
     # One compiled FlexAttention per shape: lift Dynamo's recompile limit, or later shapes fall
     # back to flex's unfused eager path and time at a few TFLOP/s.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 1024)
-    flex = torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _variant_fns(name, q, k, v, causal, gqa, block_mask, flex):
+    """The forward of implementation ``name`` on (q, k, v), or None if it does not exist."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_with(backend):
+        def f():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return f
+
+    d, n = q.shape[-1], q.shape[-2]
+    if name in FX_VARIANTS:
+        return with_env(lambda: fx_flash.flash_attention(q, k, v, is_causal=causal, enable_gqa=gqa), **FX_VARIANTS[name])
+    table = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
+        "sdpa_cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
+        "sdpa_efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
+        "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa),
+        "eager": lambda: torch.softmax(
+            (q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(
+                ~torch.ones(n, n, device=DEV, dtype=torch.bool).tril(), float("-inf"))
+            if causal else q @ k.transpose(-2, -1) / math.sqrt(d), -1) @ v,
+    }
+    return table[name]
+
+
+def time_variants(label, q, k, v, do, causal, flops, variants, flex, rep=100):
+    """TFLOP/s of fwd and fwd+bwd per variant, after checking fx_flash against SDPA."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, hq, n, d = q.shape
+    gqa = hq != k.shape[1]
+    bm = create_block_mask((lambda bb, hh, qi, ki: qi >= ki) if causal else (lambda bb, hh, qi, ki: qi >= 0),
+                           None, None, n, k.shape[2], device=DEV)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    for name in [x for x in variants if x in FX_VARIANTS]:
+        try:
+            err = (_variant_fns(name, q, k, v, causal, gqa, bm, flex)() - ref).abs().max().item()
+        except Exception as e:  # an experimental variant may not compile: reported in its row
+            print(f"{name} {label} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        if not err < 2e-2:  # each tuned configuration must be as right as the default one
+            print(f"FAIL {name} {label}: max |out - sdpa| = {err:.3g}", flush=True)
+            BENCH_OK[0] = False
     rows = []
-    for d in dims:
-        h = hidden // d
-        for n in ns:
-            b = max(1, tokens // n)
-            for causal in (False, True):
-                q, k, v = (torch.randn(b, h, n, d, device=DEV, dtype=dtype, requires_grad=True) for _ in range(3))
-                do = torch.randn_like(q)
-                flops = 4 * b * h * n * n * d / (2 if causal else 1)
-                bm = create_block_mask((lambda bb, hh, qi, ki: qi >= ki) if causal else (lambda bb, hh, qi, ki: qi >= 0),
-                                       None, None, n, n, device=DEV)
-
-                def sdpa_with(backend):
-                    def f():
-                        with sdpa_kernel(backend):
-                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                    return f
-
-                variants = {
-                    "fx_flash": lambda: fx_flash.flash_attention(q, k, v, is_causal=causal),
-                    "fx_atomic_dq": lambda: fx_flash.flash_attention(q, k, v, is_causal=causal),
-                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                    "sdpa_cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
-                    "sdpa_flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
-                    "sdpa_efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
-                    "flex": lambda: flex(q, k, v, block_mask=bm),
-                    "eager": lambda: torch.softmax(
-                        (q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(
-                            ~torch.ones(n, n, device=DEV, dtype=torch.bool).tril(), float("-inf"))
-                        if causal else q @ k.transpose(-2, -1) / math.sqrt(d), -1) @ v,
-                }
-                ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                err = (fx_flash.flash_attention(q, k, v, is_causal=causal) - ref).abs().max().item()
-                if not err < 2e-2:  # the tuned configuration must be as right as the default one
-                    print(f"FAIL tuned fx_flash d{d} N{n} causal={causal}: max |out - sdpa| = {err:.3g}")
-                    BENCH_OK[0] = False
-                for name, fwd in variants.items():
-                    if name == "fx_atomic_dq":  # the backward reads FX_FLASH_DQ: set it around the whole step
-                        fwd = with_env(fwd, FX_FLASH_DQ="atomic")
-                    if name == "eager" and b * h * n * n * 2 * 6 > 60e9:
-                        rows.append(dict(d=d, n=n, causal=causal, impl=name, fwd=None, fwdbwd=None, mem=None))
-                        continue
-                    res = dict(d=d, n=n, causal=causal, impl=name)
-                    try:
-                        fwd()
-                        res["fwd"] = flops / triton.testing.do_bench(fwd, warmup=50, rep=200, return_mode="median") / 1e9
-                        if "fwd" in modes and "bwd" not in modes:
-                            res["fwdbwd"] = None
-                        else:
-                            step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)  # noqa: E731
-                            if name == "fx_atomic_dq":
-                                step = with_env(step, FX_FLASH_DQ="atomic")
-                            step()
-                            torch.cuda.synchronize()
-                            base = torch.cuda.memory_allocated()
-                            torch.cuda.reset_peak_memory_stats()
-                            step()
-                            torch.cuda.synchronize()
-                            res["mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                            res["fwdbwd"] = 3.5 * flops / triton.testing.do_bench(step, warmup=50, rep=200,
-                                                                                  return_mode="median") / 1e9
-                    except Exception as e:  # a backend that refuses a shape is reported, not fatal
-                        res.update(fwd=res.get("fwd"), fwdbwd=None, mem=None, error=type(e).__name__)
-                    rows.append(res)
-                    print(json.dumps(res), flush=True)
-                del q, k, v, do
-                torch.cuda.empty_cache()
+    for name in variants:
+        res = dict(label, impl=name)
+        if name == "eager" and b * hq * n * k.shape[2] * q.element_size() * 6 > 60e9:
+            rows.append(dict(res, fwd=None, fwdbwd=None, mem=None))
+            continue
+        fwd = _variant_fns(name, q, k, v, causal, gqa, bm, flex)
+        try:
+            fwd()
+            res["fwd"] = flops / triton.testing.do_bench(fwd, warmup=25, rep=rep, return_mode="median") / 1e9
+            step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)  # noqa: E731
+            step()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            res["mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            res["fwdbwd"] = 3.5 * flops / triton.testing.do_bench(step, warmup=25, rep=rep, return_mode="median") / 1e9
+        except Exception as e:  # a backend that refuses a shape is reported, not fatal
+            res.update(fwd=res.get("fwd"), fwdbwd=None, mem=None, error=f"{type(e).__name__}: {str(e)[:80]}")
+        rows.append(res)
+        print(json.dumps(res), flush=True)
     return rows
+
+
+def bench(dims, ns, variants, dtypes, tokens=16384, hidden=2048, causals=(False, True), group=1):
+    """The grid: batch·N = ``tokens``, H = hidden / d query heads (H / group K/V heads)."""
+    flex = _flex()
+    rows = []
+    for dtype in dtypes:
+        for d in dims:
+            h = hidden // d
+            for n in ns:
+                b = max(1, tokens // n)
+                for causal in causals:
+                    q = torch.randn(b, h, n, d, device=DEV, dtype=dtype, requires_grad=True)
+                    k, v = (torch.randn(b, h // group, n, d, device=DEV, dtype=dtype, requires_grad=True)
+                            for _ in range(2))
+                    do = torch.randn_like(q)
+                    flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                    label = dict(dtype=str(dtype).split(".")[-1], d=d, n=n, causal=causal, group=group)
+                    rows += time_variants(label, q, k, v, do, causal, flops, variants, flex)
+                    del q, k, v, do
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode(cases, variants, d=128, dtype=torch.bfloat16):
+    """One new token per sequence against a long K/V cache: microseconds and the K/V bandwidth
+    (bytes of K and V read once, over the time). Inputs rotate through enough copies to exceed
+    the L2 cache."""
+    flex = _flex()
+    rows = []
+    for b, hq, hkv, nk in cases:
+        kv_bytes = 2 * b * hkv * nk * d * torch.empty((), dtype=dtype).element_size()
+        copies = max(1, math.ceil(512 * 2**20 / kv_bytes))
+        sets = [(torch.randn(b, hq, 1, d, device=DEV, dtype=dtype),
+                 torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype),
+                 torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype)) for _ in range(copies)]
+        gqa = hq != hkv
+        q0, k0, v0 = sets[0]
+        ref = F.scaled_dot_product_attention(q0.float(), k0.float(), v0.float(), enable_gqa=gqa)
+        label = dict(b=b, hq=hq, hkv=hkv, nk=nk)
+        for name in variants:
+            fns = [_variant_fns(name, q, k, v, False, gqa, None, flex) for q, k, v in sets]
+            turn = [0]
+
+            def fwd(fns=fns, turn=turn):
+                turn[0] = (turn[0] + 1) % len(fns)
+                return fns[turn[0]]()
+            res = dict(label, impl=name)
+            try:
+                err = (fns[0]().float() - ref).abs().max().item()
+                if name in FX_VARIANTS and not err < 2e-2:
+                    print(f"FAIL decode {name} {label}: max |out - ref| = {err:.3g}", flush=True)
+                    BENCH_OK[0] = False
+                ms = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
+                res.update(us=ms * 1e3, gbps=kv_bytes / ms / 1e6, err=err)
+            except Exception as e:
+                res.update(us=None, gbps=None, error=f"{type(e).__name__}: {str(e)[:80]}")
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+        del sets, fns
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_table(rows):
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    print("\nDecode (Nq = 1, d = 128, bf16): microseconds | GB/s of K/V read")
+    print("| batch | Hq/Hkv | Nk | " + " | ".join(impls) + " |")
+    print("|---|---|---|" + "---|" * len(impls))
+    for key in dict.fromkeys((r["b"], r["hq"], r["hkv"], r["nk"]) for r in rows):
+        cell = {r["impl"]: r for r in rows if (r["b"], r["hq"], r["hkv"], r["nk"]) == key}
+        vals = ["-" if cell[i].get("us") is None else f"{cell[i]['us']:.0f} \\| {cell[i]['gbps']:.0f}" for i in impls]
+        print(f"| {key[0]} | {key[1]}/{key[2]} | {key[3]} | " + " | ".join(vals) + " |")
 
 
 def overhead():
@@ -275,45 +367,71 @@ def overhead():
 def table(rows):
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
-    print("\nTFLOP/s fwd | fwd+bwd (bf16, batch*N = 16k, hidden 2048); peak MiB of fwd+bwd for fx_flash | sdpa")
-    print("| d | N | causal | " + " | ".join(impls) + " | mem fx/sdpa |")
-    print("|---|---|---|" + "---|" * len(impls) + "---|")
-    keys = list(dict.fromkeys((r["d"], r["n"], r["causal"]) for r in rows))
-    for key in keys:
-        cell = {r["impl"]: r for r in rows if (r["d"], r["n"], r["causal"]) == key}
+    print("\nTFLOP/s fwd | fwd+bwd (batch*N = 16k, hidden 2048); peak MiB of fwd+bwd for fx_flash | sdpa")
+    print("| dtype | d | Hq/Hkv | N | causal | " + " | ".join(impls) + " | mem fx/sdpa |")
+    print("|---|---|---|---|---|" + "---|" * len(impls) + "---|")
+    keyf = lambda r: (r["dtype"], r["d"], r["group"], r["n"], r["causal"])  # noqa: E731
+    for key in dict.fromkeys(keyf(r) for r in rows):
+        cell = {r["impl"]: r for r in rows if keyf(r) == key}
         vals = [f"{fmt(cell[i].get('fwd'))} \\| {fmt(cell[i].get('fwdbwd'))}" if i in cell else "" for i in impls]
         mem = f"{fmt(cell.get('fx_flash', {}).get('mem'))}/{fmt(cell.get('sdpa', {}).get('mem'))}"
-        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(vals) + f" | {mem} |")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {'yes' if key[4] else 'no'} | " + " | ".join(vals) + f" | {mem} |")
+
+
+DECODE_CASES = [(b, 32, 8, nk) for b in (1, 8, 64) for nk in (4096, 32768, 131072)] + [
+    (1, 32, 32, 32768), (1, 32, 32, 131072), (8, 32, 32, 131072)]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--numerics", action="store_true")
     ap.add_argument("--tiles", action="store_true")
-    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--bench", action="store_true", help="the grid over --dtypes, --dims, --ns, causal and not")
+    ap.add_argument("--extra", action="store_true", help="rows for d = 80, 96, 256 and GQA Hq/Hkv = 8")
+    ap.add_argument("--decode", action="store_true", help="Nq = 1 against long K/V caches")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--ns", default="1024,2048,4096,8192,16384")
-    ap.add_argument("--modes", default="fwd,bwd")
+    ap.add_argument("--dtypes", default="bfloat16")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--decode-variants", default="fx_flash,fx_nosplit,sdpa,flex")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     ok = True
     t0 = time.time()
+    dtypes = [getattr(torch, x) for x in args.dtypes.split(",")]
+    variants = args.variants.split(",")
+    tables = []
     if args.numerics:
         ok &= numerics()
         print(f"numerics took {time.time() - t0:.0f}s", flush=True)
+    rows = []
     if args.bench:
-        rows = bench([int(x) for x in args.dims.split(",")], [int(x) for x in args.ns.split(",")], args.modes)
-        with open(os.path.join(args.out, f"bench_{args.dims.replace(',', '_')}.json"), "w") as f:
+        rows += bench([int(x) for x in args.dims.split(",")], [int(x) for x in args.ns.split(",")], variants, dtypes)
+    if args.extra:
+        for d in (80, 96, 256):
+            rows += bench([d], [2048, 8192], variants, dtypes)
+        rows += bench([128], [2048, 8192], variants, dtypes, group=8)
+    if rows:
+        with open(os.path.join(args.out, f"bench_{int(time.time())}.json"), "w") as f:
             json.dump(rows, f)
-        table(rows)
+        tables.append(lambda: table(rows))
+        ok &= BENCH_OK[0]
+    if args.decode:
+        drows = bench_decode(DECODE_CASES, args.decode_variants.split(","))
+        with open(os.path.join(args.out, f"decode_{int(time.time())}.json"), "w") as f:
+            json.dump(drows, f)
+        tables.append(lambda: decode_table(drows))
         ok &= BENCH_OK[0]
     if args.overhead:
         overhead()
     if args.tiles:  # after the bench, so the autotuner has compiled its candidates
         ok &= tiles()
+    for show in tables:  # the tables last: the device tool returns the end of the output
+        show()
+    print(f"total {time.time() - t0:.0f}s")
     print("ALL PASS" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 

@@ -3,8 +3,6 @@ parametrized over shapes, dtypes, masks, GQA and strides, with the flash-attn er
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

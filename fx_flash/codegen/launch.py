@@ -57,7 +57,7 @@ def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_
             triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in tiling.candidates(kernel, profile, head_dim, elem_bytes, rows)
         ]
-        tune_key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP"]
+        tune_key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP", "NUM_SPLITS", "USE_TMA", "WARP_SPECIALIZE"]
         TUNED[key] = triton.autotune(configs=configs, key=tune_key, reset_to_zero=list(reset) or None)(fn)
     return TUNED[key]
 
@@ -215,11 +215,12 @@ def decode_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
     """(number of key splits, rows per tile) for the split-KV forward; (0, 0) for the plain one.
 
     Used when there are at most DECODE_MAX_QUERIES queries and either the keys can be split
-    across more programs or GQA rows can be packed (K/V read once per group).
+    across more programs or GQA rows can be packed (K/V read once per group); FX_FLASH_SPLIT_KV=0
+    turns it off.
     """
     z, h, n_q, _ = q.shape
     h_kv, n_kv = k.shape[1], k.shape[2]
-    if n_q > DECODE_MAX_QUERIES or n_kv == 0:
+    if n_q > DECODE_MAX_QUERIES or n_kv == 0 or os.environ.get("FX_FLASH_SPLIT_KV", "1") == "0":
         return 0, 0
     group = h // h_kv
     rows = min(64, max(tiling.MIN_BLOCK, triton.next_power_of_2(group * n_q)))

@@ -179,8 +179,7 @@ def with_env(fn, **env):
 # fx_flash reads at each call (set around the whole fwd+bwd step).
 FX_VARIANTS = {
     "fx_flash": {},
-    "fx_notma": {"FX_FLASH_TMA": "0"},
-    "fx_ws": {"FX_FLASH_WARP_SPECIALIZE": "1"},
+    "fx_tma": {"FX_FLASH_TMA": "1"},
     "fx_atomic_dq": {"FX_FLASH_DQ": "atomic"},
     "fx_nosplit": {"FX_FLASH_SPLIT_KV": "0"},
 }
@@ -304,7 +303,7 @@ def bench_decode(cases, variants, d=128, dtype=torch.bfloat16):
                  torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype),
                  torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype)) for _ in range(copies)]
         gqa = hq != hkv
-        q0, k0, v0 = sets[0]
+        q0, k0, v0 = (t[:2] for t in sets[0])  # checked on two sequences: an fp32 GQA reference of all is huge
         ref = F.scaled_dot_product_attention(q0.float(), k0.float(), v0.float(), enable_gqa=gqa)
         label = dict(b=b, hq=hq, hkv=hkv, nk=nk)
         for name in variants:
@@ -316,7 +315,7 @@ def bench_decode(cases, variants, d=128, dtype=torch.bfloat16):
                 return fns[turn[0]]()
             res = dict(label, impl=name)
             try:
-                err = (fns[0]().float() - ref).abs().max().item()
+                err = (fns[0]()[:2].float() - ref).abs().max().item()
                 if name in FX_VARIANTS and not err < 2e-2:
                     print(f"FAIL decode {name} {label}: max |out - ref| = {err:.3g}", flush=True)
                     BENCH_OK[0] = False

@@ -1,9 +1,9 @@
 """The TMA branch of the template: tiles streamed through tensor descriptors instead of pointers.
 
-On Hopper GPUs the kernels load K/V (forward, dQ) and Q/dO (dK/dV) through
-``tl.make_tensor_descriptor``; FX_FLASH_TMA=1 forces that branch under the interpreter too, so
-its indexing (zero-filled ragged tails and padded head-dim columns instead of load masks) is
-checked against the oracle here, on the CPU.
+With FX_FLASH_TMA=1 (off by default: it measured no faster on the H200) the kernels load K/V
+(forward, dQ) and Q/dO (dK/dV) through ``tl.make_tensor_descriptor`` on Hopper GPUs and under the
+interpreter, so its indexing (zero-filled ragged tails and padded head-dim columns instead of
+load masks) is checked against the oracle here, on the CPU.
 """
 
 from __future__ import annotations
@@ -73,3 +73,10 @@ def test_compatibility_rules():
     assert launch._tma_compatible(x.transpose(1, 2).contiguous().transpose(1, 2))  # (B, N, H, d) storage
     assert not launch._tma_compatible(x.transpose(-1, -2))  # head dim not contiguous
     assert not launch._tma_compatible(x.view(-1)[1:].view(-1)[: 2 * 3 * 39 * 64].view(2, 3, 39, 64))  # 2-byte offset
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv("FX_FLASH_TMA")
+    assert not launch._tma_allowed(torch.device(DEVICE))
+    monkeypatch.setenv("FX_FLASH_TMA", "1")
+    assert launch._tma_allowed(torch.device(DEVICE))

@@ -57,7 +57,7 @@ def _tuned(spec: AttentionSpec, name: str, kernel: str, device_index: int, head_
             triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in tiling.candidates(kernel, profile, head_dim, elem_bytes, rows)
         ]
-        tune_key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP", "NUM_SPLITS", "USE_TMA", "WARP_SPECIALIZE"]
+        tune_key = ["N_Q_BUCKET", "N_KV_BUCKET", "HEAD_DIM", "GROUP", "NUM_SPLITS", "USE_TMA"]
         TUNED[key] = triton.autotune(configs=configs, key=tune_key, reset_to_zero=list(reset) or None)(fn)
     return TUNED[key]
 
@@ -100,12 +100,13 @@ def spec_of(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = Fal
 
 
 def _tma_allowed(device: torch.device) -> bool:
-    """TMA tensor descriptors: FX_FLASH_TMA=1 forces them (also in the interpreter, for tests),
-    0 turns them off, and the default uses them on Hopper and newer GPUs."""
-    mode = os.environ.get("FX_FLASH_TMA", "auto")
-    if mode in ("0", "1"):
-        return mode == "1"
-    return device.type == "cuda" and not interpreting() and device_profile(device).capability >= (9, 0)
+    """TMA tensor descriptors for the streamed tiles: FX_FLASH_TMA=1 turns them on (on Hopper and
+    newer GPUs, and in the interpreter, where tests check that branch), anything else leaves them
+    off. Off by default: on the H200 they measured 5% slower at d=64 and level at d=128
+    (benchmarks/RESULTS.md)."""
+    if os.environ.get("FX_FLASH_TMA", "0") != "1":
+        return False
+    return interpreting() or (device.type == "cuda" and device_profile(device).capability >= (9, 0))
 
 
 def _tma_compatible(*tensors: torch.Tensor) -> bool:
@@ -118,19 +119,23 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
     return True
 
 
-_ALLOCATOR_SET = [False]
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _descriptor_scratch() -> None:
-    # Descriptors built inside a kernel need a global-memory scratch from Triton's allocator.
-    if not _ALLOCATOR_SET[0] and not interpreting():
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
-        _ALLOCATOR_SET[0] = True
+    """Descriptors built inside a kernel need global-memory scratch from Triton's allocator, a
+    per-thread setting (autograd runs the backward on its own thread): install one where none is."""
+    if interpreting():
+        return
+    try:
+        from triton.runtime import _allocation
 
-
-def warp_specialized() -> bool:
-    """FX_FLASH_WARP_SPECIALIZE=1: ask Triton to warp-specialize the forward's key loop."""
-    return os.environ.get("FX_FLASH_WARP_SPECIALIZE", "0") == "1"
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return  # the user's (or Inductor's) allocator serves as well
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_scratch)
 
 
 def _with_tma(consts: dict, *streamed: torch.Tensor) -> dict:
@@ -150,7 +155,7 @@ def _common(spec, q, k):
         GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=tiling.pad_head_dim(d),
         CHECK_D=d != tiling.pad_head_dim(d), CAUSAL=spec.causal, DROPOUT=spec.dropout,
         SCORE_IN_LOG2=score_in_log2(spec), DQ_ATOMIC=atomic_dq(),
-        INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False, WARP_SPECIALIZE=warp_specialized(),
+        INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False,
     ), (z, h, n_q, n_kv)
 
 

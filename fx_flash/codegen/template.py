@@ -138,10 +138,10 @@ def _attn_fwd_tiles(
     stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over the key tiles [lo, hi) of one query tile."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
         s, _, _ = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
@@ -183,7 +183,7 @@ def _attn_fwd(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -224,12 +224,12 @@ def _attn_fwd(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
 
     # -- epilogue: normalize, write the output and the logsumexp once --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -258,7 +258,7 @@ def _attn_fwd_split(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, NUM_SPLITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Split-KV forward for few query rows (decoding): one program per (row tile, batch·K/V head,
@@ -314,12 +314,12 @@ def _attn_fwd_split(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, mid, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, WARP_SPECIALIZE, BLOCK_N)
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
 
     # -- partial epilogue: this split's normalized output and logsumexp (-inf when it saw no key) --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -481,7 +481,7 @@ def _attn_bwd_dkdv(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key tile, summed over every query row of the GROUP heads that read it."""
@@ -611,7 +611,7 @@ def _attn_bwd_dq(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile: a separate pass over the keys, so no atomics and a deterministic sum.

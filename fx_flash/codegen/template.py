@@ -187,6 +187,9 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
+    if CAUSAL:
+        # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
+        start_m = tl.num_programs(0) - 1 - start_m
     off_hz = tl.program_id(1)
     off_z = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
@@ -620,6 +623,9 @@ def _attn_bwd_dq(
     saves the launch of a separate preprocessing kernel.
     """
     start_m = tl.program_id(0)
+    if CAUSAL:
+        # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
+        start_m = tl.num_programs(0) - 1 - start_m
     off_hz = tl.program_id(1)
     off_z = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)

@@ -148,12 +148,12 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
     if _tunes(q):
         consts = tuning_consts(kwargs)
         key = (spec, name, q.device, q.dtype, consts)
-        launch = CHOSEN.get(key)
-        if launch is None:
-            launch = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts)
+        chosen = CHOSEN.get(key)
+        if chosen is None:
+            chosen = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts)
             for t in reset:
                 t.zero_()
-        launch.fn[grid(launch.meta)](*args, **kwargs, **launch.meta)
+        chosen.fn[grid(chosen.meta)](*args, **kwargs, **chosen.meta)
         return
     head_dim, elem = q.shape[-1], q.element_size()
     cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem)

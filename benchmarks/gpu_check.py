@@ -138,23 +138,25 @@ def numerics():
 
 # ----------------------------------------------------------------------------- tiles
 def tiles():
-    """Every binary the autotuner compiled uses at most M bytes of shared memory."""
+    """Every binary compiled for the launched kernels (the tuning trials' too, in a process that
+    tuned rather than read its choices from disk) uses at most M bytes of shared memory."""
     from fx_flash.codegen import launch
 
     prof = device_profile(torch.device(DEV))
     print(f"device {prof.name}: M = {prof.shared_memory} B, {prof.multiprocessors} SMs, "
           f"sm_{prof.capability[0]}{prof.capability[1]}")
     ok = True
-    for (spec, name, _, _, head_dim, elem, *_), tuned in launch.TUNED.items():
+    for (spec, name, _, dtype, consts), chosen in launch.CHOSEN.items():
         shared = []
-        for cache in getattr(tuned.fn, "device_caches", {}).values():
+        for cache in getattr(chosen.fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
             shared += [k.metadata.shared for k in kernels.values()]
         worst = max(shared, default=0)
         ok &= worst <= prof.shared_memory
-        best = sorted({str(c) for c in getattr(tuned, "cache", {}).values()})[:2]
-        print(f"{'PASS' if worst <= prof.shared_memory else 'FAIL'} {name} d{head_dim} e{elem} {spec.name}: "
-              f"{len(shared)} binaries, max shared {worst} B; best {best}")
+        c = dict(consts)
+        print(f"{'PASS' if worst <= prof.shared_memory else 'FAIL'} {name} d{c['HEAD_DIM']} e{dtype.itemsize} "
+              f"Nq~{c['N_Q_BUCKET']} Nk~{c['N_KV_BUCKET']} {spec.name}: {len(shared)} binaries, "
+              f"max shared {worst} B; chosen {chosen.config}")
     return ok
 
 
@@ -396,6 +398,8 @@ def main():
     ap.add_argument("--decode-variants", default="fx_flash,fx_nosplit,sdpa,flex")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.tiles:  # tune afresh, ignoring disk records, so that every candidate is compiled and checked
+        os.environ["FX_FLASH_AUTOTUNE_CACHE"] = "0"
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     ok = True
@@ -426,7 +430,7 @@ def main():
         ok &= BENCH_OK[0]
     if args.overhead:
         overhead()
-    if args.tiles:  # after the bench, so the autotuner has compiled its candidates
+    if args.tiles:  # after the bench, so the tuner has compiled its candidates
         ok &= tiles()
     for show in tables:  # the tables last: the device tool returns the end of the output
         show()

@@ -25,10 +25,14 @@ _modules: dict[str, ModuleType] = {}
 _lock = threading.Lock()
 
 
+def cache_root() -> Path:
+    """fx_flash's on-disk cache: ``$FX_FLASH_CACHE_DIR``, default ``~/.cache/fx_flash``."""
+    return Path(os.environ.get("FX_FLASH_CACHE_DIR") or os.path.join(Path.home(), ".cache", "fx_flash"))
+
+
 def cache_dir() -> Path:
     """Where generated kernel sources are written."""
-    root = os.environ.get("FX_FLASH_CACHE_DIR") or os.path.join(Path.home(), ".cache", "fx_flash")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def source_path(spec: AttentionSpec, source: str) -> Path:
@@ -38,12 +42,18 @@ def source_path(spec: AttentionSpec, source: str) -> Path:
     return cache_dir() / f"fx_flash_{spec.key}_{digest}.py"
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that concurrent readers see the old file or the whole new
+    one, never half: a temporary file in the same directory, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a failed write leaves no stray temporary file
+        raise
 
 
 def load(spec: AttentionSpec) -> ModuleType:
@@ -55,7 +65,7 @@ def load(spec: AttentionSpec) -> ModuleType:
         source = render(spec)
         path = source_path(spec, source)
         if not path.exists():
-            _write_atomically(path, source)
+            write_atomically(path, source)
             log.debug("generated %s for %s", path, spec.describe())
         import_spec = importlib.util.spec_from_file_location(f"fx_flash_generated_{spec.key}", path)
         module = importlib.util.module_from_spec(import_spec)

@@ -4,8 +4,8 @@ Algorithm 1 of FlashAttention (Dao et al., 2022) sets B_c = ⌈M / 4d⌉ and B_r
 with M counted in elements. Those are the paper's sizes for an abstract SRAM; a Triton kernel
 holds specific tiles in shared memory, so each kernel here has a footprint model (bytes, as a
 sympy expression of the tile sizes, head dim, element size and pipeline stages), and every
-candidate configuration is fitted so that its footprint is at most M. The autotuner searches
-only these candidates; the interpreter takes the first.
+candidate configuration is fitted so that its footprint is at most M. The tuner
+(``autotune.choose``) searches only these candidates; the interpreter takes the first.
 
 Footprints (e = element bytes, d = head dim padded to a power of two, s = pipeline stages):
     forward   Q tile resident, K and V tiles per stage, P staged once:  e(B_r d + 2 s B_c d + B_r B_c)

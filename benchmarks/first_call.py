@@ -1,0 +1,188 @@
+"""First-call cost: seconds from fx_flash's first call in a process to its result, cold and warm.
+
+    python benchmarks/first_call.py [--b 4 --h 16 --n 2048 --d 128]
+
+Cases: forward, and forward + backward, bf16, causal and not. Each case gets new, empty
+FX_FLASH_CACHE_DIR and TRITON_CACHE_DIR directories and runs in fresh Python processes:
+    cold            empty directories: generate the source, compile, time every candidate
+    cold, no tuning the same with FX_FLASH_AUTOTUNE=0 (other empty directories): compile one tile
+    warm disk       a new process on the cold run's directories: sources, Triton binaries and
+                    tuning records are all on disk
+    2nd call        the next call in the warm-disk process (everything in memory)
+Times run from just before the call to after ``torch.cuda.synchronize()``; imports, CUDA start-up
+and input creation come before and are not counted. Every process checks its results against
+``F.scaled_dot_product_attention`` in fp32 (max |out − ref| < 2e-2, gradients < 2e-2 · max(1,
+max |ref|)), so a broken kernel cannot be timed silently; a failed check marks the row FAIL and
+the script exits 1.
+
+The split of the cold and warm-disk calls is measured by wrapping, in the child process only,
+``loader.render`` (spec → source with sympy), ``loader.load`` (the rest of it: writing the file,
+importing the module and ``@triton.jit``), and ``launch._time_ms`` (each tuning trial: its first
+call, which compiles that candidate or loads it from Triton's cache, then ``do_bench``'s
+timing). "launch+other" is the remainder: the real launches (compiling or loading the chosen
+binary when tuning did not), allocations and Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CASES = [(mode, causal) for mode in ("fwd", "fwd+bwd") for causal in (False, True)]
+SPLIT = ("generate", "import+jit", "tune: compile+1st run", "tune: timing")
+
+
+def child(args) -> None:
+    """One process: time the first and second call of one case, check them, print one JSON line."""
+    started = time.perf_counter()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import torch
+    import torch.nn.functional as F
+    import triton
+
+    import fx_flash
+    from fx_flash.codegen import launch, loader
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    split = dict.fromkeys(SPLIT, 0.0)
+
+    def timed(name, fn):
+        def wrapped(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                split[name] += time.perf_counter() - t0
+        return wrapped
+
+    # load() includes render(): import+jit is load's time minus generate's, subtracted below.
+    loader.render = timed("generate", loader.render)
+    loader.load = timed("import+jit", loader.load)
+    real_time_ms = launch._time_ms
+
+    def time_ms(call):
+        t0 = time.perf_counter()
+        call()
+        sync()
+        split["tune: compile+1st run"] += time.perf_counter() - t0
+        return timed("tune: timing", real_time_ms)(call)
+
+    launch._time_ms = time_ms
+
+    torch.manual_seed(0)
+    b, h, n, d = args.b, args.h, args.n, args.d
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn_like(q)
+    backward = args.mode == "fwd+bwd"
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def call():
+        out = fx_flash.flash_attention(q, k, v, is_causal=args.causal)
+        grads = torch.autograd.grad(out, (q, k, v), dout) if backward else ()
+        sync()
+        return out, grads
+
+    sync()
+    ready = time.perf_counter()
+    first = call()
+    first_s = time.perf_counter() - ready
+    split_first = dict(split)
+    split_first["import+jit"] -= split_first["generate"]
+    split_first["launch+other"] = first_s - sum(split_first[s] for s in SPLIT)
+    t0 = time.perf_counter()
+    second = call()
+    second_s = time.perf_counter() - t0
+
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, is_causal=args.causal)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.float()) if backward else ()
+    errors, ok = {}, True
+    for label, (out, grads) in (("first", first), ("second", second)):
+        errors[f"{label} out"] = (out.float() - ref).abs().max().item()
+        ok &= errors[f"{label} out"] < 2e-2
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            errors[f"{label} {name}"] = err = (g.float() - r).abs().max().item()
+            ok &= err < 2e-2 * max(1.0, r.abs().max().item())
+    print(json.dumps(dict(first_s=first_s, second_s=second_s, split=split_first, errors=errors, ok=bool(ok),
+                          startup_s=ready - started, torch=torch.__version__, triton=triton.__version__,
+                          device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")))
+
+
+def run_child(args, mode: str, causal: bool, fx_dir: str, triton_dir: str, tune: bool = True) -> dict:
+    env = {**os.environ, "FX_FLASH_CACHE_DIR": fx_dir, "TRITON_CACHE_DIR": triton_dir}
+    if not tune:
+        env["FX_FLASH_AUTOTUNE"] = "0"
+    elif env.get("FX_FLASH_AUTOTUNE") == "0":
+        del env["FX_FLASH_AUTOTUNE"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--mode", mode, "--device", args.device,
+           *(["--causal"] if causal else []), *(f"--{x}={getattr(args, x)}" for x in ("b", "h", "n", "d"))]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout + done.stderr)
+        return dict(ok=False, error=f"exit {done.returncode}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--b", type=int, default=4)
+    ap.add_argument("--h", type=int, default=16)
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke test under TRITON_INTERPRET=1")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per child process")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="fwd", help=argparse.SUPPRESS)
+    ap.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    rows = []
+    for mode, causal in CASES:
+        with tempfile.TemporaryDirectory(prefix="fx_first_call_") as root:
+            dirs = {name: os.path.join(root, name) for name in ("fx", "triton", "fx_untuned", "triton_untuned")}
+            cold = run_child(args, mode, causal, dirs["fx"], dirs["triton"])
+            untuned = run_child(args, mode, causal, dirs["fx_untuned"], dirs["triton_untuned"], tune=False)
+            warm = run_child(args, mode, causal, dirs["fx"], dirs["triton"])
+        row = dict(mode=mode, causal=causal, cold=cold, untuned=untuned, warm=warm)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    s = lambda r, field="first_s": f"{r[field]:.2f}" if field in r else "-"  # noqa: E731
+    info = next((r["cold"] for r in rows if "device" in r["cold"]), {})
+    print(f"\nfx_flash first-call cost, B={args.b} H={args.h} N={args.n} d={args.d} bf16 on {info.get('device')}, "
+          f"torch {info.get('torch')}, triton {info.get('triton')}; FX_FLASH_DQ={os.environ.get('FX_FLASH_DQ', '')}")
+    print("\nWhere the cold and warm-disk first calls go (seconds):\n")
+    print("| case | process | " + " | ".join(SPLIT) + " | launch+other | total |")
+    print("|---|---|" + "---|" * (len(SPLIT) + 2))
+    for r in rows:
+        for label in ("cold", "warm"):
+            res = r[label]
+            if "split" in res:
+                cells = [f"{res['split'][x]:.2f}" for x in (*SPLIT, "launch+other")]
+                print(f"| {r['mode']}{' causal' if r['causal'] else ''} | {label} | " + " | ".join(cells)
+                      + f" | {s(res)} |")
+    print("\nSeconds from first call to result (fresh processes; 2nd call: the next call in the warm one):\n")
+    print("| case | cold | cold, FX_FLASH_AUTOTUNE=0 | warm disk | 2nd call | check |")
+    print("|---|---|---|---|---|---|")
+    all_ok = True
+    for r in rows:
+        ok = all(r[p].get("ok") for p in ("cold", "untuned", "warm"))
+        all_ok &= ok
+        print(f"| {r['mode']}{' causal' if r['causal'] else ''} | {s(r['cold'])} | {s(r['untuned'])} | "
+              f"{s(r['warm'])} | {s(r['warm'], 'second_s')} | {'ok' if ok else 'FAIL'} |")
+    sys.exit(0 if all_ok else 1)
+
+
+if __name__ == "__main__":
+    main()

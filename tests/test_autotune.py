@@ -1,0 +1,302 @@
+"""The tune stage: each key benchmarked once, remembered in memory and in a JSON record on disk.
+
+No GPU needed: ``bench`` is injected, so these tests count its calls. The last test drives the
+tuned launch path through Triton's interpreter with a fake timer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fx_flash
+from fx_flash.codegen import autotune, launch, loader, tiling
+from fx_flash.codegen.spec import sdpa_spec
+from fx_flash.codegen.tiling import TileConfig
+from fx_flash.device import INTERPRETER_PROFILE, interpreting
+from tests.numerics import assert_rule, reference_with_grads
+
+ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = [TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2), TileConfig(32, 32, 4, 1)]
+TIMES = {CANDIDATES[0]: 3.0, CANDIDATES[1]: 2.0, CANDIDATES[2]: 1.5, CANDIDATES[3]: 4.0}  # the third is fastest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(tmp_path, monkeypatch):
+    """Each test starts with an empty cache directory and no choices in memory."""
+    monkeypatch.setenv("FX_FLASH_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FX_FLASH_AUTOTUNE_CACHE", raising=False)
+    autotune.clear_memory()
+    launch.CHOSEN.clear()
+    yield
+    autotune.clear_memory()
+    launch.CHOSEN.clear()
+
+
+def _key(**changes) -> dict:
+    key = {"module": "fx_flash_0123456789abcdef_a1b2c3d4e5f6", "source_sha256": "feedfacecafebeef",
+           "device": "NVIDIA H100 80GB HBM3", "shared_memory": 232448, "multiprocessors": 132,
+           "capability": [9, 0], "triton": "3.6.0", "torch": "2.11.0", "dtype": "torch.bfloat16",
+           "elem_bytes": 2, "constexprs": {"HEAD_DIM": 128, "GROUP": 1, "N_Q_BUCKET": 2048, "N_KV_BUCKET": 2048}}
+    key.update(changes)
+    return key
+
+
+class Bench:
+    """A fake benchmark: returns ``times[config]`` (or raises for configs in ``fail``), counting calls."""
+
+    def __init__(self, fail=(), error=None, times=None):
+        self.calls: list[TileConfig] = []
+        self.fail, self.error, self.times = set(fail), error, times or TIMES
+
+    def __call__(self, config: TileConfig) -> float:
+        self.calls.append(config)
+        if config in self.fail:
+            raise self.error or autotune.COMPILE_ERRORS[0](300000, 232448, "shared memory")
+        return self.times[config]
+
+
+def _record_files(root: Path) -> list[Path]:
+    return sorted((root / "autotune").glob("*.json")) if (root / "autotune").exists() else []
+
+
+def test_first_call_benchmarks_every_candidate_and_picks_the_fastest(tmp_path):
+    """A new key times each candidate once, returns the fastest and records every timing on disk."""
+    bench = Bench()
+    assert autotune.choose("_attn_fwd", _key(), CANDIDATES, bench) == CANDIDATES[2]
+    assert bench.calls == CANDIDATES
+    (path,) = _record_files(tmp_path)
+    assert path == autotune.record_path("_attn_fwd", _key(), CANDIDATES) and path.name.startswith("_attn_fwd-")
+    record = json.loads(path.read_text())
+    assert record["best"] == {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+    assert [t["ms"] for t in record["timings"]] == [TIMES[c] for c in CANDIDATES]
+    assert record["key"]["device"] == "NVIDIA H100 80GB HBM3" and len(record["key"]["candidates"]) == 4
+
+
+def test_ties_go_to_the_earlier_candidate():
+    """Equal times keep tiling's preference order (the paper's pick comes first)."""
+    assert autotune.choose("_attn_fwd", _key(), CANDIDATES, lambda c: 1.0) == CANDIDATES[0]
+
+
+def test_second_call_in_the_same_process_does_not_benchmark():
+    """The in-process layer answers a key already tuned, without touching the bench."""
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    again = Bench()
+    assert autotune.choose("_attn_fwd", _key(), CANDIDATES, again) == CANDIDATES[2]
+    assert again.calls == []
+
+
+SPEC = sdpa_spec(bias=False, bias_grad=False, mask=False, causal=True, dropout=False)
+
+
+def _launch_key(n_q: int, n_kv: int, head_dim: int = 64, dtype=torch.float16) -> dict:
+    """The key launch builds for the forward kernel at these sizes."""
+    spec = SPEC
+    q = torch.empty(2, 8, n_q, head_dim, dtype=dtype)
+    k = torch.empty(2, 2, n_kv, head_dim, dtype=dtype)
+    consts, _ = launch._common(spec, q, k)
+    return launch._tuning_key(loader.load(spec), q, launch.tuning_consts(consts))
+
+
+def test_lengths_in_one_bucket_share_a_choice():
+    """N_Q 1000 and 1020 (both in the 1024 bucket) share one result; 1025 is tuned anew."""
+    first = Bench()
+    autotune.choose("_attn_fwd", _launch_key(1000, 1000), CANDIDATES, first)
+    same_bucket = Bench()
+    autotune.choose("_attn_fwd", _launch_key(1020, 999), CANDIDATES, same_bucket)
+    next_bucket = Bench()
+    autotune.choose("_attn_fwd", _launch_key(1025, 1000), CANDIDATES, next_bucket)
+    assert (len(first.calls), len(same_bucket.calls), len(next_bucket.calls)) == (4, 0, 4)
+
+
+def test_launch_key_holds_what_changes_the_answer():
+    """The launch key names the generated source, device, versions, dtype, head dim, GROUP and
+    the length buckets, and leaves out the exact lengths and head count."""
+    key = _launch_key(1000, 300, head_dim=80, dtype=torch.bfloat16)
+    source = Path(loader.load(SPEC).__file__)  # loaded once per process, maybe by an earlier test
+    assert key["module"] == source.stem and SPEC.key in key["module"]
+    assert key["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    assert key["dtype"] == "torch.bfloat16" and key["elem_bytes"] == 2
+    assert {"device", "shared_memory", "triton", "torch"} <= key.keys()
+    consts = key["constexprs"]
+    assert (consts["HEAD_DIM"], consts["GROUP"], consts["N_Q_BUCKET"], consts["N_KV_BUCKET"]) == (80, 4, 1024, 512)
+    assert not launch.EXACT_SIZES & consts.keys()
+    json.dumps(key)  # the record must be able to hold it
+
+
+def test_failing_config_scores_inf_and_is_skipped(tmp_path):
+    """A candidate that fails to compile (out of shared memory) or times as inf is never chosen."""
+    bench = Bench(fail={CANDIDATES[2]}, times={**TIMES, CANDIDATES[1]: math.inf})
+    assert autotune.choose("_attn_fwd", _key(), CANDIDATES, bench) == CANDIDATES[0]
+    assert bench.calls == CANDIDATES
+    timings = json.loads(_record_files(tmp_path)[0].read_text())["timings"]
+    assert timings[2]["ms"] is None and "OutOfResources" in timings[2]["error"]
+    assert timings[1]["ms"] is None and "inf" in timings[1]["error"]
+
+
+def test_all_failing_raises_a_clear_error(tmp_path):
+    """When no candidate runs, the error names the kernel and each candidate's reason; nothing is stored."""
+    with pytest.raises(autotune.TuningError, match=r"_attn_bwd_dkdv.*BLOCK_M=32 BLOCK_N=32.*OutOfResources"):
+        autotune.choose("_attn_bwd_dkdv", _key(), CANDIDATES, Bench(fail=CANDIDATES))
+    assert _record_files(tmp_path) == []
+
+
+def test_a_bug_in_the_benchmark_is_not_scored_inf():
+    """Only compile/resource errors mean "this tile does not fit"; anything else propagates."""
+    with pytest.raises(ZeroDivisionError):
+        autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench(fail=[CANDIDATES[0]], error=ZeroDivisionError()))
+
+
+def test_a_fresh_process_reads_the_disk_record(tmp_path):
+    """A new Python process with the same FX_FLASH_CACHE_DIR takes the record and never benchmarks."""
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    child = f"""
+import sys
+from fx_flash.codegen import autotune
+from fx_flash.codegen.tiling import TileConfig
+def bench(config):
+    sys.exit("benchmarked " + str(config))
+print(autotune.choose("_attn_fwd", {_key()!r}, {CANDIDATES!r}, bench))
+"""
+    env = {**os.environ, "FX_FLASH_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(CANDIDATES[2])
+
+
+def test_the_disk_layer_answers_after_memory_is_cleared():
+    """Within one process too, a cleared memory falls back to the record, not to benchmarking."""
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    autotune.clear_memory()
+    again = Bench()
+    assert autotune.choose("_attn_fwd", _key(), CANDIDATES, again) == CANDIDATES[2]
+    assert again.calls == []
+
+
+@pytest.mark.parametrize("change", [
+    dict(module="fx_flash_0123456789abcdef_ffffffffffff"),  # the template changed: new source hash
+    dict(source_sha256="0000000000000000"),
+    dict(device="NVIDIA H200"),
+    dict(shared_memory=101376),
+    dict(triton="3.9.0"),
+    dict(dtype="torch.float16"),
+    dict(constexprs={"HEAD_DIM": 64, "GROUP": 1, "N_Q_BUCKET": 2048, "N_KV_BUCKET": 2048}),
+], ids=lambda c: next(iter(c)))
+def test_a_changed_key_field_misses(change):
+    """Any field of the key that differs (source, device, versions, dtype, shapes) is tuned anew,
+    in memory and on disk."""
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    autotune.clear_memory()
+    other = Bench()
+    autotune.choose("_attn_fwd", _key(**change), CANDIDATES, other)
+    assert other.calls == CANDIDATES
+    assert autotune.record_path("_attn_fwd", _key(**change), CANDIDATES) != autotune.record_path(
+        "_attn_fwd", _key(), CANDIDATES)
+
+
+def test_a_changed_candidate_list_or_kernel_misses():
+    """New tiling candidates, or another kernel under the same key, never reuse an old winner."""
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    fewer, other_kernel = Bench(), Bench()
+    autotune.choose("_attn_fwd", _key(), CANDIDATES[:3], fewer)
+    autotune.choose("_attn_bwd_dq", _key(), CANDIDATES, other_kernel)
+    assert (fewer.calls, other_kernel.calls) == (CANDIDATES[:3], CANDIDATES)
+
+
+def test_cache_off_writes_nothing_but_still_remembers(tmp_path, monkeypatch):
+    """FX_FLASH_AUTOTUNE_CACHE=0: no file is read or written; the process still tunes once."""
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())  # a record the next calls must not read
+    autotune.clear_memory()
+    monkeypatch.setenv("FX_FLASH_AUTOTUNE_CACHE", "0")
+    before = {p: p.read_text() for p in _record_files(tmp_path)}
+    first, second = Bench(), Bench()
+    other = _key(device="NVIDIA H200")
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, first)
+    autotune.choose("_attn_fwd", other, CANDIDATES, Bench())
+    autotune.choose("_attn_fwd", other, CANDIDATES, second)
+    assert (first.calls, second.calls) == (CANDIDATES, [])
+    assert {p: p.read_text() for p in _record_files(tmp_path)} == before
+
+
+@pytest.mark.parametrize("content", [
+    '{"key": {"format": 1, "kernel": "_attn_f',  # cut off mid-write (a crash without atomic rename)
+    "",
+    "[1, 2, 3]",
+    '{"key": {}, "best": {"BLOCK_M": 64}}',  # another key's record (a hash collision)
+    "\udcff",  # not UTF-8
+], ids=["half", "empty", "list", "other_key", "binary"])
+def test_a_corrupt_record_is_a_miss_and_is_overwritten(content, tmp_path):
+    """A damaged record is re-tuned and replaced with a valid one, never a crash."""
+    path = autotune.record_path("_attn_fwd", _key(), CANDIDATES)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    bench = Bench()
+    assert autotune.choose("_attn_fwd", _key(), CANDIDATES, bench) == CANDIDATES[2]
+    assert bench.calls == CANDIDATES
+    assert json.loads(path.read_text())["best"]["BLOCK_N"] == 128
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_a_record_naming_a_config_outside_the_candidates_is_a_miss():
+    """A hand-edited record whose best tile is not a candidate is not trusted."""
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    path = autotune.record_path("_attn_fwd", _key(), CANDIDATES)
+    record = json.loads(path.read_text())
+    record["best"]["BLOCK_M"] = 256
+    path.write_text(json.dumps(record))
+    autotune.clear_memory()
+    bench = Bench()
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, bench)
+    assert bench.calls == CANDIDATES
+
+
+@pytest.mark.skipif(not interpreting(), reason="drives the tuned launch path through the CPU interpreter")
+def test_tuned_launch_zeroes_atomic_buffers_and_launches_the_choice(monkeypatch):
+    """The GPU launch path, run in the interpreter with a fake timer that runs each trial twice:
+    buffers filled by atomics (dQ, dBias) are zeroed before each trial and before the real launch,
+    the winner (here the last candidate, not the default) gives right gradients, and later calls
+    time nothing."""
+    monkeypatch.setenv("FX_FLASH_DQ", "atomic")
+    monkeypatch.setattr(launch, "_tunes", lambda q: True)
+    zeroed = []  # the kernels' accumulators are allocated by torch.zeros: keep a handle on them
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **kw: zeroed.append(real_zeros(*a, **kw)) or zeroed[-1])
+    trials = []
+
+    def fake_time_ms(call):
+        call()
+        after_one = [t.clone() for t in zeroed]
+        call()  # zeroed first, so it leaves what one trial leaves
+        assert all(torch.equal(a, t) for a, t in zip(after_one, zeroed)), "a trial did not start from zero"
+        trials.append(call)
+        return 1.0 / len(trials)  # each candidate "faster" than the one before: the last one wins
+
+    monkeypatch.setattr(launch, "_time_ms", fake_time_ms)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 40, 40, requires_grad=True)
+    dout = torch.randn(1, 2, 40, 16)
+    for step in range(2):
+        out = fx_flash.flash_attention(q, k, v, bias, 0.0, True)
+        grads = torch.autograd.grad(out, (q, k, v, bias), dout)
+        exact, exact_grads = reference_with_grads(q, k, v, bias, dout, dtype=torch.float64, is_causal=True,
+                                                  bias_grad=True)
+        same, same_grads = reference_with_grads(q, k, v, bias, dout, dtype=torch.float32, is_causal=True,
+                                                bias_grad=True)
+        assert_rule("out", out, same, exact, torch.float32)
+        for name, g, sg, eg in zip(["dq", "dk", "dv", "dbias"], grads, same_grads, exact_grads):
+            assert_rule(name, g, sg, eg, torch.float32)
+        if step == 0:
+            tuned = len(trials)
+    assert tuned == len(trials) > 0  # the second step launched from memory
+    names = {key[1]: chosen.config for key, chosen in launch.CHOSEN.items()}
+    assert set(names) == {"_attn_fwd", "_attn_bwd_dkdv"}
+    assert names["_attn_bwd_dkdv"] == tiling.candidates("bwd_dkdv", INTERPRETER_PROFILE, 16, 4)[-1]

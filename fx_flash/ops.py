@@ -145,23 +145,44 @@ def _(dout, q, k, v, out, lse, bias, mask, seed, dropout_p, is_causal, scale, bi
     return (*grads, dbias)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, seed, dropout_p, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, seed)
-    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
-    ctx.bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
+class _FlashAttnFunction(torch.autograd.Function):
+    """The autograd of flash_attn_fwd, registered at its Autograd key.
+
+    Written as a plain autograd.Function rather than through torch.library.register_autograd,
+    whose per-call wrapper (argument normalization with fill_defaults) cost ~20-45 us of host
+    time per call on the H200, a large share of a decoding step (benchmarks/RESULTS.md).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = torch.ops.fx_flash.flash_attn_fwd.default(q, k, v, bias, mask, seed, dropout_p, is_causal,
+                                                                 scale)
+        ctx.save_for_backward(q, k, v, out, lse, bias, mask, seed)
+        ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+        ctx.bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
+        # The logsumexp is an auxiliary output (as in SDPA's kernels): it has no gradient, and
+        # an unused output's gradient is passed as None rather than a materialized zero tensor.
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, bias, mask, seed = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dbias = torch.ops.fx_flash.flash_attn_bwd.default(
+            grad_out, q, k, v, out, lse, bias, mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale,
+            ctx.bias_requires_grad)
+        return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), None, None, None, None, None
 
 
-def _backward(ctx, grad_out, grad_lse):
-    # The logsumexp is an auxiliary output (as in SDPA's kernels): it has no gradient.
-    q, k, v, out, lse, bias, mask, seed = ctx.saved_tensors
-    dq, dk, dv, dbias = torch.ops.fx_flash.flash_attn_bwd.default(grad_out, q, k, v, out, lse, bias, mask, seed,
-                                       ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.bias_requires_grad)
-    return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), None, None, None, None, None
+@torch.library.impl(f"{LIB}::flash_attn_fwd", "Autograd")
+def _flash_attn_fwd_autograd(q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
+    return _FlashAttnFunction.apply(q, k, v, bias, mask, seed, dropout_p, is_causal, scale)
 
 
-torch.library.register_autograd(f"{LIB}::flash_attn_fwd", _backward, setup_context=_setup_context)
 flash_attn_fwd = torch.ops.fx_flash.flash_attn_fwd.default
 flash_attn_bwd = torch.ops.fx_flash.flash_attn_bwd.default
 

@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per child process")
+    ap.add_argument("--cases", default="all", help="e.g. 'fwd+bwd:causal,fwd:full' (default: all four)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="fwd", help=argparse.SUPPRESS)
     ap.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
@@ -148,7 +149,9 @@ def main() -> None:
         return
 
     rows = []
-    for mode, causal in CASES:
+    cases = CASES if args.cases == "all" else [
+        (c.split(":")[0], c.split(":")[1] == "causal") for c in args.cases.split(",")]
+    for mode, causal in cases:
         with tempfile.TemporaryDirectory(prefix="fx_first_call_") as root:
             dirs = {name: os.path.join(root, name) for name in ("fx", "triton", "fx_untuned", "triton_untuned")}
             cold = run_child(args, mode, causal, dirs["fx"], dirs["triton"])

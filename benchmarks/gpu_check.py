@@ -390,7 +390,8 @@ def main():
     ap.add_argument("--numerics", action="store_true")
     ap.add_argument("--tiles", action="store_true")
     ap.add_argument("--bench", action="store_true", help="the grid over --dtypes, --dims, --ns, causal and not")
-    ap.add_argument("--extra", action="store_true", help="rows for d = 80, 96, 256 and GQA Hq/Hkv = 8")
+    ap.add_argument("--extra-dims", default="", help="rows at N = 2k, 8k for these head dims, e.g. 80,96,256")
+    ap.add_argument("--gqa", action="store_true", help="rows at N = 2k, 8k for d = 128 with Hq/Hkv = 8")
     ap.add_argument("--decode", action="store_true", help="Nq = 1 against long K/V caches")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--dims", default="64,128")
@@ -415,9 +416,9 @@ def main():
     rows = []
     if args.bench:
         rows += bench([int(x) for x in args.dims.split(",")], [int(x) for x in args.ns.split(",")], variants, dtypes)
-    if args.extra:
-        for d in (80, 96, 256):
-            rows += bench([d], [2048, 8192], variants, dtypes)
+    for d in [int(x) for x in args.extra_dims.split(",") if x]:
+        rows += bench([d], [2048, 8192], variants, dtypes)
+    if args.gqa:
         rows += bench([128], [2048, 8192], variants, dtypes, group=8)
     if rows:
         with open(os.path.join(args.out, f"bench_{int(time.time())}.json"), "w") as f:

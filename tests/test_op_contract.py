@@ -65,6 +65,22 @@ def test_graph_shows_one_op_call():
     assert targets == [torch.ops.fx_flash.flash_attention.default]
 
 
+def test_autograd_only_where_needed():
+    """Inputs that need no gradient (or no_grad mode) give an output without a graph; a bias
+    that alone requires grad still gets its gradient through the autograd path."""
+    q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
+    out = fx_flash.flash_attention(q, k, v, is_causal=True)
+    assert out.grad_fn is None and not out.requires_grad
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not fx_flash.flash_attention(q.requires_grad_(), k, v).requires_grad
+    q.requires_grad_(False)
+    bias = torch.randn(1, 2, 20, 20, device=DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(fx_flash.flash_attention(q, k, v, attn_mask=bias).sum(), bias)
+    (ref,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum(), bias)
+    torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_cpu_without_interpreter_runs_reference(monkeypatch):
     """On CPU with TRITON_INTERPRET unset, the op computes with the eager oracle, same answers."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -171,6 +171,44 @@ def _attn_fwd_tiles(
 
 
 @triton.jit
+def _attn_fwd_rows(
+    q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+    stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+    offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid, hi,
+    CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The forward of one row tile over the keys [lo, hi): interior tiles [lo, mid) unmasked,
+    [mid, hi) masked. Returns the normalized output (BLOCK_M, HEAD_DIM_PAD) fp32 and the
+    natural-log logsumexp (BLOCK_M,), -inf for rows that saw no key."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid,
+        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        offs_m, row_ok, offs_d, d_ok, N_KV, mid, hi,
+        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+    # -- epilogue: normalize; the logsumexp in natural units --
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    if SCORE_IN_LOG2:
+        lse = (m_i + tl.math.log2(l_safe)) * LN2
+    else:
+        lse = m_i + tl.math.log2(l_safe) * LN2
+    lse = tl.where(l_i == 0.0, float("-inf"), lse)
+    return out, lse
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Out, LSE, Bias, Mask, Seed,
     sm_scale, dropout_p,
@@ -213,9 +251,6 @@ def _attn_fwd(
     else:
         qk_scale = sm_scale
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     if CAUSAL:
         # Keys past this block's last row are masked for every row: those tiles are skipped.
         hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
@@ -223,27 +258,13 @@ def _attn_fwd(
     else:
         hi = N_KV
         interior_hi = N_KV // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+    out, lse = _attn_fwd_rows(
+        q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
-        offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
-        offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi, hi,
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
-    # -- epilogue: normalize, write the output and the logsumexp once --
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    if DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
-    if SCORE_IN_LOG2:
-        lse = (m_i + tl.math.log2(l_safe)) * LN2
-    else:
-        lse = m_i + tl.math.log2(l_safe) * LN2
-    lse = tl.where(l_i == 0.0, float("-inf"), lse)
+    # -- write the output and the logsumexp once --
     tl.store(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + off_hz.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
@@ -309,31 +330,13 @@ def _attn_fwd_split(
     else:
         interior_hi = N_KV // BLOCK_N * BLOCK_N
     mid = tl.maximum(lo, tl.minimum(interior_hi, hi))
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
+    out, lse = _attn_fwd_rows(
+        q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
-        offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
-        offs_m, row_ok, offs_d, d_ok, N_KV, mid, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid, hi,
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
-    # -- partial epilogue: this split's normalized output and logsumexp (-inf when it saw no key) --
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    if DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
-    if SCORE_IN_LOG2:
-        lse = (m_i + tl.math.log2(l_safe)) * LN2
-    else:
-        lse = m_i + tl.math.log2(l_safe) * LN2
-    lse = tl.where(l_i == 0.0, float("-inf"), lse)
+    # -- this split's partial output and logsumexp (-inf when it saw no key) --
     # Packed row r of K/V head off_hkv is element (off_zkv·GROUP)·N_Q + r of the (Z·H, N_Q) rows.
     row_index = (split.to(tl.int64) * tl.num_programs(1) + off_zkv) * GROUP * N_Q + rows  # (BLOCK_M,)
     tl.store(OutPart + row_index[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=row_ok[:, None])

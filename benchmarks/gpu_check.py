@@ -345,6 +345,19 @@ def decode_table(rows):
         print(f"| {key[0]} | {key[1]}/{key[2]} | {key[3]} | " + " | ".join(vals) + " |")
 
 
+def host_us(fn, calls=200, warmup=20) -> float:
+    """Microseconds of host time per call of ``fn`` (launches queue up; the GPU is not waited on)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
 def overhead():
     """Host time per call at a tiny size (the GPU finishes first): what launches cost on the CPU."""
     q, k, v = (torch.randn(1, 1, 128, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -356,15 +369,7 @@ def overhead():
         "sdpa fwd+bwd": lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), do),
     }
     for name, fn in cases.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            fn()
-        host = (time.perf_counter() - t0) / 200 * 1e6
-        torch.cuda.synchronize()
-        print(f"host overhead {name:<18} {host:7.1f} us/call")
+        print(f"host overhead {name:<18} {host_us(fn):7.1f} us/call")
 
 
 def table(rows):

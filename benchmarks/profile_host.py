@@ -9,12 +9,13 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 import fx_flash  # noqa: E402
+from gpu_check import host_us  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--decode", action="store_true", help="one query against 4096 keys, GQA 32/8 (split-KV path)")
@@ -32,14 +33,7 @@ else:
         "fwd+bwd": lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=True), (q, k, v), do),
     }
 for name, step in cases.items():
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        step()
-    host = (time.perf_counter() - t0) / 200 * 1e6
-    torch.cuda.synchronize()
+    host = host_us(step)
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(200):

@@ -172,8 +172,8 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
     head_dim, elem = q.shape[-1], q.element_size()
     cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem, rows)
     fn = getattr(loader.load(spec), name)
-    meta = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N}
-    fn[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta = _meta(cfg)
+    fn[grid(meta)](*args, **kwargs, **meta)
 
 
 def spec_of(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = False) -> AttentionSpec:
@@ -297,6 +297,7 @@ DECODE_MAX_QUERIES = 16  # query rows per head up to which the split-KV path is 
 SPLIT_MIN_KEYS = 256  # fewest keys a split streams: below that the merge costs more than it saves
 MAX_SPLITS = 128
 SPLIT_WAVES = 2  # aim for this many programs per SM
+COMBINE_BLOCK_M = 16  # query rows per program of the merge
 
 
 def decode_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
@@ -311,7 +312,7 @@ def decode_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
     if n_q > DECODE_MAX_QUERIES or n_kv == 0 or os.environ.get("FX_FLASH_SPLIT_KV", "1") == "0":
         return 0, 0
     group = h // h_kv
-    rows = min(64, max(tiling.MIN_BLOCK, triton.next_power_of_2(group * n_q)))
+    rows = min(64, max(tiling.MIN_BLOCK, _bucket(group * n_q)))
     programs = triton.cdiv(group * n_q, rows) * z * h_kv
     sms = device_profile(q.device).multiprocessors
     splits = max(1, min(MAX_SPLITS, triton.cdiv(n_kv, SPLIT_MIN_KEYS), triton.cdiv(SPLIT_WAVES * sms, programs)))
@@ -327,8 +328,8 @@ def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, 
     full = (z, h, n_q, n_kv)
     d_pad = consts["HEAD_DIM_PAD"]
     # fp32 partials in the (split, z·h, query) order; every element is written by a split.
-    out_part = torch.empty((splits, z * h, n_q, d_pad), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((splits, z * h, n_q), device=q.device, dtype=torch.float32)
+    out_part = new_output(q, (splits, z * h, n_q, d_pad), torch.float32)
+    lse_part = new_output(q, (splits, z * h, n_q), torch.float32)
     grid = (triton.cdiv(consts["GROUP"] * n_q, rows), z * h_kv, splits)
     _run(spec, "_attn_fwd_split", "fwd_split", lambda meta: grid, q,
          q, k, v, out_part, lse_part, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
@@ -336,10 +337,8 @@ def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, 
          *_strides4(bias, full), *_strides4(mask_b, full), NUM_SPLITS=splits, rows=rows, **consts)
     loader.load(spec)._attn_fwd_combine[(triton.cdiv(n_q, COMBINE_BLOCK_M), z * h)](
         out_part, lse_part, out, lse, *out.stride(), h, n_q, splits, z * h,
-        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_M=COMBINE_BLOCK_M)
+        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, SPLITS_PAD=_bucket(splits), BLOCK_M=COMBINE_BLOCK_M)
 
-
-COMBINE_BLOCK_M = 16
 
 
 def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: float, is_causal: bool,

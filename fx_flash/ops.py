@@ -169,9 +169,8 @@ class _FlashAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        # Only out is differentiable, so the backward runs only when out has a gradient.
         q, k, v, out, lse, bias, mask, seed = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
         dq, dk, dv, dbias = torch.ops.fx_flash.flash_attn_bwd.default(
             grad_out, q, k, v, out, lse, bias, mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale,
             ctx.bias_requires_grad)

@@ -184,37 +184,8 @@ FX_VARIANTS = {
     "fx_tma": {"FX_FLASH_TMA": "1"},
     "fx_atomic_dq": {"FX_FLASH_DQ": "atomic"},
     "fx_nosplit": {"FX_FLASH_SPLIT_KV": "0"},
-    "fx_headmajor": {},  # causal grids head by head, as before head groups (see FX_PATCHES)
 }
-# Variants that also replace a launch function for their call (no environment switch exists).
-FX_PATCHES = {
-    "fx_headmajor": ("head_group", lambda causal, heads, streamed_bytes_per_head, device: 1),
-}
-
-
-def with_patch(fn, name):
-    """``fn`` run with fx_flash.codegen.launch's function patched as FX_PATCHES[name] says."""
-    if name not in FX_PATCHES:
-        return fn
-    from fx_flash.codegen import launch
-
-    attr, replacement = FX_PATCHES[name]
-
-    def wrapped():
-        saved = getattr(launch, attr)
-        setattr(launch, attr, replacement)
-        try:
-            return fn()
-        finally:
-            setattr(launch, attr, saved)
-    return wrapped
 DEFAULT_VARIANTS = "fx_flash,sdpa,sdpa_cudnn,sdpa_flash,flex,eager"
-
-
-def fx_variant(name, fn):
-    """``fn`` run under fx_flash variant ``name``'s settings. Wrap the whole fwd+bwd step, not
-    just the forward: the backward reads the same settings when it launches."""
-    return with_patch(with_env(fn, **FX_VARIANTS[name]), name)
 
 
 def _flex():
@@ -240,7 +211,7 @@ def _variant_fns(name, q, k, v, causal, gqa, block_mask, flex):
 
     d, n = q.shape[-1], q.shape[-2]
     if name in FX_VARIANTS:
-        return fx_variant(name, lambda: fx_flash.flash_attention(q, k, v, is_causal=causal, enable_gqa=gqa))
+        return with_env(lambda: fx_flash.flash_attention(q, k, v, is_causal=causal, enable_gqa=gqa), **FX_VARIANTS[name])
     table = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
         "sdpa_cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
@@ -284,8 +255,6 @@ def time_variants(label, q, k, v, do, causal, flops, variants, flex, rep=100):
             fwd()
             res["fwd"] = flops / triton.testing.do_bench(fwd, warmup=25, rep=rep, return_mode="median") / 1e9
             step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)  # noqa: E731
-            if name in FX_VARIANTS:
-                step = fx_variant(name, step)
             step()
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()

@@ -1,11 +1,9 @@
-"""What a device offers the kernels: shared memory per block (M), multiprocessors, L2, capability.
+"""What a device offers the kernels: shared memory per block (M), multiprocessors, capability.
 
 Read once per device and cached. CPU tensors run the Triton interpreter, which has no shared
 memory; they get ``INTERPRETER_PROFILE``, a documented stand-in: the 101376 bytes a consumer
 Ada (RTX 40xx) block may opt into, the smallest M of current GPUs that still fits fp32 tiles at
-head dim 256, so tiling runs the same code path as on a GPU. Its L2 stand-in, 1 MiB, is small
-so that the test suite's little heads are scheduled in several head groups (see
-``launch.head_group``), as long sequences are on a GPU.
+head dim 256, so tiling runs the same code path as on a GPU.
 """
 
 from __future__ import annotations
@@ -26,18 +24,16 @@ class DeviceProfile:
         shared_memory: M, bytes of shared memory one program (block) may use, opt-in limit.
         multiprocessors: number of SMs (programs that run at once, at one per SM).
         capability: CUDA compute capability (major, minor); (0, 0) for the interpreter.
-        l2_cache: bytes of L2 cache (0 if unknown); sizes the head groups of causal grids.
     """
 
     name: str
     shared_memory: int
     multiprocessors: int
     capability: tuple[int, int]
-    l2_cache: int = 0
 
 
 INTERPRETER_PROFILE = DeviceProfile(
-    name="triton-interpreter", shared_memory=101376, multiprocessors=1, capability=(0, 0), l2_cache=1 << 20
+    name="triton-interpreter", shared_memory=101376, multiprocessors=1, capability=(0, 0)
 )
 
 
@@ -60,7 +56,6 @@ def _cuda_profile(index: int) -> DeviceProfile:
         shared_memory=int(shared),
         multiprocessors=int(props.multi_processor_count),
         capability=(props.major, props.minor),
-        l2_cache=int(getattr(props, "L2_cache_size", 0)),
     )
 
 

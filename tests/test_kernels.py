@@ -225,37 +225,3 @@ def test_separate_dq_is_deterministic():
     dout = torch.randn(1, 4, 40, 16, device=DEVICE)
     runs = [torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=True), (q, k, v), dout) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-
-
-@pytest.mark.parametrize("group", [1, 2, 4, 6, 64])
-@pytest.mark.parametrize("shape", [(3, 2, 2, 70, 70, 16), SHAPES["gqa_4_to_2"], (2, 3, 3, 33, 17, 32)],
-                         ids=["six_heads", "gqa_4_to_2", "ragged_cross"])
-def test_causal_head_groups(shape, group, monkeypatch):
-    """Causal grids run heads in groups, longest tile first inside a group: every (tile, head)
-    program is run exactly once for any group size, including a last group that is short
-    (4 into 6 heads) and groups larger than the grid (clamped). Poisoned outputs catch a
-    skipped program; a program run twice for one tile and never for another fails the rule."""
-    from fx_flash.codegen import launch
-
-    chosen = []
-
-    def fixed(causal, heads, streamed_bytes_per_head, device):
-        chosen.append(min(group, heads) if causal else 1)
-        return chosen[-1]
-
-    monkeypatch.setattr(launch, "head_group", fixed)
-    check(shape, torch.float32, causal=True)
-    assert len(chosen) == 3  # forward, dQ and dK/dV grids all went through it
-
-
-def test_head_group_sizes_from_l2():
-    """HEAD_GROUP fills half the L2 with the heads' streamed tensors; 1 without causal masking."""
-    from fx_flash.codegen import launch
-    from fx_flash.device import INTERPRETER_PROFILE
-
-    cpu = torch.device("cpu")
-    half_l2 = INTERPRETER_PROFILE.l2_cache // 2
-    assert launch.head_group(False, 32, 1024, cpu) == 1
-    assert launch.head_group(True, 32, half_l2 // 4, cpu) == 4
-    assert launch.head_group(True, 3, half_l2 // 4, cpu) == 3  # never more than the heads
-    assert launch.head_group(True, 32, 2 * half_l2, cpu) == 1  # one head over budget still runs

@@ -59,9 +59,8 @@ def autotuning() -> bool:
     return os.environ.get("FX_FLASH_AUTOTUNE", "1") != "0"
 
 
-# Keyword arguments that give exact sizes (the key holds their power-of-two buckets instead) or
-# are derived from them (HEAD_GROUP orders the programs, it does not change a program's work).
-EXACT_SIZES = frozenset({"H", "N_Q", "N_KV", "HEAD_GROUP"})
+# Keyword arguments that give exact sizes: the key holds their power-of-two buckets instead.
+EXACT_SIZES = frozenset({"H", "N_Q", "N_KV"})
 
 
 @dataclass(frozen=True)
@@ -231,17 +230,6 @@ def _with_tma(consts: dict, *streamed: torch.Tensor) -> dict:
     return {**consts, "USE_TMA": use_tma}
 
 
-def head_group(causal: bool, heads: int, streamed_bytes_per_head: int, device: torch.device) -> int:
-    """How many heads a causal grid runs side by side (HEAD_GROUP, see the template's note on
-    program order): as many as let the tensors each program streams (K/V in the forward and dQ
-    kernels, Q/dO in dK/dV) stay in half the L2, so the longest-first order inside a group costs
-    no extra memory traffic. 1 without causal masking, where every tile costs the same."""
-    if not causal:
-        return 1
-    budget = device_profile(device).l2_cache // 2
-    return max(1, min(heads, budget // max(1, streamed_bytes_per_head)))
-
-
 def _common(spec, q, k):
     z, h, n_q, d = q.shape
     n_kv = k.shape[2]
@@ -293,13 +281,11 @@ def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bo
     if splits:
         _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, seed, scale, dropout_p)
         return out, lse
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * z * h,)  # noqa: E731
-    kv_bytes = 2 * n_kv * k.shape[-1] * k.element_size() // consts["GROUP"]  # per query head
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
          q, k, v, out, lse, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-         *_strides4(bias, full), *_strides4(mask_b, full),
-         HEAD_GROUP=head_group(spec.causal, z * h, kv_bytes, q.device), **consts)
+         *_strides4(bias, full), *_strides4(mask_b, full), **consts)
     return out, lse
 
 
@@ -374,29 +360,25 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
     # and writes Delta for the dK/dV kernel.
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if consts["DQ_ATOMIC"] else None
     if dq_acc is None:
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * z * h,)  # noqa: E731
-        kv_bytes = 2 * n_kv * k.shape[-1] * k.element_size() // consts["GROUP"]  # per query head
+        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
         _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
              q, k, v, out, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-             *_strides4(bias, full), *_strides4(mask_b, full),
-             HEAD_GROUP=head_group(spec.causal, z * h, kv_bytes, q.device), **_with_tma(consts, k, v))
+             *_strides4(bias, full), *_strides4(mask_b, full), **_with_tma(consts, k, v))
     else:
         d_pad = tiling.pad_head_dim(q.shape[-1])
         loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
             out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
             HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
     dq_arg = dq_acc if dq_acc is not None else q
-    grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]) * z * k.shape[1],)  # noqa: E731
-    qdo_bytes = 2 * n_q * q.shape[-1] * q.element_size() * consts["GROUP"]  # per K/V head
+    grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
     _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
          q, k, v, dout, dk, dv, dq_arg, lse, delta, bias_arg, dbias if bias_grad else q, mask_arg, seed_arg,
          scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
          *(dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0)),
          *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full),
-         reset=[t for t in (dbias, dq_acc) if t is not None],
-         HEAD_GROUP=head_group(spec.causal, z * k.shape[1], qdo_bytes, q.device), **_with_tma(consts, q, dout))
+         reset=[t for t in (dbias, dq_acc) if t is not None], **_with_tma(consts, q, dout))
     if dq_acc is not None:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None)

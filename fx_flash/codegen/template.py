@@ -48,15 +48,6 @@ TEMPLATE = '''\
 # all keys is the lse-weighted mix: lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s − lse)·o_s,
 # which _attn_fwd_combine computes; an empty split has lse_s = −inf and weight 0.
 #
-# Note (program order): the forward, dQ and dK/dV grids are one axis of n_tiles·n_heads
-# programs, mapped by _schedule. Without causal masking every tile costs the same and the order
-# is head by head (HEAD_GROUP = 1), so the programs in flight share one head's K/V in L2. With it,
-# a tile's cost grows with its distance from the diagonal's far end; run head by head, the last
-# head's longest tile would start near the end and run alone. So heads go in groups of
-# HEAD_GROUP (whose streamed tensors fit in L2, chosen by the launcher), and inside a group the
-# longest tile of every head runs before the second longest of any: a longest-first order whose
-# tail is the shortest tiles.
-#
 # Note (dropout RNG): keep(z·H + h, m, n) = philox(seed; counter = (n, m, z·H + h, 0)) ≥ p, a
 # pure function of the element's coordinates, so the forward, both backward kernels and the
 # test-only mask kernel draw the same bit for the same element, whatever their tiling.
@@ -74,17 +65,6 @@ def _dropout_keep(seed, off_hz, rows, cols, dropout_p):
     rows = rows.to(tl.int32)
     r, _, _, _ = tl.philox(seed, cols.to(tl.int32), rows, tl.zeros_like(rows) + off_hz.to(tl.int32), tl.zeros_like(rows))
     return tl.uint_to_uniform_float(r) >= dropout_p
-
-
-@triton.jit
-def _schedule(pid, n_tiles, n_heads, HEAD_GROUP):
-    """Program ``pid`` → (tile rank, head): heads in groups of HEAD_GROUP, rank-major inside
-    a group (rank r of each head before rank r + 1 of any). See the note on program order."""
-    group_programs = n_tiles * HEAD_GROUP
-    first_head = pid // group_programs * HEAD_GROUP
-    heads_here = tl.minimum(HEAD_GROUP, n_heads - first_head)
-    r = pid - first_head * n_tiles
-    return r // heads_here, first_head + r % heads_here
 
 
 @triton.jit
@@ -238,16 +218,17 @@ def _attn_fwd(
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_mz, stride_mh, stride_mm, stride_mn,
-    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, HEAD_GROUP,
+    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    n_tiles = tl.cdiv(N_Q, BLOCK_M)
-    start_m, off_hz = _schedule(tl.program_id(0), n_tiles, tl.num_programs(0) // n_tiles, HEAD_GROUP)
+    start_m = tl.program_id(0)
     if CAUSAL:
-        start_m = n_tiles - 1 - start_m  # query tile t sees t + 1 key tiles: longest first
+        # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
+        start_m = tl.num_programs(0) - 1 - start_m
+    off_hz = tl.program_id(1)
     off_z = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
     off_hkv = off_h // GROUP
@@ -503,16 +484,15 @@ def _attn_bwd_dkdv(
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_dbz, stride_dbh, stride_dbm, stride_dbn,
     stride_mz, stride_mh, stride_mm, stride_mn,
-    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, HEAD_GROUP,
+    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key tile, summed over every query row of the GROUP heads that read it."""
-    n_tiles = tl.cdiv(N_KV, BLOCK_N)
-    # Key tile t is seen by the query rows from t·BLOCK_N on: tile 0 is the longest (causal).
-    start_n, off_hkvz = _schedule(tl.program_id(0), n_tiles, tl.num_programs(0) // n_tiles, HEAD_GROUP)
+    start_n = tl.program_id(0)
+    off_hkvz = tl.program_id(1)
     H_KV = H // GROUP
     off_z = (off_hkvz // H_KV).to(tl.int64)
     off_hkv = (off_hkvz % H_KV).to(tl.int64)
@@ -634,7 +614,7 @@ def _attn_bwd_dq(
     stride_dqz, stride_dqh, stride_dqm, stride_dqk,
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_mz, stride_mh, stride_mm, stride_mn,
-    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, HEAD_GROUP,
+    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
@@ -645,10 +625,11 @@ def _attn_bwd_dq(
     It runs before the dK/dV kernel and also writes Delta = rowsum(dO ∘ O) for its rows, which
     saves the launch of a separate preprocessing kernel.
     """
-    n_tiles = tl.cdiv(N_Q, BLOCK_M)
-    start_m, off_hz = _schedule(tl.program_id(0), n_tiles, tl.num_programs(0) // n_tiles, HEAD_GROUP)
+    start_m = tl.program_id(0)
     if CAUSAL:
-        start_m = n_tiles - 1 - start_m  # query tile t sees t + 1 key tiles: longest first
+        # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
+        start_m = tl.num_programs(0) - 1 - start_m
+    off_hz = tl.program_id(1)
     off_z = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
     off_hkv = off_h // GROUP

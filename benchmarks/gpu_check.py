@@ -188,6 +188,12 @@ FX_VARIANTS = {
 DEFAULT_VARIANTS = "fx_flash,sdpa,sdpa_cudnn,sdpa_flash,flex,eager"
 
 
+def fx_variant(name, fn):
+    """``fn`` run under fx_flash variant ``name``'s settings. Wrap the whole fwd+bwd step, not
+    just the forward: the backward reads the same settings when it launches."""
+    return with_env(fn, **FX_VARIANTS[name])
+
+
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -211,7 +217,7 @@ def _variant_fns(name, q, k, v, causal, gqa, block_mask, flex):
 
     d, n = q.shape[-1], q.shape[-2]
     if name in FX_VARIANTS:
-        return with_env(lambda: fx_flash.flash_attention(q, k, v, is_causal=causal, enable_gqa=gqa), **FX_VARIANTS[name])
+        return fx_variant(name, lambda: fx_flash.flash_attention(q, k, v, is_causal=causal, enable_gqa=gqa))
     table = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
         "sdpa_cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
@@ -255,6 +261,8 @@ def time_variants(label, q, k, v, do, causal, flops, variants, flex, rep=100):
             fwd()
             res["fwd"] = flops / triton.testing.do_bench(fwd, warmup=25, rep=rep, return_mode="median") / 1e9
             step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)  # noqa: E731
+            if name in FX_VARIANTS:
+                step = fx_variant(name, step)
             step()
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()

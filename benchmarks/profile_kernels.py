@@ -1,6 +1,7 @@
-"""Where the time of one attention goes, kernel by kernel: fx_flash against SDPA (cuDNN).
+"""Where the time of one attention goes, kernel by kernel: fx_flash against SDPA (cuDNN) and,
+with --impls, FlexAttention.
 
-    python benchmarks/profile_kernels.py [--d 128 --n 8192]
+    python benchmarks/profile_kernels.py [--d 128 --n 8192 --impls fx_flash,sdpa,flex]
 
 For each implementation, torch.profiler records five fwd+bwd steps (bf16, batch·N = 16k,
 hidden 2048) and prints each GPU kernel's mean time. For fx_flash's kernels it also prints the
@@ -67,7 +68,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--impls", default="fx_flash,sdpa", help="any of fx_flash, sdpa, flex")
     args = ap.parse_args()
+    wanted = args.impls.split(",")
     d, n = args.d, args.n
     h, b = 2048 // d, max(1, 16384 // n)
     for causal in (False, True):
@@ -78,7 +81,14 @@ def main():
             "fx_flash": lambda: fx_flash.flash_attention(q, k, v, is_causal=causal),
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
         }
-        for name, fwd in impls.items():
+        if "flex" in wanted:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            mask = create_block_mask((lambda bb, hh, qi, ki: qi >= ki) if causal else (lambda bb, hh, qi, ki: qi >= 0),
+                                     None, None, n, n, device="cuda")
+            flex = torch.compile(flex_attention, dynamic=False)
+            impls["flex"] = lambda: flex(q, k, v, block_mask=mask)
+        for name, fwd in ((x, impls[x]) for x in wanted):
             times = kernel_times(lambda: torch.autograd.grad(fwd(), (q, k, v), do))
             total = sum(times.values())
             print(f"\n{name} d={d} N={n} causal={causal}: {total:.0f} us of GPU time per fwd+bwd, "

@@ -44,7 +44,7 @@ class TestRenderedSource(expecttest.TestCase):
         """Without a bias, log2(e) folds into the scale: one multiply per score, in log2 units."""
         self.assertExpectedInline(_rendered(sdpa_spec(bias=False, bias_grad=False, mask=False, causal=False, dropout=False), "mn"), """\
 s = qk*qk_scale
-if MASKED:
+if PREDICATE:
     s = tl.where(tile_ok, s, float("-inf"))
 g = 1.0""")
 
@@ -54,7 +54,7 @@ g = 1.0""")
 bias = tl.load(Bias_head + offs_m[None, :] * stride_bm + offs_n[:, None] * stride_bn, mask=tile_ok, other=0.0).to(tl.float32)
 mask = tl.load(Mask_head + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn, mask=tile_ok, other=0) != 0
 s = bias + qk*qk_scale
-if MASKED:
+if PREDICATE:
     s = tl.where(tile_ok & (mask & (offs_n[:, None] <= offs_m[None, :])), s, float("-inf"))
 else:
     s = tl.where(mask, s, float("-inf"))
@@ -65,7 +65,7 @@ tl.atomic_add(DBias_head + offs_m[None, :] * stride_dbm + offs_n[:, None] * stri
         spec = AttentionSpec(SCALE * QK + QK**2 / 20, name="quadratic")
         self.assertExpectedInline(_rendered(spec, "mn"), """\
 s = LOG2E*(qk * qk)/20 + qk*qk_scale
-if MASKED:
+if PREDICATE:
     s = tl.where(tile_ok, s, float("-inf"))
 g = qk/10 + sm_scale
 ds = ds * g""")

@@ -82,7 +82,7 @@ def score_in_log2(spec: AttentionSpec) -> bool:
 def _score_block(spec: AttentionSpec, orient: str) -> str:
     """Lines computing ``s`` (the masked score tile) from ``qk`` in orientation ``orient``.
 
-    ``tile_ok`` (set by the template) bounds the loads; tiles with MASKED=True also apply the
+    ``tile_ok`` (set by the template) bounds the loads; tiles with PREDICATE=True also apply the
     whole keep-predicate, interior tiles only what the tile ranges do not already guarantee
     (the causal predicate holds on them by construction, see the template's interior note).
     """
@@ -102,7 +102,7 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
     printer = TritonPrinter(bind)
     lines.append(f"s = {printer.doprint(expr)}")
     keep = "tile_ok" if spec.keep is sympy.true else f"tile_ok & {printer.doprint(spec.keep)}"
-    lines += ["if MASKED:", f'    s = tl.where({keep}, s, float("-inf"))']
+    lines += ["if PREDICATE:", f'    s = tl.where({keep}, s, float("-inf"))']
     interior = spec.keep.subs(CAUSAL, sympy.true)
     if interior is not sympy.true:
         lines += ["else:", f'    s = tl.where({printer.doprint(interior)}, s, float("-inf"))']

@@ -33,10 +33,14 @@ TEMPLATE = '''\
 # so that a finite fill such as finfo(float32).min cannot overflow to -inf when multiplied by
 # log2 e: a row filled with it must still average uniformly, as eager softmax does.
 #
-# Note (interior tiles): each kernel walks its streamed axis in up to three ranges. Tiles that
-# lie wholly inside both tensors and wholly on the visible side of the causal diagonal run with
-# MASKED=False: no bounds masks on loads, no index predicate (only a tensor mask, if the spec has
-# one). The others (the diagonal band, ragged tails) run with MASKED=True.
+# Note (interior tiles): each kernel walks its streamed axis in up to three ranges, and two
+# constexpr flags say what a range's tiles need. BOUNDS: loads masked at the tensors' ends (ragged
+# tails). PREDICATE: the spec's whole keep-predicate (causal included) applied to the scores;
+# without it only the part that holds beyond the causal diagonal is (a tensor mask, if any).
+# Tiles wholly inside both tensors and wholly on the visible side of the diagonal need neither;
+# ragged tails need both. The causal dK/dV kernel runs its diagonal band and its interior as one
+# range with PREDICATE only: a separate band of one or two tiles would restart the loop's software
+# pipeline per key tile (measured on the H200: the backward 5-8% slower than one range).
 #
 # Note (TMA): with USE_TMA the streamed tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV)
 # are loaded through tensor descriptors over one head's (rows, HEAD_DIM) matrix, built in the
@@ -99,12 +103,12 @@ def _tma_rows(base, n_rows, stride_row, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl
 
 @triton.jit
 def _load_rows(src, start, offs, rows_ok, offs_d, d_ok, stride_row, stride_col,
-               MASKED: tl.constexpr, CHECK_D: tl.constexpr, USE_TMA: tl.constexpr):
+               BOUNDS: tl.constexpr, CHECK_D: tl.constexpr, USE_TMA: tl.constexpr):
     """Rows [start, start + len(offs)) of one head, (rows, HEAD_DIM_PAD): by TMA or pointers."""
     if USE_TMA:
         x = src.load([start, 0])
     else:
-        x = _load_tile(src + offs[:, None] * stride_row + offs_d[None, :] * stride_col, rows_ok, d_ok, MASKED, CHECK_D)
+        x = _load_tile(src + offs[:, None] * stride_row + offs_d[None, :] * stride_col, rows_ok, d_ok, BOUNDS, CHECK_D)
     return x
 
 
@@ -112,7 +116,8 @@ def _load_rows(src, start, offs, rows_ok, offs_d, d_ok, stride_row, stride_col,
 def _scores(
     q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
     stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
-    MASKED: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One tile of scores with queries on rows: qk = q·kᵀ, then the spec's expression and
     keep-predicate. Returns s (BLOCK_M, BLOCK_N), kᵀ (HEAD_DIM_PAD, BLOCK_N) and g, the score's
@@ -121,9 +126,9 @@ def _scores(
         kT = tl.trans(K_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
     else:
         kT = _load_tile(K_head + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn, d_ok, col_ok,
-                        CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+                        CHECK_D, BOUNDS)  # (HEAD_DIM_PAD, BLOCK_N)
     qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-    if MASKED:
+    if BOUNDS:
         tile_ok = row_ok[:, None] & col_ok[None, :]
     else:
         tile_ok = row_ok[:, None]
@@ -137,8 +142,8 @@ def _attn_fwd_tiles(
     acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
-    MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+    BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
+    SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over the key tiles [lo, hi) of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -146,7 +151,7 @@ def _attn_fwd_tiles(
         col_ok = offs_n < N_KV
         s, _, _ = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
                           offs_d, d_ok, stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
-                          MASKED, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
+                          BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
         # -- online softmax: new running max, rescale what was accumulated so far --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -164,7 +169,7 @@ def _attn_fwd_tiles(
                                        offs_n[None, :] + 0 * offs_m[:, None], dropout_p), p, 0.0)
         # -- accumulate p·v --
         v = _load_rows(V_head, start_n, offs_n, col_ok, offs_d, d_ok, stride_vn, stride_vk,
-                       MASKED, CHECK_D, USE_TMA)  # (BLOCK_N, HEAD_DIM_PAD)
+                       BOUNDS, CHECK_D, USE_TMA)  # (BLOCK_N, HEAD_DIM_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -189,12 +194,12 @@ def _attn_fwd_rows(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, mid, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     # -- epilogue: normalize; the logsumexp in natural units --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -411,8 +416,9 @@ def _attn_bwd_dkdv_tiles(
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
     stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
     offs_n, col_ok, offs_d, d_ok, N_Q, lo, hi,
-    MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
+    SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """dK and dV of one key tile from the query tiles [lo, hi) of one query head.
 
@@ -425,8 +431,8 @@ def _attn_bwd_dkdv_tiles(
             qT = tl.trans(Q_head.load([start_m, 0]))  # (HEAD_DIM_PAD, BLOCK_M)
         else:
             qT = _load_tile(Q_head + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm, d_ok, row_ok,
-                            CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_M)
-        if MASKED:
+                            CHECK_D, BOUNDS)  # (HEAD_DIM_PAD, BLOCK_M)
+        if BOUNDS:
             lse = tl.load(LSE_row + offs_m, mask=row_ok, other=float("inf"))
             tile_ok = col_ok[:, None] & row_ok[None, :]
         else:
@@ -441,7 +447,7 @@ $SCORE_BWD_T
         else:
             pT = tl.math.exp2((s - lse[None, :]) * LOG2E)
         do = _load_rows(DO_head, start_m, offs_m, row_ok, offs_d, d_ok, stride_dom, stride_dok,
-                        MASKED, CHECK_D, USE_TMA)  # (BLOCK_M, HEAD_DIM_PAD)
+                        BOUNDS, CHECK_D, USE_TMA)  # (BLOCK_M, HEAD_DIM_PAD)
         # -- dV += P_droppedᵀ·dO ; dP = dO·Vᵀ (through the same dropout mask) --
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
@@ -454,7 +460,7 @@ $SCORE_BWD_T
             pT_used = pT
         dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         # -- dS = P ∘ (dP − Delta), the gradient of the score; then through the score --
-        if MASKED:
+        if BOUNDS:
             delta = tl.load(Delta_row + offs_m, mask=row_ok, other=0.0)
         else:
             delta = tl.load(Delta_row + offs_m)
@@ -514,17 +520,20 @@ def _attn_bwd_dkdv(
         qk_scale = sm_scale * LOG2E
     else:
         qk_scale = sm_scale
-    # Query tiles: [lo, mid) on the causal diagonal, [mid, interior_hi) wholly inside, then the
-    # ragged tail. Rows before lo see none of these keys (causal) and are skipped.
+    # Query tiles: [lo, interior_hi) wholly inside the tensors, then the ragged tail. Rows before
+    # lo see none of these keys (causal) and are skipped; with causal masking the first range
+    # holds the diagonal band too and applies the predicate to all its tiles (see the note on
+    # interior tiles). A ragged key tile puts every query tile in the checked range, unless the
+    # predicate (which bounds the keys) runs on the first one anyway.
     interior_hi = N_Q // BLOCK_M * BLOCK_M
     if CAUSAL:
         lo = (start_n * BLOCK_N) // BLOCK_M * BLOCK_M
-        mid = tl.maximum(lo, tl.minimum(tl.cdiv(start_n * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M, interior_hi))
+        first_hi = interior_hi
     else:
         lo = 0
-        mid = 0
-    if (start_n + 1) * BLOCK_N > N_KV:
-        mid = tl.maximum(mid, interior_hi)  # ragged key tile: every query tile checks key bounds
+        first_hi = interior_hi
+        if (start_n + 1) * BLOCK_N > N_KV:
+            first_hi = 0
 
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
@@ -543,22 +552,15 @@ def _attn_bwd_dkdv(
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
             stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
-            offs_n, col_ok, offs_d, d_ok, N_Q, lo, mid,
-            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+            offs_n, col_ok, offs_d, d_ok, N_Q, lo, first_hi,
+            False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_tiles(
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
             stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
-            offs_n, col_ok, offs_d, d_ok, N_Q, mid, interior_hi,
-            False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-        dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
-            seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
-            offs_n, col_ok, offs_d, d_ok, N_Q, tl.maximum(mid, interior_hi), N_Q,
-            True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+            offs_n, col_ok, offs_d, d_ok, N_Q, tl.maximum(lo, first_hi), N_Q,
+            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
@@ -572,8 +574,8 @@ def _attn_bwd_dq_tiles(
     dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
-    MASKED: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+    BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
+    SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile from the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -581,12 +583,12 @@ def _attn_bwd_dq_tiles(
         col_ok = offs_n < N_KV
         s, kT, g = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
                            offs_d, d_ok, stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
-                           MASKED, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
+                           BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
         if USE_TMA:
             vT = tl.trans(V_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
         else:
             vT = _load_tile(V_head + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn, d_ok, col_ok,
-                            CHECK_D, MASKED)  # (HEAD_DIM_PAD, BLOCK_N)
+                            CHECK_D, BOUNDS)  # (HEAD_DIM_PAD, BLOCK_N)
         if SCORE_IN_LOG2:
             p = tl.math.exp2(s - (lse * LOG2E)[:, None])
         else:
@@ -670,12 +672,12 @@ def _attn_bwd_dq(
         dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
-        False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
         dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
         offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
-        True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
 
 $DQ_FINAL
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,

@@ -1,0 +1,397 @@
+"""Launching the generated kernels: outputs, strides, grids, and each launch's tile configuration.
+
+On a GPU the configuration of each kernel comes from ``autotune.choose``: the fastest of the
+candidates ``tiling.candidates`` derives from the device's shared memory, for a key that buckets
+the sequence lengths to powers of two (so nearby lengths share one result). It is benchmarked
+once, then read from the on-disk record in later processes; after the first call of a key a
+launch costs a dict lookup and Triton's launcher. Under the interpreter, and on GPUs with
+FX_FLASH_AUTOTUNE=0, the paper's fitted configuration runs directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import triton
+
+from fx_flash.codegen import autotune, loader, tiling
+from fx_flash.codegen.generate import score_in_log2
+from fx_flash.codegen.spec import AttentionSpec, sdpa_spec
+from fx_flash.device import device_profile, interpreting
+
+DELTA_BLOCK_M = 64
+
+
+def _strides4(t: Optional[torch.Tensor], shape) -> tuple[int, int, int, int]:
+    """Strides of ``t`` broadcast to ``shape`` (0 on broadcast axes); zeros when absent."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(t.expand(shape).stride())
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"  # fp32 stays fp32: tf32 only when the user enabled it
+    return "tf32"  # fp32 with tf32 enabled; ignored by fp16/bf16 dots
+
+
+def _bucket(n: int) -> int:
+    """The power of two at or above ``n``: autotuning shares one result per bucket."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def atomic_dq() -> bool:
+    """dQ by atomics inside the dK/dV kernel (FX_FLASH_DQ=atomic) instead of a separate pass.
+
+    The separate pass (default) is deterministic: the same inputs give bitwise the same dQ.
+    """
+    return os.environ.get("FX_FLASH_DQ", "separate") == "atomic"
+
+
+def autotuning() -> bool:
+    """Autotune on GPUs unless FX_FLASH_AUTOTUNE=0 (then the paper's fitted tile runs)."""
+    return os.environ.get("FX_FLASH_AUTOTUNE", "1") != "0"
+
+
+# Keyword arguments that give exact sizes: the key holds their power-of-two buckets instead.
+EXACT_SIZES = frozenset({"H", "N_Q", "N_KV"})
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A kernel with its chosen configuration, ready to launch."""
+
+    fn: object  # the generated module's JITFunction
+    config: tiling.TileConfig
+    meta: dict  # BLOCK_M, BLOCK_N, num_warps, num_stages: launch keywords (and the grid's meta)
+
+
+# (spec, kernel name, device, dtype, the tuning keywords as (name, value) pairs) → Launch.
+CHOSEN: dict[tuple, Launch] = {}
+
+
+def _meta(config: tiling.TileConfig) -> dict:
+    return {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N,
+            "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _tunes(q: torch.Tensor) -> bool:
+    """Whether launches on ``q``'s device pick their configuration by benchmarking."""
+    return q.device.type == "cuda" and not interpreting() and autotuning()
+
+
+def _time_ms(call) -> float:
+    """Milliseconds of ``call`` (each call launches the kernel once) on the GPU alone.
+
+    Replayed from a CUDA graph: timed launch by launch, a small kernel (decoding, short
+    sequences) measures the host's launch time, the same for every candidate, and the choice
+    becomes noise (seen on the H200: a split-KV decode tuned that way ran 2.3x slower). Falls
+    back to per-launch timing if the call cannot be captured.
+    """
+    import triton.testing
+
+    call()  # compile (or load) this candidate before any capture
+    try:
+        return triton.testing.do_bench_cudagraph(call, rep=20, return_mode="median")
+    except Exception:  # noqa: BLE001 - capture is an optimization of the measurement only
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _tuning_key(module, q: torch.Tensor, consts: tuple) -> dict:
+    """Everything that changes which configuration is fastest (see autotune.choose)."""
+    profile = device_profile(q.device)
+    return {
+        "module": Path(module.__file__).stem,  # the spec's key and the generated source's hash
+        "source_sha256": _source_hash(module.__file__),
+        "device": profile.name, "shared_memory": profile.shared_memory,
+        "multiprocessors": profile.multiprocessors, "capability": list(profile.capability),
+        "triton": triton.__version__, "torch": torch.__version__,
+        "dtype": str(q.dtype), "elem_bytes": q.element_size(),
+        "constexprs": dict(consts),  # HEAD_DIM, GROUP, N_Q_BUCKET, N_KV_BUCKET, CAUSAL, DQ_ATOMIC, ...
+    }
+
+
+def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, args, kwargs, reset,
+            consts: tuple, rows: int = 0) -> Launch:
+    """Pick ``name``'s configuration for this key, benchmarking the candidates on these arguments
+    if neither memory nor disk knows it."""
+    module = loader.load(spec)
+    fn = getattr(module, name)
+
+    def bench(config: tiling.TileConfig) -> float:
+        meta = _meta(config)
+
+        def call():
+            for t in reset:  # atomics accumulate into these: each trial starts from zero
+                t.zero_()
+            fn[grid(meta)](*args, **kwargs, **meta)
+
+        return _time_ms(call)
+
+    candidates = tiling.candidates(kernel, device_profile(q.device), q.shape[-1], q.element_size(), rows)
+    config = autotune.choose(name, _tuning_key(module, q, consts), candidates, bench)
+    return Launch(fn, config, _meta(config))
+
+
+def tuning_consts(kwargs: dict) -> tuple:
+    """The kernel keywords that take part in the tuning key, as (name, value) pairs: all but the
+    exact sizes, whose buckets (N_Q_BUCKET, N_KV_BUCKET) are keywords of their own."""
+    return tuple(item for item in kwargs.items() if item[0] not in EXACT_SIZES)
+
+
+def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, reset=(), rows: int = 0,
+         **kwargs):
+    """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes; BLOCK_M = ``rows``
+    when given (split-KV decoding sizes its row tile to the rows it packs).
+
+    ``reset`` lists the tensors the kernel accumulates into with atomics, zero on entry: tuning
+    trials dirty them, so they are zeroed before each trial and again before the real launch.
+    """
+    if _tunes(q):
+        consts = tuning_consts(kwargs)
+        key = (spec, name, q.device, q.dtype, consts)
+        chosen = CHOSEN.get(key)
+        if chosen is None:
+            chosen = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, rows)
+            for t in reset:
+                t.zero_()
+        chosen.fn[grid(chosen.meta)](*args, **kwargs, **chosen.meta)
+        return
+    head_dim, elem = q.shape[-1], q.element_size()
+    cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem, rows)
+    fn = getattr(loader.load(spec), name)
+    meta = _meta(cfg)
+    fn[grid(meta)](*args, **kwargs, **meta)
+
+
+def spec_of(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = False) -> AttentionSpec:
+    """The spec the op's arguments describe."""
+    return sdpa_spec(bias=bias is not None, bias_grad=bias_grad, mask=mask is not None,
+                     causal=is_causal, dropout=dropout_p > 0.0)
+
+
+def _tma_allowed(device: torch.device) -> bool:
+    """TMA tensor descriptors for the streamed tiles: FX_FLASH_TMA=1 turns them on (on Hopper and
+    newer GPUs, and in the interpreter, where tests check that branch), anything else leaves them
+    off. Off by default: on the H200 they measured 5% slower at d=64 and level at d=128
+    (benchmarks/RESULTS.md)."""
+    if os.environ.get("FX_FLASH_TMA", "0") != "1":
+        return False
+    return interpreting() or (device.type == "cuda" and device_profile(device).capability >= (9, 0))
+
+
+def _tma_compatible(*tensors: torch.Tensor) -> bool:
+    """A descriptor over each head's (rows, head dim) needs unit stride along the head dim and
+    16-byte aligned heads and rows."""
+    for t in tensors:
+        e = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * e) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _descriptor_scratch() -> None:
+    """Descriptors built inside a kernel need global-memory scratch from Triton's allocator, a
+    per-thread setting (autograd runs the backward on its own thread): install one where none is."""
+    if interpreting():
+        return
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return  # the user's (or Inductor's) allocator serves as well
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_scratch)
+
+
+def _with_tma(consts: dict, *streamed: torch.Tensor) -> dict:
+    """``consts`` for a kernel that loads ``streamed`` tile by tile (K/V in the forward and dQ
+    kernels, Q/dO in dK/dV): through TMA descriptors when allowed and the tensors permit."""
+    use_tma = _tma_allowed(streamed[0].device) and _tma_compatible(*streamed)
+    if use_tma:
+        _descriptor_scratch()
+    return {**consts, "USE_TMA": use_tma}
+
+
+def _common(spec, q, k):
+    z, h, n_q, d = q.shape
+    n_kv = k.shape[2]
+    return dict(
+        H=h, N_Q=n_q, N_KV=n_kv, N_Q_BUCKET=_bucket(n_q), N_KV_BUCKET=_bucket(n_kv),
+        GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=tiling.pad_head_dim(d),
+        CHECK_D=d != tiling.pad_head_dim(d), CAUSAL=spec.causal, DROPOUT=spec.dropout,
+        SCORE_IN_LOG2=score_in_log2(spec), DQ_ATOMIC=atomic_dq(),
+        INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False,
+        EXP_FWD=os.environ.get("FX_EXP_FWD", "0") == "1", EXP_DQ=os.environ.get("FX_EXP_DQ", "0") == "1",
+    ), (z, h, n_q, n_kv)
+
+
+def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # Triton reads torch.bool as bytes; a uint8 view keeps the (broadcast) strides.
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def _pointers(q: torch.Tensor, *optional: Optional[torch.Tensor]) -> list:
+    """Kernel pointer arguments for optional tensors: an absent one is passed as ``q``, which
+    the kernel never reads because the spec's constexpr flags switch that code off."""
+    return [q if t is None else t for t in optional]
+
+
+def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """Allocate a kernel output (every element is written by a kernel; tests poison these)."""
+    return torch.empty(like.shape if shape is None else shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bool, scale: float,
+                      spec: Optional[AttentionSpec] = None):
+    """Run the forward kernel. Returns (out (Z, H, N_Q, d) in q's dtype, lse (Z, H, N_Q) fp32).
+
+    ``bias``/``mask`` are the caller's tensors, broadcastable to (Z, H, N_Q, N_KV); ``seed`` an
+    int64 tensor of one element when dropout_p > 0. ``spec`` overrides the SDPA spec these
+    arguments describe (a score expression beyond SDPA's; it must use the same tensors).
+    """
+    spec = spec or spec_of(bias, mask, is_causal, dropout_p)
+    consts, (z, h, n_q, n_kv) = _common(spec, q, k)
+    consts = _with_tma(consts, k, v)
+    full = (z, h, n_q, n_kv)
+    out = new_output(q)
+    lse = new_output(q, (z, h, n_q), torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if n_kv == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    mask_b = _mask_bytes(mask)
+    splits, rows = decode_plan(q, k)
+    if splits:
+        _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, seed, scale, dropout_p)
+        return out, lse
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+    _run(spec, "_attn_fwd", "fwd", grid, q,
+         q, k, v, out, lse, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         *_strides4(bias, full), *_strides4(mask_b, full), **consts)
+    return out, lse
+
+
+# Split-KV decoding (FlashDecoding): with few query rows the forward's grid of
+# cdiv(N_Q, BLOCK_M)·Z·H programs leaves most SMs idle while each program streams all N_KV keys.
+# The split kernel packs the GROUP query heads of one K/V head into its rows and splits the keys
+# across programs; a second kernel merges the partial outputs by their logsumexps.
+DECODE_MAX_QUERIES = 16  # query rows per head up to which the split-KV path is considered
+SPLIT_MIN_KEYS = 256  # fewest keys a split streams: below that the merge costs more than it saves
+MAX_SPLITS = 128
+SPLIT_WAVES = 2  # aim for this many programs per SM
+COMBINE_BLOCK_M = 16  # query rows per program of the merge
+
+
+def decode_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
+    """(number of key splits, rows per tile) for the split-KV forward; (0, 0) for the plain one.
+
+    Used when there are at most DECODE_MAX_QUERIES queries and either the keys can be split
+    across more programs or GQA rows can be packed (K/V read once per group); FX_FLASH_SPLIT_KV=0
+    turns it off.
+    """
+    z, h, n_q, _ = q.shape
+    h_kv, n_kv = k.shape[1], k.shape[2]
+    if n_q > DECODE_MAX_QUERIES or n_kv == 0 or os.environ.get("FX_FLASH_SPLIT_KV", "1") == "0":
+        return 0, 0
+    group = h // h_kv
+    rows = min(64, max(tiling.MIN_BLOCK, _bucket(group * n_q)))
+    programs = triton.cdiv(group * n_q, rows) * z * h_kv
+    sms = device_profile(q.device).multiprocessors
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(n_kv, SPLIT_MIN_KEYS), triton.cdiv(SPLIT_WAVES * sms, programs)))
+    if splits == 1 and group == 1:
+        return 0, 0
+    return splits, rows
+
+
+def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, seed, scale, dropout_p):
+    """Split-KV forward into ``out``/``lse``: partial results per key split, then their merge."""
+    z, h, n_q, d = q.shape
+    n_kv, h_kv = k.shape[2], k.shape[1]
+    full = (z, h, n_q, n_kv)
+    d_pad = consts["HEAD_DIM_PAD"]
+    # fp32 partials in the (split, z·h, query) order; every element is written by a split.
+    out_part = new_output(q, (splits, z * h, n_q, d_pad), torch.float32)
+    lse_part = new_output(q, (splits, z * h, n_q), torch.float32)
+    grid = (triton.cdiv(consts["GROUP"] * n_q, rows), z * h_kv, splits)
+    _run(spec, "_attn_fwd_split", "fwd_split", lambda meta: grid, q,
+         q, k, v, out_part, lse_part, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(),
+         *_strides4(bias, full), *_strides4(mask_b, full), NUM_SPLITS=splits, rows=rows, **consts)
+    loader.load(spec)._attn_fwd_combine[(triton.cdiv(n_q, COMBINE_BLOCK_M), z * h)](
+        out_part, lse_part, out, lse, *out.stride(), h, n_q, splits, z * h,
+        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, SPLITS_PAD=_bucket(splits), BLOCK_M=COMBINE_BLOCK_M)
+
+
+
+def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: float, is_causal: bool,
+                       scale: float, bias_grad: bool, spec: Optional[AttentionSpec] = None):
+    """Run the backward kernels. Returns (dq, dk, dv, dbias or None), each in its input's dtype."""
+    spec = spec or spec_of(bias, mask, is_causal, dropout_p, bias_grad)
+    consts, (z, h, n_q, n_kv) = _common(spec, q, k)
+    full = (z, h, n_q, n_kv)
+    dq, dk, dv = new_output(q), new_output(k), new_output(v)
+    dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), (dbias.to(bias.dtype) if bias_grad else None)
+    delta = new_output(q, (z, h, n_q), torch.float32)
+    mask_b = _mask_bytes(mask)
+    bias_arg, mask_arg, seed_arg = _pointers(q, bias, mask_b, seed)
+    dbias_strides = _strides4(dbias, full) if bias_grad else (0, 0, 0, 0)
+    # Atomic dQ: the dK/dV kernel adds each key tile's share into an fp32 buffer (one pass);
+    # otherwise a separate dQ kernel, run first, recomputes the scores, sums deterministically
+    # and writes Delta for the dK/dV kernel.
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if consts["DQ_ATOMIC"] else None
+    if dq_acc is None:
+        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+        _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
+             q, k, v, out, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
+             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+             *_strides4(bias, full), *_strides4(mask_b, full), **_with_tma(consts, k, v))
+    else:
+        d_pad = tiling.pad_head_dim(q.shape[-1])
+        loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
+            out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
+            HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
+    dq_arg = dq_acc if dq_acc is not None else q
+    grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
+    _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
+         q, k, v, dout, dk, dv, dq_arg, lse, delta, bias_arg, dbias if bias_grad else q, mask_arg, seed_arg,
+         scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+         *(dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0)),
+         *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full),
+         reset=[t for t in (dbias, dq_acc) if t is not None], **_with_tma(consts, q, dout))
+    if dq_acc is not None:
+        dq = dq_acc.to(q.dtype)
+    return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None)
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """Test-only: the (Z, H, N_Q, N_KV) bool mask of kept weights the kernels draw for ``seed``."""
+    z, h, n_q, n_kv = shape
+    keep = torch.empty(shape, dtype=torch.bool, device=seed.device)
+    if keep.numel() == 0:
+        return keep
+    fn = loader.load(sdpa_spec(bias=False, bias_grad=False, mask=False, causal=False, dropout=True))._dropout_mask
+    fn[(triton.cdiv(n_q, 32), z * h)](seed, keep.view(torch.uint8), dropout_p, *keep.stride(), h, n_q, n_kv,
+                                      BLOCK_M=32, BLOCK_N=32)
+    return keep

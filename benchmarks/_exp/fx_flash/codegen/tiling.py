@@ -1,0 +1,130 @@
+"""Block sizes from the device's shared memory M, as the FlashAttention paper derives them.
+
+Algorithm 1 of FlashAttention (Dao et al., 2022) sets B_c = ⌈M / 4d⌉ and B_r = min(B_c, d),
+with M counted in elements. Those are the paper's sizes for an abstract SRAM; a Triton kernel
+holds specific tiles in shared memory, so each kernel here has a footprint model (bytes, as a
+sympy expression of the tile sizes, head dim, element size and pipeline stages), and every
+candidate configuration is fitted so that its footprint is at most M. The tuner
+(``autotune.choose``) searches only these candidates; the interpreter takes the first.
+
+Footprints (e = element bytes, d = head dim padded to a power of two, s = pipeline stages):
+    forward   Q tile resident, K and V tiles per stage, P staged once:  e(B_r d + 2 s B_c d + B_r B_c)
+    dK/dV     K and V resident, Q and dO per stage, P and dS staged:    e(2 B_c d + 2 s B_r d + 2 B_r B_c)
+    dQ        Q and dO resident, K and V per stage, dS staged:          e(2 B_r d + 2 s B_c d + B_r B_c)
+Register pressure is the other limit: the fp32 accumulators (B_r·d in the forward, 2·B_c·d in
+dK/dV) live in registers, spread over 32·warps threads; each thread may give them at most
+ACCUMULATOR_REGISTERS of its 255 registers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import sympy
+
+from fx_flash.device import DeviceProfile
+
+B_R, B_C, D, E = sympy.symbols("B_r B_c d e", positive=True, integer=True)
+S = sympy.Symbol("s")  # unrestricted, so solving for it also reports "no stage fits" (s < 1)
+
+FOOTPRINT = {
+    "fwd": E * (B_R * D + 2 * S * B_C * D + B_R * B_C),
+    "bwd_dkdv": E * (2 * B_C * D + 2 * S * B_R * D + 2 * B_R * B_C),
+    "bwd_dq": E * (2 * B_R * D + 2 * S * B_C * D + B_R * B_C),
+}
+FOOTPRINT["fwd_split"] = FOOTPRINT["fwd"]  # split-KV decoding holds the forward's tiles
+# The tile dimension each kernel keeps resident (its "rows") and the one it streams.
+RESIDENT_AXIS = {"fwd": "m", "fwd_split": "m", "bwd_dkdv": "n", "bwd_dq": "m"}
+
+MIN_BLOCK = 16  # tl.dot needs every dimension ≥ 16
+ACCUMULATOR_REGISTERS = 128  # fp32 accumulator registers per thread, of the 255 a thread may use
+STAGES = (1, 2, 3, 4)
+BLOCK_SIZES = (16, 32, 64, 128)
+MAX_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration: BLOCK_M rows of queries, BLOCK_N keys, warps and stages."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} warps={self.num_warps} stages={self.num_stages}"
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << int(math.floor(math.log2(max(x, 1))))
+
+
+def pad_head_dim(head_dim: int) -> int:
+    """The head dim the kernel computes with: the next power of two, at least MIN_BLOCK."""
+    return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+
+
+def paper_blocks(shared_memory: int, head_dim: int, elem_bytes: int) -> tuple[int, int]:
+    """(B_r, B_c) of FlashAttention's Algorithm 1, with M = shared_memory / elem_bytes elements."""
+    m_elems = shared_memory // elem_bytes
+    b_c = math.ceil(m_elems / (4 * head_dim))
+    return min(b_c, head_dim), b_c
+
+
+def footprint(kernel: str, block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
+    """Shared-memory bytes the footprint model assigns to one program of ``kernel``."""
+    expr = FOOTPRINT[kernel].subs({B_R: block_m, B_C: block_n, D: pad_head_dim(head_dim), E: elem_bytes, S: stages})
+    return int(expr)
+
+
+def max_stages(kernel: str, block_m: int, block_n: int, head_dim: int, elem_bytes: int, shared_memory: int) -> int:
+    """The deepest pipeline (0 if none) whose footprint fits in ``shared_memory``: solved for s."""
+    fp = FOOTPRINT[kernel].subs({B_R: block_m, B_C: block_n, D: pad_head_dim(head_dim), E: elem_bytes})
+    (bound,) = sympy.solve(sympy.Eq(fp, shared_memory), S)
+    return max(0, min(STAGES[-1], int(sympy.floor(bound))))
+
+
+def _register_fits(kernel: str, block_m: int, block_n: int, head_dim: int, warps: int) -> bool:
+    """The fp32 accumulators of the resident tile take at most half of a thread's 255 registers."""
+    resident = block_n if RESIDENT_AXIS[kernel] == "n" else block_m
+    accumulators = 2 if kernel == "bwd_dkdv" else 1  # dK and dV
+    return accumulators * resident * pad_head_dim(head_dim) <= ACCUMULATOR_REGISTERS * 32 * warps
+
+
+@functools.lru_cache(maxsize=None)
+def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0) -> list[TileConfig]:
+    """The configurations the autotuner may try for ``kernel``, each fitting M by construction.
+
+    The first is the paper's (B_r, B_c), rounded down to powers of two and fitted to the
+    footprint; the others are the largest neighbouring power-of-two tiles that also fit, each
+    at 2 and 3 pipeline stages where those fit. At most MAX_CANDIDATES, to bound autotuning.
+    ``rows``, when given, fixes BLOCK_M (split-KV decoding sizes its row tile to the rows it packs).
+    """
+    m = device.shared_memory
+    found: list[TileConfig] = []
+    for block_m in (rows,) if rows else BLOCK_SIZES:
+        for block_n in BLOCK_SIZES:
+            warps = 8 if block_m * block_n >= 128 * 64 else 4
+            if not _register_fits(kernel, block_m, block_n, head_dim, warps):
+                continue
+            deepest = max_stages(kernel, block_m, block_n, head_dim, elem_bytes, m)
+            for stages in sorted({min(deepest, 2), min(deepest, 3)} - {0}, reverse=True):
+                found.append(TileConfig(block_m, block_n, warps, stages))
+    if not found:
+        raise ValueError(f"no tile of {kernel} fits {m} bytes of shared memory at head dim {head_dim}")
+    b_r, b_c = paper_blocks(m, pad_head_dim(head_dim), elem_bytes)
+    paper_m, paper_n = _pow2_floor(max(b_r, MIN_BLOCK)), _pow2_floor(max(b_c, MIN_BLOCK))
+    if RESIDENT_AXIS[kernel] == "n":  # dK/dV keeps key tiles resident: the roles swap
+        paper_m, paper_n = paper_n, paper_m
+    found.sort(key=lambda c: (c.BLOCK_M * c.BLOCK_N, c.BLOCK_M, c.num_stages), reverse=True)
+    first = next((c for c in found if c.BLOCK_M <= paper_m and c.BLOCK_N <= paper_n), found[0])
+    # Cached (sympy's solve takes milliseconds), so callers must not mutate the list.
+    return ([first] + [c for c in found if c != first])[:MAX_CANDIDATES]
+
+
+def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0) -> TileConfig:
+    """The configuration used without autotuning (the interpreter): the paper's fitted pick."""
+    return candidates(kernel, device, head_dim, elem_bytes, rows)[0]

@@ -1,0 +1,370 @@
+"""Walk from a softmax to the attention around it, and describe it in one canonical form.
+
+``match_site(softmax_node)`` reads the graph around one softmax: forward to the P·V product
+(through casts and dropout), backward to the Q·Kᵀ product (through casts, scales, masks), then
+peels the operands (scales on q/k, the transpose of K, a repeat_kv). The result is an
+``AttentionSite`` that says *what* the code computes, whatever its spelling; whether it may be
+rewritten is decided by the named checks in ``checks.py``. Structure that does not read as
+attention at all is a ``Miss`` with the name of the step that failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from fx_flash.passes import spellings as sp
+from fx_flash.passes.values import NotConstant, evaluate, same_shape, tensor_of
+
+_MAX_WALK = 32  # ops between Q·Kᵀ and softmax, or softmax and P·V, before we give up
+
+
+@dataclass
+class Miss(Exception):
+    """A softmax that was not rewritten: the check that failed and why."""
+
+    check: str
+    reason: str
+    node: Optional[fx.Node] = None
+
+    def __str__(self) -> str:
+        where = f"{self.node.name}: " if self.node is not None else ""
+        return f"{where}{self.check}: {self.reason}"
+
+
+@dataclass
+class Factor:
+    """One multiplicative scale on the scores: where it was written and its proved value."""
+
+    where: str  # "scores", "q", "k", "baddbmm alpha"
+    value: Any  # number or sympy expression
+    node: Optional[fx.Node] = None
+
+
+@dataclass
+class MaskTerm:
+    """One mask or bias applied to the scores.
+
+    kind "add": ``scores + tensor``; kind "fill": ``scores`` set to ``value`` where
+    ``mask == fill_where_true``. ``scaled_by`` are the factors applied after this term.
+    """
+
+    kind: str
+    tensor: fx.Node
+    spelling: str
+    node: fx.Node
+    value: Any = None
+    fill_where_true: bool = True
+    coefficient: Any = 1.0  # baddbmm's beta
+    scaled_by: list = field(default_factory=list)
+
+
+@dataclass
+class AttentionSite:
+    """What one attention computes, in the op's terms, plus the nodes that spell it."""
+
+    softmax: fx.Node
+    softmax_spelling: str
+    softmax_dim: Any
+    qk: fx.Node
+    qk_spelling: str
+    pv: fx.Node
+    pv_spelling: str
+    q: fx.Node
+    k: Optional[fx.Node]  # K itself; None when only Kᵀ is there (then ``k_transposed``)
+    k_transposed: Optional[fx.Node]
+    v: fx.Node
+    key_spelling: str
+    factors: list[Factor] = field(default_factory=list)
+    masks: list[MaskTerm] = field(default_factory=list)
+    dropout: Optional[sp.Dropout] = None
+    dropout_node: Optional[fx.Node] = None
+    weights_chain: list[fx.Node] = field(default_factory=list)  # softmax … input of P·V
+    scores_chain: list[fx.Node] = field(default_factory=list)  # Q·Kᵀ … input of softmax
+    gqa_spelling: Optional[str] = None
+    peeled: list[fx.Node] = field(default_factory=list)  # scale/transpose/repeat nodes seen through
+
+    @property
+    def chain(self) -> list[fx.Node]:
+        """Every node from Q·Kᵀ to P·V: these go away when the site is rewritten."""
+        return self.scores_chain + self.weights_chain + [self.pv]
+
+
+def match_site(node: fx.Node) -> Optional[AttentionSite]:
+    """Read the attention around softmax ``node``; None if ``node`` is no softmax; raise Miss."""
+    read = sp.softmax(node)
+    if read is None:
+        return None
+    if tensor_of(node) is None:
+        raise Miss("has_shapes", "the graph records no shapes (trace it with example inputs)", node)
+    weights_chain, pv, pv_read, drop, drop_node = _walk_to_value_product(node)
+    scores_chain, qk, factors, masks = _walk_to_score_product(read.input)
+    q_read = sp.product(qk, scores=True)
+    site = AttentionSite(
+        softmax=node,
+        softmax_spelling=read.spelling,
+        softmax_dim=read.dim,
+        qk=qk,
+        qk_spelling=q_read.spelling,
+        pv=pv,
+        pv_spelling=pv_read.spelling,
+        q=q_read.left,
+        k=None,
+        k_transposed=None,
+        v=pv_read.right,
+        key_spelling="",
+        factors=factors,
+        masks=masks,
+        dropout=drop,
+        dropout_node=drop_node,
+        weights_chain=weights_chain,
+        scores_chain=scores_chain,
+    )
+    _read_baddbmm(site, q_read)
+    _peel_operands(site, q_read)
+    _peel_repeat_kv(site)
+    return site
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: softmax → (casts, dropout) → P·V
+
+
+def _walk_to_value_product(node: fx.Node):
+    chain = [node]
+    drop, drop_node = None, None
+    for _ in range(_MAX_WALK):
+        users = list(node.users)
+        if len(users) != 1:
+            names = ", ".join(u.name for u in users) or "nothing (the graph output?)"
+            raise Miss("weights_used_once", f"attention weights {node.name} are used by {len(users)} nodes: {names}", node)
+        user = users[0]
+        read_pv = sp.product(user, scores=False)
+        if read_pv is not None:
+            if read_pv.left is not node:
+                raise Miss("softmax_feeds_value_product", f"the weights are the right operand of {user.name}", user)
+            return chain, user, read_pv, drop, drop_node
+        read_drop = sp.dropout(user)
+        if read_drop is not None and read_drop.input is node and drop is None:
+            drop, drop_node = read_drop, user
+        elif sp.cast(user) is not node:
+            raise Miss("softmax_feeds_value_product", f"softmax output goes to {user.format_node()}", user)
+        chain.append(user)
+        node = user
+    raise Miss("softmax_feeds_value_product", "no P·V product within reach of the softmax", node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: softmax input → (casts, scales, masks) → Q·Kᵀ
+
+
+def _walk_to_score_product(node: Any):
+    chain: list[fx.Node] = []
+    factors: list[Factor] = []
+    masks: list[MaskTerm] = []
+    for _ in range(_MAX_WALK):
+        if not isinstance(node, fx.Node):
+            raise Miss("scores_from_qk_product", f"softmax of a constant {node!r}")
+        chain.insert(0, node)
+        if sp.product(node, scores=True) is not None:
+            return chain, node, factors, masks
+        through = sp.cast(node)
+        if through is not None:
+            node = through
+            continue
+        through = _read_scale(node, factors, where="scores")
+        if through is not None:
+            node = through
+            continue
+        added = sp.addition(node)
+        if added is not None:
+            scores, term = _which_is_scores(node, *added)
+            masks.append(MaskTerm("add", term, "+", node, scaled_by=list(factors)))
+            node = scores
+            continue
+        filled = sp.fill(node)
+        if filled is not None:
+            masks.append(
+                MaskTerm("fill", filled.mask, filled.spelling, node, filled.value, filled.fill_where_true, scaled_by=list(factors))
+            )
+            node = filled.scores
+            continue
+        raise Miss("scores_from_qk_product", f"{node.format_node()} is not a scale, mask, cast or Q·Kᵀ", node)
+    raise Miss("scores_from_qk_product", "no Q·Kᵀ product within reach of the softmax", node)
+
+
+def _read_scale(node: fx.Node, factors: list[Factor], where: str) -> Optional[fx.Node]:
+    """If ``node`` multiplies or divides a tensor by a provable number, record it; return the tensor."""
+    read = sp.scaling(node)
+    if read is None:
+        return None
+    left, right, op = read
+    result = tensor_of(node)
+    candidates = [(left, right)] if op == "div" else [(left, right), (right, left)]
+    for tensor, factor in candidates:
+        t = tensor_of(tensor)
+        if t is None or result is None or not same_shape(t.shape, result.shape) or t.dtype != result.dtype:
+            continue
+        factor_tensor = tensor_of(factor)
+        if factor_tensor is not None and factor_tensor.dim() != 0:
+            raise Miss("scale_is_constant", f"{node.name} scales by a tensor of shape {tuple(factor_tensor.shape)}", node)
+        try:
+            value = evaluate(factor)
+        except NotConstant as e:
+            raise Miss("scale_is_constant", f"{node.name} scales by something not provably constant ({e})", node)
+        factors.append(Factor(where, 1 / value if op == "div" else value, node))
+        return tensor
+    raise Miss("scale_is_constant", f"{node.format_node()} changes the scores' shape or dtype", node)
+
+
+def _leads_to_product(node: Any, depth: int = 0) -> bool:
+    """A cheap look-ahead: does ``node`` reach a Q·Kᵀ through score-side spellings?"""
+    if not isinstance(node, fx.Node) or depth > _MAX_WALK:
+        return False
+    if sp.product(node, scores=True) is not None:
+        return True
+    for read in (sp.cast(node), sp.addition(node), sp.scaling(node), sp.fill(node)):
+        if read is None:
+            continue
+        if isinstance(read, sp.Fill):
+            return _leads_to_product(read.scores, depth + 1)
+        operands = read if isinstance(read, tuple) else (read,)
+        return any(_leads_to_product(o, depth + 1) for o in operands if isinstance(o, fx.Node))
+    return False
+
+
+def _which_is_scores(node: fx.Node, a: Any, b: Any):
+    a_ok, b_ok = _leads_to_product(a), _leads_to_product(b)
+    if a_ok and not b_ok:
+        return a, b
+    if b_ok and not a_ok:
+        return b, a
+    raise Miss("scores_from_qk_product", f"cannot tell the scores from the bias in {node.format_node()}", node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operands: scale on q/k, Kᵀ → K, repeat_kv
+
+
+def _read_baddbmm(site: AttentionSite, read: sp.Product) -> None:
+    if read.spelling != "baddbmm":
+        return
+    try:
+        alpha, beta = evaluate(read.alpha), evaluate(read.beta)
+    except NotConstant as e:
+        raise Miss("scale_is_constant", f"baddbmm alpha/beta not provably constant ({e})", site.qk)
+    if alpha != 1:
+        site.factors.append(Factor("baddbmm alpha", alpha, site.qk))
+    if beta != 0 and isinstance(read.bias, fx.Node):
+        # beta·bias is added before alpha… no: baddbmm is beta·input + alpha·(b1 @ b2), so the
+        # bias is not scaled by alpha; factors applied after it are those already recorded.
+        later = [f for f in site.factors if f.where == "scores"]
+        site.masks.append(MaskTerm("add", read.bias, "baddbmm", site.qk, coefficient=beta, scaled_by=later))
+    elif beta != 0:
+        raise Miss("scores_from_qk_product", "baddbmm with a non-tensor input", site.qk)
+
+
+def _peel_scales(node: Any, site: AttentionSite, where: str) -> Any:
+    while isinstance(node, fx.Node):
+        try:
+            through = _read_scale(node, site.factors, where)
+        except Miss:
+            return node  # a q or k that is scaled by a tensor is simply the operand as written
+        if through is None:
+            return node
+        site.peeled.append(node)
+        node = through
+    return node
+
+
+def _peel_operands(site: AttentionSite, read: sp.Product) -> None:
+    site.q = _peel_scales(read.left, site, "q")
+    right = _peel_scales(read.right, site, "k")
+    if read.right_is_transposed:
+        site.k, site.key_spelling = right, read.spelling
+    else:
+        k = sp.untranspose(right)
+        if k is not None:
+            site.peeled.append(right)
+            site.k = _peel_scales(k, site, "k")
+            site.key_spelling = _spelling_of_transpose(right)
+        else:
+            site.k_transposed, site.key_spelling = right, "stored transposed"
+
+
+def _spelling_of_transpose(node: fx.Node) -> str:
+    if node.op == "call_function" and node.target is getattr:
+        return f".{node.args[1]}"
+    args = ", ".join(map(str, node.args[1:]))
+    return f"{node.target if isinstance(node.target, str) else node.target.__name__}({args})"
+
+
+def _peel_repeat_kv(site: AttentionSite) -> None:
+    """See through K and V repeated per query-head group, so the op reads Hkv heads."""
+    if site.k is None:
+        return
+    k_read, v_read = _repeated_heads(site.k), _repeated_heads(site.v)
+    if k_read is None or v_read is None or k_read[1] != v_read[1]:
+        return
+    site.peeled += [site.k, site.v]
+    site.k, site.v = k_read[0], v_read[0]
+    site.gqa_spelling = k_read[1]
+
+
+def _repeated_heads(node: Any) -> Optional[tuple[fx.Node, str]]:
+    """``x`` if ``node`` repeats each head of ``x`` (B, Hkv, N, d) r times *in a row* (grouped).
+
+    HF ``repeat_kv`` (x[:, :, None].expand(B, Hkv, r, N, d).reshape(B, Hkv·r, N, d)),
+    ``repeat_interleave(r, dim=1)``, and ``expand`` of a single head (MQA). ``repeat`` tiles
+    heads (h % Hkv, not h // r) and is deliberately not read here.
+    """
+    out = tensor_of(node)
+    if out is None or out.dim() != 4:
+        return None
+    if sp.is_method(node, "repeat_interleave") or sp.is_function(node, torch.repeat_interleave):
+        src, dim = node.args[0], sp.arg(node, 2, "dim")
+        src_t = tensor_of(src)
+        if src_t is not None and isinstance(sp.arg(node, 1, "repeats"), int) and dim in (1, -3):
+            if sp.arg(node, 3, "output_size") is None and same_shape(_without_heads(src_t), _without_heads(out)):
+                return src, "repeat_interleave"
+        return None
+    if sp.is_method(node, "reshape", "view"):
+        expanded = node.args[0]
+        exp_t = tensor_of(expanded)
+        if not sp.is_method(expanded, "expand") or exp_t is None or exp_t.dim() != 5:
+            return None
+        unsq = expanded.args[0]
+        src = _unsqueezed_at_2(unsq)
+        src_t = tensor_of(src)
+        if src_t is None:
+            return None
+        b, hkv, n, d = src_t.shape
+        if same_shape(exp_t.shape[:2], (b, hkv)) and same_shape(exp_t.shape[3:], (n, d)) and same_shape(
+            out.shape, (b, exp_t.shape[1] * exp_t.shape[2], n, d)
+        ):
+            return src, "repeat_kv (expand + reshape)"
+        return None
+    if sp.is_method(node, "expand"):
+        src_t = tensor_of(node.args[0])
+        if src_t is not None and src_t.dim() == 4 and src_t.shape[1] == 1 and same_shape(_without_heads(src_t), _without_heads(out)):
+            return node.args[0], "expand (one K/V head)"
+    return None
+
+
+def _without_heads(t: torch.Tensor):
+    return (t.shape[0],) + tuple(t.shape[2:])
+
+
+def _unsqueezed_at_2(node: Any) -> Optional[fx.Node]:
+    if sp.is_method(node, "unsqueeze") or sp.is_function(node, torch.unsqueeze):
+        return node.args[0] if node.args[1] in (2, -3) else None
+    if sp.is_function(node, __import__("operator").getitem):
+        index = node.args[1]
+        full = slice(None, None, None)
+        if isinstance(index, tuple) and len(index) == 5 and index[2] is None:
+            if all(i == full for j, i in enumerate(index) if j != 2):
+                return node.args[0]
+    return None

@@ -225,3 +225,19 @@ def test_separate_dq_is_deterministic():
     dout = torch.randn(1, 4, 40, 16, device=DEVICE)
     runs = [torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=True), (q, k, v), dout) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float_grad"])
+@pytest.mark.parametrize("nk", [192, 200], ids=["square", "ragged_keys"])
+def test_causal_dkdv_one_range(nk, mask):
+    """The causal dK/dV kernel runs the diagonal band and the interior as one range of query
+    tiles with the predicate on every tile: at d = 64 (64-row tiles under the interpreter)
+    192 queries make three full query tiles, so each key tile's range starts on the band and
+    runs on through the interior; 200 keys add a ragged key tile, bounded by that predicate."""
+    b, h, nq, d = 1, 2, 192, 64
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(b, h, nq, nk, device=DEVICE) > 0.3
+    elif mask == "float_grad":
+        attn_mask = torch.randn(b, 1, nq, nk, device=DEVICE)
+    check((b, h, h, nq, nk, d), torch.float32, causal=True, attn_mask=attn_mask, bias_grad=mask == "float_grad")

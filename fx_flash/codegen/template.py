@@ -113,6 +113,34 @@ def _load_rows(src, start, offs, rows_ok, offs_d, d_ok, stride_row, stride_col,
 
 
 @triton.jit
+def _seed_and_scale(Seed, sm_scale, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr):
+    """The dropout seed (0 without dropout) and the factor qk is multiplied by: the scale, with
+    log2 e folded in when scores are kept in log2 units (see the exp2 note)."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if SCORE_IN_LOG2:
+        qk_scale = sm_scale * LOG2E
+    else:
+        qk_scale = sm_scale
+    return seed, qk_scale
+
+
+@triton.jit
+def _key_ranges(start_m, N_KV, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(interior_hi, hi) of query tile start_m: key tiles [0, interior_hi) need neither bounds nor
+    predicate, [interior_hi, hi) need both. With causal masking, keys past the tile's last row are
+    masked for every row and skipped (hi), and the band from the tile's first row on checks."""
+    if CAUSAL:
+        hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
+        interior_hi = tl.minimum((start_m * BLOCK_M) // BLOCK_N * BLOCK_N, N_KV // BLOCK_N * BLOCK_N)
+    else:
+        hi = N_KV
+        interior_hi = N_KV // BLOCK_N * BLOCK_N
+    return interior_hi, hi
+
+
+@triton.jit
 def _scores(
     q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
     stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
@@ -248,21 +276,9 @@ def _attn_fwd(
     V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
     Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    if SCORE_IN_LOG2:
-        qk_scale = sm_scale * LOG2E
-    else:
-        qk_scale = sm_scale
+    seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
 
-    if CAUSAL:
-        # Keys past this block's last row are masked for every row: those tiles are skipped.
-        hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
-        interior_hi = tl.minimum((start_m * BLOCK_M) // BLOCK_N * BLOCK_N, N_KV // BLOCK_N * BLOCK_N)
-    else:
-        hi = N_KV
-        interior_hi = N_KV // BLOCK_N * BLOCK_N
+    interior_hi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
     out, lse = _attn_fwd_rows(
         q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
@@ -317,13 +333,7 @@ def _attn_fwd_split(
     V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     Bias_head = (Bias + off_z * stride_bz + off_h * stride_bh)[:, None]  # (BLOCK_M, 1) per-row heads
     Mask_head = (Mask + off_z * stride_mz + off_h * stride_mh)[:, None]
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    if SCORE_IN_LOG2:
-        qk_scale = sm_scale * LOG2E
-    else:
-        qk_scale = sm_scale
+    seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
 
     # This program's keys: a run of whole BLOCK_N tiles, the last split taking the remainder.
     chunk = tl.cdiv(tl.cdiv(N_KV, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -513,25 +523,17 @@ def _attn_bwd_dkdv(
                    col_ok, d_ok, True, CHECK_D)  # (BLOCK_N, HEAD_DIM_PAD)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    if SCORE_IN_LOG2:
-        qk_scale = sm_scale * LOG2E
-    else:
-        qk_scale = sm_scale
-    # Query tiles: [lo, interior_hi) wholly inside the tensors, then the ragged tail. Rows before
+    seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
+    # Query tiles: [lo, first_hi) wholly inside the tensors, then the ragged tail. Rows before
     # lo see none of these keys (causal) and are skipped; with causal masking the first range
     # holds the diagonal band too and applies the predicate to all its tiles (see the note on
     # interior tiles). A ragged key tile puts every query tile in the checked range, unless the
     # predicate (which bounds the keys) runs on the first one anyway.
-    interior_hi = N_Q // BLOCK_M * BLOCK_M
+    first_hi = N_Q // BLOCK_M * BLOCK_M
     if CAUSAL:
         lo = (start_n * BLOCK_N) // BLOCK_M * BLOCK_M
-        first_hi = interior_hi
     else:
         lo = 0
-        first_hi = interior_hi
         if (start_n + 1) * BLOCK_N > N_KV:
             first_hi = 0
 
@@ -655,19 +657,8 @@ def _attn_bwd_dq(
     Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
     Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    if SCORE_IN_LOG2:
-        qk_scale = sm_scale * LOG2E
-    else:
-        qk_scale = sm_scale
-    if CAUSAL:
-        hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
-        interior_hi = tl.minimum((start_m * BLOCK_M) // BLOCK_N * BLOCK_N, N_KV // BLOCK_N * BLOCK_N)
-    else:
-        hi = N_KV
-        interior_hi = N_KV // BLOCK_N * BLOCK_N
+    seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
+    interior_hi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
         dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,

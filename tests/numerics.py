@@ -34,6 +34,16 @@ def reference_with_grads(q, k, v, attn_mask, dout, *, dtype, bias_grad=False, **
     return out, torch.autograd.grad(out, inputs, dout.to(dtype))
 
 
+def assert_against_reference(out, grads, q, k, v, attn_mask, dout, *, dtype, same_dtype, **kwargs) -> None:
+    """The rule for ``out`` and ``grads`` (dq, dk, dv[, dbias]): errors against the float64
+    reference, bounded by PyTorch's own error computing the reference in ``same_dtype``."""
+    exact, exact_grads = reference_with_grads(q, k, v, attn_mask, dout, dtype=torch.float64, **kwargs)
+    torch_out, torch_grads = reference_with_grads(q, k, v, attn_mask, dout, dtype=same_dtype, **kwargs)
+    assert_rule("out", out, torch_out, exact, dtype)
+    for name, g, tg, eg in zip(["dq", "dk", "dv", "dbias"], grads, torch_grads, exact_grads):
+        assert_rule(name, g, tg, eg, dtype)
+
+
 def poison_outputs(monkeypatch) -> None:
     """Make every kernel output start as NaN, so an element no kernel writes fails the test."""
     real = launch.new_output

@@ -17,7 +17,7 @@ import fx_flash
 from fx_flash import testing
 from fx_flash.codegen import launch
 from fx_flash.device import DeviceProfile
-from tests.numerics import assert_rule, poison_outputs, reference_with_grads
+from tests.numerics import assert_against_reference, poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -58,13 +58,9 @@ def check(shape, dtype=torch.float32, *, causal=False, attn_mask=None, bias_grad
     dout = torch.randn_like(out)
     inputs = [q, k, v] + ([mask] if bias_grad else [])
     grads = torch.autograd.grad(out, inputs, dout)
-    kw = dict(is_causal=causal, enable_gqa=hq != hkv, bias_grad=bias_grad)
-    exact, exact_grads = reference_with_grads(q, k, v, mask, dout, dtype=torch.float64, **kw)
     same = dtype if dtype != torch.bfloat16 else torch.float32
-    torch_out, torch_grads = reference_with_grads(q, k, v, mask, dout, dtype=same, **kw)
-    assert_rule("out", out, torch_out, exact, dtype)
-    for name, g, tg, eg in zip(["dq", "dk", "dv", "dbias"], grads, torch_grads, exact_grads):
-        assert_rule(name, g, tg, eg, dtype)
+    assert_against_reference(out, grads, q, k, v, mask, dout, dtype=dtype, same_dtype=same, is_causal=causal,
+                             enable_gqa=hq != hkv, bias_grad=bias_grad)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -136,12 +132,8 @@ def test_dropout_uses_the_same_mask():
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     keep = testing.dropout_keep_mask(seed, (b, hq, nq, nk), p)
-    kw = dict(dropout_p=p, dropout_keep=keep, enable_gqa=True)
-    exact, exact_grads = reference_with_grads(q, k, v, None, dout, dtype=torch.float64, **kw)
-    same, same_grads = reference_with_grads(q, k, v, None, dout, dtype=torch.float32, **kw)
-    assert_rule("out", out, same, exact, torch.float32)
-    for name, g, sg, eg in zip(["dq", "dk", "dv"], grads, same_grads, exact_grads):
-        assert_rule(name, g, sg, eg, torch.float32)
+    assert_against_reference(out, grads, q, k, v, None, dout, dtype=torch.float32, same_dtype=torch.float32,
+                             dropout_p=p, dropout_keep=keep, enable_gqa=True)
 
 
 def test_split_and_plain_forward_agree():

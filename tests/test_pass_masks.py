@@ -144,15 +144,7 @@ def forward(self, q, k, v):
 
     def test_tril_buffer_slice_is_causal(self):
         """nanoGPT's ``bias[:, :, :T, :T] == 0`` on a tril buffer, read through get_attr."""
-        class Attention(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.register_buffer("bias", torch.tril(torch.ones(N, N)).view(1, 1, N, N))
-
-            def forward(self, q, k, v):
-                return scores(q, k).masked_fill(self.bias[:, :, :N, :N] == 0, float("-inf")).softmax(-1) @ v
-
-        module = Attention()
+        module = BufferMasked(torch.tril(torch.ones(N, N)), rows=N)
         gm, result = fuse(module, *qkv())
         self.assertEqual(result.count, 1)
         self.assertTrue(ops_in(gm)[0].args[5])
@@ -160,15 +152,7 @@ def forward(self, q, k, v):
 
     def test_buffer_that_is_not_tril_stays_a_mask(self):
         """A buffer that is not lower-triangular ones is passed as a bool mask (still correct)."""
-        class Attention(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.register_buffer("bias", torch.triu(torch.ones(N, N)).view(1, 1, N, N))
-
-            def forward(self, q, k, v):
-                return scores(q, k).masked_fill(self.bias[:, :, :N, :N] == 0, float("-inf")).softmax(-1) @ v
-
-        module = Attention()
+        module = BufferMasked(torch.triu(torch.ones(N, N)), rows=N)
         gm, result = fuse(module, *qkv())
         self.assertEqual(result.count, 1)
         self.assertFalse(ops_in(gm)[0].args[5])
@@ -177,18 +161,23 @@ def forward(self, q, k, v):
 
     def test_causal_slice_shorter_than_queries_is_not_causal(self):
         """A one-row slice broadcast over all queries is not causal: kept as a mask."""
-        class Attention(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.register_buffer("bias", torch.tril(torch.ones(N, N)).view(1, 1, N, N))
-
-            def forward(self, q, k, v):
-                return scores(q, k).masked_fill(self.bias[:, :, :1, :N] == 0, float("-inf")).softmax(-1) @ v
-
-        module = Attention()
+        module = BufferMasked(torch.tril(torch.ones(N, N)), rows=1)
         gm, result = fuse(module, *qkv())
         self.assertFalse(ops_in(gm)[0].args[5])
         assert_same(module, gm, *qkv())
+
+
+class BufferMasked(nn.Module):
+    """nanoGPT's spelling: ``masked_fill(bias[:, :, :rows, :N] == 0, -inf)`` on a registered
+    (1, 1, N, N) buffer."""
+
+    def __init__(self, buffer, rows):
+        super().__init__()
+        self.register_buffer("bias", buffer.view(1, 1, N, N))
+        self.rows = rows
+
+    def forward(self, q, k, v):
+        return scores(q, k).masked_fill(self.bias[:, :, :self.rows, :N] == 0, float("-inf")).softmax(-1) @ v
 
 
 def tensor_dtype(node):

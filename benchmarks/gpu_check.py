@@ -205,8 +205,9 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _variant_fns(name, q, k, v, causal, gqa, block_mask, flex):
-    """The forward of implementation ``name`` on (q, k, v), or None if it does not exist."""
+def _variant_fns(name, q, k, v, causal, gqa, block_mask, flex, settings=True):
+    """The forward of implementation ``name`` on (q, k, v), or None if it does not exist; for an
+    fx_flash variant, run under its settings unless ``settings`` is False (the caller wraps)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa_with(backend):
@@ -217,7 +218,8 @@ def _variant_fns(name, q, k, v, causal, gqa, block_mask, flex):
 
     d, n = q.shape[-1], q.shape[-2]
     if name in FX_VARIANTS:
-        return fx_variant(name, lambda: fx_flash.flash_attention(q, k, v, is_causal=causal, enable_gqa=gqa))
+        call = lambda: fx_flash.flash_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # noqa: E731
+        return fx_variant(name, call) if settings else call
     table = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
         "sdpa_cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
@@ -256,13 +258,14 @@ def time_variants(label, q, k, v, do, causal, flops, variants, flex, rep=100):
         if name == "eager" and b * hq * n * k.shape[2] * q.element_size() * 6 > 60e9:
             rows.append(dict(res, fwd=None, fwdbwd=None, mem=None))
             continue
-        fwd = _variant_fns(name, q, k, v, causal, gqa, bm, flex)
+        raw = _variant_fns(name, q, k, v, causal, gqa, bm, flex, settings=False)
+        fwd = fx_variant(name, raw) if name in FX_VARIANTS else raw
         try:
             fwd()
             res["fwd"] = flops / triton.testing.do_bench(fwd, warmup=25, rep=rep, return_mode="median") / 1e9
-            step = lambda: torch.autograd.grad(fwd(), (q, k, v), do)  # noqa: E731
+            step = lambda: torch.autograd.grad(raw(), (q, k, v), do)  # noqa: E731
             if name in FX_VARIANTS:
-                step = fx_variant(name, step)
+                step = fx_variant(name, step)  # the backward reads the settings too
             step()
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()

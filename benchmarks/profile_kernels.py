@@ -24,6 +24,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fx_flash  # noqa: E402
@@ -91,8 +92,6 @@ def main():
         for name, fwd in ((x, impls[x]) for x in wanted):
             times = kernel_times(lambda: torch.autograd.grad(fwd(), (q, k, v), do))
             total = sum(times.values())
-            import triton.testing
-
             wall = 1e3 * triton.testing.do_bench(lambda: torch.autograd.grad(fwd(), (q, k, v), do), return_mode="median")
             print(f"\n{name} d={d} N={n} causal={causal}: {total:.0f} us of GPU time per fwd+bwd "
                   f"({wall:.0f} us wall), {3.5 * flops_fwd / total / 1e6:.0f} TFLOP/s by the standard count")

@@ -233,10 +233,11 @@ def _with_tma(consts: dict, *streamed: torch.Tensor) -> dict:
 def _common(spec, q, k):
     z, h, n_q, d = q.shape
     n_kv = k.shape[2]
+    d_pad = tiling.pad_head_dim(d)
     return dict(
         H=h, N_Q=n_q, N_KV=n_kv, N_Q_BUCKET=_bucket(n_q), N_KV_BUCKET=_bucket(n_kv),
-        GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=tiling.pad_head_dim(d),
-        CHECK_D=d != tiling.pad_head_dim(d), CAUSAL=spec.causal, DROPOUT=spec.dropout,
+        GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=d_pad,
+        CHECK_D=d != d_pad, CAUSAL=spec.causal, DROPOUT=spec.dropout,
         SCORE_IN_LOG2=score_in_log2(spec), DQ_ATOMIC=atomic_dq(),
         INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False,
     ), (z, h, n_q, n_kv)
@@ -366,10 +367,9 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
              *_strides4(bias, full), *_strides4(mask_b, full), **_with_tma(consts, k, v))
     else:
-        d_pad = tiling.pad_head_dim(q.shape[-1])
         loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
             out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
-            HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=d_pad, BLOCK_M=DELTA_BLOCK_M)
+            HEAD_DIM=consts["HEAD_DIM"], HEAD_DIM_PAD=consts["HEAD_DIM_PAD"], BLOCK_M=DELTA_BLOCK_M)
     dq_arg = dq_acc if dq_acc is not None else q
     grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
     _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,

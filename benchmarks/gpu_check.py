@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fx_flash  # noqa: E402
 from fx_flash import testing  # noqa: E402
 from fx_flash.device import device_profile  # noqa: E402
+from fx_flash.ops import sdpa_forward  # noqa: E402
 from fx_flash.reference import attention_reference  # noqa: E402
 
 DEV = "cuda"
@@ -63,9 +64,7 @@ def check_case(name, b, hq, hkv, nq, nk, d, dtype, causal=False, mask=None, drop
     seed = torch.tensor([1234 + nq], device=DEV, dtype=torch.int64)
     keep = testing.dropout_keep_mask(seed, (b, hq, nq, nk), dropout_p) if dropout_p else None
     if dropout_p:
-        bias = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
-        bmask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
-        out, _ = torch.ops.fx_flash.flash_attn_fwd(q, k, v, bias, bmask, seed, dropout_p, causal, scale)
+        out, _ = sdpa_forward(q, k, v, attn_mask, seed, dropout_p, causal, scale)
     else:
         out = fx_flash.flash_attention(q, k, v, attn_mask, 0.0, causal, scale, gqa)
     grads = torch.autograd.grad(out, inputs, do)

@@ -157,9 +157,9 @@ def _spec(done) -> str:
         from fx_flash.codegen.spec import sdpa_spec
 
         return sdpa_spec(
-            bias="additive" in done.mask_kind,
+            bias=(False,) * 4 if "additive" in done.mask_kind else None,
             bias_grad=done.bias_requires_grad,
-            mask="bool" in done.mask_kind,
+            mask=(False,) * 4 if "bool" in done.mask_kind else None,
             causal=done.is_causal,
             dropout=done.dropout.endswith("(training)") or "trains" in done.dropout,
         ).describe()

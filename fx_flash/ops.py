@@ -1,10 +1,13 @@
 """The torch.library contract of fx_flash: schemas, fake kernels, autograd, dispatch.
 
-    fx_flash::flash_attention   SDPA's signature; CompositeImplicitAutograd: checks arguments,
-                                draws the dropout seed and calls the forward op. This is what the
-                                graph pass emits, one call per attention.
-    fx_flash::flash_attn_fwd    (out, logsumexp); registered autograd calls flash_attn_bwd.
-    fx_flash::flash_attn_bwd    (dq, dk, dv, dbias); dbias is empty unless the bias needs grad.
+    fx_flash::flash_attention   SDPA's signature (the public op); CompositeImplicitAutograd:
+                                checks arguments, turns attn_mask/is_causal into a spec and its
+                                operands, draws the dropout seed and calls attn_fwd.
+    fx_flash::attention         what the graph pass emits, one call per attention: q, k, v, the
+                                tensors the captured score reads and the spec (its text form,
+                                e.g. ``score=30*tanh(qk*scale/30); keep=kv_idx <= q_idx``).
+    fx_flash::attn_fwd          (out, logsumexp) of any spec; registered autograd calls attn_bwd.
+    fx_flash::attn_bwd          (dq, dk, dv, [a gradient per operand the spec marks ``grad``]).
 
 CUDA tensors run the generated Triton kernels; CPU tensors run the same kernels under
 ``TRITON_INTERPRET=1`` and the eager oracle (``reference.py``) otherwise. Triton is imported
@@ -13,6 +16,7 @@ only when a kernel is launched.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fx_flash import validate
+from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 from fx_flash.device import interpreting
 
 LIB = "fx_flash"
@@ -45,122 +50,127 @@ def _reference_keep(seed: Tensor, shape, dropout_p: float) -> Tensor:
     return (torch.rand(shape, generator=gen) >= dropout_p).to(seed.device)
 
 
-def _reference_mask(bias: Optional[Tensor], mask: Optional[Tensor]) -> Optional[Tensor]:
-    if bias is not None and mask is not None:
-        return bias.masked_fill(~mask, float("-inf"))
-    return bias if bias is not None else mask
+def _reference_call(q, k, v, operands, seed, dropout_p, scale, spec):
+    from fx_flash.reference import spec_attention
 
-
-def _reference_forward(q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
-    from fx_flash.reference import attention_logsumexp, attention_reference
-
-    attn_mask = _reference_mask(bias, mask)
     keep = None
-    if dropout_p > 0.0:
+    if spec.dropout and dropout_p > 0.0:
         keep = _reference_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
-    out = attention_reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa=True,
-                              dropout_keep=keep, upcast=torch.float32)
-    lse = attention_logsumexp(q, k, attn_mask, is_causal, scale, enable_gqa=True, upcast=torch.float32)
-    return out.to(q.dtype), lse
+    return spec_attention(q, k, v, operands, spec, scale, dropout_p, dropout_keep=keep, upcast=torch.float32,
+                          with_lse=True)
 
 
 # The ops are defined with torch.library.define/impl rather than torch.library.custom_op, whose
 # per-call wrapper (Dynamo guard, aliasing checks) cost ~80 µs of host time per forward+backward
 # on the H200 (benchmarks/RESULTS.md, host overhead).
 torch.library.define(
-    f"{LIB}::flash_attn_fwd",
-    "(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? seed, float dropout_p, bool is_causal, "
-    "float scale) -> (Tensor, Tensor)",
+    f"{LIB}::attn_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor[] operands, Tensor? seed, float dropout_p, float scale, str spec) "
+    "-> (Tensor, Tensor)",
 )
 torch.library.define(
-    f"{LIB}::flash_attn_bwd",
-    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, Tensor? mask, Tensor? seed, "
-    "float dropout_p, bool is_causal, float scale, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"{LIB}::attn_bwd",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] operands, Tensor? seed, "
+    "float dropout_p, float scale, str spec) -> (Tensor, Tensor, Tensor, Tensor[])",
 )
 
 
-@torch.library.impl(f"{LIB}::flash_attn_fwd", ("CPU", "CUDA"))
-def _flash_attn_fwd(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
-    dropout_p: float, is_causal: bool, scale: float,
-) -> tuple[Tensor, Tensor]:
+@torch.library.impl(f"{LIB}::attn_fwd", ("CPU", "CUDA"))
+def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], seed: Optional[Tensor], dropout_p: float,
+              scale: float, spec: str) -> tuple[Tensor, Tensor]:
     """Fused attention forward. Returns (out (B, Hq, Nq, d), logsumexp (B, Hq, Nq) fp32)."""
+    parsed = spec_from_text(spec)
     if not runs_kernels(q.device):
-        return _reference_forward(q, k, v, bias, mask, seed, dropout_p, is_causal, scale)
+        out, lse = _reference_call(q, k, v, operands, seed, dropout_p, scale, parsed)
+        return out.to(q.dtype), lse
     from fx_flash.codegen.launch import attention_forward
 
     dtype = q.dtype
-    q, k, v, bias = (_interpreter_dtype(t) for t in (q, k, v, bias))
-    out, lse = attention_forward(q, k, v, bias, mask, seed, dropout_p, is_causal, scale)
+    q, k, v = (_interpreter_dtype(t) for t in (q, k, v))
+    operands = [_interpreter_dtype(t) for t in operands]
+    out, lse = attention_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
     return out.to(dtype), lse
 
 
-@torch.library.register_fake(f"{LIB}::flash_attn_fwd")
-def _(q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
+@torch.library.register_fake(f"{LIB}::attn_fwd")
+def _(q, k, v, operands, seed, dropout_p, scale, spec):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.impl(f"{LIB}::flash_attn_bwd", ("CPU", "CUDA"))
-def _flash_attn_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
-    dropout_p: float, is_causal: bool, scale: float, bias_requires_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused attention backward. Returns (dq, dk, dv, dbias); dbias is empty (0,) unless requested."""
+@torch.library.impl(f"{LIB}::attn_bwd", ("CPU", "CUDA"))
+def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, operands: list[Tensor],
+              seed: Optional[Tensor], dropout_p: float, scale: float, spec: str):
+    """Fused attention backward. Returns (dq, dk, dv, [d operand for each ``grad`` operand])."""
+    parsed = spec_from_text(spec)
+    grad_of = [t for op, t in zip(parsed.operands, operands) if op.grad]
     if not runs_kernels(q.device):
-        dq, dk, dv, dbias = _reference_backward(dout, q, k, v, bias, mask, seed, dropout_p, is_causal, scale,
-                                                bias_requires_grad)
+        dq, dk, dv, dops = _reference_backward(dout, q, k, v, operands, seed, dropout_p, scale, parsed)
     else:
         from fx_flash.codegen.launch import attention_backward
 
         dtypes = (q.dtype, k.dtype, v.dtype)
-        args = [_interpreter_dtype(t) for t in (dout, q, k, v, out, bias)]
-        dq, dk, dv, dbias = attention_backward(*args[:5], lse, args[5], mask, seed, dropout_p, is_causal, scale,
-                                               bias_requires_grad)
+        args = [_interpreter_dtype(t) for t in (dout, q, k, v, out)]
+        dq, dk, dv, dops = attention_backward(*args, lse, [_interpreter_dtype(t) for t in operands], seed,
+                                              dropout_p, scale, parsed)
         dq, dk, dv = (g.to(dt) for g, dt in zip((dq, dk, dv), dtypes))
-        dbias = dbias.to(bias.dtype) if dbias is not None else None
-    return dq, dk, dv, (dbias if dbias is not None else q.new_empty((0,)))
+    return dq, dk, dv, [g.to(t.dtype) for g, t in zip(dops, grad_of)]
 
 
-def _reference_backward(dout, q, k, v, bias, mask, seed, dropout_p, is_causal, scale, bias_requires_grad):
-    from fx_flash.reference import attention_reference_backward
+def _reference_backward(dout, q, k, v, operands, seed, dropout_p, scale, spec):
+    """Gradients of the eager oracle by autograd (custom-op kernels run below autograd, so the
+    graph is built here on detached fp32 copies)."""
+    from fx_flash.reference import spec_attention
 
     keep = None
-    if dropout_p > 0.0:
+    if spec.dropout and dropout_p > 0.0:
         keep = _reference_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
-    dq, dk, dv, ds = attention_reference_backward(dout, q, k, v, _reference_mask(bias, mask), keep, dropout_p,
-                                                  is_causal, scale, enable_gqa=True)
-    dbias = None
-    if bias_requires_grad:
-        dbias = ds.sum_to_size(bias.shape).to(bias.dtype).contiguous()  # summed over the broadcast axes
-    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dbias
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ops = [t.detach().float().requires_grad_(o.grad) if t.dtype.is_floating_point else t
+           for o, t in zip(spec.operands, operands)]
+    with torch.enable_grad():
+        out = spec_attention(*leaves, ops, spec, scale, dropout_p, dropout_keep=keep)
+        wanted = leaves + [t for o, t in zip(spec.operands, ops) if o.grad]
+        grads = torch.autograd.grad(out, wanted, dout.float(), allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted)]
+    dq, dk, dv = (g.to(t.dtype).contiguous() for g, t in zip(grads[:3], (q, k, v)))
+    return dq, dk, dv, [g.contiguous() for g in grads[3:]]
 
 
-@torch.library.register_fake(f"{LIB}::flash_attn_bwd")
-def _(dout, q, k, v, out, lse, bias, mask, seed, dropout_p, is_causal, scale, bias_requires_grad):
+@torch.library.register_fake(f"{LIB}::attn_bwd")
+def _(dout, q, k, v, out, lse, operands, seed, dropout_p, scale, spec):
     # Gradients come back contiguous whatever the inputs' strides (q/k/v are often transposed views).
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
-    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_requires_grad else q.new_empty((0,))
-    return (*grads, dbias)
+    parsed = spec_from_text(spec)
+    dops = [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for op, t in zip(parsed.operands, operands) if op.grad]
+    return (*grads, dops)
 
 
-class _FlashAttnFunction(torch.autograd.Function):
-    """The autograd of flash_attn_fwd, registered at its Autograd key.
+@functools.lru_cache(maxsize=1024)
+def _backward_spec(spec: str, grads: tuple) -> str:
+    """``spec`` with the gradient flags of its operands set from autograd's needs."""
+    return spec_from_text(spec).with_grads(grads).text
+
+
+class _AttnFunction(torch.autograd.Function):
+    """The autograd of attn_fwd, registered at its Autograd key.
 
     Written as a plain autograd.Function rather than through torch.library.register_autograd,
     whose per-call wrapper (argument normalization with fill_defaults) cost ~20-45 us of host
-    time per call on the H200, a large share of a decoding step (benchmarks/RESULTS.md).
+    time per call on the H200 (benchmarks/RESULTS.md). Operands come last as separate
+    arguments so that autograd tracks each one (it does not look inside a list).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
+    def forward(ctx, q, k, v, seed, dropout_p, scale, spec, *operands):
         with torch._C._AutoDispatchBelowAutograd():
-            out, lse = torch.ops.fx_flash.flash_attn_fwd.default(q, k, v, bias, mask, seed, dropout_p, is_causal,
-                                                                 scale)
-        ctx.save_for_backward(q, k, v, out, lse, bias, mask, seed)
-        ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
-        ctx.bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
+            out, lse = torch.ops.fx_flash.attn_fwd.default(q, k, v, list(operands), seed, dropout_p, scale, spec)
+        ctx.save_for_backward(q, k, v, out, lse, seed, *operands)
+        ctx.dropout_p, ctx.scale = dropout_p, scale
+        ctx.operand_grads = tuple(bool(g) and t.dtype.is_floating_point
+                                  for g, t in zip(ctx.needs_input_grad[7:], operands))
+        ctx.spec = _backward_spec(spec, ctx.operand_grads)
         # The logsumexp is an auxiliary output (as in SDPA's kernels): it has no gradient, and
         # an unused output's gradient is passed as None rather than a materialized zero tensor.
         ctx.mark_non_differentiable(lse)
@@ -170,26 +180,55 @@ class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         # Only out is differentiable, so the backward runs only when out has a gradient.
-        q, k, v, out, lse, bias, mask, seed = ctx.saved_tensors
-        dq, dk, dv, dbias = torch.ops.fx_flash.flash_attn_bwd.default(
-            grad_out, q, k, v, out, lse, bias, mask, seed, ctx.dropout_p, ctx.is_causal, ctx.scale,
-            ctx.bias_requires_grad)
-        return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), None, None, None, None, None
+        q, k, v, out, lse, seed, *operands = ctx.saved_tensors
+        dq, dk, dv, dops = torch.ops.fx_flash.attn_bwd.default(
+            grad_out, q, k, v, out, lse, operands, seed, ctx.dropout_p, ctx.scale, ctx.spec)
+        found = iter(dops)
+        return (dq, dk, dv, None, None, None, None, *[next(found) if g else None for g in ctx.operand_grads])
 
 
-@torch.library.impl(f"{LIB}::flash_attn_fwd", "Autograd")
-def _flash_attn_fwd_autograd(q, k, v, bias, mask, seed, dropout_p, is_causal, scale):
+@torch.library.impl(f"{LIB}::attn_fwd", "Autograd")
+def _attn_fwd_autograd(q, k, v, operands, seed, dropout_p, scale, spec):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return _FlashAttnFunction.apply(q, k, v, bias, mask, seed, dropout_p, is_causal, scale)
+                                    or any(t.requires_grad for t in operands)):
+        return _AttnFunction.apply(q, k, v, seed, dropout_p, scale, spec, *operands)
     # Nothing to differentiate (inference, decoding): skip the autograd.Function's bookkeeping,
     # a third of the op's Python time per call.
     with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.fx_flash.flash_attn_fwd.default(q, k, v, bias, mask, seed, dropout_p, is_causal, scale)
+        return torch.ops.fx_flash.attn_fwd.default(q, k, v, operands, seed, dropout_p, scale, spec)
 
 
-flash_attn_fwd = torch.ops.fx_flash.flash_attn_fwd.default
-flash_attn_bwd = torch.ops.fx_flash.flash_attn_bwd.default
+attn_fwd = torch.ops.fx_flash.attn_fwd.default
+attn_bwd = torch.ops.fx_flash.attn_bwd.default
+
+
+def _draw_seed(q: Tensor, dropout_p: float) -> Optional[Tensor]:
+    # Drawn from torch's generator of q's device, so torch.manual_seed makes runs repeat.
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    return None
+
+
+def _sizes_one(t: Tensor) -> tuple:
+    return tuple(n == 1 for n in t.shape)
+
+
+def sdpa_call(attn_mask: Optional[Tensor], is_causal: bool, dropout_p: float) -> tuple[str, list[Tensor]]:
+    """(spec text, operands) of SDPA's arguments: a float attn_mask is added to the scores, a
+    bool one keeps where True; each is read through its own broadcast strides."""
+    bias = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
+    mask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
+    spec = sdpa_spec(bias=None if bias is None else _sizes_one(bias), mask=None if mask is None else _sizes_one(mask),
+                     causal=bool(is_causal), dropout=dropout_p > 0.0)
+    return spec.text, [t for t in (bias, mask) if t is not None]
+
+
+def sdpa_forward(q, k, v, attn_mask=None, seed=None, dropout_p=0.0, is_causal=False, scale=None):
+    """(out, logsumexp) of SDPA-style arguments through attn_fwd (tests and benchmarks use the
+    logsumexp; ``flash_attention`` returns out)."""
+    spec, operands = sdpa_call(attn_mask, is_causal, dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return attn_fwd(q, k, v, operands, seed, float(dropout_p), scale, spec)
 
 
 torch.library.define(
@@ -202,12 +241,33 @@ torch.library.define(
 @torch.library.impl(f"{LIB}::flash_attention", "CompositeImplicitAutograd")
 def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     validate.check_arguments(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    bias = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
-    mask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
-    seed = None
-    if dropout_p > 0.0:
-        # Drawn from torch's generator of q's device, so torch.manual_seed makes runs repeat.
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    out, _ = flash_attn_fwd(q, k, v, bias, mask, seed, float(dropout_p), bool(is_causal), scale)
+    out, _ = sdpa_forward(q, k, v, attn_mask, _draw_seed(q, dropout_p), dropout_p, is_causal, scale)
     return out
+
+
+torch.library.define(
+    f"{LIB}::attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor[] operands, float dropout_p, float? scale, bool enable_gqa, str spec) "
+    "-> Tensor",
+)
+
+
+@torch.library.impl(f"{LIB}::attention", "CompositeImplicitAutograd")
+def _attention(q, k, v, operands, dropout_p, scale, enable_gqa, spec):
+    """Attention whose score is ``spec``'s expression over q·kᵀ and ``operands``."""
+    validate.check_arguments(q, k, v, None, dropout_p, False, scale, enable_gqa)
+    validate.check_operands(q, k, operands, spec_from_text(spec))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # The graph's p may switch at run time (nn.Dropout under .train()/.eval()): the kernel's
+    # dropout follows the value, not the text.
+    spec = _with_dropout(spec, dropout_p > 0.0)
+    out, _ = attn_fwd(q, k, v, list(operands), _draw_seed(q, dropout_p), float(dropout_p), scale, spec)
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _with_dropout(spec: str, dropout: bool) -> str:
+    parsed = spec_from_text(spec)
+    if parsed.dropout == dropout:
+        return spec
+    return type(parsed)(parsed.score, parsed.keep, parsed.operands, parsed.fill, dropout).text

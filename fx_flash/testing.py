@@ -8,7 +8,7 @@ from fx_flash.ops import _reference_keep, runs_kernels
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
-    """The bool (B, H, Nq, Nk) mask of weights that ``flash_attn_fwd`` keeps for ``seed``.
+    """The bool (B, H, Nq, Nk) mask of weights that ``attn_fwd`` keeps for ``seed``.
 
     The same function of (seed, batch·head, row, column) that the forward and backward kernels
     evaluate, so a test can hand it to ``reference.attention_reference(dropout_keep=...)``.

@@ -62,3 +62,28 @@ def check_arguments(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not float(scale) == float(scale):
         raise ValueError("scale is NaN")
+
+
+def check_operands(q, k, operands, spec) -> None:
+    """Raise ValueError/TypeError unless ``operands`` are the tensors ``spec`` reads: one per
+    operand of the spec, of its kind, with its number of dimensions, on q's device, and long
+    enough along every dimension the spec indexes by query or key position."""
+    if len(operands) != len(spec.operands):
+        raise ValueError(f"the spec {spec.text!r} reads {len(spec.operands)} operand(s), got {len(operands)}")
+    n_q, n_kv = q.shape[2], k.shape[2]
+    from fx_flash.codegen.spec import KV_IDX, Q_IDX
+
+    for op, t in zip(spec.operands, operands):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"operand {op.name} must be a Tensor, got {type(t).__name__}")
+        kind = "bool" if t.dtype == torch.bool else "float" if t.dtype.is_floating_point else "int"
+        if kind != op.kind or t.is_complex():
+            raise TypeError(f"operand {op.name} is read as {op.kind}, got a {t.dtype} tensor")
+        if t.dim() != len(op.index):
+            raise ValueError(f"operand {op.name} has {len(op.index)} dimension(s) in the spec, got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"operand {op.name} is on {t.device}, q on {q.device}")
+        for size, e in zip(t.shape, op.index):
+            need = n_q if e == Q_IDX else n_kv if e == KV_IDX else 1
+            if size < need:
+                raise ValueError(f"operand {op.name} of shape {tuple(t.shape)} is indexed by {e} up to {need - 1}")

@@ -94,7 +94,7 @@ def test_second_call_in_the_same_process_does_not_benchmark():
     assert again.calls == []
 
 
-SPEC = sdpa_spec(bias=False, bias_grad=False, mask=False, causal=True, dropout=False)
+SPEC = sdpa_spec(causal=True)
 
 
 def _launch_key(n_q: int, n_kv: int, head_dim: int = 64, dtype=torch.float16) -> dict:

@@ -17,6 +17,7 @@ import fx_flash
 from fx_flash import testing
 from fx_flash.codegen import launch
 from fx_flash.device import DeviceProfile
+from fx_flash.ops import sdpa_forward
 from tests.numerics import assert_against_reference, poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,7 +104,7 @@ def test_rows_with_every_key_masked():
     mask = torch.rand(b, hq, nq, nk, device=DEVICE) > 0.5
     mask[0, 1, 0] = False
     assert _plan_splits(q, k) > 1
-    out, lse = torch.ops.fx_flash.flash_attn_fwd(q, k, v, None, mask, None, 0.0, False, 0.25)
+    out, lse = sdpa_forward(q, k, v, mask, None, 0.0, False, 0.25)
     assert torch.equal(out[0, 1, 0], torch.zeros(d, device=DEVICE))
     assert lse[0, 1, 0] == float("-inf")
     assert torch.isfinite(lse[0, 0]).all() and torch.isfinite(out).all()
@@ -115,7 +116,7 @@ def test_logsumexp_matches_oracle():
     b, hq, hkv, nq, nk, d = SHAPES["gqa_packed"]
     q = torch.randn(b, hq, nq, d, device=DEVICE)
     k, v = (torch.randn(b, hkv, nk, d, device=DEVICE) for _ in range(2))
-    _, lse = torch.ops.fx_flash.flash_attn_fwd(q, k, v, None, None, None, 0.0, False, 0.125)
+    _, lse = sdpa_forward(q, k, v, None, None, 0.0, False, 0.125)
     exact = attention_logsumexp(q.double(), k.double(), None, False, 0.125, enable_gqa=True)
     torch.testing.assert_close(lse.double(), exact, atol=1e-5, rtol=1e-5)
 
@@ -128,7 +129,7 @@ def test_dropout_uses_the_same_mask():
     q = torch.randn(b, hq, nq, d, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(b, hkv, nk, d, device=DEVICE, requires_grad=True) for _ in range(2))
     seed = torch.tensor([99], dtype=torch.int64, device=DEVICE)
-    out, _ = torch.ops.fx_flash.flash_attn_fwd(q, k, v, None, None, seed, p, False, 1 / math.sqrt(d))
+    out, _ = sdpa_forward(q, k, v, None, seed, p, False, 1 / math.sqrt(d))
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     keep = testing.dropout_keep_mask(seed, (b, hq, nq, nk), p)
@@ -141,10 +142,10 @@ def test_split_and_plain_forward_agree():
     b, hq, hkv, nq, nk, d = 1, 4, 4, 2, 333, 32
     q = torch.randn(b, hq, nq, d, device=DEVICE)
     k, v = (torch.randn(b, hkv, nk, d, device=DEVICE) for _ in range(2))
-    split_out, split_lse = torch.ops.fx_flash.flash_attn_fwd(q, k, v, None, None, None, 0.0, False, 0.2)
+    split_out, split_lse = sdpa_forward(q, k, v, None, None, 0.0, False, 0.2)
     launch.SPLIT_MIN_KEYS = 10**9  # the fixture restores it: now one split and no packing → plain
     assert launch.decode_plan(q, k) == (0, 0)
-    plain_out, plain_lse = torch.ops.fx_flash.flash_attn_fwd(q, k, v, None, None, None, 0.0, False, 0.2)
+    plain_out, plain_lse = sdpa_forward(q, k, v, None, None, 0.0, False, 0.2)
     torch.testing.assert_close(split_out, plain_out, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(split_lse, plain_lse, atol=2e-6, rtol=2e-6)
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import fx_flash
+from fx_flash.codegen.spec import spec_from_text
+from fx_flash.ops import sdpa_call, sdpa_forward
 from tests.numerics import assert_against_reference, poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,7 +161,7 @@ def test_logsumexp_output():
     from fx_flash.reference import attention_logsumexp
 
     q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (7, 30, 30))
-    _, lse = torch.ops.fx_flash.flash_attn_fwd(q, k, v, None, None, None, 0.0, True, 0.25)
+    _, lse = sdpa_forward(q, k, v, None, None, 0.0, True, 0.25)
     torch.testing.assert_close(lse, attention_logsumexp(q, k, None, True, 0.25), atol=1e-5, rtol=1e-5)
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 7)
 
@@ -199,8 +201,10 @@ def test_no_quadratic_allocation():
     q, k, v = (torch.randn(1, 1, n, d, device=DEVICE) for _ in range(3))
     bias = torch.randn(1, 1, 1, n, device=DEVICE)
     with LargestTensor() as largest:
-        out, lse = launch.attention_forward(q, k, v, bias, None, None, 0.0, True, 0.25)
-        launch.attention_backward(torch.randn_like(out), q, k, v, out, lse, bias, None, None, 0.0, True, 0.25, True)
+        spec, operands = sdpa_call(bias, True, 0.0)
+        spec = spec_from_text(spec).with_grads([True])
+        out, lse = launch.attention_forward(q, k, v, operands, None, 0.0, 0.25, spec)
+        launch.attention_backward(torch.randn_like(out), q, k, v, out, lse, operands, None, 0.0, 0.25, spec)
     # fp32 q/k/v are n·d·4 bytes; an (Nq, Nk) fp32 tensor would be 4x that.
     assert 0 < largest.nbytes <= n * d * 4, f"a {largest.nbytes}-byte tensor for N={n}, d={d}"
 

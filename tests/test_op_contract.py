@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fx_flash
+from fx_flash.codegen.spec import spec_from_text
+from fx_flash.ops import sdpa_call
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,17 +28,19 @@ def test_opcheck(case):
     mask = (torch.rand(2, 1, 9, 11, device=DEVICE) > 0.3) if case == "mask_dropout_gqa" else None
     seed = torch.tensor([3], device=DEVICE) if case == "mask_dropout_gqa" else None
     p = 0.2 if seed is not None else 0.0
-    torch.library.opcheck(torch.ops.fx_flash.flash_attn_fwd.default,
-                          (q, k, v, bias, mask, seed, p, case == "bias_grad_causal", 0.3))
+    spec, operands = sdpa_call(bias if bias is not None else mask, case == "bias_grad_causal", p)
+    torch.library.opcheck(torch.ops.fx_flash.attn_fwd.default, (q, k, v, operands, seed, p, 0.3, spec))
 
 
 def test_opcheck_backward():
     """The backward op passes opcheck too (it is called directly by compiled backward graphs)."""
     q, k, v = _qkv()
     bias = torch.randn(1, 2, 9, 11, device=DEVICE)
-    out, lse = torch.ops.fx_flash.flash_attn_fwd(q, k, v, bias, None, None, 0.0, True, 0.3)
-    torch.library.opcheck(torch.ops.fx_flash.flash_attn_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, bias, None, None, 0.0, True, 0.3, True))
+    spec, operands = sdpa_call(bias, True, 0.0)
+    out, lse = torch.ops.fx_flash.attn_fwd(q, k, v, operands, None, 0.0, 0.3, spec)
+    spec = spec_from_text(spec).with_grads([True]).text
+    torch.library.opcheck(torch.ops.fx_flash.attn_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, operands, None, 0.0, 0.3, spec))
 
 
 def test_compile_fullgraph_dynamic_no_recompile():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fx_flash.codegen import tiling
+from fx_flash.codegen.spec import sdpa_spec
 from fx_flash.device import INTERPRETER_PROFILE, DeviceProfile, device_profile
 
 DEVICES = {
@@ -88,6 +89,6 @@ def test_compiled_kernels_fit_device(head_dim):
     q, k, v = (torch.randn(1, 2, 256, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     fx_flash.flash_attention(q, k, v)
     m = device_profile(q.device).shared_memory
-    fn = loader.load(launch.spec_of(None, None, False, 0.0))._attn_fwd
+    fn = loader.load(sdpa_spec())._attn_fwd
     shared = [kern.metadata.shared for cache in fn.device_caches.values() for kern in cache[0].values()]
     assert shared and max(shared) <= m

@@ -21,8 +21,7 @@ import torch
 import triton
 
 from fx_flash.codegen import autotune, loader, tiling
-from fx_flash.codegen.generate import score_in_log2
-from fx_flash.codegen.spec import AttentionSpec, sdpa_spec
+from fx_flash.codegen.spec import KV_IDX, Q_IDX, AttentionSpec, sdpa_spec
 from fx_flash.device import device_profile, interpreting
 
 DELTA_BLOCK_M = 64
@@ -176,10 +175,36 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
     fn[grid(meta)](*args, **kwargs, **meta)
 
 
-def spec_of(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = False) -> AttentionSpec:
-    """The spec the op's arguments describe."""
-    return sdpa_spec(bias=bias is not None, bias_grad=bias_grad, mask=mask is not None,
-                     causal=is_causal, dropout=dropout_p > 0.0)
+def _sizes_one(t: torch.Tensor) -> tuple:
+    return tuple(n == 1 for n in t.shape)
+
+
+def sdpa_operands(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = False):
+    """(spec, operands) of SDPA-style arguments: a float ``bias`` added, a bool ``mask`` kept,
+    each broadcast to (Z, H, N_Q, N_KV) through its own strides."""
+    spec = sdpa_spec(bias=None if bias is None else _sizes_one(bias), bias_grad=bias_grad,
+                     mask=None if mask is None else _sizes_one(mask), causal=is_causal, dropout=dropout_p > 0.0)
+    return spec, [t for t in (bias, mask) if t is not None]
+
+
+def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
+    """Kernel arguments of the operands (or of their gradient buffers): pointer, the stride of
+    each dimension a program's batch/head selects, then the summed strides of the dimensions
+    indexed by q_idx and kv_idx."""
+    ops = spec.grad_operands if grads else spec.operands
+    if len(tensors) != len(ops):
+        raise ValueError(f"spec {spec.text!r} reads {len(ops)} operands, got {len(tensors)}")
+    args = []
+    for op, t in zip(ops, tensors):
+        if t.dim() != len(op.index):
+            raise ValueError(f"operand {op.name} of spec {spec.text!r} has {len(op.index)} dimensions, "
+                             f"got a tensor of shape {tuple(t.shape)}")
+        strides = t.stride()
+        args.append(t.view(torch.uint8) if t.dtype == torch.bool else t)  # Triton reads bool as bytes
+        args += [strides[d] for d, _ in op.lead]
+        args.append(sum(st for st, e in zip(strides, op.index) if e == Q_IDX))
+        args.append(sum(st for st, e in zip(strides, op.index) if e == KV_IDX))
+    return args
 
 
 def _tma_allowed(device: torch.device) -> bool:
@@ -238,14 +263,9 @@ def _common(spec, q, k):
         H=h, N_Q=n_q, N_KV=n_kv, N_Q_BUCKET=_bucket(n_q), N_KV_BUCKET=_bucket(n_kv),
         GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=d_pad,
         CHECK_D=d != d_pad, CAUSAL=spec.causal, DROPOUT=spec.dropout,
-        SCORE_IN_LOG2=score_in_log2(spec), DQ_ATOMIC=atomic_dq(),
+        SCORE_IN_LOG2=spec.score_in_log2, DQ_ATOMIC=atomic_dq(),
         INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False,
     ), (z, h, n_q, n_kv)
-
-
-def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # Triton reads torch.bool as bytes; a uint8 view keeps the (broadcast) strides.
-    return None if mask is None else mask.view(torch.uint8)
 
 
 def _pointers(q: torch.Tensor, *optional: Optional[torch.Tensor]) -> list:
@@ -259,34 +279,29 @@ def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     return torch.empty(like.shape if shape is None else shape, device=like.device, dtype=dtype or like.dtype)
 
 
-def attention_forward(q, k, v, bias, mask, seed, dropout_p: float, is_causal: bool, scale: float,
-                      spec: Optional[AttentionSpec] = None):
+def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, spec: AttentionSpec):
     """Run the forward kernel. Returns (out (Z, H, N_Q, d) in q's dtype, lse (Z, H, N_Q) fp32).
 
-    ``bias``/``mask`` are the caller's tensors, broadcastable to (Z, H, N_Q, N_KV); ``seed`` an
-    int64 tensor of one element when dropout_p > 0. ``spec`` overrides the SDPA spec these
-    arguments describe (a score expression beyond SDPA's; it must use the same tensors).
+    ``operands`` are the tensors ``spec`` reads, in its order; ``seed`` an int64 tensor of one
+    element when the spec drops out.
     """
-    spec = spec or spec_of(bias, mask, is_causal, dropout_p)
     consts, (z, h, n_q, n_kv) = _common(spec, q, k)
     consts = _with_tma(consts, k, v)
-    full = (z, h, n_q, n_kv)
     out = new_output(q)
     lse = new_output(q, (z, h, n_q), torch.float32)
+    operand_args = _operand_args(spec, operands)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     if n_kv == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    mask_b = _mask_bytes(mask)
     splits, rows = decode_plan(q, k)
     if splits:
-        _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, seed, scale, dropout_p)
+        _forward_split(spec, consts, splits, rows, q, k, v, out, lse, operand_args, seed, scale, dropout_p)
         return out, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
-         q, k, v, out, lse, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-         *_strides4(bias, full), *_strides4(mask_b, full), **consts)
+         q, k, v, out, lse, *operand_args, *_pointers(q, seed), scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), **consts)
     return out, lse
 
 
@@ -322,40 +337,38 @@ def decode_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
     return splits, rows
 
 
-def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, bias, mask_b, seed, scale, dropout_p):
+def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, operand_args, seed, scale, dropout_p):
     """Split-KV forward into ``out``/``lse``: partial results per key split, then their merge."""
     z, h, n_q, d = q.shape
-    n_kv, h_kv = k.shape[2], k.shape[1]
-    full = (z, h, n_q, n_kv)
+    h_kv = k.shape[1]
     d_pad = consts["HEAD_DIM_PAD"]
     # fp32 partials in the (split, z·h, query) order; every element is written by a split.
     out_part = new_output(q, (splits, z * h, n_q, d_pad), torch.float32)
     lse_part = new_output(q, (splits, z * h, n_q), torch.float32)
     grid = (triton.cdiv(consts["GROUP"] * n_q, rows), z * h_kv, splits)
     _run(spec, "_attn_fwd_split", "fwd_split", lambda meta: grid, q,
-         q, k, v, out_part, lse_part, *_pointers(q, bias, mask_b, seed), scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(),
-         *_strides4(bias, full), *_strides4(mask_b, full), NUM_SPLITS=splits, rows=rows, **consts)
+         q, k, v, out_part, lse_part, *operand_args, *_pointers(q, seed), scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), NUM_SPLITS=splits, rows=rows, **consts)
     loader.load(spec)._attn_fwd_combine[(triton.cdiv(n_q, COMBINE_BLOCK_M), z * h)](
         out_part, lse_part, out, lse, *out.stride(), h, n_q, splits, z * h,
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, SPLITS_PAD=_bucket(splits), BLOCK_M=COMBINE_BLOCK_M)
 
 
-
-def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: float, is_causal: bool,
-                       scale: float, bias_grad: bool, spec: Optional[AttentionSpec] = None):
-    """Run the backward kernels. Returns (dq, dk, dv, dbias or None), each in its input's dtype."""
-    spec = spec or spec_of(bias, mask, is_causal, dropout_p, bias_grad)
+def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float, scale: float,
+                       spec: AttentionSpec):
+    """Run the backward kernels. Returns (dq, dk, dv, operand grads): the grads are one per
+    operand the spec marks ``grad``, in its order, each in its operand's shape and dtype."""
     consts, (z, h, n_q, n_kv) = _common(spec, q, k)
-    full = (z, h, n_q, n_kv)
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
-    dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
+    grad_of = [t for op, t in zip(spec.operands, operands) if op.grad]
+    # fp32 buffers summed into by atomics (several programs add into one element).
+    dgrads = [torch.zeros(t.shape, device=q.device, dtype=torch.float32) for t in grad_of]
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), (dbias.to(bias.dtype) if bias_grad else None)
+        return dq.zero_(), dk.zero_(), dv.zero_(), [g.to(t.dtype) for g, t in zip(dgrads, grad_of)]
     delta = new_output(q, (z, h, n_q), torch.float32)
-    mask_b = _mask_bytes(mask)
-    bias_arg, mask_arg, seed_arg = _pointers(q, bias, mask_b, seed)
-    dbias_strides = _strides4(dbias, full) if bias_grad else (0, 0, 0, 0)
+    operand_args = _operand_args(spec, operands)
+    grad_args = _operand_args(spec, dgrads, grads=True)
+    seed_arg, = _pointers(q, seed)
     # Atomic dQ: the dK/dV kernel adds each key tile's share into an fp32 buffer (one pass);
     # otherwise a separate dQ kernel, run first, recomputes the scores, sums deterministically
     # and writes Delta for the dK/dV kernel.
@@ -363,9 +376,9 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
     if dq_acc is None:
         grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
         _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
-             q, k, v, out, dout, dq, lse, delta, bias_arg, mask_arg, seed_arg, scale, dropout_p,
+             q, k, v, out, dout, dq, lse, delta, *operand_args, seed_arg, scale, dropout_p,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-             *_strides4(bias, full), *_strides4(mask_b, full), **_with_tma(consts, k, v))
+             **_with_tma(consts, k, v))
     else:
         loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
             out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
@@ -373,15 +386,14 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, seed, dropout_p: flo
     dq_arg = dq_acc if dq_acc is not None else q
     grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
     _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
-         q, k, v, dout, dk, dv, dq_arg, lse, delta, bias_arg, dbias if bias_grad else q, mask_arg, seed_arg,
+         q, k, v, dout, dk, dv, dq_arg, lse, delta, *operand_args, *grad_args, seed_arg,
          scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
          *(dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0)),
-         *_strides4(bias, full), *dbias_strides, *_strides4(mask_b, full),
-         reset=[t for t in (dbias, dq_acc) if t is not None], **_with_tma(consts, q, dout))
+         reset=[t for t in (*dgrads, dq_acc) if t is not None], **_with_tma(consts, q, dout))
     if dq_acc is not None:
         dq = dq_acc.to(q.dtype)
-    return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None)
+    return dq, dk, dv, [g.to(t.dtype) for g, t in zip(dgrads, grad_of)]
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
@@ -390,7 +402,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tens
     keep = torch.empty(shape, dtype=torch.bool, device=seed.device)
     if keep.numel() == 0:
         return keep
-    fn = loader.load(sdpa_spec(bias=False, bias_grad=False, mask=False, causal=False, dropout=True))._dropout_mask
+    fn = loader.load(sdpa_spec(dropout=True))._dropout_mask
     fn[(triton.cdiv(n_q, 32), z * h)](seed, keep.view(torch.uint8), dropout_p, *keep.stride(), h, n_q, n_kv,
                                       BLOCK_M=32, BLOCK_N=32)
     return keep

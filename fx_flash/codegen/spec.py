@@ -1,107 +1,308 @@
-"""AttentionSpec: what one matched attention does to its scores, as expressions, not flags.
+"""AttentionSpec: what one attention does to its scores, as expressions over named symbols.
 
 A spec is the contract between a matched graph (or the public op's arguments) and the
-generated kernel. The score is a sympy expression over the raw product ``qk`` and the
-per-element symbols below; the mask is a sympy predicate over the same symbols. The renderer
-turns both into Triton code, and differentiates the score to generate the backward's chain
-rule, so a new score modification (soft-capping, ALiBi, ...) is a new expression, not a new
-kernel.
+generated kernels. It holds
+    score     the logits fed to softmax: a sympy expression in ``qk`` (q·kᵀ of one element),
+              ``scale`` (a runtime float), the index symbols and the operand symbols;
+    keep      a predicate over the same symbols: elements where it is false take ``fill``;
+    fill      -inf (the element drops out of softmax) or a finite value (eager's finite fills,
+              such as ``finfo.min``: a row with no kept element then averages uniformly);
+    operands  the tensors the score and predicate read, each element addressed by one index
+              expression per tensor dimension;
+    dropout   weights are dropped inside the kernel with a Philox stream.
+The renderer prints score and predicate as Triton code and differentiates the score with sympy
+for the backward, so a new score modification is a new expression, never a new kernel file.
 
-Symbols available to scores and masks (each evaluated per (query row, key column) of a tile):
-    qk      q·kᵀ of this element, fp32.          scale   the softmax scale (runtime float).
-    bias    the additive-mask tensor's element.   mask    the bool-mask tensor's element.
-    q_idx   query position (0-based).            kv_idx  key position (0-based).
+Symbols (each evaluated per (query row, key column) of a tile):
+    qk       q·kᵀ of this element, fp32          scale    the softmax scale (runtime float)
+    q_idx    query position, 0-based             kv_idx   key position, 0-based
+    b, h     batch and query-head index of the program (q's layout: (B, H, N, d))
+    n_q, n_kv  the query and key lengths (runtime integers)
+    t0, t1…  operand elements: float (real), int (integer) or bool (a predicate atom)
+
+A spec prints to one line of text (``spec.text``), which is what graphs carry as the op's
+``spec`` argument and what names the generated file; ``spec_from_text`` reads it back.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import sympy
+from sympy.printing.str import StrPrinter
 
-QK, SCALE, BIAS = sympy.symbols("qk scale bias", real=True)
-Q_IDX, KV_IDX = sympy.symbols("q_idx kv_idx", integer=True, nonnegative=True)
-MASK = sympy.Symbol("mask")  # a bool tensor element, used as a predicate atom
+QK, SCALE = sympy.symbols("qk scale", real=True)
+Q_IDX, KV_IDX, B_IDX, H_IDX = sympy.symbols("q_idx kv_idx b h", integer=True, nonnegative=True)
+N_Q, N_KV = sympy.symbols("n_q n_kv", integer=True, positive=True)
+INDEX_SYMBOLS = (Q_IDX, KV_IDX, B_IDX, H_IDX, N_Q, N_KV)
+LEAD_SYMBOLS = frozenset({B_IDX, H_IDX})  # constant within one program (one batch·head)
+OPERAND_KINDS = ("float", "int", "bool")
 
 # Predicate of top-left aligned causal attention, as ``torch.tril(ones(Nq, Nk))`` writes it.
 CAUSAL = sympy.Le(KV_IDX, Q_IDX)
+NEG_INF = float("-inf")
+
+
+class sigmoid(sympy.Function):  # noqa: N801 (printed as torch and Triton spell it)
+    """The logistic function; sympy has none, and Triton has ``tl.sigmoid``."""
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0]) * (1 - sigmoid(self.args[0]))
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return 1 / (1 + sympy.exp(-x))
+        return None
+
+
+def operand_symbol(name: str, kind: str) -> sympy.Symbol:
+    """The symbol standing for one element of an operand of ``kind``."""
+    if kind == "float":
+        return sympy.Symbol(name, real=True)
+    if kind == "int":
+        return sympy.Symbol(name, integer=True)
+    return sympy.Symbol(name)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A tensor the score reads.
+
+    Attributes:
+        name: its symbol's name, ``t0``, ``t1``, … in order.
+        kind: "float" (loaded as fp32), "int" or "bool".
+        index: one expression per tensor dimension saying which element a score element reads:
+            ``q_idx``, ``kv_idx``, an expression of ``b`` and ``h`` only, or 0 (a broadcast
+            dimension of size 1).
+        grad: the backward returns d(loss)/d(operand), summed over the elements that read each
+            tensor element (a learned bias, temperature or slope).
+    """
+
+    name: str
+    kind: str
+    index: tuple
+    grad: bool = False
+
+    def __post_init__(self):
+        if self.kind not in OPERAND_KINDS:
+            raise ValueError(f"operand {self.name}: kind {self.kind!r} is not one of {OPERAND_KINDS}")
+        if self.grad and self.kind != "float":
+            raise ValueError(f"operand {self.name}: only float operands have gradients")
+        for e in self.index:
+            free = sympy.sympify(e).free_symbols
+            if e in (Q_IDX, KV_IDX) or not free - LEAD_SYMBOLS:
+                continue
+            raise ValueError(f"operand {self.name}: index {e} must be q_idx, kv_idx or an expression of b and h")
+
+    @property
+    def symbol(self) -> sympy.Symbol:
+        return operand_symbol(self.name, self.kind)
+
+    @property
+    def along_q(self) -> bool:
+        return Q_IDX in self.index
+
+    @property
+    def along_kv(self) -> bool:
+        return KV_IDX in self.index
+
+    @property
+    def lead(self) -> tuple:
+        """(dimension, expression) of the dimensions addressed by the program's batch·head."""
+        return tuple((d, sympy.sympify(e)) for d, e in enumerate(self.index)
+                     if e not in (Q_IDX, KV_IDX) and sympy.sympify(e) != 0)
+
+    def text(self) -> str:
+        body = f"{self.name}={self.kind}[{', '.join(_print(sympy.sympify(e)) for e in self.index)}]"
+        return body + (" grad" if self.grad else "")
+
+
+class _SpecPrinter(StrPrinter):
+    """sympy's str form, except floats print exactly (repr), so text round-trips bit for bit."""
+
+    def _print_Float(self, expr):
+        value = float(expr)
+        return "oo" if value == math.inf else "-oo" if value == -math.inf else repr(value)
+
+
+def _print(expr) -> str:
+    return _SpecPrinter().doprint(expr)
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """One attention pattern, independent of shapes and dtypes (those specialize at launch).
-
-    Attributes:
-        score: the logits fed to softmax, an expression in QK, SCALE, BIAS, Q_IDX, KV_IDX.
-        keep: elements that take part in softmax; the rest are -inf. ``sympy.true`` keeps all.
-        bias_grad: the kernel also returns d(loss)/d(bias) (a learned, T5-style bias).
-        dropout: weights are dropped inside the kernel with a Philox stream.
-        name: a short label for reports and generated-file headers.
-    """
+    """One attention pattern, independent of shapes and dtypes (those specialize at launch)."""
 
     score: sympy.Expr = SCALE * QK
     keep: sympy.Basic = sympy.true
-    bias_grad: bool = False
+    operands: tuple = ()
+    fill: float = NEG_INF
     dropout: bool = False
     name: str = field(default="attention", compare=False)
 
     def __post_init__(self):
+        known = {QK, SCALE, *INDEX_SYMBOLS} | {o.symbol for o in self.operands}
         free = self.score.free_symbols | self.keep.free_symbols
-        unknown = free - {QK, SCALE, BIAS, Q_IDX, KV_IDX, MASK}
+        unknown = {s.name for s in free} - {s.name for s in known}
         if unknown:
-            raise ValueError(f"spec uses unknown symbols {sorted(map(str, unknown))}")
+            raise ValueError(f"spec uses unknown symbols {sorted(unknown)}")
         if QK not in self.score.free_symbols:
             raise ValueError("the score must depend on qk")
-        if self.bias_grad and not self.has_bias:
-            raise ValueError("bias_grad needs a bias term in the score")
+        if QK in self.keep.free_symbols:
+            raise ValueError("the keep-predicate must not depend on qk (it would have no gradient)")
+        names = [o.name for o in self.operands]
+        if names != [f"t{i}" for i in range(len(names))]:
+            raise ValueError(f"operands must be named t0, t1, … in order, got {names}")
+        if not (self.fill == NEG_INF or math.isfinite(self.fill)):
+            raise ValueError(f"fill must be -inf or finite, got {self.fill}")
 
     # Derived facts are cached on the instance: sympy queries cost microseconds, and launches
     # ask them on every call.
     @functools.cached_property
-    def has_bias(self) -> bool:
-        return BIAS in self.score.free_symbols
-
-    @functools.cached_property
-    def has_mask(self) -> bool:
-        return MASK in self.keep.free_symbols
-
-    @functools.cached_property
-    def causal(self) -> bool:
-        """True when the keep-predicate implies the causal one, so tiles past the diagonal skip."""
-        conjuncts = self.keep.args if isinstance(self.keep, sympy.And) else (self.keep,)
-        return any(c == CAUSAL for c in conjuncts)
+    def text(self) -> str:
+        """The one-line form graphs carry: ``score=…; keep=…; fill=…; t0=float[…]; dropout``."""
+        parts = [f"score={_print(self.score)}"]
+        if self.keep is not sympy.true:
+            parts.append(f"keep={_print(self.keep)}")
+        if self.fill != NEG_INF:
+            parts.append(f"fill={self.fill!r}")
+        parts += [o.text() for o in self.operands]
+        if self.dropout:
+            parts.append("dropout")
+        return "; ".join(parts)
 
     @functools.cached_property
     def key(self) -> str:
         """A stable hash naming the generated source (same spec → same file, across processes)."""
-        text = f"{sympy.srepr(self.score)}|{sympy.srepr(self.keep)}|{self.bias_grad}|{self.dropout}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+    @functools.cached_property
+    def causal(self) -> bool:
+        """True when tiles past the causal diagonal may be skipped: the keep-predicate implies
+        ``kv_idx <= q_idx`` and the skipped elements are -inf (or the predicate is exactly causal,
+        so every row keeps key 0 and a finite fill's weights are 0 beside it)."""
+        conjuncts = self.keep.args if isinstance(self.keep, sympy.And) else (self.keep,)
+        if not any(is_causal_relation(c) for c in conjuncts):
+            return False
+        return self.fill == NEG_INF or len(conjuncts) == 1
+
+    @functools.cached_property
+    def interior_keep(self) -> sympy.Basic:
+        """The predicate on tiles wholly below the diagonal of a causal spec: the rest of it."""
+        if not self.causal:
+            return self.keep
+        conjuncts = self.keep.args if isinstance(self.keep, sympy.And) else (self.keep,)
+        return sympy.And(*[c for c in conjuncts if not is_causal_relation(c)])
+
+    @functools.cached_property
+    def grad_operands(self) -> tuple:
+        return tuple(o for o in self.operands if o.grad)
+
+    @functools.cached_property
+    def score_in_log2(self) -> bool:
+        """Whether the kernels keep scores in log2 units (log2 e folded into the scale; see the
+        template's exp2 note). Only when no value in the score can be a huge finite fill that
+        the extra factor would overflow to -inf: no float operand, no constant beyond ±1e30, and
+        a -inf fill."""
+        if self.fill != NEG_INF or any(o.kind == "float" for o in self.operands):
+            return False
+        return all(abs(float(c)) <= 1e30 for c in self.score.atoms(sympy.Number) if c.is_finite)
 
     def describe(self) -> str:
-        parts = [f"score={self.score}"]
-        if self.keep is not sympy.true:
-            parts.append(f"keep={self.keep}")
-        if self.bias_grad:
-            parts.append("bias_grad")
-        if self.dropout:
-            parts.append("dropout")
-        return f"{self.name}({', '.join(parts)})"
+        return f"{self.name}({self.text})"
+
+    def with_grads(self, grads) -> "AttentionSpec":
+        """This spec with operand i's gradient flag set to ``grads[i]``."""
+        ops = tuple(Operand(o.name, o.kind, o.index, bool(g)) for o, g in zip(self.operands, grads))
+        return AttentionSpec(self.score, self.keep, ops, self.fill, self.dropout, self.name)
+
+
+def is_causal_relation(rel) -> bool:
+    """``kv_idx <= q_idx`` in any of its spellings (``q_idx >= kv_idx``, ``kv_idx < q_idx + 1``…)."""
+    if not isinstance(rel, sympy.core.relational.Relational):
+        return False
+    diff = sympy.expand(rel.lhs - rel.rhs)
+    forms = {sympy.Le: KV_IDX - Q_IDX, sympy.Lt: KV_IDX - Q_IDX - 1, sympy.Ge: Q_IDX - KV_IDX,
+             sympy.Gt: Q_IDX - KV_IDX + 1}
+    return type(rel) in forms and sympy.expand(diff - forms[type(rel)]) == 0
+
+
+_OPERAND_TEXT = re.compile(r"^(t\d+)=(float|int|bool)\[(.*)\]( grad)?$")
+
+
+@functools.lru_cache(maxsize=512)
+def spec_from_text(text: str) -> AttentionSpec:
+    """The spec ``text`` prints (``spec_from_text(s.text) == s``); cached, so an op call with a
+    spec it has seen costs a dict lookup."""
+    fields, operands, dropout = {}, [], False
+    for part in text.split("; "):
+        found = _OPERAND_TEXT.match(part)
+        if found:
+            name, kind, index, grad = found.groups()
+            operands.append((name, kind, index, bool(grad)))
+        elif part == "dropout":
+            dropout = True
+        elif "=" in part and part.split("=", 1)[0] in ("score", "keep", "fill"):
+            key, value = part.split("=", 1)
+            fields[key] = value
+        else:
+            raise ValueError(f"cannot read {part!r} in spec {text!r}")
+    names = {s.name: s for s in (QK, SCALE, *INDEX_SYMBOLS)}
+    names.update({name: operand_symbol(name, kind) for name, kind, _, _ in operands})
+    names.update({"sigmoid": sigmoid, "oo": sympy.oo})
+
+    def parse(s: str):
+        return sympy.sympify(s, locals=names)
+
+    ops = tuple(Operand(name, kind, tuple(parse(e) for e in index.split(", ")) if index else (), grad)
+                for name, kind, index, grad in operands)
+    keep = parse(fields["keep"]) if "keep" in fields else sympy.true
+    fill = float(fields["fill"]) if "fill" in fields else NEG_INF
+    spec = AttentionSpec(parse(fields["score"]), keep, ops, fill, dropout)
+    if spec.text != text:
+        raise ValueError(f"spec text {text!r} does not read back as itself (got {spec.text!r})")
+    return spec
+
+
+def _broadcast_index(rank: int, sizes_one: tuple) -> tuple:
+    """Index expressions of a tensor right-aligned to (b, h, q_idx, kv_idx); 0 where size 1."""
+    axes = (B_IDX, H_IDX, Q_IDX, KV_IDX)[4 - rank:]
+    return tuple(sympy.Integer(0) if one else axis for axis, one in zip(axes, sizes_one))
 
 
 @functools.lru_cache(maxsize=None)
-def sdpa_spec(*, bias: bool, bias_grad: bool, mask: bool, causal: bool, dropout: bool) -> AttentionSpec:
-    """The spec for ``F.scaled_dot_product_attention``-style arguments.
+def sdpa_spec(*, bias: Optional[tuple] = None, bias_grad: bool = False, mask: Optional[tuple] = None,
+              causal: bool = False, dropout: bool = False) -> AttentionSpec:
+    """The spec of ``F.scaled_dot_product_attention``-style arguments.
 
     Args:
-        bias: a float attn_mask is added to the scaled scores.
+        bias: a float attn_mask added to the scaled scores, given by which of its dimensions
+            have size 1 (right-aligned to (B, H, Nq, Nk)); None without one.
         bias_grad: that bias requires grad.
-        mask: a bool attn_mask selects the keys each query may attend to.
+        mask: a bool attn_mask (True = attend), given the same way.
         causal: is_causal=True (top-left aligned).
         dropout: dropout_p > 0.
     """
-    score = SCALE * QK + (BIAS if bias else 0)
-    keep = sympy.And(*([MASK] if mask else []), *([CAUSAL] if causal else []))
-    tags = [t for t, on in (("bias", bias), ("mask", mask), ("causal", causal), ("dropout", dropout)) if on]
-    return AttentionSpec(score, keep, bias_grad, dropout, name="sdpa" + "".join("_" + t for t in tags))
+    operands, score, keep = [], SCALE * QK, []
+    for sizes_one, kind in ((bias, "float"), (mask, "bool")):
+        if sizes_one is None:
+            continue
+        op = Operand(f"t{len(operands)}", kind, _broadcast_index(len(sizes_one), sizes_one),
+                     grad=bias_grad and kind == "float")
+        operands.append(op)
+        if kind == "float":
+            score = score + op.symbol
+        else:
+            keep.append(op.symbol)
+    if causal:
+        keep.append(CAUSAL)
+    tags = [t for t, on in (("bias", bias is not None), ("mask", mask is not None), ("causal", causal),
+                            ("dropout", dropout)) if on]
+    return AttentionSpec(score, sympy.And(*keep), tuple(operands), NEG_INF, dropout,
+                         name="sdpa" + "".join("_" + t for t in tags))

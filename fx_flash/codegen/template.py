@@ -14,8 +14,11 @@ TEMPLATE = '''\
 # Glossary
 #   Q, K, V, Out       (Z, H, N, HEAD_DIM) tensors addressed through their strides; K and V have
 #                      H // GROUP heads (GQA: query head h reads K/V head h // GROUP).
-#   Bias, Mask         additive float / bool tensors, broadcast to (Z, H, N_Q, N_KV) by strides
-#                      that may be 0; never expanded in memory.
+#   T0, T1, ...        the spec's operands (tensors the score reads), addressed per element by
+#                      the spec's index expressions: Ti_l* are the strides of the dimensions a
+#                      program's batch/head selects (folded into Ti_head once per program), Ti_sq
+#                      and Ti_sk those along queries and keys. Broadcast operands are never
+#                      expanded in memory. DTi: operand i's fp32 gradient, the same way.
 #   LSE                (Z, H, N_Q) fp32 natural-log logsumexp of each query row's scores.
 #   BLOCK_M, BLOCK_N   query rows / key columns of one tile; HEAD_DIM_PAD is HEAD_DIM rounded up
 #                      to a power of two (the extra columns load as 0).
@@ -142,8 +145,8 @@ def _key_ranges(start_m, N_KV, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
 
 @triton.jit
 def _scores(
-    q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
-    stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+    q, K_head, ${OPS}qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
+    stride_kn, stride_kk,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
@@ -167,8 +170,8 @@ $SCORE_GRAD
 
 @triton.jit
 def _attn_fwd_tiles(
-    acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-    stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+    acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+    stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -177,8 +180,8 @@ def _attn_fwd_tiles(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        s, _, _ = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
-                          offs_d, d_ok, stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+        s, _, _ = _scores(q, K_head, ${OPS}qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
+                          offs_d, d_ok, stride_kn, stride_kk,
                           BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
         # -- online softmax: new running max, rescale what was accumulated so far --
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -205,8 +208,8 @@ def _attn_fwd_tiles(
 
 @triton.jit
 def _attn_fwd_rows(
-    q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-    stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+    q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+    stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid, hi,
     CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -219,13 +222,13 @@ def _attn_fwd_rows(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid,
         False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
-        acc, l_i, m_i, q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, mid, hi,
         True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     # -- epilogue: normalize; the logsumexp in natural units --
@@ -243,14 +246,12 @@ def _attn_fwd_rows(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, LSE, Bias, Mask, Seed,
+    Q, K, V, Out, LSE, ${OPERAND_PARAMS}Seed,
     sm_scale, dropout_p,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
     stride_oz, stride_oh, stride_om, stride_ok,
-    stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_mz, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
@@ -274,14 +275,13 @@ def _attn_fwd(
                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     K_head = _tma_rows(K + off_z * stride_kz + off_hkv * stride_kh, N_KV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
-    Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
+${HEADS}
     seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
 
     interior_hi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
     out, lse = _attn_fwd_rows(
-        q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi, hi,
         CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
@@ -293,13 +293,11 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_fwd_split(
-    Q, K, V, OutPart, LSEPart, Bias, Mask, Seed,
+    Q, K, V, OutPart, LSEPart, ${OPERAND_PARAMS}Seed,
     sm_scale, dropout_p,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
-    stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_mz, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, NUM_SPLITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
@@ -331,8 +329,8 @@ def _attn_fwd_split(
                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     K_head = _tma_rows(K + off_z * stride_kz + off_hkv * stride_kh, N_KV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    Bias_head = (Bias + off_z * stride_bz + off_h * stride_bh)[:, None]  # (BLOCK_M, 1) per-row heads
-    Mask_head = (Mask + off_z * stride_mz + off_h * stride_mh)[:, None]
+    # Operand heads: (BLOCK_M, 1) where they depend on the head, which differs per row here.
+${HEADS_SPLIT}
     seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
 
     # This program's keys: a run of whole BLOCK_N tiles, the last split taking the remainder.
@@ -346,8 +344,8 @@ def _attn_fwd_split(
         interior_hi = N_KV // BLOCK_N * BLOCK_N
     mid = tl.maximum(lo, tl.minimum(interior_hi, hi))
     out, lse = _attn_fwd_rows(
-        q, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid, hi,
         CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
@@ -421,10 +419,9 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv_tiles(
-    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
+    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
     seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-    stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
     offs_n, col_ok, offs_d, d_ok, N_Q, lo, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
@@ -475,7 +472,7 @@ $SCORE_BWD_T
         else:
             delta = tl.load(Delta_row + offs_m)
         dsT = pT * (dpT - delta[None, :])
-$BIAS_GRAD_T
+$OPERAND_GRADS_T
 $DS_CHAIN_T
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
         if DQ_ATOMIC:
@@ -488,7 +485,7 @@ $DS_CHAIN_T
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, DQ, LSE, Delta, Bias, DBias, Mask, Seed,
+    Q, K, V, DO, DK, DV, DQ, LSE, Delta, ${OPERAND_PARAMS}${GRAD_PARAMS}Seed,
     sm_scale, dropout_p,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
@@ -497,9 +494,6 @@ def _attn_bwd_dkdv(
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
     stride_dqz, stride_dqh, stride_dqm, stride_dqk,
-    stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_dbz, stride_dbh, stride_dbm, stride_dbn,
-    stride_mz, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
@@ -544,23 +538,19 @@ def _attn_bwd_dkdv(
         DO_head = _tma_rows(DO + off_z * stride_doz + off_h * stride_doh, N_Q, stride_dom, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
                             USE_TMA)
         DQ_head = DQ + off_z * stride_dqz + off_h * stride_dqh
-        Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
-        DBias_head = DBias + off_z * stride_dbz + off_h * stride_dbh
-        Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
+${HEADS_GROUP}
         LSE_row = LSE + off_hz * N_Q
         Delta_row = Delta + off_hz * N_Q
         dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
             offs_n, col_ok, offs_d, d_ok, N_Q, lo, first_hi,
             False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, Bias_head, DBias_head, Mask_head,
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            stride_bm, stride_bn, stride_dbm, stride_dbn, stride_mm, stride_mn,
             offs_n, col_ok, offs_d, d_ok, N_Q, tl.maximum(lo, first_hi), N_Q,
             True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
@@ -573,8 +563,8 @@ $DK_FINAL
 
 @triton.jit
 def _attn_bwd_dq_tiles(
-    dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-    stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+    dq, q, do, lse, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+    stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -583,8 +573,8 @@ def _attn_bwd_dq_tiles(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        s, kT, g = _scores(q, K_head, Bias_head, Mask_head, qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
-                           offs_d, d_ok, stride_kn, stride_kk, stride_bm, stride_bn, stride_mm, stride_mn,
+        s, kT, g = _scores(q, K_head, ${OPS}qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
+                           offs_d, d_ok, stride_kn, stride_kk,
                            BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
         if USE_TMA:
             vT = tl.trans(V_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
@@ -608,7 +598,7 @@ $DS_CHAIN
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Out, DO, DQ, LSE, Delta, Bias, Mask, Seed,
+    Q, K, V, Out, DO, DQ, LSE, Delta, ${OPERAND_PARAMS}Seed,
     sm_scale, dropout_p,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
@@ -616,8 +606,6 @@ def _attn_bwd_dq(
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_doz, stride_doh, stride_dom, stride_dok,
     stride_dqz, stride_dqh, stride_dqm, stride_dqk,
-    stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_mz, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
@@ -654,19 +642,18 @@ def _attn_bwd_dq(
     tl.store(Delta + off_hz.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
     K_head = _tma_rows(K + off_z * stride_kz + off_hkv * stride_kh, N_KV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     V_head = _tma_rows(V + off_z * stride_vz + off_hkv * stride_vh, N_KV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    Bias_head = Bias + off_z * stride_bz + off_h * stride_bh
-    Mask_head = Mask + off_z * stride_mz + off_h * stride_mh
+${HEADS}
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
     interior_hi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
-        dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        dq, q, do, lse, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
         False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
-        dq, q, do, lse, delta, K_head, V_head, Bias_head, Mask_head, seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_bm, stride_bn, stride_mm, stride_mn,
+        dq, q, do, lse, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
         True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
 

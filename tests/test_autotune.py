@@ -245,6 +245,33 @@ def test_a_corrupt_record_is_a_miss_and_is_overwritten(content, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_a_record_of_the_previous_format_is_a_miss(tmp_path, monkeypatch):
+    """A record written under an older FORMAT (before waves_bucket) is re-tuned, not reused."""
+    current = autotune.FORMAT
+    monkeypatch.setattr(autotune, "FORMAT", 1)
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    monkeypatch.setattr(autotune, "FORMAT", current)
+    autotune.clear_memory()
+    bench = Bench()
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, bench)
+    assert bench.calls == CANDIDATES
+    assert sorted(json.loads(p.read_text())["key"]["format"] for p in _record_files(tmp_path)) == [1, current]
+
+
+@pytest.mark.parametrize("grid, multiprocessors, bucket", [
+    ((1, 1), 132, 1),
+    ((1, 132), 132, 1),  # one full wave
+    ((1, 133), 132, 2),  # one program more takes a second wave
+    ((64, 1 * 4), 132, 2),  # the (1, 4, 1024, 64) forward at MIN_BLOCK rows: 64 query tiles × Z·H
+    ((64, 16 * 32), 132, 256),  # the (16, 32, 1024, 64) forward, 2.3x slower on the former's tile
+    ((1, 2, 33), 132, 1),  # split-KV decoding's three-axis grid counts every axis
+    ((3, 2, 33), 132, 2),
+])
+def test_waves_bucket_is_the_power_of_two_at_or_above_the_waves(grid, multiprocessors, bucket):
+    """waves_bucket is ceil(the grid's programs / SMs) rounded up to a power of two."""
+    assert autotune.waves_bucket(grid, multiprocessors) == bucket
+
+
 def test_a_record_naming_a_config_outside_the_candidates_is_a_miss():
     """A hand-edited record whose best tile is not a candidate is not trusted."""
     autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())

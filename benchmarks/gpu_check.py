@@ -145,7 +145,7 @@ def tiles():
     print(f"device {prof.name}: M = {prof.shared_memory} B, {prof.multiprocessors} SMs, "
           f"sm_{prof.capability[0]}{prof.capability[1]}")
     ok = True
-    for (spec, name, _, dtype, consts), chosen in launch.CHOSEN.items():
+    for (spec, name, _, dtype, consts, waves), chosen in launch.CHOSEN.items():
         shared = []
         for cache in getattr(chosen.fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
@@ -154,7 +154,7 @@ def tiles():
         ok &= worst <= prof.shared_memory
         c = dict(consts)
         print(f"{'PASS' if worst <= prof.shared_memory else 'FAIL'} {name} d{c['HEAD_DIM']} e{dtype.itemsize} "
-              f"Nq~{c['N_Q_BUCKET']} Nk~{c['N_KV_BUCKET']} {spec.name}: {len(shared)} binaries, "
+              f"Nq~{c['N_Q_BUCKET']} Nk~{c['N_KV_BUCKET']} waves~{waves} {spec.name}: {len(shared)} binaries, "
               f"max shared {worst} B; chosen {chosen.config}")
     return ok
 

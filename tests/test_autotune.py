@@ -6,6 +6,7 @@ tuned launch path through Triton's interpreter with a fake timer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import fx_flash
 from fx_flash.codegen import autotune, launch, loader, tiling
@@ -45,7 +47,8 @@ def _key(**changes) -> dict:
     key = {"module": "fx_flash_0123456789abcdef_a1b2c3d4e5f6", "source_sha256": "feedfacecafebeef",
            "device": "NVIDIA H100 80GB HBM3", "shared_memory": 232448, "multiprocessors": 132,
            "capability": [9, 0], "triton": "3.6.0", "torch": "2.11.0", "dtype": "torch.bfloat16",
-           "elem_bytes": 2, "constexprs": {"HEAD_DIM": 128, "GROUP": 1, "N_Q_BUCKET": 2048, "N_KV_BUCKET": 2048}}
+           "elem_bytes": 2, "constexprs": {"HEAD_DIM": 128, "GROUP": 1, "N_Q_BUCKET": 2048, "N_KV_BUCKET": 2048},
+           "waves_bucket": 64}
     key.update(changes)
     return key
 
@@ -103,7 +106,8 @@ def _launch_key(n_q: int, n_kv: int, head_dim: int = 64, dtype=torch.float16) ->
     q = torch.empty(2, 8, n_q, head_dim, dtype=dtype)
     k = torch.empty(2, 2, n_kv, head_dim, dtype=dtype)
     consts, _ = launch._common(spec, q, k)
-    return launch._tuning_key(loader.load(spec), q, launch.tuning_consts(consts))
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), 2 * 8)  # noqa: E731 - the forward's grid
+    return launch._tuning_key(loader.load(spec), q, launch.tuning_consts(consts), launch._waves(grid, q))
 
 
 def test_lengths_in_one_bucket_share_a_choice():
@@ -118,8 +122,8 @@ def test_lengths_in_one_bucket_share_a_choice():
 
 
 def test_launch_key_holds_what_changes_the_answer():
-    """The launch key names the generated source, device, versions, dtype, head dim, GROUP and
-    the length buckets, and leaves out the exact lengths and head count."""
+    """The launch key names the generated source, device, versions, dtype, head dim, GROUP, the
+    length buckets and the waves bucket, and leaves out the exact lengths and head count."""
     key = _launch_key(1000, 300, head_dim=80, dtype=torch.bfloat16)
     source = Path(loader.load(SPEC).__file__)  # loaded once per process, maybe by an earlier test
     assert key["module"] == source.stem and SPEC.key in key["module"]
@@ -129,6 +133,7 @@ def test_launch_key_holds_what_changes_the_answer():
     consts = key["constexprs"]
     assert (consts["HEAD_DIM"], consts["GROUP"], consts["N_Q_BUCKET"], consts["N_KV_BUCKET"]) == (80, 4, 1024, 512)
     assert not launch.EXACT_SIZES & consts.keys()
+    assert key["waves_bucket"] == 2 * 8 * 1024 // tiling.MIN_BLOCK  # Z·H·N_Q/MIN_BLOCK programs, one SM
     json.dumps(key)  # the record must be able to hold it
 
 
@@ -189,10 +194,11 @@ def test_the_disk_layer_answers_after_memory_is_cleared():
     dict(triton="3.9.0"),
     dict(dtype="torch.float16"),
     dict(constexprs={"HEAD_DIM": 64, "GROUP": 1, "N_Q_BUCKET": 2048, "N_KV_BUCKET": 2048}),
+    dict(waves_bucket=1),  # a small batch: its tile starved the full batch (issue 11)
 ], ids=lambda c: next(iter(c)))
 def test_a_changed_key_field_misses(change):
-    """Any field of the key that differs (source, device, versions, dtype, shapes) is tuned anew,
-    in memory and on disk."""
+    """Any field of the key that differs (source, device, versions, dtype, shapes, occupancy) is
+    tuned anew, in memory and on disk."""
     autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
     autotune.clear_memory()
     other = Bench()
@@ -245,6 +251,33 @@ def test_a_corrupt_record_is_a_miss_and_is_overwritten(content, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_a_record_of_the_previous_format_is_a_miss(tmp_path, monkeypatch):
+    """A record written under an older FORMAT (before waves_bucket) is re-tuned, not reused."""
+    current = autotune.FORMAT
+    monkeypatch.setattr(autotune, "FORMAT", 1)
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
+    monkeypatch.setattr(autotune, "FORMAT", current)
+    autotune.clear_memory()
+    bench = Bench()
+    autotune.choose("_attn_fwd", _key(), CANDIDATES, bench)
+    assert bench.calls == CANDIDATES
+    assert sorted(json.loads(p.read_text())["key"]["format"] for p in _record_files(tmp_path)) == [1, current]
+
+
+@pytest.mark.parametrize("grid, multiprocessors, bucket", [
+    ((1, 1), 132, 1),
+    ((1, 132), 132, 1),  # one full wave
+    ((1, 133), 132, 2),  # one program more takes a second wave
+    ((64, 1 * 4), 132, 2),  # the (1, 4, 1024, 64) forward at MIN_BLOCK rows: 64 query tiles × Z·H
+    ((64, 16 * 32), 132, 256),  # the (16, 32, 1024, 64) forward, 2.3x slower on the former's tile
+    ((1, 2, 33), 132, 1),  # split-KV decoding's three-axis grid counts every axis
+    ((3, 2, 33), 132, 2),
+])
+def test_waves_bucket_is_the_power_of_two_at_or_above_the_waves(grid, multiprocessors, bucket):
+    """waves_bucket is ceil(the grid's programs / SMs) rounded up to a power of two."""
+    assert autotune.waves_bucket(grid, multiprocessors) == bucket
+
+
 def test_a_record_naming_a_config_outside_the_candidates_is_a_miss():
     """A hand-edited record whose best tile is not a candidate is not trusted."""
     autotune.choose("_attn_fwd", _key(), CANDIDATES, Bench())
@@ -295,3 +328,44 @@ def test_tuned_launch_zeroes_atomic_buffers_and_launches_the_choice(monkeypatch)
     names = {key[1]: chosen.config for key, chosen in launch.CHOSEN.items()}
     assert set(names) == {"_attn_fwd", "_attn_bwd_dkdv"}
     assert names["_attn_bwd_dkdv"] == tiling.candidates("bwd_dkdv", INTERPRETER_PROFILE, 16, 4)[-1]
+
+
+FOUR_SMS = dataclasses.replace(INTERPRETER_PROFILE, multiprocessors=4)
+
+
+def _tuned_forwards(monkeypatch, batches) -> list[int]:
+    """Run the tuned forward launch path (interpreter, four SMs, a fake timer) on (Z, 1, 16, 16)
+    inputs for each Z of ``batches``; returns how many candidates each call timed."""
+    monkeypatch.setattr(launch, "_tunes", lambda q: True)
+    monkeypatch.setattr(launch, "device_profile", lambda device: FOUR_SMS)
+    trials = []
+    monkeypatch.setattr(launch, "_time_ms", lambda call: trials.append(call) or float(len(trials)))
+    timed = []
+    for z in batches:
+        before = len(trials)
+        q, k, v = (torch.randn(z, 1, 16, 16) for _ in range(3))
+        fx_flash.flash_attention(q, k, v)
+        timed.append(len(trials) - before)
+    return timed
+
+
+@pytest.mark.skipif(not interpreting(), reason="drives the tuned launch path through the CPU interpreter")
+def test_batches_in_different_occupancy_buckets_are_tuned_apart(monkeypatch, tmp_path):
+    """Z=4 and Z=5 (one 16-row tile each, on four SMs: one wave and two) get a benchmark, a
+    record file and an in-memory choice each."""
+    n = len(tiling.candidates("fwd", FOUR_SMS, 16, 4))
+    assert _tuned_forwards(monkeypatch, [4, 5]) == [n, n]
+    assert len(_record_files(tmp_path)) == 2
+    assert sorted(key[-1] for key in launch.CHOSEN) == [1, 2]
+
+
+@pytest.mark.skipif(not interpreting(), reason="drives the tuned launch path through the CPU interpreter")
+def test_batches_in_one_occupancy_bucket_share_a_choice(monkeypatch, tmp_path):
+    """Z=1 and Z=4 both fit one wave of four SMs: the second call times nothing, and a fresh
+    process (memory cleared) at Z=3 reads the one record instead of timing."""
+    n = len(tiling.candidates("fwd", FOUR_SMS, 16, 4))
+    assert _tuned_forwards(monkeypatch, [1, 4]) == [n, 0]
+    assert len(_record_files(tmp_path)) == 1 and len(launch.CHOSEN) == 1
+    launch.CHOSEN.clear()
+    autotune.clear_memory()
+    assert _tuned_forwards(monkeypatch, [3]) == [0]

@@ -2,10 +2,11 @@
 
 On a GPU the configuration of each kernel comes from ``autotune.choose``: the fastest of the
 candidates ``tiling.candidates`` derives from the device's shared memory, for a key that buckets
-the sequence lengths to powers of two (so nearby lengths share one result). It is benchmarked
-once, then read from the on-disk record in later processes; after the first call of a key a
-launch costs a dict lookup and Triton's launcher. Under the interpreter, and on GPUs with
-FX_FLASH_AUTOTUNE=0, the paper's fitted configuration runs directly.
+the sequence lengths and the grid's programs per SM to powers of two (so nearby lengths and
+batches share one result). It is benchmarked once, then read from the on-disk record in later
+processes; after the first call of a key a launch costs a dict lookup and Triton's launcher.
+Under the interpreter, and on GPUs with FX_FLASH_AUTOTUNE=0, the paper's fitted configuration
+runs directly.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Launch:
     meta: dict  # BLOCK_M, BLOCK_N, num_warps, num_stages: launch keywords (and the grid's meta)
 
 
-# (spec, kernel name, device, dtype, the tuning keywords as (name, value) pairs) → Launch.
+# (spec, kernel name, device, dtype, the tuning keywords as (name, value) pairs, waves bucket) → Launch.
 CHOSEN: dict[tuple, Launch] = {}
 
 
@@ -108,7 +109,19 @@ def _source_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _tuning_key(module, q: torch.Tensor, consts: tuple) -> dict:
+def _waves(grid, q: torch.Tensor) -> int:
+    """The occupancy field of the tuning key: ``grid``'s programs at MIN_BLOCK tiles, as a bucket
+    of waves over ``q``'s device (autotune.waves_bucket).
+
+    Read from the launch's own grid, so one rule serves every kernel: batch·heads times query
+    tiles for the forward and dQ, batch·K/V heads times key tiles for dK/dV, and the splits of
+    split-KV decoding, whose grid is fixed.
+    """
+    smallest = grid({"BLOCK_M": tiling.MIN_BLOCK, "BLOCK_N": tiling.MIN_BLOCK})
+    return autotune.waves_bucket(smallest, device_profile(q.device).multiprocessors)
+
+
+def _tuning_key(module, q: torch.Tensor, consts: tuple, waves: int) -> dict:
     """Everything that changes which configuration is fastest (see autotune.choose)."""
     profile = device_profile(q.device)
     return {
@@ -119,11 +132,12 @@ def _tuning_key(module, q: torch.Tensor, consts: tuple) -> dict:
         "triton": triton.__version__, "torch": torch.__version__,
         "dtype": str(q.dtype), "elem_bytes": q.element_size(),
         "constexprs": dict(consts),  # HEAD_DIM, GROUP, N_Q_BUCKET, N_KV_BUCKET, CAUSAL, DQ_ATOMIC, ...
+        "waves_bucket": waves,  # how many programs per SM: the batch (and heads) enter only here
     }
 
 
 def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, args, kwargs, reset,
-            consts: tuple, rows: int = 0) -> Launch:
+            consts: tuple, waves: int, rows: int = 0) -> Launch:
     """Pick ``name``'s configuration for this key, benchmarking the candidates on these arguments
     if neither memory nor disk knows it."""
     module = loader.load(spec)
@@ -140,7 +154,7 @@ def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, 
         return _time_ms(call)
 
     candidates = tiling.candidates(kernel, device_profile(q.device), q.shape[-1], q.element_size(), rows)
-    config = autotune.choose(name, _tuning_key(module, q, consts), candidates, bench)
+    config = autotune.choose(name, _tuning_key(module, q, consts, waves), candidates, bench)
     return Launch(fn, config, _meta(config))
 
 
@@ -159,11 +173,11 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
     trials dirty them, so they are zeroed before each trial and again before the real launch.
     """
     if _tunes(q):
-        consts = tuning_consts(kwargs)
-        key = (spec, name, q.device, q.dtype, consts)
+        consts, waves = tuning_consts(kwargs), _waves(grid, q)
+        key = (spec, name, q.device, q.dtype, consts, waves)
         chosen = CHOSEN.get(key)
         if chosen is None:
-            chosen = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, rows)
+            chosen = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows)
             for t in reset:
                 t.zero_()
         chosen.fn[grid(chosen.meta)](*args, **kwargs, **chosen.meta)

@@ -21,14 +21,17 @@ from fx_flash.passes.values import tensor_of
 
 @dataclass
 class SiteReport:
-    """One fused attention: how it was written and what the op call does."""
+    """One fused attention: how it was written, the score and predicate captured, the op call."""
 
     name: str
     spelling: dict
     layout: str
     scale: str
-    mask: str
-    causal: bool
+    score: str  # the captured score, e.g. ``30*tanh(qk*scale/30)``
+    keep: str  # the keep-predicate, e.g. ``kv_idx <= q_idx``; "all" when every element is kept
+    fill: str  # what dropped elements become: "-inf", or a finite fill such as finfo.min
+    operands: list  # "t0 = attention_mask[b, kv_idx] (float, grad)", ...
+    causal: bool  # tiles past the causal diagonal are skipped
     dropout: str
     gqa_ratio: int
     spec: str
@@ -36,10 +39,11 @@ class SiteReport:
 
     def __str__(self) -> str:
         spelled = ", ".join(f"{k}: {v}" for k, v in self.spelling.items())
+        reads = "".join(f"\n    reads {o}" for o in self.operands)
         return (
-            f"{self.name}: {self.layout}; scale={self.scale}; mask={self.mask}; causal={self.causal}; "
-            f"dropout={self.dropout}; gqa={self.gqa_ratio}\n"
-            f"    spelled as {spelled}\n    spec {self.spec}; {self.blocks}"
+            f"{self.name}: {self.layout}; scale={self.scale}; dropout={self.dropout}; gqa={self.gqa_ratio}\n"
+            f"    score {self.score}\n    keep {self.keep} (else {self.fill}); causal tiles skipped: {self.causal}"
+            f"{reads}\n    spelled as {spelled}\n    spec {self.spec}; {self.blocks}"
         )
 
 
@@ -120,6 +124,7 @@ def _miss_report(miss: Miss) -> MissReport:
 
 def _site_report(fused: Fused) -> SiteReport:
     site, done = fused.site, fused.result
+    spec = done.spec
     q = tensor_of(site.q)
     k = tensor_of(site.k if site.k is not None else site.k_transposed)
     layout = f"q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype}".replace("torch.", "")
@@ -129,7 +134,6 @@ def _site_report(fused: Fused) -> SiteReport:
         "Q·Kᵀ": site.qk_spelling,
         "Kᵀ": site.key_spelling,
         "scale": " · ".join(f"{f.where}" for f in site.factors) or "none",
-        "masks": ", ".join(f"{m.spelling}" for m in site.masks) or "none",
         "softmax": site.softmax_spelling,
         "P·V": site.pv_spelling,
     }
@@ -137,34 +141,24 @@ def _site_report(fused: Fused) -> SiteReport:
         spelling["GQA"] = site.gqa_spelling
     if site.dropout:
         spelling["dropout"] = site.dropout.spelling
+    operands = [f"{op.name} = {node.name}[{', '.join(map(str, op.index))}] ({op.kind}{', grad' if grad else ''})"
+                for op, node, grad in zip(spec.operands, done.operands, done.grads)]
     scale = "1/sqrt(d) (symbolic head dim)" if done.scale is None else f"{done.scale:.6g}"
     return SiteReport(
         name=done.node.name,
         spelling=spelling,
         layout=layout,
         scale=scale,
-        mask=done.mask_kind,
-        causal=done.is_causal,
+        score=str(spec.score),
+        keep="all" if spec.keep is True or str(spec.keep) == "True" else str(spec.keep),
+        fill=repr(spec.fill).replace("'", ""),
+        operands=operands,
+        causal=spec.causal,
         dropout=done.dropout,
         gqa_ratio=done.gqa_ratio,
-        spec=_spec(done),
+        spec=spec.text,
         blocks=_blocks(q),
     )
-
-
-def _spec(done) -> str:
-    try:
-        from fx_flash.codegen.spec import sdpa_spec
-
-        return sdpa_spec(
-            bias=(False,) * 4 if "additive" in done.mask_kind else None,
-            bias_grad=done.bias_requires_grad,
-            mask=(False,) * 4 if "bool" in done.mask_kind else None,
-            causal=done.is_causal,
-            dropout=done.dropout.endswith("(training)") or "trains" in done.dropout,
-        ).describe()
-    except Exception as e:  # the spec is a description; a missing piece must not break the report
-        return f"(unavailable: {e})"
 
 
 def _blocks(q: torch.Tensor) -> str:

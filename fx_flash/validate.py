@@ -71,7 +71,7 @@ def check_operands(q, k, operands, spec) -> None:
     if len(operands) != len(spec.operands):
         raise ValueError(f"the spec {spec.text!r} reads {len(spec.operands)} operand(s), got {len(operands)}")
     n_q, n_kv = q.shape[2], k.shape[2]
-    from fx_flash.codegen.spec import KV_IDX, Q_IDX
+    from fx_flash.codegen.spec import KV_IDX, Q_IDX, axis_offset
 
     for op, t in zip(spec.operands, operands):
         if not isinstance(t, torch.Tensor):
@@ -84,6 +84,7 @@ def check_operands(q, k, operands, spec) -> None:
         if t.device != q.device:
             raise ValueError(f"operand {op.name} is on {t.device}, q on {q.device}")
         for size, e in zip(t.shape, op.index):
-            need = n_q if e == Q_IDX else n_kv if e == KV_IDX else 1
+            q_off, kv_off = axis_offset(e, Q_IDX), axis_offset(e, KV_IDX)
+            need = n_q + q_off if q_off is not None else n_kv + kv_off if kv_off is not None else 1
             if size < need:
                 raise ValueError(f"operand {op.name} of shape {tuple(t.shape)} is indexed by {e} up to {need - 1}")

@@ -20,7 +20,7 @@ from fx_flash.backend import backend
 from fx_flash.explain import explain
 from fx_flash.passes import run_pass
 
-FLASH = torch.ops.fx_flash.flash_attention.default
+FLASH = torch.ops.fx_flash.attention.default
 
 
 class SelfAttention(nn.Module):
@@ -134,12 +134,13 @@ class TestExplain(expecttest.TestCase):
         self.assertEqual(report.fused, 1)
         self.assertEqual([m.check for m in report.missed], ["softmax_feeds_value_product"])
         site = report.sites[0]
-        self.assertEqual((site.scale, site.mask, site.causal, site.gqa_ratio), ("0.25", "none", False, 1))
+        self.assertEqual((site.scale, site.score, site.keep, site.causal, site.gqa_ratio),
+                         ("0.25", "qk*scale", "all", False, 1))
         self.assertIn("BLOCK_M=", site.blocks)
-        self.assertIn("sdpa", site.spec)
+        self.assertEqual(site.spec, "score=qk*scale")
         text = str(report)
         self.assertIn("before", text)
-        self.assertIn("torch.ops.fx_flash.flash_attention.default", text)
+        self.assertIn("torch.ops.fx_flash.attention.default", text)
 
     def test_misses_go_to_the_fx_flash_logger(self):
         """The reason of each miss is logged on ``logging.getLogger("fx_flash")``."""

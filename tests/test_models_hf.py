@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fx_flash.backend import backend
+from fx_flash.codegen.spec import spec_from_text
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,8 +132,8 @@ def test_nanogpt_block_is_causal_with_no_mask_tensor():
     got, expected = torch.compile(model, backend=fx_backend)(x), model(x)
     (gm, result), = graphs
     assert result.count == 1
-    (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.fx_flash.flash_attention.default]
-    assert op.args[3] is None and op.args[5] is True
+    (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.fx_flash.attention.default]
+    assert op.args[3] == [] and spec_from_text(op.args[7]).causal
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     for a, b in zip(torch.autograd.grad(got.sum(), list(model.parameters())), torch.autograd.grad(expected.sum(), list(model.parameters()))):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -145,5 +146,5 @@ def test_nanogpt_untrusted_buffer_stays_a_mask():
     fx_backend = backend("eager", trust_buffers=False, on_pass=lambda gm, r: graphs.append(gm))
     x = torch.randn(2, 16, 32)
     torch.testing.assert_close(torch.compile(model, backend=fx_backend)(x), model(x), atol=1e-5, rtol=1e-4)
-    (op,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fx_flash.flash_attention.default]
-    assert op.args[3] is not None and op.args[5] is False
+    (op,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fx_flash.attention.default]
+    assert len(op.args[3]) == 1 and not spec_from_text(op.args[7]).causal

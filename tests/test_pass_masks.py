@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_pass_spellings import B, H, N, assert_same, code, fuse, fused_once, ops_in, qkv
+from test_pass_spellings import B, H, N, assert_same, call_of, code, fuse, fused_once, ops_in, qkv
 
 MIN = torch.finfo(torch.float32).min
 
@@ -37,15 +37,14 @@ class TestBoolMasks(expecttest.TestCase):
         gm = fused_once(self, lambda q, k, v, m: scores(q, k).masked_fill(m == 0, float("-inf")).softmax(-1) @ v, *qkv(requires_grad=True), padding_mask(), grads=True)
         self.assertExpectedInline(code(gm), """\
 def forward(self, q, k, v, m):
-    ne = m != 0;  m = None
-    flash_attention_default = torch.ops.fx_flash.flash_attention.default(q, k, v, ne, 0.0, False, 0.25, False);  q = k = v = ne = None
-    return flash_attention_default""")
+    attention_default = torch.ops.fx_flash.attention.default(q, k, v, [m], 0.0, 0.25, False, 'score=qk*scale; keep=t0; t0=bool[b, 0, q_idx, kv_idx]');  q = k = v = m = None
+    return attention_default""")
 
     def test_masked_fill_of_inverted_mask_uses_the_mask_itself(self):
         """``masked_fill(~keep, -inf)`` and ``logical_not``: the op reads ``keep`` directly."""
         for invert in (lambda m: ~m, torch.logical_not):
             gm = fused_once(self, lambda q, k, v, m: scores(q, k).masked_fill(invert(m), float("-inf")).softmax(-1) @ v, *qkv(), padding_mask())
-            self.assertEqual(ops_in(gm)[0].args[3].name, "m")
+            self.assertEqual([n.name for n in call_of(gm)["operands"]], ["m"])
 
     def test_where_keep_scores_else_minus_inf(self):
         """``torch.where(keep, scores, -inf)`` is the same bool mask."""
@@ -68,7 +67,7 @@ class TestAdditiveMasks(expecttest.TestCase):
     def test_masked_fill_with_finfo_min_becomes_additive(self):
         """``masked_fill(~keep, finfo.min)`` → additive ``where(~keep, min, 0)``: fully masked rows stay uniform."""
         gm = fused_once(self, lambda q, k, v, m: scores(q, k).masked_fill(~m, MIN).softmax(-1) @ v, *qkv(), padding_mask(fully_masked_row=True))
-        self.assertEqual(tensor_dtype(ops_in(gm)[0].args[3]), torch.float32)
+        self.assertEqual(call_of(gm)["spec"].fill, MIN)
 
     def test_where_with_finfo_min(self):
         """``torch.where(keep, scores, finfo.min)`` keeps eager's uniform rows too."""
@@ -79,7 +78,7 @@ class TestAdditiveMasks(expecttest.TestCase):
         mask = torch.randn(B, 1, 1, N)
         for fn in (lambda q, k, v, m: (scores(q, k) + m).softmax(-1) @ v, lambda q, k, v, m: (m + scores(q, k)).softmax(-1) @ v):
             gm = fused_once(self, fn, *qkv(), mask)
-            self.assertEqual(ops_in(gm)[0].args[3].name, "m")
+            self.assertEqual([n.name for n in call_of(gm)["operands"]], ["m"])
 
     def test_in_place_add(self):
         """``scores += mask`` (symbolic_trace records it as an add)."""
@@ -107,10 +106,10 @@ class TestAdditiveMasks(expecttest.TestCase):
         fused_once(self, lambda q, k, v, b: (scores(q, k) + b).softmax(-1) @ v, *qkv(requires_grad=True), bias, grads=True)
 
     def test_bias_then_scale_scales_the_bias(self):
-        """``(q·kᵀ + bias) / s``: the op's bias is ``bias / s``, emitted in the graph."""
+        """``(q·kᵀ + bias) / s``: the scale applies to the sum, computed in the kernel as written."""
         bias = torch.randn(1, 1, N, N)
         gm = fused_once(self, lambda q, k, v, b: ((q @ k.transpose(-2, -1) + b) / 4.0).softmax(-1) @ v, *qkv(), bias)
-        self.assertIn("mul = b * 0.25", gm.code)
+        self.assertEqual(call_of(gm)["spec"].text, "score=0.25*(qk*scale + t0); t0=float[0, 0, q_idx, kv_idx]")
 
     def test_bool_and_additive_together(self):
         """A -inf fill and an additive bias combine into one float mask with -inf where not kept."""
@@ -129,8 +128,8 @@ class TestCausal(expecttest.TestCase):
         gm = fused_once(self, attention, *qkv(requires_grad=True), grads=True)
         self.assertExpectedInline(code(gm), """\
 def forward(self, q, k, v):
-    flash_attention_default = torch.ops.fx_flash.flash_attention.default(q, k, v, None, 0.0, True, 0.25, False);  q = k = v = None
-    return flash_attention_default""")
+    attention_default = torch.ops.fx_flash.attention.default(q, k, v, [], 0.0, 0.25, False, 'score=qk*scale; keep=kv_idx <= q_idx');  q = k = v = None
+    return attention_default""")
 
     def test_triu_diagonal_one_filled_is_causal(self):
         """``masked_fill(triu(ones, diagonal=1).bool(), -inf)`` is the same causal mask."""
@@ -140,14 +139,14 @@ def forward(self, q, k, v):
             return scores(q, k).masked_fill(upper, float("-inf")).softmax(-1) @ v
 
         gm = fused_once(self, attention, *qkv())
-        self.assertTrue(ops_in(gm)[0].args[5])
+        self.assertTrue(call_of(gm)["spec"].causal)
 
     def test_tril_buffer_slice_is_causal(self):
         """nanoGPT's ``bias[:, :, :T, :T] == 0`` on a tril buffer, read through get_attr."""
         module = BufferMasked(torch.tril(torch.ones(N, N)), rows=N)
         gm, result = fuse(module, *qkv())
         self.assertEqual(result.count, 1)
-        self.assertTrue(ops_in(gm)[0].args[5])
+        self.assertTrue(call_of(gm)["spec"].causal)
         assert_same(module, gm, *qkv())
 
     def test_buffer_that_is_not_tril_stays_a_mask(self):
@@ -155,15 +154,15 @@ def forward(self, q, k, v):
         module = BufferMasked(torch.triu(torch.ones(N, N)), rows=N)
         gm, result = fuse(module, *qkv())
         self.assertEqual(result.count, 1)
-        self.assertFalse(ops_in(gm)[0].args[5])
-        self.assertIsNotNone(ops_in(gm)[0].args[3])
+        self.assertFalse(call_of(gm)["spec"].causal)
+        self.assertEqual(len(call_of(gm)["operands"]), 1)
         assert_same(module, gm, *qkv())
 
     def test_causal_slice_shorter_than_queries_is_not_causal(self):
         """A one-row slice broadcast over all queries is not causal: kept as a mask."""
         module = BufferMasked(torch.tril(torch.ones(N, N)), rows=1)
         gm, result = fuse(module, *qkv())
-        self.assertFalse(ops_in(gm)[0].args[5])
+        self.assertFalse(call_of(gm)["spec"].causal)
         assert_same(module, gm, *qkv())
 
 

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fx_flash.codegen.spec import spec_from_text
 from fx_flash.passes import run_pass
 
-FLASH = torch.ops.fx_flash.flash_attention.default
+ATTENTION = torch.ops.fx_flash.attention.default
 B, H, N, D = 2, 2, 8, 16
 
 
@@ -36,7 +37,14 @@ def fuse(module, *inputs):
 
 
 def ops_in(gm) -> list:
-    return [n for n in gm.graph.nodes if n.target is FLASH]
+    return [n for n in gm.graph.nodes if n.target is ATTENTION]
+
+
+def call_of(gm) -> dict:
+    """The one attention call's arguments by name, its spec parsed."""
+    (node,) = ops_in(gm)
+    q, k, v, operands, dropout_p, scale, gqa, spec = node.args
+    return dict(operands=operands, dropout_p=dropout_p, scale=scale, gqa=gqa, spec=spec_from_text(spec))
 
 
 def code(gm) -> str:
@@ -71,8 +79,8 @@ class TestProductSpellings(expecttest.TestCase):
         gm = fused_once(self, lambda q, k, v: F.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1) @ v, *qkv(requires_grad=True), grads=True)
         self.assertExpectedInline(code(gm), """\
 def forward(self, q, k, v):
-    flash_attention_default = torch.ops.fx_flash.flash_attention.default(q, k, v, None, 0.0, False, 0.25, False);  q = k = v = None
-    return flash_attention_default""")
+    attention_default = torch.ops.fx_flash.attention.default(q, k, v, [], 0.0, 0.25, False, 'score=qk*scale');  q = k = v = None
+    return attention_default""")
 
     def test_torch_matmul_transpose_2_3_pow_scale(self):
         """torch.matmul, transpose(2, 3) and ``d ** -0.5`` on the scores."""
@@ -98,8 +106,8 @@ def forward(self, q, k, v):
     unsqueeze = reshape.unsqueeze(0);  reshape = None
     unsqueeze_1 = reshape_1.unsqueeze(0);  reshape_1 = None
     unsqueeze_2 = reshape_2.unsqueeze(0);  reshape_2 = None
-    flash_attention_default = torch.ops.fx_flash.flash_attention.default(unsqueeze, unsqueeze_1, unsqueeze_2, None, 0.0, False, 0.25, False);  unsqueeze = unsqueeze_1 = unsqueeze_2 = None
-    squeeze = flash_attention_default.squeeze(0);  flash_attention_default = None
+    attention_default = torch.ops.fx_flash.attention.default(unsqueeze, unsqueeze_1, unsqueeze_2, [], 0.0, 0.25, False, 'score=qk*scale');  unsqueeze = unsqueeze_1 = unsqueeze_2 = None
+    squeeze = attention_default.squeeze(0);  attention_default = None
     view = squeeze.view(2, 2, 8, 16);  squeeze = None
     return view""")
 
@@ -126,23 +134,23 @@ def forward(self, q, k, v):
             return torch.bmm(F.softmax(w, dim=-1), v)
 
         gm = fused_once(self, attention, *qkv())
-        self.assertEqual(ops_in(gm)[0].args[3], None)
+        self.assertEqual(call_of(gm)["operands"], [])
 
     def test_scale_on_query_before_the_product(self):
         """``(q * s) @ kᵀ`` puts s in the op's scale and hands it the unscaled q."""
         gm = fused_once(self, lambda q, k, v: ((q * 0.25) @ k.transpose(-1, -2)).softmax(-1) @ v, *qkv())
-        self.assertEqual(ops_in(gm)[0].args[6], 0.25)
+        self.assertEqual(call_of(gm)["scale"], 0.25)
 
     def test_square_root_of_scale_on_both_q_and_k(self):
         """``(q·√s) @ (k·√s)ᵀ``: both factors are proved and multiplied."""
         s = D ** -0.25
         gm = fused_once(self, lambda q, k, v: ((q * s) @ (k * s).transpose(-2, -1)).softmax(-1) @ v, *qkv())
-        self.assertAlmostEqual(ops_in(gm)[0].args[6], D ** -0.5)
+        self.assertAlmostEqual(call_of(gm)["scale"], D ** -0.5)
 
     def test_no_scale_at_all_is_scale_one(self):
         """T5 scales nothing: the op must get scale=1.0, never its 1/sqrt(d) default."""
         gm = fused_once(self, lambda q, k, v: torch.matmul(torch.matmul(q, k.transpose(3, 2)).softmax(-1), v), *qkv())
-        self.assertEqual(ops_in(gm)[0].args[6], 1.0)
+        self.assertEqual(call_of(gm)["scale"], 1.0)
 
     def test_zero_dim_tensor_constant_scale(self):
         """A 0-d tensor constant (GPT-2's ``torch.full([], sqrt(d))``) is evaluated, not assumed."""
@@ -213,13 +221,13 @@ class TestDropout(expecttest.TestCase):
             module = self._module(lambda self, w: F.dropout(w, 0.25, training=self.training)).train(training)
             gm, result = fuse(module, *qkv())
             self.assertEqual(result.count, 1)
-            self.assertEqual(ops_in(gm)[0].args[4], p)
+            self.assertEqual(call_of(gm)["dropout_p"], p)
 
     def test_torch_dropout_train_argument(self):
         """``torch.dropout(w, p, train)`` respects its train argument."""
         module = self._module(lambda self, w: torch.dropout(w, 0.25, False))
         gm, result = fuse(module, *qkv())
-        self.assertEqual(ops_in(gm)[0].args[4], 0.0)
+        self.assertEqual(call_of(gm)["dropout_p"], 0.0)
         assert_same(module, gm, *qkv())
 
     def test_nn_dropout_module_follows_train_and_eval_at_run_time(self):
@@ -250,20 +258,20 @@ class TestGroupedQueryAttention(expecttest.TestCase):
         gm = fused_once(self, attention, *qkv(heads=4, kv_heads=2, requires_grad=True), grads=True)
         self.assertExpectedInline(code(gm), """\
 def forward(self, q, k, v):
-    flash_attention_default = torch.ops.fx_flash.flash_attention.default(q, k, v, None, 0.0, False, 0.25, True);  q = k = v = None
-    return flash_attention_default""")
+    attention_default = torch.ops.fx_flash.attention.default(q, k, v, [], 0.0, 0.25, True, 'score=qk*scale');  q = k = v = None
+    return attention_default""")
 
     def test_repeat_interleave_is_read_as_gqa(self):
         """``repeat_interleave(r, dim=1)`` groups heads the same way."""
         gm = fused_once(self, lambda q, k, v: (q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) * 0.25).softmax(-1) @ v.repeat_interleave(2, dim=1), *qkv(heads=4, kv_heads=2))
-        self.assertTrue(ops_in(gm)[0].args[7])
+        self.assertTrue(call_of(gm)["gqa"])
 
     def test_expand_of_one_head_is_mqa(self):
         """``k.expand(B, H, N, d)`` of a single K/V head is multi-query attention."""
         gm = fused_once(self, lambda q, k, v: (q @ k.expand(B, 4, N, D).transpose(-2, -1) * 0.25).softmax(-1) @ v.expand(B, 4, N, D), *qkv(heads=4, kv_heads=1))
-        self.assertTrue(ops_in(gm)[0].args[7])
+        self.assertTrue(call_of(gm)["gqa"])
 
     def test_repeat_tiles_heads_and_is_not_read_as_gqa(self):
         """``repeat(1, r, 1, 1)`` tiles heads (h % Hkv), so the repeated K/V are passed as they are."""
         gm = fused_once(self, lambda q, k, v: (q @ k.repeat(1, 2, 1, 1).transpose(-2, -1) * 0.25).softmax(-1) @ v.repeat(1, 2, 1, 1), *qkv(heads=4, kv_heads=2))
-        self.assertFalse(ops_in(gm)[0].args[7])
+        self.assertFalse(call_of(gm)["gqa"])

@@ -18,7 +18,7 @@ from string import Template
 import sympy
 from sympy.printing.str import StrPrinter
 
-from fx_flash.codegen.spec import B_IDX, H_IDX, KV_IDX, N_KV, N_Q, Q_IDX, QK, SCALE, AttentionSpec, Operand
+from fx_flash.codegen.spec import B_IDX, H_IDX, KV_IDX, N_KV, N_Q, Q_IDX, QK, SCALE, AttentionSpec, Operand, exact_arithmetic
 from fx_flash.codegen.template import TEMPLATE
 
 LOG2E_SYM, QK_SCALE = sympy.symbols("LOG2E qk_scale", positive=True)
@@ -250,6 +250,7 @@ def _chain_rule(spec: AttentionSpec) -> dict:
             "DQK_FACTOR": "1.0", "DQ_FINAL": "", "DK_FINAL": ""}
 
 
+@exact_arithmetic
 def operand_derivative(spec: AttentionSpec, op: Operand):
     """d(score)/d(operand element), checked to be printable (raises ValueError otherwise)."""
     d = sympy.diff(spec.score, op.symbol)
@@ -284,6 +285,7 @@ def _operand_grad_block(spec: AttentionSpec) -> str:
     return "\n".join(lines)
 
 
+@exact_arithmetic
 def render(spec: AttentionSpec) -> str:
     """The complete Python/Triton module source for ``spec``."""
     lead = {B_IDX: "off_z", H_IDX: "off_h"}

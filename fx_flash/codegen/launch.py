@@ -22,7 +22,7 @@ import torch
 import triton
 
 from fx_flash.codegen import autotune, loader, tiling
-from fx_flash.codegen.spec import KV_IDX, Q_IDX, AttentionSpec, sdpa_spec
+from fx_flash.codegen.spec import KV_IDX, Q_IDX, AttentionSpec, axis_offset, sdpa_spec
 from fx_flash.device import device_profile, interpreting
 
 DELTA_BLOCK_M = 64
@@ -214,10 +214,15 @@ def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
             raise ValueError(f"operand {op.name} of spec {spec.text!r} has {len(op.index)} dimensions, "
                              f"got a tensor of shape {tuple(t.shape)}")
         strides = t.stride()
-        args.append(t.view(torch.uint8) if t.dtype == torch.bool else t)  # Triton reads bool as bytes
+        t = t.view(torch.uint8) if t.dtype == torch.bool else t  # Triton reads bool as bytes
+        # A dimension read at q_idx + c starts c elements in: fold that into the pointer.
+        start = sum(st * (axis_offset(e) or 0) for st, e in zip(strides, op.index))
+        if start:
+            t = t.as_strided((1,), (1,), t.storage_offset() + start)
+        args.append(t)
         args += [strides[d] for d, _ in op.lead]
-        args.append(sum(st for st, e in zip(strides, op.index) if e == Q_IDX))
-        args.append(sum(st for st, e in zip(strides, op.index) if e == KV_IDX))
+        args.append(sum(st for st, e in zip(strides, op.index) if axis_offset(e, Q_IDX) is not None))
+        args.append(sum(st for st, e in zip(strides, op.index) if axis_offset(e, KV_IDX) is not None))
     return args
 
 

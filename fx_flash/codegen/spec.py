@@ -48,6 +48,23 @@ CAUSAL = sympy.Le(KV_IDX, Q_IDX)
 NEG_INF = float("-inf")
 
 
+def exact_arithmetic(fn):
+    """Run ``fn`` with sympy's distribution of numbers over sums turned off.
+
+    Note: sympy rewrites ``c*(1 - m)`` as ``c - c*m``. With HF's ``c = finfo.min`` that is
+    ``s + c - c*m``, which fp32 evaluates as 0 for kept elements (``(s + c) - c``): the
+    expressions the pass captures must keep the order of operations the graph has.
+    """
+    from sympy.core.parameters import distribute
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with distribute(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class sigmoid(sympy.Function):  # noqa: N801 (printed as torch and Triton spell it)
     """The logistic function; sympy has none, and Triton has ``tl.sigmoid``."""
 
@@ -78,8 +95,8 @@ class Operand:
         name: its symbol's name, ``t0``, ``t1``, … in order.
         kind: "float" (loaded as fp32), "int" or "bool".
         index: one expression per tensor dimension saying which element a score element reads:
-            ``q_idx``, ``kv_idx``, an expression of ``b`` and ``h`` only, or 0 (a broadcast
-            dimension of size 1).
+            ``q_idx`` or ``kv_idx`` (plus a constant: a slice that starts later), an expression
+            of ``b`` and ``h`` only, or 0 (a broadcast dimension of size 1).
         grad: the backward returns d(loss)/d(operand), summed over the elements that read each
             tensor element (a learned bias, temperature or slope).
     """
@@ -95,10 +112,9 @@ class Operand:
         if self.grad and self.kind != "float":
             raise ValueError(f"operand {self.name}: only float operands have gradients")
         for e in self.index:
-            free = sympy.sympify(e).free_symbols
-            if e in (Q_IDX, KV_IDX) or not free - LEAD_SYMBOLS:
-                continue
-            raise ValueError(f"operand {self.name}: index {e} must be q_idx, kv_idx or an expression of b and h")
+            if axis_offset(e) is None and sympy.sympify(e).free_symbols - LEAD_SYMBOLS:
+                raise ValueError(f"operand {self.name}: index {e} must be q_idx (+ c), kv_idx (+ c) or an "
+                                 "expression of b and h")
 
     @property
     def symbol(self) -> sympy.Symbol:
@@ -106,17 +122,17 @@ class Operand:
 
     @property
     def along_q(self) -> bool:
-        return Q_IDX in self.index
+        return any(axis_offset(e, Q_IDX) is not None for e in self.index)
 
     @property
     def along_kv(self) -> bool:
-        return KV_IDX in self.index
+        return any(axis_offset(e, KV_IDX) is not None for e in self.index)
 
     @property
     def lead(self) -> tuple:
         """(dimension, expression) of the dimensions addressed by the program's batch·head."""
         return tuple((d, sympy.sympify(e)) for d, e in enumerate(self.index)
-                     if e not in (Q_IDX, KV_IDX) and sympy.sympify(e) != 0)
+                     if axis_offset(e) is None and sympy.sympify(e) != 0)
 
     def text(self) -> str:
         body = f"{self.name}={self.kind}[{', '.join(_print(sympy.sympify(e)) for e in self.index)}]"
@@ -217,10 +233,22 @@ class AttentionSpec:
     def describe(self) -> str:
         return f"{self.name}({self.text})"
 
+    @exact_arithmetic
     def with_grads(self, grads) -> "AttentionSpec":
         """This spec with operand i's gradient flag set to ``grads[i]``."""
         ops = tuple(Operand(o.name, o.kind, o.index, bool(g)) for o, g in zip(self.operands, grads))
         return AttentionSpec(self.score, self.keep, ops, self.fill, self.dropout, self.name)
+
+
+def axis_offset(e, axis=None):
+    """c when index ``e`` is ``axis + c`` (axis q_idx or kv_idx, either when None), else None."""
+    e = sympy.sympify(e)
+    for a in (Q_IDX, KV_IDX) if axis is None else (axis,):
+        if e.free_symbols == {a}:
+            c = sympy.expand(e - a)
+            if c.is_Integer:
+                return int(c)
+    return None
 
 
 def is_causal_relation(rel) -> bool:
@@ -237,6 +265,7 @@ _OPERAND_TEXT = re.compile(r"^(t\d+)=(float|int|bool)\[(.*)\]( grad)?$")
 
 
 @functools.lru_cache(maxsize=512)
+@exact_arithmetic
 def spec_from_text(text: str) -> AttentionSpec:
     """The spec ``text`` prints (``spec_from_text(s.text) == s``); cached, so an op call with a
     spec it has seen costs a dict lookup."""
@@ -277,6 +306,7 @@ def _broadcast_index(rank: int, sizes_one: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
+@exact_arithmetic
 def sdpa_spec(*, bias: Optional[tuple] = None, bias_grad: bool = False, mask: Optional[tuple] = None,
               causal: bool = False, dropout: bool = False) -> AttentionSpec:
     """The spec of ``F.scaled_dot_product_attention``-style arguments.

@@ -1,8 +1,10 @@
 """The named proofs a matched site must pass before it is rewritten.
 
-Each check takes an ``AttentionSite`` and returns None when the condition is proved, or a
-reason (a sentence) when it is not. The check's function name is what ``explain().missed`` and
-the ``fx_flash`` logger report, so a reader can find the code that refused a site by its name.
+Each structural check takes an ``AttentionSite`` and returns None when the condition is proved,
+or a reason (a sentence) when it is not. ``specify`` then turns the capture into the kernel's
+spec and proves what the spec needs (``operands_supported``, ``score_is_differentiable``,
+``spec_renders``), raising ``Miss``. The check's name is what ``explain().missed`` and the
+``fx_flash`` logger report, so a reader can find the code that refused a site by its name.
 The order matters only for which reason is reported first.
 """
 
@@ -14,25 +16,13 @@ from typing import Optional
 import sympy
 import torch
 
-from fx_flash.passes.match import AttentionSite
-from fx_flash.passes.values import NotConstant, evaluate, same_shape, same_size, tensor_of
+from fx_flash.codegen.generate import operand_derivative, render
+from fx_flash.codegen.simplify import normalize
+from fx_flash.codegen.spec import QK, SCALE, AttentionSpec, Operand, exact_arithmetic
+from fx_flash.passes.capture import Capture
+from fx_flash.passes.match import AttentionSite, Factor, Miss
+from fx_flash.passes.values import NotConstant, same_shape, same_size, tensor_of
 from fx_flash.validate import MAX_HEAD_DIM, SUPPORTED_DTYPES
-
-# A masked_fill value this negative zeroes a weight in fp16/bf16/fp32 softmax (exp underflows),
-# so adding it instead of writing it changes no row that keeps at least one key.
-FILL_AT_MOST = -1e4
-# A fill this negative also swamps any score when added, so fully masked rows stay uniform.
-FILL_SWAMPS = -1e30
-
-
-def scores_used_once(site: AttentionSite) -> Optional[str]:
-    """Every intermediate from Q·Kᵀ to the softmax feeds only the next step."""
-    for node in site.scores_chain:
-        if len(node.users) != 1:
-            names = ", ".join(u.name for u in node.users)
-            return f"{node.name} is also used by {names} (the scores are needed elsewhere)"
-    return None
-
 
 def softmax_over_keys(site: AttentionSite) -> Optional[str]:
     """The softmax normalizes over the key axis (the last one), not over queries or heads."""
@@ -45,7 +35,7 @@ def softmax_over_keys(site: AttentionSite) -> Optional[str]:
 
 def operands_are_heads(site: AttentionSite) -> Optional[str]:
     """q, k, v are (B, H, N, d) or (B·H, N, d) with one batch, k and v the same length and width."""
-    q, v = tensor_of(site.q), tensor_of(site.v)
+    q, v = tensor_of(site.q), _v(site)
     k = tensor_of(site.k if site.k is not None else site.k_transposed)
     if q is None or k is None or v is None:
         return "no shapes recorded for q, k or v"
@@ -72,13 +62,19 @@ def operands_are_heads(site: AttentionSite) -> Optional[str]:
 
 def value_shaped(site: AttentionSite) -> Optional[str]:
     """The second product's other operand is V: same rank as the scores, one row per key."""
-    v, scores = tensor_of(site.v), tensor_of(site.softmax)
+    v, scores = _v(site), tensor_of(site.softmax)
     if v is None or v.dim() != scores.dim():
         rank = None if v is None else v.dim()
         return f"the weights multiply a rank-{rank} tensor, not a rank-{scores.dim()} V (a weight matrix, not attention)"
     if not same_size(v.shape[-2], scores.shape[-1]):
         return f"the weights have {scores.shape[-1]} columns but V has {v.shape[-2]} rows"
     return None
+
+
+def _v(site: AttentionSite):
+    """V's (fake) tensor as (…, N, d), whether the graph wrote V or Vᵀ."""
+    v = tensor_of(site.v)
+    return v.transpose(-2, -1) if v is not None and site.v_transposed else v
 
 
 def dtypes_supported(site: AttentionSite) -> Optional[str]:
@@ -103,15 +99,6 @@ def scale_is_constant(site: AttentionSite) -> Optional[str]:
     return None
 
 
-def masks_supported(site: AttentionSite) -> Optional[str]:
-    """Each mask is bool or float, broadcasts to the scores without growing them, and keeps its meaning."""
-    for term in site.masks:
-        reason = _mask_term_reason(site, term)
-        if reason:
-            return f"{term.node.name}: {reason}"
-    return None
-
-
 def dropout_is_known(site: AttentionSite) -> Optional[str]:
     """Dropout's probability is a number and its train/eval switch is known (or follows a module)."""
     drop = site.dropout
@@ -128,9 +115,7 @@ def dropout_is_known(site: AttentionSite) -> Optional[str]:
 
 
 CHECKS = (
-    scores_used_once,
     softmax_over_keys,
-    masks_supported,
     value_shaped,
     operands_are_heads,
     dtypes_supported,
@@ -193,66 +178,50 @@ def site_scale(site: AttentionSite):
     raise NotConstant(f"the scale {expr} depends on sizes other than the head dim {head_dim}")
 
 
-def term_factor(term) -> float:
-    """The product of the scales applied after a mask term (and baddbmm's beta)."""
-    value = evaluate(term.coefficient) if not isinstance(term.coefficient, (int, float)) else term.coefficient
-    for factor in term.scaled_by:
-        value = value * factor.value
-    if not isinstance(value, (int, float)):
-        expr = sympy.sympify(value)
-        if not expr.is_number:
-            raise NotConstant(f"the mask is scaled by {expr}, which is not a number")
-        value = float(expr)
-    return value
-
-
-def fill_value(term) -> float:
-    """The value a masked_fill/where writes, after later scales: -inf, or a large negative."""
-    value = evaluate(term.value)
-    return float(value) * term_factor(term)
-
-
-def _mask_term_reason(site: AttentionSite, term) -> Optional[str]:
-    mask = tensor_of(term.tensor)
-    scores_in = _term_input(site, term)
-    result = tensor_of(term.node)
-    if scores_in is not None and result is not None and term.spelling != "baddbmm":
-        if not same_shape(scores_in.shape, result.shape):
-            return f"broadcasting the mask grows the scores from {tuple(scores_in.shape)} to {tuple(result.shape)}"
-        if result.dtype != scores_in.dtype:
-            return f"the mask promotes the scores from {scores_in.dtype} to {result.dtype}"
-    rank = tensor_of(site.softmax).dim()
-    if mask is not None and mask.dim() > rank:
-        return f"a rank-{mask.dim()} mask on rank-{rank} scores"
+def _fold_scale(site: AttentionSite, score):
+    """``c·scale·qk + rest`` (a constant written after a bias, as in ``(qk + bias) / 8``): c goes
+    into the op's scale, so the kernel is the one every such scale shares."""
+    terms = sympy.Add.make_args(score)
+    with_qk = [t for t in terms if QK in t.free_symbols]
+    if len(with_qk) != 1:
+        return score
+    coeff, rest = with_qk[0].as_coeff_Mul()
+    if rest != SCALE * QK or coeff == 1 or not coeff.is_finite or coeff == 0:
+        return score
     try:
-        factor = term_factor(term)
-    except NotConstant as e:
-        return str(e)
-    if term.kind == "add":
-        if mask is None:
-            return None  # a Python number added to every score changes nothing after softmax
-        if mask.dtype == torch.float64:
-            return "a float64 mask (the kernels read fp32/fp16/bf16 masks)"
-        if mask.is_complex():
-            return f"a {mask.dtype} mask"
-        if factor < 0 and mask.dtype == torch.bool:
-            return "a bool mask added with a negative factor"
-        return None
-    if mask is None or mask.dtype != torch.bool:
-        return f"masked_fill/where with a {None if mask is None else mask.dtype} condition"
+        if site_scale(site) is None:
+            return score  # a symbolic 1/sqrt(d) stays the op's default; c stays in the score
+    except NotConstant:
+        return score
+    site.factors.append(Factor("scores", float(coeff)))
+    return score - with_qk[0] + SCALE * QK
+
+
+@exact_arithmetic
+def specify(site: AttentionSite, capture: Capture) -> AttentionSpec:
+    """The spec of a captured site, every part of it proved (else Miss with the check's name)."""
+    score, keep, fill = normalize(capture.expr)
+    score = _fold_scale(site, score)
+    operands = []
+    for i, read in enumerate(capture.reads):
+        t = tensor_of(read.node)
+        if t.dtype == torch.float64:
+            raise Miss("operands_supported", f"{read.node.name} is float64 (it would promote the scores)", read.node)
+        operands.append(Operand(f"t{i}", read.kind, read.index))
     try:
-        value = fill_value(term)
-    except NotConstant as e:
-        return f"the fill value is not provably constant ({e})"
-    if value != float("-inf") and not value <= FILL_AT_MOST:
-        return f"fill value {value} does not mask (the op can honour -inf or ≤ {FILL_AT_MOST:g})"
-    return None
-
-
-def _term_input(site: AttentionSite, term):
-    """The scores as they were before this term (the chain node feeding term.node)."""
-    node = term.node
-    for a in node.all_input_nodes:
-        if a in site.scores_chain:
-            return tensor_of(a)
-    return None
+        spec = AttentionSpec(score, keep, tuple(operands), fill)
+    except ValueError as e:
+        raise Miss("score_is_pointwise", str(e), site.softmax)
+    grads = [o.kind == "float" and tensor_of(r.node).requires_grad for o, r in zip(spec.operands, capture.reads)]
+    needs = spec.with_grads(grads)
+    d_qk = sympy.diff(needs.score, QK)
+    if d_qk.has(sympy.Derivative, sympy.Subs, sympy.DiracDelta):
+        raise Miss("score_is_differentiable", f"the score {needs.score} has no derivative by qk the kernel can use",
+                   site.softmax)
+    try:
+        for op in needs.grad_operands:
+            operand_derivative(needs, op)
+        render(needs)
+    except ValueError as e:
+        raise Miss("spec_renders", str(e), site.softmax)
+    return spec

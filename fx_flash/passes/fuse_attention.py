@@ -1,4 +1,4 @@
-"""The pass: find every softmax, match the attention around it, prove it, rewrite it.
+"""The pass: find every softmax, match its boundaries, capture the scores, prove, rewrite.
 
 ``fuse_attention(gm)`` is in place and returns the number of rewrites. Every softmax that is
 not rewritten is recorded with the check that refused it, in the ``PassResult`` that
@@ -16,9 +16,11 @@ from typing import Optional, Sequence
 import torch
 from torch import fx
 
-from fx_flash.passes.checks import first_failure
+from fx_flash.codegen.spec import AttentionSpec
+from fx_flash.passes.capture import Capture, capture_scores
+from fx_flash.passes.checks import first_failure, specify
 from fx_flash.passes.match import AttentionSite, Miss, match_site
-from fx_flash.passes.rewrite import Rewritten, rewrite
+from fx_flash.passes.rewrite import Rewritten, erase_unused, rewrite
 from fx_flash.passes.values import meta_key
 
 log = logging.getLogger(__name__)  # a child of "fx_flash"
@@ -32,7 +34,12 @@ class Fused:
     """One rewritten site: how it was written and what the op call does."""
 
     site: AttentionSite
+    capture: Capture
     result: Rewritten
+
+    @property
+    def spec(self) -> AttentionSpec:
+        return self.result.spec
 
 
 @dataclass
@@ -68,6 +75,7 @@ def run_pass(
         if meta_key(gm.graph) is None:
             _record_shapes(gm, example_inputs)
     result = PassResult()
+    captured: set = set()
     for node in list(gm.graph.nodes):
         if node._erased:  # removed by an earlier rewrite (a node of its chain)
             continue
@@ -78,7 +86,10 @@ def run_pass(
             failure = first_failure(site)
             if failure:
                 raise Miss(failure[0], failure[1], node)
-            done = rewrite(site, inputs, trust_buffers)
+            capture = capture_scores(site, inputs, trust_buffers)
+            spec = specify(site, capture)
+            done = rewrite(site, capture, spec)
+            captured |= capture.nodes
         except Miss as miss:
             miss.node = miss.node if miss.node is not None else node
             miss.softmax = node.name
@@ -88,11 +99,14 @@ def run_pass(
             counters[f"missed.{miss.check}"] += 1
             log.info("fx_flash: not fusing softmax %s: %s: %s", node.name, miss.check, miss.reason)
             continue
-        result.fused.append(Fused(site, done))
+        result.fused.append(Fused(site, capture, done))
         counters["fused"] += 1
         counters[f"spelling.{site.qk_spelling}"] += 1
-        log.debug("fx_flash: fused %s (%s) into %s", node.name, site.qk_spelling, done.node.name)
+        log.debug("fx_flash: fused %s (%s) into %s: %s", node.name, site.qk_spelling, done.node.name, spec.text)
     if result.fused:
+        # Masks built once and read by every layer are dead only once every layer is rewritten.
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        erase_unused(sorted((n for n in captured if not n._erased), key=lambda n: order.get(n, -1), reverse=True))
         gm.graph.lint()
         gm.recompile()
     return result

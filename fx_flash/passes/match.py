@@ -1,11 +1,13 @@
 """Walk from a softmax to the attention around it, and describe it in one canonical form.
 
-``match_site(softmax_node)`` reads the graph around one softmax: forward to the P·V product
-(through casts and dropout), backward to the Q·Kᵀ product (through casts, scales, masks), then
-peels the operands (scales on q/k, the transpose of K, a repeat_kv). The result is an
-``AttentionSite`` that says *what* the code computes, whatever its spelling; whether it may be
-rewritten is decided by the named checks in ``checks.py``. Structure that does not read as
-attention at all is a ``Miss`` with the name of the step that failed.
+``match_site(softmax_node)`` finds the boundaries of one attention: forward from the softmax to
+the P·V product (through casts, dropout, clones and views of the batch·head axes), backward to
+the one Q·Kᵀ product the softmax input is computed from (through ops the capture can read),
+then peels the operands (scales on q/k, the transpose of K, a repeat_kv) and the run of
+constant scales right after the product (the op's ``scale``). What happens to the scores in
+between is read by ``capture.py``; whether the site may be rewritten is decided by the named
+checks in ``checks.py``. Structure that does not read as attention is a ``Miss`` with the name
+of the step that failed.
 """
 
 from __future__ import annotations
@@ -45,24 +47,6 @@ class Factor:
 
 
 @dataclass
-class MaskTerm:
-    """One mask or bias applied to the scores.
-
-    kind "add": ``scores + tensor``; kind "fill": ``scores`` set to ``value`` where
-    ``mask == fill_where_true``. ``scaled_by`` are the factors applied after this term.
-    """
-
-    kind: str
-    tensor: fx.Node
-    spelling: str
-    node: fx.Node
-    value: Any = None
-    fill_where_true: bool = True
-    coefficient: Any = 1.0  # baddbmm's beta
-    scaled_by: list = field(default_factory=list)
-
-
-@dataclass
 class AttentionSite:
     """What one attention computes, in the op's terms, plus the nodes that spell it."""
 
@@ -78,19 +62,23 @@ class AttentionSite:
     k_transposed: Optional[fx.Node]
     v: fx.Node
     key_spelling: str
+    softmax_input: Optional[fx.Node] = None
     factors: list[Factor] = field(default_factory=list)
-    masks: list[MaskTerm] = field(default_factory=list)
+    scale_prefix: list[fx.Node] = field(default_factory=list)  # constant scales right after Q·Kᵀ
+    baddbmm_input: Optional[fx.Node] = None  # baddbmm's beta·input, added to the scores
+    baddbmm_beta: Any = 0.0
     dropout: Optional[sp.Dropout] = None
     dropout_node: Optional[fx.Node] = None
     weights_chain: list[fx.Node] = field(default_factory=list)  # softmax … input of P·V
-    scores_chain: list[fx.Node] = field(default_factory=list)  # Q·Kᵀ … input of softmax
     gqa_spelling: Optional[str] = None
+    v_transposed: bool = False  # V is given as Vᵀ (an einsum contracting its last axis)
     peeled: list[fx.Node] = field(default_factory=list)  # scale/transpose/repeat nodes seen through
 
     @property
     def chain(self) -> list[fx.Node]:
-        """Every node from Q·Kᵀ to P·V: these go away when the site is rewritten."""
-        return self.scores_chain + self.weights_chain + [self.pv]
+        """The nodes from softmax to P·V: these go away when the site is rewritten (the score
+        nodes are the capture's)."""
+        return self.weights_chain + [self.pv]
 
 
 def match_site(node: fx.Node) -> Optional[AttentionSite]:
@@ -101,7 +89,7 @@ def match_site(node: fx.Node) -> Optional[AttentionSite]:
     if tensor_of(node) is None:
         raise Miss("has_shapes", "the graph records no shapes (trace it with example inputs)", node)
     weights_chain, pv, pv_read, drop, drop_node = _walk_to_value_product(node)
-    scores_chain, qk, factors, masks = _walk_to_score_product(read.input)
+    qk = _find_score_product(read.input, node)
     q_read = sp.product(qk, scores=True)
     site = AttentionSite(
         softmax=node,
@@ -116,14 +104,15 @@ def match_site(node: fx.Node) -> Optional[AttentionSite]:
         k_transposed=None,
         v=pv_read.right,
         key_spelling="",
-        factors=factors,
-        masks=masks,
+        softmax_input=read.input,
         dropout=drop,
         dropout_node=drop_node,
         weights_chain=weights_chain,
-        scores_chain=scores_chain,
     )
+    if pv_read.right_is_transposed:  # einsum with V written channels-first: (…, d, N)
+        site.v_transposed = True
     _read_baddbmm(site, q_read)
+    _read_scale_prefix(site)
     _peel_operands(site, q_read)
     _peel_repeat_kv(site)
     return site
@@ -150,50 +139,83 @@ def _walk_to_value_product(node: fx.Node):
         read_drop = sp.dropout(user)
         if read_drop is not None and read_drop.input is node and drop is None:
             drop, drop_node = read_drop, user
-        elif sp.cast(user) is not node:
+        elif sp.cast(user) is not node and not _keeps_rows(user, node):
             raise Miss("softmax_feeds_value_product", f"softmax output goes to {user.format_node()}", user)
         chain.append(user)
         node = user
     raise Miss("softmax_feeds_value_product", "no P·V product within reach of the softmax", node)
 
 
+def _keeps_rows(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` passes the weights on unchanged per element: a clone, ``contiguous``, or a view
+    that splits or merges only the batch·head axes (the last two stay)."""
+    if not (user.args and user.args[0] is node):
+        return False
+    if sp.is_method(user, "clone", "contiguous") or sp.is_function(user, torch.clone):
+        return True
+    if sp.is_method(user, "view", "reshape", "flatten", "unflatten") or sp.is_function(user, torch.reshape):
+        a, b = tensor_of(node), tensor_of(user)
+        return a is not None and b is not None and b.dim() >= 3 and same_shape(a.shape[-2:], b.shape[-2:])
+    return False
+
+
 # ---------------------------------------------------------------------------------------------
-# Backward: softmax input → (casts, scales, masks) → Q·Kᵀ
+# Backward: softmax input → the one Q·Kᵀ product it is computed from
 
 
-def _walk_to_score_product(node: Any):
-    chain: list[fx.Node] = []
-    factors: list[Factor] = []
-    masks: list[MaskTerm] = []
-    for _ in range(_MAX_WALK):
-        if not isinstance(node, fx.Node):
-            raise Miss("scores_from_qk_product", f"softmax of a constant {node!r}")
-        chain.insert(0, node)
-        if sp.product(node, scores=True) is not None:
-            return chain, node, factors, masks
-        through = sp.cast(node)
-        if through is not None:
-            node = through
+def _find_score_product(start: Any, softmax: fx.Node) -> fx.Node:
+    """The matrix product the softmax input is computed from, through ops the capture reads."""
+    from fx_flash.passes.lowering import is_in_place, rule_name
+
+    out = tensor_of(start)
+    found, seen, work = [], set(), [start]
+    while work:
+        n = work.pop()
+        if not isinstance(n, fx.Node) or n in seen:
             continue
-        through = _read_scale(node, factors, where="scores")
-        if through is not None:
-            node = through
+        seen.add(n)
+        if len(seen) > 4 * _MAX_WALK * _MAX_WALK:
+            break
+        read = sp.product(n, scores=True)
+        t = tensor_of(n)
+        if read is not None and t is not None and out is not None and t.dim() >= 3 and \
+                same_shape(t.shape[-2:], out.shape[-2:]):
+            found.append(n)
             continue
-        added = sp.addition(node)
-        if added is not None:
-            scores, term = _which_is_scores(node, *added)
-            masks.append(MaskTerm("add", term, "+", node, scaled_by=list(factors)))
-            node = scores
-            continue
-        filled = sp.fill(node)
-        if filled is not None:
-            masks.append(
-                MaskTerm("fill", filled.mask, filled.spelling, node, filled.value, filled.fill_where_true, scaled_by=list(factors))
-            )
-            node = filled.scores
-            continue
-        raise Miss("scores_from_qk_product", f"{node.format_node()} is not a scale, mask, cast or Q·Kᵀ", node)
-    raise Miss("scores_from_qk_product", "no Q·Kᵀ product within reach of the softmax", node)
+        passes = rule_name(n) is not None or is_in_place(n) or sp.cast(n) is not None or \
+            sp.is_method(n, "view", "reshape", "expand", "expand_as", "contiguous", "clone", "unflatten", "flatten",
+                         "squeeze", "unsqueeze", "to")
+        if passes:
+            work.extend(n.all_input_nodes)
+            work.extend(u for u in n.users if is_in_place(u) and u.args and u.args[0] is n and u is not softmax)
+    if not found:
+        if isinstance(start, fx.Node):
+            raise Miss("scores_from_qk_product", f"no Q·Kᵀ product feeds the softmax through ops read per element "
+                       f"(it reads {start.format_node()})", start)
+        raise Miss("scores_from_qk_product", f"softmax of a constant {start!r}")
+    if len(found) > 1:
+        names = ", ".join(sorted(n.name for n in found))
+        raise Miss("scores_from_qk_product", f"more than one matrix product feeds the scores ({names})", softmax)
+    return found[0]
+
+
+def _read_scale_prefix(site: AttentionSite) -> None:
+    """Constant scales applied to the product alone, right after it: the op's ``scale``."""
+    node = site.qk
+    if site.baddbmm_input is not None:
+        return  # the scale would also scale baddbmm's input
+    while len(node.users) == 1:
+        (user,) = node.users
+        try:
+            through = _read_scale(user, site.factors, where="scores")
+        except Miss:
+            return
+        if through is not node:
+            if through is not None:
+                site.factors.pop()
+            return
+        site.scale_prefix.append(user)
+        node = user
 
 
 def _read_scale(node: fx.Node, factors: list[Factor], where: str) -> Optional[fx.Node]:
@@ -220,36 +242,12 @@ def _read_scale(node: fx.Node, factors: list[Factor], where: str) -> Optional[fx
     raise Miss("scale_is_constant", f"{node.format_node()} changes the scores' shape or dtype", node)
 
 
-def _leads_to_product(node: Any, depth: int = 0) -> bool:
-    """A cheap look-ahead: does ``node`` reach a Q·Kᵀ through score-side spellings?"""
-    if not isinstance(node, fx.Node) or depth > _MAX_WALK:
-        return False
-    if sp.product(node, scores=True) is not None:
-        return True
-    for read in (sp.cast(node), sp.addition(node), sp.scaling(node), sp.fill(node)):
-        if read is None:
-            continue
-        if isinstance(read, sp.Fill):
-            return _leads_to_product(read.scores, depth + 1)
-        operands = read if isinstance(read, tuple) else (read,)
-        return any(_leads_to_product(o, depth + 1) for o in operands if isinstance(o, fx.Node))
-    return False
-
-
-def _which_is_scores(node: fx.Node, a: Any, b: Any):
-    a_ok, b_ok = _leads_to_product(a), _leads_to_product(b)
-    if a_ok and not b_ok:
-        return a, b
-    if b_ok and not a_ok:
-        return b, a
-    raise Miss("scores_from_qk_product", f"cannot tell the scores from the bias in {node.format_node()}", node)
-
-
 # ---------------------------------------------------------------------------------------------
 # Operands: scale on q/k, Kᵀ → K, repeat_kv
 
 
 def _read_baddbmm(site: AttentionSite, read: sp.Product) -> None:
+    """baddbmm is beta·input + alpha·(b1 @ b2): alpha scales the product, beta·input is added."""
     if read.spelling != "baddbmm":
         return
     try:
@@ -258,13 +256,11 @@ def _read_baddbmm(site: AttentionSite, read: sp.Product) -> None:
         raise Miss("scale_is_constant", f"baddbmm alpha/beta not provably constant ({e})", site.qk)
     if alpha != 1:
         site.factors.append(Factor("baddbmm alpha", alpha, site.qk))
-    if beta != 0 and isinstance(read.bias, fx.Node):
-        # beta·bias is added before alpha… no: baddbmm is beta·input + alpha·(b1 @ b2), so the
-        # bias is not scaled by alpha; factors applied after it are those already recorded.
-        later = [f for f in site.factors if f.where == "scores"]
-        site.masks.append(MaskTerm("add", read.bias, "baddbmm", site.qk, coefficient=beta, scaled_by=later))
-    elif beta != 0:
-        raise Miss("scores_from_qk_product", "baddbmm with a non-tensor input", site.qk)
+    if beta != 0:
+        if not isinstance(read.bias, fx.Node):
+            raise Miss("scores_from_qk_product", "baddbmm with a non-tensor input", site.qk)
+        # The input is added after alpha scales the product: in units of the op's scale.
+        site.baddbmm_input, site.baddbmm_beta = read.bias, beta
 
 
 def _peel_scales(node: Any, site: AttentionSite, where: str) -> Any:

@@ -1,15 +1,15 @@
-"""Replace one proved attention site by one ``torch.ops.fx_flash.flash_attention`` call.
+"""Replace one proved attention site by one ``torch.ops.fx_flash.attention`` call.
 
-The new nodes go right before the P·V product: K is transposed back only when the graph had
-nothing but Kᵀ, masks are combined into one ``attn_mask`` (bool where every term is a -inf
-fill, additive otherwise), and rank-3 (B·H, N, d) operands get a leading axis. Fake values
-(``meta['val']``/``meta['example_value']``) are computed for every new node, and the chain the
-call replaces is erased once nothing uses it.
+The new nodes go right before the P·V product: K (or V) is transposed back only when the graph
+had nothing but its transpose, rank-3 (B·H, N, d) operands get a leading axis, and the call
+takes q, k, v, the tensors the captured score reads, dropout p, the scale, GQA and the spec's
+text. Fake values (``meta['val']``/``meta['example_value']``) are computed for every new node,
+and the nodes the call replaces are erased once nothing uses them (masks shared with sites not
+yet rewritten stay until ``erase_unused`` runs at the end of the pass).
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -17,12 +17,14 @@ import torch
 from torch import fx
 
 import fx_flash.ops  # noqa: F401  (registers torch.ops.fx_flash.*)
-from fx_flash.passes.causal import is_causal_keep
-from fx_flash.passes.checks import FILL_SWAMPS, fill_value, site_scale, term_factor
-from fx_flash.passes.match import AttentionSite, MaskTerm
+from fx_flash.codegen.spec import AttentionSpec
+from fx_flash.passes.capture import Capture
+from fx_flash.passes.checks import site_scale
+from fx_flash.passes.lowering import is_in_place
+from fx_flash.passes.match import AttentionSite
 from fx_flash.passes.values import meta_key, tensor_of
 
-FLASH_ATTENTION = torch.ops.fx_flash.flash_attention.default
+ATTENTION = torch.ops.fx_flash.attention.default
 
 
 def module_dropout_p(module: torch.nn.Dropout) -> float:
@@ -34,13 +36,13 @@ def module_dropout_p(module: torch.nn.Dropout) -> float:
 class Rewritten:
     """What the rewrite emitted for one site (for explain and the logger)."""
 
-    node: fx.Node  # the flash_attention call
+    node: fx.Node  # the attention call
+    spec: AttentionSpec
     scale: Optional[float]
-    mask_kind: str  # "none", "bool", "additive", "bool+additive"
-    is_causal: bool
     dropout: str
     gqa_ratio: int
-    bias_requires_grad: bool
+    operands: list  # the graph nodes the score reads
+    grads: list  # whether each operand requires grad (its gradient is computed in the kernel)
 
 
 class _Emitter:
@@ -70,120 +72,37 @@ class _Emitter:
             node.meta[self.key] = fn(*args, **kwargs)
 
 
-def rewrite(site: AttentionSite, inputs: Optional[dict] = None, trust_buffers: bool = True) -> Rewritten:
-    """Emit the op for ``site`` (already proved by the checks) and remove what it replaces."""
+def rewrite(site: AttentionSite, capture: Capture, spec: AttentionSpec) -> Rewritten:
+    """Emit the op for ``site`` (already proved) and remove what it replaces."""
     graph = site.pv.graph
     emit = _Emitter(graph, site.pv)
     q, k, v = site.q, site.k, site.v
     if k is None:
         k = emit("call_method", "transpose", (site.k_transposed, -2, -1))
-    rank = tensor_of(q).dim()
+    if site.v_transposed:
+        v = emit("call_method", "transpose", (v, -2, -1))
+    rank = tensor_of(site.q).dim()
     if rank == 3:
         q, k, v = (emit("call_method", "unsqueeze", (x, 0)) for x in (q, k, v))
-    attn_mask, mask_kind, causal = _emit_mask(site, emit, inputs, trust_buffers)
     dropout, dropout_text = _dropout_p(site, emit)
     scale = site_scale(site)
     hq, hkv = tensor_of(site.q).shape[-3], tensor_of(site.k if site.k is not None else site.k_transposed).shape[-3]
     gqa = site.gqa_spelling is not None
-    out = emit("call_function", FLASH_ATTENTION, (q, k, v, attn_mask, dropout, causal, scale, gqa))
+    operands = [read.node for read in capture.reads]
+    out = emit("call_function", ATTENTION, (q, k, v, operands, dropout, scale, gqa, spec.text))
     result = emit("call_method", "squeeze", (out, 0)) if rank == 3 else out
     site.pv.replace_all_uses_with(result)
-    _erase_unused(site.chain + site.peeled)
-    mask_t = tensor_of(attn_mask)
+    erase_unused(site.chain + site.peeled + sorted(capture.score_nodes, key=_order(graph), reverse=True),
+                 allow_in_place=capture.score_nodes)
     return Rewritten(
-        node=out,
-        scale=scale,
-        mask_kind=mask_kind,
-        is_causal=causal,
-        dropout=dropout_text,
-        gqa_ratio=int(hq // hkv) if gqa else 1,
-        bias_requires_grad=bool(mask_t is not None and mask_t.dtype != torch.bool and mask_t.requires_grad),
+        node=out, spec=spec, scale=scale, dropout=dropout_text, gqa_ratio=int(hq // hkv) if gqa else 1,
+        operands=operands, grads=[bool(getattr(tensor_of(n), "requires_grad", False)) for n in operands],
     )
 
 
-def _emit_mask(site: AttentionSite, emit: _Emitter, inputs, trust_buffers):
-    scores = tensor_of(site.softmax)
-    dtype = scores.dtype
-    keeps: list[fx.Node] = []
-    biases: list[fx.Node] = []
-    causal = False
-    for term in site.masks:
-        if term.kind == "fill":
-            value = fill_value(term)
-            if value == float("-inf"):
-                if is_causal_keep(term.tensor, not term.fill_where_true, scores, inputs, trust_buffers):
-                    causal = True
-                else:
-                    keeps.append(_keep(term, emit))
-            else:
-                fill_on = term.tensor
-                if not term.fill_where_true:
-                    fill_on = emit("call_function", operator.invert, (fill_on,))
-                bias = emit("call_function", torch.where, (fill_on, value, 0.0))
-                biases.append(_cast(bias, dtype, emit))
-        elif isinstance(term.tensor, fx.Node):
-            if _additive_causal(term, scores, inputs, trust_buffers):
-                causal = True
-                continue
-            bias = term.tensor
-            mask_t = tensor_of(bias)
-            if mask_t is not None and not mask_t.dtype.is_floating_point:
-                bias = _cast(bias, dtype, emit, force=True)
-            factor = term_factor(term)
-            if factor != 1:
-                bias = emit("call_function", operator.mul, (bias, factor))
-            biases.append(bias)
-    keep = _combine(keeps, operator.and_, emit)
-    bias = _combine(biases, operator.add, emit)
-    if keep is not None and bias is not None:
-        return emit("call_function", torch.where, (keep, bias, float("-inf"))), "bool+additive", causal
-    if keep is not None:
-        return keep, "bool", causal
-    if bias is not None:
-        return bias, "additive", causal
-    return None, "none", causal
-
-
-def _additive_causal(term: MaskTerm, scores, inputs, trust_buffers) -> bool:
-    """``scores + where(causal_keep, 0, finfo.min)``: the HF way of writing a causal mask."""
-    node = term.tensor
-    if not (node.op == "call_function" and node.target is torch.where and len(node.args) == 3):
-        return False
-    cond, when_true, when_false = node.args
-    try:
-        from fx_flash.passes.values import evaluate
-
-        zero, fill = evaluate(when_true), evaluate(when_false) * term_factor(term)
-    except Exception:
-        return False
-    # A causal row always keeps key 0, so a swamping fill and -inf give the same weights.
-    return zero == 0 and fill <= FILL_SWAMPS and is_causal_keep(cond, True, scores, inputs, trust_buffers)
-
-
-def _keep(term: MaskTerm, emit: _Emitter) -> fx.Node:
-    """The bool mask with True = attend, from a mask that says where to fill (or to keep)."""
-    mask = term.tensor
-    if not term.fill_where_true:
-        return mask
-    if mask.op == "call_function" and mask.target in (operator.invert, torch.logical_not):
-        return mask.args[0]
-    if mask.op == "call_function" and mask.target is operator.eq and mask.args[1] == 0:
-        return emit("call_function", operator.ne, (mask.args[0], 0))
-    return emit("call_function", operator.invert, (mask,))
-
-
-def _cast(node: fx.Node, dtype: torch.dtype, emit: _Emitter, force: bool = False) -> fx.Node:
-    t = tensor_of(node)
-    if not force and t is not None and t.dtype == dtype:
-        return node
-    return emit("call_method", "to", (node, dtype))
-
-
-def _combine(nodes: list, op, emit: _Emitter) -> Optional[fx.Node]:
-    result = None
-    for node in nodes:
-        result = node if result is None else emit("call_function", op, (result, node))
-    return result
+def _order(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index.get(n, -1)
 
 
 def _dropout_p(site: AttentionSite, emit: _Emitter):
@@ -198,15 +117,18 @@ def _dropout_p(site: AttentionSite, emit: _Emitter):
     return float(drop.p), f"p={drop.p} (training)"
 
 
-def _erase_unused(candidates: list[fx.Node]) -> None:
-    """Erase candidates (and what only they used) once nothing uses them; keep impure nodes."""
-    work = list(reversed(candidates))
+def erase_unused(candidates, allow_in_place=frozenset()) -> None:
+    """Erase candidates (and what only they used) once nothing uses them; keep impure nodes and
+    in-place ops other than those in ``allow_in_place`` (mutations of the erased scores)."""
+    work = list(reversed(list(candidates)))
     seen = set()
     while work:
         node = work.pop()
-        if node in seen or node.graph is None:
+        if node in seen or node.graph is None or node._erased:
             continue
         if node.users or node.op in ("placeholder", "output") or node.is_impure():
+            continue
+        if is_in_place(node) and node not in allow_in_place:
             continue
         seen.add(node)
         inputs = node.all_input_nodes

@@ -96,6 +96,8 @@ def product(node: Any, *, scores: bool) -> Optional[Product]:
     if is_function(node, torch.einsum) and len(node.args) == 3 and isinstance(node.args[0], str):
         if _einsum_roles(node.args[0], contract_last=scores):
             return Product(node.args[1], node.args[2], f"einsum('{node.args[0]}')", right_is_transposed=scores)
+        if not scores and _einsum_roles(node.args[0], contract_last=True):  # P·V with V given as (…, d, N)
+            return Product(node.args[1], node.args[2], f"einsum('{node.args[0]}')", right_is_transposed=True)
         return None
     if scores and (is_function(node, torch.baddbmm) or is_method(node, "baddbmm")):
         bias, b1, b2 = arg(node, 0, "input"), arg(node, 1, "batch1"), arg(node, 2, "batch2")

@@ -1,0 +1,739 @@
+"""Capture: translate everything the graph does between Q·Kᵀ and softmax into one expression.
+
+Input: a matched site (its Q·Kᵀ product and softmax are known). Output: a ``Capture``, the
+softmax input as a sympy expression over ``qk``, ``scale``, the index symbols (b, h, q_idx,
+kv_idx) and reads of tensor operands, plus the graph nodes it covers.
+
+How values are read (one direction, from the softmax back to the product and the leaves):
+    - the product (and a run of constant scales right after it) is ``scale·qk``;
+    - pointwise ops follow the table in ``lowering.py``;
+    - tensors that do not depend on the scores are expressions of *positions* (p1 = last
+      dimension, …): ``arange`` is its position, ``ones``/``full`` constants, ``tril``/``triu``
+      comparisons of positions, indexing and views renumber or substitute positions, and a
+      constant buffer the pass may read (nanoGPT's ``tril``) is the predicate it holds;
+    - anything else is a *leaf*: an operand the kernel reads at those positions;
+    - where a position-valued tensor meets the scores, its positions become index symbols of
+      that view of the scores ("level"): the last two are q_idx and kv_idx, the leading ones
+      the batch·head of q's layout (a (B·H, N, N) view and a (B, H, N, N) view of the same
+      scores read b and h differently, and both are exact);
+    - uses of the scores that read only their shape or dtype (``expand_as``, ``type_as``,
+      ``size``) are not uses of their values; in-place ops (``masked_fill_``) are applied where
+      the graph applies them.
+Whatever cannot be read exactly raises ``Miss`` with the name of the failed check.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import sympy
+import torch
+from torch import fx
+from sympy.core.function import AppliedUndef
+
+from fx_flash.codegen.spec import B_IDX, H_IDX, KV_IDX, N_KV, N_Q, Q_IDX, QK, SCALE, exact_arithmetic
+from fx_flash.passes import lowering as low
+from fx_flash.passes import spellings as sp
+from fx_flash.passes.lowering import Unsupported, Value, position
+from fx_flash.passes.match import AttentionSite, Miss
+from fx_flash.passes.values import (
+    NotConstant,
+    as_expr,
+    concrete,
+    evaluate,
+    is_module_buffer,
+    same_shape,
+    same_size,
+    tensor_of,
+)
+
+MAX_NODES = 400  # nodes one capture may visit before it gives up
+
+
+@dataclass
+class Read:
+    """One operand: a graph tensor read at one index expression per dimension."""
+
+    node: fx.Node
+    kind: str
+    index: tuple
+
+
+@dataclass
+class Capture:
+    """The softmax input as one expression, and what it reads."""
+
+    expr: Any
+    reads: list[Read]
+    score_nodes: set  # nodes whose value depends on the scores (erased with the site)
+    nodes: set  # every node the expression was read from (candidates for erasing)
+    n_q: Any
+    n_kv: Any
+
+
+# Methods and functions that only move or re-type a value (no positions change).
+_IDENTITY_METHODS = ("contiguous", "clone", "detach")
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64,
+                 "bool": torch.bool, "long": torch.int64, "int": torch.int32}
+_METADATA_METHODS = ("size", "dim", "numel", "type_as", "expand_as", "view_as", "new_zeros", "new_ones", "new_full",
+                     "new_empty", "new_tensor", "get_device")
+
+
+@exact_arithmetic
+def capture_scores(site: AttentionSite, inputs: Optional[dict] = None, trust_buffers: bool = True) -> Capture:
+    """Read the chain between ``site.qk`` and ``site.softmax`` as one expression (or raise Miss)."""
+    return _Capturer(site, inputs, trust_buffers).run()
+
+
+class _Capturer:
+    def __init__(self, site: AttentionSite, inputs, trust_buffers):
+        self.site = site
+        self.inputs = inputs
+        self.trust = trust_buffers
+        self.graph = site.softmax.graph
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+        self.memo: dict = {}
+        self.leaves: dict = {}  # node → sympy function standing for its elements
+        self.visited: set = set()
+        qk_t = tensor_of(site.qk)
+        self.n_q, self.n_kv = qk_t.shape[-2], qk_t.shape[-1]
+        q_t = tensor_of(site.q)
+        # The index space of the op: q's (B, H) (rank 4) or (1, B·H) (a rank-3 q gets a leading axis).
+        self.lead = (q_t.shape[0], q_t.shape[1]) if q_t.dim() == 4 else (1, q_t.shape[0])
+        self.score_nodes = self._score_nodes()
+        self.levels: dict = {}
+
+    # -- the walk ------------------------------------------------------------------------------
+
+    def run(self) -> Capture:
+        self._check_score_users()
+        top = self._value(self.site.softmax_input, self.site.softmax)
+        if not top.scores:
+            raise Miss("scores_from_qk_product", "the softmax input does not depend on the Q·Kᵀ product", self.site.softmax)
+        expr, reads = self._operands(top.expr)
+        stray = {s for s in expr.free_symbols if s.name not in {x.name for x in _KNOWN} and not s.name.startswith("t")}
+        if stray:
+            names = ", ".join(sorted(map(str, stray)))
+            raise Miss("score_is_pointwise", f"the scores depend on {names}, a size the kernel does not know "
+                       "(a symbolic length other than the query and key lengths)", self.site.softmax)
+        return Capture(expr, reads, self.score_nodes, self.visited, self.n_q, self.n_kv)
+
+    def _score_nodes(self) -> set:
+        """Nodes on a path from the Q·Kᵀ product to the softmax input, and in-place ops on them."""
+        down, work = set(), [self.site.qk]
+        while work:
+            n = work.pop()
+            if n in down or self.order.get(n, 1 << 30) > self.order[self.site.softmax]:
+                continue
+            down.add(n)
+            work += list(n.users)
+        up, work = set(), [self.site.softmax_input]
+        while work:
+            n = work.pop()
+            if not isinstance(n, fx.Node) or n in up or n not in down:
+                continue
+            up.add(n)
+            work += n.all_input_nodes
+        for n in list(up):  # mutations of a score tensor are part of the scores
+            for u in n.users:
+                if low.is_in_place(u) and u.args and u.args[0] is n and u in down:
+                    up.add(u)
+        return up
+
+    def _check_score_users(self) -> None:
+        for n in self.score_nodes:
+            for u in n.users:
+                if u in self.score_nodes or u is self.site.softmax or self._reads_only_metadata(u, n):
+                    continue
+                if u in self.site.weights_chain and sp.cast(u) is not n:  # type_as(scores) after softmax
+                    continue
+                raise Miss("scores_only_in_chain", f"{n.name} is also used by {u.name} (the scores are needed "
+                           "elsewhere)", n)
+            if low.is_in_place(n) and self.order[n] > self.order[self.site.softmax]:
+                raise Miss("scores_only_in_chain", f"{n.name} changes the scores after the softmax read them", n)
+
+    def _reads_only_metadata(self, user: fx.Node, node: fx.Node) -> bool:
+        """``user`` reads only ``node``'s shape, dtype or device (and its result is no score)."""
+        if user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "dtype", "device", "ndim"):
+            return True
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            if user.target in ("type_as", "expand_as", "view_as"):
+                return user.args[0] is not node and user.args[1] is node
+            return user.args[0] is node and node not in user.args[1:] and node not in user.kwargs.values()
+        return False
+
+    def _value(self, arg: Any, consumer: Optional[fx.Node] = None) -> Optional[Value]:
+        if arg is None:
+            return None
+        if not isinstance(arg, fx.Node):
+            try:
+                return low.number(arg)
+            except Unsupported as e:
+                raise Miss("score_is_pointwise", str(e), consumer)
+        if consumer is not None:
+            mutations = sorted((u for u in arg.users if low.is_in_place(u) and u.args and u.args[0] is arg
+                                and u is not consumer and self.order[u] < self.order[consumer]), key=self.order.get)
+            if mutations:
+                return self._value(mutations[-1])
+        if arg in self.memo:
+            return self.memo[arg]
+        if len(self.visited) > MAX_NODES:
+            raise Miss("score_is_pointwise", f"more than {MAX_NODES} ops between Q·Kᵀ and softmax", arg)
+        self.visited.add(arg)
+        value = self._compute(arg)
+        self.memo[arg] = value
+        return value
+
+    def _compute(self, node: fx.Node) -> Value:
+        scores = node in self.score_nodes
+        if node is self.site.qk:
+            return self._product_value(node)
+        if node in self.site.scale_prefix:
+            return Value(SCALE * QK, "float", tuple(tensor_of(node).shape), True)
+        if scores and low.is_in_place(node) and not (self.order[node] < self.order[self.site.softmax]):
+            raise Miss("scores_only_in_chain", f"{node.name} mutates the scores after the softmax", node)
+        if low.is_in_place(node) and not scores:
+            raise Miss("score_is_pointwise", f"{node.format_node()} changes a tensor in place", node)
+        try:
+            found = self._pointwise(node)
+            if found is None:
+                found = self._view_or_constructor(node, scores)
+        except Unsupported as e:
+            if scores:
+                raise Miss("score_is_pointwise", f"{node.format_node()}: {e}", node)
+            found = None
+        if found is not None:
+            return found
+        if scores:
+            raise Miss("score_is_pointwise", f"{node.format_node()} is not a pointwise op on the scores "
+                       "(a reduction or another op the kernel cannot apply per element)", node)
+        return self._leaf(node)
+
+    def _product_value(self, node: fx.Node) -> Value:
+        shape = tuple(tensor_of(node).shape)
+        expr = SCALE * QK
+        bias = self.site.baddbmm_input
+        if bias is not None:
+            beta = self.site.baddbmm_beta
+            b = self._value(bias, node)
+            if b.scores:
+                raise Miss("scores_from_qk_product", "baddbmm's input depends on the scores", node)
+            expr = expr + beta * low.as_num(self._bind(b, shape))
+        return Value(expr, "float", shape, True)
+
+    # -- pointwise ops -------------------------------------------------------------------------
+
+    def _pointwise(self, node: fx.Node) -> Optional[Value]:
+        name = low.rule_name(node)
+        if name is None:
+            return None
+        args = list(node.args)
+        kwargs = dict(node.kwargs)
+        if name == "clamp":
+            lo, hi = (args[1:3] + [None, None])[:2]
+            lo, hi = kwargs.pop("min", lo), kwargs.pop("max", hi)
+            args = [args[0], lo, hi]
+        elif name in ("clamp_min", "clamp_max"):
+            args = [args[0], kwargs.pop("min", kwargs.pop("max", args[1] if len(args) > 1 else None))]
+        extra = set(kwargs) - low.KEYWORDS.get(name, set())
+        if extra:
+            raise Unsupported(f"{name} with {sorted(extra)}")
+        arity = low.ARITY.get(name, 1 if name in low.UNARY else 2)
+        if len(args) != arity:
+            raise Unsupported(f"{name} with {len(args)} arguments")
+        values = [self._value(a, node) for a in args]
+        if any(v is not None and v.scores for v in values):
+            level = tuple(tensor_of(node).shape)
+            self._check_level(node, level)
+            values = [self._bind(v, level) if v is not None and not v.scores else v for v in values]
+        result = low.RULES[name](*values, **kwargs)
+        if result.scores:
+            out = tensor_of(node)
+            return Value(result.expr, result.kind, tuple(out.shape), True)
+        return self._settle(result, node)
+
+    def _check_level(self, node: fx.Node, level: tuple) -> None:
+        """A view of the scores must keep (Nq, Nk) last and exactly B·H elements before them."""
+        t = tensor_of(node)
+        if t is None or t.dim() < 3 - (len(self.lead) == 2 and self.lead[0] == 1 and False):
+            raise Miss("scores_keep_their_shape", f"{node.name} has no recorded shape", node)
+        if t.dtype == torch.float64:
+            raise Miss("scores_keep_their_shape", f"{node.name} promotes the scores to float64", node)
+        if not (same_size(level[-2], self.n_q) and same_size(level[-1], self.n_kv)):
+            raise Miss("scores_keep_their_shape", f"{node.name} reshapes the scores to {tuple(level)}", node)
+        lead = sympy.Integer(1)
+        for n in level[:-2]:
+            lead = lead * sympy.sympify(as_expr(n))
+        total = sympy.sympify(as_expr(self.lead[0])) * sympy.sympify(as_expr(self.lead[1]))
+        if sympy.simplify(lead - total) != 0:
+            raise Miss("scores_keep_their_shape", f"broadcasting at {node.name} grows the scores to {tuple(level)}", node)
+
+    # -- positions ------------------------------------------------------------------------------
+
+    def _settle(self, v: Value, node: Optional[fx.Node] = None) -> Value:
+        """Take the node's recorded shape; size-1 dimensions read element 0."""
+        if node is not None:
+            t = tensor_of(node)
+            shape = tuple(t.shape) if t is not None else v.shape
+        else:
+            shape = v.shape
+        if shape is None:
+            return v
+        subs = {position(len(shape) - d): 0 for d, n in enumerate(shape) if _is_one(n)}
+        expr = v.expr.xreplace(subs) if subs else v.expr
+        return Value(expr, v.kind, shape, v.scores)
+
+    def _bind(self, v: Value, level: tuple) -> Value:
+        """A position-valued tensor meeting the scores at ``level``: positions → index symbols."""
+        rank = len(level)
+        if v.rank > rank:
+            raise Miss("scores_keep_their_shape", f"a rank-{v.rank} tensor meets rank-{rank} scores")
+        mapping = self._level_map(level)
+        subs = {position(i): mapping[i] for i in range(1, rank + 1)}
+        return Value(v.expr.xreplace(subs), v.kind, v.shape, False)
+
+    def _level_map(self, level: tuple) -> dict:
+        """Positional index i (from the right) of ``level`` → its expression in b, h, q_idx, kv_idx."""
+        key = tuple(map(str, level))
+        if key in self.levels:
+            return self.levels[key]
+        mapping = {1: KV_IDX, 2: Q_IDX}
+        z_size, h_size = self.lead
+        lead_dims = list(level[:-2])
+        h_static = _static(h_size)
+        for d, size in enumerate(lead_dims):
+            right = lead_dims[d + 1:]
+            stride = 1
+            for r in right:
+                s = _static(r)
+                if s is None:
+                    raise Miss("scores_keep_their_shape", f"scores viewed with a symbolic size {r} before a batch/head axis")
+                stride *= s
+            size_s = _static(size)
+            mapping[len(level) - d] = _lead_index(d, stride, size_s, h_static, _is_one(z_size))
+        self.levels[key] = mapping
+        return mapping
+
+    # -- views, casts, constructors --------------------------------------------------------------
+
+    def _view_or_constructor(self, node: fx.Node, scores: bool) -> Optional[Value]:
+        method = node.target if node.op == "call_method" else None
+        fn = node.target if node.op == "call_function" else None
+        out = tensor_of(node)
+        if method in _IDENTITY_METHODS or (fn is torch.clone):
+            if method == "detach" and scores:
+                raise Unsupported("detach of the scores stops their gradient")
+            return self._same(node, node.args[0])
+        cast = self._cast_dtype(node)
+        if cast is not None:
+            src = self._value(node.args[0], node)
+            return self._settle(_cast(src, cast), node) if not src.scores else self._score_view(node, _cast(src, cast))
+        if method in ("view", "reshape", "expand", "expand_as", "view_as", "broadcast_to", "unflatten", "flatten",
+                      "squeeze", "unsqueeze") or fn in (torch.reshape, torch.broadcast_to, torch.squeeze,
+                                                        torch.unsqueeze, torch.flatten):
+            return self._reshape(node, scores)
+        if scores:
+            return None
+        if method in ("permute", "transpose", "t", "mT") or fn in (torch.permute, torch.transpose):
+            return self._permute(node)
+        if fn is getattr and node.args[1] in ("mT", "T"):
+            return self._permute(node)
+        if fn is operator.getitem:
+            return self._getitem(node)
+        if fn is torch.arange:
+            return self._arange(node)
+        if fn in (torch.ones, torch.zeros, torch.full, torch.ones_like, torch.zeros_like, torch.full_like) or method in (
+                "new_ones", "new_zeros", "new_full"):
+            return self._filled(node)
+        if fn in (torch.tril, torch.triu) or method in ("tril", "triu"):
+            return self._triangle(node)
+        if fn in (torch.tensor, torch.scalar_tensor, torch.as_tensor) and len(node.args) == 1:
+            return self._settle(low.number(evaluate(node.args[0])), node) if not isinstance(node.args[0], fx.Node) else None
+        return None
+
+    def _same(self, node, src) -> Value:
+        v = self._value(src, node)
+        if v.scores:
+            return self._score_view(node, v)
+        return self._settle(v, node)
+
+    def _score_view(self, node: fx.Node, v: Value) -> Value:
+        level = tuple(tensor_of(node).shape)
+        self._check_level(node, level)
+        return Value(v.expr, v.kind, level, True)
+
+    def _cast_dtype(self, node: fx.Node) -> Optional[torch.dtype]:
+        if node.op != "call_method":
+            return None
+        if node.target in _CAST_METHODS and len(node.args) == 1:
+            return _CAST_METHODS[node.target]
+        if node.target in ("to", "type", "type_as"):
+            out = tensor_of(node)
+            src = tensor_of(node.args[0])
+            if out is None or src is None or out.device != src.device or not same_shape(out.shape, src.shape):
+                return None
+            return out.dtype
+        return None
+
+    def _reshape(self, node: fx.Node, scores: bool) -> Optional[Value]:
+        src = node.args[0]
+        v = self._value(src, node)
+        out = tensor_of(node)
+        if out is None:
+            return None
+        if v.scores:
+            return self._score_view(node, v)
+        src_shape = v.shape if v.shape is not None else ()
+        new = tuple(out.shape)
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name in ("expand", "expand_as", "broadcast_to") or _only_broadcasts(src_shape, new):
+            return self._settle(Value(v.expr, v.kind, new), node)
+        mapping = _unit_dims_map(src_shape, new)
+        if mapping is None:
+            return None
+        subs = {position(len(src_shape) - d_old): position(len(new) - d_new) for d_old, d_new in mapping.items()}
+        return self._settle(Value(v.expr.xreplace(subs), v.kind, new), node)
+
+    def _permute(self, node: fx.Node) -> Optional[Value]:
+        v = self._value(node.args[0], node)
+        rank = v.rank
+        if node.op == "call_function" and node.target is getattr or node.target in ("t", "mT"):
+            order = list(range(rank - 2)) + [rank - 1, rank - 2]
+        elif node.target in ("transpose",) or node.target is torch.transpose:
+            a, b = (d % rank for d in node.args[1:3])
+            order = list(range(rank))
+            order[a], order[b] = order[b], order[a]
+        else:
+            order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            order = [d % rank for d in order]
+        subs = {position(rank - old): position(rank - new) for new, old in enumerate(order)}
+        return self._settle(Value(v.expr.xreplace(subs), v.kind, tuple(tensor_of(node).shape)), node)
+
+    def _getitem(self, node: fx.Node) -> Optional[Value]:
+        base, index = node.args
+        v = self._value(base, node)
+        if v.shape is None:
+            return None
+        index = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, fx.Node) for i in index):
+            return self._gather(node, v, index)
+        rank = v.rank
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            fill = rank - (len(index) - 1 - sum(i is None for i in index))
+            index = index[:at] + (slice(None),) * fill + index[at + 1:]
+        old_dim, new_dims = 0, []  # new_dims: for each new dim, the old dim (or None)
+        subs_old = {}
+        for i in index:
+            if i is None:
+                new_dims.append(None)
+            elif isinstance(i, slice):
+                if i.step not in (None, 1):
+                    return None
+                start = i.start or 0
+                if not isinstance(start, int):
+                    return None
+                if start < 0:
+                    size = _static(v.shape[old_dim])
+                    if size is None:
+                        return None
+                    start += size
+                subs_old[old_dim] = ("shift", start)
+                new_dims.append(old_dim)
+                old_dim += 1
+            elif isinstance(i, int):
+                size = _static(v.shape[old_dim])
+                subs_old[old_dim] = ("fix", i if i >= 0 else (size + i if size is not None else None))
+                if subs_old[old_dim][1] is None:
+                    return None
+                old_dim += 1
+            else:
+                return None
+        new_dims += list(range(old_dim, rank))
+        out_shape = tuple(tensor_of(node).shape)
+        new_rank = len(new_dims)
+        subs = {}
+        for d in range(rank):
+            p_old = position(rank - d)
+            how = subs_old.get(d, ("shift", 0))
+            if how[0] == "fix":
+                subs[p_old] = how[1]
+            else:
+                p_new = position(new_rank - new_dims.index(d))
+                subs[p_old] = p_new + how[1]
+        return self._settle(Value(v.expr.xreplace(subs), v.kind, out_shape), node)
+
+    def _gather(self, node: fx.Node, v: Value, index: tuple) -> Optional[Value]:
+        """``x[i0, i1, …]`` with one position-valued integer tensor per dimension of x."""
+        if len(index) != v.rank or not all(isinstance(i, fx.Node) for i in index):
+            return None
+        idx = [self._value(i, node) for i in index]
+        if any(i.scores or i.kind not in ("int",) for i in idx):
+            return None
+        subs = {position(v.rank - d): i.expr for d, i in enumerate(idx)}
+        out = tensor_of(node)
+        return self._settle(Value(v.expr.xreplace(subs), v.kind, tuple(out.shape)), node)
+
+    def _arange(self, node: fx.Node) -> Optional[Value]:
+        args = [evaluate(a) for a in node.args]
+        if len(args) == 1:
+            start, step = 0, node.kwargs.get("step", 1)
+        elif len(args) in (2, 3):
+            start, step = args[0], args[2] if len(args) == 3 else node.kwargs.get("step", 1)
+        else:
+            return None
+        if "start" in node.kwargs:
+            start = evaluate(node.kwargs["start"])
+        out = tensor_of(node)
+        kind = low.kind_of_dtype(out.dtype)
+        expr = sympy.sympify(as_expr(start)) + sympy.sympify(as_expr(step)) * position(1)
+        return self._settle(Value(self._sizes_as_symbols(expr), kind, tuple(out.shape)), node)
+
+    def _sizes_as_symbols(self, expr):
+        """Sizes of the graph that are the query or key length become n_q/n_kv (dynamic shapes)."""
+        subs = {}
+        for s in expr.free_symbols:
+            if s in low.POSITIONS:
+                continue
+            if same_size(_as_symint(s, self.n_q), self.n_q):
+                subs[s] = N_Q
+            elif same_size(_as_symint(s, self.n_kv), self.n_kv):
+                subs[s] = N_KV
+        return expr.xreplace(subs) if subs else expr
+
+    def _filled(self, node: fx.Node) -> Optional[Value]:
+        out = tensor_of(node)
+        kind = low.kind_of_dtype(out.dtype)
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        if name.endswith("full") or name == "new_full":
+            fill_arg = sp.arg(node, 2 if name == "new_full" or name == "full_like" else 1, "fill_value")
+            try:
+                value = evaluate(fill_arg)
+            except NotConstant:
+                return None
+        else:
+            value = 1 if "ones" in name else 0
+        expr = low.number(bool(value) if kind == "bool" else (float(value) if kind == "float" else value)).expr
+        return Value(expr, kind, tuple(out.shape))
+
+    def _triangle(self, node: fx.Node) -> Optional[Value]:
+        v = self._value(node.args[0], node)
+        if v.rank < 2:
+            return None
+        diagonal = sp.arg(node, 1, "diagonal", 0)
+        if not isinstance(diagonal, int):
+            try:
+                diagonal = evaluate(diagonal)
+            except NotConstant:
+                return None
+        row, col = position(2), position(1)
+        keep = (col - row <= diagonal) if _name(node) == "tril" else (col - row >= diagonal)
+        return self._settle(Value(_keep_where(keep, v), v.kind, v.shape), node)
+
+    # -- leaves -----------------------------------------------------------------------------------
+
+    def _leaf(self, node: fx.Node) -> Value:
+        t = tensor_of(node)
+        if t is None:
+            try:
+                return low.number(_py(evaluate(node)))
+            except (NotConstant, Unsupported) as e:
+                raise Miss("score_is_pointwise", f"{node.name} is neither a tensor nor a constant ({e})", node)
+        try:
+            kind = low.kind_of_dtype(t.dtype)
+        except Unsupported as e:
+            raise Miss("operands_supported", f"{node.name}: {e}", node)
+        if t.dim() == 0 and not t.requires_grad:
+            try:
+                return low.number(_py(evaluate(node)))
+            except (NotConstant, Unsupported):
+                pass
+        constant = self._trusted_constant(node)
+        if constant is not None:
+            pattern = _triangle_pattern(constant)
+            if pattern is not None:
+                return self._settle(Value(pattern, kind, tuple(t.shape)), node)
+        read = self.leaves.get(node)
+        if read is None:
+            read = self.leaves[node] = sympy.Function(f"read{len(self.leaves)}")
+        args = [sympy.Integer(0) if _is_one(n) else position(t.dim() - d) for d, n in enumerate(t.shape)]
+        app = read(*args) if args else read()
+        expr = sympy.Ne(app, 0) if kind == "bool" else app
+        return Value(expr, kind, tuple(t.shape))
+
+    def _trusted_constant(self, node: fx.Node) -> Optional[torch.Tensor]:
+        """The value of a get_attr constant, or of a Dynamo buffer placeholder when trusted."""
+        if node.op == "placeholder" and not (self.trust and is_module_buffer(node)):
+            return None
+        value = concrete(node, self.inputs)
+        if value is None or value.requires_grad or value.is_meta or value.numel() > 1 << 24:
+            return None
+        return value
+
+    # -- operands ---------------------------------------------------------------------------------
+
+    def _operands(self, expr):
+        """Replace each leaf read by an operand symbol t0, t1, …; bool reads ``Ne(read, 0)`` by
+        the symbol itself."""
+        apps = sorted(expr.atoms(AppliedUndef), key=lambda a: (str(a.func), sympy.srepr(a)))
+        by_func = {f: n for n, f in self.leaves.items()}
+        reads, subs, bool_subs = [], {}, {}
+        for app in apps:
+            node = by_func.get(app.func)
+            if node is None:
+                continue
+            kind = low.kind_of_dtype(tensor_of(node).dtype)
+            for e in app.args:
+                if not _valid_index(e):
+                    raise Miss("operands_supported", f"{node.name} is read at [{', '.join(map(str, app.args))}]: "
+                               "the kernel reads operands at q_idx (+ c), kv_idx (+ c) or a batch/head expression", node)
+            from fx_flash.codegen.spec import operand_symbol
+
+            sym = operand_symbol(f"t{len(reads)}", kind)
+            reads.append(Read(node, kind, tuple(app.args)))
+            if kind == "bool":
+                bool_subs[sympy.Ne(app, 0)] = sym
+                bool_subs[sympy.Eq(app, 0)] = sympy.Not(sym)
+            else:
+                subs[app] = sym
+        expr = expr.xreplace(bool_subs).xreplace(subs)
+        left = expr.atoms(AppliedUndef)
+        if left:
+            raise Miss("operands_supported", f"a bool mask used as a number in {expr}")
+        return expr, reads
+
+
+_KNOWN = (QK, SCALE, Q_IDX, KV_IDX, B_IDX, H_IDX, N_Q, N_KV)
+
+
+def _valid_index(e) -> bool:
+    e = sympy.sympify(e)
+    free = e.free_symbols
+    if free <= {B_IDX, H_IDX}:
+        return True
+    for axis in (Q_IDX, KV_IDX):
+        if free == {axis} and sympy.expand(e - axis).is_Integer:
+            return True
+    return False
+
+
+def _lead_index(d: int, stride: int, size: Optional[int], h_size: Optional[int], z_is_one: bool):
+    """The index of leading dimension d of a view of the scores in q's (z, h) layout, where
+    that dimension has ``size`` and the dimensions to its right multiply to ``stride``.
+
+    The flat batch·head index is z·H + h; the dimension reads (flat // stride) % size. When
+    the dimension lies wholly inside h or wholly inside z the expression avoids the other.
+    """
+    if h_size is None:
+        raise Miss("scores_keep_their_shape", "the number of heads is symbolic")
+    flat = B_IDX * h_size + H_IDX
+    if z_is_one:
+        flat = H_IDX
+    if size is None:
+        if d == 0:  # the outermost dimension needs no modulus
+            return sympy.floor(flat / stride) if stride != 1 else flat
+        raise Miss("scores_keep_their_shape", "scores viewed with a symbolic size inside the batch·head axes")
+    if not z_is_one and stride % h_size == 0:
+        inner = sympy.floor(B_IDX / (stride // h_size)) if stride != h_size else B_IDX
+        return inner if d == 0 else sympy.Mod(inner, size)
+    if stride * size <= h_size and h_size % (stride * size) == 0:
+        inner = sympy.floor(H_IDX / stride) if stride != 1 else H_IDX
+        return inner if stride * size == h_size else sympy.Mod(inner, size)
+    inner = sympy.floor(flat / stride) if stride != 1 else flat
+    return inner if d == 0 else sympy.Mod(inner, size)
+
+
+def _cast(v: Value, dtype: torch.dtype) -> Value:
+    kind = low.kind_of_dtype(dtype)
+    if kind == v.kind:
+        return v
+    if kind == "bool":
+        return Value(low.as_bool(v), "bool", v.shape, v.scores)
+    if v.kind == "float" and kind == "int":
+        raise Unsupported("a float → integer cast (it truncates)")
+    return Value(low.as_num(v), kind, v.shape, v.scores)
+
+
+def _keep_where(keep, v: Value):
+    if v.kind == "bool":
+        return sympy.And(keep, v.expr)
+    return sympy.Piecewise((v.expr, keep), (0, True))
+
+
+def _triangle_pattern(value: torch.Tensor):
+    """For a constant tensor of 0/1 whose last two axes are ``tril(ones, d)`` or
+    ``triu(ones, d)`` (leading axes of size 1): the positional predicate it holds."""
+    if value.dim() < 2 or any(n != 1 for n in value.shape[:-2]):
+        return None
+    keep = value.reshape(value.shape[-2:]) != 0
+    if not bool(((value == 0) | (value == 1)).all()):
+        return None
+    n, m = keep.shape
+    ones = torch.ones(n, m, dtype=torch.bool, device=keep.device)
+    row, col = position(2), position(1)
+    first = int(keep[0].sum())
+    if bool(keep[0, 0]):  # lower triangular: row 0 keeps columns 0..d
+        d = first - 1
+        if torch.equal(keep, ones.tril(d)):
+            return sympy.Piecewise((1, col - row <= d), (0, True)) if value.dtype != torch.bool else col - row <= d
+    last = int(keep[-1].sum())
+    d = m - last - (n - 1)
+    if torch.equal(keep, ones.triu(d)):
+        return sympy.Piecewise((1, col - row >= d), (0, True)) if value.dtype != torch.bool else col - row >= d
+    return None
+
+
+def _only_broadcasts(src: tuple, new: tuple) -> bool:
+    """``new`` is ``src`` broadcast: right-aligned, every differing source size is 1."""
+    if len(new) < len(src):
+        return False
+    for a, b in zip(reversed(src), reversed(new)):
+        if not (_is_one(a) or same_size(a, b)):
+            return False
+    return True
+
+
+def _unit_dims_map(src: tuple, new: tuple) -> Optional[dict]:
+    """old dim → new dim when ``new`` is ``src`` with size-1 dimensions inserted or removed."""
+    big_src = [d for d, n in enumerate(src) if not _is_one(n)]
+    big_new = [d for d, n in enumerate(new) if not _is_one(n)]
+    if len(big_src) != len(big_new) or not all(same_size(src[a], new[b]) for a, b in zip(big_src, big_new)):
+        return None
+    return dict(zip(big_src, big_new))
+
+
+def _is_one(n) -> bool:
+    return isinstance(n, int) and n == 1 or (not isinstance(n, int) and same_size(n, 1))
+
+
+def _static(n) -> Optional[int]:
+    if isinstance(n, int):
+        return n
+    e = sympy.sympify(as_expr(n))
+    return int(e) if e.is_Integer else None
+
+
+def _as_symint(symbol, like):
+    """Compare a shape-env symbol with a size: through the SymInt's own shape env."""
+    if isinstance(like, int):
+        return None
+    try:
+        return like.node.shape_env.create_symintnode(symbol, hint=None)
+    except Exception:  # noqa: BLE001 - a failed comparison only means "not that size"
+        return None
+
+
+def _py(x):
+    if isinstance(x, sympy.Basic):
+        if x.is_Integer:
+            return int(x)
+        if x.is_Number:
+            return float(x)
+        raise Unsupported(f"{x} is symbolic")
+    return x
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else node.target.__name__

@@ -219,6 +219,9 @@ def _evaluate(e, env):
         return _fold(lambda a, b: a & b, args)
     if isinstance(e, sympy.Or):
         return _fold(lambda a, b: a | b, args)
+    if isinstance(e, sympy.ITE):
+        c, a, b = args
+        return torch.where(_tensor(c), _tensor(a), _tensor(b)) if isinstance(c, torch.Tensor) else (a if c else b)
     if isinstance(e, sympy.Not):
         return ~args[0] if isinstance(args[0], torch.Tensor) else not args[0]
     if isinstance(e, sympy.Min):
@@ -227,9 +230,12 @@ def _evaluate(e, env):
         return _fold(lambda a, b: torch.maximum(_tensor(a), _tensor(b)), args)
     if isinstance(e, sympy.Mod):
         return args[0] % args[1]
+    if isinstance(e, sympy.ceiling):
+        return torch.ceil(_tensor(args[0])) if isinstance(args[0], torch.Tensor) else math.ceil(args[0])
     if isinstance(e, sympy.floor):
         return torch.floor(_tensor(args[0])) if isinstance(args[0], torch.Tensor) else math.floor(args[0])
-    functions = {"tanh": torch.tanh, "exp": torch.exp, "log": torch.log, "Abs": torch.abs, "sigmoid": torch.sigmoid}
+    functions = {"tanh": torch.tanh, "exp": torch.exp, "log": torch.log, "Abs": torch.abs, "sigmoid": torch.sigmoid,
+                 "sign": torch.sign}
     name = type(e).__name__
     if name in functions:
         return functions[name](_tensor(args[0]))

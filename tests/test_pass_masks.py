@@ -149,12 +149,23 @@ def forward(self, q, k, v):
         self.assertTrue(call_of(gm)["spec"].causal)
         assert_same(module, gm, *qkv())
 
-    def test_buffer_that_is_not_tril_stays_a_mask(self):
-        """A buffer that is not lower-triangular ones is passed as a bool mask (still correct)."""
+    def test_buffer_that_is_not_tril_is_read_as_what_it_holds(self):
+        """A ``triu`` buffer is not causal: it is read as its own predicate, no tensor passed."""
         module = BufferMasked(torch.triu(torch.ones(N, N)), rows=N)
         gm, result = fuse(module, *qkv())
         self.assertEqual(result.count, 1)
         self.assertFalse(call_of(gm)["spec"].causal)
+        self.assertEqual(call_of(gm)["spec"].text, "score=qk*scale; keep=q_idx <= kv_idx")
+        assert_same(module, gm, *qkv())
+
+    def test_buffer_holding_no_pattern_is_an_operand(self):
+        """A random 0/1 buffer is passed to the op as a tensor (still correct)."""
+        torch.manual_seed(2)
+        buffer = (torch.rand(N, N) > 0.4).float()
+        buffer[:, 0] = 1
+        module = BufferMasked(buffer, rows=N)
+        gm, result = fuse(module, *qkv())
+        self.assertEqual(result.count, 1)
         self.assertEqual(len(call_of(gm)["operands"]), 1)
         assert_same(module, gm, *qkv())
 

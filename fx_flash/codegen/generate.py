@@ -25,8 +25,8 @@ LOG2E_SYM, QK_SCALE = sympy.symbols("LOG2E qk_scale", positive=True)
 
 # How the per-element symbols read inside a tile: rows are queries ("mn") or keys ("nm").
 BINDINGS = {
-    "mn": {Q_IDX: "offs_m[:, None]", KV_IDX: "offs_n[None, :]"},
-    "nm": {Q_IDX: "offs_m[None, :]", KV_IDX: "offs_n[:, None]"},
+    "mn": {Q_IDX: "offs_m[:, None]", KV_IDX: "offs_n[None, :]", B_IDX: "off_z", H_IDX: "off_h"},
+    "nm": {Q_IDX: "offs_m[None, :]", KV_IDX: "offs_n[:, None]", B_IDX: "off_z", H_IDX: "off_h"},
 }
 SIZES = {N_Q: "N_Q", N_KV: "N_KV"}
 _FUNCTIONS = {"exp": "tl.exp", "log": "tl.log", "Abs": "tl.abs", "sigmoid": "tl.sigmoid"}
@@ -82,6 +82,14 @@ class TritonPrinter(StrPrinter):
             text = f"{fn}({text}, {self._print(a)})"
         return text
 
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+
+    def _print_ITE(self, expr):
+        c, a, b = (self._print(x) for x in expr.args)
+        return f"tl.where({c}, {a}, {b})"
+
     def _print_Mod(self, expr):
         return f"({self._print(expr.args[0])} % {self._print(expr.args[1])})"
 
@@ -91,6 +99,9 @@ class TritonPrinter(StrPrinter):
         if den.is_Integer and den > 1 and num.is_integer:
             return f"(({self._print(num)}) // {den})"
         return f"tl.floor({self._print(arg)})"
+
+    def _print_ceiling(self, expr):
+        return f"tl.ceil({self._print(expr.args[0])})"
 
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args
@@ -104,6 +115,8 @@ class TritonPrinter(StrPrinter):
             return f"(1.0 / tl.sqrt({self._print(base)}))"
         if base == sympy.E:
             return f"tl.exp({self._print(exp)})"
+        if base.is_Number and base > 0:  # c**x = exp2(log2(c)·x): ALiBi's slopes 2**(-8h/H)
+            return f"tl.math.exp2({float(sympy.log(base, 2))!r} * ({self._print(exp)}))"
         if exp.is_Number:  # x**c = exp2(c·log2 x): NaN for x < 0, as torch.pow gives
             return f"tl.math.exp2({float(exp)!r} * tl.math.log2({self._print(base)}))"
         raise ValueError(f"power {expr} has no Triton form: fx_flash prints constant powers")
@@ -179,7 +192,9 @@ def _tile_offsets(op: Operand, orient: str, base: str) -> tuple[str, str]:
         return f"{ptr} + {q_off} * {base}_sq", q_ok
     if op.along_kv:
         return f"{ptr} + {kv_off} * {base}_sk", kv_ok
-    return ptr, ""
+    # A (1, 1) tile rather than a scalar: the same in compiled code, and Triton's interpreter
+    # cannot combine a scalar bool with a tile (seen with triton 3.9).
+    return f"{ptr} + tl.zeros([1, 1], dtype=tl.int32)", ""
 
 
 def _load(op: Operand, orient: str) -> str:
@@ -218,16 +233,19 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
     lines = [_load(op, orient) for op in spec.operands]
     lines.append(f"s = {printer.doprint(_score_expr(spec))}")
     fill = _fill_text(spec)
-    if spec.keep is sympy.true:
-        lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
-    elif spec.fill == float("-inf"):
-        lines += ["if PREDICATE:", f'    s = tl.where(tile_ok & {printer.doprint(spec.keep)}, s, float("-inf"))']
-    else:
-        lines += ["if PREDICATE:", f"    s = tl.where({printer.doprint(spec.keep)}, s, {fill})",
-                  '    s = tl.where(tile_ok, s, float("-inf"))']
     interior = spec.interior_keep
-    if interior is not sympy.true:
-        lines += ["else:", f"    s = tl.where({printer.doprint(interior)}, s, {fill})"]
+    if spec.fill != float("-inf"):
+        # Note (finite fills): a dropped element's score is the constant fill, so its gradient is
+        # 0: keep_ok also masks dS in the backward (the chain rule and operand gradients).
+        inner = printer.doprint(interior) if interior is not sympy.true else "tile_ok"
+        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", "else:", f"    keep_ok = {inner}",
+                  f"s = tl.where(keep_ok, s, {fill})", "if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
+    elif spec.keep is sympy.true:
+        lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
+    else:
+        lines += ["if PREDICATE:", f'    s = tl.where(tile_ok & {printer.doprint(spec.keep)}, s, float("-inf"))']
+        if interior is not sympy.true:
+            lines += ["else:", f'    s = tl.where({printer.doprint(interior)}, s, float("-inf"))']
     return "\n".join(lines)
 
 
@@ -239,7 +257,9 @@ def _constant_per_launch(expr) -> bool:
 def _chain_rule(spec: AttentionSpec) -> dict:
     """Lines multiplying dS into d(qk): per element, or once at the end when constant."""
     d_qk = sympy.diff(spec.score, QK)
-    if _constant_per_launch(d_qk):
+    if spec.fill != float("-inf"):  # zero where the fill replaced the score (see _score_block)
+        d_qk = sympy.Piecewise((d_qk, sympy.Symbol("keep_ok")), (0, True))
+    elif _constant_per_launch(d_qk):
         factor = TritonPrinter({SCALE: "sm_scale"}).doprint(d_qk)
         return {"SCORE_GRAD": "    g = 1.0", "DS_CHAIN": "", "DS_CHAIN_T": "", "DQK_FACTOR": f"({factor})",
                 "DQ_FINAL": f"    dq = dq * ({factor})", "DK_FINAL": f"    dk = dk * ({factor})"}
@@ -269,7 +289,8 @@ def _operand_grad_block(spec: AttentionSpec) -> str:
         base = f"DT{op.name[1:]}"
         d = operand_derivative(spec, op)
         share = "dsT" if d == 1 else f"dsT * ({printer.doprint(d)})"
-        lines.append(f"d{op.name} = tl.where(tile_ok, {share}, 0.0)  # (BLOCK_N, BLOCK_M)")
+        ok = "tile_ok & keep_ok" if spec.fill != float("-inf") else "tile_ok"
+        lines.append(f"d{op.name} = tl.where({ok}, {share}, 0.0)  # (BLOCK_N, BLOCK_M)")
         if op.along_q and op.along_kv:
             ptr, mask = _tile_offsets(op, "nm", base)
         elif op.along_q:
@@ -291,8 +312,10 @@ def render(spec: AttentionSpec) -> str:
     lead = {B_IDX: "off_z", H_IDX: "off_h"}
     operand_params = _arg_list([p for op in spec.operands for p in _params(op)])
     grad_params = _arg_list([p for op in spec.grad_operands for p in _params(op, "DT")])
-    ops = _arg_list([n for op in spec.operands for n in (f"T{op.name[1:]}_head", f"T{op.name[1:]}_sq",
-                                                          f"T{op.name[1:]}_sk")])
+    # The score may read the program's batch and head (b, h): helpers get them beside the operands.
+    uses_lead = bool((spec.score.free_symbols | spec.keep.free_symbols) & {B_IDX, H_IDX})
+    ops = _arg_list((["off_z", "off_h"] if uses_lead else []) + [
+        n for op in spec.operands for n in (f"T{op.name[1:]}_head", f"T{op.name[1:]}_sq", f"T{op.name[1:]}_sk")])
     dops = _arg_list([n for op in spec.grad_operands for n in (f"DT{op.name[1:]}_head", f"DT{op.name[1:]}_sq",
                                                                 f"DT{op.name[1:]}_sk")])
     fields = {
@@ -303,7 +326,8 @@ def render(spec: AttentionSpec) -> str:
         "OPS": ops,
         "DOPS": dops,
         "HEADS": textwrap.indent(_heads(spec, lead), " " * 4),
-        "HEADS_SPLIT": textwrap.indent(_heads(spec, {**lead, H_IDX: "off_h[:, None]"}), " " * 4),
+        # Split-KV rows belong to different heads: off_h becomes (BLOCK_M, 1) for what follows.
+        "HEADS_SPLIT": textwrap.indent(_heads(spec, {**lead, H_IDX: "off_h[:, None]"}) + "\noff_h = off_h[:, None]", " " * 4),
         "HEADS_GROUP": textwrap.indent(_heads(spec, lead, grads=True), " " * 8),
         "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 4),
         "SCORE_BWD_T": textwrap.indent(_score_block(spec, "nm"), " " * 8),

@@ -46,6 +46,7 @@ OPERAND_KINDS = ("float", "int", "bool")
 # Predicate of top-left aligned causal attention, as ``torch.tril(ones(Nq, Nk))`` writes it.
 CAUSAL = sympy.Le(KV_IDX, Q_IDX)
 NEG_INF = float("-inf")
+SKIPPABLE_FILL = -1e4  # a finite fill this low weighs 0 next to any realistic kept score
 
 
 def exact_arithmetic(fn):
@@ -201,12 +202,13 @@ class AttentionSpec:
     @functools.cached_property
     def causal(self) -> bool:
         """True when tiles past the causal diagonal may be skipped: the keep-predicate implies
-        ``kv_idx <= q_idx`` and the skipped elements are -inf (or the predicate is exactly causal,
-        so every row keeps key 0 and a finite fill's weights are 0 beside it)."""
+        ``kv_idx <= q_idx`` and the skipped elements are -inf; or the predicate is exactly causal
+        (every row keeps key 0) and the fill is at most -1e4, whose weight exp(fill - max) is 0
+        beside any kept score above fill + 104."""
         conjuncts = self.keep.args if isinstance(self.keep, sympy.And) else (self.keep,)
         if not any(is_causal_relation(c) for c in conjuncts):
             return False
-        return self.fill == NEG_INF or len(conjuncts) == 1
+        return self.fill == NEG_INF or (len(conjuncts) == 1 and self.fill <= SKIPPABLE_FILL)
 
     @functools.cached_property
     def interior_keep(self) -> sympy.Basic:
@@ -289,7 +291,7 @@ def spec_from_text(text: str) -> AttentionSpec:
     def parse(s: str):
         return sympy.sympify(s, locals=names)
 
-    ops = tuple(Operand(name, kind, tuple(parse(e) for e in index.split(", ")) if index else (), grad)
+    ops = tuple(Operand(name, kind, tuple(parse(e) for e in _top_level_items(index)), grad)
                 for name, kind, index, grad in operands)
     keep = parse(fields["keep"]) if "keep" in fields else sympy.true
     fill = float(fields["fill"]) if "fill" in fields else NEG_INF
@@ -297,6 +299,20 @@ def spec_from_text(text: str) -> AttentionSpec:
     if spec.text != text:
         raise ValueError(f"spec text {text!r} does not read back as itself (got {spec.text!r})")
     return spec
+
+
+def _top_level_items(text: str) -> list[str]:
+    """``a, Mod(b, 4), c`` → ["a", "Mod(b, 4)", "c"]: commas outside parentheses."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if text.strip():
+        items.append(text[start:].strip())
+    return items
 
 
 def _broadcast_index(rank: int, sizes_one: tuple) -> tuple:

@@ -77,6 +77,7 @@ class Capture:
 _IDENTITY_METHODS = ("contiguous", "clone", "detach")
 _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64,
                  "bool": torch.bool, "long": torch.int64, "int": torch.int32}
+_LIKE_FUNCTIONS = (torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like)
 _METADATA_METHODS = ("size", "dim", "numel", "type_as", "expand_as", "view_as", "new_zeros", "new_ones", "new_full",
                      "new_empty", "new_tensor", "get_device")
 
@@ -128,7 +129,7 @@ class _Capturer:
             if n in down or self.order.get(n, 1 << 30) > self.order[self.site.softmax]:
                 continue
             down.add(n)
-            work += list(n.users)
+            work += [u for u in n.users if not self._reads_only_metadata(u, n)]
         up, work = set(), [self.site.softmax_input]
         while work:
             n = work.pop()
@@ -158,6 +159,8 @@ class _Capturer:
         """``user`` reads only ``node``'s shape, dtype or device (and its result is no score)."""
         if user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "dtype", "device", "ndim"):
             return True
+        if user.op == "call_function" and user.target in _LIKE_FUNCTIONS:
+            return user.args[0] is node and node not in user.args[1:] and node not in user.kwargs.values()
         if user.op == "call_method" and user.target in _METADATA_METHODS:
             if user.target in ("type_as", "expand_as", "view_as"):
                 return user.args[0] is not node and user.args[1] is node
@@ -220,7 +223,8 @@ class _Capturer:
             b = self._value(bias, node)
             if b.scores:
                 raise Miss("scores_from_qk_product", "baddbmm's input depends on the scores", node)
-            expr = expr + beta * low.as_num(self._bind(b, shape))
+            added = low.as_num(self._bind(b, shape))
+            expr = expr + (added if beta == 1 else beta * added)
         return Value(expr, "float", shape, True)
 
     # -- pointwise ops -------------------------------------------------------------------------
@@ -470,8 +474,8 @@ class _Capturer:
         if len(index) != v.rank or not all(isinstance(i, fx.Node) for i in index):
             return None
         idx = [self._value(i, node) for i in index]
-        if any(i.scores or i.kind not in ("int",) for i in idx):
-            return None
+        if any(i.scores or i.kind != "int" or not _plain_position(i.expr) for i in idx):
+            return None  # a computed index (a bucket of q - kv): the gathered tensor is the operand
         subs = {position(v.rank - d): i.expr for d, i in enumerate(idx)}
         out = tensor_of(node)
         return self._settle(Value(v.expr.xreplace(subs), v.kind, tuple(out.shape)), node)
@@ -507,8 +511,8 @@ class _Capturer:
         out = tensor_of(node)
         kind = low.kind_of_dtype(out.dtype)
         name = node.target if isinstance(node.target, str) else node.target.__name__
-        if name.endswith("full") or name == "new_full":
-            fill_arg = sp.arg(node, 2 if name == "new_full" or name == "full_like" else 1, "fill_value")
+        if "full" in name:
+            fill_arg = sp.arg(node, 2 if name == "new_full" else 1, "fill_value")  # full(size, v), full_like(x, v)
             try:
                 value = evaluate(fill_arg)
             except NotConstant:
@@ -553,6 +557,8 @@ class _Capturer:
         constant = self._trusted_constant(node)
         if constant is not None:
             pattern = _triangle_pattern(constant)
+            if pattern is None:
+                pattern = _arange_pattern(constant)
             if pattern is not None:
                 return self._settle(Value(pattern, kind, tuple(t.shape)), node)
         read = self.leaves.get(node)
@@ -619,6 +625,13 @@ def _valid_index(e) -> bool:
     return False
 
 
+def _plain_position(e) -> bool:
+    """An index that is one position plus a constant, or a constant: the kernel reads it in range."""
+    e = sympy.sympify(e)
+    free = e.free_symbols
+    return not free or (len(free) == 1 and next(iter(free)) in low.POSITIONS and sympy.expand(e - next(iter(free))).is_Integer)
+
+
 def _lead_index(d: int, stride: int, size: Optional[int], h_size: Optional[int], z_is_one: bool):
     """The index of leading dimension d of a view of the scores in q's (z, h) layout, where
     that dimension has ``size`` and the dimensions to its right multiply to ``stride``.
@@ -663,26 +676,44 @@ def _keep_where(keep, v: Value):
 
 
 def _triangle_pattern(value: torch.Tensor):
-    """For a constant tensor of 0/1 whose last two axes are ``tril(ones, d)`` or
-    ``triu(ones, d)`` (leading axes of size 1): the positional predicate it holds."""
-    if value.dim() < 2 or any(n != 1 for n in value.shape[:-2]):
+    """For a constant whose last two axes (leading axes of size 1) hold one value on and below
+    (or above) a diagonal and another elsewhere, as ``tril(ones, d)``, ``1e4 * (1 - tril)`` and
+    nanoGPT's buffer do: the positional expression it holds."""
+    if value.dim() < 2 or any(n != 1 for n in value.shape[:-2]) or value.dtype.is_complex:
         return None
-    keep = value.reshape(value.shape[-2:]) != 0
-    if not bool(((value == 0) | (value == 1)).all()):
-        return None
-    n, m = keep.shape
-    ones = torch.ones(n, m, dtype=torch.bool, device=keep.device)
+    plane = value.reshape(value.shape[-2:])
+    n, m = plane.shape
     row, col = position(2), position(1)
-    first = int(keep[0].sum())
-    if bool(keep[0, 0]):  # lower triangular: row 0 keeps columns 0..d
-        d = first - 1
-        if torch.equal(keep, ones.tril(d)):
-            return sympy.Piecewise((1, col - row <= d), (0, True)) if value.dtype != torch.bool else col - row <= d
-    last = int(keep[-1].sum())
-    d = m - last - (n - 1)
-    if torch.equal(keep, ones.triu(d)):
-        return sympy.Piecewise((1, col - row >= d), (0, True)) if value.dtype != torch.bool else col - row >= d
+    ones = torch.ones(n, m, dtype=torch.bool, device=plane.device)
+    for lower in (True, False):
+        inside, outside = (plane[0, 0], plane[0, -1]) if lower else (plane[-1, -1], plane[-1, 0])
+        if bool(inside == outside):
+            continue
+        where = plane == inside
+        count = int(where[0].sum()) if lower else int(where[-1].sum())
+        d = count - 1 if lower else m - count - (n - 1)
+        tri = ones.tril(d) if lower else ones.triu(d)
+        if not (torch.equal(where, tri) and bool((plane[~tri] == outside).all())):
+            continue
+        cond = (col - row <= d) if lower else (col - row >= d)
+        if value.dtype == torch.bool:
+            return cond if bool(inside) else sympy.Not(cond)
+        a, b = (v.item() for v in (inside, outside))
+        return sympy.Piecewise((low.number(a).expr, cond), (low.number(b).expr, True))
     return None
+
+
+def _arange_pattern(value: torch.Tensor):
+    """A constant whose one non-unit axis holds start, start + step, …: symbolic_trace folds
+    ``torch.arange(n)`` of a literal n into such a constant. Its position expression."""
+    big = [d for d, n in enumerate(value.shape) if n != 1]
+    if len(big) != 1 or value.dtype.is_floating_point or value.dtype == torch.bool or value.shape[big[0]] < 2:
+        return None
+    flat = value.reshape(-1).long()
+    start, step = int(flat[0]), int(flat[1] - flat[0])
+    if not torch.equal(flat, start + step * torch.arange(flat.numel(), device=flat.device)):
+        return None
+    return start + step * position(value.dim() - big[0])
 
 
 def _only_broadcasts(src: tuple, new: tuple) -> bool:

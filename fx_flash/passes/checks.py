@@ -62,7 +62,8 @@ def operands_are_heads(site: AttentionSite) -> Optional[str]:
 
 def value_shaped(site: AttentionSite) -> Optional[str]:
     """The second product's other operand is V: same rank as the scores, one row per key."""
-    v, scores = _v(site), tensor_of(site.softmax)
+    # The weights as P·V reads them (a view may have merged batch and heads since the softmax).
+    v, scores = _v(site), tensor_of(site.weights_chain[-1])
     if v is None or v.dim() != scores.dim():
         rank = None if v is None else v.dim()
         return f"the weights multiply a rank-{rank} tensor, not a rank-{scores.dim()} V (a weight matrix, not attention)"
@@ -212,8 +213,9 @@ def specify(site: AttentionSite, capture: Capture) -> AttentionSpec:
         spec = AttentionSpec(score, keep, tuple(operands), fill)
     except ValueError as e:
         raise Miss("score_is_pointwise", str(e), site.softmax)
-    grads = [o.kind == "float" and tensor_of(r.node).requires_grad for o, r in zip(spec.operands, capture.reads)]
-    needs = spec.with_grads(grads)
+    # Gradients are decided at run time (autograd's needs), so prove the backward for every float
+    # operand and for q·kᵀ: a graph traced without grad may run with it.
+    needs = spec.with_grads([o.kind == "float" for o in spec.operands])
     d_qk = sympy.diff(needs.score, QK)
     if d_qk.has(sympy.Derivative, sympy.Subs, sympy.DiracDelta):
         raise Miss("score_is_differentiable", f"the score {needs.score} has no derivative by qk the kernel can use",
@@ -221,6 +223,9 @@ def specify(site: AttentionSite, capture: Capture) -> AttentionSpec:
     try:
         for op in needs.grad_operands:
             operand_derivative(needs, op)
+    except ValueError as e:
+        raise Miss("score_is_differentiable", str(e), site.softmax)
+    try:
         render(needs)
     except ValueError as e:
         raise Miss("spec_renders", str(e), site.softmax)

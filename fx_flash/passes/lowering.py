@@ -243,6 +243,7 @@ RULES: dict[str, Callable] = {
     "neg": _unary(operator.neg, None), "exp": _unary(sympy.exp), "log": _unary(sympy.log),
     "tanh": _unary(sympy.tanh), "sigmoid": _unary(sigmoid), "abs": _unary(sympy.Abs, None),
     "sqrt": _sqrt, "rsqrt": _rsqrt, "square": _square,
+    "floor": _unary(sympy.floor, None), "ceil": _unary(sympy.ceiling, None),
     "logical_not": _logical_not, "invert": _invert,
     "where": _where, "masked_fill": _masked_fill, "clamp": _clamp,
 }
@@ -261,7 +262,7 @@ FUNCTIONS = {
     operator.or_: "or", operator.ior: "or", torch.bitwise_or: "or", torch.logical_or: "logical_or",
     operator.xor: "xor", torch.logical_xor: "logical_xor",
     operator.neg: "neg", torch.neg: "neg", torch.negative: "neg",
-    torch.exp: "exp", torch.log: "log", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
+    torch.floor: "floor", torch.ceil: "ceil", torch.exp: "exp", torch.log: "log", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid", torch.abs: "abs", operator.abs: "abs", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt",
     torch.square: "square",
     torch.logical_not: "logical_not", operator.invert: "invert", torch.bitwise_not: "invert",
@@ -279,7 +280,7 @@ METHODS = {
     "__and__": "and", "bitwise_and": "and", "logical_and": "logical_and", "__or__": "or",
     "bitwise_or": "or", "logical_or": "logical_or", "__xor__": "xor", "logical_xor": "logical_xor",
     "neg": "neg", "__neg__": "neg", "negative": "neg", "exp": "exp", "log": "log", "tanh": "tanh",
-    "sigmoid": "sigmoid", "abs": "abs", "__abs__": "abs", "sqrt": "sqrt", "rsqrt": "rsqrt", "square": "square",
+    "sigmoid": "sigmoid", "floor": "floor", "ceil": "ceil", "abs": "abs", "__abs__": "abs", "sqrt": "sqrt", "rsqrt": "rsqrt", "square": "square",
     "logical_not": "logical_not", "__invert__": "invert", "bitwise_not": "invert",
     "masked_fill": "masked_fill", "clamp": "clamp", "clip": "clamp",
     "clamp_min": "clamp_min", "clamp_max": "clamp_max",
@@ -292,7 +293,7 @@ KEYWORDS = {"add": {"alpha"}, "sub": {"alpha"}, "rsub": {"alpha"}, "div": {"roun
             "clamp": {"min", "max"}, "clamp_min": {"min"}, "clamp_max": {"max"}}
 # How many leading positional arguments are operands (the rest are keywords by position).
 ARITY = {"where": 3, "masked_fill": 3, "clamp": 3, "clamp_min": 2, "clamp_max": 2}
-UNARY = {"neg", "exp", "log", "tanh", "sigmoid", "abs", "sqrt", "rsqrt", "square", "logical_not", "invert"}
+UNARY = {"floor", "ceil", "neg", "exp", "log", "tanh", "sigmoid", "abs", "sqrt", "rsqrt", "square", "logical_not", "invert"}
 
 
 def rule_name(node) -> Optional[str]:

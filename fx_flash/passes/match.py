@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from fx_flash.passes import spellings as sp
-from fx_flash.passes.values import NotConstant, evaluate, same_shape, tensor_of
+from fx_flash.passes.values import NotConstant, evaluate, same_shape, same_size, tensor_of
 
 _MAX_WALK = 32  # ops between Q·Kᵀ and softmax, or softmax and P·V, before we give up
 
@@ -182,9 +182,10 @@ def _find_score_product(start: Any, softmax: fx.Node) -> fx.Node:
                 same_shape(t.shape[-2:], out.shape[-2:]):
             found.append(n)
             continue
-        passes = rule_name(n) is not None or is_in_place(n) or sp.cast(n) is not None or \
-            sp.is_method(n, "view", "reshape", "expand", "expand_as", "contiguous", "clone", "unflatten", "flatten",
-                         "squeeze", "unsqueeze", "to")
+        # Through anything with the scores' (Nq, Nk) extent, so that a step the capture cannot
+        # read is reported by the capture, with its reason, rather than as a missing product.
+        passes = rule_name(n) is not None or is_in_place(n) or (
+            t is not None and out is not None and t.dim() >= 2 and same_shape(t.shape[-2:], out.shape[-2:]))
         if passes:
             work.extend(n.all_input_nodes)
             work.extend(u for u in n.users if is_in_place(u) and u.args and u.args[0] is n and u is not softmax)
@@ -303,11 +304,23 @@ def _peel_repeat_kv(site: AttentionSite) -> None:
     if site.k is None:
         return
     k_read, v_read = _repeated_heads(site.k), _repeated_heads(site.v)
+    if k_read is None and v_read is None and _broadcast_head(site):
+        site.gqa_spelling = "one K/V head broadcast by the products"
+        return
     if k_read is None or v_read is None or k_read[1] != v_read[1]:
         return
     site.peeled += [site.k, site.v]
     site.k, site.v = k_read[0], v_read[0]
     site.gqa_spelling = k_read[1]
+
+
+def _broadcast_head(site: AttentionSite) -> bool:
+    """K and V have one head that both products broadcast over q's heads (Falcon's multi-query)."""
+    q, k, v = tensor_of(site.q), tensor_of(site.k), tensor_of(site.v)
+    if q is None or k is None or v is None or not (q.dim() == k.dim() == v.dim() == 4) or site.v_transposed:
+        return False
+    return same_size(k.shape[1], 1) and same_size(v.shape[1], 1) and not same_size(q.shape[1], 1) and \
+        same_size(k.shape[0], q.shape[0]) and same_size(v.shape[0], q.shape[0])
 
 
 def _repeated_heads(node: Any) -> Optional[tuple[fx.Node, str]]:

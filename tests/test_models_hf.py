@@ -53,7 +53,79 @@ def vit():
     return transformers.ViTModel(config), (torch.randn(2, 3, 16, 16),), 2
 
 
-MODELS = {"gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "vit": vit}
+def _ids(n=16):
+    return torch.randint(0, 64, (2, n))
+
+
+def _padding():
+    padding = torch.ones(2, 16, dtype=torch.long)
+    padding[1, 11:] = 0
+    return padding
+
+
+def gemma2():
+    # Soft-capping before the mask, and a sliding-window layer beside a global one.
+    config = transformers.Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=32, sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=None, query_pre_attn_scalar=8, **TINY)
+    return transformers.Gemma2ForCausalLM(config), (_ids(),), 2
+
+
+def gpt_neox():
+    config = transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32, **TINY)
+    return transformers.GPTNeoXForCausalLM(config), (_ids(),), 2
+
+
+def falcon():
+    # ALiBi added after the scale, and one K/V head broadcast by the products (multi-query).
+    config = transformers.FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, alibi=True, hidden_dropout=0.0, attention_dropout=0.0, **TINY)
+    return transformers.FalconForCausalLM(config), (_ids(),), 2
+
+
+def gptj():
+    config = transformers.GPTJConfig(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_positions=32, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, **TINY)
+    return transformers.GPTJForCausalLM(config), (_ids(),), 2
+
+
+def bloom():
+    # baddbmm with the ALiBi tensor, (B·H, N, N) scores viewed to (B, H, N, N) for the mask.
+    config = transformers.BloomConfig(n_layer=2, hidden_size=32, n_head=4, hidden_dropout=0.0, attention_dropout=0.0, **TINY)
+    return transformers.BloomForCausalLM(config), (_ids(), {"attention_mask": _padding()}), 2
+
+
+def _bart_config(cls):
+    return cls(encoder_layers=1, decoder_layers=1, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **TINY)
+
+
+def bart():
+    # encoder self, decoder self, decoder cross
+    return transformers.BartModel(_bart_config(transformers.BartConfig)), (_ids(), _padding()), 3
+
+
+def mbart():
+    return transformers.MBartModel(_bart_config(transformers.MBartConfig)), (_ids(), _padding()), 3
+
+
+def distilbert():
+    config = transformers.DistilBertConfig(n_layers=2, dim=32, n_heads=4, hidden_dim=64, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, **TINY)
+    return transformers.DistilBertModel(config), (_ids(), _padding()), 2
+
+
+def _swin_config(cls):
+    return cls(image_size=16, patch_size=2, embed_dim=16, depths=[2], num_heads=[2], window_size=4, drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+
+
+def swin():
+    # A learned relative position bias and, in the shifted block, the window mask in a 5-D view.
+    return transformers.SwinModel(_swin_config(transformers.SwinConfig)), (torch.randn(2, 3, 16, 16),), 2
+
+
+def swinv2():
+    # Cosine attention with a learned per-head logit scale (clamped, then exp).
+    return transformers.Swinv2Model(_swin_config(transformers.Swinv2Config)), (torch.randn(2, 3, 16, 16),), 2
+
+
+MODELS = {"gpt2": gpt2, "bert": bert, "llama": llama, "t5": t5, "vit": vit, "gemma2": gemma2, "gpt_neox": gpt_neox,
+          "falcon": falcon, "gptj": gptj, "bloom": bloom, "bart": bart, "mbart": mbart, "distilbert": distilbert,
+          "swin": swin, "swinv2": swinv2}
 
 
 def first_tensor(output):
@@ -73,7 +145,9 @@ def test_hf_model_every_attention_fused_outputs_and_gradients_equal(name):
     model, args, blocks = MODELS[name]()
     model.train()
     compiled, counts = compile_counting(model)
-    got, expected = first_tensor(compiled(*args)), first_tensor(model(*args))
+    kwargs = args[-1] if isinstance(args[-1], dict) else {}
+    args = args[:-1] if kwargs else args
+    got, expected = first_tensor(compiled(*args, **kwargs)), first_tensor(model(*args, **kwargs))
     fused = sum(c for c, _ in counts)
     assert fused == blocks, [str(m) for _, missed in counts for m in missed]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -148,3 +222,24 @@ def test_nanogpt_untrusted_buffer_stays_a_mask():
     torch.testing.assert_close(torch.compile(model, backend=fx_backend)(x), model(x), atol=1e-5, rtol=1e-4)
     (op,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fx_flash.attention.default]
     assert len(op.args[3]) == 1 and not spec_from_text(op.args[7]).causal
+
+
+def test_position_masks_build_no_quadratic_tensor():
+    """LLaMA with a padding mask: transformers builds its causal + padding mask from aranges;
+    after the rewrite no node of the graph holds an (Nq, Nk) tensor (nor a (B, 1, Nq, Nk) mask)."""
+    torch.manual_seed(0)
+    model, _, _ = llama()
+    ids = torch.randint(0, 64, (2, 24))  # 24: no projection of this tiny model is 24 wide
+    graphs = []
+    fx_backend = backend("eager", on_pass=lambda gm, result: graphs.append((gm, result)))
+    padding = torch.ones(2, 24, dtype=torch.long)
+    padding[1, :5] = 0  # left padding, as generation pads
+    with torch.no_grad():
+        got = torch.compile(model.eval(), backend=fx_backend)(ids, attention_mask=padding).logits
+        torch.testing.assert_close(got, model(ids, attention_mask=padding).logits, atol=1e-4, rtol=1e-4)
+    assert sum(r.count for _, r in graphs) == 2
+    for gm, _ in graphs:
+        for node in gm.graph.nodes:
+            t = node.meta.get("example_value")
+            if isinstance(t, torch.Tensor) and node.op not in ("placeholder", "output"):
+                assert not (t.dim() >= 2 and tuple(t.shape[-2:]) == (24, 24)), f"{node.name}: {tuple(t.shape)}"

@@ -237,9 +237,13 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
     if spec.fill != float("-inf"):
         # Note (finite fills): a dropped element's score is the constant fill, so its gradient is
         # 0: keep_ok also masks dS in the backward (the chain rule and operand gradients).
-        inner = printer.doprint(interior) if interior is not sympy.true else "tile_ok"
-        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", "else:", f"    keep_ok = {inner}",
-                  f"s = tl.where(keep_ok, s, {fill})", "if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
+        # Interior tiles of a causal spec keep every element: no select there.
+        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", f"    s = tl.where(keep_ok, s, {fill})",
+                  '    s = tl.where(tile_ok, s, float("-inf"))']
+        if interior is not sympy.true:
+            lines += ["else:", f"    keep_ok = {printer.doprint(interior)}", f"    s = tl.where(keep_ok, s, {fill})"]
+        else:
+            lines += ["else:", "    keep_ok = tile_ok"]
     elif spec.keep is sympy.true:
         lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
     else:
@@ -255,14 +259,27 @@ def _constant_per_launch(expr) -> bool:
 
 
 def _chain_rule(spec: AttentionSpec) -> dict:
-    """Lines multiplying dS into d(qk): per element, or once at the end when constant."""
+    """Lines multiplying dS into d(qk): per element, or once at the end when constant.
+
+    With a finite fill, dS is also zeroed where the fill replaced the score (its gradient is 0;
+    ``keep_ok`` comes from the score block), on the tiles that evaluate the predicate only.
+    """
     d_qk = sympy.diff(spec.score, QK)
-    if spec.fill != float("-inf"):  # zero where the fill replaced the score (see _score_block)
-        d_qk = sympy.Piecewise((d_qk, sympy.Symbol("keep_ok")), (0, True))
-    elif _constant_per_launch(d_qk):
+    finite = spec.fill != float("-inf")
+    if _constant_per_launch(d_qk):
         factor = TritonPrinter({SCALE: "sm_scale"}).doprint(d_qk)
-        return {"SCORE_GRAD": "    g = 1.0", "DS_CHAIN": "", "DS_CHAIN_T": "", "DQK_FACTOR": f"({factor})",
-                "DQ_FINAL": f"    dq = dq * ({factor})", "DK_FINAL": f"    dk = dk * ({factor})"}
+        fold = {"DQK_FACTOR": f"({factor})", "DQ_FINAL": f"    dq = dq * ({factor})",
+                "DK_FINAL": f"    dk = dk * ({factor})"}
+        if not finite:
+            return {"SCORE_GRAD": "    g = 1.0", "DS_CHAIN": "", "DS_CHAIN_T": "", **fold}
+        everywhere = spec.interior_keep is not sympy.true  # interior tiles apply a predicate too
+        return {"SCORE_GRAD": "\n".join(["    if PREDICATE:", "        g = tl.where(keep_ok, 1.0, 0.0)", "    else:",
+                                         "        g = tl.where(keep_ok, 1.0, 0.0)" if everywhere else "        g = 1.0"]),
+                "DS_CHAIN": "        ds = ds * g",
+                "DS_CHAIN_T": "        dsT = tl.where(keep_ok, dsT, 0.0)" if everywhere else
+                "        if PREDICATE:\n            dsT = tl.where(keep_ok, dsT, 0.0)", **fold}
+    if finite:
+        d_qk = sympy.Piecewise((d_qk, sympy.Symbol("keep_ok")), (0, True))
     per_tile = {o: TritonPrinter({**BINDINGS[o], SCALE: "sm_scale"}).doprint(d_qk) for o in BINDINGS}
     # The queries-on-rows factor g is computed in _scores, where qk and the loads live.
     return {"SCORE_GRAD": f"    g = {per_tile['mn']}", "DS_CHAIN": "        ds = ds * g",

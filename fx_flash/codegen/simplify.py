@@ -6,7 +6,10 @@ emitted it is put in the spec's form:
       and ``masked_fill(~keep, -inf)`` all become ``Piecewise((s, keep), (-oo, True))``;
     - branches that are a constant fill become the keep-predicate: -inf always; a finite fill
       (``finfo.min``, ``-1e4``) when every fill branch writes the same value, so that rows with
-      no kept element still average uniformly, exactly as eager softmax does. An addition of a
+      no kept element still average uniformly, exactly as eager softmax does. Where the
+      predicate keeps key 0 of every row (causal, as HF's masks are) no row is wholly filled,
+      and a fill at most -1e4 weighs exactly 0 beside a kept key (exp underflows for any kept
+      score above fill + 104): it becomes -inf, which the kernels handle more cheaply. An addition of a
       swamping constant (≤ -1e30, as HF adds ``finfo.min``) equals that constant in fp32 for any
       score below 1e22, so it counts as the fill too;
     - additive terms (as the graph adds them: products are never expanded) that are provably
@@ -21,7 +24,7 @@ import math
 
 import sympy
 
-from fx_flash.codegen.spec import KV_IDX, QK, SCALE, exact_arithmetic
+from fx_flash.codegen.spec import KV_IDX, QK, SCALE, SKIPPABLE_FILL, exact_arithmetic
 
 SWAMPS = -1e30  # an added constant at most this large is the value itself in fp32 (see above)
 
@@ -33,7 +36,16 @@ def normalize(expr) -> tuple:
     score, keep, fill = _split(folded)
     if QK in keep.free_symbols:  # a predicate on the scores themselves: leave it in the score
         return expr, sympy.true, float("-inf")
+    if fill != float("-inf") and fill <= SKIPPABLE_FILL and keeps_a_key_per_row(keep):
+        fill = float("-inf")
     return drop_row_constants(score), tidy_relations(keep), fill
+
+
+def keeps_a_key_per_row(keep) -> bool:
+    """The predicate keeps key 0 of every row (causal, prefix-LM, …): then no row is wholly
+    filled, and a fill whose weight is 0 beside a kept key is the same as -inf."""
+    at_key_0 = keep.subs(KV_IDX, 0)
+    return at_key_0 is sympy.true or sympy.simplify(at_key_0) is sympy.true
 
 
 def tidy_relations(pred):

@@ -31,10 +31,15 @@ TEMPLATE = '''\
 # LSE as -inf (what SDPA does). The backward reads LSE = -inf, and rows past N_Q, as +inf, so
 # p = 0 there as well.
 #
-# Note (exp2): exp(x) = exp2(x·log2 e). Without a bias, log2 e is folded into the scale once
-# (s comes out in log2 units, one FMA per element). With a bias the score stays in natural units
-# so that a finite fill such as finfo(float32).min cannot overflow to -inf when multiplied by
-# log2 e: a row filled with it must still average uniformly, as eager softmax does.
+# Note (exp2): exp(x) = exp2(x·log2 e). When the spec allows (SCORE_IN_LOG2: no float operand,
+# no constant beyond ±1e30, a -inf fill), log2 e is folded into the scale once (s comes out in
+# log2 units, one FMA per element). Otherwise the score stays in natural units so that a finite
+# value such as finfo(float32).min cannot overflow to -inf when multiplied by log2 e: a row
+# filled with it must still average uniformly, as eager softmax does.
+#
+# Note (finite fills): a spec with a finite fill writes it where the keep-predicate fails
+# (keep_ok), as eager's masked_fill does; the backward zeroes dS there (the fill is a constant,
+# its gradient 0). -inf fills need neither: p is 0 there.
 #
 # Note (interior tiles): each kernel walks its streamed axis in up to three ranges, and two
 # constexpr flags say what a range's tiles need. BOUNDS: loads masked at the tensors' ends (ragged

@@ -65,7 +65,7 @@ tl.atomic_add(DT0_head + offs_m[None, :] * DT0_sq + offs_n[:, None] * DT0_sk, dt
         """A score whose derivative depends on qk multiplies dS per element (no final fold)."""
         spec = AttentionSpec(SCALE * QK + QK**2 / 20, name="quadratic")
         self.assertExpectedInline(_rendered(spec, "mn"), """\
-s = LOG2E*(qk * qk)/20 + qk*qk_scale
+s = LOG2E*((qk * qk)/20 + qk*sm_scale)
 if PREDICATE:
     s = tl.where(tile_ok, s, float("-inf"))
 g = qk/10 + sm_scale

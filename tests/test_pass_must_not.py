@@ -10,24 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_pass_spellings import B, D, H, N, fuse, ops_in, qkv
+from test_pass_spellings import B, D, H, N, RefusalTest, fuse, qkv
 
-import expecttest
 
 
 def scores(q, k):
     return q @ k.transpose(-2, -1) * 0.25
 
 
-class TestMustNotRewrite(expecttest.TestCase):
-    def refused(self, fn, *inputs, check: str):
-        gm, result = fuse(fn, *inputs)
-        self.assertEqual(result.count, 0)
-        self.assertEqual(ops_in(gm), [])
-        self.assertEqual([m.check for m in result.missed], [check], [str(m) for m in result.missed])
-        torch.testing.assert_close(gm(*inputs), fn(*inputs))
-        return result.missed[0]
-
+class TestMustNotRewrite(RefusalTest):
     def test_attention_weights_returned(self):
         """Weights that are also returned (output_attentions=True) are needed: no rewrite."""
         def attention(q, k, v):

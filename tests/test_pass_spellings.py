@@ -73,6 +73,19 @@ def fused_once(test, fn, *inputs, grads=False):
     return gm
 
 
+class RefusalTest(expecttest.TestCase):
+    """Base of the must-not-rewrite tests: ``refused`` asserts no rewrite, exactly one miss by
+    the named check, and that the graph still computes what the code does."""
+
+    def refused(self, fn, *inputs, check: str):
+        gm, result = fuse(fn, *inputs)
+        self.assertEqual(result.count, 0)
+        self.assertEqual(ops_in(gm), [])
+        self.assertEqual([m.check for m in result.missed], [check], [str(m) for m in result.missed])
+        torch.testing.assert_close(gm(*inputs), fn(*inputs))
+        return result.missed[0]
+
+
 class TestProductSpellings(expecttest.TestCase):
     def test_matmul_operator_transpose_div_sqrt(self):
         """The textbook spelling becomes one op call with the scale captured, nothing else left."""

@@ -25,7 +25,7 @@ Whatever cannot be read exactly raises ``Miss`` with the name of the failed chec
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import sympy
@@ -114,7 +114,8 @@ class _Capturer:
         if not top.scores:
             raise Miss("scores_from_qk_product", "the softmax input does not depend on the Q·Kᵀ product", self.site.softmax)
         expr, reads = self._operands(top.expr)
-        stray = {s for s in expr.free_symbols if s.name not in {x.name for x in _KNOWN} and not s.name.startswith("t")}
+        operands = {f"t{i}" for i in range(len(reads))}
+        stray = {s for s in expr.free_symbols if s.name not in {x.name for x in _KNOWN} | operands}
         if stray:
             names = ", ".join(sorted(map(str, stray)))
             raise Miss("score_is_pointwise", f"the scores depend on {names}, a size the kernel does not know "
@@ -261,7 +262,7 @@ class _Capturer:
     def _check_level(self, node: fx.Node, level: tuple) -> None:
         """A view of the scores must keep (Nq, Nk) last and exactly B·H elements before them."""
         t = tensor_of(node)
-        if t is None or t.dim() < 3 - (len(self.lead) == 2 and self.lead[0] == 1 and False):
+        if t is None or t.dim() < 2:
             raise Miss("scores_keep_their_shape", f"{node.name} has no recorded shape", node)
         if t.dtype == torch.float64:
             raise Miss("scores_keep_their_shape", f"{node.name} promotes the scores to float64", node)
@@ -325,7 +326,6 @@ class _Capturer:
     def _view_or_constructor(self, node: fx.Node, scores: bool) -> Optional[Value]:
         method = node.target if node.op == "call_method" else None
         fn = node.target if node.op == "call_function" else None
-        out = tensor_of(node)
         if method in _IDENTITY_METHODS or (fn is torch.clone):
             if method == "detach" and scores:
                 raise Unsupported("detach of the scores stops their gradient")

@@ -162,7 +162,6 @@ def _is_complex(node: Any) -> bool:
 
 MUL = (operator.mul, torch.mul)
 DIV = (operator.truediv, torch.div, torch.true_divide)
-ADD = (operator.add, operator.iadd, torch.add)
 
 
 def scaling(node: Any) -> Optional[tuple[Any, Any, str]]:
@@ -177,49 +176,6 @@ def scaling(node: Any) -> Optional[tuple[Any, Any, str]]:
         if len(node.args) == 2 and not node.kwargs:  # rounding_mode would make it a floor/trunc
             return node.args[0], node.args[1], "div"
     return None
-
-
-def addition(node: Any) -> Optional[tuple[Any, Any]]:
-    """``a + b`` (any spelling, including ``+=``), without torch.add's alpha."""
-    if is_function(node, *ADD) or is_method(node, "add", "__add__", "add_", "__iadd__"):
-        if len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
-            return node.args[0], node.args[1]
-    return None
-
-
-@dataclass
-class Fill:
-    """``scores`` with ``value`` written where ``where_true`` is (True when the mask says *fill*)."""
-
-    scores: fx.Node
-    mask: fx.Node
-    value: Any
-    fill_where_true: bool
-    spelling: str
-
-
-def fill(node: Any) -> Optional[Fill]:
-    """``masked_fill(mask, v)`` or ``torch.where(mask, scores, v)`` / ``where(mask, v, scores)``.
-
-    For where, which side is the scores is decided by the caller (both are returned as
-    candidates through ``fill_where_true``); here the tensor side is the one that is a Node
-    with a floating dtype and the same shape as the result.
-    """
-    if is_method(node, "masked_fill", "masked_fill_") or is_function(node, torch.masked_fill):
-        if len(node.args) == 3:
-            return Fill(node.args[0], node.args[1], node.args[2], True, "masked_fill")
-    if is_function(node, torch.where) and len(node.args) == 3:
-        cond, a, b = node.args
-        if _same_as_result(a, node) and not _same_as_result(b, node):
-            return Fill(a, cond, b, False, "torch.where")
-        if _same_as_result(b, node) and not _same_as_result(a, node):
-            return Fill(b, cond, a, True, "torch.where")
-    return None
-
-
-def _same_as_result(x: Any, node: fx.Node) -> bool:
-    tx, tn = tensor_of(x), tensor_of(node)
-    return tx is not None and tn is not None and tx.shape == tn.shape and tx.dtype == tn.dtype
 
 
 # ---------------------------------------------------------------------------------------------

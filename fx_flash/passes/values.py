@@ -175,13 +175,3 @@ def is_module_buffer(node: fx.Node) -> bool:
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     return source is not None and "._buffers[" in source.name
-
-
-def is_lower_triangular_ones(tensor: torch.Tensor) -> bool:
-    """Every leading slice of ``tensor`` is ``tril(ones)`` as a keep-mask (nonzero = attend)."""
-    if tensor.dim() < 2 or tensor.is_meta:
-        return False
-    keep = tensor != 0
-    n, m = keep.shape[-2:]
-    tril = torch.ones(n, m, dtype=torch.bool, device=keep.device).tril()
-    return bool((keep == tril).all())

@@ -179,8 +179,9 @@ class _AttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        # Only out is differentiable, so the backward runs only when out has a gradient.
         q, k, v, out, lse, seed, *operands = ctx.saved_tensors
+        if grad_out is None:  # only lse was used (AOTAutograd may still call the backward)
+            return (None,) * (7 + len(operands))
         dq, dk, dv, dops = torch.ops.fx_flash.attn_bwd.default(
             grad_out, q, k, v, out, lse, operands, seed, ctx.dropout_p, ctx.scale, ctx.spec)
         found = iter(dops)

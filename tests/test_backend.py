@@ -148,3 +148,38 @@ class TestExplain(expecttest.TestCase):
         with self.assertLogs("fx_flash", level=logging.INFO) as logs:
             explain(lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), dim=-2) @ v, q, q, q)
         self.assertTrue(any("softmax_over_keys" in line for line in logs.output))
+
+
+class DecodingWindow(nn.Module):
+    """Soft-capped attention with a bottom-right aligned window of 4 keys, as a KV-cache decoder
+    writes it: the offset is the difference of the two lengths."""
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+        s = torch.tanh(s / 30.0) * 30.0
+        offset = k.size(-2) - q.size(-2)
+        i, j = torch.arange(q.size(-2), device=q.device), torch.arange(k.size(-2), device=q.device)
+        keep = (j[None, :] <= i[:, None] + offset) & (i[:, None] + offset - j[None, :] < 4)
+        return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def test_dynamic_lengths_in_a_captured_predicate_do_not_recompile():
+    """Under dynamic=True the lengths in a position mask are the kernel's n_q/n_kv and the head
+    dim's 1/sqrt(d) the op's default: new lengths run the same graph and the same spec."""
+    graphs = []
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        backend("eager", on_pass=lambda gm, r: graphs.append([f.spec.text for f in r.fused])))
+    model = DecodingWindow()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+
+    def inputs(n, nk):
+        torch.manual_seed(n)
+        return torch.randn(1, 2, n, 16), torch.randn(1, 2, nk, 16), torch.randn(1, 2, nk, 16)
+
+    torch.testing.assert_close(compiled(*inputs(8, 12)), model(*inputs(8, 12)), atol=2e-5, rtol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, nk in ((5, 9), (11, 20)):
+            torch.testing.assert_close(compiled(*inputs(n, nk)), model(*inputs(n, nk)), atol=2e-5, rtol=1e-4)
+    assert counter.frame_count == 1
+    assert graphs == [["score=30.0*tanh(0.03333333333333333*qk*scale); "
+                       "keep=(kv_idx + n_q <= n_kv + q_idx) & (n_kv + q_idx <= kv_idx + n_q + 3)"]]

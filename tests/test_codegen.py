@@ -136,3 +136,19 @@ def test_unprintable_expression_is_a_clear_error():
     """A score with no Triton form (here sin) fails with a ValueError naming what can be printed."""
     with pytest.raises(ValueError, match="function sin has no Triton form"):
         generate.render(AttentionSpec(SCALE * QK + sympy.sin(QK)))
+
+
+def test_spec_text_round_trips_exactly():
+    """Every spec prints to text that reads back as the same spec, floats bit for bit."""
+    from fx_flash.codegen.spec import spec_from_text
+
+    texts = ["score=30.0*tanh(qk*scale); keep=kv_idx <= q_idx; fill=-3.4028234663852886e+38",
+             "score=qk*scale - 3.4028234663852886e+38*(1.0 - t0); t0=float[b, kv_idx]",
+             "score=qk*scale + t0; keep=Eq(t1, t2); t0=float[Mod(b, 4), q_idx, kv_idx] grad; t1=int[q_idx]; "
+             "t2=int[kv_idx]; dropout"]
+    for text in texts:
+        spec = spec_from_text(text)
+        assert spec.text == text and spec_from_text(spec.text) == spec
+    assert spec_from_text(texts[0]).fill == torch.finfo(torch.float32).min
+    with pytest.raises(ValueError, match="cannot read"):
+        spec_from_text("score=qk*scale; mystery")

@@ -170,3 +170,38 @@ def test_rejects_mismatched_lengths_and_dims():
     q, k, v = _qkv()
     _err(ValueError, "same sequence length", q, k, v[:, :, :5])
     _err(ValueError, "head_dim must agree", q, k, v[..., :8])
+
+
+def test_opcheck_captured_spec_with_operands():
+    """The ops graphs call pass opcheck with a captured spec: a learned per-head bias row (float,
+    with a gradient), an integer document-id vector read at q and at kv, and an index map."""
+    from fx_flash.codegen.spec import spec_from_text
+
+    spec = ("score=30.0*tanh(qk*scale) + t0; keep=Eq(t1, t2) & (kv_idx <= q_idx + 2); "
+            "t0=float[h, 0, kv_idx]; t1=int[q_idx]; t2=int[kv_idx]")
+    q, k, v = _qkv(grad=True)
+    bias = torch.randn(2, 1, 11, device=DEVICE, requires_grad=True)
+    docs_q = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2], device=DEVICE)
+    docs_k = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], device=DEVICE)
+    operands = [bias, docs_q, docs_k]
+    torch.library.opcheck(torch.ops.fx_flash.attn_fwd.default, (q, k, v, operands, None, 0.0, 0.25, spec))
+    torch.library.opcheck(torch.ops.fx_flash.attention.default, (q, k, v, operands, 0.0, 0.25, False, spec))
+    with torch.no_grad():  # the backward op is called by compiled graphs on saved, detached tensors
+        out, lse = torch.ops.fx_flash.attn_fwd(q, k, v, operands, None, 0.0, 0.25, spec)
+    q, k, v, bias = (t.detach() for t in (q, k, v, bias))
+    operands = [bias, docs_q, docs_k]
+    grad_spec = spec_from_text(spec).with_grads([True, False, False]).text
+    torch.library.opcheck(torch.ops.fx_flash.attn_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, operands, None, 0.0, 0.25, grad_spec))
+
+
+def test_operands_that_do_not_match_the_spec_are_clear_errors():
+    """The wrong number, kind or length of operands raises before any kernel is generated."""
+    spec = "score=qk*scale + t0; t0=float[0, 0, q_idx, kv_idx]"
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="reads 1 operand"):
+        torch.ops.fx_flash.attention(q, k, v, [], 0.0, None, False, spec)
+    with pytest.raises(TypeError, match="read as float"):
+        torch.ops.fx_flash.attention(q, k, v, [torch.ones(1, 1, 9, 11, dtype=torch.bool)], 0.0, None, False, spec)
+    with pytest.raises(ValueError, match="indexed by kv_idx"):
+        torch.ops.fx_flash.attention(q, k, v, [torch.randn(1, 1, 9, 5)], 0.0, None, False, spec)

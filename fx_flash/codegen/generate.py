@@ -28,7 +28,7 @@ BINDINGS = {
     "mn": {Q_IDX: "offs_m[:, None]", KV_IDX: "offs_n[None, :]", B_IDX: "off_z", H_IDX: "off_h"},
     "nm": {Q_IDX: "offs_m[None, :]", KV_IDX: "offs_n[:, None]", B_IDX: "off_z", H_IDX: "off_h"},
 }
-SIZES = {N_Q: "N_Q", N_KV: "N_KV"}
+SIZES = {N_Q: "size_q", N_KV: "size_kv"}  # set from N_Q/N_KV in each kernel, passed to helpers
 _FUNCTIONS = {"exp": "tl.exp", "log": "tl.log", "Abs": "tl.abs", "sigmoid": "tl.sigmoid"}
 
 
@@ -171,8 +171,13 @@ def _head_lines(op: Operand, binding: dict, prefix: str = "T") -> str:
     return f"{base}_head = {' + '.join([base] + terms)}"
 
 
+def _uses_sizes(spec: AttentionSpec) -> bool:
+    return bool((spec.score.free_symbols | spec.keep.free_symbols) & {N_Q, N_KV})
+
+
 def _heads(spec: AttentionSpec, binding: dict, grads: bool = False) -> str:
-    lines = [_head_lines(op, binding) for op in spec.operands]
+    lines = ["size_q = N_Q", "size_kv = N_KV"] if _uses_sizes(spec) else []
+    lines += [_head_lines(op, binding) for op in spec.operands]
     if grads:
         lines += [_head_lines(op, binding, "DT") for op in spec.grad_operands]
     return "\n".join(lines) or "pass"
@@ -336,7 +341,7 @@ def render(spec: AttentionSpec) -> str:
     grad_params = _arg_list([p for op in spec.grad_operands for p in _params(op, "DT")])
     # The score may read the program's batch and head (b, h): helpers get them beside the operands.
     uses_lead = bool((spec.score.free_symbols | spec.keep.free_symbols) & {B_IDX, H_IDX})
-    ops = _arg_list((["off_z", "off_h"] if uses_lead else []) + [
+    ops = _arg_list((["off_z", "off_h"] if uses_lead else []) + (["size_q", "size_kv"] if _uses_sizes(spec) else []) + [
         n for op in spec.operands for n in (f"T{op.name[1:]}_head", f"T{op.name[1:]}_sq", f"T{op.name[1:]}_sk")])
     dops = _arg_list([n for op in spec.grad_operands for n in (f"DT{op.name[1:]}_head", f"DT{op.name[1:]}_sq",
                                                                 f"DT{op.name[1:]}_sk")])

@@ -307,6 +307,14 @@ class _Capturer:
         mapping = {1: KV_IDX, 2: Q_IDX}
         z_size, h_size = self.lead
         lead_dims = list(level[:-2])
+        if len(lead_dims) == 2 and same_size(lead_dims[0], z_size) and same_size(lead_dims[1], h_size):
+            mapping.update({3: H_IDX, 4: B_IDX})  # q's own layout: no size needs to be known
+            self.levels[key] = mapping
+            return mapping
+        if len(lead_dims) == 1 and _is_one(z_size) and same_size(lead_dims[0], h_size):
+            mapping[3] = H_IDX  # (B·H, N, N) scores of a rank-3 q
+            self.levels[key] = mapping
+            return mapping
         h_static = _static(h_size)
         for d, size in enumerate(lead_dims):
             right = lead_dims[d + 1:]
@@ -496,16 +504,14 @@ class _Capturer:
         return self._settle(Value(self._sizes_as_symbols(expr), kind, tuple(out.shape)), node)
 
     def _sizes_as_symbols(self, expr):
-        """Sizes of the graph that are the query or key length become n_q/n_kv (dynamic shapes)."""
+        """Sizes of the graph that are the query or key length become n_q/n_kv (dynamic shapes);
+        any other symbolic size stays and is refused at the end of the capture."""
         subs = {}
-        for s in expr.free_symbols:
-            if s in low.POSITIONS:
-                continue
-            if same_size(_as_symint(s, self.n_q), self.n_q):
-                subs[s] = N_Q
-            elif same_size(_as_symint(s, self.n_kv), self.n_kv):
-                subs[s] = N_KV
-        return expr.xreplace(subs) if subs else expr
+        for size, symbol in ((self.n_kv, N_KV), (self.n_q, N_Q)):
+            e = sympy.sympify(as_expr(size))
+            if isinstance(e, sympy.Symbol):
+                subs[e] = symbol
+        return sympy.sympify(expr).xreplace(subs) if subs else expr
 
     def _filled(self, node: fx.Node) -> Optional[Value]:
         out = tensor_of(node)
@@ -542,9 +548,12 @@ class _Capturer:
         t = tensor_of(node)
         if t is None:
             try:
-                return low.number(_py(evaluate(node)))
-            except (NotConstant, Unsupported) as e:
+                value = evaluate(node)
+            except NotConstant as e:
                 raise Miss("score_is_pointwise", f"{node.name} is neither a tensor nor a constant ({e})", node)
+            if isinstance(value, sympy.Basic) and not value.is_number:  # a symbolic size
+                return Value(self._sizes_as_symbols(value), "int", None)
+            return low.number(_py(value))
         try:
             kind = low.kind_of_dtype(t.dtype)
         except Unsupported as e:
@@ -744,16 +753,6 @@ def _static(n) -> Optional[int]:
         return n
     e = sympy.sympify(as_expr(n))
     return int(e) if e.is_Integer else None
-
-
-def _as_symint(symbol, like):
-    """Compare a shape-env symbol with a size: through the SymInt's own shape env."""
-    if isinstance(like, int):
-        return None
-    try:
-        return like.node.shape_env.create_symintnode(symbol, hint=None)
-    except Exception:  # noqa: BLE001 - a failed comparison only means "not that size"
-        return None
 
 
 def _py(x):

@@ -162,20 +162,31 @@ def _plain(expr):
 
 
 def site_scale(site: AttentionSite):
-    """The op's ``scale``: a float, or None when the scale is symbolically 1/sqrt(head dim)."""
+    """The op's ``scale``: a float, or None when the scale is symbolically c/sqrt(head dim)
+    (the op's default; ``scale_residual`` is then c, which the spec multiplies in)."""
+    return _scale_parts(site)[0]
+
+
+def scale_residual(site: AttentionSite) -> float:
+    """c when the scale is c/sqrt(head dim) with a symbolic head dim (dynamic shapes), else 1."""
+    return _scale_parts(site)[1]
+
+
+def _scale_parts(site: AttentionSite):
     total = 1.0
     for factor in site.factors:
         total = total * factor.value
     if isinstance(total, (int, float)):
         if not math.isfinite(total):
             raise NotConstant(f"the scale {total} is not finite")
-        return float(total)
+        return float(total), 1.0
     expr = _plain(sympy.sympify(total))
     if expr.is_number:
-        return float(expr)
+        return float(expr), 1.0
     head_dim = _plain(_expr(tensor_of(site.q).shape[-1]))
-    if sympy.simplify(expr - 1 / sympy.sqrt(head_dim)) == 0:
-        return None
+    ratio = sympy.simplify(expr * sympy.sqrt(head_dim))
+    if ratio.is_number and ratio != 0 and sympy.Float(ratio).is_finite:
+        return None, float(ratio)
     raise NotConstant(f"the scale {expr} depends on sizes other than the head dim {head_dim}")
 
 
@@ -202,6 +213,12 @@ def _fold_scale(site: AttentionSite, score):
 def specify(site: AttentionSite, capture: Capture) -> AttentionSpec:
     """The spec of a captured site, every part of it proved (else Miss with the check's name)."""
     score, keep, fill = normalize(capture.expr)
+    try:
+        residual = scale_residual(site)
+    except NotConstant:
+        residual = 1.0  # scale_is_constant reports it
+    if residual != 1.0:  # the op's default 1/sqrt(d) leaves c of c/sqrt(d) to the score
+        score = score.xreplace({SCALE: residual * SCALE})
     score = _fold_scale(site, score)
     operands = []
     for i, read in enumerate(capture.reads):

@@ -222,34 +222,30 @@ def _check_span(name, got: range, nonempty: list):
         assert got.start >= 0 and got.stop <= len(nonempty)
 
 
+@pytest.mark.parametrize("axis", ["keys", "queries"])
 @pytest.mark.parametrize("name", sorted(ALL))
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_key_tiles_cover_the_work(name, data):
-    """key_tiles spans the key tiles holding a kept element (exactly so for the affine families)."""
+def test_tile_ranges_cover_the_work(name, axis, data):
+    """key_tiles (one query tile over the keys) and query_tiles (one key tile over the queries)
+    span the tiles holding a kept element, exactly so for the affine families."""
     keep = ALL[name]
     n_q, n_kv = data.draw(st.integers(1, SPAN)), data.draw(st.integers(1, SPAN))
-    block_m, block_n = data.draw(st.sampled_from([1, 4, 16])), data.draw(st.sampled_from([1, 3, 8, 16]))
-    q0 = data.draw(st.integers(0, n_q - 1)) // block_m * block_m
-    q1 = min(q0 + block_m, n_q)
-    nonempty = [any(g.any() for g in brute(keep, q0, q1, k0, min(k0 + block_n, n_kv), seed=k0))
-                for k0 in range(0, n_kv, block_n)]
-    _check_span(name, key_tiles(classifier(keep), q0, q1, n_kv, block_n), nonempty)
-
-
-@pytest.mark.parametrize("name", sorted(ALL))
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_query_tiles_cover_the_work(name, data):
-    """query_tiles spans the query tiles holding a kept element (exactly so for the affine families)."""
-    keep = ALL[name]
-    n_q, n_kv = data.draw(st.integers(1, SPAN)), data.draw(st.integers(1, SPAN))
-    block_m, block_n = data.draw(st.sampled_from([1, 3, 8, 16])), data.draw(st.sampled_from([1, 4, 16]))
-    k0 = data.draw(st.integers(0, n_kv - 1)) // block_n * block_n
-    k1 = min(k0 + block_n, n_kv)
-    nonempty = [any(g.any() for g in brute(keep, m0, min(m0 + block_m, n_q), k0, k1, seed=m0))
-                for m0 in range(0, n_q, block_m)]
-    _check_span(name, query_tiles(classifier(keep), k0, k1, n_q, block_m), nonempty)
+    fixed_block = data.draw(st.sampled_from([1, 4, 16]))
+    step = data.draw(st.sampled_from([1, 3, 8, 16]))
+    if axis == "keys":  # rows [q0, q1) fixed, walk the key tiles
+        q0 = data.draw(st.integers(0, n_q - 1)) // fixed_block * fixed_block
+        q1 = min(q0 + fixed_block, n_q)
+        nonempty = [any(g.any() for g in brute(keep, q0, q1, k0, min(k0 + step, n_kv), seed=k0))
+                    for k0 in range(0, n_kv, step)]
+        got = key_tiles(classifier(keep), q0, q1, n_kv, step)
+    else:  # columns [k0, k1) fixed, walk the query tiles
+        k0 = data.draw(st.integers(0, n_kv - 1)) // fixed_block * fixed_block
+        k1 = min(k0 + fixed_block, n_kv)
+        nonempty = [any(g.any() for g in brute(keep, m0, min(m0 + step, n_q), k0, k1, seed=m0))
+                    for m0 in range(0, n_q, step)]
+        got = query_tiles(classifier(keep), k0, k1, n_q, step)
+    _check_span(name, got, nonempty)
 
 
 def test_causal_key_tiles_stop_at_the_diagonal():

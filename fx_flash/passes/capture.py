@@ -38,6 +38,20 @@ from fx_flash.passes import lowering as low
 from fx_flash.passes import spellings as sp
 from fx_flash.passes.lowering import Unsupported, Value, position
 from fx_flash.passes.match import AttentionSite, Miss
+from fx_flash.passes.positions import (
+    arange_pattern,
+    cast_value,
+    is_one,
+    keep_where,
+    lead_index,
+    only_broadcasts,
+    plain_position,
+    py_number,
+    static_size,
+    triangle_pattern,
+    unit_dims_map,
+    valid_index,
+)
 from fx_flash.passes.values import (
     NotConstant,
     as_expr,
@@ -286,7 +300,7 @@ class _Capturer:
             shape = v.shape
         if shape is None:
             return v
-        subs = {position(len(shape) - d): 0 for d, n in enumerate(shape) if _is_one(n)}
+        subs = {position(len(shape) - d): 0 for d, n in enumerate(shape) if is_one(n)}
         expr = v.expr.xreplace(subs) if subs else v.expr
         return Value(expr, v.kind, shape, v.scores)
 
@@ -311,21 +325,21 @@ class _Capturer:
             mapping.update({3: H_IDX, 4: B_IDX})  # q's own layout: no size needs to be known
             self.levels[key] = mapping
             return mapping
-        if len(lead_dims) == 1 and _is_one(z_size) and same_size(lead_dims[0], h_size):
+        if len(lead_dims) == 1 and is_one(z_size) and same_size(lead_dims[0], h_size):
             mapping[3] = H_IDX  # (B·H, N, N) scores of a rank-3 q
             self.levels[key] = mapping
             return mapping
-        h_static = _static(h_size)
+        h_static = static_size(h_size)
         for d, size in enumerate(lead_dims):
             right = lead_dims[d + 1:]
             stride = 1
             for r in right:
-                s = _static(r)
+                s = static_size(r)
                 if s is None:
                     raise Miss("scores_keep_their_shape", f"scores viewed with a symbolic size {r} before a batch/head axis")
                 stride *= s
-            size_s = _static(size)
-            mapping[len(level) - d] = _lead_index(d, stride, size_s, h_static, _is_one(z_size))
+            size_s = static_size(size)
+            mapping[len(level) - d] = lead_index(d, stride, size_s, h_static, is_one(z_size))
         self.levels[key] = mapping
         return mapping
 
@@ -341,7 +355,7 @@ class _Capturer:
         cast = self._cast_dtype(node)
         if cast is not None:
             src = self._value(node.args[0], node)
-            return self._settle(_cast(src, cast), node) if not src.scores else self._score_view(node, _cast(src, cast))
+            return self._settle(cast_value(src, cast), node) if not src.scores else self._score_view(node, cast_value(src, cast))
         if method in ("view", "reshape", "expand", "expand_as", "view_as", "broadcast_to", "unflatten", "flatten",
                       "squeeze", "unsqueeze") or fn in (torch.reshape, torch.broadcast_to, torch.squeeze,
                                                         torch.unsqueeze, torch.flatten):
@@ -400,9 +414,9 @@ class _Capturer:
         src_shape = v.shape if v.shape is not None else ()
         new = tuple(out.shape)
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if name in ("expand", "expand_as", "broadcast_to") or _only_broadcasts(src_shape, new):
+        if name in ("expand", "expand_as", "broadcast_to") or only_broadcasts(src_shape, new):
             return self._settle(Value(v.expr, v.kind, new), node)
-        mapping = _unit_dims_map(src_shape, new)
+        mapping = unit_dims_map(src_shape, new)
         if mapping is None:
             return None
         subs = {position(len(src_shape) - d_old): position(len(new) - d_new) for d_old, d_new in mapping.items()}
@@ -448,7 +462,7 @@ class _Capturer:
                 if not isinstance(start, int):
                     return None
                 if start < 0:
-                    size = _static(v.shape[old_dim])
+                    size = static_size(v.shape[old_dim])
                     if size is None:
                         return None
                     start += size
@@ -456,7 +470,7 @@ class _Capturer:
                 new_dims.append(old_dim)
                 old_dim += 1
             elif isinstance(i, int):
-                size = _static(v.shape[old_dim])
+                size = static_size(v.shape[old_dim])
                 subs_old[old_dim] = ("fix", i if i >= 0 else (size + i if size is not None else None))
                 if subs_old[old_dim][1] is None:
                     return None
@@ -482,7 +496,7 @@ class _Capturer:
         if len(index) != v.rank or not all(isinstance(i, fx.Node) for i in index):
             return None
         idx = [self._value(i, node) for i in index]
-        if any(i.scores or i.kind != "int" or not _plain_position(i.expr) for i in idx):
+        if any(i.scores or i.kind != "int" or not plain_position(i.expr) for i in idx):
             return None  # a computed index (a bucket of q - kv): the gathered tensor is the operand
         subs = {position(v.rank - d): i.expr for d, i in enumerate(idx)}
         out = tensor_of(node)
@@ -540,7 +554,7 @@ class _Capturer:
                 return None
         row, col = position(2), position(1)
         keep = (col - row <= diagonal) if _name(node) == "tril" else (col - row >= diagonal)
-        return self._settle(Value(_keep_where(keep, v), v.kind, v.shape), node)
+        return self._settle(Value(keep_where(keep, v), v.kind, v.shape), node)
 
     # -- leaves -----------------------------------------------------------------------------------
 
@@ -553,27 +567,27 @@ class _Capturer:
                 raise Miss("score_is_pointwise", f"{node.name} is neither a tensor nor a constant ({e})", node)
             if isinstance(value, sympy.Basic) and not value.is_number:  # a symbolic size
                 return Value(self._sizes_as_symbols(value), "int", None)
-            return low.number(_py(value))
+            return low.number(py_number(value))
         try:
             kind = low.kind_of_dtype(t.dtype)
         except Unsupported as e:
             raise Miss("operands_supported", f"{node.name}: {e}", node)
         if t.dim() == 0 and not t.requires_grad:
             try:
-                return low.number(_py(evaluate(node)))
+                return low.number(py_number(evaluate(node)))
             except (NotConstant, Unsupported):
                 pass
         constant = self._trusted_constant(node)
         if constant is not None:
-            pattern = _triangle_pattern(constant)
+            pattern = triangle_pattern(constant)
             if pattern is None:
-                pattern = _arange_pattern(constant)
+                pattern = arange_pattern(constant)
             if pattern is not None:
                 return self._settle(Value(pattern, kind, tuple(t.shape)), node)
         read = self.leaves.get(node)
         if read is None:
             read = self.leaves[node] = sympy.Function(f"read{len(self.leaves)}")
-        args = [sympy.Integer(0) if _is_one(n) else position(t.dim() - d) for d, n in enumerate(t.shape)]
+        args = [sympy.Integer(0) if is_one(n) else position(t.dim() - d) for d, n in enumerate(t.shape)]
         app = read(*args) if args else read()
         expr = sympy.Ne(app, 0) if kind == "bool" else app
         return Value(expr, kind, tuple(t.shape))
@@ -601,7 +615,7 @@ class _Capturer:
                 continue
             kind = low.kind_of_dtype(tensor_of(node).dtype)
             for e in app.args:
-                if not _valid_index(e):
+                if not valid_index(e):
                     raise Miss("operands_supported", f"{node.name} is read at [{', '.join(map(str, app.args))}]: "
                                "the kernel reads operands at q_idx (+ c), kv_idx (+ c) or a batch/head expression", node)
             from fx_flash.codegen.spec import operand_symbol
@@ -621,148 +635,6 @@ class _Capturer:
 
 
 _KNOWN = (QK, SCALE, Q_IDX, KV_IDX, B_IDX, H_IDX, N_Q, N_KV)
-
-
-def _valid_index(e) -> bool:
-    e = sympy.sympify(e)
-    free = e.free_symbols
-    if free <= {B_IDX, H_IDX}:
-        return True
-    for axis in (Q_IDX, KV_IDX):
-        if free == {axis} and sympy.expand(e - axis).is_Integer:
-            return True
-    return False
-
-
-def _plain_position(e) -> bool:
-    """An index that is one position plus a constant, or a constant: the kernel reads it in range."""
-    e = sympy.sympify(e)
-    free = e.free_symbols
-    return not free or (len(free) == 1 and next(iter(free)) in low.POSITIONS and sympy.expand(e - next(iter(free))).is_Integer)
-
-
-def _lead_index(d: int, stride: int, size: Optional[int], h_size: Optional[int], z_is_one: bool):
-    """The index of leading dimension d of a view of the scores in q's (z, h) layout, where
-    that dimension has ``size`` and the dimensions to its right multiply to ``stride``.
-
-    The flat batch·head index is z·H + h; the dimension reads (flat // stride) % size. When
-    the dimension lies wholly inside h or wholly inside z the expression avoids the other.
-    """
-    if h_size is None:
-        raise Miss("scores_keep_their_shape", "the number of heads is symbolic")
-    flat = B_IDX * h_size + H_IDX
-    if z_is_one:
-        flat = H_IDX
-    if size is None:
-        if d == 0:  # the outermost dimension needs no modulus
-            return sympy.floor(flat / stride) if stride != 1 else flat
-        raise Miss("scores_keep_their_shape", "scores viewed with a symbolic size inside the batch·head axes")
-    if not z_is_one and stride % h_size == 0:
-        inner = sympy.floor(B_IDX / (stride // h_size)) if stride != h_size else B_IDX
-        return inner if d == 0 else sympy.Mod(inner, size)
-    if stride * size <= h_size and h_size % (stride * size) == 0:
-        inner = sympy.floor(H_IDX / stride) if stride != 1 else H_IDX
-        return inner if stride * size == h_size else sympy.Mod(inner, size)
-    inner = sympy.floor(flat / stride) if stride != 1 else flat
-    return inner if d == 0 else sympy.Mod(inner, size)
-
-
-def _cast(v: Value, dtype: torch.dtype) -> Value:
-    kind = low.kind_of_dtype(dtype)
-    if kind == v.kind:
-        return v
-    if kind == "bool":
-        return Value(low.as_bool(v), "bool", v.shape, v.scores)
-    if v.kind == "float" and kind == "int":
-        raise Unsupported("a float → integer cast (it truncates)")
-    return Value(low.as_num(v), kind, v.shape, v.scores)
-
-
-def _keep_where(keep, v: Value):
-    if v.kind == "bool":
-        return sympy.And(keep, v.expr)
-    return sympy.Piecewise((v.expr, keep), (0, True))
-
-
-def _triangle_pattern(value: torch.Tensor):
-    """For a constant whose last two axes (leading axes of size 1) hold one value on and below
-    (or above) a diagonal and another elsewhere, as ``tril(ones, d)``, ``1e4 * (1 - tril)`` and
-    nanoGPT's buffer do: the positional expression it holds."""
-    if value.dim() < 2 or any(n != 1 for n in value.shape[:-2]) or value.dtype.is_complex:
-        return None
-    plane = value.reshape(value.shape[-2:])
-    n, m = plane.shape
-    row, col = position(2), position(1)
-    ones = torch.ones(n, m, dtype=torch.bool, device=plane.device)
-    for lower in (True, False):
-        inside, outside = (plane[0, 0], plane[0, -1]) if lower else (plane[-1, -1], plane[-1, 0])
-        if bool(inside == outside):
-            continue
-        where = plane == inside
-        count = int(where[0].sum()) if lower else int(where[-1].sum())
-        d = count - 1 if lower else m - count - (n - 1)
-        tri = ones.tril(d) if lower else ones.triu(d)
-        if not (torch.equal(where, tri) and bool((plane[~tri] == outside).all())):
-            continue
-        cond = (col - row <= d) if lower else (col - row >= d)
-        if value.dtype == torch.bool:
-            return cond if bool(inside) else sympy.Not(cond)
-        a, b = (v.item() for v in (inside, outside))
-        return sympy.Piecewise((low.number(a).expr, cond), (low.number(b).expr, True))
-    return None
-
-
-def _arange_pattern(value: torch.Tensor):
-    """A constant whose one non-unit axis holds start, start + step, …: symbolic_trace folds
-    ``torch.arange(n)`` of a literal n into such a constant. Its position expression."""
-    big = [d for d, n in enumerate(value.shape) if n != 1]
-    if len(big) != 1 or value.dtype.is_floating_point or value.dtype == torch.bool or value.shape[big[0]] < 2:
-        return None
-    flat = value.reshape(-1).long()
-    start, step = int(flat[0]), int(flat[1] - flat[0])
-    if not torch.equal(flat, start + step * torch.arange(flat.numel(), device=flat.device)):
-        return None
-    return start + step * position(value.dim() - big[0])
-
-
-def _only_broadcasts(src: tuple, new: tuple) -> bool:
-    """``new`` is ``src`` broadcast: right-aligned, every differing source size is 1."""
-    if len(new) < len(src):
-        return False
-    for a, b in zip(reversed(src), reversed(new)):
-        if not (_is_one(a) or same_size(a, b)):
-            return False
-    return True
-
-
-def _unit_dims_map(src: tuple, new: tuple) -> Optional[dict]:
-    """old dim → new dim when ``new`` is ``src`` with size-1 dimensions inserted or removed."""
-    big_src = [d for d, n in enumerate(src) if not _is_one(n)]
-    big_new = [d for d, n in enumerate(new) if not _is_one(n)]
-    if len(big_src) != len(big_new) or not all(same_size(src[a], new[b]) for a, b in zip(big_src, big_new)):
-        return None
-    return dict(zip(big_src, big_new))
-
-
-def _is_one(n) -> bool:
-    return isinstance(n, int) and n == 1 or (not isinstance(n, int) and same_size(n, 1))
-
-
-def _static(n) -> Optional[int]:
-    if isinstance(n, int):
-        return n
-    e = sympy.sympify(as_expr(n))
-    return int(e) if e.is_Integer else None
-
-
-def _py(x):
-    if isinstance(x, sympy.Basic):
-        if x.is_Integer:
-            return int(x)
-        if x.is_Number:
-            return float(x)
-        raise Unsupported(f"{x} is symbolic")
-    return x
 
 
 def _name(node: fx.Node) -> str:

@@ -234,6 +234,11 @@ class TestPositionMasks(expecttest.TestCase):
         self.assertExpectedInline(self._masked(lambda i, j: (j <= i) & (i - j < 3)),
                                   """score=qk*scale; keep=(kv_idx <= q_idx) & (q_idx <= kv_idx + 2)""")
 
+    def test_lower_bound_on_keys(self):
+        """A bound with no positive index term on its small side (``kv_idx >= 2``) keeps its meaning
+        (printed as ``kv_idx >= 2``; a sign slip once made it ``False``)."""
+        self.assertExpectedInline(self._masked(lambda i, j: j >= 2), """score=qk*scale; keep=kv_idx >= 2""")
+
     def test_prefix_lm(self):
         """Prefix-LM: causal, except that every query sees the first P keys."""
         self.assertExpectedInline(self._masked(lambda i, j: (j <= i) | (j < 3)),

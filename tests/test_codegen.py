@@ -152,3 +152,23 @@ def test_spec_text_round_trips_exactly():
     assert spec_from_text(texts[0]).fill == torch.finfo(torch.float32).min
     with pytest.raises(ValueError, match="cannot read"):
         spec_from_text("score=qk*scale; mystery")
+
+
+def test_tidied_relations_mean_what_they_did():
+    """tidy_relations rewrites integer comparisons into one printed form without changing them:
+    every form of a random affine relation agrees with the original on a grid of positions."""
+    import itertools
+    import random
+
+    from fx_flash.codegen.simplify import tidy_relations
+    from fx_flash.codegen.spec import KV_IDX, Q_IDX
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b, c = rng.randint(-3, 3), rng.randint(-3, 3), rng.randint(-6, 6)
+        rel = rng.choice([sympy.Lt, sympy.Le, sympy.Gt, sympy.Ge])(a * Q_IDX + b * KV_IDX, c)
+        if rel in (sympy.true, sympy.false):
+            continue
+        tidy = tidy_relations(rel)
+        for q, kv in itertools.product(range(6), repeat=2):
+            assert bool(rel.subs({Q_IDX: q, KV_IDX: kv})) == bool(tidy.subs({Q_IDX: q, KV_IDX: kv})), (rel, tidy)

@@ -57,12 +57,15 @@ def tidy_relations(pred):
     for r in rels:
         d = r.lhs - r.rhs
         d = {sympy.Le: d, sympy.Lt: d + 1, sympy.Ge: -d, sympy.Gt: -d + 1}[type(r)]
-        d = sympy.expand(d)  # the relation is d <= 0
+        d = sympy.expand(d)  # the relation is d <= 0, d = positive terms - negative terms + c
         terms = sympy.Add.make_args(d)
-        left = [t for t in terms if not t.is_Number and t.as_coeff_Mul()[0] > 0]
-        right = [-t for t in terms if t not in left]
-        subs[r] = sympy.Le(sympy.Add(*left), sympy.Add(*right), evaluate=False) if left else sympy.Ge(
-            sympy.Add(*[-t for t in right if not t.is_Number] or [0]), sympy.Add(*[-t for t in right if t.is_Number]))
+        positive = [t for t in terms if not t.is_Number and t.as_coeff_Mul()[0] > 0]
+        negative = [-t for t in terms if not t.is_Number and t.as_coeff_Mul()[0] < 0]
+        c = sympy.Add(*[t for t in terms if t.is_Number])
+        if positive:  # positive <= negative - c
+            subs[r] = sympy.Le(sympy.Add(*positive), sympy.Add(*negative) - c, evaluate=False)
+        else:  # 0 <= negative - c, i.e. negative >= c
+            subs[r] = sympy.Ge(sympy.Add(*negative), c, evaluate=False)
     return pred.xreplace(subs) if subs else pred
 
 

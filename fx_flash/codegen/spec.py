@@ -293,7 +293,7 @@ def spec_from_text(text: str) -> AttentionSpec:
 
     ops = tuple(Operand(name, kind, tuple(parse(e) for e in _top_level_items(index)), grad)
                 for name, kind, index, grad in operands)
-    keep = parse(fields["keep"]) if "keep" in fields else sympy.true
+    keep = sympy.sympify(parse(fields["keep"])) if "keep" in fields else sympy.true  # "False" parses as a bool
     fill = float(fields["fill"]) if "fill" in fields else NEG_INF
     # A hand-written text need not be in printed order: the spec (and its key) is the same.
     return AttentionSpec(parse(fields["score"]), keep, ops, fill, dropout)

@@ -16,6 +16,7 @@ only when a kernel is launched.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -50,14 +51,18 @@ def _reference_keep(seed: Tensor, shape, dropout_p: float) -> Tensor:
     return (torch.rand(shape, generator=gen) >= dropout_p).to(seed.device)
 
 
+def _reference_dropout(q, k, seed, dropout_p, spec) -> Optional[Tensor]:
+    """The reference path's keep-mask for this call, or None without dropout."""
+    if not (spec.dropout and dropout_p > 0.0):
+        return None
+    return _reference_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
+
+
 def _reference_call(q, k, v, operands, seed, dropout_p, scale, spec):
     from fx_flash.reference import spec_attention
 
-    keep = None
-    if spec.dropout and dropout_p > 0.0:
-        keep = _reference_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
-    return spec_attention(q, k, v, operands, spec, scale, dropout_p, dropout_keep=keep, upcast=torch.float32,
-                          with_lse=True)
+    return spec_attention(q, k, v, operands, spec, scale, dropout_p, dropout_keep=_reference_dropout(
+        q, k, seed, dropout_p, spec), upcast=torch.float32, with_lse=True)
 
 
 # The ops are defined with torch.library.define/impl rather than torch.library.custom_op, whose
@@ -122,9 +127,7 @@ def _reference_backward(dout, q, k, v, operands, seed, dropout_p, scale, spec):
     graph is built here on detached fp32 copies)."""
     from fx_flash.reference import spec_attention
 
-    keep = None
-    if spec.dropout and dropout_p > 0.0:
-        keep = _reference_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
+    keep = _reference_dropout(q, k, seed, dropout_p, spec)
     leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ops = [t.detach().float().requires_grad_(o.grad) if t.dtype.is_floating_point else t
            for o, t in zip(spec.operands, operands)]
@@ -269,6 +272,4 @@ def _attention(q, k, v, operands, dropout_p, scale, enable_gqa, spec):
 @functools.lru_cache(maxsize=1024)
 def _with_dropout(spec: str, dropout: bool) -> str:
     parsed = spec_from_text(spec)
-    if parsed.dropout == dropout:
-        return spec
-    return type(parsed)(parsed.score, parsed.keep, parsed.operands, parsed.fill, dropout).text
+    return spec if parsed.dropout == dropout else dataclasses.replace(parsed, dropout=dropout).text

@@ -71,20 +71,18 @@ def check_operands(q, k, operands, spec) -> None:
     if len(operands) != len(spec.operands):
         raise ValueError(f"the spec {spec.text!r} reads {len(spec.operands)} operand(s), got {len(operands)}")
     n_q, n_kv = q.shape[2], k.shape[2]
-    from fx_flash.codegen.spec import KV_IDX, Q_IDX, axis_offset
+    from fx_flash.codegen.spec import operand_kind
 
     for op, t in zip(spec.operands, operands):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"operand {op.name} must be a Tensor, got {type(t).__name__}")
-        kind = "bool" if t.dtype == torch.bool else "float" if t.dtype.is_floating_point else "int"
-        if kind != op.kind or t.is_complex():
+        if operand_kind(t.dtype) != op.kind:
             raise TypeError(f"operand {op.name} is read as {op.kind}, got a {t.dtype} tensor")
         if t.dim() != len(op.index):
             raise ValueError(f"operand {op.name} has {len(op.index)} dimension(s) in the spec, got shape {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"operand {op.name} is on {t.device}, q on {q.device}")
-        for size, e in zip(t.shape, op.index):
-            q_off, kv_off = axis_offset(e, Q_IDX), axis_offset(e, KV_IDX)
-            need = n_q + q_off if q_off is not None else n_kv + kv_off if kv_off is not None else 1
-            if size < need:
-                raise ValueError(f"operand {op.name} of shape {tuple(t.shape)} is indexed by {e} up to {need - 1}")
+        for (d, c), n, axis in [(dc, n_q, "q_idx") for dc in op.q_dims] + [(dc, n_kv, "kv_idx") for dc in op.kv_dims]:
+            if t.shape[d] < n + c:
+                raise ValueError(f"operand {op.name} of shape {tuple(t.shape)} is indexed by {op.index[d]} up to "
+                                 f"{n + c - 1} ({axis} < {n})")

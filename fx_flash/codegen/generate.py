@@ -43,8 +43,7 @@ class TritonPrinter(StrPrinter):
         return self.binding.get(expr, expr.name)
 
     def _print_Relational(self, expr):
-        op = {"==": "==", "!=": "!="}.get(expr.rel_op, expr.rel_op)
-        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
 
     def _print_And(self, expr):
         return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
@@ -143,11 +142,6 @@ class TritonPrinter(StrPrinter):
 
     def _print_Exp1(self, expr):
         return repr(float(sympy.E))
-
-
-def score_in_log2(spec: AttentionSpec) -> bool:
-    """Whether s is kept in log2 units (see the template's exp2 note)."""
-    return spec.score_in_log2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +277,8 @@ def _chain_rule(spec: AttentionSpec) -> dict:
         if not finite:
             return {"SCORE_GRAD": "    g = 1.0", "DS_CHAIN": "", "DS_CHAIN_T": "", **fold}
         everywhere = spec.interior_keep is not sympy.true  # interior tiles apply a predicate too
-        return {"SCORE_GRAD": "\n".join(["    if PREDICATE:", "        g = tl.where(keep_ok, 1.0, 0.0)", "    else:",
-                                         "        g = tl.where(keep_ok, 1.0, 0.0)" if everywhere else "        g = 1.0"]),
+        masked_g = "g = tl.where(keep_ok, 1.0, 0.0)"
+        return {"SCORE_GRAD": f"    {masked_g}" if everywhere else f"    if PREDICATE:\n        {masked_g}\n    else:\n        g = 1.0",
                 "DS_CHAIN": "        ds = ds * g",
                 "DS_CHAIN_T": "        dsT = tl.where(keep_ok, dsT, 0.0)" if everywhere else
                 "        if PREDICATE:\n            dsT = tl.where(keep_ok, dsT, 0.0)", **fold}

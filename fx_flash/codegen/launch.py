@@ -22,7 +22,7 @@ import torch
 import triton
 
 from fx_flash.codegen import autotune, loader, tiling
-from fx_flash.codegen.spec import KV_IDX, Q_IDX, AttentionSpec, axis_offset, sdpa_spec
+from fx_flash.codegen.spec import AttentionSpec, sdpa_spec
 from fx_flash.device import device_profile, interpreting
 
 DELTA_BLOCK_M = 64
@@ -189,18 +189,6 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
     fn[grid(meta)](*args, **kwargs, **meta)
 
 
-def _sizes_one(t: torch.Tensor) -> tuple:
-    return tuple(n == 1 for n in t.shape)
-
-
-def sdpa_operands(bias, mask, is_causal: bool, dropout_p: float, bias_grad: bool = False):
-    """(spec, operands) of SDPA-style arguments: a float ``bias`` added, a bool ``mask`` kept,
-    each broadcast to (Z, H, N_Q, N_KV) through its own strides."""
-    spec = sdpa_spec(bias=None if bias is None else _sizes_one(bias), bias_grad=bias_grad,
-                     mask=None if mask is None else _sizes_one(mask), causal=is_causal, dropout=dropout_p > 0.0)
-    return spec, [t for t in (bias, mask) if t is not None]
-
-
 def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
     """Kernel arguments of the operands (or of their gradient buffers): pointer, the stride of
     each dimension a program's batch/head selects, then the summed strides of the dimensions
@@ -216,13 +204,13 @@ def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
         strides = t.stride()
         t = t.view(torch.uint8) if t.dtype == torch.bool else t  # Triton reads bool as bytes
         # A dimension read at q_idx + c starts c elements in: fold that into the pointer.
-        start = sum(st * (axis_offset(e) or 0) for st, e in zip(strides, op.index))
+        start = sum(strides[d] * c for d, c in op.q_dims + op.kv_dims)
         if start:
             t = t.as_strided((1,), (1,), t.storage_offset() + start)
         args.append(t)
         args += [strides[d] for d, _ in op.lead]
-        args.append(sum(st for st, e in zip(strides, op.index) if axis_offset(e, Q_IDX) is not None))
-        args.append(sum(st for st, e in zip(strides, op.index) if axis_offset(e, KV_IDX) is not None))
+        args.append(sum(strides[d] for d, _ in op.q_dims))
+        args.append(sum(strides[d] for d, _ in op.kv_dims))
     return args
 
 

@@ -26,6 +26,7 @@ A spec prints to one line of text (``spec.text``), which is what graphs carry as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -79,6 +80,17 @@ class sigmoid(sympy.Function):  # noqa: N801 (printed as torch and Triton spell 
         return None
 
 
+def operand_kind(dtype) -> Optional[str]:
+    """The operand kind a tensor of ``dtype`` is read as; None for complex dtypes."""
+    import torch
+
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return None
+    return "float" if dtype.is_floating_point else "int"
+
+
 def operand_symbol(name: str, kind: str) -> sympy.Symbol:
     """The symbol standing for one element of an operand of ``kind``."""
     if kind == "float":
@@ -121,15 +133,27 @@ class Operand:
     def symbol(self) -> sympy.Symbol:
         return operand_symbol(self.name, self.kind)
 
+    # The layout is derived once per operand (launches read it on every call; sympy is slow).
+    @functools.cached_property
+    def q_dims(self) -> tuple:
+        """(dimension, c) of the dimensions read at q_idx + c."""
+        return tuple((d, axis_offset(e, Q_IDX)) for d, e in enumerate(self.index) if axis_offset(e, Q_IDX) is not None)
+
+    @functools.cached_property
+    def kv_dims(self) -> tuple:
+        """(dimension, c) of the dimensions read at kv_idx + c."""
+        return tuple((d, axis_offset(e, KV_IDX)) for d, e in enumerate(self.index)
+                     if axis_offset(e, KV_IDX) is not None)
+
     @property
     def along_q(self) -> bool:
-        return any(axis_offset(e, Q_IDX) is not None for e in self.index)
+        return bool(self.q_dims)
 
     @property
     def along_kv(self) -> bool:
-        return any(axis_offset(e, KV_IDX) is not None for e in self.index)
+        return bool(self.kv_dims)
 
-    @property
+    @functools.cached_property
     def lead(self) -> tuple:
         """(dimension, expression) of the dimensions addressed by the program's batch·head."""
         return tuple((d, sympy.sympify(e)) for d, e in enumerate(self.index)
@@ -238,8 +262,8 @@ class AttentionSpec:
     @exact_arithmetic
     def with_grads(self, grads) -> "AttentionSpec":
         """This spec with operand i's gradient flag set to ``grads[i]``."""
-        ops = tuple(Operand(o.name, o.kind, o.index, bool(g)) for o, g in zip(self.operands, grads))
-        return AttentionSpec(self.score, self.keep, ops, self.fill, self.dropout, self.name)
+        ops = tuple(dataclasses.replace(o, grad=bool(g)) for o, g in zip(self.operands, grads))
+        return dataclasses.replace(self, operands=ops)
 
 
 def axis_offset(e, axis=None):

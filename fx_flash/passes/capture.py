@@ -165,10 +165,9 @@ class _Capturer:
                     continue
                 if u in self.site.weights_chain and sp.cast(u) is not n:  # type_as(scores) after softmax
                     continue
+                # An in-place op after the softmax lands here too: score nodes stop at the softmax.
                 raise Miss("scores_only_in_chain", f"{n.name} is also used by {u.name} (the scores are needed "
                            "elsewhere)", n)
-            if low.is_in_place(n) and self.order[n] > self.order[self.site.softmax]:
-                raise Miss("scores_only_in_chain", f"{n.name} changes the scores after the softmax read them", n)
 
     def _reads_only_metadata(self, user: fx.Node, node: fx.Node) -> bool:
         """``user`` reads only ``node``'s shape, dtype or device (and its result is no score)."""
@@ -210,8 +209,6 @@ class _Capturer:
             return self._product_value(node)
         if node in self.site.scale_prefix:
             return Value(SCALE * QK, "float", tuple(tensor_of(node).shape), True)
-        if scores and low.is_in_place(node) and not (self.order[node] < self.order[self.site.softmax]):
-            raise Miss("scores_only_in_chain", f"{node.name} mutates the scores after the softmax", node)
         if low.is_in_place(node) and not scores:
             raise Miss("score_is_pointwise", f"{node.format_node()} changes a tensor in place", node)
         try:
@@ -263,15 +260,13 @@ class _Capturer:
         if len(args) != arity:
             raise Unsupported(f"{name} with {len(args)} arguments")
         values = [self._value(a, node) for a in args]
-        if any(v is not None and v.scores for v in values):
-            level = tuple(tensor_of(node).shape)
-            self._check_level(node, level)
-            values = [self._bind(v, level) if v is not None and not v.scores else v for v in values]
+        if not any(v is not None and v.scores for v in values):
+            return self._settle(low.RULES[name](*values, **kwargs), node)
+        level = tuple(tensor_of(node).shape)
+        self._check_level(node, level)
+        values = [self._bind(v, level) if v is not None and not v.scores else v for v in values]
         result = low.RULES[name](*values, **kwargs)
-        if result.scores:
-            out = tensor_of(node)
-            return Value(result.expr, result.kind, tuple(out.shape), True)
-        return self._settle(result, node)
+        return Value(result.expr, result.kind, level, True)
 
     def _check_level(self, node: fx.Node, level: tuple) -> None:
         """A view of the scores must keep (Nq, Nk) last and exactly B·H elements before them."""
@@ -316,19 +311,18 @@ class _Capturer:
     def _level_map(self, level: tuple) -> dict:
         """Positional index i (from the right) of ``level`` → its expression in b, h, q_idx, kv_idx."""
         key = tuple(map(str, level))
-        if key in self.levels:
-            return self.levels[key]
+        if key not in self.levels:
+            self.levels[key] = self._lead_map(level)
+        return self.levels[key]
+
+    def _lead_map(self, level: tuple) -> dict:
         mapping = {1: KV_IDX, 2: Q_IDX}
         z_size, h_size = self.lead
         lead_dims = list(level[:-2])
         if len(lead_dims) == 2 and same_size(lead_dims[0], z_size) and same_size(lead_dims[1], h_size):
-            mapping.update({3: H_IDX, 4: B_IDX})  # q's own layout: no size needs to be known
-            self.levels[key] = mapping
-            return mapping
+            return {**mapping, 3: H_IDX, 4: B_IDX}  # q's own layout: no size needs to be known
         if len(lead_dims) == 1 and is_one(z_size) and same_size(lead_dims[0], h_size):
-            mapping[3] = H_IDX  # (B·H, N, N) scores of a rank-3 q
-            self.levels[key] = mapping
-            return mapping
+            return {**mapping, 3: H_IDX}  # (B·H, N, N) scores of a rank-3 q
         h_static = static_size(h_size)
         for d, size in enumerate(lead_dims):
             right = lead_dims[d + 1:]
@@ -340,7 +334,6 @@ class _Capturer:
                 stride *= s
             size_s = static_size(size)
             mapping[len(level) - d] = lead_index(d, stride, size_s, h_static, is_one(z_size))
-        self.levels[key] = mapping
         return mapping
 
     # -- views, casts, constructors --------------------------------------------------------------
@@ -351,15 +344,14 @@ class _Capturer:
         if method in _IDENTITY_METHODS or (fn is torch.clone):
             if method == "detach" and scores:
                 raise Unsupported("detach of the scores stops their gradient")
-            return self._same(node, node.args[0])
+            return self._same(node, self._value(node.args[0], node))
         cast = self._cast_dtype(node)
         if cast is not None:
-            src = self._value(node.args[0], node)
-            return self._settle(cast_value(src, cast), node) if not src.scores else self._score_view(node, cast_value(src, cast))
+            return self._same(node, cast_value(self._value(node.args[0], node), cast))
         if method in ("view", "reshape", "expand", "expand_as", "view_as", "broadcast_to", "unflatten", "flatten",
                       "squeeze", "unsqueeze") or fn in (torch.reshape, torch.broadcast_to, torch.squeeze,
                                                         torch.unsqueeze, torch.flatten):
-            return self._reshape(node, scores)
+            return self._reshape(node)
         if scores:
             return None
         if method in ("permute", "transpose", "t", "mT") or fn in (torch.permute, torch.transpose):
@@ -379,8 +371,8 @@ class _Capturer:
             return self._settle(low.number(evaluate(node.args[0])), node) if not isinstance(node.args[0], fx.Node) else None
         return None
 
-    def _same(self, node, src) -> Value:
-        v = self._value(src, node)
+    def _same(self, node, v: Value) -> Value:
+        """``v`` as ``node``'s value when node changes neither positions nor values (a copy, a cast)."""
         if v.scores:
             return self._score_view(node, v)
         return self._settle(v, node)
@@ -403,7 +395,7 @@ class _Capturer:
             return out.dtype
         return None
 
-    def _reshape(self, node: fx.Node, scores: bool) -> Optional[Value]:
+    def _reshape(self, node: fx.Node) -> Optional[Value]:
         src = node.args[0]
         v = self._value(src, node)
         out = tensor_of(node)

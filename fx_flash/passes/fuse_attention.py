@@ -105,8 +105,7 @@ def run_pass(
         log.debug("fx_flash: fused %s (%s) into %s: %s", node.name, site.qk_spelling, done.node.name, spec.text)
     if result.fused:
         # Masks built once and read by every layer are dead only once every layer is rewritten.
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        erase_unused(sorted((n for n in captured if not n._erased), key=lambda n: order.get(n, -1), reverse=True))
+        erase_unused(captured)
         gm.graph.lint()
         gm.recompile()
     return result

@@ -21,7 +21,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from fx_flash.codegen.spec import sigmoid
+from fx_flash.codegen.spec import operand_kind, sigmoid
 
 POSITIONS = tuple(sympy.Symbol(f"p{i}", integer=True, nonnegative=True) for i in range(1, 9))
 
@@ -50,13 +50,10 @@ class Unsupported(Exception):
 
 
 def kind_of_dtype(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    if dtype.is_floating_point:
-        return "float"
-    if dtype.is_complex:
+    kind = operand_kind(dtype)
+    if kind is None:
         raise Unsupported(f"a {dtype} tensor")
-    return "int"
+    return kind
 
 
 def as_num(v: Value):

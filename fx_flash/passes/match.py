@@ -108,9 +108,8 @@ def match_site(node: fx.Node) -> Optional[AttentionSite]:
         dropout=drop,
         dropout_node=drop_node,
         weights_chain=weights_chain,
+        v_transposed=pv_read.right_is_transposed,  # einsum with V written channels-first: (…, d, N)
     )
-    if pv_read.right_is_transposed:  # einsum with V written channels-first: (…, d, N)
-        site.v_transposed = True
     _read_baddbmm(site, q_read)
     _read_scale_prefix(site)
     _peel_operands(site, q_read)

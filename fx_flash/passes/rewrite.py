@@ -92,17 +92,11 @@ def rewrite(site: AttentionSite, capture: Capture, spec: AttentionSpec) -> Rewri
     out = emit("call_function", ATTENTION, (q, k, v, operands, dropout, scale, gqa, spec.text))
     result = emit("call_method", "squeeze", (out, 0)) if rank == 3 else out
     site.pv.replace_all_uses_with(result)
-    erase_unused(site.chain + site.peeled + sorted(capture.score_nodes, key=_order(graph), reverse=True),
-                 allow_in_place=capture.score_nodes)
+    erase_unused(site.chain + site.peeled + list(capture.score_nodes), allow_in_place=capture.score_nodes)
     return Rewritten(
         node=out, spec=spec, scale=scale, dropout=dropout_text, gqa_ratio=int(hq // hkv) if gqa else 1,
         operands=operands, grads=[bool(getattr(tensor_of(n), "requires_grad", False)) for n in operands],
     )
-
-
-def _order(graph: fx.Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: index.get(n, -1)
 
 
 def _dropout_p(site: AttentionSite, emit: _Emitter):
@@ -119,7 +113,8 @@ def _dropout_p(site: AttentionSite, emit: _Emitter):
 
 def erase_unused(candidates, allow_in_place=frozenset()) -> None:
     """Erase candidates (and what only they used) once nothing uses them; keep impure nodes and
-    in-place ops other than those in ``allow_in_place`` (mutations of the erased scores)."""
+    in-place ops other than those in ``allow_in_place`` (mutations of the erased scores). Any
+    order works: a candidate still in use is reached again as the input of its erased user."""
     work = list(reversed(list(candidates)))
     seen = set()
     while work:

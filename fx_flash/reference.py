@@ -1,8 +1,9 @@
-"""The readable eager oracle for ``fx_flash.flash_attention``.
+"""The readable eager oracles: ``attention_reference`` for ``fx_flash.flash_attention`` (SDPA's
+signature and semantics) and ``spec_attention`` for any AttentionSpec.
 
-Same signature and semantics as the op (and as ``F.scaled_dot_product_attention``), written as
-plain tensor algebra so that tests can compute it in float64. The fused path never calls it,
-except on CPU tensors when the Triton interpreter is off (there is no kernel to run there).
+Plain tensor algebra, so that tests can compute them in float64. The fused path never calls
+them, except on CPU tensors when the Triton interpreter is off (there is no kernel to run there;
+the backward is then autograd through ``spec_attention``).
 """
 
 from __future__ import annotations
@@ -90,33 +91,6 @@ def attention_logsumexp(q, k, attn_mask=None, is_causal=False, scale=None, enabl
     """The logsumexp of each query row's masked scores, (B, Hq, Nq); -inf for fully masked rows."""
     dtype = upcast or q.dtype
     return torch.logsumexp(masked_scores(q.to(dtype), k.to(dtype), attn_mask, is_causal, scale, enable_gqa), dim=-1)
-
-
-def attention_reference_backward(dout, q, k, v, attn_mask=None, dropout_keep=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False):
-    """Gradients (dq, dk, dv, dscores) of ``attention_reference`` by the textbook formulas, in fp32.
-
-    Written out rather than through autograd because custom-op kernels run below autograd.
-    ``dscores`` (B, Hq, Nq, Nk) is the gradient of the scaled, masked scores, which is also the
-    gradient of an additive mask before it is summed over its broadcast axes.
-    """
-    dtype = torch.float32
-    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[-3] // k.shape[-3]
-    kk, vv = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    scores = masked_scores(q, kk, attn_mask, is_causal, scale)
-    p = safe_softmax(scores)
-    keep_scale = 1.0 if dropout_keep is None else dropout_keep / (1.0 - dropout_p)
-    dv = (p * keep_scale).transpose(-2, -1) @ dout
-    dp = (dout @ vv.transpose(-2, -1)) * keep_scale
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    dq = (ds @ kk) * scale
-    dk = (ds.transpose(-2, -1) @ q) * scale
-    b, hq = q.shape[0], q.shape[1]
-    dk = dk.reshape(b, hq // group, group, *dk.shape[2:]).sum(2)
-    dv = dv.reshape(b, hq // group, group, *dv.shape[2:]).sum(2)
-    return dq, dk, dv, ds
 
 
 # ---------------------------------------------------------------------------------------------

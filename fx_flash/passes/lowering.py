@@ -229,7 +229,6 @@ def _square(a: Value, **_):
 # Rules keyed by how the graph spells the op. Methods are listed by name (``x.add(y)``);
 # in-place methods (``masked_fill_``) share their out-of-place rule, the capture handles the
 # mutation. Each entry: (rule, names of the arguments after the inputs, in order).
-_BINARY_ARGS = ("alpha",)
 RULES: dict[str, Callable] = {
     "add": _add, "sub": _sub, "rsub": _rsub, "mul": _arith(operator.mul), "div": _true_div,
     "floor_divide": _floor_div, "pow": _pow, "maximum": _maximum, "minimum": _minimum,

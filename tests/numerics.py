@@ -53,3 +53,31 @@ def poison_outputs(monkeypatch) -> None:
         return t.fill_(float("nan")) if t.dtype.is_floating_point else t
 
     monkeypatch.setattr(launch, "new_output", poisoned)
+
+
+def spec_call_against_reference(spec_text, q, k, v, operands, scale=0.3, dout=None):
+    """torch.ops.fx_flash.attention with ``spec_text`` against the spec's eager oracle in float64,
+    forward and gradients (operands that require grad included), by the rule above: the bound is
+    the oracle's own error in q's dtype. Returns the output."""
+    from fx_flash.codegen.spec import spec_from_text
+    from fx_flash.reference import spec_attention
+
+    spec = spec_from_text(spec_text)
+    out = torch.ops.fx_flash.attention(q, k, v, operands, 0.0, scale, False, spec_text)
+    dout = torch.randn_like(out) if dout is None else dout
+    leaves = [q, k, v] + [t for t in operands if t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    def oracle(dtype):
+        mine = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves]
+        it = iter(mine[3:])
+        ops = [next(it) if t.requires_grad else (t.to(dtype) if t.dtype.is_floating_point else t) for t in operands]
+        o = spec_attention(*mine[:3], ops, spec, scale)
+        return o, torch.autograd.grad(o, mine, dout.to(dtype))
+
+    exact, exact_grads = oracle(torch.float64)
+    same, same_grads = oracle(q.dtype)
+    assert_rule("out", out, same, exact, q.dtype)
+    for i, (g, sg, eg) in enumerate(zip(grads, same_grads, exact_grads)):
+        assert_rule(["dq", "dk", "dv"][i] if i < 3 else f"d(operand {i - 3})", g, sg, eg, q.dtype)
+    return out

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from test_pass_spellings import B, D, H, N, RefusalTest, assert_same, call_of, fuse, fused_once, qkv
+from tests.numerics import spec_call_against_reference
 
 MIN = torch.finfo(torch.float32).min
 INF = float("-inf")
@@ -358,26 +359,6 @@ def test_data_dependent_control_flow_is_not_fused():
 
 
 
-def _spec_call_against_reference(spec_text, q, k, v, operands, scale=0.3):
-    """torch.ops.fx_flash.attention with ``spec_text`` vs the spec's eager oracle in float64,
-    forward and gradients (operands that require grad included)."""
-    from fx_flash.codegen.spec import spec_from_text
-    from fx_flash.reference import spec_attention
-
-    out = torch.ops.fx_flash.attention(q, k, v, operands, 0.0, scale, False, spec_text)
-    dout = torch.randn_like(out)
-    leaves = [q, k, v] + [t for t in operands if t.requires_grad]
-    grads = torch.autograd.grad(out, leaves, dout)
-    exact_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
-    it = iter(exact_leaves[3:])
-    exact_ops = [next(it) if t.requires_grad else (t.double() if t.dtype.is_floating_point else t) for t in operands]
-    exact = spec_attention(*exact_leaves[:3], exact_ops, spec_from_text(spec_text), scale)
-    exact_grads = torch.autograd.grad(exact, exact_leaves, dout.double())
-    torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=1e-4)
-    for g, e in zip(grads, exact_grads):
-        torch.testing.assert_close(g.double(), e, atol=5e-5, rtol=1e-4)
-
-
 def test_finite_fill_on_interior_and_ragged_tiles():
     """A finite fill (here 0.0, which keeps a weight) over lengths that span interior tiles and
     ragged tails: the fill is written where the predicate drops an element, and dS is 0 there."""
@@ -385,7 +366,7 @@ def test_finite_fill_on_interior_and_ragged_tiles():
     q = torch.randn(1, 2, 150, 16, requires_grad=True)
     k, v = (torch.randn(1, 2, 290, 16, requires_grad=True) for _ in range(2))
     keep = torch.rand(1, 1, 150, 290) > 0.3
-    _spec_call_against_reference("score=qk*scale; keep=t0; fill=0.0; t0=bool[0, 0, q_idx, kv_idx]", q, k, v, [keep])
+    spec_call_against_reference("score=qk*scale; keep=t0; fill=0.0; t0=bool[0, 0, q_idx, kv_idx]", q, k, v, [keep])
 
 
 def test_causal_finite_fill_skips_tiles_and_keeps_the_bias_gradient():
@@ -398,4 +379,4 @@ def test_causal_finite_fill_skips_tiles_and_keeps_the_bias_gradient():
     torch.manual_seed(6)
     q, k, v = (torch.randn(1, 2, 200, 16, requires_grad=True) for _ in range(3))
     bias = torch.randn(2, 1, 200, requires_grad=True)
-    _spec_call_against_reference(text, q, k, v, [bias])
+    spec_call_against_reference(text, q, k, v, [bias])

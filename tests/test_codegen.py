@@ -56,8 +56,6 @@ t1 = tl.load(T1_head + offs_m[None, :] * T1_sq + offs_n[:, None] * T1_sk, mask=t
 s = qk*qk_scale + t0
 if PREDICATE:
     s = tl.where(tile_ok & (t1 & (offs_n[:, None] <= offs_m[None, :])), s, float("-inf"))
-else:
-    s = tl.where(t1, s, float("-inf"))
 dt0 = tl.where(tile_ok, dsT, 0.0)  # (BLOCK_N, BLOCK_M)
 tl.atomic_add(DT0_head + offs_m[None, :] * DT0_sq + offs_n[:, None] * DT0_sk, dt0, mask=tile_ok)""")
 

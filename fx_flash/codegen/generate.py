@@ -228,32 +228,34 @@ def _fill_text(spec: AttentionSpec) -> str:
 def _score_block(spec: AttentionSpec, orient: str) -> str:
     """Lines computing ``s`` (the masked score tile) from ``qk`` in orientation ``orient``.
 
-    ``tile_ok`` (set by the template) bounds the loads; tiles with PREDICATE=True also apply the
-    whole keep-predicate, interior tiles only what the tile ranges do not already guarantee
-    (the causal predicate holds on them by construction, see the template's interior note).
-    Elements outside the tensors are always -inf; elements the predicate drops take the fill.
+    ``tile_ok`` (set by the template) bounds the loads; tiles with PREDICATE=True apply the keep-
+    predicate and the tensors' bounds. Tiles without it hold kept elements only, by construction
+    (the kernels' tile ranges, see the template's note on interior tiles). Elements outside the
+    tensors are always -inf; elements the predicate drops take the fill.
     """
     printer = TritonPrinter(BINDINGS[orient])
     lines = [_load(op, orient) for op in spec.operands]
     lines.append(f"s = {printer.doprint(_score_expr(spec))}")
     fill = _fill_text(spec)
-    interior = spec.interior_keep
     if spec.fill != float("-inf"):
         # Note (finite fills): a dropped element's score is the constant fill, so its gradient is
         # 0: keep_ok also masks dS in the backward (the chain rule and operand gradients).
-        # Interior tiles of a causal spec keep every element: no select there.
         lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", f"    s = tl.where(keep_ok, s, {fill})",
-                  '    s = tl.where(tile_ok, s, float("-inf"))']
-        if interior is not sympy.true:
-            lines += ["else:", f"    keep_ok = {printer.doprint(interior)}", f"    s = tl.where(keep_ok, s, {fill})"]
-        else:
-            lines += ["else:", "    keep_ok = tile_ok"]
+                  '    s = tl.where(tile_ok, s, float("-inf"))', "else:", "    keep_ok = tile_ok"]
     elif spec.keep is sympy.true:
         lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
     else:
         lines += ["if PREDICATE:", f'    s = tl.where(tile_ok & {printer.doprint(spec.keep)}, s, float("-inf"))']
-        if interior is not sympy.true:
-            lines += ["else:", f'    s = tl.where({printer.doprint(interior)}, s, float("-inf"))']
+    return "\n".join(lines)
+
+
+def _keep_block(spec: AttentionSpec) -> str:
+    """Lines of the tile-summary kernel: ``kept``, the in-bounds elements of a (queries, keys)
+    tile the keep-predicate holds on, from the operand loads the predicate needs."""
+    printer = TritonPrinter(BINDINGS["mn"])
+    reads = spec.keep.free_symbols
+    lines = [_load(op, "mn") for op in spec.operands if op.symbol in reads]
+    lines.append(f"kept = tile_ok & ({printer.doprint(spec.keep)})")
     return "\n".join(lines)
 
 
@@ -276,12 +278,10 @@ def _chain_rule(spec: AttentionSpec) -> dict:
                 "DK_FINAL": f"    dk = dk * ({factor})"}
         if not finite:
             return {"SCORE_GRAD": "    g = 1.0", "DS_CHAIN": "", "DS_CHAIN_T": "", **fold}
-        everywhere = spec.interior_keep is not sympy.true  # interior tiles apply a predicate too
         masked_g = "g = tl.where(keep_ok, 1.0, 0.0)"
-        return {"SCORE_GRAD": f"    {masked_g}" if everywhere else f"    if PREDICATE:\n        {masked_g}\n    else:\n        g = 1.0",
+        return {"SCORE_GRAD": f"    if PREDICATE:\n        {masked_g}\n    else:\n        g = 1.0",
                 "DS_CHAIN": "        ds = ds * g",
-                "DS_CHAIN_T": "        dsT = tl.where(keep_ok, dsT, 0.0)" if everywhere else
-                "        if PREDICATE:\n            dsT = tl.where(keep_ok, dsT, 0.0)", **fold}
+                "DS_CHAIN_T": "        if PREDICATE:\n            dsT = tl.where(keep_ok, dsT, 0.0)", **fold}
     if finite:
         d_qk = sympy.Piecewise((d_qk, sympy.Symbol("keep_ok")), (0, True))
     per_tile = {o: TritonPrinter({**BINDINGS[o], SCALE: "sm_scale"}).doprint(d_qk) for o in BINDINGS}
@@ -353,6 +353,9 @@ def render(spec: AttentionSpec) -> str:
         "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 4),
         "SCORE_BWD_T": textwrap.indent(_score_block(spec, "nm"), " " * 8),
         "OPERAND_GRADS_T": textwrap.indent(_operand_grad_block(spec), " " * 8),
+        "KEEP_TILE": textwrap.indent(_keep_block(spec), " " * 8),
+        "FINITE_FILL": str(spec.fill != float("-inf")),
+        "FILL_VALUE": repr(float(spec.fill)) if spec.fill != float("-inf") else "0.0",
         **_chain_rule(spec),
     }
     return Template(TEMPLATE).substitute(fields)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import triton
 
-from fx_flash.codegen import autotune, loader, tiling
+from fx_flash.codegen import autotune, loader, skipping, tiling
 from fx_flash.codegen.spec import AttentionSpec, sdpa_spec
 from fx_flash.device import device_profile, interpreting
 
@@ -137,7 +137,7 @@ def _tuning_key(module, q: torch.Tensor, consts: tuple, waves: int) -> dict:
 
 
 def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, args, kwargs, reset,
-            consts: tuple, waves: int, rows: int = 0) -> Launch:
+            consts: tuple, waves: int, rows: int = 0, tables=None) -> Launch:
     """Pick ``name``'s configuration for this key, benchmarking the candidates on these arguments
     if neither memory nor disk knows it."""
     module = loader.load(spec)
@@ -149,7 +149,7 @@ def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, 
         def call():
             for t in reset:  # atomics accumulate into these: each trial starts from zero
                 t.zero_()
-            fn[grid(meta)](*args, **kwargs, **meta)
+            fn[grid(meta)](*args, **kwargs, **_tables(tables, meta), **meta)
 
         return _time_ms(call)
 
@@ -164,29 +164,35 @@ def tuning_consts(kwargs: dict) -> tuple:
     return tuple(item for item in kwargs.items() if item[0] not in EXACT_SIZES)
 
 
+def _tables(tables, meta: dict) -> dict:
+    return {} if tables is None else tables(meta)
+
+
 def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, reset=(), rows: int = 0,
-         **kwargs):
+         tables=None, **kwargs):
     """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes; BLOCK_M = ``rows``
     when given (split-KV decoding sizes its row tile to the rows it packs).
 
     ``reset`` lists the tensors the kernel accumulates into with atomics, zero on entry: tuning
     trials dirty them, so they are zeroed before each trial and again before the real launch.
+    ``tables`` maps a configuration's meta to the tile-range keywords it reads (skipping.py).
     """
     if _tunes(q):
         consts, waves = tuning_consts(kwargs), _waves(grid, q)
         key = (spec, name, q.device, q.dtype, consts, waves)
         chosen = CHOSEN.get(key)
         if chosen is None:
-            chosen = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows)
+            chosen = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows,
+                                           tables)
             for t in reset:
                 t.zero_()
-        chosen.fn[grid(chosen.meta)](*args, **kwargs, **chosen.meta)
+        chosen.fn[grid(chosen.meta)](*args, **kwargs, **_tables(tables, chosen.meta), **chosen.meta)
         return
     head_dim, elem = q.shape[-1], q.element_size()
     cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem, rows)
     fn = getattr(loader.load(spec), name)
     meta = _meta(cfg)
-    fn[grid(meta)](*args, **kwargs, **meta)
+    fn[grid(meta)](*args, **kwargs, **_tables(tables, meta), **meta)
 
 
 def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
@@ -269,10 +275,19 @@ def _common(spec, q, k):
     return dict(
         H=h, N_Q=n_q, N_KV=n_kv, N_Q_BUCKET=_bucket(n_q), N_KV_BUCKET=_bucket(n_kv),
         GROUP=h // k.shape[1], HEAD_DIM=d, HEAD_DIM_PAD=d_pad,
-        CHECK_D=d != d_pad, CAUSAL=spec.causal, DROPOUT=spec.dropout,
+        CHECK_D=d != d_pad, CAUSAL=spec.tile_mode == "causal", DROPOUT=spec.dropout,
         SCORE_IN_LOG2=spec.score_in_log2, DQ_ATOMIC=atomic_dq(),
-        INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False,
+        INPUT_PRECISION=_input_precision(q.dtype), USE_TMA=False, RANGED=spec.tile_mode == "ranged",
     ), (z, h, n_q, n_kv)
+
+
+def _tile_tables(spec, operands, operand_args, q, k, axis: str):
+    """The ``tables`` argument of ``_run`` for a kernel of ``axis`` (skipping.table_keywords), or
+    a constant one for specs whose kernels read no table."""
+    if spec.tile_mode == "ranged":
+        return skipping.table_keywords(spec, operands, operand_args, q, k, axis)
+    unranged = skipping.unranged(q)
+    return lambda meta: unranged
 
 
 def _pointers(q: torch.Tensor, *optional: Optional[torch.Tensor]) -> list:
@@ -308,7 +323,8 @@ def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, s
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
          q, k, v, out, lse, *operand_args, *_pointers(q, seed), scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(), **consts)
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         tables=_tile_tables(spec, operands, operand_args, q, k, "q"), **consts)
     return out, lse
 
 
@@ -351,13 +367,16 @@ def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, operand_args, 
     d_pad = consts["HEAD_DIM_PAD"]
     # fp32 partials in the (split, z·h, query) order; every element is written by a split.
     out_part = new_output(q, (splits, z * h, n_q, d_pad), torch.float32)
-    lse_part = new_output(q, (splits, z * h, n_q), torch.float32)
+    max_part = new_output(q, (splits, z * h, n_q), torch.float32)
+    sum_part = new_output(q, (splits, z * h, n_q), torch.float32)
     grid = (triton.cdiv(consts["GROUP"] * n_q, rows), z * h_kv, splits)
+    # The split kernel reads no tile table: it checks the predicate on every tile unless the spec is
+    # causal, whose keys past the last query it skips.
     _run(spec, "_attn_fwd_split", "fwd_split", lambda meta: grid, q,
-         q, k, v, out_part, lse_part, *operand_args, *_pointers(q, seed), scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(), NUM_SPLITS=splits, rows=rows, **consts)
+         q, k, v, out_part, max_part, sum_part, *operand_args, *_pointers(q, seed), scale, dropout_p,
+         *q.stride(), *k.stride(), *v.stride(), NUM_SPLITS=splits, rows=rows, **{**consts, "CAUSAL": spec.causal})
     loader.load(spec)._attn_fwd_combine[(triton.cdiv(n_q, COMBINE_BLOCK_M), z * h)](
-        out_part, lse_part, out, lse, *out.stride(), h, n_q, splits, z * h,
+        out_part, max_part, sum_part, out, lse, *out.stride(), h, n_q, splits, z * h,
         HEAD_DIM=d, HEAD_DIM_PAD=d_pad, SPLITS_PAD=_bucket(splits), BLOCK_M=COMBINE_BLOCK_M)
 
 
@@ -385,7 +404,7 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
         _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
              q, k, v, out, dout, dq, lse, delta, *operand_args, seed_arg, scale, dropout_p,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-             **_with_tma(consts, k, v))
+             tables=_tile_tables(spec, operands, operand_args, q, k, "q"), **_with_tma(consts, k, v))
     else:
         loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
             out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
@@ -397,7 +416,8 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
          scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
          *(dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0)),
-         reset=[t for t in (*dgrads, dq_acc) if t is not None], **_with_tma(consts, q, dout))
+         reset=[t for t in (*dgrads, dq_acc) if t is not None],
+         tables=_tile_tables(spec, operands, operand_args, q, k, "kv"), **_with_tma(consts, q, dout))
     if dq_acc is not None:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv, [g.to(t.dtype) for g, t in zip(dgrads, grad_of)]

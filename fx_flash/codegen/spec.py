@@ -235,12 +235,19 @@ class AttentionSpec:
         return self.fill == NEG_INF or (len(conjuncts) == 1 and self.fill <= SKIPPABLE_FILL)
 
     @functools.cached_property
-    def interior_keep(self) -> sympy.Basic:
-        """The predicate on tiles wholly below the diagonal of a causal spec: the rest of it."""
-        if not self.causal:
-            return self.keep
-        conjuncts = self.keep.args if isinstance(self.keep, sympy.And) else (self.keep,)
-        return sympy.And(*[c for c in conjuncts if not is_causal_relation(c)])
+    def tile_mode(self) -> str:
+        """How the kernels walk a row (or column) of tiles; see codegen/skipping.py.
+
+        "dense": every element is kept; "causal": the predicate is exactly ``kv_idx <= q_idx`` and
+        the kernels derive their ranges from the diagonal, as for ``is_causal``; "ranged": any
+        other predicate, whose tiles are classified (empty, full, partial) into per-tile ranges
+        that the kernels read from a small table.
+        """
+        if self.keep is sympy.true:
+            return "dense"
+        if self.causal and is_causal_relation(self.keep):
+            return "causal"
+        return "ranged"
 
     @functools.cached_property
     def grad_operands(self) -> tuple:

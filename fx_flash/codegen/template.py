@@ -31,6 +31,12 @@ TEMPLATE = '''\
 # LSE as -inf (what SDPA does). The backward reads LSE = -inf, and rows past N_Q, as +inf, so
 # p = 0 there as well.
 #
+# Note (filled rows): with a finite fill f, a row the predicate keeps nothing of has every
+# in-bounds score equal to f, and its weights are 1/N_KV (eager's uniform average). Its LSE is
+# f + log N_KV, which rounds to f itself when |f| is large (finfo.min): the backward would then
+# recompute weights of 1. A row whose LSE equals f is such a row (any kept score would put the
+# max above f), so the backward takes its weights as exp(s - f - log N_KV) (_row_base).
+#
 # Note (exp2): exp(x) = exp2(x·log2 e). When the spec allows (SCORE_IN_LOG2: no float operand,
 # no constant beyond ±1e30, a -inf fill), log2 e is folded into the scale once (s comes out in
 # log2 units, one FMA per element). Otherwise the score stays in natural units so that a finite
@@ -43,10 +49,18 @@ TEMPLATE = '''\
 #
 # Note (interior tiles): each kernel walks its streamed axis in up to three ranges, and two
 # constexpr flags say what a range's tiles need. BOUNDS: loads masked at the tensors' ends (ragged
-# tails). PREDICATE: the spec's whole keep-predicate (causal included) applied to the scores;
-# without it only the part that holds beyond the causal diagonal is (a tensor mask, if any).
-# Tiles wholly inside both tensors and wholly on the visible side of the diagonal need neither;
-# ragged tails need both. The causal dK/dV kernel runs its diagonal band and its interior as one
+# tails). PREDICATE: the spec's keep-predicate applied to the scores. A range without PREDICATE
+# holds only tiles on which the predicate is true everywhere: tiles wholly on the visible side of
+# the causal diagonal (CAUSAL), or the tiles a RANGED launch's table marks full. Ragged tails
+# need both flags.
+#
+# Note (tile ranges): with RANGED, a program reads its ranges from Ranges, four int32 per
+# (batch, head, tile) with stride 0 along axes the predicate does not vary on: (lo, flo, fhi, hi)
+# in elements of the streamed axis. [flo, fhi) holds full tiles, [lo, flo) and [fhi, hi) the
+# partial ones; tiles outside [lo, hi) are empty and skipped (codegen/skipping.py derives the
+# table from the predicate, or from a per-tile summary of the tensors it reads, and proves the
+# skipped elements weigh 0). Order lists the tiles the programs take, most work first, so the
+# last wave is short. Skipping changes no dropout bit: each is a function of its coordinates. The causal dK/dV kernel runs its diagonal band and its interior as one
 # range with PREDICATE only: a separate band of one or two tiles would restart the loop's software
 # pipeline per key tile (measured on the H200: the backward 5-8% slower than one range).
 #
@@ -56,9 +70,10 @@ TEMPLATE = '''\
 # the masked pointer loads give, so both branches compute the same tiles.
 #
 # Note (split-KV decoding): _attn_fwd_split runs the forward's tile loop over one split of the
-# keys and stores that split's normalized output o_s and logsumexp lse_s (fp32). The softmax over
-# all keys is the lse-weighted mix: lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s − lse)·o_s,
-# which _attn_fwd_combine computes; an empty split has lse_s = −inf and weight 0.
+# keys and stores that split's normalized output o_s, its row max m_s and its sum of exp l_s
+# (fp32). The softmax over all keys is their weighted mix: w_s = exp(m_s − M)·l_s with
+# M = max_s m_s, out = Σ_s w_s·o_s / Σ_s w_s, lse = M + log Σ_s w_s, which _attn_fwd_combine
+# computes; an empty split has m_s = −inf and weight 0.
 #
 # Note (dropout RNG): keep(z·H + h, m, n) = philox(seed; counter = (n, m, z·H + h, 0)) ≥ p, a
 # pure function of the element's coordinates, so the forward, both backward kernels and the
@@ -69,6 +84,8 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FINITE_FILL = tl.constexpr($FINITE_FILL)  # the spec's fill is finite (see the note on filled rows)
+FILL = tl.constexpr($FILL_VALUE)
 
 
 @triton.jit
@@ -149,6 +166,27 @@ def _key_ranges(start_m, N_KV, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
+def _row_base(lse, N_KV):
+    """(base, log) of each row's weights p = exp(s - base - log) in the backward: (LSE, 0), or
+    (f, log N_KV) for rows wholly filled with a finite fill f (see the note on filled rows)."""
+    if FINITE_FILL:
+        filled = lse == FILL
+        base = tl.where(filled, FILL, lse)
+        log = tl.where(filled, tl.log(tl.zeros_like(lse) + N_KV), 0.0)
+    else:
+        base = lse
+        log = tl.zeros_like(lse)
+    return base, log
+
+
+@triton.jit
+def _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, tile):
+    """(lo, flo, fhi, hi) of ``tile`` from a RANGED launch's table (see the note on tile ranges)."""
+    r = Ranges + off_z * stride_rz + off_h * stride_rh + tile.to(tl.int64) * 4
+    return tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3)
+
+
+@triton.jit
 def _scores(
     q, K_head, ${OPS}qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
     stride_kn, stride_kk,
@@ -215,26 +253,33 @@ def _attn_fwd_tiles(
 def _attn_fwd_rows(
     q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk,
-    offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid, hi,
+    offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
     CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The forward of one row tile over the keys [lo, hi): interior tiles [lo, mid) unmasked,
-    [mid, hi) masked. Returns the normalized output (BLOCK_M, HEAD_DIM_PAD) fp32 and the
-    natural-log logsumexp (BLOCK_M,), -inf for rows that saw no key."""
+    """The forward of one row tile over the keys [lo, hi): interior tiles [flo, fhi) unmasked,
+    [lo, flo) (RANGED only; empty otherwise) and [fhi, hi) masked. Returns the normalized output
+    (BLOCK_M, HEAD_DIM_PAD) fp32, the natural-log logsumexp (BLOCK_M,), -inf for rows that saw
+    no key, and its two parts: the row max in natural units and the sum of exp(s - max)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid,
+        offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi,
         False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+    if RANGED:
+        acc, l_i, m_i = _attn_fwd_tiles(
+            acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_kn, stride_kk, stride_vn, stride_vk,
+            offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo,
+            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, mid, hi,
+        offs_m, row_ok, offs_d, d_ok, N_KV, fhi, hi,
         True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     # -- epilogue: normalize; the logsumexp in natural units --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -246,7 +291,9 @@ def _attn_fwd_rows(
     else:
         lse = m_i + tl.math.log2(l_safe) * LN2
     lse = tl.where(l_i == 0.0, float("-inf"), lse)
-    return out, lse
+    if SCORE_IN_LOG2:
+        m_i = m_i * LN2
+    return out, lse, m_i, l_i
 
 
 @triton.jit
@@ -257,14 +304,16 @@ def _attn_fwd(
     stride_kz, stride_kh, stride_kn, stride_kk,
     stride_vz, stride_vh, stride_vn, stride_vk,
     stride_oz, stride_oh, stride_om, stride_ok,
-    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
+    Ranges, Order, stride_rz, stride_rh, H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    if CAUSAL:
+    if RANGED:
+        start_m = tl.load(Order + start_m)
+    elif CAUSAL:
         # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
         start_m = tl.num_programs(0) - 1 - start_m
     off_hz = tl.program_id(1)
@@ -283,12 +332,17 @@ def _attn_fwd(
 ${HEADS}
     seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
 
-    interior_hi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
-    out, lse = _attn_fwd_rows(
+    if RANGED:
+        lo, flo, fhi, hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m)
+    else:
+        lo = 0
+        flo = 0
+        fhi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
+    out, lse, _, _ = _attn_fwd_rows(
         q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi, hi,
-        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
+        offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, RANGED, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
     # -- write the output and the logsumexp once --
     tl.store(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
@@ -298,7 +352,7 @@ ${HEADS}
 
 @triton.jit
 def _attn_fwd_split(
-    Q, K, V, OutPart, LSEPart, ${OPERAND_PARAMS}Seed,
+    Q, K, V, OutPart, MaxPart, SumPart, ${OPERAND_PARAMS}Seed,
     sm_scale, dropout_p,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
@@ -306,7 +360,7 @@ def _attn_fwd_split(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, NUM_SPLITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Split-KV forward for few query rows (decoding): one program per (row tile, batch·K/V head,
@@ -345,32 +399,38 @@ ${HEADS_SPLIT}
     if CAUSAL:
         hi = tl.minimum(hi, N_Q)  # no query of this tile sees a key at or past N_Q
         interior_hi = lo  # packed rows hold every query index: all tiles check the predicate
+    elif RANGED:
+        interior_hi = lo  # a predicate the split does not classify: all tiles check it
     else:
         interior_hi = N_KV // BLOCK_N * BLOCK_N
     mid = tl.maximum(lo, tl.minimum(interior_hi, hi))
-    out, lse = _attn_fwd_rows(
+    out, _, row_max, row_sum = _attn_fwd_rows(
         q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, lo, mid, hi,
-        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
+        offs_m, row_ok, offs_d, d_ok, N_KV, lo, lo, mid, hi,
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, False, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
-    # -- this split's partial output and logsumexp (-inf when it saw no key) --
+    # -- this split's partial output, row max and sum (max -inf, sum 0 when it saw no key) --
     # Packed row r of K/V head off_hkv is element (off_zkv·GROUP)·N_Q + r of the (Z·H, N_Q) rows.
     row_index = (split.to(tl.int64) * tl.num_programs(1) + off_zkv) * GROUP * N_Q + rows  # (BLOCK_M,)
     tl.store(OutPart + row_index[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=row_ok[:, None])
-    tl.store(LSEPart + row_index, lse, mask=row_ok)
+    tl.store(MaxPart + row_index, row_max, mask=row_ok)
+    tl.store(SumPart + row_index, row_sum, mask=row_ok)
 
 
 @triton.jit
 def _attn_fwd_combine(
-    OutPart, LSEPart, Out, LSE,
+    OutPart, MaxPart, SumPart, Out, LSE,
     stride_oz, stride_oh, stride_om, stride_ok,
     H, N_Q, NUM_SPLITS, ZH,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Merge the splits of _attn_fwd_split: out = Σ_s e^(lse_s − lse)·out_s, lse = log Σ_s e^(lse_s).
+    """Merge the splits of _attn_fwd_split: with each split's row max m_s and sum l_s, its weight
+    is w_s = e^(m_s − M)·l_s (M = max_s m_s), out = Σ_s w_s·out_s / Σ_s w_s and lse = M + log Σ_s w_s.
+    Kept apart, m_s and l_s stay exact where m_s + log l_s would round away log l_s (rows filled
+    with finfo.min: see the note on filled rows).
 
-    Parts are (NUM_SPLITS, Z·H, N_Q, HEAD_DIM_PAD) fp32, in the (z, h, query) order of Out.
+    Parts are (NUM_SPLITS, Z·H, N_Q[, HEAD_DIM_PAD]) fp32, in the (z, h, query) order of Out.
     """
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1).to(tl.int64)
@@ -380,15 +440,18 @@ def _attn_fwd_combine(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_s = tl.arange(0, SPLITS_PAD)
     row_ok = offs_m < N_Q
-    lse_parts = tl.load(LSEPart + (offs_s[None, :].to(tl.int64) * ZH + off_hz) * N_Q + offs_m[:, None],
-                        mask=row_ok[:, None] & (offs_s[None, :] < NUM_SPLITS), other=float("-inf"))  # (BLOCK_M, SPLITS_PAD)
-    m = tl.max(lse_parts, 1)
+    part_rows = (offs_s[None, :].to(tl.int64) * ZH + off_hz) * N_Q + offs_m[:, None]
+    part_ok = row_ok[:, None] & (offs_s[None, :] < NUM_SPLITS)
+    max_parts = tl.load(MaxPart + part_rows, mask=part_ok, other=float("-inf"))  # (BLOCK_M, SPLITS_PAD)
+    sum_parts = tl.load(SumPart + part_rows, mask=part_ok, other=0.0)
+    m = tl.max(max_parts, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
-    l = tl.sum(tl.math.exp2((lse_parts - m_safe[:, None]) * LOG2E), 1)
+    l = tl.sum(tl.math.exp2((max_parts - m_safe[:, None]) * LOG2E) * sum_parts, 1)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for s in range(NUM_SPLITS):
         row_index = (s * ZH + off_hz) * N_Q + offs_m  # (BLOCK_M,)
-        w = tl.math.exp2((tl.load(LSEPart + row_index, mask=row_ok, other=float("-inf")) - m_safe) * LOG2E)
+        w = tl.math.exp2((tl.load(MaxPart + row_index, mask=row_ok, other=float("-inf")) - m_safe) * LOG2E)
+        w = w * tl.load(SumPart + row_index, mask=row_ok, other=0.0)
         part = tl.load(OutPart + row_index[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         acc += w[:, None] * part
     l_safe = tl.where(l == 0.0, 1.0, l)
@@ -427,7 +490,7 @@ def _attn_bwd_dkdv_tiles(
     dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
     seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-    offs_n, col_ok, offs_d, d_ok, N_Q, lo, hi,
+    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -451,11 +514,14 @@ def _attn_bwd_dkdv_tiles(
             lse = tl.load(LSE_row + offs_m)
             tile_ok = col_ok[:, None]
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
+        lse, lse_log = _row_base(lse, N_KV)
         # -- recompute the weights of this tile from q, k and the logsumexp --
         qk = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
 $SCORE_BWD_T
         if SCORE_IN_LOG2:
             pT = tl.math.exp2(s - (lse * LOG2E)[None, :])
+        elif FINITE_FILL:
+            pT = tl.math.exp2((s - lse[None, :] - lse_log[None, :]) * LOG2E)
         else:
             pT = tl.math.exp2((s - lse[None, :]) * LOG2E)
         do = _load_rows(DO_head, start_m, offs_m, row_ok, offs_d, d_ok, stride_dom, stride_dok,
@@ -499,14 +565,16 @@ def _attn_bwd_dkdv(
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
     stride_dqz, stride_dqh, stride_dqm, stride_dqk,
-    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
+    Ranges, Order, stride_rz, stride_rh, H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key tile, summed over every query row of the GROUP heads that read it."""
     start_n = tl.program_id(0)
+    if RANGED:
+        start_n = tl.load(Order + start_n)
     off_hkvz = tl.program_id(1)
     H_KV = H // GROUP
     off_z = (off_hkvz // H_KV).to(tl.int64)
@@ -546,18 +614,39 @@ def _attn_bwd_dkdv(
 ${HEADS_GROUP}
         LSE_row = LSE + off_hz * N_Q
         Delta_row = Delta + off_hz * N_Q
-        dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-            seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, lo, first_hi,
-            False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-        dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-            seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, tl.maximum(lo, first_hi), N_Q,
-            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        if RANGED:
+            r_lo, r_flo, r_fhi, r_hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi,
+                False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo,
+                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_fhi, r_hi,
+                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        else:
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, first_hi,
+                False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, tl.maximum(lo, first_hi), N_Q,
+                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
@@ -568,7 +657,7 @@ $DK_FINAL
 
 @triton.jit
 def _attn_bwd_dq_tiles(
-    dq, q, do, lse, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+    dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
@@ -588,6 +677,8 @@ def _attn_bwd_dq_tiles(
                             CHECK_D, BOUNDS)  # (HEAD_DIM_PAD, BLOCK_N)
         if SCORE_IN_LOG2:
             p = tl.math.exp2(s - (lse * LOG2E)[:, None])
+        elif FINITE_FILL:
+            p = tl.math.exp2((s - lse[:, None] - lse_log[:, None]) * LOG2E)
         else:
             p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -611,10 +702,10 @@ def _attn_bwd_dq(
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_doz, stride_doh, stride_dom, stride_dok,
     stride_dqz, stride_dqh, stride_dqm, stride_dqk,
-    H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
+    Ranges, Order, stride_rz, stride_rh, H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile: a separate pass over the keys, so no atomics and a deterministic sum.
@@ -623,7 +714,9 @@ def _attn_bwd_dq(
     saves the launch of a separate preprocessing kernel.
     """
     start_m = tl.program_id(0)
-    if CAUSAL:
+    if RANGED:
+        start_m = tl.load(Order + start_m)
+    elif CAUSAL:
         # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
         start_m = tl.num_programs(0) - 1 - start_m
     off_hz = tl.program_id(1)
@@ -641,6 +734,7 @@ def _attn_bwd_dq(
                     row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     lse = tl.load(LSE + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse, lse_log = _row_base(lse, N_KV)
     o = _load_tile(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
@@ -650,21 +744,66 @@ def _attn_bwd_dq(
 ${HEADS}
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
-    interior_hi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
+    if RANGED:
+        lo, flo, fhi, hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m)
+    else:
+        lo = 0
+        flo = 0
+        fhi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
-        dq, q, do, lse, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, 0, interior_hi,
+        offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi,
         False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+    if RANGED:
+        dq = _attn_bwd_dq_tiles(
+            dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_kn, stride_kk, stride_vn, stride_vk,
+            offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo,
+            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
-        dq, q, do, lse, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, interior_hi, hi,
+        offs_m, row_ok, offs_d, d_ok, N_KV, fhi, hi,
         True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
 
 $DQ_FINAL
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _tile_classes(
+    Classes, RowsKeep, ${OPERAND_PARAMS}
+    stride_cz, stride_ch, H_LEAD, N_Q, N_KV, KV_TILES,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The per-tile summary of the keep-predicate over the tensors it reads, for one query tile of
+    one (batch, head) the predicate varies on (H_LEAD: the head axis's length, 1 when it does not
+    vary on heads). Classes[z, h, tile_m, tile_n] = 0 when no element of the tile is kept, 2 when
+    every one is (a tile wholly inside the tensors), 1 otherwise; RowsKeep[z·H_LEAD + h, tile_m] = 1
+    when each of the tile's rows keeps some key (then a finite fill can be skipped: see
+    codegen/skipping.py)."""
+    start_m = tl.program_id(0)
+    lead = tl.program_id(1)
+    off_z = (lead // H_LEAD).to(tl.int64)
+    off_h = (lead % H_LEAD).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N_Q
+${HEADS}
+    row_any = tl.zeros([BLOCK_M], dtype=tl.int32)
+    out = Classes + off_z * stride_cz + off_h * stride_ch + start_m.to(tl.int64) * KV_TILES
+    for tile_n in range(0, KV_TILES):
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N_KV
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+$KEEP_TILE
+        n_kept = tl.sum(tl.sum(kept.to(tl.int32), 1), 0)
+        cls = tl.where(n_kept == 0, 0, tl.where(n_kept == BLOCK_M * BLOCK_N, 2, 1))
+        tl.store(out + tile_n, cls.to(tl.int8))
+        row_any = tl.maximum(row_any, tl.max(kept.to(tl.int32), 1))
+    rows_keep = tl.min(tl.where(row_ok, row_any, 1), 0)
+    tl.store(RowsKeep + lead.to(tl.int64) * tl.num_programs(0) + start_m, rows_keep.to(tl.int8))
 
 
 @triton.jit

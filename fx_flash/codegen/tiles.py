@@ -100,6 +100,41 @@ def query_tiles(classify: Classifier, k0: int, k1: int, n_q: int, block_m: int) 
     return _nonempty_span(lambda m0, m1: classify(m0, m1, k0, k1), n_q, block_m)
 
 
+def class_grid(classify: Classifier, n_q: int, n_kv: int, block_m: int, block_n: int) -> list:
+    """The class of every tile of an (n_q, n_kv) score matrix cut in (block_m, block_n) tiles:
+    a list of rows (one per query tile) of 0 (EMPTY), 1 (PARTIAL) or 2 (FULL).
+
+    Tiles that run past the matrix are clipped to it. Decided by quadrants: a rectangle of tiles
+    the classifier proves empty or full as a whole is so tile by tile (a fact over a box holds on
+    each part of it), so a band-shaped predicate costs O(tiles along the band) calls, not one per
+    tile.
+    """
+    if block_m <= 0 or block_n <= 0:
+        raise ValueError(f"block sizes must be positive, got {block_m}, {block_n}")
+    rows, cols = -(-max(n_q, 0) // block_m), -(-max(n_kv, 0) // block_n)
+    grid = [[_P] * cols for _ in range(rows)]
+    code = {EMPTY: _E, PARTIAL: _P, FULL: _F}
+
+    def split(i0, i1, j0, j1):
+        c = code[classify(i0 * block_m, min(i1 * block_m, n_q), j0 * block_n, min(j1 * block_n, n_kv))]
+        if c != _P or (i1 - i0 == 1 and j1 - j0 == 1):
+            for i in range(i0, i1):
+                grid[i][j0:j1] = [c] * (j1 - j0)
+            return
+        if i1 - i0 >= j1 - j0:
+            mid = (i0 + i1) // 2
+            split(i0, mid, j0, j1)
+            split(mid, i1, j0, j1)
+        else:
+            mid = (j0 + j1) // 2
+            split(i0, i1, j0, mid)
+            split(i0, i1, mid, j1)
+
+    if rows and cols:
+        split(0, rows, 0, cols)
+    return grid
+
+
 def _nonempty_span(classify_1d, n: int, block: int) -> range:
     """range(first, last + 1) over the non-empty tiles of [0, n) cut in blocks of ``block``."""
     if block <= 0:

@@ -18,6 +18,18 @@ from fx_flash.passes.match import Miss
 from fx_flash.passes.values import tensor_of
 
 
+_TILE_MODES = {"dense": "dense (every tile full)", "causal": "causal (tiles past the diagonal skipped)"}
+
+
+def _tiles(spec) -> str:
+    """What SiteReport.tiles says: the kernels' tile mode and the source of a ranged table."""
+    if spec.tile_mode != "ranged":
+        return _TILE_MODES[spec.tile_mode]
+    reads = spec.keep.free_symbols
+    if any(op.symbol in reads for op in spec.operands):
+        return "ranged (empty tiles skipped from a per-tile summary of the mask tensors)"
+    return "ranged (empty tiles skipped, classified from the predicate)"
+
 
 @dataclass
 class SiteReport:
@@ -31,7 +43,7 @@ class SiteReport:
     keep: str  # the keep-predicate, e.g. ``kv_idx <= q_idx``; "all" when every element is kept
     fill: str  # what dropped elements become: "-inf", or a finite fill such as finfo.min
     operands: list  # "t0 = attention_mask[b, kv_idx] (float, grad)", ...
-    causal: bool  # tiles past the causal diagonal are skipped
+    tiles: str  # how the kernels skip tiles: spec.tile_mode and what the ranges come from
     dropout: str
     gqa_ratio: int
     spec: str
@@ -42,7 +54,7 @@ class SiteReport:
         reads = "".join(f"\n    reads {o}" for o in self.operands)
         return (
             f"{self.name}: {self.layout}; scale={self.scale}; dropout={self.dropout}; gqa={self.gqa_ratio}\n"
-            f"    score {self.score}\n    keep {self.keep} (else {self.fill}); causal tiles skipped: {self.causal}"
+            f"    score {self.score}\n    keep {self.keep} (else {self.fill}); tiles: {self.tiles}"
             f"{reads}\n    spelled as {spelled}\n    spec {self.spec}; {self.blocks}"
         )
 
@@ -153,7 +165,7 @@ def _site_report(fused: Fused) -> SiteReport:
         keep="all" if spec.keep is True or str(spec.keep) == "True" else str(spec.keep),
         fill=repr(spec.fill).replace("'", ""),
         operands=operands,
-        causal=spec.causal,
+        tiles=_tiles(spec),
         dropout=done.dropout,
         gqa_ratio=done.gqa_ratio,
         spec=spec.text,

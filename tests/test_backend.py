@@ -134,8 +134,8 @@ class TestExplain(expecttest.TestCase):
         self.assertEqual(report.fused, 1)
         self.assertEqual([m.check for m in report.missed], ["softmax_feeds_value_product"])
         site = report.sites[0]
-        self.assertEqual((site.scale, site.score, site.keep, site.causal, site.gqa_ratio),
-                         ("0.25", "qk*scale", "all", False, 1))
+        self.assertEqual((site.scale, site.score, site.keep, site.tiles, site.gqa_ratio),
+                         ("0.25", "qk*scale", "all", "dense (every tile full)", 1))
         self.assertIn("BLOCK_M=", site.blocks)
         self.assertEqual(site.spec, "score=qk*scale")
         text = str(report)

@@ -253,3 +253,13 @@ def test_dropout_draws_the_same_mask_when_tiles_are_skipped():
     keep = dropout_keep_mask(seed, (1, 2, 300, 300), 0.3)
     exact = spec_attention(q.double(), k.double(), v.double(), [], spec, 0.25, 0.3, dropout_keep=keep)
     torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=1e-4)
+
+
+def test_split_kv_decoding_merges_rows_filled_with_finfo_min():
+    """Decoding (one query, keys split across programs) where a batch's every key is padded with
+    finfo.min: the splits' maxima and sums merge exactly into the uniform average eager gives."""
+    q, k, v = _qkv(1, 600, b=1, h=1, seed=10)
+    assert launch.decode_plan(q, k)[0] > 1  # the split-KV path runs
+    mask = torch.zeros(1, 600)
+    out = spec_call_against_reference(PADDING, q, k, v, [mask])
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0].mean(0), atol=1e-5, rtol=1e-5)

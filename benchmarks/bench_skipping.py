@@ -141,7 +141,7 @@ def main():
         for variant, (fn, extra, kept) in variants.items():
             flex = variant.startswith("flex")
             compiled = fn if flex or fn is is_causal else torch.compile(fn, backend="fx_flash")
-            ref_fn, ref_extra, _ = variants[REFERENCE[name]] if flex else (fn, extra, kept)
+            ref_fn, ref_extra, _ = variants[REFERENCE[name]] if flex or fn is is_causal else (fn, extra, kept)
             user = lambda *qkv, f=ref_fn, e=ref_extra: f(*qkv, *e)  # noqa: E731
             run = lambda *qkv, c=compiled, e=extra: c(*qkv, *e)  # noqa: E731
             try:

@@ -149,7 +149,7 @@ def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, 
         def call():
             for t in reset:  # atomics accumulate into these: each trial starts from zero
                 t.zero_()
-            fn[grid(meta)](*args, **kwargs, **_tables(tables, meta), **meta)
+            fn[grid(meta)](*args, *_tables(tables, meta), **kwargs, **meta)
 
         return _time_ms(call)
 
@@ -164,8 +164,10 @@ def tuning_consts(kwargs: dict) -> tuple:
     return tuple(item for item in kwargs.items() if item[0] not in EXACT_SIZES)
 
 
-def _tables(tables, meta: dict) -> dict:
-    return {} if tables is None else tables(meta)
+def _tables(tables, meta: dict) -> tuple:
+    """The tile-table arguments (Ranges, Order, stride_rz, stride_rh) of a launch at ``meta``:
+    positional, after the strides, since the tables differ per call."""
+    return () if tables is None else tuple(tables(meta).values())
 
 
 def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, reset=(), rows: int = 0,
@@ -186,13 +188,13 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
                                            tables)
             for t in reset:
                 t.zero_()
-        chosen.fn[grid(chosen.meta)](*args, **kwargs, **_tables(tables, chosen.meta), **chosen.meta)
+        chosen.fn[grid(chosen.meta)](*args, *_tables(tables, chosen.meta), **kwargs, **chosen.meta)
         return
     head_dim, elem = q.shape[-1], q.element_size()
     cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem, rows)
     fn = getattr(loader.load(spec), name)
     meta = _meta(cfg)
-    fn[grid(meta)](*args, **kwargs, **_tables(tables, meta), **meta)
+    fn[grid(meta)](*args, *_tables(tables, meta), **kwargs, **meta)
 
 
 def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:

@@ -28,23 +28,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 SOFTCAP = "score=50*tanh(qk*scale/50); keep=kv_idx <= q_idx"
+PREFIX_LM = "score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)"
 
 
-def _configs(d: int):
+def _configs(d: int, kind: str):
+    """The tiles timed: the single-partition kernel ("v1") or the warp-specialized one ("ws")."""
     from fx_flash.codegen.gluon_launch import GluonConfig
 
+    ws = kind == "ws"
     if d == 128:
-        return [GluonConfig(128, 128, 2), GluonConfig(128, 128, 3), GluonConfig(128, 64, 3), GluonConfig(128, 64, 4)]
-    return [GluonConfig(128, 128, 3), GluonConfig(128, 128, 4), GluonConfig(128, 64, 4)]
+        return [GluonConfig(128, 128, 2, ws), GluonConfig(128, 128, 3, ws), GluonConfig(128, 64, 4, ws)]
+    return [GluonConfig(128, 128, 4, ws), GluonConfig(128, 64, 4, ws)]
 
 
-def _eager(q, k, v, scale, causal, softcap):
+def _eager(q, k, v, scale, causal, softcap, prefix=0):
+    """Eager attention and its logsumexp; ``prefix`` > 0: causal, but every row also sees the
+    first ``prefix`` keys (prefix-LM)."""
     s = (q @ k.transpose(-2, -1)) * scale
     if softcap:
         s = 50 * torch.tanh(s / 50)
     if causal:
         nq, nk = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(nq, nk, device=q.device, dtype=torch.bool).tril(), float("-inf"))
+        keep = torch.ones(nq, nk, device=q.device, dtype=torch.bool).tril()
+        keep[:, :prefix] = True
+        s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s.float(), -1)
     return torch.softmax(s, -1) @ v, lse
 
@@ -53,14 +60,14 @@ def _err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def numerics(d):
+def numerics(d, kind):
     """Gluon forward vs fp32 eager on odd shapes and every spec kind; True if all pass."""
     from fx_flash.codegen import gluon_launch
     from fx_flash.codegen.spec import sdpa_spec, spec_from_text
     from fx_flash.device import device_profile
 
     ok = True
-    cases = [  # (label, b, hq, hkv, nq, nk, spec, causal, softcap)
+    cases = [  # (label, b, hq, hkv, nq, nk, spec, causal, softcap, prefix)
         ("plain 2x16x2048", 2, 16, 16, 2048, 2048, sdpa_spec(), False, False),
         ("causal 2x16x2048", 2, 16, 16, 2048, 2048, sdpa_spec(causal=True), True, False),
         ("softcap causal 2x16x2048", 2, 16, 16, 2048, 2048, spec_from_text(SOFTCAP), True, True),
@@ -69,22 +76,24 @@ def numerics(d):
         ("plain Nq 77 x Nk 512", 3, 4, 4, 77, 512, sdpa_spec(), False, False),
         ("causal GQA 16/2 1024", 2, 16, 2, 1024, 1024, sdpa_spec(causal=True), True, False),
         ("causal Nq>Nk 2048x1024", 1, 8, 8, 2048, 1024, sdpa_spec(causal=True), True, False),
+        # A predicate that is not causal (MASK = 2: applied on every tile, none skipped).
+        ("prefix-LM 64 1024", 2, 8, 8, 1024, 1024, spec_from_text(PREFIX_LM), True, False, 64),
     ]
     prof = device_profile(torch.device("cuda"))
-    for label, b, hq, hkv, nq, nk, spec, causal, softcap in cases:
+    for label, b, hq, hkv, nq, nk, spec, causal, softcap, *prefix in cases:
         q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         scale = 1 / math.sqrt(d)
         kk, vv = (t.repeat_interleave(hq // hkv, 1) for t in (k, v))
-        ref, ref_lse = _eager(q.float(), kk.float(), vv.float(), scale, causal, softcap)
-        torch_out, _ = _eager(q, kk, vv, scale, causal, softcap)
-        for cfg in _configs(d):
+        ref, ref_lse = _eager(q.float(), kk.float(), vv.float(), scale, causal, softcap, *prefix)
+        torch_out, _ = _eager(q, kk, vv, scale, causal, softcap, *prefix)
+        for cfg in _configs(d, kind):
             label_c = f"d{d} {label} [{cfg}]"
             reason = gluon_launch.unsupported_call(spec, q, k, v, cfg)
             if reason:
                 print(f"SKIP {label_c}: {reason}", flush=True)
                 continue
-            if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES) > prof.shared_memory:
+            if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws) > prof.shared_memory:
                 print(f"SKIP {label_c}: footprint over M", flush=True)
                 continue
             out = torch.full_like(q, float("nan"))
@@ -141,8 +150,9 @@ def backward_through_gluon(d):
     return ok
 
 
-def bench(d, ns):
-    """TFLOP/s rows: cuDNN SDPA, the portable forward (paper tile), each Gluon tile."""
+def bench(d, ns, kind):
+    """TFLOP/s rows: each Gluon tile of ``kind``; with "v1" also cuDNN SDPA and the portable
+    forward (paper tile)."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -166,17 +176,19 @@ def bench(d, ns):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-            variants = {"cudnn": cudnn,
-                        "portable": lambda: launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)}
-            for cfg in _configs(d):
-                variants[f"gluon {cfg.BLOCK_N}/{cfg.STAGES}"] = (
+            variants = {}
+            if kind == "v1":
+                variants = {"cudnn": cudnn,
+                            "portable": lambda: launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)}
+            for cfg in _configs(d, kind):
+                variants[f"{kind} {cfg.BLOCK_N}/{cfg.STAGES}"] = (
                     lambda cfg=cfg: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg))
             ref = cudnn()
             row = dict(d=d, n=n, causal=causal)
             for name, fn in variants.items():
                 try:
                     fn()
-                    if name.startswith("gluon"):
+                    if name.startswith(kind + " "):
                         err = _err(out, ref)
                         if not err < 2e-2:
                             row[name] = f"err {err:.2g}"
@@ -191,14 +203,15 @@ def bench(d, ns):
     return rows
 
 
-def child(d, ns):
-    ok = numerics(d)
-    try:
-        ok &= backward_through_gluon(d)
-    except Exception as e:  # noqa: BLE001
-        print(f"FAIL d{d} backward through gluon: {type(e).__name__}: {str(e)[:400]}", flush=True)
-        ok = False
-    bench(d, ns)
+def child(d, ns, kind):
+    ok = numerics(d, kind)
+    if kind == "v1":
+        try:
+            ok &= backward_through_gluon(d)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL d{d} backward through gluon: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            ok = False
+    bench(d, ns, kind)
     print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
 
 
@@ -206,37 +219,45 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--ns", default="2048,8192")
-    ap.add_argument("--child", type=int, default=0)
-    ap.add_argument("--limit", type=float, default=100.0, help="seconds per head dim's process")
+    ap.add_argument("--kinds", default="v1,ws", help="v1: one partition; ws: warp-specialized")
+    ap.add_argument("--child", default="", help="internal: D:KIND")
+    ap.add_argument("--limit", type=float, default=85.0, help="seconds per (head dim, v1) process")
+    ap.add_argument("--ws-limit", type=float, default=50.0, help="seconds per (head dim, ws) process")
     args = ap.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
     if args.child:
-        child(args.child, ns)
+        d, kind = args.child.split(":")
+        child(int(d), ns, kind)
         return
     import triton
 
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    rows, verdicts = [], []
-    for d in [int(x) for x in args.dims.split(",")]:
-        t0 = time.time()
-        try:
-            done = subprocess.run([sys.executable, __file__, "--child", str(d), "--ns", args.ns],
-                                  capture_output=True, text=True, timeout=args.limit)
-            text = done.stdout + done.stderr[-3000:]
-        except subprocess.TimeoutExpired as e:
-            text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            text += f"\nTIMEOUT d{d} after {args.limit}s"
-        print(text, flush=True)
-        print(f"d{d} took {time.time() - t0:.0f}s", flush=True)
-        rows += [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
-        verdicts.append("CHILD PASS" in text)
-    cols = list(dict.fromkeys(c for r in rows for c in r if c not in ("d", "n", "causal")))
+    rows, verdicts = {}, []
+    for kind in args.kinds.split(","):  # every v1 row first: a ws hang costs only ws rows
+        for d in [int(x) for x in args.dims.split(",")]:
+            t0 = time.time()
+            limit = args.ws_limit if kind == "ws" else args.limit
+            try:
+                done = subprocess.run([sys.executable, __file__, "--child", f"{d}:{kind}", "--ns", args.ns],
+                                      capture_output=True, text=True, timeout=limit)
+                text = done.stdout + done.stderr[-3000:]
+            except subprocess.TimeoutExpired as e:
+                text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                text += f"\nTIMEOUT d{d} {kind} after {limit}s"
+            print(text, flush=True)
+            print(f"d{d} {kind} took {time.time() - t0:.0f}s", flush=True)
+            for line in text.splitlines():
+                if line.startswith("ROW "):
+                    r = json.loads(line[4:])
+                    rows.setdefault((r["d"], r["n"], r["causal"]), {}).update(r)
+            verdicts.append("CHILD PASS" in text)
+    cols = list(dict.fromkeys(c for r in rows.values() for c in r if c not in ("d", "n", "causal")))
     print("\nTFLOP/s forward, bf16, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
     print("| d | N | causal | " + " | ".join(cols) + " | best gluon / cudnn |")
     print("|---|---|---|" + "---|" * len(cols) + "---|")
-    for r in rows:
-        best = max([r[c] for c in cols if c.startswith("gluon") and isinstance(r.get(c), int)], default=None)
+    for r in rows.values():
+        best = max([r[c] for c in cols if c.split()[0] in ("v1", "ws") and isinstance(r.get(c), int)], default=None)
         ratio = f"{best / r['cudnn']:.2f}" if best and isinstance(r.get("cudnn"), int) else "-"
         print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | "
               + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {ratio} |")

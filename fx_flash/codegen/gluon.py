@@ -58,7 +58,10 @@ LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
 # Triton 3.6 (the H200's) names the TMA load async_copy_global_to_shared; 3.9 calls it async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-MASK = gl.constexpr($MASK)  # where the keep-predicate is applied: see _online_softmax
+# Where the keep-predicate can fail: 0 nowhere; 1 on the causal band (interior tiles apply only the
+# rest of it); 2 on every tile (a predicate that is not causal).
+MASK = gl.constexpr($MASK)
+CONSUMER_REGISTERS = gl.constexpr(240)  # of each consumer warpgroup's threads (setmaxnreg), as FA3
 
 
 @gluon.jit
@@ -75,20 +78,140 @@ $SCORE
 
 
 @gluon.jit
-def _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}in_band, MASK: gl.constexpr):
-    """_softmax_tile with the keep-predicate where it can fail. MASK = 0: nowhere (no predicate);
-    1: on tiles of the causal band (``in_band``), interior tiles apply only the rest of it;
-    2: on every tile (a predicate that is not causal)."""
-    if MASK == 2:
-        p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}True)
-    elif MASK == 1:
-        if in_band:
-            p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}True)
-        else:
-            p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}False)
+def _release(tile, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: gl.constexpr, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr, WS: gl.constexpr):
+    """Buffer tile % STAGES is no longer read: tell the producer partition (WS), or load tile
+    tile + STAGES into it here."""
+    buf = tile % STAGES
+    if WS:
+        mbarrier.arrive(empty.index(buf), count=1)
     else:
-        p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}False)
-    return p, m_new, l_new, alpha
+        ok = tile + STAGES < n_tiles
+        mbarrier.expect(ready.index(buf), tile_bytes, ok)
+        _tma_load(desc, [kv_row + (tile + STAGES) * BLOCK_N, 0], ready.index(buf), smem.index(buf), ok)
+
+
+@gluon.jit
+def _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc,
+          kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}
+          s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREDICATE: gl.constexpr, WS: gl.constexpr):
+    """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1."""
+    buf = j % STAGES
+    prev = (j - 1) % STAGES
+    mbarrier.wait(k_ready.index(buf), (j // STAGES) & 1)
+    qk = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                       use_acc=False, is_async=True)
+    mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
+    _release(j, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}PREDICATE)
+    acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
+    _release(j - 1, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
+    return p_op, m_i, l_i, acc
+
+
+@gluon.jit
+def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, kv_row, row_start,
+            n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr):
+    """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
+    [0, mid) without the keep-predicate, [mid, n_tiles) with it. ``n_load`` tiles are loaded into
+    the ring in all (more than n_tiles when another consumer needs more)."""
+    dtype: gl.constexpr = q_smem.dtype
+    tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    qk_scale = sm_scale * LOG2E
+    offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+    # -- tile 0: scores and softmax (nothing accumulated yet) --
+    mbarrier.wait(k_ready.index(0), 0)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                       use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
+    _release(0, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    if mid <= 0:
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}True)
+    else:
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}False)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    # -- interior tiles, then the tiles that need the predicate: one pipeline through both --
+    for j in range(1, mid):
+        p_op, m_i, l_i, acc = _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                    k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}
+                                    s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, False, WS)
+    for j in range(gl.maximum(mid, 1), n_tiles):
+        p_op, m_i, l_i, acc = _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                    k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}
+                                    s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, True, WS)
+
+    # -- the last tile's p·v --
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    pv = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(pv, ))
+    if WS:
+        mbarrier.arrive(v_empty.index(last), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+              stride_ok, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Normalize; write the output rows below N_Q and their natural-log logsumexp."""
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+    offs_m = row_start + gl.arange(0, BLOCK_M, layout=o_rows)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc.type.layout))
+    out_ptrs = (Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
+                + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :] * stride_ok)
+    gl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+    offs_l = row_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
+    gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_l, lse, mask=offs_l < N_Q)
+
+
+@gluon.jit
+def _key_tiles(row_start, N_KV, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(n_tiles, mid) of ROWS query rows from row_start: the key tiles they read (causal: none past
+    their last row) and the first that needs the keep-predicate (see MASK)."""
+    if MASK == 1:
+        n_tiles = gl.cdiv(gl.minimum(N_KV, row_start + ROWS), BLOCK_N)
+        mid = row_start // BLOCK_N  # tiles before it lie wholly below the diagonal
+    elif MASK == 2:
+        n_tiles = gl.cdiv(N_KV, BLOCK_N)
+        mid = 0
+    else:
+        n_tiles = gl.cdiv(N_KV, BLOCK_N)
+        mid = n_tiles
+    return n_tiles, mid
+
+
+@gluon.jit
+def _program(H, N_Q, N_KV, GROUP: gl.constexpr, ROWS: gl.constexpr):
+    """This program's batch, head, flat head, first query row, and first K/V row of its head."""
+    start_m = gl.program_id(0)
+    if MASK == 1:
+        # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
+        start_m = gl.num_programs(0) - 1 - start_m
+    off_hz = gl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    kv_row = (off_z * (H // GROUP) + off_h // GROUP) * N_KV
+    return off_z, off_h, off_hz, start_m * ROWS, kv_row
 
 
 @gluon.jit
@@ -96,34 +219,14 @@ def _attn_fwd_sm90(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
     stride_oz, stride_oh, stride_om, stride_ok,
     H, N_Q, N_KV,
-    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
+    """One partition of NUM_WARPS warps per BLOCK_M query rows: it issues the TMA loads itself."""
     dtype: gl.constexpr = q_desc.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    start_m = gl.program_id(0)
-    if CAUSAL:
-        # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
-        start_m = gl.num_programs(0) - 1 - start_m
-    off_hz = gl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
-    q_row = off_hz * N_Q + start_m * BLOCK_M
-    kv_row = (off_z * (H // GROUP) + off_h // GROUP) * N_KV
-    if CAUSAL:
-        hi = gl.minimum(N_KV, (start_m + 1) * BLOCK_M)  # keys past the tile's last row: skipped
-    else:
-        hi = N_KV
-    n_tiles = gl.cdiv(hi, BLOCK_N)
-    band = (start_m * BLOCK_M) // BLOCK_N  # first key tile that may cross the causal diagonal
+    off_z, off_h, off_hz, row_start, kv_row = _program(H, N_Q, N_KV, GROUP, BLOCK_M)
+    n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
 $HEADS
 
     # -- shared memory: Q, the K/V ring, one mbarrier per buffer --
@@ -131,86 +234,148 @@ $HEADS
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
 
     # -- prologue: Q and the first STAGES K/V tiles in flight --
     mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
-    _tma_load(q_desc, [q_row, 0], q_bar, q_smem)
+    _tma_load(q_desc, [off_hz * N_Q + row_start, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         ok = i < n_tiles
-        mbarrier.expect(k_bars.index(i), tile_bytes, ok)
-        _tma_load(k_desc, [kv_row + i * BLOCK_N, 0], k_bars.index(i), k_smem.index(i), ok)
-        mbarrier.expect(v_bars.index(i), tile_bytes, ok)
-        _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_bars.index(i), v_smem.index(i), ok)
-
-    qk_scale = sm_scale * LOG2E
-    offs_m = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_s)
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.expect(k_ready.index(i), tile_bytes, ok)
+        _tma_load(k_desc, [kv_row + i * BLOCK_N, 0], k_ready.index(i), k_smem.index(i), ok)
+        mbarrier.expect(v_ready.index(i), tile_bytes, ok)
+        _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_ready.index(i), v_smem.index(i), ok)
     mbarrier.wait(q_bar, 0)
 
-    # -- tile 0: scores and softmax (nothing accumulated yet) --
-    mbarrier.wait(k_bars.index(0), 0)
-    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
-    ok = STAGES < n_tiles
-    mbarrier.expect(k_bars.index(0), tile_bytes, ok)
-    _tma_load(k_desc, [kv_row + STAGES * BLOCK_N, 0], k_bars.index(0), k_smem.index(0), ok)
-    p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}band <= 0, MASK)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
-
-    # -- steady state: q·kᵀ of tile j and p·v of tile j-1 in flight while the softmax of j runs --
-    for j in range(1, n_tiles):
-        buf = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_bars.index(buf), (j // STAGES) & 1)
-        qk = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-        pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run
-        ok = j + STAGES < n_tiles
-        mbarrier.expect(k_bars.index(buf), tile_bytes, ok)
-        _tma_load(k_desc, [kv_row + (j + STAGES) * BLOCK_N, 0], k_bars.index(buf),
-                                        k_smem.index(buf), ok)
-        offs_n = j * BLOCK_N + cols
-        p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}j >= band,
-                                             MASK)
-        acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
-        ok = j - 1 + STAGES < n_tiles
-        mbarrier.expect(v_bars.index(prev), tile_bytes, ok)
-        _tma_load(v_desc, [kv_row + (j - 1 + STAGES) * BLOCK_N, 0], v_bars.index(prev),
-                                        v_smem.index(prev), ok)
-        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-    # -- the last tile's p·v --
-    last = (n_tiles - 1) % STAGES
-    mbarrier.wait(v_bars.index(last), ((n_tiles - 1) // STAGES) & 1)
-    pv = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(pv, ))
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, k_desc, v_desc, kv_row,
+                            row_start, n_tiles, n_tiles, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                            NUM_WARPS, False)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+    _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+              stride_ok, BLOCK_M, HEAD_DIM)
 
-    # -- epilogue: normalize, write the output and the natural-log logsumexp --
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-    out = acc / gl.convert_layout(l_safe, rows_o)[:, None]
-    offs_mo = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_o)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    out_ptrs = (Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
-                + offs_mo[:, None].to(gl.int64) * stride_om + offs_d[None, :] * stride_ok)
-    gl.store(out_ptrs, out.to(dtype), mask=(offs_mo[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
-    gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+              q_row, kv_row, n_load):
+    """The load partition: both Q tiles, then K and V tile by tile, each into a buffer the
+    consumers have released (a fresh barrier's wait on parity 1 passes: the ring starts empty).
+    Partitions take no constexpr arguments: the sizes come from the buffers' shapes."""
+    dtype: gl.constexpr = q_smem.dtype
+    BLOCK_M: gl.constexpr = q_smem.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    tile_bytes: gl.constexpr = BLOCK_N * k_smem.shape[2] * dtype.primitive_bitwidth // 8
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bars.index(c), BLOCK_M * q_smem.shape[2] * dtype.primitive_bitwidth // 8)
+        _tma_load(q_desc, [q_row + c * BLOCK_M, 0], q_bars.index(c), q_smem.index(c))
+    for i in range(n_load):
+        buf = i % STAGES
+        free = ((i // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(buf), free)
+        mbarrier.expect(k_ready.index(buf), tile_bytes)
+        _tma_load(k_desc, [kv_row + i * BLOCK_N, 0], k_ready.index(buf), k_smem.index(buf))
+        mbarrier.wait(v_empty.index(buf), free)
+        mbarrier.expect(v_ready.index(buf), tile_bytes)
+        _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_ready.index(buf), v_smem.index(buf))
+
+
+@gluon.jit
+def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+              Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row,
+              N_Q, N_KV, n_load):
+    """Consumer warpgroup c: query rows row0 + c·BLOCK_M on; tiles it does not read (causal: the
+    other consumer's rows go further) are released unread, so the producer's ring keeps turning."""
+    BLOCK_M: gl.constexpr = q_smem.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    row_start = row0 + c * BLOCK_M
+    n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
+$HEADS_WS
+    mbarrier.wait(q_bars.index(c), 0)
+    acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc,
+                            kv_row, row_start, n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N,
+                            STAGES, 4, True)
+    for i in range(n_tiles, n_load):
+        buf = i % STAGES
+        mbarrier.wait(k_ready.index(buf), (i // STAGES) & 1)
+        mbarrier.arrive(k_empty.index(buf), count=1)
+        mbarrier.wait(v_ready.index(buf), (i // STAGES) & 1)
+        mbarrier.arrive(v_empty.index(buf), count=1)
+    _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+              stride_ok, BLOCK_M, HEAD_DIM)
+
+
+@gluon.jit
+def _consumer_0(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
+                stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load):
+    _consumer(0, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
+              stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load)
+
+
+@gluon.jit
+def _consumer_1(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
+                stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load):
+    _consumer(1, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
+              stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load)
+
+
+@gluon.jit
+def _attn_fwd_sm90_ws(
+    q_desc, k_desc, v_desc, Out, LSE, sm_scale,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    H, N_Q, N_KV,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+):
+    """Warp-specialized (FlashAttention-3's layout): a producer partition of NUM_WARPS warps
+    issues every TMA load, two consumer warpgroups own BLOCK_M query rows each and run
+    independently, so one's softmax overlaps the other's wgmma. NUM_WARPS must be 4."""
+    dtype: gl.constexpr = q_desc.dtype
+    off_z, off_h, off_hz, row0, kv_row = _program(H, N_Q, N_KV, GROUP, 2 * BLOCK_M)
+    n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)  # the second consumer reads the most
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bars.index(c), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each buffer
+        mbarrier.init(v_empty.index(i), count=2)
+
+    consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE,
+                     sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q,
+                     N_KV, n_load)
+    gl.warp_specialize([
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+                     off_hz * N_Q + row0, kv_row, n_load)),
+        (_consumer_0, consumer_args),
+        (_consumer_1, consumer_args),
+    ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
+    for c in gl.static_range(2):
+        mbarrier.invalidate(q_bars.index(c))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
 '''
 
 
@@ -290,6 +455,7 @@ def render_gluon(spec: AttentionSpec) -> str:
         "SPEC_KEY": spec.key,
         "OPS": "".join(f"{n}, " for n in ops),
         "HEADS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
+        "HEADS_WS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
         "SCORE": textwrap.indent(_score_lines(spec), " " * 4),
         "MASK": str(mask),
     }

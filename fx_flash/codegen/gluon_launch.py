@@ -34,6 +34,10 @@ BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4
 BARRIER_BYTES = 8
+# Shared memory Triton uses to hand a warp-specialized region's captured values (pointers,
+# strides, offsets) to its partitions: 216 bytes compiled for this kernel (triton 3.6 and 3.9),
+# reserved with room to spare.
+WS_CAPTURE_BYTES = 512
 
 
 def enabled() -> bool:
@@ -43,32 +47,49 @@ def enabled() -> bool:
 
 @dataclass(frozen=True)
 class GluonConfig:
+    """A tile of the Gluon forward: BLOCK_M query rows per program, BLOCK_N keys per tile, STAGES
+    K/V buffers; ``ws``: the warp-specialized kernel (a producer and two consumer warpgroups of
+    BLOCK_M / 2 rows each) instead of one partition of two warpgroups that loads for itself."""
+
     BLOCK_M: int
     BLOCK_N: int
     STAGES: int
-    num_warps: int = NUM_WARPS
+    ws: bool = False
+
+    @property
+    def num_warps(self) -> int:
+        """Warps of the kernel's default partition (the producer when ``ws``)."""
+        return 4 if self.ws else NUM_WARPS
+
+    @property
+    def rows_per_consumer(self) -> int:
+        return self.BLOCK_M // 2 if self.ws else self.BLOCK_M
 
     def __str__(self) -> str:
-        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES} warps={self.num_warps}"
+        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}{' ws' if self.ws else ''}"
 
 
-def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
-    """Shared-memory bytes of one program: the Q tile, ``stages`` K and V tiles, and an mbarrier for
-    Q and for each K and V buffer (Triton aligns each array of barriers to 16 bytes). The kernel
-    keeps P and the softmax in registers, so this is the whole of it: tests compare it with the
-    compiled kernel's own count."""
-    ring_barriers = -(-BARRIER_BYTES * stages // 16) * 16
-    return elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim) + 2 * ring_barriers + BARRIER_BYTES
+def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False) -> int:
+    """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
+    tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
+    per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
+    the partitions when ``ws``. P and the softmax stay in registers, so this is the whole of it:
+    tests compare it with the compiled kernels' own counts."""
+    ring = -(-BARRIER_BYTES * stages // 16) * 16
+    tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
+    if ws:
+        return tiles + 2 * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
+    return tiles + BARRIER_BYTES + 2 * ring
 
 
-def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonConfig]:
+def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False) -> Optional[GluonConfig]:
     """The tile for ``head_dim``: BLOCK_M = 128 rows, key tiles of 128 (64 when 128 does not fit
     two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none fits."""
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
-                   if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s) <= device.shared_memory]
+                   if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s, ws) <= device.shared_memory]
         if fitting:
-            return GluonConfig(BLOCK_M, block_n, max(fitting))
+            return GluonConfig(BLOCK_M, block_n, max(fitting), ws)
     return None
 
 
@@ -137,12 +158,14 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     """Run the kernel into ``out`` (Z, H, N_Q, d) and ``lse`` (Z, H, N_Q) fp32 with tile ``config``
     (the caller has checked ``unsupported_call``)."""
     z, h, n_q, d = q.shape
-    fn = load(spec)._attn_fwd_sm90
+    module = load(spec)
+    fn = module._attn_fwd_sm90_ws if config.ws else module._attn_fwd_sm90
+    rows = config.rows_per_consumer
     grid = (triton.cdiv(n_q, config.BLOCK_M), z * h)
-    fn[grid](_descriptor(q, config.BLOCK_M), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
+    fn[grid](_descriptor(q, rows), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
              out, lse, scale, *out.stride(), h, n_q, k.shape[2],
-             GROUP=h // k.shape[1], HEAD_DIM=d, CAUSAL=spec.causal, BLOCK_M=config.BLOCK_M,
-             BLOCK_N=config.BLOCK_N, STAGES=config.STAGES, NUM_WARPS=config.num_warps, num_warps=config.num_warps)
+             GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
+             NUM_WARPS=config.num_warps, num_warps=config.num_warps)
 
 
 def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:

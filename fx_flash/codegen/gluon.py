@@ -33,23 +33,30 @@ GLUON_TEMPLATE = '''\
 #                      head's rows (or zeros at the end): those rows are computed and not stored.
 #   Out, LSE           (Z, H, N_Q, HEAD_DIM) output through its strides; (Z, H, N_Q) fp32
 #                      natural-log logsumexp, the portable forward's contract (the backward reads it).
-#   BLOCK_M, BLOCK_N   query rows / key columns of a tile; STAGES K/V buffers in the ring.
+#   BLOCK_M, BLOCK_N   query rows of one consumer / key columns of a tile; STAGES K/V buffers.
+#   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
+#   k_empty, v_empty   (warp-specialized kernel only) completed when both consumers released it.
 #   s_layout, o_layout wgmma accumulator layouts of the scores (BLOCK_M, BLOCK_N) and of the output
-#                      (BLOCK_M, HEAD_DIM); NUM_WARPS // 4 warpgroups split the rows.
+#                      (BLOCK_M, HEAD_DIM); a consumer's NUM_WARPS // 4 warpgroups split its rows.
 #   qk, s              raw q·kᵀ of a tile and the score computed from it, in log2 units (log2 e
 #                      folded into qk_scale, exp2 in the softmax).
 #   m_i, l_i, acc      running row max, running row sum of exp2, output accumulator.
 #
+# Two kernels share the consumer code (_attend): _attn_fwd_sm90, one partition of NUM_WARPS = 8
+# warps that also issues its TMA loads (what fx_flash routes to, FX_FLASH_GLUON=1), and
+# _attn_fwd_sm90_ws, FlashAttention-3's layout: a producer partition issues every load, two
+# consumer warpgroups of BLOCK_M rows each run independently (experimental: see README).
+#
 # Note (pipeline): tile j's q·kᵀ is issued, then tile j-1's p·v, both asynchronous; waiting for
 # one outstanding group leaves p·v running on the tensor cores while the softmax of tile j runs.
-# K buffer j % STAGES is refilled (tile j + STAGES) as soon as q·kᵀ of tile j has completed, V
-# buffer (j-1) % STAGES (tile j-1+STAGES) once p·v of tile j-1 has: each TMA load completes on its
-# buffer's mbarrier, whose phase flips every STAGES tiles.
+# K buffer j % STAGES is released as soon as q·kᵀ of tile j has completed, V buffer (j-1) % STAGES
+# once p·v of tile j-1 has: the single-partition kernel then loads tile + STAGES into it itself,
+# the warp-specialized one arrives on its empty barrier for the producer. A buffer's barriers
+# flip phase once per use, so tile t waits on parity (t // STAGES) & 1.
 #
 # Note (fully masked rows): as in the portable template, a row whose every score is -inf keeps
 # m_i = -inf and exponentiates against 0: its output is 0 and its LSE -inf.
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -78,6 +85,22 @@ $SCORE
 
 
 @gluon.jit
+def _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}in_band):
+    """_softmax_tile with the keep-predicate where it can fail (see MASK): on every tile, on the
+    tiles of the causal band (``in_band``; interior tiles apply only the rest of it), or nowhere."""
+    if MASK == 2:
+        p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}True)
+    elif MASK == 1:
+        if in_band:
+            p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}True)
+        else:
+            p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}False)
+    else:
+        p, m_new, l_new, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}False)
+    return p, m_new, l_new, alpha
+
+
+@gluon.jit
 def _release(tile, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: gl.constexpr, BLOCK_N: gl.constexpr,
              STAGES: gl.constexpr, WS: gl.constexpr):
     """Buffer tile % STAGES is no longer read: tell the producer partition (WS), or load tile
@@ -93,9 +116,9 @@ def _release(tile, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: gl.con
 
 @gluon.jit
 def _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc,
-          kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}
+          kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
           s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREDICATE: gl.constexpr, WS: gl.constexpr):
+          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
     """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1."""
     buf = j % STAGES
     prev = (j - 1) % STAGES
@@ -106,7 +129,7 @@ def _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_em
     pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
     qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
     _release(j, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
-    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}PREDICATE)
+    p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
     acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
     _release(j - 1, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
@@ -119,8 +142,8 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, 
             n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
-    [0, mid) without the keep-predicate, [mid, n_tiles) with it. ``n_load`` tiles are loaded into
-    the ring in all (more than n_tiles when another consumer needs more)."""
+    [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
+    tiles are loaded into the ring in all (more than n_tiles when another consumer needs more)."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -141,21 +164,17 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, 
                        use_acc=False, is_async=True)
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
-    if mid <= 0:
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}True)
-    else:
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}False)
+    p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
-    # -- interior tiles, then the tiles that need the predicate: one pipeline through both --
-    for j in range(1, mid):
+    # -- steady state: tiles from ``mid`` on cross the causal diagonal (MASK = 1) --
+    # Note (one loop): splitting it into an unmasked and a masked loop fed one pipeline through both
+    # but was not measured (the H200 run that would have timed it hung on a bug since fixed), so the
+    # measured form stays: a branch per tile on in_band.
+    for j in range(1, n_tiles):
         p_op, m_i, l_i, acc = _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                    k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}
-                                    s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, False, WS)
-    for j in range(gl.maximum(mid, 1), n_tiles):
-        p_op, m_i, l_i, acc = _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                    k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}
-                                    s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, True, WS)
+                                    k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid,
+                                    s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS)
 
     # -- the last tile's p·v --
     last = (n_tiles - 1) % STAGES
@@ -435,7 +454,7 @@ def _score_lines(spec: AttentionSpec) -> str:
     lines = [f"s = {printer.doprint(_score_expr(spec))}"]
     if spec.keep is not sympy.true:
         lines += ["if PREDICATE:", f'    s = gl.where({printer.doprint(spec.keep)}, s, float("-inf"))']
-        if spec.interior_keep is not sympy.true:
+        if spec.causal and spec.interior_keep is not sympy.true:  # (MASK = 2 never takes "else")
             lines += ["else:", f'    s = gl.where({printer.doprint(spec.interior_keep)}, s, float("-inf"))']
     text = "\n".join(lines)
     if re.search(r"\btl\.", text):

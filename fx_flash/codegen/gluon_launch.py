@@ -4,8 +4,10 @@ the TMA descriptors, the cached module.
 Off unless ``FX_FLASH_GLUON=1``; then ``launch.attention_forward`` offers each forward here first,
 and every call this kernel cannot compute exactly (another GPU, the interpreter, fp32, head dims
 other than 64 and 128, tensor operands, dropout, layouts a row-matrix descriptor cannot address,
-key lengths that are not a multiple of the key tile) runs the portable kernels instead. The
-reason is logged on the ``fx_flash`` logger at debug level.
+key lengths that are not a multiple of the key tile), or that it was not measured faster on
+(``not_routed``: head dim 64, fp16), runs the portable kernels instead. The reason is logged on
+the ``fx_flash`` logger at debug level. The warp-specialized kernel is reached only through
+``launch`` with a ``GluonConfig(..., ws=True)`` (benchmarks/gluon_check.py): it was never timed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from fx_flash.device import DeviceProfile, device_profile, interpreting
 log = logging.getLogger("fx_flash")
 
 HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger ones need splitting
+# What FX_FLASH_GLUON=1 routes here: the head dims and dtypes where the kernel was checked on the
+# H200 and measured at least as fast as the tuned portable forward (benchmarks/RESULTS.md).
+ROUTED_HEAD_DIMS = (128,)
+ROUTED_DTYPES = (torch.bfloat16,)
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4
@@ -168,11 +174,21 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
              NUM_WARPS=config.num_warps, num_warps=config.num_warps)
 
 
+def not_routed(q: torch.Tensor) -> Optional[str]:
+    """Why a call the kernel could compute still runs the portable forward: where the H200 runs
+    measured it slower (head dim 64), or where it has not been run on a GPU at all (fp16)."""
+    if q.shape[-1] not in ROUTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]}: the portable forward measured faster on the H200 (benchmarks/RESULTS.md)"
+    if q.dtype not in ROUTED_DTYPES:
+        return f"{q.dtype}: not yet checked on a GPU"
+    return None
+
+
 def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
-    """Compute the forward into ``out``/``lse`` with the Gluon kernel if it applies; False (nothing
-    written) when the portable kernels must run instead."""
+    """Compute the forward into ``out``/``lse`` with the single-partition Gluon kernel if it
+    applies; False (nothing written) when the portable kernels must run instead."""
     config = default_config(device_profile(q.device), q.shape[-1], q.element_size()) if q.is_cuda else None
-    reason = unsupported_call(spec, q, k, v, config)
+    reason = unsupported_call(spec, q, k, v, config) or not_routed(q)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)
         return False

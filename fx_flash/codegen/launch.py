@@ -322,6 +322,9 @@ def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, s
     if splits:
         _forward_split(spec, consts, splits, rows, q, k, v, out, lse, operand_args, seed, scale, dropout_p)
         return out, lse
+    from fx_flash.codegen import gluon_launch  # the sm90 Gluon forward, FX_FLASH_GLUON=1 (off by default)
+    if gluon_launch.enabled() and gluon_launch.forward(spec, q, k, v, out, lse, scale):
+        return out, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
          q, k, v, out, lse, *operand_args, *_pointers(q, seed), scale, dropout_p,

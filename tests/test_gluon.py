@@ -1,0 +1,224 @@
+"""The Gluon sm90 forward (fx_flash/codegen/gluon.py, gluon_launch.py) without a GPU: what it renders
+for each spec kind, which specs and calls it refuses, the tile it picks from shared memory M, that
+every call it cannot take still runs the portable kernels, and that the rendered kernels compile for
+sm_90 with wgmma and TMA and use exactly the shared memory the footprint model says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import expecttest
+import pytest
+import torch
+
+from fx_flash.codegen import gluon_launch
+from fx_flash.codegen.gluon import _score_lines, render_gluon, unsupported
+from fx_flash.codegen.spec import sdpa_spec, spec_from_text
+from fx_flash.device import DeviceProfile
+from tests import test_kernels
+from tests.numerics import poison_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+H200 = DeviceProfile("NVIDIA H200", shared_memory=232448, multiprocessors=132, capability=(9, 0))
+CAUSAL = "score=qk*scale; keep=kv_idx <= q_idx"
+SOFTCAP = "score=50*tanh(qk*scale/50); keep=kv_idx <= q_idx"
+WINDOW = "score=qk*scale; keep=(kv_idx <= q_idx) & (q_idx <= kv_idx + 1023)"
+PREFIX_LM = "score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)"
+# Reads the head and the key length: the printer's bindings of b, h, n_kv reach the kernel.
+HEAD_AND_LENGTH = "score=qk*scale + h; keep=kv_idx < n_kv - 3"
+
+
+class TestRendered(expecttest.TestCase):
+    def test_plain_score_is_one_multiply_and_no_predicate(self):
+        """Plain attention: s = qk·(scale·log2 e), and no keep-predicate anywhere (MASK 0)."""
+        src = render_gluon(sdpa_spec())
+        self.assertIn("MASK = gl.constexpr(0)", src)
+        self.assertExpectedInline(_score_lines(sdpa_spec()), """s = qk*qk_scale""")
+
+    def test_causal_masks_only_band_tiles(self):
+        """Causal: the predicate on the band tiles only (MASK 1; interior tiles hold it)."""
+        spec = spec_from_text(CAUSAL)
+        self.assertIn("MASK = gl.constexpr(1)", render_gluon(spec))
+        self.assertExpectedInline(_score_lines(spec), """\
+s = qk*qk_scale
+if PREDICATE:
+    s = gl.where((offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))""")
+
+    def test_softcap_has_a_gluon_tanh(self):
+        """Soft-capping: tanh through exp2 (Gluon has no tanh or sigmoid), log2 e outside it."""
+        self.assertExpectedInline(_score_lines(spec_from_text(SOFTCAP)), """\
+s = 50*LOG2E*(1.0 - 2.0 / (gl.exp2(2.8853900817779268 * (qk*sm_scale/50)) + 1.0))
+if PREDICATE:
+    s = gl.where((offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))""")
+
+    def test_window_keeps_its_lower_bound_on_interior_tiles(self):
+        """A causal window: band tiles apply the whole predicate, interior ones its other half."""
+        self.assertExpectedInline(_score_lines(spec_from_text(WINDOW)), """\
+s = qk*qk_scale
+if PREDICATE:
+    s = gl.where(((offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] <= offs_n[None, :] + 1023)), s, float("-inf"))
+else:
+    s = gl.where((offs_m[:, None] <= offs_n[None, :] + 1023), s, float("-inf"))""")
+
+    def test_non_causal_predicate_applies_on_every_tile(self):
+        """A predicate that is not causal (prefix-LM) is applied on every tile (MASK 2)."""
+        spec = spec_from_text(PREFIX_LM)
+        self.assertFalse(spec.causal)
+        self.assertIn("MASK = gl.constexpr(2)", render_gluon(spec))
+
+    def test_header_names_the_spec(self):
+        """Generated files say they are generated and name their spec and key."""
+        spec = spec_from_text(SOFTCAP)
+        head = render_gluon(spec).splitlines()[:3]
+        self.assertEqual(head[1], f"# spec: {spec.describe()}")
+        self.assertEqual(head[2], f"# spec key: {spec.key}")
+
+    def test_no_triton_spelling_is_left(self):
+        """Every function the printers emit has its Gluon name (gl.*, never tl.*)."""
+        for text in (CAUSAL, SOFTCAP, WINDOW, PREFIX_LM, HEAD_AND_LENGTH, "score=sigmoid(qk*scale)",
+                     "score=qk*scale*2**(-h/4)", "score=Abs(qk)*scale"):
+            src = render_gluon(spec_from_text(text))
+            assert "tl." not in src, text
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("score=qk*scale + t0; t0=float[h, q_idx, kv_idx]", "operands"),
+    ("score=qk*scale; keep=t0; t0=bool[b, 0, 0, kv_idx]", "operands"),
+    ("score=qk*scale; dropout", "dropout"),
+    ("score=qk*scale; keep=kv_idx <= q_idx; fill=-10000.0", "finite fill"),
+    ("score=qk*scale*1e40", "log2"),  # a constant that log2 e would push past fp32
+    ("score=sin(qk)*scale", "sin"),  # no printer has a form for it
+])
+def test_unsupported_specs_are_refused(text, reason):
+    """Specs the Gluon kernel cannot compute exactly get a reason (they run the portable kernels)."""
+    assert reason in (unsupported(spec_from_text(text)) or "")
+
+
+@pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL, SOFTCAP, WINDOW, PREFIX_LM, HEAD_AND_LENGTH])
+def test_supported_specs(text):
+    assert unsupported(spec_from_text(text)) is None
+
+
+def test_tiles_fit_shared_memory_by_construction():
+    """The tile is the deepest ring of 128-key tiles that fits M (64-key tiles when none does),
+    and no tile at all when even that does not fit."""
+    assert gluon_launch.default_config(H200, 128, 2) == gluon_launch.GluonConfig(128, 128, 3)
+    assert gluon_launch.default_config(H200, 64, 2) == gluon_launch.GluonConfig(128, 128, 4)
+    ada = DeviceProfile("ada", 101376, 1, (8, 9))  # M too small for two 128-key stages at d = 128
+    assert gluon_launch.default_config(ada, 128, 2) == gluon_launch.GluonConfig(128, 64, 2)
+    assert gluon_launch.default_config(DeviceProfile("small", 48 * 1024, 1, (9, 0)), 128, 2) is None
+    for device in (H200, ada):
+        for d in gluon_launch.HEAD_DIMS:
+            for ws in (False, True):
+                cfg = gluon_launch.default_config(device, d, 2, ws)
+                assert gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws) <= device.shared_memory
+
+
+def test_footprint_counts_each_buffer():
+    """Q tile, STAGES K and V tiles, and 16-byte aligned barrier arrays (one more stage adds two
+    tiles and, past a 16-byte boundary, two barrier slots)."""
+    assert gluon_launch.footprint(128, 128, 128, 2, 2) == 2 * (128 * 128 + 2 * 2 * 128 * 128) + 8 + 2 * 16
+    assert gluon_launch.footprint(128, 128, 128, 2, 3) - gluon_launch.footprint(128, 128, 128, 2, 2) == (
+        2 * 2 * 128 * 128 + 2 * 16)
+
+
+def test_row_matrix_rule():
+    """Descriptors address (Z·H·N, d) row matrices: contiguous tensors and padded rows qualify;
+    a (B, N, H, d) storage or a head dim that is not contiguous does not."""
+    x = torch.randn(2, 3, 40, 64, dtype=torch.float16)
+    assert gluon_launch.row_matrix(x)
+    assert gluon_launch.row_matrix(torch.randn(2, 3, 40, 72, dtype=torch.float16)[..., :64])  # padded rows
+    assert not gluon_launch.row_matrix(x.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not gluon_launch.row_matrix(x.transpose(-1, -2).contiguous().transpose(-1, -2))
+
+
+def test_calls_off_sm90_are_refused():
+    """CPU tensors (and the interpreter) never reach the Gluon kernel."""
+    q = torch.randn(1, 2, 128, 64)
+    reason = gluon_launch.unsupported_call(sdpa_spec(), q, q, q, gluon_launch.default_config(H200, 64, 2))
+    assert reason == "not on a CUDA device"
+
+
+def test_routing_is_limited_to_what_was_measured():
+    """FX_FLASH_GLUON=1 routes bf16 at head dim 128 only: head dim 64 measured slower than the
+    portable forward on the H200, fp16 was never run there."""
+    assert gluon_launch.not_routed(torch.empty(1, 1, 8, 128, dtype=torch.bfloat16)) is None
+    assert "64" in gluon_launch.not_routed(torch.empty(1, 1, 8, 64, dtype=torch.bfloat16))
+    assert "float16" in gluon_launch.not_routed(torch.empty(1, 1, 8, 128, dtype=torch.float16))
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv("FX_FLASH_GLUON", raising=False)
+    assert not gluon_launch.enabled()
+    monkeypatch.setenv("FX_FLASH_GLUON", "1")
+    assert gluon_launch.enabled()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_enabled_path_falls_back_to_the_portable_kernels(monkeypatch, causal):
+    """With FX_FLASH_GLUON=1 a call the Gluon kernel cannot take (here: not on a GPU) runs the
+    portable kernels and stays exact, forward and backward; the Gluon launcher is never called."""
+    poison_outputs(monkeypatch)
+    monkeypatch.setenv("FX_FLASH_GLUON", "1")
+    launched = []
+    monkeypatch.setattr(gluon_launch, "launch", lambda *a, **kw: launched.append(a))
+    torch.manual_seed(0)
+    test_kernels.check(test_kernels.SHAPES["ragged_cross"], torch.float32, causal=causal)
+    assert not launched
+
+
+def _gluon_hopper_available() -> bool:
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None
+    except ImportError:  # no triton.experimental at all
+        return False
+
+
+KERNELS = {  # name: (spec, head dim, warp-specialized), each at the H200's tile for its head dim
+    "plain-d128": ("score=qk*scale", 128, False), "causal-d128": (CAUSAL, 128, False),
+    "softcap-d128": (SOFTCAP, 128, False), "prefix_lm-d64": (PREFIX_LM, 64, False),
+    "head_and_length-d64": (HEAD_AND_LENGTH, 64, False), "causal-d64": (CAUSAL, 64, False),
+    "causal-d128-ws": (CAUSAL, 128, True), "softcap-d64-ws": (SOFTCAP, 64, True),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """One process compiles every kernel of KERNELS for sm_90 (see tests/gluon_sm90.py for why a
+    process of its own), at the tile default_config gives the H200."""
+    args = []
+    for text, d, ws in KERNELS.values():
+        cfg = gluon_launch.default_config(H200, d, 2, ws)
+        args += [text, str(d), str(cfg.BLOCK_N), str(cfg.STAGES), "1" if ws else "0"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-m", "tests.gluon_sm90", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return dict(zip(KERNELS, reports))
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("name", KERNELS)
+def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
+    """The rendered kernel compiles for sm_90 to asynchronous wgmma and TMA bulk-tensor loads, and
+    its shared memory is the footprint model's (the warp-specialized kernel: within the reserve for
+    the partitions' captures) and at most the H200's M."""
+    text, d, ws = KERNELS[name]
+    report = compiled[name]
+    cfg = gluon_launch.default_config(H200, d, 2, ws)
+    assert (report["spec"], report["head_dim"], report["ws"]) == (text, d, ws)
+    assert report["wgmma"] > 0 and report["tma"] > 0
+    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws)
+    if ws:
+        assert model - gluon_launch.WS_CAPTURE_BYTES < report["shared"] <= model
+        assert "240" in report["setmaxnreg"]  # the consumers' registers are raised
+    else:
+        assert report["shared"] == model
+    assert report["shared"] <= H200.shared_memory

@@ -52,8 +52,9 @@ def hf_mask(q, k, v, pad):
     bi = torch.arange(b, device=q.device)[:, None, None, None]
     qi, ki = torch.arange(n, device=q.device)[None, None, :, None], torch.arange(n, device=q.device)[None, None, None, :]
     mask = (ki <= qi) & pad[bi, ki]
-    additive = torch.where(mask.expand(b, -1, n, n), torch.zeros((), dtype=q.dtype, device=q.device), MIN)
-    w = F.softmax(_scores(q, k).float() + additive, dim=-1).to(q.dtype)
+    low = torch.finfo(q.dtype).min  # transformers' min_dtype
+    additive = torch.where(mask.expand(b, -1, n, n), torch.zeros((), dtype=q.dtype, device=q.device), low)
+    w = F.softmax(_scores(q, k) + additive, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(w, v)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -499,3 +500,88 @@ def test_untuned_tile_follows_occupancy(monkeypatch, batch, block_m):
     assert chosen.config.BLOCK_M == block_m
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+class _FakeKernel:
+    """A compiled kernel's launch surface (what JITFunction.run calls), recording each launch."""
+
+    function, packed_metadata = "function", "packed metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+class _FakeJIT:
+    """A JITFunction with the real generated forward's signature: ``fn[grid](...)`` records the
+    bound call (as Triton's binder binds it) and returns the one compiled kernel."""
+
+    def __init__(self, fn):
+        self.signature, self.pre_run_hooks, self.kernel, self.calls = inspect.signature(fn), [], _FakeKernel(), []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            params = {k: v for k, v in kwargs.items() if k in self.signature.parameters}
+            bound = self.signature.bind(*args, **params)
+            bound.apply_defaults()
+            self.calls.append((grid, tuple(bound.arguments.values())))
+            return self.kernel
+        return run
+
+
+class _FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+
+def _forward_call(n_q: int = 40, offset: int = 0):
+    """The forward kernel's launch arguments, as attention_forward builds them."""
+    spec = SPEC
+    q = torch.randn(2 * 4 * n_q * 16 + offset)[offset:].view(2, 4, n_q, 16)
+    k, v, out = (torch.randn(2, 4, n_q, 16) for _ in range(3))
+    lse = torch.empty(2, 4, n_q)
+    consts, _ = launch._common(spec, q, k)
+    args = (q, k, v, out, lse, q, 0.25, 0.0, *q.stride(), *k.stride(), *v.stride(), *out.stride())
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), 2 * 4)  # noqa: E731
+    return grid, args, consts
+
+
+def test_direct_launch_passes_what_triton_binds(monkeypatch):
+    """After one launch through the JIT function, a launch with an equal argument signature calls
+    the compiled kernel's launcher directly with exactly the values Triton's binder would pass
+    (positional arguments, then the remaining parameters in order, constexprs included); a
+    misaligned tensor or another stride goes through the JIT function again."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_driver", lambda: _FakeDriver())
+    fake = _FakeJIT(getattr(loader.load(SPEC)._attn_fwd, "fn", loader.load(SPEC)._attn_fwd))
+    config = TileConfig(32, 64, 4, 3)
+    chosen = launch.Launch(fake, config, launch._meta(config))
+    grid, args, consts = _forward_call()
+    launch._launch(chosen, grid, args, consts)
+    assert len(fake.calls) == 1 and fake.kernel.launches == []
+    grid, args, consts = _forward_call()  # new tensors, same shapes, strides and alignment
+    launch._launch(chosen, grid, args, consts)
+    assert len(fake.calls) == 1
+    (launched,) = fake.kernel.launches
+    expected = fake.signature.bind(*args, **{k: v for k, v in {**consts, **chosen.meta}.items()
+                                             if k in fake.signature.parameters})
+    expected.apply_defaults()
+    bound = tuple(expected.arguments.values())
+    assert launched[:7] == (*grid(chosen.meta), 1, 1234, "function", "packed metadata", None)
+    values = launched[9:]
+    assert len(values) == len(bound) and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                             for a, b in zip(values, bound))
+    fake.calls.clear()
+    grid, args, consts = _forward_call(offset=1)  # q starts 4 bytes into its storage: not 16-aligned
+    launch._launch(chosen, grid, args, consts)
+    grid, args, consts = _forward_call(n_q=41)  # other strides
+    launch._launch(chosen, grid, args, consts)
+    assert len(fake.calls) == 2 and len(fake.kernel.launches) == 1

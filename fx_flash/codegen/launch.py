@@ -241,7 +241,7 @@ def _launch(chosen: Launch, grid, args: tuple, kwargs: dict) -> None:
     if interpreting() or not direct_launch():
         chosen.fn[grid(meta)](*args, **kwargs, **meta)
         return
-    driver = triton.runtime.driver.active
+    driver = _driver()
     device = driver.get_current_device()
     signature = (device, *kwargs.values(), *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
                                              else a for a in args])
@@ -261,6 +261,11 @@ def _launch(chosen: Launch, grid, args: tuple, kwargs: dict) -> None:
     kernel.run(size[0], size[1] if len(size) > 1 else 1, size[2] if len(size) > 2 else 1, stream,
                kernel.function, kernel.packed_metadata, kernel.launch_metadata(size, stream, *values),
                hooks.launch_enter_hook, hooks.launch_exit_hook, *values)
+
+
+def _driver():
+    """Triton's active GPU driver (current device and stream, as JITFunction.run reads them)."""
+    return triton.runtime.driver.active
 
 
 def _bind(fn, kernel, n_positional: int, keywords: dict):

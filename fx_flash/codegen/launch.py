@@ -45,6 +45,12 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # fp32 with tf32 enabled; ignored by fp16/bf16 dots
 
 
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for the per-call grids: plain integers (``triton.cdiv`` costs ~3 µs a call, as it
+    also accepts constexprs)."""
+    return -(-a // b)
+
+
 def _bucket(n: int) -> int:
     """The power of two at or above ``n``: autotuning shares one result per bucket."""
     return 1 << (max(int(n), 1) - 1).bit_length()
@@ -136,8 +142,10 @@ def _waves(grid, q: torch.Tensor) -> int:
     tiles for the forward and dQ, batch·K/V heads times key tiles for dK/dV, and the splits of
     split-KV decoding, whose grid is fixed.
     """
-    smallest = grid({"BLOCK_M": tiling.MIN_BLOCK, "BLOCK_N": tiling.MIN_BLOCK})
-    return autotune.waves_bucket(smallest, device_profile(q.device).multiprocessors)
+    return autotune.waves_bucket(grid(_SMALLEST), device_profile(q.device).multiprocessors)
+
+
+_SMALLEST = {"BLOCK_M": tiling.MIN_BLOCK, "BLOCK_N": tiling.MIN_BLOCK}
 
 
 def _tuning_key(module, q: torch.Tensor, consts: tuple, waves: int) -> dict:
@@ -405,7 +413,7 @@ def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, s
     if splits:
         _forward_split(spec, consts, splits, rows, q, k, v, out, lse, operand_args, seed, scale, dropout_p)
         return out, lse
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+    grid = lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
          q, k, v, out, lse, *operand_args, *_pointers(q, seed), scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), **consts)
@@ -481,7 +489,7 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
     # and writes Delta for the dK/dV kernel.
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if consts["DQ_ATOMIC"] else None
     if dq_acc is None:
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+        grid_q = lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
         _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
              q, k, v, out, dout, dq, lse, delta, *operand_args, seed_arg, scale, dropout_p,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
@@ -491,7 +499,7 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
             out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
             HEAD_DIM=consts["HEAD_DIM"], HEAD_DIM_PAD=consts["HEAD_DIM_PAD"], BLOCK_M=DELTA_BLOCK_M)
     dq_arg = dq_acc if dq_acc is not None else q
-    grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
+    grid_kv = lambda meta: (_cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
     _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
          q, k, v, dout, dk, dv, dq_arg, lse, delta, *operand_args, *grad_args, seed_arg,
          scale, dropout_p,

@@ -465,7 +465,8 @@ def test_nothing_is_timed_inside_a_cuda_graph_capture(monkeypatch, tmp_path):
     monkeypatch.setattr(launch, "_time_ms", time_ms)
     launched = []
     real_launch = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda chosen, *a: launched.append(chosen.config) or real_launch(chosen, *a))
+    monkeypatch.setattr(launch, "_launch", lambda chosen, *a, **kw: launched.append(chosen.config)
+                        or real_launch(chosen, *a, **kw))
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     default = tiling.default_config("fwd", INTERPRETER_PROFILE, 16, 4, 0, autotune.waves_bucket((3, 2), 1), 64, 64)
     out = fx_flash.flash_attention(q, k, v)
@@ -559,7 +560,6 @@ def test_direct_launch_passes_what_triton_binds(monkeypatch):
     the compiled kernel's launcher directly with exactly the values Triton's binder would pass
     (positional arguments, then the remaining parameters in order, constexprs included); a
     misaligned tensor or another stride goes through the JIT function again."""
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(launch, "_driver", lambda: _FakeDriver())
     fake = _FakeJIT(getattr(loader.load(SPEC)._attn_fwd, "fn", loader.load(SPEC)._attn_fwd))
     config = TileConfig(32, 64, 4, 3)

@@ -230,10 +230,10 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
         chosen, final = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows, tune)
         if final:
             CHOSEN[key] = chosen
-    _launch(chosen, grid, args, kwargs)
+    _launch(chosen, grid, args, kwargs, direct=q.device.type == "cuda" and not interpreting() and direct_launch())
 
 
-def _launch(chosen: Launch, grid, args: tuple, kwargs: dict) -> None:
+def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True) -> None:
     """Launch ``chosen`` on these arguments.
 
     The first launch of an argument signature goes through Triton's ``JITFunction.run``, which
@@ -246,7 +246,7 @@ def _launch(chosen: Launch, grid, args: tuple, kwargs: dict) -> None:
     skipping the binder, the cache-key computation and the option parsing of every call.
     """
     meta = chosen.meta
-    if interpreting() or not direct_launch():
+    if not direct:  # the interpreter, or FX_FLASH_DIRECT_LAUNCH=0
         chosen.fn[grid(meta)](*args, **kwargs, **meta)
         return
     driver = _driver()

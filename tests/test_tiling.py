@@ -94,10 +94,10 @@ def test_compiled_kernels_fit_device(head_dim):
     assert shared and max(shared) <= m
 
 
-# The untuned default (tiling.default_config): golden picks per mocked device, bf16. The H200's
-# (and H100's: same M and SMs) forward and dQ picks are the tuner's measured choices at N = 8k
-# (benchmarks/RESULTS.md, tiles against M); dK/dV keeps 128 keys resident, as FlexAttention's
-# sm90 default does.
+# The untuned default (tiling.default_config): golden picks per mocked device, bf16. On the H200
+# (and H100: same M and SMs) the d = 64 forward and the dQ picks are the tuner's measured choices
+# at N = 8k (benchmarks/RESULTS.md, tiles against M; the d = 128 forward's was (128, 128, 8, 2));
+# dK/dV keeps 128 keys resident, as FlexAttention's sm90 default does.
 H200 = DeviceProfile("NVIDIA H200", 232448, 132, (9, 0))
 CONSUMER = DeviceProfile("consumer 101376 B", 101376, 128, (8, 9))
 GOLDEN = [

@@ -257,6 +257,8 @@ def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True
     size = grid(meta)
     if bound is False:
         kernel = chosen.fn[size](*args, **kwargs, **meta)
+        if len(chosen.bound) >= MAX_BOUND:  # one entry per shape: bound the memory of a dynamic workload
+            chosen.bound.clear()
         chosen.bound[signature] = _bind(chosen.fn, kernel, len(args), {**kwargs, **meta})
         return
     if bound is None:  # this Triton's kernels cannot be launched directly
@@ -269,6 +271,9 @@ def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True
     kernel.run(size[0], size[1] if len(size) > 1 else 1, size[2] if len(size) > 2 else 1, stream,
                kernel.function, kernel.packed_metadata, kernel.launch_metadata(size, stream, *values),
                hooks.launch_enter_hook, hooks.launch_exit_hook, *values)
+
+
+MAX_BOUND = 4096  # argument signatures remembered per kernel configuration
 
 
 def _driver():

@@ -157,8 +157,9 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
     accumulators). The streamed tile is the largest of STREAMED_TILES (and ≤ ``n_streamed``) at
     which some such resident tile fits M at two stages or more: a smaller M shrinks the resident
     tile before the streamed one. The stages are the deepest that fit M, at most DEFAULT_STAGES;
-    only when no pair fits two stages is one stage taken. Measured on an H200,
-    this is the tuner's pick for the forward and dQ at d = 64 and 128 (benchmarks/RESULTS.md).
+    only when no pair fits two stages is one stage taken. On an H200 this is (128, 64, 8, 3) for
+    the forward and dQ, the tuner's measured pick for the d = 64 forward and for dQ at d = 64 and
+    128 (benchmarks/RESULTS.md, tiles against M; at d = 128 it took (128, 128, 8, 2) forward).
 
     Args:
         kernel: a FOOTPRINT key ("fwd", "fwd_split", "bwd_dq", "bwd_dkdv").

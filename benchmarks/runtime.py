@@ -2,7 +2,8 @@
 batch after a first call on a small one, the untuned default against the tuned tile, CUDA
 graph capture.
 
-    python benchmarks/runtime.py [--ns 1024,4096,16384] [--skip first_call,host,...]
+    python benchmarks/runtime.py --skip default                                             # ~3.5 min
+    python benchmarks/runtime.py --skip first_call,host,waves,capture --ns 1024,4096,16384  # ~5 min
 
 Sections, in order (each prints its table at the end; bulky output goes under $OUT):
     first_call  benchmarks/first_call.py --cases fwd+bwd:causal --impls fx_flash,flex,sdpa

@@ -88,12 +88,13 @@ def eager(*tensors: Optional[Tensor]) -> bool:
     """Whether a call on ``tensors`` may run the op's Python implementations directly, without
     a round trip through the dispatcher per layer (each costs ~10 µs of host time): plain
     tensors (not subclasses, fake or functional tensors), nothing tracing (Dynamo, make_fx,
-    AOTAutograd), no torch_dispatch or torch_function mode, no functorch transform (vmap, grad).
+    AOTAutograd, torch.jit.trace), no torch_dispatch or torch_function mode, no functorch
+    transform (vmap, grad).
     Anything else goes through the registered ops, which every such mechanism understands."""
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces no further
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state()):
         return False
     return all(t is None or type(t) is Tensor for t in tensors)
 

@@ -241,8 +241,9 @@ def test_eager_path_gives_the_ops_results():
 
 
 def test_traced_and_transformed_calls_take_the_ops():
-    """make_fx, fake tensors and vmap never take the direct path (their tensors or modes would
-    reach the kernels' Python): the call is recorded as the op, or handled by the transform."""
+    """make_fx, fake tensors, vmap and torch.jit.trace never take the direct path (their tensors
+    or modes would reach the kernels' Python): the call is recorded as the op, or handled by the
+    transform."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -258,3 +259,5 @@ def test_traced_and_transformed_calls_take_the_ops():
     seen = []
     torch.vmap(lambda x: seen.append(ops.eager(x)) or x)(q)
     assert seen == [False]
+    traced = torch.jit.trace(lambda q, k, v: fx_flash.flash_attention(q, k, v), (q, k, v))
+    assert "fx_flash::flash_attention" in [n.kind() for n in traced.graph.nodes()]

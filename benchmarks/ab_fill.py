@@ -30,8 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--default-tile", action="store_true")
     args = ap.parse_args()
-    if args.default_tile:
-        os.environ["FX_FLASH_AUTOTUNE"] = "0"
+    os.environ["FX_FLASH_AUTOTUNE"] = "0" if args.default_tile else "1"  # tuning is off by default
     b, h, n, d = 4, 16, 4096, 128
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)

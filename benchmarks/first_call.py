@@ -1,14 +1,20 @@
 """First-call cost: seconds from fx_flash's first call in a process to its result, cold and warm.
 
-    python benchmarks/first_call.py [--b 4 --h 16 --n 2048 --d 128]
+    python benchmarks/first_call.py [--b 4 --h 16 --n 2048 --d 128] [--impls fx_flash,flex,sdpa]
 
 Cases: forward, and forward + backward, bf16, causal and not. Each case gets new, empty
-FX_FLASH_CACHE_DIR and TRITON_CACHE_DIR directories and runs in fresh Python processes:
-    cold            empty directories: generate the source, compile, time every candidate
-    cold, no tuning the same with FX_FLASH_AUTOTUNE=0 (other empty directories): compile one tile
-    warm disk       a new process on the cold run's directories: sources, Triton binaries and
-                    tuning records are all on disk
+FX_FLASH_CACHE_DIR, TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR directories and runs in fresh
+Python processes:
+    cold            empty directories: generate the source, compile the default tile of each
+                    kernel (tuning is off by default)
+    cold, tuned     the same with FX_FLASH_AUTOTUNE=1 (other empty directories): compile and time
+                    every candidate of each kernel
+    warm disk       a new process on the cold run's directories: sources and Triton binaries
+                    are on disk
     2nd call        the next call in the warm-disk process (everything in memory)
+``--impls`` adds FlexAttention (``torch.compile(flex_attention)`` with a causal BlockMask; its
+compile goes through Inductor, hence the fresh TORCHINDUCTOR_CACHE_DIR) and SDPA (cuDNN / flash,
+precompiled) rows, timed the same way: cold, warm disk, 2nd call.
 Times run from just before the call to after ``torch.cuda.synchronize()``; imports, CUDA start-up
 and input creation come before and are not counted. Every process checks its results against
 ``F.scaled_dot_product_attention`` in fp32 (max |out − ref| < 2e-2, gradients < 2e-2 · max(1,
@@ -83,8 +89,20 @@ def child(args) -> None:
     if backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
 
+    if args.impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n,
+                                       device=device) if args.causal else None
+        attend = lambda: flex(q, k, v, block_mask=block_mask)  # noqa: E731
+    elif args.impl == "sdpa":
+        attend = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)  # noqa: E731
+    else:
+        attend = lambda: fx_flash.flash_attention(q, k, v, is_causal=args.causal)  # noqa: E731
+
     def call():
-        out = fx_flash.flash_attention(q, k, v, is_causal=args.causal)
+        out = attend()
         grads = torch.autograd.grad(out, (q, k, v), dout) if backward else ()
         sync()
         return out, grads
@@ -115,14 +133,14 @@ def child(args) -> None:
                           device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")))
 
 
-def run_child(args, mode: str, causal: bool, fx_dir: str, triton_dir: str, tune: bool = True) -> dict:
-    env = {**os.environ, "FX_FLASH_CACHE_DIR": fx_dir, "TRITON_CACHE_DIR": triton_dir}
-    if not tune:
-        env["FX_FLASH_AUTOTUNE"] = "0"
-    elif env.get("FX_FLASH_AUTOTUNE") == "0":
-        del env["FX_FLASH_AUTOTUNE"]
+def run_child(args, mode: str, causal: bool, root: str, tune: bool = False, impl: str = "fx_flash") -> dict:
+    """One fresh process of ``impl`` on the cache directories under ``root`` (created if absent)."""
+    env = {**os.environ, "FX_FLASH_CACHE_DIR": os.path.join(root, "fx"),
+           "TRITON_CACHE_DIR": os.path.join(root, "triton"), "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
+           "FX_FLASH_AUTOTUNE": "1" if tune else "0"}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--mode", mode, "--device", args.device,
-           *(["--causal"] if causal else []), *(f"--{x}={getattr(args, x)}" for x in ("b", "h", "n", "d"))]
+           "--impl", impl, *(["--causal"] if causal else []),
+           *(f"--{x}={getattr(args, x)}" for x in ("b", "h", "n", "d"))]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -140,51 +158,64 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per child process")
     ap.add_argument("--cases", default="all", help="e.g. 'fwd+bwd:causal,fwd:full' (default: all four)")
+    ap.add_argument("--impls", default="fx_flash", help="fx_flash,flex,sdpa: which implementations to time")
+    ap.add_argument("--no-tuned", action="store_true", help="skip the cold FX_FLASH_AUTOTUNE=1 column")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="fx_flash", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="fwd", help=argparse.SUPPRESS)
     ap.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
+    sys.exit(0 if report(args, measure(args)) else 1)
 
+
+def measure(args) -> list[dict]:
+    """Every (case, implementation) row: fresh processes on fresh cache directories."""
     rows = []
     cases = CASES if args.cases == "all" else [
         (c.split(":")[0], c.split(":")[1] == "causal") for c in args.cases.split(",")]
     for mode, causal in cases:
-        with tempfile.TemporaryDirectory(prefix="fx_first_call_") as root:
-            dirs = {name: os.path.join(root, name) for name in ("fx", "triton", "fx_untuned", "triton_untuned")}
-            cold = run_child(args, mode, causal, dirs["fx"], dirs["triton"])
-            untuned = run_child(args, mode, causal, dirs["fx_untuned"], dirs["triton_untuned"], tune=False)
-            warm = run_child(args, mode, causal, dirs["fx"], dirs["triton"])
-        row = dict(mode=mode, causal=causal, cold=cold, untuned=untuned, warm=warm)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for impl in args.impls.split(","):
+            with tempfile.TemporaryDirectory(prefix="fx_first_call_") as root:
+                cold = run_child(args, mode, causal, os.path.join(root, "a"), impl=impl)
+                tuned = {} if impl != "fx_flash" or args.no_tuned else run_child(
+                    args, mode, causal, os.path.join(root, "b"), tune=True)
+                warm = run_child(args, mode, causal, os.path.join(root, "a"), impl=impl)
+            row = dict(impl=impl, mode=mode, causal=causal, cold=cold, tuned=tuned, warm=warm)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
+
+def report(args, rows: list[dict]) -> bool:
+    """Print the tables; True when every process's check passed."""
     s = lambda r, field="first_s": f"{r[field]:.2f}" if field in r else "-"  # noqa: E731
     info = next((r["cold"] for r in rows if "device" in r["cold"]), {})
-    print(f"\nfx_flash first-call cost, B={args.b} H={args.h} N={args.n} d={args.d} bf16 on {info.get('device')}, "
+    print(f"\nfirst-call cost, B={args.b} H={args.h} N={args.n} d={args.d} bf16 on {info.get('device')}, "
           f"torch {info.get('torch')}, triton {info.get('triton')}; FX_FLASH_DQ={os.environ.get('FX_FLASH_DQ', '')}")
-    print("\nWhere the cold and warm-disk first calls go (seconds):\n")
+    print("\nWhere fx_flash's cold and warm-disk first calls go (seconds):\n")
     print("| case | process | " + " | ".join(SPLIT) + " | launch+other | total |")
     print("|---|---|" + "---|" * (len(SPLIT) + 2))
     for r in rows:
-        for label in ("cold", "warm"):
+        for label in ("cold", "tuned", "warm"):
             res = r[label]
-            if "split" in res:
+            if r["impl"] == "fx_flash" and "split" in res:
                 cells = [f"{res['split'][x]:.2f}" for x in (*SPLIT, "launch+other")]
                 print(f"| {r['mode']}{' causal' if r['causal'] else ''} | {label} | " + " | ".join(cells)
                       + f" | {s(res)} |")
-    print("\nSeconds from first call to result (fresh processes; 2nd call: the next call in the warm one):\n")
-    print("| case | cold | cold, FX_FLASH_AUTOTUNE=0 | warm disk | 2nd call | check |")
-    print("|---|---|---|---|---|---|")
+    print("\nSeconds from first call to result (fresh processes on empty caches; warm disk: a new process on "
+          "the cold one's caches; 2nd call: the next call in that process):\n")
+    print("| impl | case | cold | cold, FX_FLASH_AUTOTUNE=1 | warm disk | 2nd call | check |")
+    print("|---|---|---|---|---|---|---|")
     all_ok = True
     for r in rows:
-        ok = all(r[p].get("ok") for p in ("cold", "untuned", "warm"))
+        ok = all(r[p].get("ok") for p in ("cold", "tuned", "warm") if r[p])
         all_ok &= ok
-        print(f"| {r['mode']}{' causal' if r['causal'] else ''} | {s(r['cold'])} | {s(r['untuned'])} | "
+        print(f"| {r['impl']} | {r['mode']}{' causal' if r['causal'] else ''} | {s(r['cold'])} | {s(r['tuned'])} | "
               f"{s(r['warm'])} | {s(r['warm'], 'second_s')} | {'ok' if ok else 'FAIL'} |")
-    sys.exit(0 if all_ok else 1)
+    return all_ok
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def tiles():
     print(f"device {prof.name}: M = {prof.shared_memory} B, {prof.multiprocessors} SMs, "
           f"sm_{prof.capability[0]}{prof.capability[1]}")
     ok = True
-    for (spec, name, _, dtype, consts, waves), chosen in launch.CHOSEN.items():
+    for (spec, name, _, dtype, consts, waves, _tuned), chosen in launch.CHOSEN.items():
         shared = []
         for cache in getattr(chosen.fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
@@ -415,7 +415,10 @@ def main():
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--decode-variants", default="fx_flash,fx_nosplit,sdpa,flex")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--untuned", action="store_true", help="time fx_flash's default tiles (tuning is on here, "
+                    "as in every earlier table, unless this is given)")
     args = ap.parse_args()
+    fx_flash.set_autotune(not args.untuned)
     if args.tiles:  # tune afresh, ignoring disk records, so that every candidate is compiled and checked
         os.environ["FX_FLASH_AUTOTUNE_CACHE"] = "0"
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "

@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--impls", default="fx_flash,sdpa", help="any of fx_flash, sdpa, flex")
     args = ap.parse_args()
+    fx_flash.set_autotune(True)  # tuned tiles, as in the tables measured before tuning became opt-in
     wanted = args.impls.split(",")
     d, n = args.d, args.n
     h, b = 2048 // d, max(1, 16384 // n)

@@ -6,6 +6,8 @@ Public surface:
     explain           what the pass fused and missed in a model, and why.
     backend           options for ``torch.compile(model, backend=fx_flash.backend(...))``;
                       plain ``backend="fx_flash"`` works through the package's entry point.
+    set_autotune      time the tile candidates of each new kernel key (off by default: the
+                      tile derived from shared memory and occupancy runs untimed).
 Importing registers the ``fx_flash::`` torch ops and the backend; it does no GPU work and
 compiles nothing.
 """
@@ -21,10 +23,11 @@ from fx_flash import ops as _ops  # noqa: F401  (registers torch.ops.fx_flash.*)
 # Imported eagerly, so the package attributes are these functions rather than the submodules of
 # the same name (a later ``import fx_flash.backend``, as the entry point does, would not rebind).
 from fx_flash.backend import backend
+from fx_flash.codegen.autotune import set_autotune
 from fx_flash.explain import explain
 from fx_flash.passes import fuse_attention
 
-__all__ = ["backend", "explain", "flash_attention", "fuse_attention"]
+__all__ = ["backend", "explain", "flash_attention", "fuse_attention", "set_autotune"]
 
 
 def flash_attention(
@@ -54,4 +57,6 @@ def flash_attention(
     Returns:
         (B, Hq, Nq, d) in q's dtype. Rows with every key masked out are 0, as in SDPA.
     """
+    if _ops.eager(q, k, v, attn_mask if isinstance(attn_mask, torch.Tensor) else None):
+        return _ops.flash_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return torch.ops.fx_flash.flash_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -11,11 +11,12 @@ Options go through ``fx_flash.backend(inner=..., ...)``, which returns a backend
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import fx
 
 import fx_flash.ops  # noqa: F401  (registers torch.ops.fx_flash.* before any graph is compiled)
+from fx_flash.codegen.autotune import set_autotune
 from fx_flash.passes.fuse_attention import PassResult, run_pass
 
 log = logging.getLogger(__name__)  # a child of "fx_flash"
@@ -42,6 +43,8 @@ def backend(
     *,
     trust_buffers: bool = True,
     on_pass: Callable[[fx.GraphModule, PassResult], None] | None = None,
+    autotune: Optional[bool] = None,
+    cudagraphs: bool = False,
     **inner_options,
 ) -> Compiler:
     """A ``torch.compile`` backend that fuses attention, then runs ``inner``.
@@ -52,14 +55,30 @@ def backend(
         trust_buffers: read a causal ``tril`` buffer's value from Dynamo's example inputs
             (buffers are assumed not to be mutated in place; pass False to keep such masks).
         on_pass: called with (graph module, PassResult) after the rewrite (explain uses it).
+        autotune: True times the tile candidates of each new kernel key on its first call (and
+            records the result on disk) instead of running the default tile derived from M; it
+            sets the process-wide switch (``fx_flash.set_autotune``) when a graph is compiled,
+            so it holds for every fx_flash kernel of the process, as FX_FLASH_AUTOTUNE=1 does.
+            None (default) leaves the switch as it is (off unless FX_FLASH_AUTOTUNE=1).
+        cudagraphs: run the compiled graphs under Inductor's CUDA graphs (the
+            ``triton.cudagraphs`` config patch; the fused attention is captured with the rest).
+            Inductor only. The op is capture-safe: no host synchronization, the same
+            allocations on every replay, nothing timed inside a capture, and the dropout seed
+            drawn by a CUDA RNG op of the graph, so each replay draws a fresh mask.
         inner_options: Inductor config patches, e.g. ``max_autotune=True``.
 
     Returns:
         A callable (gm, example_inputs) -> compiled callable, for ``torch.compile(backend=...)``.
     """
+    if cudagraphs:
+        if inner != "inductor":
+            raise ValueError(f"cudagraphs=True needs inner='inductor' (Inductor's CUDA graphs), got {inner!r}")
+        inner_options = {**inner_options, "triton.cudagraphs": True}
     compile_inner = _inner_compiler(inner, inner_options)
 
     def fx_flash_compile(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if autotune is not None:
+            set_autotune(autotune)
         result = run_pass(gm, example_inputs, trust_buffers=trust_buffers)
         log.info("fx_flash: fused %d attention(s), %d softmax not fused", result.count, len(result.missed))
         if on_pass is not None:

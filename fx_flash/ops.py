@@ -12,6 +12,10 @@
 CUDA tensors run the generated Triton kernels; CPU tensors run the same kernels under
 ``TRITON_INTERPRET=1`` and the eager oracle (``reference.py``) otherwise. Triton is imported
 only when a kernel is launched.
+
+Host time: every layer above is a Python kernel, and each pass through the dispatcher costs
+~10 µs. An eager call on plain tensors (``eager``: nothing tracing, no mode, no transform)
+runs the same Python functions directly; any other call goes through the ops.
 """
 
 from __future__ import annotations
@@ -80,7 +84,21 @@ torch.library.define(
 )
 
 
-@torch.library.impl(f"{LIB}::attn_fwd", ("CPU", "CUDA"))
+def eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on ``tensors`` may run the op's Python implementations directly, without
+    a round trip through the dispatcher per layer (each costs ~10 µs of host time): plain
+    tensors (not subclasses, fake or functional tensors), nothing tracing (Dynamo, make_fx,
+    AOTAutograd, torch.jit.trace), no torch_dispatch or torch_function mode, no functorch
+    transform (vmap, grad).
+    Anything else goes through the registered ops, which every such mechanism understands."""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces no further
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state()):
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
+
+
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], seed: Optional[Tensor], dropout_p: float,
               scale: float, spec: str) -> tuple[Tensor, Tensor]:
     """Fused attention forward. Returns (out (B, Hq, Nq, d), logsumexp (B, Hq, Nq) fp32)."""
@@ -97,13 +115,15 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], seed: Opt
     return out.to(dtype), lse
 
 
+torch.library.impl(f"{LIB}::attn_fwd", ("CPU", "CUDA"))(_attn_fwd)
+
+
 @torch.library.register_fake(f"{LIB}::attn_fwd")
 def _(q, k, v, operands, seed, dropout_p, scale, spec):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.impl(f"{LIB}::attn_bwd", ("CPU", "CUDA"))
 def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, operands: list[Tensor],
               seed: Optional[Tensor], dropout_p: float, scale: float, spec: str):
     """Fused attention backward. Returns (dq, dk, dv, [d operand for each ``grad`` operand])."""
@@ -120,6 +140,9 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
                                               dropout_p, scale, parsed)
         dq, dk, dv = (g.to(dt) for g, dt in zip((dq, dk, dv), dtypes))
     return dq, dk, dv, [g.to(t.dtype) for g, t in zip(dops, grad_of)]
+
+
+torch.library.impl(f"{LIB}::attn_bwd", ("CPU", "CUDA"))(_attn_bwd)
 
 
 def _reference_backward(dout, q, k, v, operands, seed, dropout_p, scale, spec):
@@ -167,8 +190,11 @@ class _AttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seed, dropout_p, scale, spec, *operands):
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse = torch.ops.fx_flash.attn_fwd.default(q, k, v, list(operands), seed, dropout_p, scale, spec)
+        if eager(q, k, v, *operands):  # the implementation below the dispatcher, called directly
+            out, lse = _attn_fwd(q, k, v, list(operands), seed, dropout_p, scale, spec)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out, lse = torch.ops.fx_flash.attn_fwd.default(q, k, v, list(operands), seed, dropout_p, scale, spec)
         ctx.save_for_backward(q, k, v, out, lse, seed, *operands)
         ctx.dropout_p, ctx.scale = dropout_p, scale
         ctx.operand_grads = tuple(bool(g) and t.dtype.is_floating_point
@@ -185,21 +211,25 @@ class _AttnFunction(torch.autograd.Function):
         q, k, v, out, lse, seed, *operands = ctx.saved_tensors
         if grad_out is None:  # only lse was used (AOTAutograd may still call the backward)
             return (None,) * (7 + len(operands))
-        dq, dk, dv, dops = torch.ops.fx_flash.attn_bwd.default(
-            grad_out, q, k, v, out, lse, operands, seed, ctx.dropout_p, ctx.scale, ctx.spec)
+        bwd = _attn_bwd if eager(grad_out, q, k, v, *operands) else torch.ops.fx_flash.attn_bwd.default
+        dq, dk, dv, dops = bwd(grad_out, q, k, v, out, lse, operands, seed, ctx.dropout_p, ctx.scale, ctx.spec)
         found = iter(dops)
         return (dq, dk, dv, None, None, None, None, *[next(found) if g else None for g in ctx.operand_grads])
 
 
-@torch.library.impl(f"{LIB}::attn_fwd", "Autograd")
 def _attn_fwd_autograd(q, k, v, operands, seed, dropout_p, scale, spec):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or any(t.requires_grad for t in operands)):
         return _AttnFunction.apply(q, k, v, seed, dropout_p, scale, spec, *operands)
     # Nothing to differentiate (inference, decoding): skip the autograd.Function's bookkeeping,
     # a third of the op's Python time per call.
+    if eager(q, k, v, *operands):
+        return _attn_fwd(q, k, v, operands, seed, dropout_p, scale, spec)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.fx_flash.attn_fwd.default(q, k, v, operands, seed, dropout_p, scale, spec)
+
+
+torch.library.impl(f"{LIB}::attn_fwd", "Autograd")(_attn_fwd_autograd)
 
 
 attn_fwd = torch.ops.fx_flash.attn_fwd.default
@@ -232,6 +262,8 @@ def sdpa_forward(q, k, v, attn_mask=None, seed=None, dropout_p=0.0, is_causal=Fa
     logsumexp; ``flash_attention`` returns out)."""
     spec, operands = sdpa_call(attn_mask, is_causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if eager(q, k, v, attn_mask):  # attn_fwd's Autograd kernel, without entering the dispatcher
+        return _attn_fwd_autograd(q, k, v, operands, seed, float(dropout_p), scale, spec)
     return attn_fwd(q, k, v, operands, seed, float(dropout_p), scale, spec)
 
 
@@ -242,11 +274,15 @@ torch.library.define(
 )
 
 
-@torch.library.impl(f"{LIB}::flash_attention", "CompositeImplicitAutograd")
-def _flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """fx_flash::flash_attention's implementation (the public ``fx_flash.flash_attention`` calls
+    it directly when ``eager`` allows, else through the op)."""
     validate.check_arguments(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out, _ = sdpa_forward(q, k, v, attn_mask, _draw_seed(q, dropout_p), dropout_p, is_causal, scale)
     return out
+
+
+torch.library.impl(f"{LIB}::flash_attention", "CompositeImplicitAutograd")(flash_attention)
 
 
 torch.library.define(

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import torch
 import triton
 
 import fx_flash
-from fx_flash.codegen import autotune, launch, loader, tiling
+from fx_flash.codegen import autotune, launch, loader, skipping, tiling
 from fx_flash.codegen.spec import sdpa_spec
 from fx_flash.codegen.tiling import TileConfig
 from fx_flash.device import INTERPRETER_PROFILE, interpreting
@@ -325,9 +327,11 @@ def test_tuned_launch_zeroes_atomic_buffers_and_launches_the_choice(monkeypatch)
         if step == 0:
             tuned = len(trials)
     assert tuned == len(trials) > 0  # the second step launched from memory
-    names = {key[1]: chosen.config for key, chosen in launch.CHOSEN.items()}
+    names = {key[1]: (chosen.config, key[5]) for key, chosen in launch.CHOSEN.items()}
     assert set(names) == {"_attn_fwd", "_attn_bwd_dkdv"}
-    assert names["_attn_bwd_dkdv"] == tiling.candidates("bwd_dkdv", INTERPRETER_PROFILE, 16, 4)[-1]
+    config, waves = names["_attn_bwd_dkdv"]
+    default = tiling.default_config("bwd_dkdv", INTERPRETER_PROFILE, 16, 4, 0, waves, 64, 64)
+    assert config == tiling.candidates("bwd_dkdv", INTERPRETER_PROFILE, 16, 4, first=default)[-1] != default
 
 
 FOUR_SMS = dataclasses.replace(INTERPRETER_PROFILE, multiprocessors=4)
@@ -356,7 +360,7 @@ def test_batches_in_different_occupancy_buckets_are_tuned_apart(monkeypatch, tmp
     n = len(tiling.candidates("fwd", FOUR_SMS, 16, 4))
     assert _tuned_forwards(monkeypatch, [4, 5]) == [n, n]
     assert len(_record_files(tmp_path)) == 2
-    assert sorted(key[-1] for key in launch.CHOSEN) == [1, 2]
+    assert sorted(key[5] for key in launch.CHOSEN) == [1, 2]
 
 
 @pytest.mark.skipif(not interpreting(), reason="drives the tuned launch path through the CPU interpreter")
@@ -369,3 +373,216 @@ def test_batches_in_one_occupancy_bucket_share_a_choice(monkeypatch, tmp_path):
     launch.CHOSEN.clear()
     autotune.clear_memory()
     assert _tuned_forwards(monkeypatch, [3]) == [0]
+
+
+@pytest.fixture
+def _tuning_switch(monkeypatch):
+    """Tests of the tuning switch start from its default (no FX_FLASH_AUTOTUNE, no override)."""
+    monkeypatch.delenv("FX_FLASH_AUTOTUNE", raising=False)
+    previous = autotune.set_autotune(None)
+    yield
+    autotune.set_autotune(previous)
+
+
+# What _tunes reads of a CUDA tensor (its device), for the switch's tests on a CPU-only machine.
+CUDA_Q = types.SimpleNamespace(device=torch.device("cuda", 0))
+
+
+def test_tuning_is_off_by_default(_tuning_switch, monkeypatch):
+    """Without FX_FLASH_AUTOTUNE or set_autotune, GPU launches run the default tile untimed."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    assert not autotune.requested() and not launch.autotuning() and not launch._tunes(CUDA_Q)
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False)])
+def test_env_var_turns_tuning_on(_tuning_switch, monkeypatch, value, on):
+    """FX_FLASH_AUTOTUNE=1 turns tuning on for GPU launches; any other value leaves it off."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setenv("FX_FLASH_AUTOTUNE", value)
+    assert launch.autotuning() is on and launch._tunes(CUDA_Q) is on
+
+
+def test_set_autotune_overrides_the_env_var(_tuning_switch, monkeypatch):
+    """set_autotune(True/False) wins over the variable; set_autotune(None) hands back to it."""
+    monkeypatch.setenv("FX_FLASH_AUTOTUNE", "0")
+    assert fx_flash.set_autotune(True) is None and launch.autotuning()
+    assert fx_flash.set_autotune(False) is True and not launch.autotuning()
+    monkeypatch.setenv("FX_FLASH_AUTOTUNE", "1")
+    fx_flash.set_autotune(None)
+    assert launch.autotuning()
+
+
+def test_backend_option_turns_tuning_on(_tuning_switch):
+    """backend(autotune=True) switches tuning on when it compiles a graph (as the variable does)."""
+
+    def f(x):
+        return x.sin() + 1
+
+    torch.compile(f, backend=fx_flash.backend(inner="eager"))(torch.randn(3))
+    assert not launch.autotuning()  # the option left unset leaves the switch alone
+    torch._dynamo.reset()
+    torch.compile(f, backend=fx_flash.backend(inner="eager", autotune=True))(torch.randn(3))
+    assert launch.autotuning()
+
+
+def test_cudagraphs_option_patches_inductor_and_refuses_other_compilers():
+    """backend(cudagraphs=True) is Inductor's triton.cudagraphs patch; with another inner
+    compiler it is an error rather than a silent no-op."""
+    with pytest.raises(ValueError, match="cudagraphs=True needs inner='inductor'"):
+        fx_flash.backend(inner="eager", cudagraphs=True)
+    seen = {}
+
+    def fake_compile_fx(gm, inputs, config_patches=None):
+        seen.update(config_patches or {})
+        return gm.forward
+
+    import torch._inductor.compile_fx as compile_fx_module
+
+    real = compile_fx_module.compile_fx
+    compile_fx_module.compile_fx = fake_compile_fx
+    try:
+        torch.compile(lambda x: x.cos(), backend=fx_flash.backend(cudagraphs=True))(torch.randn(3))
+    finally:
+        compile_fx_module.compile_fx = real
+    assert seen == {"triton.cudagraphs": True}
+
+
+@pytest.mark.skipif(not interpreting(), reason="drives the tuned launch path through the CPU interpreter")
+def test_nothing_is_timed_inside_a_cuda_graph_capture(monkeypatch, tmp_path):
+    """With tuning on, a launch while a capture is reported runs the default tile without timing
+    and is not remembered; the next call outside the capture tunes; after that a capture (memory
+    cleared, as in a new process) reads the record instead of timing."""
+    monkeypatch.setattr(launch, "_tunes", lambda q: True)
+    capturing = [True]
+    monkeypatch.setattr(launch, "_capturing", lambda: capturing[0])
+    trials = []
+
+    def time_ms(call):
+        assert not capturing[0], "a candidate was timed inside a capture"
+        trials.append(call)
+        return 1.0 / len(trials)  # the last candidate wins: not the default
+
+    monkeypatch.setattr(launch, "_time_ms", time_ms)
+    launched = []
+    real_launch = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda chosen, *a, **kw: launched.append(chosen.config)
+                        or real_launch(chosen, *a, **kw))
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    default = tiling.default_config("fwd", INTERPRETER_PROFILE, 16, 4, 0, autotune.waves_bucket((3, 2), 1), 64, 64)
+    out = fx_flash.flash_attention(q, k, v)
+    assert trials == [] and launched == [default] and not launch.CHOSEN and not _record_files(tmp_path)
+    capturing[0] = False
+    fx_flash.flash_attention(q, k, v)
+    assert len(trials) == len(tiling.candidates("fwd", INTERPRETER_PROFILE, 16, 4, first=default)) > 1
+    (tuned,) = [c.config for c in launch.CHOSEN.values()]
+    assert tuned != default and launched[-1] == tuned and len(_record_files(tmp_path)) == 1
+    launch.CHOSEN.clear()
+    autotune.clear_memory()
+    capturing[0] = True
+    again = fx_flash.flash_attention(q, k, v)
+    assert len(trials) == len(tiling.candidates("fwd", INTERPRETER_PROFILE, 16, 4, first=default))
+    assert launched[-1] == tuned and [c.config for c in launch.CHOSEN.values()] == [tuned]
+    torch.testing.assert_close(again, out)
+
+
+MANY_SMS = dataclasses.replace(INTERPRETER_PROFILE, multiprocessors=132)
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs the untuned launch path through the CPU interpreter")
+@pytest.mark.parametrize("batch, block_m", [(1, 32), (16, 64), (32, 128)])
+def test_untuned_tile_follows_occupancy(monkeypatch, batch, block_m):
+    """On a mocked 132-SM device the untuned forward of (Z, 2, 256, 16) runs 32-row tiles at
+    Z = 1 (32 programs at 16 rows: one wave), 64 at Z = 16 (512: four waves), 128 at Z = 32;
+    each result matches the reference."""
+    monkeypatch.setattr(launch, "device_profile", lambda device: MANY_SMS)
+    q, k, v = (torch.randn(batch, 2, 256, 16) for _ in range(3))
+    out = fx_flash.flash_attention(q, k, v, is_causal=True)
+    (chosen,) = launch.CHOSEN.values()
+    assert chosen.config.BLOCK_M == block_m
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+class _FakeKernel:
+    """A compiled kernel's launch surface (what JITFunction.run calls), recording each launch."""
+
+    function, packed_metadata = "function", "packed metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+class _FakeJIT:
+    """A JITFunction with the real generated forward's signature: ``fn[grid](...)`` records the
+    bound call (as Triton's binder binds it) and returns the one compiled kernel."""
+
+    def __init__(self, fn):
+        self.signature, self.pre_run_hooks, self.kernel, self.calls = inspect.signature(fn), [], _FakeKernel(), []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            params = {k: v for k, v in kwargs.items() if k in self.signature.parameters}
+            bound = self.signature.bind(*args, **params)
+            bound.apply_defaults()
+            self.calls.append((grid, tuple(bound.arguments.values())))
+            return self.kernel
+        return run
+
+
+class _FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+
+def _forward_call(n_q: int = 40, offset: int = 0):
+    """The forward kernel's launch arguments, as attention_forward builds them."""
+    spec = SPEC
+    q = torch.randn(2 * 4 * n_q * 16 + offset)[offset:].view(2, 4, n_q, 16)
+    k, v, out = (torch.randn(2, 4, n_q, 16) for _ in range(3))
+    lse = torch.empty(2, 4, n_q)
+    consts, _ = launch._common(spec, q, k)
+    tables = tuple(skipping.unranged(q).values())  # a dense spec's (unread) tile-table arguments
+    args = (q, k, v, out, lse, q, 0.25, 0.0, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tables)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), 2 * 4)  # noqa: E731
+    return grid, args, consts
+
+
+def test_direct_launch_passes_what_triton_binds(monkeypatch):
+    """After one launch through the JIT function, a launch with an equal argument signature calls
+    the compiled kernel's launcher directly with exactly the values Triton's binder would pass
+    (positional arguments, then the remaining parameters in order, constexprs included); a
+    misaligned tensor or another stride goes through the JIT function again."""
+    monkeypatch.setattr(launch, "_driver", lambda: _FakeDriver())
+    fake = _FakeJIT(getattr(loader.load(SPEC)._attn_fwd, "fn", loader.load(SPEC)._attn_fwd))
+    config = TileConfig(32, 64, 4, 3)
+    chosen = launch.Launch(fake, config, launch._meta(config))
+    grid, args, consts = _forward_call()
+    launch._launch(chosen, grid, args, consts)
+    assert len(fake.calls) == 1 and fake.kernel.launches == []
+    grid, args, consts = _forward_call()  # new tensors, same shapes, strides and alignment
+    launch._launch(chosen, grid, args, consts)
+    assert len(fake.calls) == 1
+    (launched,) = fake.kernel.launches
+    expected = fake.signature.bind(*args, **{k: v for k, v in {**consts, **chosen.meta}.items()
+                                             if k in fake.signature.parameters})
+    expected.apply_defaults()
+    bound = tuple(expected.arguments.values())
+    assert launched[:7] == (*grid(chosen.meta), 1, 1234, "function", "packed metadata", None)
+    values = launched[9:]
+    assert len(values) == len(bound) and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                             for a, b in zip(values, bound))
+    fake.calls.clear()
+    grid, args, consts = _forward_call(offset=1)  # q starts 4 bytes into its storage: not 16-aligned
+    launch._launch(chosen, grid, args, consts)
+    grid, args, consts = _forward_call(n_q=41)  # other strides
+    launch._launch(chosen, grid, args, consts)
+    assert len(fake.calls) == 2 and len(fake.kernel.launches) == 1

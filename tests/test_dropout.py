@@ -70,3 +70,19 @@ def test_dropout_zero_is_deterministic_attention():
     """dropout_p=0 draws no seed and equals attention without dropout."""
     q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
     torch.testing.assert_close(fx_flash.flash_attention(q, k, v, dropout_p=0.0), fx_flash.flash_attention(q, k, v))
+
+
+def test_seed_is_a_graph_op_so_graph_replays_draw_fresh_masks():
+    """Traced, the dropout seed is an ``aten.randint`` node of the graph that feeds the kernel (as
+    SDPA's dropout draws from the generator inside the graph), never a value baked in when the
+    graph was built: replays of a captured CUDA graph advance the generator's graph-safe Philox
+    offset, so each replay runs the kernel with a fresh seed, hence a fresh mask."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    gm = make_fx(lambda q, k, v: fx_flash.flash_attention(q, k, v, dropout_p=0.1))(q, k, v)
+    (draw,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.randint.low]
+    (call,) = [n for n in gm.graph.nodes if n.target is torch.ops.fx_flash.attn_fwd.default]
+    assert call.args[4] is draw
+    no_dropout = make_fx(lambda q, k, v: fx_flash.flash_attention(q, k, v))(q, k, v)
+    assert not [n for n in no_dropout.graph.nodes if n.target is torch.ops.aten.randint.low]

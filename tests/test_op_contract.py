@@ -205,3 +205,59 @@ def test_operands_that_do_not_match_the_spec_are_clear_errors():
         torch.ops.fx_flash.attention(q, k, v, [torch.ones(1, 1, 9, 11, dtype=torch.bool)], 0.0, None, False, spec)
     with pytest.raises(ValueError, match="indexed by kv_idx"):
         torch.ops.fx_flash.attention(q, k, v, [torch.randn(1, 1, 9, 5)], 0.0, None, False, spec)
+
+
+class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that reach torch_dispatch (fx_flash's own included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_path_gives_the_ops_results():
+    """The direct Python path of an eager call (ops.eager) gives bitwise the op path's output and
+    gradients; under a torch_dispatch mode the call goes through the registered ops, so modes
+    (fake tensors, functionalization, tracing, counters) still see fx_flash's ops."""
+    from fx_flash import ops
+
+    q, k, v = _qkv(grad=True)
+    mask = torch.randn(1, 2, 9, 11, device=DEVICE, requires_grad=True)
+    dout = torch.randn(2, 2, 9, 16, device=DEVICE)
+    assert ops.eager(q, k, v, mask)
+    direct = fx_flash.flash_attention(q, k, v, mask, is_causal=True)
+    direct_grads = torch.autograd.grad(direct, (q, k, v, mask), dout)
+    seen = _SeenOps()
+    with seen:
+        assert not ops.eager(q, k, v, mask)
+        via_ops = fx_flash.flash_attention(q, k, v, mask, is_causal=True)
+        op_grads = torch.autograd.grad(via_ops, (q, k, v, mask), dout)
+    assert torch.ops.fx_flash.attn_fwd.default in seen.ops and torch.ops.fx_flash.attn_bwd.default in seen.ops
+    assert torch.equal(direct, via_ops) and all(torch.equal(a, b) for a, b in zip(direct_grads, op_grads))
+
+
+def test_traced_and_transformed_calls_take_the_ops():
+    """make_fx, fake tensors, vmap and torch.jit.trace never take the direct path (their tensors
+    or modes would reach the kernels' Python): the call is recorded as the op, or handled by the
+    transform."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fx_flash import ops
+
+    q, k, v = _qkv()
+    gm = make_fx(lambda q, k, v: fx_flash.flash_attention(q, k, v))(q, k, v)
+    assert torch.ops.fx_flash.attn_fwd.default in [n.target for n in gm.graph.nodes]
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        assert not ops.eager(fq, fk, fv)
+        assert fx_flash.flash_attention(fq, fk, fv).shape == q.shape
+    seen = []
+    torch.vmap(lambda x: seen.append(ops.eager(x)) or x)(q)
+    assert seen == [False]
+    traced = torch.jit.trace(lambda q, k, v: fx_flash.flash_attention(q, k, v), (q, k, v))
+    assert "fx_flash::flash_attention" in [n.kind() for n in traced.graph.nodes()]

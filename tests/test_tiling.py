@@ -92,3 +92,69 @@ def test_compiled_kernels_fit_device(head_dim):
     fn = loader.load(sdpa_spec())._attn_fwd
     shared = [kern.metadata.shared for cache in fn.device_caches.values() for kern in cache[0].values()]
     assert shared and max(shared) <= m
+
+
+# The untuned default (tiling.default_config): golden picks per mocked device, bf16. On the H200
+# (and H100: same M and SMs) the d = 64 forward and the dQ picks are the tuner's measured choices
+# at N = 8k (benchmarks/RESULTS.md, tiles against M; the d = 128 forward's was (128, 128, 8, 2));
+# dK/dV keeps 128 keys resident, as FlexAttention's sm90 default does.
+H200 = DeviceProfile("NVIDIA H200", 232448, 132, (9, 0))
+CONSUMER = DeviceProfile("consumer 101376 B", 101376, 128, (8, 9))
+GOLDEN = [
+    # device, kernel, head dim, waves bucket → (BLOCK_M, BLOCK_N, warps, stages)
+    (H200, "fwd", 64, 0, (128, 64, 8, 3)),
+    (H200, "fwd", 128, 0, (128, 64, 8, 3)),
+    (H200, "bwd_dq", 64, 0, (128, 64, 8, 3)),
+    (H200, "bwd_dq", 128, 0, (128, 64, 8, 3)),
+    (H200, "bwd_dkdv", 64, 0, (64, 128, 8, 3)),
+    (H200, "bwd_dkdv", 128, 0, (64, 128, 8, 3)),
+    (H200, "bwd_dkdv", 256, 0, (64, 64, 8, 2)),  # two 256-wide accumulators: 64 keys need 8 warps
+    (H200, "fwd", 128, 64, (128, 64, 8, 3)),  # (16, 32, 1024, 64)-like: 64 waves of 16-row tiles
+    (H200, "fwd", 64, 4, (64, 64, 4, 3)),  # few programs: 64-row tiles keep ~one wave
+    (H200, "fwd", 64, 2, (32, 64, 4, 3)),  # (1, 4, 1024, 64): 256 programs at 16 rows on 132 SMs
+    (H200, "bwd_dkdv", 128, 1, (64, 32, 4, 3)),  # the resident axis is the keys: BLOCK_N shrinks
+    (DEVICES["a100"], "fwd", 128, 0, (128, 64, 8, 3)),
+    (DEVICES["a100"], "bwd_dq", 128, 0, (128, 64, 8, 2)),  # 3 stages no longer fit 166912 B
+    (DEVICES["a100"], "bwd_dkdv", 128, 0, (64, 128, 8, 2)),
+    (CONSUMER, "fwd", 64, 0, (128, 64, 8, 3)),
+    (CONSUMER, "fwd", 128, 0, (64, 64, 4, 2)),  # 101376 B: the resident tile halves first
+    (CONSUMER, "bwd_dq", 128, 0, (32, 64, 4, 2)),
+    (CONSUMER, "bwd_dkdv", 128, 0, (64, 32, 4, 2)),
+]
+
+
+@pytest.mark.parametrize("device, kernel, head_dim, waves, golden", GOLDEN,
+                         ids=[f"{g[0].shared_memory}-{g[1]}-d{g[2]}-w{g[3]}" for g in GOLDEN])
+def test_default_tile_matches_golden_choice(device, kernel, head_dim, waves, golden):
+    """The default tile per mocked device, kernel, head dim and occupancy is the pinned choice."""
+    c = tiling.default_config(kernel, device, head_dim, 2, 0, waves)
+    assert (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) == golden
+
+
+@pytest.mark.parametrize("elem", [2, 4], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128, 256])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("device", [*DEVICES.values(), H200], ids=[*DEVICES, "h200"])
+def test_default_tile_fits_m_and_is_the_tuners_first_candidate(device, kernel, head_dim, elem):
+    """The default fits M and the register model at every occupancy, keeps about a wave of
+    programs (resident rows ≤ 16·waves, down to 32), and leads the tuner's candidate list."""
+    if device.shared_memory < 60000 and head_dim == 256 and elem == 4:
+        return  # no tile fits (test_candidates_fit_budget)
+    rows = 16 if kernel == "fwd_split" else 0
+    for waves in (0, 1, 2, 4, 8, 64):
+        c = tiling.default_config(kernel, device, head_dim, elem, rows, waves)
+        assert tiling.footprint(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem, c.num_stages) <= device.shared_memory
+        assert tiling._register_fits(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, c.num_warps)
+        resident = c.BLOCK_N if tiling.RESIDENT_AXIS[kernel] == "n" else c.BLOCK_M
+        if rows:
+            assert resident == rows
+        elif waves:
+            assert resident <= max(32, tiling.MIN_BLOCK * waves)
+        candidates = tiling.candidates(kernel, device, head_dim, elem, rows, first=c)
+        assert candidates[0] == c and len(set(candidates)) == len(candidates) <= tiling.MAX_CANDIDATES
+
+
+def test_default_tile_is_no_longer_than_the_sequence():
+    """A short sequence (bucket 32) gets a 32-row resident and a 32-key streamed tile."""
+    c = tiling.default_config("fwd", H200, 64, 2, 0, 0, n_resident=32, n_streamed=32)
+    assert (c.BLOCK_M, c.BLOCK_N) == (32, 32)

@@ -1,7 +1,8 @@
 """Tuning: the fastest of tiling's candidates for one kernel and tuning key, kept in memory and on disk.
 
 The stage between tiling (which derives the candidates from M) and launch (which runs the
-choice). Each key is benchmarked once and its record written as a small JSON file under
+choice). Off unless asked for (``set_autotune(True)`` or FX_FLASH_AUTOTUNE=1): launches then run
+tiling's default tile without timing. When on, each key is benchmarked once and its record written as a small JSON file under
 ``$FX_FLASH_CACHE_DIR/autotune`` (default ``~/.cache/fx_flash/autotune``), so a new process
 launches the tuned tile at once instead of re-timing every candidate. FX_FLASH_AUTOTUNE_CACHE=0
 keeps choices in memory only.
@@ -58,6 +59,28 @@ _memory: dict[str, TileConfig] = {}  # canonical key text → chosen configurati
 _lock = threading.Lock()
 
 
+_requested: Optional[bool] = None  # set_autotune's setting; None follows FX_FLASH_AUTOTUNE
+
+
+def set_autotune(enabled: Optional[bool]) -> Optional[bool]:
+    """Turn tuning on (True) or off (False) in this process, or back to FX_FLASH_AUTOTUNE (None).
+
+    Off (the default) every launch runs the tile ``tiling.default_config`` derives from M and
+    occupancy; on, the first call of each tuning key times the candidates (or reads their record
+    from disk). Returns the previous setting. Public as ``fx_flash.set_autotune``.
+    """
+    global _requested
+    previous, _requested = _requested, None if enabled is None else bool(enabled)
+    return previous
+
+
+def requested() -> bool:
+    """Whether tuning is on: set_autotune's setting, else FX_FLASH_AUTOTUNE=1 (off by default)."""
+    if _requested is not None:
+        return _requested
+    return os.environ.get("FX_FLASH_AUTOTUNE", "0") == "1"
+
+
 def disk_cache_enabled() -> bool:
     """Records are read from and written to disk unless FX_FLASH_AUTOTUNE_CACHE=0."""
     return os.environ.get("FX_FLASH_AUTOTUNE_CACHE", "1") != "0"
@@ -109,6 +132,20 @@ def clear_memory() -> None:
     """Forget this process's choices (the disk records stay)."""
     with _lock:
         _memory.clear()
+
+
+def lookup(kernel_id: str, key: Mapping[str, object], candidates: Sequence[TileConfig]) -> Optional[TileConfig]:
+    """The choice for ``key`` from memory or from its disk record, or None: never benchmarks
+    (a launch inside a CUDA graph capture asks this, where nothing may be timed)."""
+    candidates = list(candidates)
+    text = _canonical(full_key(kernel_id, key, candidates))
+    with _lock:
+        chosen = _memory.get(text)
+        if chosen is None and disk_cache_enabled():
+            chosen = _read(_path(kernel_id, text), text, candidates)
+            if chosen is not None:
+                _memory[text] = chosen
+        return chosen
 
 
 def choose(kernel_id: str, key: Mapping[str, object], candidates: Sequence[TileConfig],

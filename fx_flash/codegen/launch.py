@@ -1,12 +1,16 @@
 """Launching the generated kernels: outputs, strides, grids, and each launch's tile configuration.
 
-On a GPU the configuration of each kernel comes from ``autotune.choose``: the fastest of the
-candidates ``tiling.candidates`` derives from the device's shared memory, for a key that buckets
-the sequence lengths and the grid's programs per SM to powers of two (so nearby lengths and
-batches share one result). It is benchmarked once, then read from the on-disk record in later
-processes; after the first call of a key a launch costs a dict lookup and Triton's launcher.
-Under the interpreter, and on GPUs with FX_FLASH_AUTOTUNE=0, the paper's fitted configuration
-runs directly.
+Each kernel runs ``tiling.default_config``: a tile derived from the device's shared memory M and
+the launch's occupancy (its programs per SM), with no timing. Tuning is opt-in, like Inductor's
+max-autotune (FX_FLASH_AUTOTUNE=1, ``set_autotune(True)`` or ``fx_flash.backend(autotune=True)``):
+then ``autotune.choose`` times the candidates ``tiling.candidates`` derives from M (the default
+first) once per key, which buckets the sequence lengths and the grid's programs per SM to powers
+of two, and later processes read the on-disk record. Inside a CUDA graph capture nothing is timed:
+a recorded choice or the default runs.
+
+After the first launch of a kernel for one argument signature (the non-tensor arguments, the
+tensors' dtypes and 16-byte alignment), later launches skip Triton's argument binder and call the
+compiled kernel's launcher directly (``_launch``), as ``JITFunction.run`` itself does once bound.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +45,12 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # fp32 with tf32 enabled; ignored by fp16/bf16 dots
 
 
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for the per-call grids: plain integers (``triton.cdiv`` costs ~3 µs a call, as it
+    also accepts constexprs)."""
+    return -(-a // b)
+
+
 def _bucket(n: int) -> int:
     """The power of two at or above ``n``: autotuning shares one result per bucket."""
     return 1 << (max(int(n), 1) - 1).bit_length()
@@ -55,8 +65,19 @@ def atomic_dq() -> bool:
 
 
 def autotuning() -> bool:
-    """Autotune on GPUs unless FX_FLASH_AUTOTUNE=0 (then the paper's fitted tile runs)."""
-    return os.environ.get("FX_FLASH_AUTOTUNE", "1") != "0"
+    """Whether GPU launches tune their tile (autotune.requested): off unless
+    ``fx_flash.set_autotune(True)``, ``backend(autotune=True)`` or FX_FLASH_AUTOTUNE=1.
+
+    Off, each launch runs the default derived from M and occupancy (tiling.default_config) and
+    compiles one binary per kernel; on, the first call of each key times every candidate.
+    """
+    return autotune.requested()
+
+
+def direct_launch() -> bool:
+    """Launch bound kernels through their compiled launcher (default), or every time through
+    Triton's ``JITFunction.run`` with FX_FLASH_DIRECT_LAUNCH=0 (for A/B timing)."""
+    return os.environ.get("FX_FLASH_DIRECT_LAUNCH", "1") != "0"
 
 
 # Keyword arguments that give exact sizes: the key holds their power-of-two buckets instead.
@@ -70,9 +91,13 @@ class Launch:
     fn: object  # the generated module's JITFunction
     config: tiling.TileConfig
     meta: dict  # BLOCK_M, BLOCK_N, num_warps, num_stages: launch keywords (and the grid's meta)
+    # argument signature → (compiled kernel, the constexpr tail of its arguments), or None where
+    # the kernel cannot be launched directly (see _launch)
+    bound: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-# (spec, kernel name, device, dtype, the tuning keywords as (name, value) pairs, waves bucket) → Launch.
+# (spec, kernel name, device, dtype, the tuning keywords as (name, value) pairs, waves bucket,
+# tuned) → Launch.
 CHOSEN: dict[tuple, Launch] = {}
 
 
@@ -117,8 +142,10 @@ def _waves(grid, q: torch.Tensor) -> int:
     tiles for the forward and dQ, batch·K/V heads times key tiles for dK/dV, and the splits of
     split-KV decoding, whose grid is fixed.
     """
-    smallest = grid({"BLOCK_M": tiling.MIN_BLOCK, "BLOCK_N": tiling.MIN_BLOCK})
-    return autotune.waves_bucket(smallest, device_profile(q.device).multiprocessors)
+    return autotune.waves_bucket(grid(_SMALLEST), device_profile(q.device).multiprocessors)
+
+
+_SMALLEST = {"BLOCK_M": tiling.MIN_BLOCK, "BLOCK_N": tiling.MIN_BLOCK}
 
 
 def _tuning_key(module, q: torch.Tensor, consts: tuple, waves: int) -> dict:
@@ -136,12 +163,34 @@ def _tuning_key(module, q: torch.Tensor, consts: tuple, waves: int) -> dict:
     }
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph: nothing may be timed."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, args, kwargs, reset,
-            consts: tuple, waves: int, rows: int = 0, tables=None) -> Launch:
-    """Pick ``name``'s configuration for this key, benchmarking the candidates on these arguments
-    if neither memory nor disk knows it."""
+            consts: tuple, waves: int, rows: int, tune: bool, tables=None) -> tuple[Launch, bool]:
+    """``name``'s configuration for this key, and whether it is final (may be remembered).
+
+    Untuned: the default from M and occupancy. Tuned: from memory or disk, else benchmarked on
+    these arguments, with the default as the first candidate. While a CUDA graph is captured,
+    a tuned key that nothing has recorded runs the default and is not remembered, so that the
+    first call outside a capture still tunes it.
+    """
     module = loader.load(spec)
     fn = getattr(module, name)
+    profile = device_profile(q.device)
+    n_q, n_kv = kwargs["N_Q_BUCKET"], kwargs["N_KV_BUCKET"]
+    n_resident, n_streamed = (n_kv, n_q) if tiling.RESIDENT_AXIS[kernel] == "n" else (n_q, n_kv)
+    default = tiling.default_config(kernel, profile, q.shape[-1], q.element_size(), rows, waves,
+                                    n_resident, n_streamed)
+    if not tune:
+        return Launch(fn, default, _meta(default)), True
+    candidates = tiling.candidates(kernel, profile, q.shape[-1], q.element_size(), rows, first=default)
+    key = _tuning_key(module, q, consts, waves)
+    if _capturing():
+        config = autotune.lookup(name, key, candidates)
+        return Launch(fn, config or default, _meta(config or default)), config is not None
 
     def bench(config: tiling.TileConfig) -> float:
         meta = _meta(config)
@@ -153,9 +202,10 @@ def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, 
 
         return _time_ms(call)
 
-    candidates = tiling.candidates(kernel, device_profile(q.device), q.shape[-1], q.element_size(), rows)
-    config = autotune.choose(name, _tuning_key(module, q, consts, waves), candidates, bench)
-    return Launch(fn, config, _meta(config))
+    config = autotune.choose(name, key, candidates, bench)
+    for t in reset:  # the trials dirtied them
+        t.zero_()
+    return Launch(fn, config, _meta(config)), True
 
 
 def tuning_consts(kwargs: dict) -> tuple:
@@ -172,29 +222,92 @@ def _tables(tables, meta: dict) -> tuple:
 
 def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, reset=(), rows: int = 0,
          tables=None, **kwargs):
-    """Launch ``name`` with tuned (GPU) or default (interpreter) block sizes; BLOCK_M = ``rows``
-    when given (split-KV decoding sizes its row tile to the rows it packs).
+    """Launch ``name`` with its default or tuned block sizes; BLOCK_M = ``rows`` when given
+    (split-KV decoding sizes its row tile to the rows it packs).
 
     ``reset`` lists the tensors the kernel accumulates into with atomics, zero on entry: tuning
     trials dirty them, so they are zeroed before each trial and again before the real launch.
     ``tables`` maps a configuration's meta to the tile-range keywords it reads (skipping.py).
     """
-    if _tunes(q):
-        consts, waves = tuning_consts(kwargs), _waves(grid, q)
-        key = (spec, name, q.device, q.dtype, consts, waves)
-        chosen = CHOSEN.get(key)
-        if chosen is None:
-            chosen = CHOSEN[key] = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows,
-                                           tables)
-            for t in reset:
-                t.zero_()
-        chosen.fn[grid(chosen.meta)](*args, *_tables(tables, chosen.meta), **kwargs, **chosen.meta)
+    tune = _tunes(q)
+    consts, waves = tuning_consts(kwargs), _waves(grid, q)
+    key = (spec, name, q.device, q.dtype, consts, waves, tune)
+    chosen = CHOSEN.get(key)
+    if chosen is None:
+        chosen, final = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows, tune, tables)
+        if final:
+            CHOSEN[key] = chosen
+    args = (*args, *_tables(tables, chosen.meta))
+    _launch(chosen, grid, args, kwargs, direct=q.device.type == "cuda" and not interpreting() and direct_launch())
+
+
+def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True) -> None:
+    """Launch ``chosen`` on these arguments.
+
+    The first launch of an argument signature goes through Triton's ``JITFunction.run``, which
+    binds and specializes the arguments (types; 16-byte alignment of pointers; integers equal
+    to 1 or divisible by 16), compiles or loads the binary and launches it. The signature here
+    holds everything that specialization reads — every non-tensor argument's value, and each
+    tensor's dtype and alignment — so a later launch with an equal signature would reach the
+    same binary: it calls the binary's launcher with the same arguments ``JITFunction.run``
+    passes (the positional arguments, then the rest of the kernel's parameters in order),
+    skipping the binder, the cache-key computation and the option parsing of every call.
+    """
+    meta = chosen.meta
+    if not direct:  # the interpreter, or FX_FLASH_DIRECT_LAUNCH=0
+        chosen.fn[grid(meta)](*args, **kwargs, **meta)
         return
-    head_dim, elem = q.shape[-1], q.element_size()
-    cfg = tiling.default_config(kernel, device_profile(q.device), head_dim, elem, rows)
-    fn = getattr(loader.load(spec), name)
-    meta = _meta(cfg)
-    fn[grid(meta)](*args, *_tables(tables, meta), **kwargs, **meta)
+    driver = _driver()
+    device = driver.get_current_device()
+    signature = (device, *kwargs.values(), *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                                             else a for a in args])
+    bound = chosen.bound.get(signature, False)
+    size = grid(meta)
+    if bound is False:
+        kernel = chosen.fn[size](*args, **kwargs, **meta)
+        if len(chosen.bound) >= MAX_BOUND:  # one entry per shape: bound the memory of a dynamic workload
+            chosen.bound.clear()
+        chosen.bound[signature] = _bind(chosen.fn, kernel, len(args), {**kwargs, **meta})
+        return
+    if bound is None:  # this Triton's kernels cannot be launched directly
+        chosen.fn[size](*args, **kwargs, **meta)
+        return
+    kernel, tail = bound
+    stream = driver.get_current_stream(device)
+    values = (*args, *tail)
+    hooks = triton.knobs.runtime
+    kernel.run(size[0], size[1] if len(size) > 1 else 1, size[2] if len(size) > 2 else 1, stream,
+               kernel.function, kernel.packed_metadata, kernel.launch_metadata(size, stream, *values),
+               hooks.launch_enter_hook, hooks.launch_exit_hook, *values)
+
+
+MAX_BOUND = 4096  # argument signatures remembered per kernel configuration
+
+
+def _driver():
+    """Triton's active GPU driver (current device and stream, as JITFunction.run reads them)."""
+    return triton.runtime.driver.active
+
+
+def _bind(fn, kernel, n_positional: int, keywords: dict):
+    """(compiled kernel, the arguments after the positional ones in parameter order), as
+    ``JITFunction.run`` passes them to the launcher; None where that form is not available
+    (another Triton's launch API, pre-run hooks)."""
+    if hasattr(kernel, "result"):  # an asynchronous compile
+        kernel = kernel.result()
+    needed = ("run", "function", "packed_metadata", "launch_metadata")
+    if kernel is None or getattr(fn, "pre_run_hooks", None) or not all(hasattr(kernel, a) for a in needed) \
+            or not hasattr(triton, "knobs"):
+        return None
+    import inspect
+
+    tail = []
+    for param in list(fn.signature.parameters.values())[n_positional:]:
+        value = keywords.get(param.name, param.default)
+        if value is inspect.Parameter.empty:
+            return None
+        tail.append(value)
+    return kernel, tuple(tail)
 
 
 def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
@@ -325,7 +438,7 @@ def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, s
     from fx_flash.codegen import gluon_launch  # the sm90 Gluon forward, FX_FLASH_GLUON=1 (off by default)
     if gluon_launch.enabled() and gluon_launch.forward(spec, q, k, v, out, lse, scale):
         return out, lse
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+    grid = lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
     _run(spec, "_attn_fwd", "fwd", grid, q,
          q, k, v, out, lse, *operand_args, *_pointers(q, seed), scale, dropout_p,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -405,7 +518,7 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
     # and writes Delta for the dK/dV kernel.
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if consts["DQ_ATOMIC"] else None
     if dq_acc is None:
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
+        grid_q = lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
         _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
              q, k, v, out, dout, dq, lse, delta, *operand_args, seed_arg, scale, dropout_p,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
@@ -415,7 +528,7 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
             out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
             HEAD_DIM=consts["HEAD_DIM"], HEAD_DIM_PAD=consts["HEAD_DIM_PAD"], BLOCK_M=DELTA_BLOCK_M)
     dq_arg = dq_acc if dq_acc is not None else q
-    grid_kv = lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
+    grid_kv = lambda meta: (_cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
     _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
          q, k, v, dout, dk, dv, dq_arg, lse, delta, *operand_args, *grad_args, seed_arg,
          scale, dropout_p,

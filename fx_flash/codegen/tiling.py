@@ -4,8 +4,9 @@ Algorithm 1 of FlashAttention (Dao et al., 2022) sets B_c = ⌈M / 4d⌉ and B_r
 with M counted in elements. Those are the paper's sizes for an abstract SRAM; a Triton kernel
 holds specific tiles in shared memory, so each kernel here has a footprint model (bytes, as a
 sympy expression of the tile sizes, head dim, element size and pipeline stages), and every
-candidate configuration is fitted so that its footprint is at most M. The tuner
-(``autotune.choose``) searches only these candidates; the interpreter takes the first.
+candidate configuration is fitted so that its footprint is at most M. Without tuning (the
+default) each launch runs ``default_config``: the rule below, from M and the launch's occupancy;
+the tuner (``autotune.choose``, on request) times it against the other candidates.
 
 Footprints (e = element bytes, d = head dim padded to a power of two, s = pipeline stages):
     forward   Q tile resident, K and V tiles per stage, P staged once:  e(B_r d + 2 s B_c d + B_r B_c)
@@ -95,13 +96,16 @@ def _register_fits(kernel: str, block_m: int, block_n: int, head_dim: int, warps
 
 
 @functools.lru_cache(maxsize=None)
-def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0) -> list[TileConfig]:
+def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0,
+               first: TileConfig | None = None) -> list[TileConfig]:
     """The configurations the autotuner may try for ``kernel``, each fitting M by construction.
 
-    The first is the paper's (B_r, B_c), rounded down to powers of two and fitted to the
-    footprint; the others are the largest neighbouring power-of-two tiles that also fit, each
-    at 2 and 3 pipeline stages where those fit. At most MAX_CANDIDATES, to bound autotuning.
-    ``rows``, when given, fixes BLOCK_M (split-KV decoding sizes its row tile to the rows it packs).
+    The first is ``first`` when given (launches pass their untuned default, so tuning can only
+    replace it by a faster tile), else the paper's (B_r, B_c), rounded down to powers of two and
+    fitted to the footprint; the others are the largest neighbouring power-of-two tiles that also
+    fit, each at 2 and 3 pipeline stages where those fit. At most MAX_CANDIDATES, to bound
+    autotuning. ``rows``, when given, fixes BLOCK_M (split-KV decoding sizes its row tile to the
+    rows it packs).
     """
     m = device.shared_memory
     found: list[TileConfig] = []
@@ -120,11 +124,73 @@ def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: in
     if RESIDENT_AXIS[kernel] == "n":  # dK/dV keeps key tiles resident: the roles swap
         paper_m, paper_n = paper_n, paper_m
     found.sort(key=lambda c: (c.BLOCK_M * c.BLOCK_N, c.BLOCK_M, c.num_stages), reverse=True)
-    first = next((c for c in found if c.BLOCK_M <= paper_m and c.BLOCK_N <= paper_n), found[0])
+    if first is None:
+        first = next((c for c in found if c.BLOCK_M <= paper_m and c.BLOCK_N <= paper_n), found[0])
     # Cached (sympy's solve takes milliseconds), so callers must not mutate the list.
     return ([first] + [c for c in found if c != first])[:MAX_CANDIDATES]
 
 
-def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0) -> TileConfig:
-    """The configuration used without autotuning (the interpreter): the paper's fitted pick."""
-    return candidates(kernel, device, head_dim, elem_bytes, rows)[0]
+# The untuned rule's tile sizes, largest first. The resident tile (query rows in the forward and
+# dQ, key rows in dK/dV) stops at 128 and at 32 rows: each warp owns 16 rows of it (wgmma and mma
+# tiles), so 128 rows keep 8 warps busy, and below 32 rows four warps would split the key axis,
+# whose row reductions (max, sum) then cross warps. The streamed tile starts at 64: it bounds the
+# fp32 score tile a thread holds (BLOCK_M·BLOCK_N / (32·warps)), next to the accumulators.
+RESIDENT_TILES = (128, 64, 32)
+STREAMED_TILES = (64, 32, 16)
+DEFAULT_STAGES = 3  # deepest pipeline the rule asks for; deeper only adds shared memory
+
+
+def _warps(resident: int) -> int:
+    return 8 if resident >= 128 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0,
+                   waves: int = 0, n_resident: int = 0, n_streamed: int = 0) -> TileConfig:
+    """The configuration a launch runs without tuning: derived from M and the launch's occupancy.
+
+    The resident tile is the largest of RESIDENT_TILES that (1) keeps at least about one wave of
+    programs on the device: a launch of ``waves`` waves at MIN_BLOCK tiles (the tuning key's
+    ``waves_bucket``) has waves·MIN_BLOCK/R of them at R rows, so R ≤ MIN_BLOCK·waves; (2) is no
+    longer than the sequence it tiles (``n_resident``, a power-of-two bucket); (3) holds its fp32
+    accumulators in registers. Warps follow the rows (8 at 128, else 4; 8 where 4 cannot hold the
+    accumulators). The streamed tile is the largest of STREAMED_TILES (and ≤ ``n_streamed``) at
+    which some such resident tile fits M at two stages or more: a smaller M shrinks the resident
+    tile before the streamed one. The stages are the deepest that fit M, at most DEFAULT_STAGES;
+    only when no pair fits two stages is one stage taken. On an H200 this is (128, 64, 8, 3) for
+    the forward and dQ, the tuner's measured pick for the d = 64 forward and for dQ at d = 64 and
+    128 (benchmarks/RESULTS.md, tiles against M; at d = 128 it took (128, 128, 8, 2) forward).
+
+    Args:
+        kernel: a FOOTPRINT key ("fwd", "fwd_split", "bwd_dq", "bwd_dkdv").
+        device: the profile giving M and the number of SMs.
+        head_dim, elem_bytes: the inputs' head dim and element size.
+        rows: when given, the resident tile (split-KV decoding packs its rows): only the
+            streamed tile is chosen.
+        waves: the launch's waves bucket; 0 means "fills the device at any tile".
+        n_resident, n_streamed: the lengths (buckets) the two tiles run along; 0 means long.
+    """
+    resident_axis_n = RESIDENT_AXIS[kernel] == "n"
+
+    def config(resident: int, streamed: int, warps: int, stages: int) -> TileConfig:
+        if resident_axis_n:
+            return TileConfig(streamed, resident, warps, stages)
+        return TileConfig(resident, streamed, warps, stages)
+
+    if rows:
+        residents = (rows,)
+    else:
+        cap = min(MIN_BLOCK * waves if waves else RESIDENT_TILES[0], max(n_resident or RESIDENT_TILES[0], 1))
+        residents = tuple(r for r in RESIDENT_TILES if r <= cap) or RESIDENT_TILES[-1:]
+    streams = tuple(s for s in STREAMED_TILES if s <= max(n_streamed or STREAMED_TILES[0], MIN_BLOCK))
+    for fewest_stages in (2, 1):
+        for streamed in streams:
+            for resident in residents:
+                for warps in dict.fromkeys((_warps(resident), 8)):
+                    c = config(resident, streamed, warps, 1)
+                    if not _register_fits(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, warps):
+                        continue
+                    deepest = max_stages(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem_bytes, device.shared_memory)
+                    if deepest >= fewest_stages:
+                        return config(resident, streamed, warps, min(deepest, DEFAULT_STAGES))
+    return candidates(kernel, device, head_dim, elem_bytes, rows)[0]  # a tile smaller than the rule's

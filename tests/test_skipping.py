@@ -263,3 +263,19 @@ def test_split_kv_decoding_merges_rows_filled_with_finfo_min():
     mask = torch.zeros(1, 600)
     out = spec_call_against_reference(PADDING, q, k, v, [mask])
     torch.testing.assert_close(out[0, 0, 0], v[0, 0].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_capture_makes_tables_on_the_device_and_caches_nothing(monkeypatch):
+    """While a CUDA graph is captured (reported here by a patched check), even a position mask's
+    table comes from the device summary kernel, equals the host classification's, and no cache
+    gains an entry (a cached table could be freed while the graph replays)."""
+    spec = spec_from_text(f"score=qk*scale; keep={FAMILIES['window']}")
+    q, k, _ = _qkv(300, 300, seed=12)
+    meta = {"BLOCK_M": 16, "BLOCK_N": 32}
+    host = skipping.table_keywords(spec, [], [], q, k, "kv")(meta)
+    sizes = len(skipping._POSITIONAL), len(skipping._SUMMARIES)
+    monkeypatch.setattr(skipping, "_capturing", lambda device: True)
+    captured = skipping.table_keywords(spec, [], [], q, k, "kv")(meta)
+    assert (len(skipping._POSITIONAL), len(skipping._SUMMARIES)) == sizes
+    assert captured["Ranges"] is not host["Ranges"]
+    assert torch.equal(captured["Ranges"], host["Ranges"]) and torch.equal(captured["Order"], host["Order"])

@@ -16,8 +16,15 @@ The table comes from the class of every (query tile, key tile) pair, 0 empty, 1 
   padding mask gives one table per batch, not per head. The summary is cached for the tensors it
   read, keyed by their storage, offset, shape, strides and version counter, so a mask changed in
   place is summarized again; entries die with the storage (a weak reference), so a new tensor at
-  a freed address never reuses an old summary. Inside a CUDA-graph capture nothing is cached:
-  the summary kernel is captured with the attention and re-runs on every replay.
+  a freed address never reuses an old summary.
+
+Note (CUDA graphs): inside a capture nothing is read from or written to these caches, for
+position masks too. A captured launch must read tables whose memory lives as long as the graph:
+a cached table could be evicted and its memory reused while the graph still replays, and a
+host-side classification would need a host-to-device copy, which a capture forbids. So the
+summary kernel (which evaluates any predicate, positions alone included) and the range
+arithmetic are captured with the attention, allocate from the graph's pool and re-run on every
+replay: a mask tensor refilled between replays is summarized again.
 
 Note (what may be skipped): an empty tile's elements take the fill. With a -inf fill they weigh 0,
 so skipping them is exact, fully masked rows included (they stay at output 0, LSE -inf). A finite
@@ -200,7 +207,9 @@ def table_keywords(spec: AttentionSpec, operands, operand_args, q: torch.Tensor,
 
     def keywords(meta: dict) -> dict:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        if reads_tensors:
+        if reads_tensors or _capturing(q.device):
+            # Inside a CUDA-graph capture every table is made by device ops in the graph's own
+            # memory (see the module's note), never taken from a cache the graph would outlive.
             entry = _tensor_classes(spec, operands, operand_args, z, h, n_q, n_kv, bm, bn, q.device)
             found = entry.tables.get(axis)
             if found is None:

@@ -279,3 +279,25 @@ def test_capture_makes_tables_on_the_device_and_caches_nothing(monkeypatch):
     assert (len(skipping._POSITIONAL), len(skipping._SUMMARIES)) == sizes
     assert captured["Ranges"] is not host["Ranges"]
     assert torch.equal(captured["Ranges"], host["Ranges"]) and torch.equal(captured["Order"], host["Order"])
+
+
+_RELATION = st.tuples(st.sampled_from([-1, 0, 1]), st.sampled_from([-1, 1]), st.integers(-150, 150))
+
+
+@settings(max_examples=30, deadline=None)
+@given(relations=st.lists(_RELATION, min_size=1, max_size=3), any_of=st.booleans(),
+       n_q=st.integers(1, 160), n_kv=st.integers(1, 200))
+def test_random_affine_predicates_through_the_kernels(relations, any_of, n_q, n_kv):
+    """And/Or of up to three relations a·q_idx + b·kv_idx + c <= 0, random lengths: the ranged
+    kernels (forward and gradients, rows that keep nothing included) agree with the oracle."""
+    def term(a, b, c):
+        q = {-1: " - q_idx", 0: "", 1: " + q_idx"}[a]
+        return f"({'kv_idx' if b == 1 else '-kv_idx'}{q} {'+' if c >= 0 else '-'} {abs(c)} <= 0)"
+
+    keep = (" | " if any_of else " & ").join(term(*r) for r in relations)
+    text = f"score=qk*scale; keep={keep}"
+    spec = spec_from_text(text)
+    if spec.tile_mode != "ranged":  # the relations simplified to true, false or exactly causal
+        return
+    q, k, v = _qkv(n_q, n_kv, seed=n_q * 1000 + n_kv)
+    spec_call_against_reference(spec.text, q, k, v, [])

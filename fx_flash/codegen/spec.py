@@ -324,10 +324,23 @@ def spec_from_text(text: str) -> AttentionSpec:
 
     ops = tuple(Operand(name, kind, tuple(parse(e) for e in _top_level_items(index)), grad)
                 for name, kind, index, grad in operands)
-    keep = sympy.sympify(parse(fields["keep"])) if "keep" in fields else sympy.true  # "False" parses as a bool
+    keep = _parse_predicate(fields["keep"], names) if "keep" in fields else sympy.true
     fill = float(fields["fill"]) if "fill" in fields else NEG_INF
     # A hand-written text need not be in printed order: the spec (and its key) is the same.
     return AttentionSpec(parse(fields["score"]), keep, ops, fill, dropout)
+
+
+def _parse_predicate(text: str, names: dict):
+    """A keep-predicate's text as a sympy Boolean ("False" parses as a bool, too).
+
+    Parsed with sympy's distribution of numbers over sums on: the predicate is integer index
+    arithmetic, where the order of operations cannot change a value, and with it off sympy's
+    relational evaluation recurses without end on forms such as ``q_idx - kv_idx - 10 <= 0``.
+    """
+    from sympy.core.parameters import distribute
+
+    with distribute(True):
+        return sympy.sympify(sympy.sympify(text, locals=names))
 
 
 def _top_level_items(text: str) -> list[str]:

@@ -33,9 +33,11 @@ TEMPLATE = '''\
 #
 # Note (filled rows): with a finite fill f, a row the predicate keeps nothing of has every
 # in-bounds score equal to f, and its weights are 1/N_KV (eager's uniform average). Its LSE is
-# f + log N_KV, which rounds to f itself when |f| is large (finfo.min): the backward would then
-# recompute weights of 1. A row whose LSE equals f is such a row (any kept score would put the
-# max above f), so the backward takes its weights as exp(s - f - log N_KV) (_row_base).
+# f + log N_KV, which fp32 rounds by up to half a unit of f: to f itself when |f| is large
+# (finfo.min), so that recomputed weights would be 1, and by 5e-4 at f = -1e4, 0.05% of each
+# weight. The backward recognizes such a row by its LSE (f, or the value the forward computes for
+# a wholly filled row; a kept score would put the row's max above f) and takes its weights as
+# exp(s - f - log N_KV), exactly (_row_base).
 #
 # Note (exp2): exp(x) = exp2(x·log2 e). When the spec allows (SCORE_IN_LOG2: no float operand,
 # no constant beyond ±1e30, a -inf fill), log2 e is folded into the scale once (s comes out in
@@ -170,9 +172,12 @@ def _row_base(lse, N_KV):
     """(base, log) of each row's weights p = exp(s - base - log) in the backward: (LSE, 0), or
     (f, log N_KV) for rows wholly filled with a finite fill f (see the note on filled rows)."""
     if FINITE_FILL:
-        filled = lse == FILL
+        n = tl.zeros_like(lse) + N_KV
+        # The forward stores such a row's LSE as FILL + log2(N_KV)·ln 2 (its max is FILL, its sum
+        # N_KV ones), the same fp32 operations as here; with finfo.min that rounds to FILL itself.
+        filled = (lse == FILL) | (lse == FILL + tl.math.log2(n) * LN2)
         base = tl.where(filled, FILL, lse)
-        log = tl.where(filled, tl.log(tl.zeros_like(lse) + N_KV), 0.0)
+        log = tl.where(filled, tl.log(n), 0.0)
     else:
         base = lse
         log = tl.zeros_like(lse)

@@ -1,5 +1,8 @@
 """Keep-predicate → tile classes: which rectangles of the score matrix are empty, full or partial.
 
+``classifier(keep)`` decides one tile; ``class_grid`` every tile of a matrix (what
+codegen/skipping.py turns into the kernels' tile ranges for predicates over positions alone).
+
 A tile covers query rows [q0, q1) and key columns [k0, k1). It is EMPTY when the predicate is
 false on every element (the kernel may skip it), FULL when true on every element (no per-element
 predicate is needed) and PARTIAL otherwise, or whenever the reasoning below cannot decide.

@@ -55,7 +55,7 @@ def poison_outputs(monkeypatch) -> None:
     monkeypatch.setattr(launch, "new_output", poisoned)
 
 
-def spec_call_against_reference(spec_text, q, k, v, operands, scale=0.3, dout=None):
+def spec_call_against_reference(spec_text, q, k, v, operands, scale=0.3, dout=None, gqa=False):
     """torch.ops.fx_flash.attention with ``spec_text`` against the spec's eager oracle in float64,
     forward and gradients (operands that require grad included), by the rule above: the bound is
     the oracle's own error in q's dtype. Returns the output."""
@@ -63,7 +63,7 @@ def spec_call_against_reference(spec_text, q, k, v, operands, scale=0.3, dout=No
     from fx_flash.reference import spec_attention
 
     spec = spec_from_text(spec_text)
-    out = torch.ops.fx_flash.attention(q, k, v, operands, 0.0, scale, False, spec_text)
+    out = torch.ops.fx_flash.attention(q, k, v, operands, 0.0, scale, gqa, spec_text)
     dout = torch.randn_like(out) if dout is None else dout
     leaves = [q, k, v] + [t for t in operands if t.requires_grad]
     grads = torch.autograd.grad(out, leaves, dout)

@@ -322,3 +322,35 @@ def test_random_block_masks_with_every_fill(data, n_q, n_kv, fill, causal):
     text = f"score=qk*scale; keep={keep}{fill}; t0=bool[b, 0, q_idx, kv_idx]"
     q, k, v = _qkv(n_q, n_kv, b=2, seed=seed)
     spec_call_against_reference(spec_from_text(text).text, q, k, v, [mask])
+
+
+def test_gqa_with_a_per_head_mask_reads_each_query_heads_table():
+    """GQA (4 query heads on 2 K/V heads) with a (H, Nq, Nk) mask that differs per query head: the
+    summary keeps the head axis, and the dK/dV kernel, which loops over the query heads of one K/V
+    head, reads each one's ranges."""
+    torch.manual_seed(13)
+    q = torch.randn(1, 4, 150, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 170, 16, requires_grad=True) for _ in range(2))
+    i, j = torch.arange(150)[:, None], torch.arange(170)[None, :]
+    mask = torch.stack([(j <= i) & (i - j < 20 + 40 * h) for h in range(4)])  # per-head windows
+    spec = spec_from_text("score=qk*scale; keep=t0; t0=bool[h, q_idx, kv_idx]")
+    assert skipping.lead_extent(spec, 1, 4) == (1, 4)
+    spec_call_against_reference(spec.text, q, k, v, [mask], gqa=True)
+
+
+def test_dropout_backward_with_skipped_tiles():
+    """Dropout with a window, forward and backward through the launch layer with one seed: the
+    gradients equal the oracle's given the kernels' keep-mask (the backward's kernels skip the
+    same tiles and draw the same bits)."""
+    q, k, v = (t.detach() for t in _qkv(200, 200, seed=14))
+    spec = spec_from_text(f"score=qk*scale; keep={FAMILIES['window']}; dropout")
+    seed = torch.tensor([5], dtype=torch.int64)
+    out, lse = launch.attention_forward(q, k, v, [], seed, 0.2, 0.25, spec)
+    dout = torch.randn_like(out)
+    dq, dk, dv, _ = launch.attention_backward(dout, q, k, v, out, lse, [], seed, 0.2, 0.25, spec)
+    keep = dropout_keep_mask(seed, (1, 2, 200, 200), 0.2)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    exact = spec_attention(*leaves, [], spec, 0.25, 0.2, dropout_keep=keep)
+    grads = torch.autograd.grad(exact, leaves, dout.double())
+    for got, want in zip((dq, dk, dv), grads):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4)

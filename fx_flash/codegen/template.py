@@ -2,8 +2,9 @@
 
 ``$``-placeholders are filled by ``generate.py`` from an AttentionSpec: the score expression,
 the keep-predicate, the tensor loads they need and the chain rule of the score. Everything
-else (tiling loops, online softmax, dropout, GQA, causal tile skipping) is shared code switched
-by ``tl.constexpr`` flags, so all specs run the same, tested algorithm.
+else (tiling loops, online softmax, dropout, GQA, tile skipping: past the causal diagonal, or
+the ranges of a launch's table) is shared code switched by ``tl.constexpr`` flags, so all specs
+run the same, tested algorithm.
 '''
 
 TEMPLATE = '''\

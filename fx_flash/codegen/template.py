@@ -620,39 +620,35 @@ def _attn_bwd_dkdv(
 ${HEADS_GROUP}
         LSE_row = LSE + off_hz * N_Q
         Delta_row = Delta + off_hz * N_Q
+        # The query tiles of this head: [flo, fhi) without predicate or bounds (the interior, or
+        # a RANGED table's full tiles; with CAUSAL the predicate runs there, see above), then the
+        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both.
         if RANGED:
             r_lo, r_flo, r_fhi, r_hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi,
-                False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        else:
+            r_lo = lo
+            r_flo = lo
+            r_fhi = first_hi
+            r_hi = N_Q
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi,
+            False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        if RANGED:
             dk, dv = _attn_bwd_dkdv_tiles(
                 dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
                 seed, off_hz, qk_scale, sm_scale, dropout_p,
                 stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
                 offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo,
                 True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_fhi, r_hi,
-                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-        else:
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, first_hi,
-                False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, tl.maximum(lo, first_hi), N_Q,
-                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, tl.maximum(r_lo, r_fhi), r_hi,
+            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,

@@ -37,6 +37,12 @@ INTERPRETER_PROFILE = DeviceProfile(
 )
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph: nothing may be timed, and
+    nothing a replay reads may come from memory outside the graph (launch.py, skipping.py)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

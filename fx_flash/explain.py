@@ -25,8 +25,7 @@ def _tiles(spec) -> str:
     """What SiteReport.tiles says: the kernels' tile mode and the source of a ranged table."""
     if spec.tile_mode != "ranged":
         return _TILE_MODES[spec.tile_mode]
-    reads = spec.keep.free_symbols
-    if any(op.symbol in reads for op in spec.operands):
+    if spec.keep_operands:
         return "ranged (empty tiles skipped from a per-tile summary of the mask tensors)"
     return "ranged (empty tiles skipped, classified from the predicate)"
 

@@ -454,7 +454,7 @@ def test_nothing_is_timed_inside_a_cuda_graph_capture(monkeypatch, tmp_path):
     cleared, as in a new process) reads the record instead of timing."""
     monkeypatch.setattr(launch, "_tunes", lambda q: True)
     capturing = [True]
-    monkeypatch.setattr(launch, "_capturing", lambda: capturing[0])
+    monkeypatch.setattr(launch, "capturing", lambda: capturing[0])
     trials = []
 
     def time_ms(call):

@@ -253,8 +253,7 @@ def _keep_block(spec: AttentionSpec) -> str:
     """Lines of the tile-summary kernel: ``kept``, the in-bounds elements of a (queries, keys)
     tile the keep-predicate holds on, from the operand loads the predicate needs."""
     printer = TritonPrinter(BINDINGS["mn"])
-    reads = spec.keep.free_symbols
-    lines = [_load(op, "mn") for op in spec.operands if op.symbol in reads]
+    lines = [_load(spec.operands[i], "mn") for i in spec.keep_operands]
     lines.append(f"kept = tile_ok & ({printer.doprint(spec.keep)})")
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ import triton
 
 from fx_flash.codegen import autotune, loader, skipping, tiling
 from fx_flash.codegen.spec import AttentionSpec, sdpa_spec
-from fx_flash.device import device_profile, interpreting
+from fx_flash.device import capturing, device_profile, interpreting
 
 DELTA_BLOCK_M = 64
 
@@ -163,11 +163,6 @@ def _tuning_key(module, q: torch.Tensor, consts: tuple, waves: int) -> dict:
     }
 
 
-def _capturing() -> bool:
-    """Whether the current CUDA stream is being captured into a graph: nothing may be timed."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, args, kwargs, reset,
             consts: tuple, waves: int, rows: int, tune: bool, tables=None) -> tuple[Launch, bool]:
     """``name``'s configuration for this key, and whether it is final (may be remembered).
@@ -188,7 +183,7 @@ def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, 
         return Launch(fn, default, _meta(default)), True
     candidates = tiling.candidates(kernel, profile, q.shape[-1], q.element_size(), rows, first=default)
     key = _tuning_key(module, q, consts, waves)
-    if _capturing():
+    if capturing():
         config = autotune.lookup(name, key, candidates)
         return Launch(fn, config or default, _meta(config or default)), config is not None
 

@@ -45,8 +45,10 @@ import torch
 
 from fx_flash.codegen import loader, tiles
 from fx_flash.codegen.spec import B_IDX, H_IDX, SKIPPABLE_FILL, AttentionSpec
+from fx_flash.device import capturing
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+# Tile classes as integers: tiles.class_grid's codes, which the _tile_classes kernel writes too.
+EMPTY, PARTIAL, FULL = (tiles.CODES[c] for c in (tiles.EMPTY, tiles.PARTIAL, tiles.FULL))
 CACHE_SIZE = 64  # tables of positional predicates; tensor summaries
 SUMMARY_WARPS = 4
 
@@ -58,20 +60,10 @@ def _lru_put(cache: OrderedDict, key, value) -> None:
         cache.popitem(last=False)
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def keep_operands(spec: AttentionSpec) -> list[int]:
-    """Indices of the operands the keep-predicate reads."""
-    reads = spec.keep.free_symbols
-    return [i for i, op in enumerate(spec.operands) if op.symbol in reads]
-
-
 def lead_extent(spec: AttentionSpec, z: int, h: int) -> tuple[int, int]:
     """(Zr, Hr): the batch and head extents the predicate varies on (1 where it does not)."""
     symbols = set(spec.keep.free_symbols)
-    for i in keep_operands(spec):
+    for i in spec.keep_operands:
         for _, e in spec.operands[i].lead:
             symbols |= e.free_symbols
     return (z if B_IDX in symbols else 1), (h if H_IDX in symbols else 1)
@@ -131,11 +123,10 @@ def _tensor_identity(t: torch.Tensor):
 
 def _tensor_classes(spec: AttentionSpec, operands, operand_args, z, h, n_q, n_kv, block_m, block_n,
                     device: torch.device):
-    """Classes of every tile from the spec's summary kernel (see the module's note), and the
-    cache entry holding them (None when not cached)."""
-    capturing = _capturing(device)
-    idents = [_tensor_identity(operands[i]) for i in keep_operands(spec)]
-    cacheable = not capturing and all(x is not None for x in idents)
+    """The cache entry holding the classes of every tile from the spec's summary kernel (see the
+    module's note); a fresh, uncached one inside a capture or for tensors without a version."""
+    idents = [_tensor_identity(operands[i]) for i in spec.keep_operands]
+    cacheable = not capturing() and all(x is not None for x in idents)
     key = None
     if cacheable:
         key = (spec.text, z, h, n_q, n_kv, block_m, block_n, device, tuple(x[1] for x in idents))
@@ -203,11 +194,11 @@ def table_keywords(spec: AttentionSpec, operands, operand_args, q: torch.Tensor,
     function of its launch meta (BLOCK_M, BLOCK_N) giving the table keywords it reads."""
     z, h, n_q = q.shape[0], q.shape[1], q.shape[2]
     n_kv = k.shape[2]
-    reads_tensors = bool(keep_operands(spec))
+    reads_tensors = bool(spec.keep_operands)
 
     def keywords(meta: dict) -> dict:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        if reads_tensors or _capturing(q.device):
+        if reads_tensors or capturing():
             # Inside a CUDA-graph capture every table is made by device ops in the graph's own
             # memory (see the module's note), never taken from a cache the graph would outlive.
             entry = _tensor_classes(spec, operands, operand_args, z, h, n_q, n_kv, bm, bn, q.device)

@@ -250,6 +250,12 @@ class AttentionSpec:
         return "ranged"
 
     @functools.cached_property
+    def keep_operands(self) -> tuple:
+        """Indices of the operands the keep-predicate reads (its tensor masks)."""
+        reads = self.keep.free_symbols
+        return tuple(i for i, op in enumerate(self.operands) if op.symbol in reads)
+
+    @functools.cached_property
     def grad_operands(self) -> tuple:
         return tuple(o for o in self.operands if o.grad)
 

@@ -34,6 +34,7 @@ from fx_flash.codegen.spec import KV_IDX, N_KV, N_Q, Q_IDX
 EMPTY, PARTIAL, FULL = "empty", "partial", "full"
 _NAMES = (EMPTY, PARTIAL, FULL)  # index = the three-valued truth: 0 false, 1 unknown, 2 true
 _E, _P, _F = 0, 1, 2
+CODES = {EMPTY: _E, PARTIAL: _P, FULL: _F}  # class_grid's integer codes
 
 # A node of the compiled predicate: (q_lo, q_hi, k_lo, k_hi), inclusive bounds → 0, 1 or 2.
 _Node = Callable[[int, int, int, int], int]
@@ -116,10 +117,9 @@ def class_grid(classify: Classifier, n_q: int, n_kv: int, block_m: int, block_n:
         raise ValueError(f"block sizes must be positive, got {block_m}, {block_n}")
     rows, cols = -(-max(n_q, 0) // block_m), -(-max(n_kv, 0) // block_n)
     grid = [[_P] * cols for _ in range(rows)]
-    code = {EMPTY: _E, PARTIAL: _P, FULL: _F}
 
     def split(i0, i1, j0, j1):
-        c = code[classify(i0 * block_m, min(i1 * block_m, n_q), j0 * block_n, min(j1 * block_n, n_kv))]
+        c = CODES[classify(i0 * block_m, min(i1 * block_m, n_q), j0 * block_n, min(j1 * block_n, n_kv))]
         if c != _P or (i1 - i0 == 1 and j1 - j0 == 1):
             for i in range(i0, i1):
                 grid[i][j0:j1] = [c] * (j1 - j0)

@@ -167,6 +167,11 @@ def main():
             ok = _check(name, fn, user, inputs, do)
             rows.append((case, name, ok, *_time(fn, inputs, do, flops)))
             torch.cuda.empty_cache()
+    print_table(rows)
+
+
+def print_table(rows):
+    """The markdown table of (case, variant, numerics ok, then _time's five numbers) rows."""
     print("\n| case | variant | numerics | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for case, name, ok, fwd, both, tf, tfb, peak in rows:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fx_flash  # noqa: E402,F401  (registers the backend)
-from bench_capture import DEV, DT, MIN, _check, _time  # noqa: E402
+from bench_capture import DEV, DT, MIN, _check, _time, print_table  # noqa: E402
 
 H, D = 16, 128
 
@@ -151,10 +151,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the table
                 print(f"  {variant}: {type(e).__name__}: {e}", flush=True)
             torch.cuda.empty_cache()
-    print("\n| case | variant | numerics | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, variant, ok, fwd, both, tf, tfb, peak in rows:
-        print(f"| {name} | {variant} | {'PASS' if ok else 'FAIL'} | {fwd:.3f} | {both:.3f} | {tf:.0f} | {tfb:.0f} | {peak:.0f} |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fx_flash  # noqa: E402
+from gpu_check import with_env  # noqa: E402
 
 
 def host_us(fn, calls=200, warmup=20, rounds=5) -> float:
@@ -48,21 +50,6 @@ def host_us(fn, calls=200, warmup=20, rounds=5) -> float:
         times.append((time.perf_counter() - t0) / calls * 1e6)
         torch.cuda.synchronize()
     return sorted(times)[len(times) // 2]
-
-
-def with_env(fn, **env):
-    def wrapped():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return wrapped
 
 
 def triton_op_forward():

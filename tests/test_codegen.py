@@ -48,6 +48,32 @@ if PREDICATE:
     s = tl.where(tile_ok, s, float("-inf"))
 g = 1.0""")
 
+    def test_finite_fill_kept_in_log2_units(self):
+        """transformers' 0 / finfo.min mask: scores stay in log2 units, its fill is clamped to
+        -finfo.max there (finfo.min·log2 e overflows), and the backward gets it per row."""
+        spec = AttentionSpec(SCALE * QK, keep=KV_IDX <= Q_IDX, fill=float(torch.finfo(torch.float32).min))
+        self.assertTrue(spec.score_in_log2)
+        src = generate.render(spec)
+        self.assertIn("FILL_S = tl.constexpr(-3.4028234663852886e+38)", src)
+        self.assertIn("FILL = tl.constexpr(-3.4028234663852886e+38)", src)
+        self.assertExpectedInline(_rendered(spec, "mn"), """\
+s = qk*qk_scale
+if PREDICATE:
+    keep_ok = (offs_n[None, :] <= offs_m[:, None])
+    s = tl.where(keep_ok, s, fill)
+    s = tl.where(tile_ok, s, float("-inf"))
+else:
+    keep_ok = tile_ok
+if PREDICATE:
+        g = tl.where(keep_ok, 1.0, 0.0)
+    else:
+        g = 1.0
+ds = ds * g""")
+        moderate = AttentionSpec(SCALE * QK, keep=KV_IDX <= Q_IDX, fill=-1e4)
+        self.assertIn("FILL_S = tl.constexpr(-14426.950408889634)", generate.render(moderate))
+        # A huge positive fill would overflow to +inf: natural units.
+        self.assertFalse(AttentionSpec(SCALE * QK, keep=KV_IDX <= Q_IDX, fill=3e38).score_in_log2)
+
     def test_bias_mask_causal_transposed_in_dkdv(self):
         """The dK/dV kernel reads the same expression with keys on rows, and sums dS into dBias."""
         self.assertExpectedInline(_rendered(sdpa_spec(bias=(True, False, False, False), bias_grad=True, mask=(False, True, False, False), causal=True), "nm"), """\

@@ -12,6 +12,7 @@ along before it is added into the gradient buffer.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from string import Template
 
@@ -221,8 +222,16 @@ def _score_expr(spec: AttentionSpec):
     return spec.score.subs(SCALE, QK_SCALE)
 
 
-def _fill_text(spec: AttentionSpec) -> str:
-    return 'float("-inf")' if spec.fill == float("-inf") else repr(float(spec.fill))
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _fill_score(spec: AttentionSpec) -> str:
+    """The fill in the units of s (template's FILL_S): log2 units when the score is kept in
+    them, clamped to -finfo(float32).max, where finfo.min·log2 e would overflow to -inf."""
+    if spec.fill == float("-inf"):
+        return 'float("-inf")'
+    fill = float(spec.fill) * math.log2(math.e) if spec.score_in_log2 else float(spec.fill)
+    return repr(max(fill, -FLOAT32_MAX))
 
 
 def _score_block(spec: AttentionSpec, orient: str) -> str:
@@ -231,16 +240,16 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
     ``tile_ok`` (set by the template) bounds the loads; tiles with PREDICATE=True apply the keep-
     predicate and the tensors' bounds. Tiles without it hold kept elements only, by construction
     (the kernels' tile ranges, see the template's note on interior tiles). Elements outside the
-    tensors are always -inf; elements the predicate drops take the fill.
+    tensors are always -inf; elements the predicate drops take ``fill``, the fill in the units
+    of s that the template passes (per row in the backward: see its note on filled rows).
     """
     printer = TritonPrinter(BINDINGS[orient])
     lines = [_load(op, orient) for op in spec.operands]
     lines.append(f"s = {printer.doprint(_score_expr(spec))}")
-    fill = _fill_text(spec)
     if spec.fill != float("-inf"):
         # Note (finite fills): a dropped element's score is the constant fill, so its gradient is
         # 0: keep_ok also masks dS in the backward (the chain rule and operand gradients).
-        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", f"    s = tl.where(keep_ok, s, {fill})",
+        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", "    s = tl.where(keep_ok, s, fill)",
                   '    s = tl.where(tile_ok, s, float("-inf"))', "else:", "    keep_ok = tile_ok"]
     elif spec.keep is sympy.true:
         lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
@@ -355,6 +364,7 @@ def render(spec: AttentionSpec) -> str:
         "KEEP_TILE": textwrap.indent(_keep_block(spec), " " * 8),
         "FINITE_FILL": str(spec.fill != float("-inf")),
         "FILL_VALUE": repr(float(spec.fill)) if spec.fill != float("-inf") else "0.0",
+        "FILL_SCORE": _fill_score(spec),
         **_chain_rule(spec),
     }
     return Template(TEMPLATE).substitute(fields)

@@ -262,10 +262,12 @@ class AttentionSpec:
     @functools.cached_property
     def score_in_log2(self) -> bool:
         """Whether the kernels keep scores in log2 units (log2 e folded into the scale; see the
-        template's exp2 note). Only when no value in the score can be a huge finite fill that
-        the extra factor would overflow to -inf: no float operand, no constant beyond ±1e30, and
-        a -inf fill."""
-        if self.fill != NEG_INF or any(o.kind == "float" for o in self.operands):
+        template's exp2 note). Only when no value in the score can be a huge finite number that
+        the extra factor would overflow to ±inf: no float operand and no constant beyond ±1e30.
+        A finite fill is no obstacle, unless it is a huge positive one: the kernels write it in
+        log2 units, clamped to -finfo.max, and read wholly filled rows back (the template's note
+        on filled rows)."""
+        if any(o.kind == "float" for o in self.operands) or self.fill > 1e30:
             return False
         return all(abs(float(c)) <= 1e30 for c in self.score.atoms(sympy.Number) if c.is_finite)
 

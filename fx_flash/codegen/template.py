@@ -37,14 +37,17 @@ TEMPLATE = '''\
 # f + log N_KV, which fp32 rounds by up to half a unit of f: to f itself when |f| is large
 # (finfo.min), so that recomputed weights would be 1, and by 5e-4 at f = -1e4, 0.05% of each
 # weight. The backward recognizes such a row by its LSE (f, or the value the forward computes for
-# a wholly filled row; a kept score would put the row's max above f) and takes its weights as
-# exp(s - f - log N_KV), exactly (_row_base).
+# a wholly filled row; a kept score would put the row's max above f) and computes its weights
+# from s = 0 and base = log N_KV instead: exp(-log N_KV), exactly (_row_base). In log2 units the
+# fill is FILL_S = f·log2 e, clamped to -finfo.max where that overflows (finfo.min does): next
+# to any kept score both weigh exactly 0, and a wholly filled row averages uniformly either way;
+# the forward writes such a row's max back as f, so its LSE is the natural-units kernel's.
 #
 # Note (exp2): exp(x) = exp2(x·log2 e). When the spec allows (SCORE_IN_LOG2: no float operand,
-# no constant beyond ±1e30, a -inf fill), log2 e is folded into the scale once (s comes out in
-# log2 units, one FMA per element). Otherwise the score stays in natural units so that a finite
-# value such as finfo(float32).min cannot overflow to -inf when multiplied by log2 e: a row
-# filled with it must still average uniformly, as eager softmax does.
+# no constant beyond ±1e30), log2 e is folded into the scale once (s comes out in log2 units, one
+# FMA per element), and a finite fill is written in log2 units too (the note on filled rows).
+# Otherwise the score stays in natural units so that a value such as finfo(float32).min in an
+# operand cannot overflow to -inf when multiplied by log2 e.
 #
 # Note (finite fills): a spec with a finite fill writes it where the keep-predicate fails
 # (keep_ok), as eager's masked_fill does; the backward zeroes dS there (the fill is a constant,
@@ -88,7 +91,8 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 FINITE_FILL = tl.constexpr($FINITE_FILL)  # the spec's fill is finite (see the note on filled rows)
-FILL = tl.constexpr($FILL_VALUE)
+FILL = tl.constexpr($FILL_VALUE)  # the fill, natural units
+FILL_S = tl.constexpr($FILL_SCORE)  # the fill in the units of s (see the note on filled rows)
 
 
 @triton.jit
@@ -169,20 +173,27 @@ def _key_ranges(start_m, N_KV, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def _row_base(lse, N_KV):
-    """(base, log) of each row's weights p = exp(s - base - log) in the backward: (LSE, 0), or
-    (f, log N_KV) for rows wholly filled with a finite fill f (see the note on filled rows)."""
+def _row_base(lse, N_KV, SCORE_IN_LOG2: tl.constexpr):
+    """(fill, base) of each row in the backward, in the units of s: its weights are
+    p = exp(s - base) with s = fill where the predicate drops an element. base is the LSE, fill
+    the spec's; for rows wholly filled with a finite fill, fill = 0 and base = log N_KV, so that
+    p = 1/N_KV exactly (see the note on filled rows)."""
+    if SCORE_IN_LOG2:
+        base = lse * LOG2E
+    else:
+        base = lse
+    fill = tl.zeros_like(lse) + FILL_S
     if FINITE_FILL:
         n = tl.zeros_like(lse) + N_KV
         # The forward stores such a row's LSE as FILL + log2(N_KV)·ln 2 (its max is FILL, its sum
         # N_KV ones), the same fp32 operations as here; with finfo.min that rounds to FILL itself.
         filled = (lse == FILL) | (lse == FILL + tl.math.log2(n) * LN2)
-        base = tl.where(filled, FILL, lse)
-        log = tl.where(filled, tl.log(n), 0.0)
-    else:
-        base = lse
-        log = tl.zeros_like(lse)
-    return base, log
+        fill = tl.where(filled, 0.0, fill)
+        if SCORE_IN_LOG2:
+            base = tl.where(filled, tl.math.log2(n), base)
+        else:
+            base = tl.where(filled, tl.log(n), base)
+    return fill, base
 
 
 @triton.jit
@@ -194,13 +205,13 @@ def _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, tile):
 
 @triton.jit
 def _scores(
-    q, K_head, ${OPS}qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
+    q, K_head, ${OPS}qk_scale, sm_scale, fill, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
     stride_kn, stride_kk,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
     """One tile of scores with queries on rows: qk = q·kᵀ, then the spec's expression and
-    keep-predicate. Returns s (BLOCK_M, BLOCK_N), kᵀ (HEAD_DIM_PAD, BLOCK_N) and g, the score's
+    keep-predicate (dropped elements take ``fill``, in the units of s). Returns s (BLOCK_M, BLOCK_N), kᵀ (HEAD_DIM_PAD, BLOCK_N) and g, the score's
     derivative by qk per element (1.0 when it is a constant, applied once at the end instead)."""
     if USE_TMA:
         kT = tl.trans(K_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
@@ -229,7 +240,7 @@ def _attn_fwd_tiles(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        s, _, _ = _scores(q, K_head, ${OPS}qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
+        s, _, _ = _scores(q, K_head, ${OPS}qk_scale, sm_scale, FILL_S, offs_m, row_ok, start_n, offs_n, col_ok,
                           offs_d, d_ok, stride_kn, stride_kk,
                           BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
         # -- online softmax: new running max, rescale what was accumulated so far --
@@ -292,13 +303,17 @@ def _attn_fwd_rows(
     out = acc / l_safe[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    if SCORE_IN_LOG2:
+    if SCORE_IN_LOG2 and FINITE_FILL:
+        # A wholly filled row's max is FILL_S: give it the natural-units kernel's max, FILL, so
+        # that its LSE is the one the backward recognizes (see the note on filled rows).
+        m_i = tl.where(m_i == FILL_S, FILL, m_i * LN2)
+        lse = m_i + tl.math.log2(l_safe) * LN2
+    elif SCORE_IN_LOG2:
         lse = (m_i + tl.math.log2(l_safe)) * LN2
+        m_i = m_i * LN2
     else:
         lse = m_i + tl.math.log2(l_safe) * LN2
     lse = tl.where(l_i == 0.0, float("-inf"), lse)
-    if SCORE_IN_LOG2:
-        m_i = m_i * LN2
     return out, lse, m_i, l_i
 
 
@@ -520,16 +535,15 @@ def _attn_bwd_dkdv_tiles(
             lse = tl.load(LSE_row + offs_m)
             tile_ok = col_ok[:, None]
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
-        lse, lse_log = _row_base(lse, N_KV)
+        fill, base = _row_base(lse, N_KV, SCORE_IN_LOG2)
+        fill = fill[None, :]
         # -- recompute the weights of this tile from q, k and the logsumexp --
         qk = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
 $SCORE_BWD_T
         if SCORE_IN_LOG2:
-            pT = tl.math.exp2(s - (lse * LOG2E)[None, :])
-        elif FINITE_FILL:
-            pT = tl.math.exp2((s - lse[None, :] - lse_log[None, :]) * LOG2E)
+            pT = tl.math.exp2(s - base[None, :])
         else:
-            pT = tl.math.exp2((s - lse[None, :]) * LOG2E)
+            pT = tl.math.exp2((s - base[None, :]) * LOG2E)
         do = _load_rows(DO_head, start_m, offs_m, row_ok, offs_d, d_ok, stride_dom, stride_dok,
                         BOUNDS, CHECK_D, USE_TMA)  # (BLOCK_M, HEAD_DIM_PAD)
         # -- dV += P_droppedᵀ·dO ; dP = dO·Vᵀ (through the same dropout mask) --
@@ -659,7 +673,7 @@ $DK_FINAL
 
 @triton.jit
 def _attn_bwd_dq_tiles(
-    dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+    dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
@@ -669,7 +683,7 @@ def _attn_bwd_dq_tiles(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
-        s, kT, g = _scores(q, K_head, ${OPS}qk_scale, sm_scale, offs_m, row_ok, start_n, offs_n, col_ok,
+        s, kT, g = _scores(q, K_head, ${OPS}qk_scale, sm_scale, fill[:, None], offs_m, row_ok, start_n, offs_n, col_ok,
                            offs_d, d_ok, stride_kn, stride_kk,
                            BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
         if USE_TMA:
@@ -678,11 +692,9 @@ def _attn_bwd_dq_tiles(
             vT = _load_tile(V_head + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn, d_ok, col_ok,
                             CHECK_D, BOUNDS)  # (HEAD_DIM_PAD, BLOCK_N)
         if SCORE_IN_LOG2:
-            p = tl.math.exp2(s - (lse * LOG2E)[:, None])
-        elif FINITE_FILL:
-            p = tl.math.exp2((s - lse[:, None] - lse_log[:, None]) * LOG2E)
+            p = tl.math.exp2(s - base[:, None])
         else:
-            p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+            p = tl.math.exp2((s - base[:, None]) * LOG2E)
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _dropout_keep(seed, off_hz, offs_m[:, None] + 0 * offs_n[None, :],
@@ -736,7 +748,7 @@ def _attn_bwd_dq(
                     row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     lse = tl.load(LSE + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    lse, lse_log = _row_base(lse, N_KV)
+    fill, base = _row_base(lse, N_KV, SCORE_IN_LOG2)
     o = _load_tile(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
@@ -753,18 +765,18 @@ ${HEADS}
         flo = 0
         fhi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
-        dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi,
         False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     if RANGED:
         dq = _attn_bwd_dq_tiles(
-            dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+            dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_kn, stride_kk, stride_vn, stride_vk,
             offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo,
             True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
-        dq, q, do, lse, lse_log, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
+        dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, fhi, hi,
         True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)

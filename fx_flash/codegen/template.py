@@ -53,8 +53,10 @@ TEMPLATE = '''\
 # (keep_ok), as eager's masked_fill does; the backward zeroes dS there (the fill is a constant,
 # its gradient 0). -inf fills need neither: p is 0 there.
 #
-# Note (interior tiles): each kernel walks its streamed axis in up to three ranges, and two
-# constexpr flags say what a range's tiles need. BOUNDS: loads masked at the tensors' ends (ragged
+# Note (interior tiles): each kernel walks its streamed axis in two loops, and two constexpr
+# flags say what a loop's tiles need: first the full tiles [flo, fhi), then the partial ones
+# [lo, flo) ∪ [fhi, hi) in one loop that jumps the full range (_past_gap), so that a program
+# restarts its software pipeline once, not twice. BOUNDS: loads masked at the tensors' ends (ragged
 # tails). PREDICATE: the spec's keep-predicate applied to the scores. A range without PREDICATE
 # holds only tiles on which the predicate is true everywhere: tiles wholly on the visible side of
 # the causal diagonal (CAUSAL), or the tiles a RANGED launch's table marks full. Ragged tails
@@ -197,6 +199,13 @@ def _row_base(lse, N_KV, SCORE_IN_LOG2: tl.constexpr):
 
 
 @triton.jit
+def _past_gap(x, gap_lo, gap_hi):
+    """Position x of a walk over [lo, gap_lo) ∪ [gap_hi, hi) counted from lo as if the gap
+    were not there: the element it stands for (see the note on interior tiles)."""
+    return x + (x >= gap_lo).to(tl.int32) * (gap_hi - gap_lo)
+
+
+@triton.jit
 def _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, tile):
     """(lo, flo, fhi, hi) of ``tile`` from a RANGED launch's table (see the note on tile ranges)."""
     r = Ranges + off_z * stride_rz + off_h * stride_rh + tile.to(tl.int64) * 4
@@ -232,12 +241,13 @@ $SCORE_GRAD
 def _attn_fwd_tiles(
     acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk,
-    offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
+    offs_m, row_ok, offs_d, d_ok, N_KV, lo, gap_lo, gap_hi, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Online softmax over the key tiles [lo, hi) of one query tile."""
-    for start_n in range(lo, hi, BLOCK_N):
+    """Online softmax over the key tiles [lo, gap_lo) ∪ [gap_hi, hi) of one query tile."""
+    for pos in range(lo, gap_lo + tl.maximum(hi - gap_hi, 0), BLOCK_N):
+        start_n = _past_gap(pos, gap_lo, gap_hi)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
         s, _, _ = _scores(q, K_head, ${OPS}qk_scale, sm_scale, FILL_S, offs_m, row_ok, start_n, offs_n, col_ok,
@@ -272,11 +282,11 @@ def _attn_fwd_rows(
     stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
     CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The forward of one row tile over the keys [lo, hi): interior tiles [flo, fhi) unmasked,
-    [lo, flo) (RANGED only; empty otherwise) and [fhi, hi) masked. Returns the normalized output
+    then [lo, flo) and [fhi, hi) masked, in one loop. Returns the normalized output
     (BLOCK_M, HEAD_DIM_PAD) fp32, the natural-log logsumexp (BLOCK_M,), -inf for rows that saw
     no key, and its two parts: the row max in natural units and the sum of exp(s - max)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -285,18 +295,12 @@ def _attn_fwd_rows(
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi,
+        offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi, fhi, fhi,
         False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
-    if RANGED:
-        acc, l_i, m_i = _attn_fwd_tiles(
-            acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_kn, stride_kk, stride_vn, stride_vk,
-            offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo,
-            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, fhi, hi,
+        offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
         True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     # -- epilogue: normalize; the logsumexp in natural units --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -363,7 +367,7 @@ ${HEADS}
         q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
-        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, RANGED, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
     # -- write the output and the logsumexp once --
     tl.store(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
@@ -429,7 +433,7 @@ ${HEADS_SPLIT}
         q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, lo, mid, hi,
-        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, False, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
     # -- this split's partial output, row max and sum (max -inf, sum 0 when it saw no key) --
     # Packed row r of K/V head off_hkv is element (off_zkv·GROUP)·N_Q + r of the (Z·H, N_Q) rows.
@@ -511,16 +515,17 @@ def _attn_bwd_dkdv_tiles(
     dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
     seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, hi,
+    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, gap_lo, gap_hi, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """dK and dV of one key tile from the query tiles [lo, hi) of one query head.
+    """dK and dV of one key tile from the query tiles [lo, gap_lo) ∪ [gap_hi, hi) of one query head.
 
     Tiles are transposed (keys on rows): qk, s, pT, dpT, dsT are (BLOCK_N, BLOCK_M).
     """
-    for start_m in range(lo, hi, BLOCK_M):
+    for pos in range(lo, gap_lo + tl.maximum(hi - gap_hi, 0), BLOCK_M):
+        start_m = _past_gap(pos, gap_lo, gap_hi)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N_Q
         if USE_TMA:
@@ -636,7 +641,7 @@ ${HEADS_GROUP}
         Delta_row = Delta + off_hz * N_Q
         # The query tiles of this head: [flo, fhi) without predicate or bounds (the interior, or
         # a RANGED table's full tiles; with CAUSAL the predicate runs there, see above), then the
-        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both.
+        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both, in one loop.
         if RANGED:
             r_lo, r_flo, r_fhi, r_hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
         else:
@@ -648,20 +653,13 @@ ${HEADS_GROUP}
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi, r_fhi, r_fhi,
             False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-        if RANGED:
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo,
-                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_tiles(
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, tl.maximum(r_lo, r_fhi), r_hi,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, tl.maximum(r_lo, r_fhi), r_hi,
             True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL
@@ -675,12 +673,13 @@ $DK_FINAL
 def _attn_bwd_dq_tiles(
     dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_kn, stride_kk, stride_vn, stride_vk,
-    offs_m, row_ok, offs_d, d_ok, N_KV, lo, hi,
+    offs_m, row_ok, offs_d, d_ok, N_KV, lo, gap_lo, gap_hi, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one query tile from the key tiles [lo, hi)."""
-    for start_n in range(lo, hi, BLOCK_N):
+    """dQ of one query tile from the key tiles [lo, gap_lo) ∪ [gap_hi, hi)."""
+    for pos in range(lo, gap_lo + tl.maximum(hi - gap_hi, 0), BLOCK_N):
+        start_n = _past_gap(pos, gap_lo, gap_hi)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
         s, kT, g = _scores(q, K_head, ${OPS}qk_scale, sm_scale, fill[:, None], offs_m, row_ok, start_n, offs_n, col_ok,
@@ -767,18 +766,12 @@ ${HEADS}
     dq = _attn_bwd_dq_tiles(
         dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi,
+        offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi, fhi, fhi,
         False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
-    if RANGED:
-        dq = _attn_bwd_dq_tiles(
-            dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_kn, stride_kk, stride_vn, stride_vk,
-            offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo,
-            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
         dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
-        offs_m, row_ok, offs_d, d_ok, N_KV, fhi, hi,
+        offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
         True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
 
 $DQ_FINAL

@@ -92,7 +92,8 @@ def check_case(name, b, hq, hkv, nq, nk, d, dtype, causal=False, mask=None, drop
     return ok
 
 
-def numerics():
+def numerics(match: str = ""):
+    """Every case (or those whose name holds one of the comma-separated ``match`` strings)."""
     cases = []
     for dtype in (torch.bfloat16, torch.float16):
         t = str(dtype).split(".")[-1]
@@ -123,6 +124,8 @@ def numerics():
                       dict(mask="bool")))
     cases.append(("fp32 (ieee) d64 causal 513x513", 2, 4, 4, 513, 513, 64, torch.float32, True))
     ok = True
+    if match:
+        cases = [c for c in cases if any(m in c[0] for m in match.split(","))]
     for c in cases:
         kw = c[9] if len(c) > 9 else {}
         ok &= check_case(*c[:9], **kw)
@@ -403,6 +406,7 @@ DECODE_CASES = [(b, 32, 8, nk) for b in (1, 8, 64) for nk in (4096, 32768, 13107
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--numerics", action="store_true")
+    ap.add_argument("--match", default="", help="numerics: only cases whose name holds one of these (comma-separated)")
     ap.add_argument("--tiles", action="store_true")
     ap.add_argument("--bench", action="store_true", help="the grid over --dtypes, --dims, --ns, causal and not")
     ap.add_argument("--extra-dims", default="", help="rows at N = 2k, 8k for these head dims, e.g. 80,96,256")
@@ -429,7 +433,7 @@ def main():
     variants = args.variants.split(",")
     tables = []
     if args.numerics:
-        ok &= numerics()
+        ok &= numerics(args.match)
         print(f"numerics took {time.time() - t0:.0f}s", flush=True)
     rows = []
     if args.bench:

@@ -646,17 +646,22 @@ ${HEADS_GROUP}
         # The query tiles of this head in up to three loops: [lo, a_hi) without bounds, with the
         # predicate only when CAUSAL; [a_hi, mid) without bounds, with the predicate (RANGED key
         # tiles with a partial query tile: all their tiles in one loop, see the note on the dK/dV
-        # loop); then the ragged tail [mid, hi) with both. A RANGED key tile whose query tiles
-        # are all full runs them in the first loop.
+        # loop); then the ragged tail with both. A RANGED key tile whose query tiles are all
+        # full runs them in the first loop.
         if RANGED:
             r_lo, r_flo, r_fhi, r_hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
             mid = tl.maximum(r_lo, tl.minimum(first_hi, r_hi))
             a_hi = tl.where((r_flo > r_lo) | (r_fhi < r_hi), r_lo, mid)
+            tail_lo = mid
+            tail_gap = mid
         else:
+            # Written so that the compiler keeps knowing these are multiples of BLOCK_M (a max
+            # in the tail's start cost the causal backward its address arithmetic).
             r_lo = lo
+            a_hi = first_hi
+            tail_lo = lo
+            tail_gap = tl.maximum(lo, first_hi)
             r_hi = N_Q
-            mid = tl.maximum(lo, first_hi)
-            a_hi = mid
         dk, dv = _attn_bwd_dkdv_tiles(
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
@@ -674,7 +679,7 @@ ${HEADS_GROUP}
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, mid, mid, mid, r_hi,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, tail_lo, tail_lo, tail_gap, r_hi,
             True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL

@@ -249,8 +249,14 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
     if spec.fill != float("-inf"):
         # Note (finite fills): a dropped element's score is the constant fill, so its gradient is
         # 0: keep_ok also masks dS in the backward (the chain rule and operand gradients).
-        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", "    s = tl.where(keep_ok, s, fill)",
-                  '    s = tl.where(tile_ok, s, float("-inf"))', "else:", "    keep_ok = tile_ok"]
+        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", "    s = tl.where(keep_ok, s, fill)"]
+        if orient == "mn":
+            # The dK/dV kernel ("nm") needs no -inf outside the tensors: its out-of-bounds key
+            # rows are never stored and load K as 0 (so add nothing to an atomic dQ), its
+            # out-of-bounds query columns have LSE +inf (p = 0), and operand gradients mask
+            # tile_ok themselves. That saves a select per element on every predicated tile.
+            lines.append('    s = tl.where(tile_ok, s, float("-inf"))')
+        lines += ["else:", "    keep_ok = tile_ok"]
     elif spec.keep is sympy.true:
         lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
     else:

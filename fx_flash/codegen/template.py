@@ -70,13 +70,12 @@ TEMPLATE = '''\
 # skipped elements weigh 0). Order lists the tiles the programs take, most work first, so the
 # last wave is short. Skipping changes no dropout bit: each is a function of its coordinates.
 #
-# Note (the dK/dV loop): a key tile's query tiles are few and its loop body heavy, so the dK/dV
-# kernel walks a key tile that has both partial and full query tiles in one loop with the
-# predicate on all of them (the causal diagonal band with its interior, a RANGED key tile with
-# any partial tile), and only key tiles whose query tiles are all full without it. A separate
-# loop for a band of one or two tiles restarts the software pipeline per key tile: on the H200
-# the causal backward was 5-8% slower that way, and transformers' causal mask (a RANGED launch
-# with the causal table) 5% slower than `is_causal`.
+# Note (the dK/dV loop): the causal dK/dV kernel runs its diagonal band and its interior as one
+# range with PREDICATE: a separate band of one or two tiles would restart the loop's software
+# pipeline per key tile (measured on the H200: the backward 5-8% slower than one range). RANGED
+# key tiles keep their full tiles unpredicated and their partial ones in a second loop: walking
+# all of them predicated (transformers' causal mask: a tensor load, a finite fill and its dS
+# select per element) measured 6% slower than the restart.
 #
 # Note (TMA): with USE_TMA the streamed tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV)
 # are loaded through tensor descriptors over one head's (rows, HEAD_DIM) matrix, built in the
@@ -643,43 +642,27 @@ def _attn_bwd_dkdv(
 ${HEADS_GROUP}
         LSE_row = LSE + off_hz * N_Q
         Delta_row = Delta + off_hz * N_Q
-        # The query tiles of this head in up to three loops: [lo, a_hi) without bounds, with the
-        # predicate only when CAUSAL; [a_hi, mid) without bounds, with the predicate (RANGED key
-        # tiles with a partial query tile: all their tiles in one loop, see the note on the dK/dV
-        # loop); then the ragged tail with both. A RANGED key tile whose query tiles are all
-        # full runs them in the first loop.
+        # The query tiles of this head: [flo, fhi) without predicate or bounds (the interior, or
+        # a RANGED table's full tiles; with CAUSAL the predicate runs there, see above), then the
+        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both, in one loop.
         if RANGED:
             r_lo, r_flo, r_fhi, r_hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
-            mid = tl.maximum(r_lo, tl.minimum(first_hi, r_hi))
-            a_hi = tl.where((r_flo > r_lo) | (r_fhi < r_hi), r_lo, mid)
-            tail_lo = mid
-            tail_gap = mid
         else:
-            # Written so that the compiler keeps knowing these are multiples of BLOCK_M (a max
-            # in the tail's start cost the causal backward its address arithmetic).
             r_lo = lo
-            a_hi = first_hi
-            tail_lo = lo
-            tail_gap = tl.maximum(lo, first_hi)
+            r_flo = lo
+            r_fhi = first_hi
             r_hi = N_Q
         dk, dv = _attn_bwd_dkdv_tiles(
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, a_hi, a_hi, a_hi,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi, r_fhi, r_fhi,
             False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-        if RANGED:
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, a_hi, mid, mid, mid,
-                False, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_tiles(
             dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
             seed, off_hz, qk_scale, sm_scale, dropout_p,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, tail_lo, tail_lo, tail_gap, r_hi,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, tl.maximum(r_lo, r_fhi), r_hi,
             True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL

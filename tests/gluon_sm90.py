@@ -1,6 +1,9 @@
 """Compile the Gluon forward for sm_90 without a GPU, and report what the binary holds.
 
-    python -m tests.gluon_sm90 SPEC_TEXT HEAD_DIM BLOCK_N STAGES WS [SPEC_TEXT HEAD_DIM BLOCK_N STAGES WS ...]
+    python -m tests.gluon_sm90 SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND [SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND ...]
+
+KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
+accumulator rescaled while q·kᵀ runs);
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports. Run as its own process by
@@ -34,22 +37,23 @@ def _descriptor_type(rows: int, head_dim: int) -> str:
     return f"tensordesc<bf16[{rows}, {head_dim}],{layout!r}>"
 
 
-def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool):
+def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
+                 early: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
-    warp-specialized one when ``ws``."""
+    warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``)."""
     spec = spec_from_text(spec_text)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(render_gluon(spec))
     found = importlib.util.spec_from_file_location("gluon_sm90_kernel", f.name)
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
-    config = gluon_launch.GluonConfig(gluon_launch.BLOCK_M, block_n, stages, ws)
+    config = gluon_launch.GluonConfig(gluon_launch.BLOCK_M, block_n, stages, ws, pingpong, early)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
                  **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "stride_ok", "H", "N_Q", "N_KV")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-              "STAGES": stages, "NUM_WARPS": warps}
+              "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early}
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
     return triton.compile(GluonASTSource(kernel, signature, consts), target=SM90,
@@ -73,14 +77,18 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
+KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
+
+
 def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
-        text, head_dim, block_n, stages, ws = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
-        kernel = compile_sm90(text, head_dim, block_n, stages, ws == "1")
+        text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
+        kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
         ptx = kernel.asm["ptx"]
-        print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "ws": ws == "1",
+        print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "kind": kind,
                           "shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-                          "tma": ptx.count("cp.async.bulk.tensor"), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
+                          "tma": ptx.count("cp.async.bulk.tensor"),
+                          "turn_waits": ptx.count("mbarrier.try_wait"), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
                           **_ptxas_report(ptx)}), flush=True)
 
 

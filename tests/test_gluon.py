@@ -179,11 +179,12 @@ def _gluon_hopper_available() -> bool:
         return False
 
 
-KERNELS = {  # name: (spec, head dim, warp-specialized), each at the H200's tile for its head dim
-    "plain-d128": ("score=qk*scale", 128, False), "causal-d128": (CAUSAL, 128, False),
-    "softcap-d128": (SOFTCAP, 128, False), "prefix_lm-d64": (PREFIX_LM, 64, False),
-    "head_and_length-d64": (HEAD_AND_LENGTH, 64, False), "causal-d64": (CAUSAL, 64, False),
-    "causal-d128-ws": (CAUSAL, 128, True), "softcap-d64-ws": (SOFTCAP, 64, True),
+KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at the H200's tile for its head dim
+    "plain-d128": ("score=qk*scale", 128, "v1"), "causal-d128": (CAUSAL, 128, "v1"),
+    "softcap-d128": (SOFTCAP, 128, "v1"), "prefix_lm-d64": (PREFIX_LM, 64, "v1"),
+    "head_and_length-d64": (HEAD_AND_LENGTH, 64, "v1"), "causal-d64": (CAUSAL, 64, "v1"),
+    "causal-d128-ws": (CAUSAL, 128, "ws"), "softcap-d64-ws": (SOFTCAP, 64, "ws"),
+    "causal-d128-pp": (CAUSAL, 128, "pp"), "prefix_lm-d64-ppe": (PREFIX_LM, 64, "ppe"),
 }
 
 
@@ -192,9 +193,9 @@ def compiled():
     """One process compiles every kernel of KERNELS for sm_90 (see tests/gluon_sm90.py for why a
     process of its own), at the tile default_config gives the H200."""
     args = []
-    for text, d, ws in KERNELS.values():
-        cfg = gluon_launch.default_config(H200, d, 2, ws)
-        args += [text, str(d), str(cfg.BLOCK_N), str(cfg.STAGES), "1" if ws else "0"]
+    for text, d, kind in KERNELS.values():
+        cfg = gluon_launch.default_config(H200, d, 2, kind != "v1")
+        args += [text, str(d), str(cfg.BLOCK_N), str(cfg.STAGES), kind]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     done = subprocess.run([sys.executable, "-m", "tests.gluon_sm90", *args], cwd=ROOT, env=env,
@@ -210,10 +211,11 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     """The rendered kernel compiles for sm_90 to asynchronous wgmma and TMA bulk-tensor loads, and
     its shared memory is the footprint model's (the warp-specialized kernel: within the reserve for
     the partitions' captures) and at most the H200's M."""
-    text, d, ws = KERNELS[name]
+    text, d, kind = KERNELS[name]
+    ws = kind != "v1"
     report = compiled[name]
     cfg = gluon_launch.default_config(H200, d, 2, ws)
-    assert (report["spec"], report["head_dim"], report["ws"]) == (text, d, ws)
+    assert (report["spec"], report["head_dim"], report["kind"]) == (text, d, kind)
     assert report["wgmma"] > 0 and report["tma"] > 0
     model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws)
     if ws:
@@ -222,3 +224,11 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     else:
         assert report["shared"] == model
     assert report["shared"] <= H200.shared_memory
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+def test_pingpong_adds_the_turn_waits(compiled):
+    """With the ping-pong on, each consumer waits for its turn before each group of products (the
+    prologue's, each step's, the last p·v's and each drained tile's): the kernel holds more mbarrier
+    waits than the same kernel without it, which waits only on the ring."""
+    assert compiled["causal-d128-pp"]["turn_waits"] > compiled["causal-d128-ws"]["turn_waits"]

@@ -61,6 +61,8 @@ class GluonConfig:
     BLOCK_N: int
     STAGES: int
     ws: bool = False
+    pingpong: bool = False  # ws only: the consumers take turns issuing their products
+    early: bool = False  # rescale the accumulator while q·kᵀ runs, not after p·v
 
     @property
     def num_warps(self) -> int:
@@ -72,19 +74,21 @@ class GluonConfig:
         return self.BLOCK_M // 2 if self.ws else self.BLOCK_M
 
     def __str__(self) -> str:
-        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}{' ws' if self.ws else ''}"
+        flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early)) if on]
+        return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
 def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False) -> int:
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
-    the partitions when ``ws``. P and the softmax stay in registers, so this is the whole of it:
-    tests compare it with the compiled kernels' own counts."""
+    the partitions when ``ws`` (with the two turn barriers of the ping-pong, allocated whether or not
+    it is on). P and the softmax stay in registers, so this is the whole of it: tests compare it
+    with the compiled kernels' own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
     if ws:
-        return tiles + 2 * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
+        return tiles + 2 * 2 * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
     return tiles + BARRIER_BYTES + 2 * ring
 
 
@@ -171,7 +175,7 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     fn[grid](_descriptor(q, rows), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
              out, lse, scale, *out.stride(), h, n_q, k.shape[2],
              GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-             NUM_WARPS=config.num_warps, num_warps=config.num_warps)
+             NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early, num_warps=config.num_warps)
 
 
 def not_routed(q: torch.Tensor) -> Optional[str]:

@@ -42,17 +42,19 @@ PREFIX_LM = "score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)"
 def variants(d: int) -> dict:
     """The kernels timed, by name: "v1" one partition of two warpgroups that loads for itself;
     "ws" the warp-specialized kernel (producer + two consumers); "pp" with the consumers taking
-    turns (ping-pong); "ppe" also rescaling the accumulator while q·kᵀ runs. BLOCK_N/STAGES."""
+    turns (ping-pong); "e" also rescaling the accumulator while q·kᵀ runs; "h" with the hold that
+    keeps each consumer's softmax under its p·v (gluon._hold). BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
+    ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
+                         dict(pingpong=True, hold=True, early=True))
     if d == 128:
         return {"v1 128/2": C(128, 128, 2), "v1 128/3": C(128, 128, 3),
-                "ws 128/2": C(128, 128, 2, ws=True), "ws 128/3": C(128, 128, 3, ws=True),
-                "pp 128/2": C(128, 128, 2, ws=True, pingpong=True), "pp 128/3": C(128, 128, 3, ws=True, pingpong=True),
-                "ppe 128/2": C(128, 128, 2, ws=True, pingpong=True, early=True)}
-    return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4),
-            "ws 128/4": C(128, 128, 4, ws=True), "pp 128/4": C(128, 128, 4, ws=True, pingpong=True),
-            "ppe 128/4": C(128, 128, 4, ws=True, pingpong=True, early=True)}
+                "ws 128/2": C(128, 128, 2, True, **ws), "wsh 128/2": C(128, 128, 2, True, hold=True),
+                "pp 128/2": C(128, 128, 2, True, **pp), "pph 128/2": C(128, 128, 2, True, **pph),
+                "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh)}
+    return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
+            "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 
 def _eager(q, k, v, scale, causal, softcap, prefix=0):
@@ -278,8 +280,8 @@ def main():
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--ns", default="2048,8192")
     ap.add_argument("--variants", default="", help="comma-separated names (see variants()); default all")
-    ap.add_argument("--full", default="pp,ppe", help="kinds whose numerics run every case (others: the 3 timed specs)")
-    ap.add_argument("--fp16", default="pp 128/2,pp 128/4,v1 128/3,v1 128/4", help="variants also checked in fp16")
+    ap.add_argument("--full", default="pph,ppeh", help="kinds whose numerics run every case (others: the 3 timed specs)")
+    ap.add_argument("--fp16", default="pph 128/2,pph 128/4,v1 128/3,v1 128/4", help="variants also checked in fp16")
     ap.add_argument("--jobs", type=int, default=12, help="numerics children at a time")
     ap.add_argument("--limit", type=float, default=90.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=75.0, help="seconds per timing child")

@@ -184,7 +184,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     "softcap-d128": (SOFTCAP, 128, "v1"), "prefix_lm-d64": (PREFIX_LM, 64, "v1"),
     "head_and_length-d64": (HEAD_AND_LENGTH, 64, "v1"), "causal-d64": (CAUSAL, 64, "v1"),
     "causal-d128-ws": (CAUSAL, 128, "ws"), "softcap-d64-ws": (SOFTCAP, 64, "ws"),
-    "causal-d128-pp": (CAUSAL, 128, "pp"), "prefix_lm-d64-ppe": (PREFIX_LM, 64, "ppe"),
+    "plain-d128-pp": ("score=qk*scale", 128, "pp"), "causal-d128-pph": (CAUSAL, 128, "pph"),
+    "prefix_lm-d64-ppeh": (PREFIX_LM, 64, "ppeh"),
 }
 
 
@@ -231,4 +232,24 @@ def test_pingpong_adds_the_turn_waits(compiled):
     """With the ping-pong on, each consumer waits for its turn before each group of products (the
     prologue's, each step's, the last p·v's and each drained tile's): the kernel holds more mbarrier
     waits than the same kernel without it, which waits only on the ring."""
-    assert compiled["causal-d128-pp"]["turn_waits"] > compiled["causal-d128-ws"]["turn_waits"]
+    assert compiled["causal-d128-pph"]["turn_waits"] > compiled["causal-d128-ws"]["turn_waits"]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("name", ["causal-d128", "causal-d128-pph", "prefix_lm-d64-ppeh"])
+def test_softmax_runs_between_the_two_waits(compiled, name):
+    """Each consumer's exponentials sit between the wait for q·kᵀ and the wait for p·v in the SASS
+    (p·v runs under the softmax): in the single-partition kernel by itself, in the warp-specialized
+    one through the hold (gluon._hold). An empty list: no nvdisasm beside ptxas."""
+    counts = compiled[name]["exps_between_waits"]
+    assert all(c > 0 for c in counts), counts
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+def test_without_the_hold_ptxas_waits_before_the_softmax(compiled):
+    """Why the hold exists: without it ptxas (triton 3.6 and 3.9) places the wait for p·v before
+    every exponential of the warp-specialized consumers of plain attention (a causal kernel's
+    branch on the band happens to keep the order). If this starts failing, a new ptxas keeps the
+    order itself and the hold can go."""
+    counts = compiled["plain-d128-pp"]["exps_between_waits"]
+    assert counts and all(c == 0 for c in counts), counts

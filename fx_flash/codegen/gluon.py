@@ -131,11 +131,21 @@ def _pass_turn(sched, C: gl.constexpr, PP: gl.constexpr):
 
 
 @gluon.jit
+def _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD: gl.constexpr):
+    """HOLD: a TMA load that never runs (``kv_row``, a row index, is never negative), issued after
+    the softmax: ptxas does not move the wait for p·v above a TMA issue, and without one it places
+    that wait before the exponentials in the warp-specialized consumers (SASS of triton 3.6),
+    which serializes each consumer's softmax and p·v (see the pipeline note)."""
+    if HOLD:
+        _tma_load(k_desc, [kv_row, 0], k_ready.index(buf), k_smem.index(buf), kv_row < 0)
+
+
+@gluon.jit
 def _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc,
           v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
           s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr,
-          EARLY: gl.constexpr):
+          EARLY: gl.constexpr, HOLD: gl.constexpr):
     """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1.
     EARLY: the accumulator is rescaled by tile j-1's alpha while q·kᵀ runs (FlashAttention-3's
     order), not after p·v of tile j-1 has completed."""
@@ -153,6 +163,7 @@ def _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_read
     qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
     _release(j, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
+    _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD)
     acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
     _release(j - 1, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     if not EARLY:
@@ -165,7 +176,7 @@ def _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_read
 def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, row_start,
             n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
-            C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr):
+            C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
     tiles are loaded into the ring in all (more than n_tiles when another consumer needs more).
@@ -203,7 +214,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k
         p_op, m_i, l_i, acc, alpha = _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                            v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                            qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
-                                           tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY)
+                                           tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
 
     # -- the last tile's p·v --
     last = (n_tiles - 1) % STAGES
@@ -273,10 +284,10 @@ def _attn_fwd_sm90(
     H, N_Q, N_KV,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
-    PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False,
+    PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
 ):
     """One partition of NUM_WARPS warps per BLOCK_M query rows: it issues the TMA loads itself
-    (PINGPONG does not apply: there is one consumer)."""
+    (PINGPONG does not apply: there is one consumer; nor HOLD: its own loads hold the order)."""
     dtype: gl.constexpr = q_desc.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     off_z, off_h, off_hz, row_start, kv_row = _program(H, N_Q, N_KV, GROUP, BLOCK_M)
@@ -308,7 +319,7 @@ $HEADS
 
     acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, k_ready, k_desc, v_desc,
                             kv_row, row_start, n_tiles, n_tiles, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N,
-                            STAGES, NUM_WARPS, False, 0, False, EARLY)
+                            STAGES, NUM_WARPS, False, 0, False, EARLY, False)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
@@ -345,7 +356,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 @gluon.jit
 def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
               sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0,
-              kv_row, N_Q, N_KV, n_load, PP: gl.constexpr, EARLY: gl.constexpr):
+              kv_row, N_Q, N_KV, n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
     """Consumer warpgroup c: query rows row0 + c·BLOCK_M on; tiles it does not read (causal: the
     other consumer's rows go further) are released unread, so the producer's ring keeps turning,
     each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
@@ -359,7 +370,7 @@ $HEADS_WS
     mbarrier.wait(q_bars.index(c), 0)
     acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc,
                             v_desc, kv_row, row_start, n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M,
-                            BLOCK_N, STAGES, 4, True, c, PP, EARLY)
+                            BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD)
     for i in range(n_tiles, n_load):
         buf = i % STAGES
         mbarrier.wait(k_ready.index(buf), (i // STAGES) & 1)
@@ -375,19 +386,19 @@ $HEADS_WS
 @gluon.jit
 def _consumer_0(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
                 sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-                n_load, PP: gl.constexpr, EARLY: gl.constexpr):
+                n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
     _consumer(0, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
               sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-              n_load, PP, EARLY)
+              n_load, PP, EARLY, HOLD)
 
 
 @gluon.jit
 def _consumer_1(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
                 sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-                n_load, PP: gl.constexpr, EARLY: gl.constexpr):
+                n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
     _consumer(1, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
               sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-              n_load, PP, EARLY)
+              n_load, PP, EARLY, HOLD)
 
 
 @gluon.jit
@@ -397,7 +408,7 @@ def _attn_fwd_sm90_ws(
     H, N_Q, N_KV,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
-    PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False,
+    PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
 ):
     """Warp-specialized (FlashAttention-3's layout): a producer partition of NUM_WARPS warps
     issues every TMA load, two consumer warpgroups own BLOCK_M query rows each, so one's softmax
@@ -427,7 +438,7 @@ def _attn_fwd_sm90_ws(
 
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out,
                      LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row,
-                     N_Q, N_KV, n_load, PINGPONG, EARLY)
+                     N_Q, N_KV, n_load, PINGPONG, EARLY, HOLD)
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
                      off_hz * N_Q + row0, kv_row, n_load)),

@@ -63,6 +63,7 @@ class GluonConfig:
     ws: bool = False
     pingpong: bool = False  # ws only: the consumers take turns issuing their products
     early: bool = False  # rescale the accumulator while q·kᵀ runs, not after p·v
+    hold: bool = False  # ws only: keep each consumer's softmax between its q·kᵀ and p·v waits (gluon._hold)
 
     @property
     def num_warps(self) -> int:
@@ -74,7 +75,8 @@ class GluonConfig:
         return self.BLOCK_M // 2 if self.ws else self.BLOCK_M
 
     def __str__(self) -> str:
-        flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early)) if on]
+        flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
+                                                    ("hold", self.hold)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
@@ -175,7 +177,8 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     fn[grid](_descriptor(q, rows), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
              out, lse, scale, *out.stride(), h, n_q, k.shape[2],
              GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-             NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early, num_warps=config.num_warps)
+             NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,
+             HOLD=config.hold, num_warps=config.num_warps)
 
 
 def not_routed(q: torch.Tensor) -> Optional[str]:

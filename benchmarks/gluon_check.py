@@ -50,7 +50,8 @@ def variants(d: int) -> dict:
                          dict(pingpong=True, hold=True, early=True))
     if d == 128:
         return {"v1 128/2": C(128, 128, 2), "v1 128/3": C(128, 128, 3),
-                "ws 128/2": C(128, 128, 2, True, **ws), "wsh 128/2": C(128, 128, 2, True, hold=True),
+                "ws 128/2": C(128, 128, 2, True, **ws), "ws 128/3": C(128, 128, 3, True, **ws),
+                "wsh 128/2": C(128, 128, 2, True, hold=True), "wsh 128/3": C(128, 128, 3, True, hold=True),
                 "pp 128/2": C(128, 128, 2, True, **pp), "pph 128/2": C(128, 128, 2, True, **pph),
                 "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
@@ -177,10 +178,13 @@ def backward_through_gluon(d):
     return ok
 
 
-def _shapes(d, ns):
-    shapes = [(n, causal, "") for n in ns for causal in (False, True)]
-    if d == 128:  # the second spec: Gemma 2's soft-capping (cuDNN has none)
-        shapes.append((ns[-1], True, SOFTCAP))
+def _shapes(d, ns, softcap=True, fp16=False):
+    """(N, causal, spec text, dtype) rows of the timing table."""
+    shapes = [(n, causal, "", torch.bfloat16) for n in ns for causal in (False, True)]
+    if d == 128 and softcap:  # the second spec: Gemma 2's soft-capping (cuDNN has none)
+        shapes.append((ns[-1], True, SOFTCAP, torch.bfloat16))
+    if fp16:
+        shapes.append((ns[-1], False, "", torch.float16))
     return shapes
 
 
@@ -192,7 +196,7 @@ def warm(d, ns):
     from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
-    for n, causal, text in _shapes(d, ns):
+    for n, causal, text, _ in _shapes(d, ns):
         q, k, v = (torch.randn(16384 // n, 2048 // d, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         spec = spec_from_text(text) if text else sdpa_spec(causal=causal)
         launch.attention_forward(q, k, v, [], None, 0.0, 1 / math.sqrt(d), spec)
@@ -202,8 +206,10 @@ def warm(d, ns):
     return True
 
 
-def bench(d, ns, names):
-    """TFLOP/s rows: cuDNN SDPA, the portable forward (paper tile) and each Gluon variant in ``names``."""
+def bench(d, ns, names, extra):
+    """TFLOP/s rows: cuDNN SDPA (first, and again last: the card's clocks drift within a row), the
+    portable forward (paper tile) and each Gluon variant in ``names``. ``extra``: "noportable",
+    "nosoftcap", "fp16" (a row at the longest N in fp16)."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -213,9 +219,9 @@ def bench(d, ns, names):
 
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     configs = variants(d)
-    for n, causal, text in _shapes(d, ns):
+    for n, causal, text, dtype in _shapes(d, ns, "nosoftcap" not in extra, "fp16" in extra):
         b, h = 16384 // n, 2048 // d
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
         scale = 1 / math.sqrt(d)
         spec = spec_from_text(text) if text else sdpa_spec(causal=causal)
         flops = 4 * b * h * n * n * d / (2 if causal else 1)
@@ -226,13 +232,16 @@ def bench(d, ns, names):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        fns = {"cudnn": cudnn, "portable": lambda: launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)}
+        fns = {"cudnn": cudnn}
+        if "noportable" not in extra:
+            fns["portable"] = lambda: launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
         for name in names:
             fns[name] = lambda cfg=configs[name]: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
-        ref = launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)[0]
-        row = dict(d=d, n=n, causal=causal, spec="softcap" if text else "")
+        fns["cudnn again"] = cudnn
+        ref = cudnn() if not text else launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)[0]
+        row = dict(d=d, n=n, causal=causal, spec=("softcap" if text else "") + (" fp16" if dtype == torch.float16 else ""))
         for name, fn in fns.items():
-            if name == "cudnn" and text:
+            if name.startswith("cudnn") and text:
                 continue  # cuDNN has no soft-capping
             try:
                 fn()
@@ -250,14 +259,14 @@ def bench(d, ns, names):
 
 
 def child(what, ns):
-    """One child process: "numerics:D:NAME:CASES:DTYPE", "warm:D" or "bench:D:NAME;NAME…"."""
+    """One child process: "numerics:D:NAME:CASES:DTYPE", "warm:D" or "bench:D:NAME;NAME…:EXTRA,…"."""
     parts = what.split(":")
     if parts[0] == "numerics":
         ok = numerics(int(parts[1]), parts[2], parts[3], getattr(torch, parts[4]))
     elif parts[0] == "warm":
         ok = warm(int(parts[1]), ns)
     else:
-        bench(int(parts[1]), ns, [x for x in parts[2].split(";") if x])
+        bench(int(parts[1]), ns, [x for x in parts[2].split(";") if x], parts[3].split(",") if len(parts) > 3 else [])
         ok = True
     print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
 
@@ -284,7 +293,9 @@ def main():
     ap.add_argument("--fp16", default="pph 128/2,pph 128/4,v1 128/3,v1 128/4", help="variants also checked in fp16")
     ap.add_argument("--jobs", type=int, default=12, help="numerics children at a time")
     ap.add_argument("--limit", type=float, default=90.0, help="seconds per numerics child")
-    ap.add_argument("--bench-limit", type=float, default=75.0, help="seconds per timing child")
+    ap.add_argument("--bench-limit", type=float, default=150.0, help="seconds per timing child")
+    ap.add_argument("--bench", default="", help="timing extras: noportable, nosoftcap, fp16 (comma-separated)")
+    ap.add_argument("--no-warm", action="store_true", help="skip the portable compile and the backward check")
     ap.add_argument("--child", default="", help="internal")
     args = ap.parse_args()
     if args.child:
@@ -299,7 +310,7 @@ def main():
     wanted = [x.strip() for x in args.variants.split(",") if x.strip()]
     full = args.full.split(",")
     chosen = {d: [n for n in variants(d) if not wanted or n in wanted] for d in dims}
-    jobs = [f"warm:{d}" for d in dims]
+    jobs = [] if args.no_warm else [f"warm:{d}" for d in dims]
     for d in dims:
         for name in chosen[d]:
             jobs.append(f"numerics:{d}:{name}:{'full' if name.split()[0] in full else 'short'}:bfloat16")
@@ -315,7 +326,7 @@ def main():
     rows = {}
     for d in dims:
         names = [n for n in chosen[d] if all(ok for w, ok in passed.items() if w.startswith(f"numerics:{d}:{n}:"))]
-        what, text, secs, ok = _run_child(f"bench:{d}:{';'.join(names)}", args.ns, args.bench_limit)
+        what, text, secs, ok = _run_child(f"bench:{d}:{';'.join(names)}:{args.bench}", args.ns, args.bench_limit)
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
         for line in text.splitlines():
             if line.startswith("ROW "):
@@ -328,13 +339,14 @@ def main():
     print("Backward through the routed Gluon forward: " + ", ".join(
         f"d{w[5:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items() if w.startswith("warm")))
     for d in dims:
-        cols = ["cudnn", "portable"] + chosen[d]
+        cols = ["cudnn"] + ([] if "noportable" in args.bench else ["portable"]) + chosen[d] + ["cudnn again"]
         print(f"\nTFLOP/s forward, bf16, d = {d}, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
-        print("| N | causal | " + " | ".join(cols) + " | best gluon | / cudnn |")
+        print("| N | causal | " + " | ".join(cols) + " | best gluon | / faster cudnn |")
         print("|---|---|" + "---|" * len(cols) + "---|---|")
         for r in (r for r in rows.values() if r["d"] == d):
             best = max(((r[c], c) for c in chosen[d] if isinstance(r.get(c), int)), default=None)
-            ratio = f"{best[0] / r['cudnn']:.2f}" if best and isinstance(r.get("cudnn"), int) else "-"
+            ref = max((r[c] for c in ("cudnn", "cudnn again") if isinstance(r.get(c), int)), default=None)
+            ratio = f"{best[0] / ref:.2f}" if best and ref else "-"
             print(f"| {r['n']} | {r['spec'] or ('yes' if r['causal'] else 'no')} | "
                   + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {best[1] if best else '-'} | {ratio} |")
     print("\nALL PASS" if all(passed.values()) else "\nSOME FAILED")

@@ -109,6 +109,9 @@ def test_tiles_fit_shared_memory_by_construction():
     and no tile at all when even that does not fit."""
     assert gluon_launch.default_config(H200, 128, 2) == gluon_launch.GluonConfig(128, 128, 3)
     assert gluon_launch.default_config(H200, 64, 2) == gluon_launch.GluonConfig(128, 128, 4)
+    # The routed kernel (warp-specialized) at d = 128: three 128-key stages still fit the H200's M.
+    assert gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND) == gluon_launch.GluonConfig(
+        128, 128, 3, ws=True)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))  # M too small for two 128-key stages at d = 128
     assert gluon_launch.default_config(ada, 128, 2) == gluon_launch.GluonConfig(128, 64, 2)
     assert gluon_launch.default_config(DeviceProfile("small", 48 * 1024, 1, (9, 0)), 128, 2) is None

@@ -6,8 +6,10 @@ and every call this kernel cannot compute exactly (another GPU, the interpreter,
 other than 64 and 128, tensor operands, dropout, layouts a row-matrix descriptor cannot address,
 key lengths that are not a multiple of the key tile), or that it was not measured faster on
 (``not_routed``: head dim 64, fp16), runs the portable kernels instead. The reason is logged on
-the ``fx_flash`` logger at debug level. The warp-specialized kernel is reached only through
-``launch`` with a ``GluonConfig(..., ws=True)`` (benchmarks/gluon_check.py): it was never timed.
+the ``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND, the warp-specialized
+kernel (a TMA producer and two consumer warpgroups), the fastest of the kinds timed on the H200
+(benchmarks/RESULTS.md, Hopper); the others (one partition; ping-pong, hold, early rescale) are
+reached through ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger o
 # H200 and measured at least as fast as the tuned portable forward (benchmarks/RESULTS.md).
 ROUTED_HEAD_DIMS = (128,)
 ROUTED_DTYPES = (torch.bfloat16,)
+ROUTED_KIND = dict(ws=True)  # GluonConfig flags of the routed kernel
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4
@@ -94,14 +97,16 @@ def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages
     return tiles + BARRIER_BYTES + 2 * ring
 
 
-def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False) -> Optional[GluonConfig]:
+def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False,
+                   **flags) -> Optional[GluonConfig]:
     """The tile for ``head_dim``: BLOCK_M = 128 rows, key tiles of 128 (64 when 128 does not fit
-    two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none fits."""
+    two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
+    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold)."""
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
                    if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s, ws) <= device.shared_memory]
         if fitting:
-            return GluonConfig(BLOCK_M, block_n, max(fitting), ws)
+            return GluonConfig(BLOCK_M, block_n, max(fitting), ws, **flags)
     return None
 
 
@@ -192,9 +197,11 @@ def not_routed(q: torch.Tensor) -> Optional[str]:
 
 
 def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
-    """Compute the forward into ``out``/``lse`` with the single-partition Gluon kernel if it
+    """Compute the forward into ``out``/``lse`` with the routed Gluon kernel (ROUTED_KIND) if it
     applies; False (nothing written) when the portable kernels must run instead."""
-    config = default_config(device_profile(q.device), q.shape[-1], q.element_size()) if q.is_cuda else None
+    config = None
+    if q.is_cuda:
+        config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **ROUTED_KIND)
     reason = unsupported_call(spec, q, k, v, config) or not_routed(q)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)

@@ -148,11 +148,11 @@ def test_calls_off_sm90_are_refused():
 
 
 def test_routing_is_limited_to_what_was_measured():
-    """FX_FLASH_GLUON=1 routes bf16 at head dim 128 only: head dim 64 measured slower than the
-    portable forward on the H200, fp16 was never run there."""
+    """FX_FLASH_GLUON=1 routes head dim 128 only (bf16 and fp16, both checked and timed on the
+    H200): at head dim 64 the portable forward measured faster."""
     assert gluon_launch.not_routed(torch.empty(1, 1, 8, 128, dtype=torch.bfloat16)) is None
+    assert gluon_launch.not_routed(torch.empty(1, 1, 8, 128, dtype=torch.float16)) is None
     assert "64" in gluon_launch.not_routed(torch.empty(1, 1, 8, 64, dtype=torch.bfloat16))
-    assert "float16" in gluon_launch.not_routed(torch.empty(1, 1, 8, 128, dtype=torch.float16))
 
 
 def test_off_by_default(monkeypatch):

@@ -36,6 +36,7 @@ GLUON_TEMPLATE = '''\
 #   BLOCK_M, BLOCK_N   query rows of one consumer / key columns of a tile; STAGES K/V buffers.
 #   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
 #   k_empty, v_empty   (warp-specialized kernel only) completed when both consumers released it.
+#   sched              (warp-specialized, PINGPONG) consumer c's turn to issue its products.
 #   s_layout, o_layout wgmma accumulator layouts of the scores (BLOCK_M, BLOCK_N) and of the output
 #                      (BLOCK_M, HEAD_DIM); a consumer's NUM_WARPS // 4 warpgroups split its rows.
 #   qk, s              raw q·kᵀ of a tile and the score computed from it, in log2 units (log2 e
@@ -43,16 +44,19 @@ GLUON_TEMPLATE = '''\
 #   m_i, l_i, acc      running row max, running row sum of exp2, output accumulator.
 #
 # Two kernels share the consumer code (_attend): _attn_fwd_sm90, one partition of NUM_WARPS = 8
-# warps that also issues its TMA loads (what fx_flash routes to, FX_FLASH_GLUON=1), and
-# _attn_fwd_sm90_ws, FlashAttention-3's layout: a producer partition issues every load, two
-# consumer warpgroups of BLOCK_M rows each run independently (experimental: see README).
+# warps that also issues its TMA loads, and _attn_fwd_sm90_ws, FlashAttention-3's layout: a
+# producer partition issues every load, two consumer warpgroups of BLOCK_M rows each (what
+# fx_flash routes to, FX_FLASH_GLUON=1, with its options off: on the H200 the free-running
+# consumers beat both the ping-pong and the hold, benchmarks/GLUON_NOTES.md).
 #
 # Note (pipeline): tile j's q·kᵀ is issued, then tile j-1's p·v, both asynchronous; waiting for
 # one outstanding group leaves p·v running on the tensor cores while the softmax of tile j runs.
 # K buffer j % STAGES is released as soon as q·kᵀ of tile j has completed, V buffer (j-1) % STAGES
 # once p·v of tile j-1 has: the single-partition kernel then loads tile + STAGES into it itself,
 # the warp-specialized one arrives on its empty barrier for the producer. A buffer's barriers
-# flip phase once per use, so tile t waits on parity (t // STAGES) & 1.
+# flip phase once per use, so tile t waits on parity (t // STAGES) & 1. In the warp-specialized
+# consumers ptxas moves the p·v wait above the softmax unless a TMA issue sits between them
+# (HOLD, _hold); the single-partition kernel's own loads do that.
 #
 # Note (fully masked rows): as in the portable template, a row whose every score is -inf keeps
 # m_i = -inf and exponentiates against 0: its output is 0 and its LSE -inf.

@@ -5,7 +5,7 @@ Off unless ``FX_FLASH_GLUON=1``; then ``launch.attention_forward`` offers each f
 and every call this kernel cannot compute exactly (another GPU, the interpreter, fp32, head dims
 other than 64 and 128, tensor operands, dropout, layouts a row-matrix descriptor cannot address,
 key lengths that are not a multiple of the key tile), or that it was not measured faster on
-(``not_routed``: head dim 64, fp16), runs the portable kernels instead. The reason is logged on
+(``not_routed``: head dim 64), runs the portable kernels instead. The reason is logged on
 the ``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND, the warp-specialized
 kernel (a TMA producer and two consumer warpgroups), the fastest of the kinds timed on the H200
 (benchmarks/RESULTS.md, Hopper); the others (one partition; ping-pong, hold, early rescale) are
@@ -37,7 +37,7 @@ HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger o
 # What FX_FLASH_GLUON=1 routes here: the head dims and dtypes where the kernel was checked on the
 # H200 and measured at least as fast as the tuned portable forward (benchmarks/RESULTS.md).
 ROUTED_HEAD_DIMS = (128,)
-ROUTED_DTYPES = (torch.bfloat16,)
+ROUTED_DTYPES = (torch.bfloat16, torch.float16)
 ROUTED_KIND = dict(ws=True)  # GluonConfig flags of the routed kernel
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
@@ -188,7 +188,8 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
 
 def not_routed(q: torch.Tensor) -> Optional[str]:
     """Why a call the kernel could compute still runs the portable forward: where the H200 runs
-    measured it slower (head dim 64), or where it has not been run on a GPU at all (fp16)."""
+    measured it slower (head dim 64). ROUTED_DTYPES keeps the door for a dtype the kernel takes
+    but that was never run on a GPU (both it takes were)."""
     if q.shape[-1] not in ROUTED_HEAD_DIMS:
         return f"head dim {q.shape[-1]}: the portable forward measured faster on the H200 (benchmarks/RESULTS.md)"
     if q.dtype not in ROUTED_DTYPES:

@@ -1,20 +1,28 @@
 """GPU evidence for the Gluon sm90 forward (fx_flash/codegen/gluon.py), in one run: numerics
-against an fp32 reference, the backward reading its logsumexp, and forward TFLOP/s against cuDNN
-SDPA and the portable fx_flash forward.
+against an fp32 reference for every kernel variant, the backward reading its logsumexp, and
+forward TFLOP/s against cuDNN SDPA and the portable fx_flash forward.
 
-    python benchmarks/gluon_check.py [--dims 128,64] [--ns 2048,8192]
+    python benchmarks/gluon_check.py [--dims 128,64] [--ns 2048,8192] [--variants "pp 128/2,v1 128/3"]
 
-Each head dim runs in its own process with a time limit, so a kernel that hangs (a wrong
-mbarrier phase waits forever) costs that head dim's rows, not the run. Numerics follow
-flash-attn's rule (as benchmarks/gpu_check.py): max error at most 2x PyTorch's own bf16 error
-plus a small absolute term; outputs are poisoned (NaN) before each launch. The portable forward
-is timed at its paper tile (FX_FLASH_AUTOTUNE=0: tuning every shape's 8 candidates would not fit
-the run); RESULTS.md has its tuned rates. TFLOP/s = 4·B·H·N²·d (halved when causal) / time.
+Two phases, each child process with its own time limit, so a kernel that hangs (a wrong mbarrier
+phase waits forever) costs its own rows, not the run:
+1. numerics, in parallel (compiling is most of the time, and the machine has the cores): one
+   child per (head dim, variant, dtype), plus one per head dim that compiles the portable forward
+   and runs the backward through the routed Gluon forward. The compiled kernels land in Triton's
+   cache, which phase 2 reads.
+2. timing, one child per head dim, alone on the GPU: cuDNN, the portable forward and every variant
+   whose numerics passed, in the same process.
+Numerics follow flash-attn's rule (as benchmarks/gpu_check.py): max error at most 2x PyTorch's own
+error in the test dtype plus 1e-2; outputs and LSE are poisoned (NaN) before each launch. The
+portable forward is timed at its paper tile (FX_FLASH_AUTOTUNE=0: tuning every shape's candidates
+would not fit the run); RESULTS.md has its tuned rates. TFLOP/s = 4·B·H·N²·d (halved when causal)
+/ time.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -31,14 +39,23 @@ SOFTCAP = "score=50*tanh(qk*scale/50); keep=kv_idx <= q_idx"
 PREFIX_LM = "score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)"
 
 
-def _configs(d: int, kind: str):
-    """The tiles timed: the single-partition kernel ("v1") or the warp-specialized one ("ws")."""
-    from fx_flash.codegen.gluon_launch import GluonConfig
+def variants(d: int) -> dict:
+    """The kernels timed, by name: "v1" one partition of two warpgroups that loads for itself;
+    "ws" the warp-specialized kernel (producer + two consumers); "pp" with the consumers taking
+    turns (ping-pong); "e" also rescaling the accumulator while q·kᵀ runs; "h" with the hold that
+    keeps each consumer's softmax under its p·v (gluon._hold). BLOCK_N/STAGES."""
+    from fx_flash.codegen.gluon_launch import GluonConfig as C
 
-    ws = kind == "ws"
+    ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
+                         dict(pingpong=True, hold=True, early=True))
     if d == 128:
-        return [GluonConfig(128, 128, 2, ws), GluonConfig(128, 128, 3, ws), GluonConfig(128, 64, 4, ws)]
-    return [GluonConfig(128, 128, 4, ws), GluonConfig(128, 64, 4, ws)]
+        return {"v1 128/2": C(128, 128, 2), "v1 128/3": C(128, 128, 3),
+                "ws 128/2": C(128, 128, 2, True, **ws), "ws 128/3": C(128, 128, 3, True, **ws),
+                "wsh 128/2": C(128, 128, 2, True, hold=True), "wsh 128/3": C(128, 128, 3, True, hold=True),
+                "pp 128/2": C(128, 128, 2, True, **pp), "pph 128/2": C(128, 128, 2, True, **pph),
+                "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh)}
+    return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
+            "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 
 def _eager(q, k, v, scale, causal, softcap, prefix=0):
@@ -60,17 +77,19 @@ def _err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def numerics(d, kind):
-    """Gluon forward vs fp32 eager on odd shapes and every spec kind; True if all pass."""
-    from fx_flash.codegen import gluon_launch
+def _cases(which: str):
+    """(label, b, hq, hkv, nq, nk, spec, causal, softcap[, prefix]); "short": the three specs at
+    the benchmark's specialization (compiles what phase 2 times), "full": every spec kind and odd shape."""
     from fx_flash.codegen.spec import sdpa_spec, spec_from_text
-    from fx_flash.device import device_profile
 
-    ok = True
-    cases = [  # (label, b, hq, hkv, nq, nk, spec, causal, softcap, prefix)
+    short = [
         ("plain 2x16x2048", 2, 16, 16, 2048, 2048, sdpa_spec(), False, False),
         ("causal 2x16x2048", 2, 16, 16, 2048, 2048, sdpa_spec(causal=True), True, False),
         ("softcap causal 2x16x2048", 2, 16, 16, 2048, 2048, spec_from_text(SOFTCAP), True, True),
+    ]
+    if which == "short":
+        return short
+    return short + [
         # Nq not a multiple of BLOCK_M: the last Q tile reads the next head's rows, stores none.
         ("causal ragged Nq 1000x1024", 2, 8, 8, 1000, 1024, sdpa_spec(causal=True), True, False),
         ("plain Nq 77 x Nk 512", 3, 4, 4, 77, 512, sdpa_spec(), False, False),
@@ -79,39 +98,47 @@ def numerics(d, kind):
         # A predicate that is not causal (MASK = 2: applied on every tile, none skipped).
         ("prefix-LM 64 1024", 2, 8, 8, 1024, 1024, spec_from_text(PREFIX_LM), True, False, 64),
     ]
+
+
+def numerics(d, name, which, dtype):
+    """Variant ``name`` of the Gluon forward vs fp32 eager on the cases ``which``; True if all pass."""
+    from fx_flash.codegen import gluon_launch
+    from fx_flash.device import device_profile
+
+    cfg = variants(d)[name]
     prof = device_profile(torch.device("cuda"))
-    for label, b, hq, hkv, nq, nk, spec, causal, softcap, *prefix in cases:
-        q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws) > prof.shared_memory:
+        print(f"SKIP d{d} [{name}]: footprint over M", flush=True)
+        return True
+    ok = True
+    for label, b, hq, hkv, nq, nk, spec, causal, softcap, *prefix in _cases(which):
+        q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
         scale = 1 / math.sqrt(d)
         kk, vv = (t.repeat_interleave(hq // hkv, 1) for t in (k, v))
         ref, ref_lse = _eager(q.float(), kk.float(), vv.float(), scale, causal, softcap, *prefix)
         torch_out, _ = _eager(q, kk, vv, scale, causal, softcap, *prefix)
-        for cfg in _configs(d, kind):
-            label_c = f"d{d} {label} [{cfg}]"
-            reason = gluon_launch.unsupported_call(spec, q, k, v, cfg)
-            if reason:
-                print(f"SKIP {label_c}: {reason}", flush=True)
-                continue
-            if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws) > prof.shared_memory:
-                print(f"SKIP {label_c}: footprint over M", flush=True)
-                continue
-            out = torch.full_like(q, float("nan"))
-            lse = torch.full((b, hq, nq), float("nan"), device="cuda")
-            try:
-                gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - reported per case, the rest still runs
-                print(f"FAIL {label_c}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-                ok = False
-                continue
-            e_out, e_torch = _err(out, ref), _err(torch_out, ref)
-            e_lse = _err(lse, ref_lse)
-            good = (torch.isfinite(out).all().item() and torch.isfinite(lse).all().item()
-                    and e_out <= 2 * e_torch + 1e-2 and e_lse <= 1e-2)
-            ok &= good
-            print(f"{'PASS' if good else 'FAIL'} {label_c}: out {e_out:.2e} (torch bf16 {e_torch:.2e}), "
-                  f"lse {e_lse:.2e}", flush=True)
+        label_c = f"d{d} {str(dtype)[6:]} {label} [{name}]"
+        reason = gluon_launch.unsupported_call(spec, q, k, v, cfg)
+        if reason:
+            print(f"SKIP {label_c}: {reason}", flush=True)
+            continue
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((b, hq, nq), float("nan"), device="cuda")
+        try:
+            gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported per case, the rest still runs
+            print(f"FAIL {label_c}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            ok = False
+            continue
+        e_out, e_torch = _err(out, ref), _err(torch_out, ref)
+        e_lse = _err(lse, ref_lse)
+        good = (torch.isfinite(out).all().item() and torch.isfinite(lse).all().item()
+                and e_out <= 2 * e_torch + 1e-2 and e_lse <= 1e-2)
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {label_c}: out {e_out:.2e} (torch {e_torch:.2e}), lse {e_lse:.2e}",
+              flush=True)
     return ok
 
 
@@ -123,7 +150,7 @@ def backward_through_gluon(d):
 
     calls = []
     real = gluon_launch.launch
-    gluon_launch.launch = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+    gluon_launch.launch = lambda *a, **kw: (calls.append(a[-1]), real(*a, **kw))[1]
     os.environ["FX_FLASH_GLUON"] = "1"
     try:
         q, k, v = (torch.randn(2, 8, 1024, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -146,13 +173,43 @@ def backward_through_gluon(d):
         good = e <= 2 * et + 1e-2 * max(1.0, r.abs().max().item() ** 0.5)
         ok &= good
         rows.append(f"{name} {e:.2e}/{et:.2e}{'' if good else '!'}")
-    print(f"{'PASS' if ok else 'FAIL'} d{d} fwd (gluon, {len(calls)} launch) + bwd (portable): {' '.join(rows)}", flush=True)
+    print(f"{'PASS' if ok else 'FAIL'} d{d} fwd (gluon [{calls[0] if calls else '-'}]) + bwd (portable): "
+          f"{' '.join(rows)}", flush=True)
     return ok
 
 
-def bench(d, ns, kind):
-    """TFLOP/s rows: each Gluon tile of ``kind``; with "v1" also cuDNN SDPA and the portable
-    forward (paper tile)."""
+def _shapes(d, ns, softcap=True, fp16=False):
+    """(N, causal, spec text, dtype) rows of the timing table."""
+    shapes = [(n, causal, "", torch.bfloat16) for n in ns for causal in (False, True)]
+    if d == 128 and softcap:  # the second spec: Gemma 2's soft-capping (cuDNN has none)
+        shapes.append((ns[-1], True, SOFTCAP, torch.bfloat16))
+    if fp16:
+        shapes.append((ns[-1], False, "", torch.float16))
+    return shapes
+
+
+def warm(d, ns):
+    """Compile the portable forward at the benchmark's shapes (phase 2 then reads the cache) and,
+    at routed head dims, run the backward through the routed Gluon forward."""
+    from fx_flash.codegen import launch
+    from fx_flash.codegen.gluon_launch import ROUTED_HEAD_DIMS
+    from fx_flash.codegen.spec import sdpa_spec, spec_from_text
+
+    os.environ["FX_FLASH_AUTOTUNE"] = "0"
+    for n, causal, text, _ in _shapes(d, ns):
+        q, k, v = (torch.randn(16384 // n, 2048 // d, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        spec = spec_from_text(text) if text else sdpa_spec(causal=causal)
+        launch.attention_forward(q, k, v, [], None, 0.0, 1 / math.sqrt(d), spec)
+    torch.cuda.synchronize()
+    if d in ROUTED_HEAD_DIMS:
+        return backward_through_gluon(d)
+    return True
+
+
+def bench(d, ns, names, extra):
+    """TFLOP/s rows: cuDNN SDPA (first, and again last: the card's clocks drift within a row), the
+    portable forward (paper tile) and each Gluon variant in ``names``. ``extra``: "noportable",
+    "nosoftcap", "fp16" (a row at the longest N in fp16)."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -161,13 +218,10 @@ def bench(d, ns, kind):
     from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
-    rows = []
-    shapes = [(n, causal, "") for n in ns for causal in (False, True)]
-    if d == 128:  # the second spec: Gemma 2's soft-capping (cuDNN's column times plain causal)
-        shapes.append((ns[-1], True, SOFTCAP))
-    for n, causal, text in shapes:
+    configs = variants(d)
+    for n, causal, text, dtype in _shapes(d, ns, "nosoftcap" not in extra, "fp16" in extra):
         b, h = 16384 // n, 2048 // d
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
         scale = 1 / math.sqrt(d)
         spec = spec_from_text(text) if text else sdpa_spec(causal=causal)
         flops = 4 * b * h * n * n * d / (2 if causal else 1)
@@ -178,96 +232,124 @@ def bench(d, ns, kind):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        variants = {}
-        if kind == "v1":
-            variants = {"cudnn": cudnn,
-                        "portable": lambda: launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)}
-        for cfg in _configs(d, kind):
-            variants[f"{kind} {cfg.BLOCK_N}/{cfg.STAGES}"] = (
-                lambda cfg=cfg: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg))
-        ref = cudnn()
-        row = dict(d=d, n=n, causal=causal, spec="softcap" if text else "")
-        for name, fn in variants.items():
+        fns = {"cudnn": cudnn}
+        if "noportable" not in extra:
+            fns["portable"] = lambda: launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
+        for name in names:
+            fns[name] = lambda cfg=configs[name]: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
+        fns["cudnn again"] = cudnn
+        ref = cudnn() if not text else launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)[0]
+        row = dict(d=d, n=n, causal=causal, spec=("softcap" if text else "") + (" fp16" if dtype == torch.float16 else ""))
+        for name, fn in fns.items():
+            if name.startswith("cudnn") and text:
+                continue  # cuDNN has no soft-capping
             try:
                 fn()
-                if name.startswith(kind + " ") and not text:
+                if name in configs:
                     err = _err(out, ref)
                     if not err < 2e-2:
                         row[name] = f"err {err:.2g}"
                         continue
-                if name == "cudnn" and text:
-                    continue  # cuDNN has no soft-capping
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 row[name] = round(flops / ms / 1e9)
             except Exception as e:  # noqa: BLE001
                 row[name] = f"{type(e).__name__}"
                 print(f"{name} d{d} n{n} causal={causal}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         print("ROW " + json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
 
 
-def child(d, ns, kind):
-    from fx_flash.codegen.gluon_launch import ROUTED_HEAD_DIMS
-
-    ok = numerics(d, kind)
-    if kind == "v1" and d in ROUTED_HEAD_DIMS:  # only routed head dims reach the kernel through the op
-        try:
-            ok &= backward_through_gluon(d)
-        except Exception as e:  # noqa: BLE001
-            print(f"FAIL d{d} backward through gluon: {type(e).__name__}: {str(e)[:400]}", flush=True)
-            ok = False
-    bench(d, ns, kind)
+def child(what, ns):
+    """One child process: "numerics:D:NAME:CASES:DTYPE", "warm:D" or "bench:D:NAME;NAME…:EXTRA,…"."""
+    parts = what.split(":")
+    if parts[0] == "numerics":
+        ok = numerics(int(parts[1]), parts[2], parts[3], getattr(torch, parts[4]))
+    elif parts[0] == "warm":
+        ok = warm(int(parts[1]), ns)
+    else:
+        bench(int(parts[1]), ns, [x for x in parts[2].split(";") if x], parts[3].split(",") if len(parts) > 3 else [])
+        ok = True
     print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
+
+
+def _run_child(what, ns, limit):
+    """(what, output, seconds, passed) of one child process killed after ``limit`` seconds."""
+    t0 = time.time()
+    try:
+        done = subprocess.run([sys.executable, __file__, "--child", what, "--ns", ns],
+                              capture_output=True, text=True, timeout=limit)
+        text = done.stdout + done.stderr[-3000:]
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text += f"\nTIMEOUT {what} after {limit}s"
+    return what, text, time.time() - t0, "CHILD PASS" in text
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--ns", default="2048,8192")
-    ap.add_argument("--kinds", default="v1,ws", help="v1: one partition; ws: warp-specialized")
-    ap.add_argument("--child", default="", help="internal: D:KIND")
-    ap.add_argument("--limit", type=float, default=85.0, help="seconds per (head dim, v1) process")
-    ap.add_argument("--ws-limit", type=float, default=50.0, help="seconds per (head dim, ws) process")
+    ap.add_argument("--variants", default="", help="comma-separated names (see variants()); default all")
+    ap.add_argument("--full", default="pph,ppeh", help="kinds whose numerics run every case (others: the 3 timed specs)")
+    ap.add_argument("--fp16", default="pph 128/2,pph 128/4,v1 128/3,v1 128/4", help="variants also checked in fp16")
+    ap.add_argument("--jobs", type=int, default=12, help="numerics children at a time")
+    ap.add_argument("--limit", type=float, default=90.0, help="seconds per numerics child")
+    ap.add_argument("--bench-limit", type=float, default=150.0, help="seconds per timing child")
+    ap.add_argument("--bench", default="", help="timing extras: noportable, nosoftcap, fp16 (comma-separated)")
+    ap.add_argument("--no-warm", action="store_true", help="skip the portable compile and the backward check")
+    ap.add_argument("--child", default="", help="internal")
     args = ap.parse_args()
-    ns = [int(x) for x in args.ns.split(",")]
     if args.child:
-        d, kind = args.child.split(":")
-        child(int(d), ns, kind)
+        child(args.child, [int(x) for x in args.ns.split(",")])
         return
     import triton
 
+    t_start = time.time()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    rows, verdicts = {}, []
-    for kind in args.kinds.split(","):  # every v1 row first: a ws hang costs only ws rows
-        for d in [int(x) for x in args.dims.split(",")]:
-            t0 = time.time()
-            limit = args.ws_limit if kind == "ws" else args.limit
-            try:
-                done = subprocess.run([sys.executable, __file__, "--child", f"{d}:{kind}", "--ns", args.ns],
-                                      capture_output=True, text=True, timeout=limit)
-                text = done.stdout + done.stderr[-3000:]
-            except subprocess.TimeoutExpired as e:
-                text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-                text += f"\nTIMEOUT d{d} {kind} after {limit}s"
-            print(text, flush=True)
-            print(f"d{d} {kind} took {time.time() - t0:.0f}s", flush=True)
-            for line in text.splitlines():
-                if line.startswith("ROW "):
-                    r = json.loads(line[4:])
-                    rows.setdefault((r["d"], r["n"], r["causal"], r["spec"]), {}).update(r)
-            verdicts.append("CHILD PASS" in text)
-    cols = list(dict.fromkeys(c for r in rows.values() for c in r if c not in ("d", "n", "causal", "spec")))
-    print("\nTFLOP/s forward, bf16, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
-    print("| d | N | causal | " + " | ".join(cols) + " | best gluon / cudnn |")
-    print("|---|---|---|" + "---|" * len(cols) + "---|")
-    for r in rows.values():
-        best = max([r[c] for c in cols if c.split()[0] in ("v1", "ws") and isinstance(r.get(c), int)], default=None)
-        ratio = f"{best / r['cudnn']:.2f}" if best and isinstance(r.get("cudnn"), int) else "-"
-        print(f"| {r['d']} | {r['n']} | {r['spec'] or ('yes' if r['causal'] else 'no')} | "
-              + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {ratio} |")
-    print("ALL PASS" if all(verdicts) else "SOME FAILED")
+    dims = [int(x) for x in args.dims.split(",")]
+    wanted = [x.strip() for x in args.variants.split(",") if x.strip()]
+    full = args.full.split(",")
+    chosen = {d: [n for n in variants(d) if not wanted or n in wanted] for d in dims}
+    jobs = [] if args.no_warm else [f"warm:{d}" for d in dims]
+    for d in dims:
+        for name in chosen[d]:
+            jobs.append(f"numerics:{d}:{name}:{'full' if name.split()[0] in full else 'short'}:bfloat16")
+            if name in args.fp16.split(","):
+                jobs.append(f"numerics:{d}:{name}:short:float16")
+    passed = {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for what, text, secs, ok in pool.map(lambda w: _run_child(w, args.ns, args.limit), jobs):
+            print(f"--- {what} ({secs:.0f}s): {'PASS' if ok else 'FAIL'}\n{text}", flush=True)
+            passed[what] = ok
+    print(f"phase 1 (numerics) done at {time.time() - t_start:.0f}s", flush=True)
+
+    rows = {}
+    for d in dims:
+        names = [n for n in chosen[d] if all(ok for w, ok in passed.items() if w.startswith(f"numerics:{d}:{n}:"))]
+        what, text, secs, ok = _run_child(f"bench:{d}:{';'.join(names)}:{args.bench}", args.ns, args.bench_limit)
+        print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
+        for line in text.splitlines():
+            if line.startswith("ROW "):
+                r = json.loads(line[4:])
+                rows[(r["d"], r["n"], r["causal"], r["spec"])] = r
+    print(f"phase 2 (timing) done at {time.time() - t_start:.0f}s", flush=True)
+
+    print("\nNumerics: " + ", ".join(f"{w[9:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items()
+                                      if w.startswith("numerics")))
+    print("Backward through the routed Gluon forward: " + ", ".join(
+        f"d{w[5:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items() if w.startswith("warm")))
+    for d in dims:
+        cols = ["cudnn"] + ([] if "noportable" in args.bench else ["portable"]) + chosen[d] + ["cudnn again"]
+        print(f"\nTFLOP/s forward, bf16, d = {d}, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
+        print("| N | causal | " + " | ".join(cols) + " | best gluon | / faster cudnn |")
+        print("|---|---|" + "---|" * len(cols) + "---|---|")
+        for r in (r for r in rows.values() if r["d"] == d):
+            best = max(((r[c], c) for c in chosen[d] if isinstance(r.get(c), int)), default=None)
+            ref = max((r[c] for c in ("cudnn", "cudnn again") if isinstance(r.get(c), int)), default=None)
+            ratio = f"{best[0] / ref:.2f}" if best and ref else "-"
+            print(f"| {r['n']} | {r['spec'] or ('yes' if r['causal'] else 'no')} | "
+                  + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {best[1] if best else '-'} | {ratio} |")
+    print("\nALL PASS" if all(passed.values()) else "\nSOME FAILED")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Compile the Gluon forward for sm_90 without a GPU, and report what the binary holds.
 
-    python -m tests.gluon_sm90 SPEC_TEXT HEAD_DIM BLOCK_N STAGES WS [SPEC_TEXT HEAD_DIM BLOCK_N STAGES WS ...]
+    python -m tests.gluon_sm90 SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND [SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND ...]
+
+KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
+accumulator rescaled while q·kᵀ runs); a trailing "h" (wsh, pph, ppeh) adds the hold (gluon._hold);
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports. Run as its own process by
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,22 +38,23 @@ def _descriptor_type(rows: int, head_dim: int) -> str:
     return f"tensordesc<bf16[{rows}, {head_dim}],{layout!r}>"
 
 
-def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool):
+def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
+                 early: bool = False, hold: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
-    warp-specialized one when ``ws``."""
+    warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``)."""
     spec = spec_from_text(spec_text)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(render_gluon(spec))
     found = importlib.util.spec_from_file_location("gluon_sm90_kernel", f.name)
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
-    config = gluon_launch.GluonConfig(gluon_launch.BLOCK_M, block_n, stages, ws)
+    config = gluon_launch.GluonConfig(gluon_launch.BLOCK_M, block_n, stages, ws, pingpong, early, hold)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
                  **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "stride_ok", "H", "N_Q", "N_KV")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-              "STAGES": stages, "NUM_WARPS": warps}
+              "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold}
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
     return triton.compile(GluonASTSource(kernel, signature, consts), target=SM90,
@@ -73,14 +78,44 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
+KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
+KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
+
+
+def _exps_between_waits(kernel) -> list[int]:
+    """For each wait for all wgmma (DEPBAR.LE gsb0, 0x0) that follows a wait leaving one in flight
+    (0x1), the exponentials (MUFU.EX2) between the two in the SASS: the softmax that overlaps p·v.
+    Empty when nvdisasm cannot run."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        nvdisasm = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, timeout=120).stdout
+    except Exception:  # noqa: BLE001 - extra evidence, as _ptxas_report
+        return []
+    counts, since = [], None
+    for line in sass.splitlines():
+        if "DEPBAR.LE gsb0, 0x1" in line:
+            since = 0
+        elif "MUFU.EX2" in line and since is not None:
+            since += 1
+        elif "DEPBAR.LE gsb0, 0x0" in line and since is not None:
+            counts.append(since)
+            since = None
+    return counts
+
+
 def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
-        text, head_dim, block_n, stages, ws = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
-        kernel = compile_sm90(text, head_dim, block_n, stages, ws == "1")
+        text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
+        kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
         ptx = kernel.asm["ptx"]
-        print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "ws": ws == "1",
+        print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "kind": kind,
                           "shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-                          "tma": ptx.count("cp.async.bulk.tensor"), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
+                          "tma": ptx.count("cp.async.bulk.tensor"), "exps_between_waits": _exps_between_waits(kernel),
+                          "turn_waits": ptx.count("mbarrier.try_wait"), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
                           **_ptxas_report(ptx)}), flush=True)
 
 

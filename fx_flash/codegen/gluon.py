@@ -36,6 +36,7 @@ GLUON_TEMPLATE = '''\
 #   BLOCK_M, BLOCK_N   query rows of one consumer / key columns of a tile; STAGES K/V buffers.
 #   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
 #   k_empty, v_empty   (warp-specialized kernel only) completed when both consumers released it.
+#   sched              (warp-specialized, PINGPONG) consumer c's turn to issue its products.
 #   s_layout, o_layout wgmma accumulator layouts of the scores (BLOCK_M, BLOCK_N) and of the output
 #                      (BLOCK_M, HEAD_DIM); a consumer's NUM_WARPS // 4 warpgroups split its rows.
 #   qk, s              raw q·kᵀ of a tile and the score computed from it, in log2 units (log2 e
@@ -43,16 +44,19 @@ GLUON_TEMPLATE = '''\
 #   m_i, l_i, acc      running row max, running row sum of exp2, output accumulator.
 #
 # Two kernels share the consumer code (_attend): _attn_fwd_sm90, one partition of NUM_WARPS = 8
-# warps that also issues its TMA loads (what fx_flash routes to, FX_FLASH_GLUON=1), and
-# _attn_fwd_sm90_ws, FlashAttention-3's layout: a producer partition issues every load, two
-# consumer warpgroups of BLOCK_M rows each run independently (experimental: see README).
+# warps that also issues its TMA loads, and _attn_fwd_sm90_ws, FlashAttention-3's layout: a
+# producer partition issues every load, two consumer warpgroups of BLOCK_M rows each (what
+# fx_flash routes to, FX_FLASH_GLUON=1, with its options off: on the H200 the free-running
+# consumers beat both the ping-pong and the hold, benchmarks/GLUON_NOTES.md).
 #
 # Note (pipeline): tile j's q·kᵀ is issued, then tile j-1's p·v, both asynchronous; waiting for
 # one outstanding group leaves p·v running on the tensor cores while the softmax of tile j runs.
 # K buffer j % STAGES is released as soon as q·kᵀ of tile j has completed, V buffer (j-1) % STAGES
 # once p·v of tile j-1 has: the single-partition kernel then loads tile + STAGES into it itself,
 # the warp-specialized one arrives on its empty barrier for the producer. A buffer's barriers
-# flip phase once per use, so tile t waits on parity (t // STAGES) & 1.
+# flip phase once per use, so tile t waits on parity (t // STAGES) & 1. In the warp-specialized
+# consumers ptxas moves the p·v wait above the softmax unless a TMA issue sits between them
+# (HOLD, _hold); the single-partition kernel's own loads do that.
 #
 # Note (fully masked rows): as in the portable template, a row whose every score is -inf keeps
 # m_i = -inf and exponentiates against 0: its output is 0 and its LSE -inf.
@@ -115,35 +119,72 @@ def _release(tile, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: gl.con
 
 
 @gluon.jit
-def _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc,
-          kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
-          s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
-    """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1."""
-    buf = j % STAGES
-    prev = (j - 1) % STAGES
-    mbarrier.wait(k_ready.index(buf), (j // STAGES) & 1)
-    qk = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                       use_acc=False, is_async=True)
-    mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-    pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-    qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
-    _release(j, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
-    p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
-    acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
-    _release(j - 1, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    p_op = gl.convert_layout(p.to(p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
-    return p_op, m_i, l_i, acc
+def _turn(sched, C: gl.constexpr, t, PP: gl.constexpr):
+    """Ping-pong (PP): wait until consumer C may issue the matrix products of its turn t. Consumer
+    0's turn t follows consumer 1's turn t - 1, consumer 1's follows consumer 0's turn t (a fresh
+    mbarrier passes a wait on parity 1, so consumer 0 starts)."""
+    if PP:
+        mbarrier.wait(sched.index(C), (t & 1) ^ (1 - C))
 
 
 @gluon.jit
-def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, kv_row, row_start,
+def _pass_turn(sched, C: gl.constexpr, PP: gl.constexpr):
+    """Ping-pong: consumer C's products are issued; the other consumer may issue its own."""
+    if PP:
+        mbarrier.arrive(sched.index(1 - C), count=1)
+
+
+@gluon.jit
+def _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD: gl.constexpr):
+    """HOLD: a TMA load that never runs (``kv_row``, a row index, is never negative), issued after
+    the softmax: ptxas does not move the wait for p·v above a TMA issue, and without one it places
+    that wait before the exponentials in the warp-specialized consumers (SASS of triton 3.6),
+    which serializes each consumer's softmax and p·v (see the pipeline note)."""
+    if HOLD:
+        _tma_load(k_desc, [kv_row, 0], k_ready.index(buf), k_smem.index(buf), kv_row < 0)
+
+
+@gluon.jit
+def _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc,
+          v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
+          s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr,
+          EARLY: gl.constexpr, HOLD: gl.constexpr):
+    """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1.
+    EARLY: the accumulator is rescaled by tile j-1's alpha while q·kᵀ runs (FlashAttention-3's
+    order), not after p·v of tile j-1 has completed."""
+    buf = j % STAGES
+    prev = (j - 1) % STAGES
+    mbarrier.wait(k_ready.index(buf), (j // STAGES) & 1)
+    _turn(sched, C, j, PP)
+    qk = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                       use_acc=False, is_async=True)
+    if EARLY:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    _pass_turn(sched, C, PP)
+    qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
+    _release(j, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
+    _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD)
+    acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
+    _release(j - 1, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    if not EARLY:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
+    return p_op, m_i, l_i, acc, alpha
+
+
+@gluon.jit
+def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, row_start,
             n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr):
+            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
+            C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
-    tiles are loaded into the ring in all (more than n_tiles when another consumer needs more)."""
+    tiles are loaded into the ring in all (more than n_tiles when another consumer needs more).
+    C is the consumer's index, PP whether it takes turns with the other one (turns 0 … n_tiles)."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -160,8 +201,10 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, 
 
     # -- tile 0: scores and softmax (nothing accumulated yet) --
     mbarrier.wait(k_ready.index(0), 0)
+    _turn(sched, C, 0, PP)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                        use_acc=False, is_async=True)
+    _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
@@ -172,14 +215,19 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, 
     # but was not measured (the H200 run that would have timed it hung on a bug since fixed), so the
     # measured form stays: a branch per tile on in_band.
     for j in range(1, n_tiles):
-        p_op, m_i, l_i, acc = _step(j, p_op, m_i, l_i, acc, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                    k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid,
-                                    s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS)
+        p_op, m_i, l_i, acc, alpha = _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
+                                           v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
+                                           qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
+                                           tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
 
     # -- the last tile's p·v --
     last = (n_tiles - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    _turn(sched, C, n_tiles, PP)
+    if EARLY:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     pv = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    _pass_turn(sched, C, PP)
     acc = warpgroup_mma_wait(0, deps=(pv, ))
     if WS:
         mbarrier.arrive(v_empty.index(last), count=1)
@@ -240,8 +288,10 @@ def _attn_fwd_sm90(
     H, N_Q, N_KV,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
 ):
-    """One partition of NUM_WARPS warps per BLOCK_M query rows: it issues the TMA loads itself."""
+    """One partition of NUM_WARPS warps per BLOCK_M query rows: it issues the TMA loads itself
+    (PINGPONG does not apply: there is one consumer; nor HOLD: its own loads hold the order)."""
     dtype: gl.constexpr = q_desc.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     off_z, off_h, off_hz, row_start, kv_row = _program(H, N_Q, N_KV, GROUP, BLOCK_M)
@@ -271,9 +321,9 @@ $HEADS
         _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_ready.index(i), v_smem.index(i), ok)
     mbarrier.wait(q_bar, 0)
 
-    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, k_desc, v_desc, kv_row,
-                            row_start, n_tiles, n_tiles, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            NUM_WARPS, False)
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, k_ready, k_desc, v_desc,
+                            kv_row, row_start, n_tiles, n_tiles, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N,
+                            STAGES, NUM_WARPS, False, 0, False, EARLY, False)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
@@ -309,10 +359,11 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 
 @gluon.jit
 def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-              Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row,
-              N_Q, N_KV, n_load):
+              sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0,
+              kv_row, N_Q, N_KV, n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
     """Consumer warpgroup c: query rows row0 + c·BLOCK_M on; tiles it does not read (causal: the
-    other consumer's rows go further) are released unread, so the producer's ring keeps turning."""
+    other consumer's rows go further) are released unread, so the producer's ring keeps turning,
+    each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -321,31 +372,37 @@ def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
     n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
 $HEADS_WS
     mbarrier.wait(q_bars.index(c), 0)
-    acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc,
-                            kv_row, row_start, n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N,
-                            STAGES, 4, True)
+    acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc,
+                            v_desc, kv_row, row_start, n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M,
+                            BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD)
     for i in range(n_tiles, n_load):
         buf = i % STAGES
         mbarrier.wait(k_ready.index(buf), (i // STAGES) & 1)
         mbarrier.arrive(k_empty.index(buf), count=1)
         mbarrier.wait(v_ready.index(buf), (i // STAGES) & 1)
         mbarrier.arrive(v_empty.index(buf), count=1)
+        _turn(sched, c, i + 1, PP)
+        _pass_turn(sched, c, PP)
     _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
               stride_ok, BLOCK_M, HEAD_DIM)
 
 
 @gluon.jit
-def _consumer_0(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
-                stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load):
-    _consumer(0, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
-              stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load)
+def _consumer_0(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
+                sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
+                n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
+    _consumer(0, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
+              sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
+              n_load, PP, EARLY, HOLD)
 
 
 @gluon.jit
-def _consumer_1(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
-                stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load):
-    _consumer(1, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
-              stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load)
+def _consumer_1(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
+                sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
+                n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
+    _consumer(1, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
+              sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
+              n_load, PP, EARLY, HOLD)
 
 
 @gluon.jit
@@ -355,10 +412,12 @@ def _attn_fwd_sm90_ws(
     H, N_Q, N_KV,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
 ):
     """Warp-specialized (FlashAttention-3's layout): a producer partition of NUM_WARPS warps
-    issues every TMA load, two consumer warpgroups own BLOCK_M query rows each and run
-    independently, so one's softmax overlaps the other's wgmma. NUM_WARPS must be 4."""
+    issues every TMA load, two consumer warpgroups own BLOCK_M query rows each, so one's softmax
+    overlaps the other's wgmma: left to the warp schedulers, or with PINGPONG by taking turns
+    to issue their products (FlashAttention-3's ping-pong). NUM_WARPS must be 4."""
     dtype: gl.constexpr = q_desc.dtype
     off_z, off_h, off_hz, row0, kv_row = _program(H, N_Q, N_KV, GROUP, 2 * BLOCK_M)
     n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)  # the second consumer reads the most
@@ -371,17 +430,19 @@ def _attn_fwd_sm90_ws(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    sched = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # consumer c's turn
     for c in gl.static_range(2):
         mbarrier.init(q_bars.index(c), count=1)
+        mbarrier.init(sched.index(c), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # both consumers release each buffer
         mbarrier.init(v_empty.index(i), count=2)
 
-    consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, Out, LSE,
-                     sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q,
-                     N_KV, n_load)
+    consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out,
+                     LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row,
+                     N_Q, N_KV, n_load, PINGPONG, EARLY, HOLD)
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
                      off_hz * N_Q + row0, kv_row, n_load)),
@@ -390,6 +451,7 @@ def _attn_fwd_sm90_ws(
     ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(2):
         mbarrier.invalidate(q_bars.index(c))
+        mbarrier.invalidate(sched.index(c))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))

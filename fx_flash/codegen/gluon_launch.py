@@ -5,9 +5,11 @@ Off unless ``FX_FLASH_GLUON=1``; then ``launch.attention_forward`` offers each f
 and every call this kernel cannot compute exactly (another GPU, the interpreter, fp32, head dims
 other than 64 and 128, tensor operands, dropout, layouts a row-matrix descriptor cannot address,
 key lengths that are not a multiple of the key tile), or that it was not measured faster on
-(``not_routed``: head dim 64, fp16), runs the portable kernels instead. The reason is logged on
-the ``fx_flash`` logger at debug level. The warp-specialized kernel is reached only through
-``launch`` with a ``GluonConfig(..., ws=True)`` (benchmarks/gluon_check.py): it was never timed.
+(``not_routed``: head dim 64), runs the portable kernels instead. The reason is logged on
+the ``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND, the warp-specialized
+kernel (a TMA producer and two consumer warpgroups), the fastest of the kinds timed on the H200
+(benchmarks/RESULTS.md, Hopper); the others (one partition; ping-pong, hold, early rescale) are
+reached through ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger o
 # What FX_FLASH_GLUON=1 routes here: the head dims and dtypes where the kernel was checked on the
 # H200 and measured at least as fast as the tuned portable forward (benchmarks/RESULTS.md).
 ROUTED_HEAD_DIMS = (128,)
-ROUTED_DTYPES = (torch.bfloat16,)
+ROUTED_DTYPES = (torch.bfloat16, torch.float16)
+ROUTED_KIND = dict(ws=True)  # GluonConfig flags of the routed kernel
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4
@@ -61,6 +64,9 @@ class GluonConfig:
     BLOCK_N: int
     STAGES: int
     ws: bool = False
+    pingpong: bool = False  # ws only: the consumers take turns issuing their products
+    early: bool = False  # rescale the accumulator while q·kᵀ runs, not after p·v
+    hold: bool = False  # ws only: keep each consumer's softmax between its q·kᵀ and p·v waits (gluon._hold)
 
     @property
     def num_warps(self) -> int:
@@ -72,30 +78,35 @@ class GluonConfig:
         return self.BLOCK_M // 2 if self.ws else self.BLOCK_M
 
     def __str__(self) -> str:
-        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}{' ws' if self.ws else ''}"
+        flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
+                                                    ("hold", self.hold)) if on]
+        return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
 def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False) -> int:
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
-    the partitions when ``ws``. P and the softmax stay in registers, so this is the whole of it:
-    tests compare it with the compiled kernels' own counts."""
+    the partitions when ``ws`` (with the two turn barriers of the ping-pong, allocated whether or not
+    it is on). P and the softmax stay in registers, so this is the whole of it: tests compare it
+    with the compiled kernels' own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
     if ws:
-        return tiles + 2 * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
+        return tiles + 2 * 2 * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
     return tiles + BARRIER_BYTES + 2 * ring
 
 
-def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False) -> Optional[GluonConfig]:
+def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False,
+                   **flags) -> Optional[GluonConfig]:
     """The tile for ``head_dim``: BLOCK_M = 128 rows, key tiles of 128 (64 when 128 does not fit
-    two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none fits."""
+    two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
+    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold)."""
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
                    if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s, ws) <= device.shared_memory]
         if fitting:
-            return GluonConfig(BLOCK_M, block_n, max(fitting), ws)
+            return GluonConfig(BLOCK_M, block_n, max(fitting), ws, **flags)
     return None
 
 
@@ -171,12 +182,14 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     fn[grid](_descriptor(q, rows), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
              out, lse, scale, *out.stride(), h, n_q, k.shape[2],
              GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-             NUM_WARPS=config.num_warps, num_warps=config.num_warps)
+             NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,
+             HOLD=config.hold, num_warps=config.num_warps)
 
 
 def not_routed(q: torch.Tensor) -> Optional[str]:
     """Why a call the kernel could compute still runs the portable forward: where the H200 runs
-    measured it slower (head dim 64), or where it has not been run on a GPU at all (fp16)."""
+    measured it slower (head dim 64). ROUTED_DTYPES keeps the door for a dtype the kernel takes
+    but that was never run on a GPU (both it takes were)."""
     if q.shape[-1] not in ROUTED_HEAD_DIMS:
         return f"head dim {q.shape[-1]}: the portable forward measured faster on the H200 (benchmarks/RESULTS.md)"
     if q.dtype not in ROUTED_DTYPES:
@@ -185,9 +198,11 @@ def not_routed(q: torch.Tensor) -> Optional[str]:
 
 
 def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
-    """Compute the forward into ``out``/``lse`` with the single-partition Gluon kernel if it
+    """Compute the forward into ``out``/``lse`` with the routed Gluon kernel (ROUTED_KIND) if it
     applies; False (nothing written) when the portable kernels must run instead."""
-    config = default_config(device_profile(q.device), q.shape[-1], q.element_size()) if q.is_cuda else None
+    config = None
+    if q.is_cuda:
+        config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **ROUTED_KIND)
     reason = unsupported_call(spec, q, k, v, config) or not_routed(q)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)

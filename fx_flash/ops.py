@@ -242,7 +242,7 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 def _fwd_autograd(direct: bool, q, k, v, operands, seed, dropout_p, scale, spec):
     """attn_fwd's Autograd kernel; ``direct`` when ``eager`` holds for the call's tensors."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or any(t.requires_grad for t in operands)):
+                                    or (operands and any(t.requires_grad for t in operands))):
         if direct:
             return _apply(True, _unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v), seed, dropout_p, scale,
                           spec, *map(_unwrap_if_dead, operands))

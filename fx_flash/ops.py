@@ -236,17 +236,17 @@ class _AttnFunction(torch.autograd.Function):
 # calls have no transform and this Function no setup_context, so they unwrap and enter the C
 # implementation themselves.
 _apply = super(torch.autograd.Function, _AttnFunction).apply
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)  # None: Function.apply for all
 
 
 def _fwd_autograd(direct: bool, q, k, v, operands, seed, dropout_p, scale, spec):
     """attn_fwd's Autograd kernel; ``direct`` when ``eager`` holds for the call's tensors."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (operands and any(t.requires_grad for t in operands))):
-        if direct:
+        if direct and _unwrap_if_dead is not None:
             return _apply(True, _unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v), seed, dropout_p, scale,
                           spec, *map(_unwrap_if_dead, operands))
-        return _AttnFunction.apply(False, q, k, v, seed, dropout_p, scale, spec, *operands)
+        return _AttnFunction.apply(direct, q, k, v, seed, dropout_p, scale, spec, *operands)
     # Nothing to differentiate (inference, decoding): skip the autograd.Function's bookkeeping,
     # a third of the op's Python time per call.
     if direct:

@@ -1,7 +1,10 @@
 """Host time per call at a tiny size on the GPU (the GPU finishes first, so every microsecond
 measured is the CPU's), against SDPA, with the Python profile of each fx_flash case.
 
-    python benchmarks/profile_host.py [--decode] [--out DIR]
+    python benchmarks/profile_host.py [--check] [--parts] [--compiled op,triton_op,sdpa] [--out DIR]
+    python benchmarks/profile_host.py --compare OLD_DIR NEW_DIR   # two runs' rows.json side by side
+    python benchmarks/profile_host.py --decode
+    TRITON_INTERPRET=1 python benchmarks/profile_host.py --cpu [--profile]
 
 Rows (B1 H1 N128 d64 causal, bf16, 200 calls after 20, median of 5 rounds):
     fx_flash                 the op as users call it (eager path, direct launches)
@@ -14,6 +17,12 @@ Rows (B1 H1 N128 d64 causal, bf16, 200 calls after 20, median of 5 rounds):
     compiled: sdpa           torch.compile of F.scaled_dot_product_attention
 The triton_op rows decide whether converting fx_flash's ops pays (forward only; the backward
 would follow the same way). cProfile listings of the fx_flash rows go to DIR/profile_host.txt.
+
+``--cpu`` measures the Python side alone, on any machine: the Triton interpreter's kernel launch
+(``launch._launch``) replaced by a no-op, 1×1×128×64 fp32 causal, µs per call (the fastest of 9
+rounds of 300 calls after 50: on a shared machine the minimum is the undisturbed cost). It
+cannot see CUDA allocation, Triton's launcher or the autograd engine's device thread; it is the
+A/B for the Python paths, the GPU table (and ``--parts``, the pieces one by one) for the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import math
 import os
 import pstats
@@ -36,19 +46,30 @@ import fx_flash  # noqa: E402
 from gpu_check import with_env  # noqa: E402
 
 
-def host_us(fn, calls=200, warmup=20, rounds=5) -> float:
+# A dry run on a machine without a GPU (--device cpu --calls 2, under TRITON_INTERPRET=1) runs
+# every row through the interpreter, to check the script before a device call.
+DEVICE, CALLS = "cuda", 200
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_us(fn, calls=None, warmup=20, rounds=5) -> float:
     """Median over rounds of the microseconds of host time per call of ``fn`` (launches queue
     up; the GPU is only waited on between rounds)."""
-    for _ in range(warmup):
+    calls = calls or CALLS
+    for _ in range(min(warmup, calls)):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         times.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
+        _sync()
     return sorted(times)[len(times) // 2]
 
 
@@ -79,9 +100,10 @@ def triton_op_forward():
     return attn_fwd_causal
 
 
-def host_table(out_dir: str) -> list[tuple[str, str, float]]:
-    """(case, implementation, µs per call) rows, printed as a table; profiles to out_dir."""
-    q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[tuple[str, str, float]]:
+    """(case, implementation, µs per call) rows, printed as a table and written to
+    out_dir/rows.json; profiles to out_dir. ``compiled_rows``: which torch.compile rows to add."""
+    q, k, v = (torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
     fx_fwd = lambda: fx_flash.flash_attention(q, k, v, is_causal=True)  # noqa: E731
     sdpa_fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
@@ -96,9 +118,11 @@ def host_table(out_dir: str) -> list[tuple[str, str, float]]:
     qi, ki, vi = (t.detach() for t in (q, k, v))
     compiled = [("compiled: fx_flash op", lambda q, k, v: fx_flash.flash_attention(q, k, v, is_causal=True)),
                 ("compiled: sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+    compiled = [c for c, row in zip(compiled, ("op", "sdpa")) if row in compiled_rows]
     try:
-        op = triton_op_forward()
-        compiled.insert(1, ("compiled: triton_op", lambda q, k, v: op(q, k, v, 0.125)))
+        if "triton_op" in compiled_rows:
+            op = triton_op_forward()
+            compiled.insert(1, ("compiled: triton_op", lambda q, k, v: op(q, k, v, 0.125)))
     except Exception as e:  # noqa: BLE001 - a torch without triton_op still gives the other rows
         print(f"triton_op variant unavailable: {type(e).__name__}: {e}")
     for name, fn in compiled:
@@ -119,14 +143,16 @@ def host_table(out_dir: str) -> list[tuple[str, str, float]]:
         if impl.startswith("fx_flash") or "triton_op" in impl:
             profile = cProfile.Profile()
             profile.enable()
-            for _ in range(200):
+            for _ in range(CALLS):
                 fn()
             profile.disable()
-            torch.cuda.synchronize()
-            listing.write(f"\n=== {case} {impl}: 200 calls\n")
+            _sync()
+            listing.write(f"\n=== {case} {impl}: {CALLS} calls\n")
             pstats.Stats(profile, stream=listing).sort_stats("tottime").print_stats(30)
     with open(os.path.join(out_dir, "profile_host.txt"), "w") as f:
         f.write(listing.getvalue())
+    with open(os.path.join(out_dir, "rows.json"), "w") as f:
+        json.dump(rows, f)
     sdpa = {case: us for case, impl, us in rows if impl == "sdpa"}
     print("\nHost time per call, B1 H1 N128 d64 causal bf16 (µs; median of 5 rounds of 200 calls):\n")
     print("| case | implementation | µs per call | / sdpa |")
@@ -137,9 +163,109 @@ def host_table(out_dir: str) -> list[tuple[str, str, float]]:
     return rows
 
 
+def check_against_sdpa() -> bool:
+    """The eager path's answers on repeated calls (the first binds each kernel, later ones launch
+    it directly) against SDPA in fp32: the table's causal shape, and a float mask that requires
+    grad at d = 128 (operand and operand-gradient arguments). Prints one line per case."""
+    ok = True
+    for name, (b, h, n, d), mask_shape in (("causal d64", (1, 1, 128, 64), None),
+                                           ("bias grad d128", (2, 3, 77, 128), (2, 1, 77, 77))):
+        q, k, v = (torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        mask = None if mask_shape is None else torch.randn(mask_shape, device=DEVICE, requires_grad=True)
+        inputs = (q, k, v) + (() if mask is None else (mask,))
+        do = torch.randn_like(q)
+        causal = mask is None
+        ref_in = [t.detach().float().requires_grad_() for t in inputs]
+        ref_out = F.scaled_dot_product_attention(*ref_in[:3], attn_mask=None if mask is None else ref_in[3],
+                                                 is_causal=causal)
+        ref = (ref_out, *torch.autograd.grad(ref_out, ref_in, do.float()))
+        worst = 0.0
+        for _ in range(3):
+            out = fx_flash.flash_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            got = (out, *torch.autograd.grad(out, inputs, do))
+            worst = max(worst, *((g.float() - r).abs().max().item() / max(r.abs().max().item(), 1e-6)
+                                 for g, r in zip(got, ref)))
+        good = worst < 2e-2
+        ok &= good
+        print(f"check {name}: max relative |fx_flash - sdpa fp32| over out and grads, 3 calls = {worst:.2e}: "
+              f"{'PASS' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def parts_table() -> list[tuple[str, float]]:
+    """Where the host time of a call goes, piece by piece (µs per call, GPU host): the pieces of
+    fx_flash's path and the floors any Python op pays (an autograd.Function on CUDA tensors)."""
+    from fx_flash.codegen import launch
+    from fx_flash.codegen.spec import sdpa_spec
+
+    q, k, v = (torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    qi, ki, vi = (t.detach() for t in (q, k, v))
+    spec = sdpa_spec(causal=True)
+    out, lse = launch.attention_forward(qi, ki, vi, [], None, 0.0, 0.125, spec)
+    plan = launch._FORWARDS[launch._plan_key(spec, qi, 0.0, 0.125, (qi, ki, vi, None))]
+
+    class Trivial(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o, l = torch.empty_like(q), torch.empty(q.shape[:-1], device=q.device)
+            ctx.save_for_backward(q, k, v, o, l)
+            ctx.mark_non_differentiable(l)
+            return o, l
+
+        @staticmethod
+        def backward(ctx, go, gl):
+            q, k, v, o, l = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    fx_graph = fx_flash.flash_attention(q, k, v, is_causal=True)
+    sdpa_graph = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    parts = [
+        ("torch.empty (B,H,N) fp32, CUDA", lambda: torch.empty((1, 1, 128), device=DEVICE, dtype=torch.float32)),
+        ("torch.empty_like (B,H,N,d), CUDA", lambda: torch.empty_like(qi)),
+        ("one direct launch of the forward kernel (plan.run, outputs given)",
+         lambda: plan.run(qi, ki, vi, out, lse, [], None)),
+        ("plan key of a forward", lambda: launch._plan_key(spec, qi, 0.0, 0.125, (qi, ki, vi, None))),
+        ("launch.attention_forward (key, plan, 2 outputs, launch)",
+         lambda: launch.attention_forward(qi, ki, vi, [], None, 0.0, 0.125, spec)),
+        ("fx_flash.flash_attention, no grad", lambda: fx_flash.flash_attention(qi, ki, vi, is_causal=True)),
+        ("trivial autograd.Function on CUDA tensors: forward (2 allocations)", lambda: Trivial.apply(q, k, v)),
+        ("the same, forward + autograd.grad (3 more allocations)",
+         lambda: torch.autograd.grad(Trivial.apply(q, k, v)[0], (q, k, v), do)),
+        ("fx_flash backward only (autograd.grad, retain_graph)",
+         lambda: torch.autograd.grad(fx_graph, (q, k, v), do, retain_graph=True)),
+        ("sdpa backward only (autograd.grad, retain_graph)",
+         lambda: torch.autograd.grad(sdpa_graph, (q, k, v), do, retain_graph=True)),
+    ]
+    rows = [(name, host_us(fn)) for name, fn in parts]
+    print("\nWhere the host time goes (µs per call, B1 H1 N128 d64 causal bf16):\n")
+    print("| piece | µs |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+    return rows
+
+
+def compare(old_dir: str, new_dir: str) -> None:
+    """The old and new rows.json side by side, each against SDPA's row of its own run."""
+    def load(d):
+        return {(case, impl): us for case, impl, us in json.load(open(os.path.join(d, "rows.json")))}
+
+    old, new = load(old_dir), load(new_dir)
+    print("\n| case | fx_flash old | fx_flash new | sdpa (old run / new run) | old / sdpa | new / sdpa |")
+    print("|---|---|---|---|---|---|")
+    for case, impl in new:
+        if impl == "sdpa" or not impl.startswith("fx_flash"):
+            continue
+        o, n = old.get((case, impl)), new[(case, impl)]
+        so, sn = old.get((case, "sdpa")), new.get((case, "sdpa"))
+        if so is None or sn is None or o is None:
+            continue
+        print(f"| {case} ({impl}) | {o:.1f} | {n:.1f} | {so:.1f} / {sn:.1f} | {o / so:.2f} | {n / sn:.2f} |")
+
+
 def decode_profile(top: int) -> None:
-    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 4096, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     step = lambda: fx_flash.flash_attention(q, k, v, enable_gqa=True)  # noqa: E731
     print(f"decode fwd: {host_us(step):.1f} us of host time per call")
     profile = cProfile.Profile()
@@ -150,16 +276,69 @@ def decode_profile(top: int) -> None:
     pstats.Stats(profile).sort_stats("tottime").print_stats(top)
 
 
+def cpu_table(profile: bool) -> None:
+    """The Python side per call with kernel launches stubbed out (see the module docstring)."""
+    from fx_flash.codegen import launch
+
+    if not os.environ.get("TRITON_INTERPRET"):
+        sys.exit("--cpu needs TRITON_INTERPRET=1 (the kernels' launch path on CPU tensors)")
+    launch._launch = lambda *args, **kwargs: None
+    q, k, v = (torch.randn(1, 1, 128, 64, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    qi, ki, vi = (t.detach() for t in (q, k, v))
+    cases = [("fwd", lambda: fx_flash.flash_attention(q, k, v, is_causal=True)),
+             ("fwd, no grad", lambda: fx_flash.flash_attention(qi, ki, vi, is_causal=True)),
+             ("fwd+bwd", lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=True), (q, k, v), do))]
+    print("| case | µs per call (Python only) |\n|---|---|")
+    for name, fn in cases:
+        for _ in range(50):
+            fn()
+        times = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            for _ in range(300):
+                fn()
+            times.append((time.perf_counter() - t0) / 300 * 1e6)
+        print(f"| {name} | {min(times):.1f} |")
+        if profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(500):
+                fn()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--decode", action="store_true", help="one query against 4096 keys, GQA 32/8 (split-KV path)")
+    ap.add_argument("--cpu", action="store_true", help="Python side only: TRITON_INTERPRET=1, launches stubbed")
+    ap.add_argument("--profile", action="store_true", help="with --cpu: a cProfile listing per case")
+    ap.add_argument("--compiled", default="op,triton_op,sdpa",
+                    help="torch.compile rows to add, comma-separated from op,triton_op,sdpa ('' for none)")
+    ap.add_argument("--check", action="store_true", help="first: repeated calls against SDPA (PASS/FAIL)")
+    ap.add_argument("--parts", action="store_true", help="after the table: where the host time goes")
+    ap.add_argument("--compare", nargs=2, metavar=("OLD_DIR", "NEW_DIR"), help="print two runs' rows side by side")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1")
+    ap.add_argument("--calls", type=int, default=200, help="calls per round (2 for a dry run)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    if args.decode:
+    global DEVICE, CALLS
+    DEVICE, CALLS = args.device, args.calls
+    if args.compare:
+        compare(*args.compare)
+    elif args.cpu:
+        cpu_table(args.profile)
+    elif args.decode:
         decode_profile(args.top)
     else:
-        host_table(args.out)
+        os.makedirs(args.out, exist_ok=True)
+        if args.check and not check_against_sdpa():
+            sys.exit("fx_flash disagrees with SDPA: no timings")
+        host_table(args.out, tuple(x for x in args.compiled.split(",") if x))
+        if args.parts:
+            parts_table()
 
 
 if __name__ == "__main__":

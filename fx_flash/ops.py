@@ -96,22 +96,33 @@ def eager(*tensors: Optional[Tensor]) -> bool:
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state()):
         return False
-    return all(t is None or type(t) is Tensor for t in tensors)
+    for t in tensors:
+        if t is not None and type(t) is not Tensor:
+            return False
+    return True
+
+
+@functools.cache
+def _launch():
+    """fx_flash.codegen.launch, imported on the first kernel launch (it imports Triton)."""
+    from fx_flash.codegen import launch
+
+    return launch
 
 
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], seed: Optional[Tensor], dropout_p: float,
               scale: float, spec: str) -> tuple[Tensor, Tensor]:
     """Fused attention forward. Returns (out (B, Hq, Nq, d), logsumexp (B, Hq, Nq) fp32)."""
     parsed = spec_from_text(spec)
+    if q.is_cuda:  # the kernels, on the inputs' own dtype
+        return _launch().attention_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
     if not runs_kernels(q.device):
         out, lse = _reference_call(q, k, v, operands, seed, dropout_p, scale, parsed)
         return out.to(q.dtype), lse
-    from fx_flash.codegen.launch import attention_forward
-
     dtype = q.dtype
     q, k, v = (_interpreter_dtype(t) for t in (q, k, v))
     operands = [_interpreter_dtype(t) for t in operands]
-    out, lse = attention_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
+    out, lse = _launch().attention_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
     return out.to(dtype), lse
 
 
@@ -128,16 +139,16 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
               seed: Optional[Tensor], dropout_p: float, scale: float, spec: str):
     """Fused attention backward. Returns (dq, dk, dv, [d operand for each ``grad`` operand])."""
     parsed = spec_from_text(spec)
+    if q.is_cuda:  # gradients come back in their inputs' dtypes
+        return _launch().attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p, scale, parsed)
     grad_of = [t for op, t in zip(parsed.operands, operands) if op.grad]
     if not runs_kernels(q.device):
         dq, dk, dv, dops = _reference_backward(dout, q, k, v, operands, seed, dropout_p, scale, parsed)
     else:
-        from fx_flash.codegen.launch import attention_backward
-
         dtypes = (q.dtype, k.dtype, v.dtype)
         args = [_interpreter_dtype(t) for t in (dout, q, k, v, out)]
-        dq, dk, dv, dops = attention_backward(*args, lse, [_interpreter_dtype(t) for t in operands], seed,
-                                              dropout_p, scale, parsed)
+        dq, dk, dv, dops = _launch().attention_backward(*args, lse, [_interpreter_dtype(t) for t in operands], seed,
+                                                        dropout_p, scale, parsed)
         dq, dk, dv = (g.to(dt) for g, dt in zip((dq, dk, dv), dtypes))
     return dq, dk, dv, [g.to(t.dtype) for g, t in zip(dops, grad_of)]
 
@@ -185,21 +196,24 @@ class _AttnFunction(torch.autograd.Function):
     Written as a plain autograd.Function rather than through torch.library.register_autograd,
     whose per-call wrapper (argument normalization with fill_defaults) cost ~20-45 us of host
     time per call on the H200 (benchmarks/RESULTS.md). Operands come last as separate
-    arguments so that autograd tracks each one (it does not look inside a list).
+    arguments so that autograd tracks each one (it does not look inside a list). ``direct``:
+    the caller found the call ``eager``, so the forward runs the implementation directly.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, seed, dropout_p, scale, spec, *operands):
-        if eager(q, k, v, *operands):  # the implementation below the dispatcher, called directly
-            out, lse = _attn_fwd(q, k, v, list(operands), seed, dropout_p, scale, spec)
+    def forward(ctx, direct, q, k, v, seed, dropout_p, scale, spec, *operands):
+        if direct:  # the implementation below the dispatcher, called directly
+            out, lse = _attn_fwd(q, k, v, operands, seed, dropout_p, scale, spec)
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 out, lse = torch.ops.fx_flash.attn_fwd.default(q, k, v, list(operands), seed, dropout_p, scale, spec)
         ctx.save_for_backward(q, k, v, out, lse, seed, *operands)
         ctx.dropout_p, ctx.scale = dropout_p, scale
-        ctx.operand_grads = tuple(bool(g) and t.dtype.is_floating_point
-                                  for g, t in zip(ctx.needs_input_grad[7:], operands))
-        ctx.spec = _backward_spec(spec, ctx.operand_grads)
+        ctx.operand_grads, ctx.spec = (), spec
+        if operands:
+            ctx.operand_grads = tuple(bool(g) and t.dtype.is_floating_point
+                                      for g, t in zip(ctx.needs_input_grad[8:], operands))
+            ctx.spec = _backward_spec(spec, ctx.operand_grads)
         # The logsumexp is an auxiliary output (as in SDPA's kernels): it has no gradient, and
         # an unused output's gradient is passed as None rather than a materialized zero tensor.
         ctx.mark_non_differentiable(lse)
@@ -210,23 +224,39 @@ class _AttnFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, seed, *operands = ctx.saved_tensors
         if grad_out is None:  # only lse was used (AOTAutograd may still call the backward)
-            return (None,) * (7 + len(operands))
+            return (None,) * (8 + len(operands))
         bwd = _attn_bwd if eager(grad_out, q, k, v, *operands) else torch.ops.fx_flash.attn_bwd.default
         dq, dk, dv, dops = bwd(grad_out, q, k, v, out, lse, operands, seed, ctx.dropout_p, ctx.scale, ctx.spec)
         found = iter(dops)
-        return (dq, dk, dv, None, None, None, None, *[next(found) if g else None for g in ctx.operand_grads])
+        return (None, dq, dk, dv, None, None, None, None, *[next(found) if g else None for g in ctx.operand_grads])
 
 
-def _attn_fwd_autograd(q, k, v, operands, seed, dropout_p, scale, spec):
+# autograd.Function.apply's own body, for eager calls: Function.apply (Python) first unwraps
+# functorch's dead wrappers and checks for transforms and setup_context, ~4 µs a call; eager
+# calls have no transform and this Function no setup_context, so they unwrap and enter the C
+# implementation themselves.
+_apply = super(torch.autograd.Function, _AttnFunction).apply
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)  # None: Function.apply for all
+
+
+def _fwd_autograd(direct: bool, q, k, v, operands, seed, dropout_p, scale, spec):
+    """attn_fwd's Autograd kernel; ``direct`` when ``eager`` holds for the call's tensors."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or any(t.requires_grad for t in operands)):
-        return _AttnFunction.apply(q, k, v, seed, dropout_p, scale, spec, *operands)
+                                    or (operands and any(t.requires_grad for t in operands))):
+        if direct and _unwrap_if_dead is not None:
+            return _apply(True, _unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v), seed, dropout_p, scale,
+                          spec, *map(_unwrap_if_dead, operands))
+        return _AttnFunction.apply(direct, q, k, v, seed, dropout_p, scale, spec, *operands)
     # Nothing to differentiate (inference, decoding): skip the autograd.Function's bookkeeping,
     # a third of the op's Python time per call.
-    if eager(q, k, v, *operands):
+    if direct:
         return _attn_fwd(q, k, v, operands, seed, dropout_p, scale, spec)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.fx_flash.attn_fwd.default(q, k, v, operands, seed, dropout_p, scale, spec)
+
+
+def _attn_fwd_autograd(q, k, v, operands, seed, dropout_p, scale, spec):
+    return _fwd_autograd(eager(q, k, v, *operands), q, k, v, operands, seed, dropout_p, scale, spec)
 
 
 torch.library.impl(f"{LIB}::attn_fwd", "Autograd")(_attn_fwd_autograd)
@@ -263,7 +293,7 @@ def sdpa_forward(q, k, v, attn_mask=None, seed=None, dropout_p=0.0, is_causal=Fa
     spec, operands = sdpa_call(attn_mask, is_causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if eager(q, k, v, attn_mask):  # attn_fwd's Autograd kernel, without entering the dispatcher
-        return _attn_fwd_autograd(q, k, v, operands, seed, float(dropout_p), scale, spec)
+        return _fwd_autograd(True, q, k, v, operands, seed, float(dropout_p), scale, spec)
     return attn_fwd(q, k, v, operands, seed, float(dropout_p), scale, spec)
 
 
@@ -273,13 +303,37 @@ torch.library.define(
     "float? scale=None, bool enable_gqa=False) -> Tensor",
 )
 
+# validate.argument_key → (spec text, scale): the arguments' checks passed and what they become.
+_SDPA_CALLS: dict = {}
+MAX_CALLS = 4096  # one per shape: a dynamic workload's memory stays bounded
+
+
+def _sdpa_plan(direct, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[str, float]:
+    """(spec text, scale) of SDPA-style arguments, checked once per argument_key for ``direct``
+    (eager) calls; traced calls (fake tensors, symbolic sizes) are checked every time."""
+    key = validate.argument_key(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) if direct else None
+    found = _SDPA_CALLS.get(key) if key is not None else None
+    if found is None:
+        validate.check_arguments(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        found = (sdpa_call(attn_mask, is_causal, dropout_p)[0],
+                 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+        if key is not None:
+            if len(_SDPA_CALLS) >= MAX_CALLS:
+                _SDPA_CALLS.clear()
+            _SDPA_CALLS[key] = found
+    return found
+
 
 def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """fx_flash::flash_attention's implementation (the public ``fx_flash.flash_attention`` calls
     it directly when ``eager`` allows, else through the op)."""
-    validate.check_arguments(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    out, _ = sdpa_forward(q, k, v, attn_mask, _draw_seed(q, dropout_p), dropout_p, is_causal, scale)
-    return out
+    direct = eager(q, k, v, attn_mask)
+    spec, scale = _sdpa_plan(direct, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    operands = [] if attn_mask is None else [attn_mask]
+    seed, dropout_p = _draw_seed(q, dropout_p), float(dropout_p)
+    if direct:  # attn_fwd's Autograd kernel, without entering the dispatcher
+        return _fwd_autograd(True, q, k, v, operands, seed, dropout_p, scale, spec)[0]
+    return attn_fwd(q, k, v, operands, seed, dropout_p, scale, spec)[0]
 
 
 torch.library.impl(f"{LIB}::flash_attention", "CompositeImplicitAutograd")(flash_attention)

@@ -64,6 +64,29 @@ def check_arguments(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         raise ValueError("scale is NaN")
 
 
+_NUMBERS = (float, int, bool)
+
+
+def argument_key(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Everything check_arguments reads, and everything SDPA's arguments turn into (the spec, the
+    scale), as one hashable tuple: two calls with equal keys pass or fail together, so a key whose
+    check passed need not be checked again. None when an argument is of another kind than the
+    schema's (not a tensor, a number or None): check_arguments then runs, and raises.
+
+    Note: a NaN scale never passes, so it never becomes a key (NaN != NaN would make a dict
+    hit depend on the float object's identity).
+    """
+    try:
+        mask = None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device)
+        if not (type(dropout_p) in _NUMBERS and (scale is None or type(scale) in _NUMBERS)
+                and type(is_causal) in _NUMBERS and type(enable_gqa) in _NUMBERS):
+            return None
+        return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, mask,
+                dropout_p, bool(is_causal), scale, bool(enable_gqa))
+    except AttributeError:  # an argument that is not a tensor: check_arguments says which
+        return None
+
+
 def check_operands(q, k, operands, spec) -> None:
     """Raise ValueError/TypeError unless ``operands`` are the tensors ``spec`` reads: one per
     operand of the spec, of its kind, with its number of dimensions, on q's device, and long

@@ -74,6 +74,11 @@ def set_autotune(enabled: Optional[bool]) -> Optional[bool]:
     return previous
 
 
+def setting() -> Optional[bool]:
+    """set_autotune's setting (None: FX_FLASH_AUTOTUNE decides), for keys that must change with it."""
+    return _requested
+
+
 def requested() -> bool:
     """Whether tuning is on: set_autotune's setting, else FX_FLASH_AUTOTUNE=1 (off by default)."""
     if _requested is not None:

@@ -11,6 +11,12 @@ a recorded choice or the default runs.
 After the first launch of a kernel for one argument signature (the non-tensor arguments, the
 tensors' dtypes and 16-byte alignment), later launches skip Triton's argument binder and call the
 compiled kernel's launcher directly (``_launch``), as ``JITFunction.run`` itself does once bound.
+
+Host time: a call is keyed by what its launches derive from (the spec, each tensor's shape,
+strides, dtype and alignment, the floats, the switches in the environment); the first call of a
+key builds its plan (``_Forward``, ``_Backward``: argument checks, tile configuration, grid,
+constexprs, output shapes, the kernels bound) and later calls allocate their outputs and call
+each kernel's launcher. ``clear_plans`` (also run by ``CHOSEN.clear()``) forgets them.
 """
 
 from __future__ import annotations
@@ -96,9 +102,18 @@ class Launch:
     bound: dict = field(default_factory=dict, compare=False, repr=False)
 
 
+class _Choices(dict):
+    """CHOSEN's type: a dict whose ``clear()`` ("as in a new process", as tests and benchmarks use
+    it) also forgets the plans, which hold the Launch objects it chose."""
+
+    def clear(self) -> None:
+        super().clear()
+        clear_plans()
+
+
 # (spec, kernel name, device, dtype, the tuning keywords as (name, value) pairs, waves bucket,
 # tuned) → Launch.
-CHOSEN: dict[tuple, Launch] = {}
+CHOSEN: dict[tuple, Launch] = _Choices()
 
 
 def _meta(config: tiling.TileConfig) -> dict:
@@ -215,10 +230,11 @@ def _tables(tables, meta: dict) -> tuple:
     return () if tables is None else tuple(tables(meta).values())
 
 
-def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *args, reset=(), rows: int = 0,
-         tables=None, **kwargs):
-    """Launch ``name`` with its default or tuned block sizes; BLOCK_M = ``rows`` when given
-    (split-KV decoding sizes its row tile to the rows it packs).
+def _chosen(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, args, kwargs: dict, reset=(),
+            rows: int = 0, tables=None) -> tuple[Launch, bool]:
+    """``name``'s configuration for these arguments, default or tuned, and whether it is final
+    (see _choose); BLOCK_M = ``rows`` when given (split-KV decoding sizes its row tile to the rows
+    it packs).
 
     ``reset`` lists the tensors the kernel accumulates into with atomics, zero on entry: tuning
     trials dirty them, so they are zeroed before each trial and again before the real launch.
@@ -228,16 +244,17 @@ def _run(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, *ar
     consts, waves = tuning_consts(kwargs), _waves(grid, q)
     key = (spec, name, q.device, q.dtype, consts, waves, tune)
     chosen = CHOSEN.get(key)
-    if chosen is None:
-        chosen, final = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows, tune, tables)
-        if final:
-            CHOSEN[key] = chosen
-    args = (*args, *_tables(tables, chosen.meta))
-    _launch(chosen, grid, args, kwargs, direct=q.device.type == "cuda" and not interpreting() and direct_launch())
+    if chosen is not None:
+        return chosen, True
+    chosen, final = _choose(spec, name, kernel, grid, q, args, kwargs, reset, consts, waves, rows, tune, tables)
+    if final:
+        CHOSEN[key] = chosen
+    return chosen, final
 
 
-def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True) -> None:
-    """Launch ``chosen`` on these arguments.
+def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True):
+    """Launch ``chosen`` on these arguments; returns the bound form (compiled kernel, argument
+    tail) that later launches of this signature call directly, None where there is none.
 
     The first launch of an argument signature goes through Triton's ``JITFunction.run``, which
     binds and specializes the arguments (types; 16-byte alignment of pointers; integers equal
@@ -251,7 +268,7 @@ def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True
     meta = chosen.meta
     if not direct:  # the interpreter, or FX_FLASH_DIRECT_LAUNCH=0
         chosen.fn[grid(meta)](*args, **kwargs, **meta)
-        return
+        return None
     driver = _driver()
     device = driver.get_current_device()
     signature = (device, *kwargs.values(), *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
@@ -262,17 +279,24 @@ def _launch(chosen: Launch, grid, args: tuple, kwargs: dict, direct: bool = True
         kernel = chosen.fn[size](*args, **kwargs, **meta)
         if len(chosen.bound) >= MAX_BOUND:  # one entry per shape: bound the memory of a dynamic workload
             chosen.bound.clear()
-        chosen.bound[signature] = _bind(chosen.fn, kernel, len(args), {**kwargs, **meta})
-        return
+        bound = chosen.bound[signature] = _bind(chosen.fn, kernel, len(args), {**kwargs, **meta})
+        return bound
     if bound is None:  # this Triton's kernels cannot be launched directly
         chosen.fn[size](*args, **kwargs, **meta)
-        return
+        return None
     kernel, tail = bound
-    stream = driver.get_current_stream(device)
-    values = (*args, *tail)
+    _run_bound(kernel, size, _grid3(size), driver.get_current_stream(device), (*args, *tail))
+    return bound
+
+
+def _grid3(size: tuple) -> tuple[int, int, int]:
+    return size[0], size[1] if len(size) > 1 else 1, size[2] if len(size) > 2 else 1
+
+
+def _run_bound(kernel, size: tuple, grid3: tuple, stream, values: tuple) -> None:
+    """Call a compiled kernel's launcher as ``JITFunction.run`` does (launch hooks included)."""
     hooks = triton.knobs.runtime
-    kernel.run(size[0], size[1] if len(size) > 1 else 1, size[2] if len(size) > 2 else 1, stream,
-               kernel.function, kernel.packed_metadata, kernel.launch_metadata(size, stream, *values),
+    kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, kernel.launch_metadata(size, stream, *values),
                hooks.launch_enter_hook, hooks.launch_exit_hook, *values)
 
 
@@ -305,29 +329,47 @@ def _bind(fn, kernel, n_positional: int, keywords: dict):
     return kernel, tuple(tail)
 
 
-def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
-    """Kernel arguments of the operands (or of their gradient buffers): pointer, the stride of
-    each dimension a program's batch/head selects, then the summed strides of the dimensions
-    indexed by q_idx and kv_idx."""
+def _operand_layout(spec: AttentionSpec, tensors, grads: bool = False) -> tuple:
+    """Per operand (or gradient buffer), what its kernel arguments take from the tensor's layout:
+    (read as bytes, the element offset its pointer starts at, its integer arguments). Raises
+    ValueError for a wrong number of operands or dimensions."""
     ops = spec.grad_operands if grads else spec.operands
     if len(tensors) != len(ops):
         raise ValueError(f"spec {spec.text!r} reads {len(ops)} operands, got {len(tensors)}")
-    args = []
+    layout = []
     for op, t in zip(ops, tensors):
         if t.dim() != len(op.index):
             raise ValueError(f"operand {op.name} of spec {spec.text!r} has {len(op.index)} dimensions, "
                              f"got a tensor of shape {tuple(t.shape)}")
         strides = t.stride()
-        t = t.view(torch.uint8) if t.dtype == torch.bool else t  # Triton reads bool as bytes
         # A dimension read at q_idx + c starts c elements in: fold that into the pointer.
         start = sum(strides[d] * c for d, c in op.q_dims + op.kv_dims)
+        ints = (*[strides[d] for d, _ in op.lead], sum(strides[d] for d, _ in op.q_dims),
+                sum(strides[d] for d, _ in op.kv_dims))
+        layout.append((t.dtype == torch.bool, start, ints))
+    return tuple(layout)
+
+
+def _operand_values(layout: tuple, tensors) -> tuple:
+    """The kernel arguments of ``tensors`` laid out as ``layout`` says: pointer, the stride of each
+    dimension a program's batch/head selects, then the summed strides of the dimensions indexed
+    by q_idx and kv_idx."""
+    if not layout:
+        return ()
+    args = []
+    for (as_bytes, start, ints), t in zip(layout, tensors):
+        if as_bytes:
+            t = t.view(torch.uint8)  # Triton reads bool as bytes
         if start:
             t = t.as_strided((1,), (1,), t.storage_offset() + start)
         args.append(t)
-        args += [strides[d] for d, _ in op.lead]
-        args.append(sum(strides[d] for d, _ in op.q_dims))
-        args.append(sum(strides[d] for d, _ in op.kv_dims))
-    return args
+        args += ints
+    return tuple(args)
+
+
+def _operand_args(spec: AttentionSpec, tensors, grads: bool = False) -> list:
+    """Kernel arguments of the operands (or of their gradient buffers); see _operand_values."""
+    return list(_operand_values(_operand_layout(spec, tensors, grads), tensors))
 
 
 def _tma_allowed(device: torch.device) -> bool:
@@ -392,23 +434,149 @@ def _common(spec, q, k):
 
 
 def _tile_tables(spec, operands, operand_args, q, k, axis: str):
-    """The ``tables`` argument of ``_run`` for a kernel of ``axis`` (skipping.table_keywords), or
-    a constant one for specs whose kernels read no table."""
+    """The ``tables`` argument of a kernel of ``axis`` for a ranged spec
+    (skipping.table_keywords), None for specs whose kernels read no table."""
     if spec.tile_mode == "ranged":
         return skipping.table_keywords(spec, operands, operand_args, q, k, axis)
-    unranged = skipping.unranged(q)
-    return lambda meta: unranged
-
-
-def _pointers(q: torch.Tensor, *optional: Optional[torch.Tensor]) -> list:
-    """Kernel pointer arguments for optional tensors: an absent one is passed as ``q``, which
-    the kernel never reads because the spec's constexpr flags switch that code off."""
-    return [q if t is None else t for t in optional]
+    return None
 
 
 def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
-    """Allocate a kernel output (every element is written by a kernel; tests poison these)."""
+    """Allocate a contiguous kernel output, by default of ``like``'s shape and dtype (every
+    element is written by a kernel; tests poison these)."""
+    if shape is None and dtype is None:  # empty_like parses no shape, device or dtype: ~1 µs less
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
     return torch.empty(like.shape if shape is None else shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def _contiguous_strides(shape) -> tuple:
+    """The strides of ``torch.empty(shape)`` (what new_output returns), without allocating."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: what every call of one key repeats, derived once.
+
+# The environment variables launches read (through the functions named after them above and in
+# gluon_launch, tiling and device); a plan's key holds their values.
+SWITCHES = ("TRITON_INTERPRET", "FX_FLASH_AUTOTUNE", "FX_FLASH_DQ", "FX_FLASH_TMA", "FX_FLASH_SPLIT_KV",
+            "FX_FLASH_GLUON", "FX_FLASH_DIRECT_LAUNCH")
+
+
+def _switch_reader():
+    """A function returning the values of SWITCHES now (None where unset), as os.environ.get would.
+
+    Note (host time): os.environ.get costs ~1 µs per name (it encodes the name and decodes the
+    value), seven of them a call. os.environ keeps its contents in the dict ``_data``, under
+    ``encodekey(name)``, and every assignment, deletion and ``monkeypatch.setenv`` goes through
+    it; reading that dict with the names encoded once sees the same values at a tenth of the
+    cost (raw, not decoded: they only need to compare equal). Without that layout (another
+    Python), the public path."""
+    data, encodekey = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encodekey):
+        keys = tuple(encodekey(name) for name in SWITCHES)
+        return lambda: tuple(map(data.get, keys))
+    return lambda: tuple(map(os.environ.get, SWITCHES))
+
+
+switches = _switch_reader()
+
+
+def _layout(t: Optional[torch.Tensor]):
+    """What a launch specializes on in a tensor argument: shape, strides, dtype, alignment."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+
+
+def _plan_key(spec: AttentionSpec, q: torch.Tensor, dropout_p: float, scale: float, tensors) -> tuple:
+    """Everything a plan derives from, beyond what stays fixed in a process: the spec; each
+    tensor's layout; q's device; the floats; the switches (environment, set_autotune, TF32 for
+    fp32 inputs). Module constants (SPLIT_MIN_KEYS, ...) and monkeypatched functions are not in
+    it: change those, then ``clear_plans()``."""
+    return (spec.text, switches(), autotune.setting(), q.get_device(),
+            q.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32, dropout_p, scale,
+            *map(_layout, tensors))
+
+
+_FORWARDS: dict = {}  # plan key → _Forward
+_BACKWARDS: dict = {}  # plan key → _Backward
+MAX_PLANS = 4096  # per direction: one per shape, so a dynamic workload's memory stays bounded
+
+
+def clear_plans() -> None:
+    """Forget every plan (the next call of each key builds it again)."""
+    _FORWARDS.clear()
+    _BACKWARDS.clear()
+
+
+def _remember(plans: dict, key: tuple, plan) -> None:
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[key] = plan
+
+
+def _direct(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and not interpreting() and direct_launch()
+
+
+class _Kernel:
+    """One launch of a plan: kernel ``name`` of the spec's module, its constexpr keywords and its
+    grid as a function of the tile. The first launch takes the configuration (``_chosen``, or
+    ``chosen`` when fixed); once that is final and the compiled kernel bound, later launches call
+    its launcher directly, with the argument tail bound once.
+
+    ``tables``: whether the kernel reads tile tables after its positional arguments (a ranged
+    spec's, given per call; the never-read placeholders of skipping.unranged otherwise).
+    """
+
+    def __init__(self, spec: AttentionSpec, name: str, kernel: Optional[str], grid, kwargs: dict, *,
+                 direct: bool, tables: bool = False, rows: int = 0, chosen: Optional[Launch] = None):
+        self.spec, self.name, self.kernel, self.grid, self.kwargs = spec, name, kernel, grid, kwargs
+        self.direct, self.reads_tables, self.rows = direct, tables, rows
+        self.tma = bool(kwargs.get("USE_TMA"))
+        self.chosen, self.final = chosen, chosen is not None
+        self.size = self.grid3 = None
+        if chosen is not None:
+            self.size = grid(chosen.meta)
+            self.grid3 = _grid3(self.size)
+        self.bound = None  # (compiled kernel, argument tail, device)
+
+    def __call__(self, q: torch.Tensor, args: tuple, tables=None, reset=()) -> None:
+        """Launch on the positional arguments ``args``; ``tables`` is a ranged spec's function of
+        the meta giving its tile tables (None otherwise); ``reset`` as for _chosen."""
+        if self.tma:
+            _descriptor_scratch()  # a per-thread setting: the backward runs on autograd's thread
+        bound = self.bound
+        if bound is not None and tables is None:
+            kernel, tail, device = bound
+            driver = _driver()
+            if driver.get_current_device() == device:
+                if self.reads_tables:
+                    args = (*args, *skipping.unranged(q).values())
+                _run_bound(kernel, self.size, self.grid3, driver.get_current_stream(device), (*args, *tail))
+                return
+        if self.chosen is None:
+            options = tables
+            if options is None and self.reads_tables:
+                options = lambda meta: skipping.unranged(q)  # noqa: E731
+            self.chosen, self.final = _chosen(self.spec, self.name, self.kernel, self.grid, q, args, self.kwargs,
+                                              reset, self.rows, options)
+            self.size = self.grid(self.chosen.meta)
+            self.grid3 = _grid3(self.size)
+        if self.reads_tables:
+            args = (*args, *(skipping.unranged(q) if tables is None else tables(self.chosen.meta)).values())
+        found = _launch(self.chosen, self.grid, args, self.kwargs, self.direct)
+        # A ranged spec's tables are new tensors per call: those launches keep _launch's check.
+        if found is not None and tables is None and self.final:
+            self.bound = (*found, _driver().get_current_device())
+
+
+def _fixed(spec: AttentionSpec, name: str, block_m: int) -> Launch:
+    """The Launch of a helper kernel that runs one tile (the split merge, Delta)."""
+    return Launch(getattr(loader.load(spec), name), None, {"BLOCK_M": block_m})
 
 
 def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, spec: AttentionSpec):
@@ -417,28 +585,84 @@ def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, s
     ``operands`` are the tensors ``spec`` reads, in its order; ``seed`` an int64 tensor of one
     element when the spec drops out.
     """
+    key = _plan_key(spec, q, dropout_p, scale, (q, k, v, seed, *operands))
+    plan = _FORWARDS.get(key)
+    if plan is not None:
+        return plan(q, k, v, operands, seed)
     consts, (z, h, n_q, n_kv) = _common(spec, q, k)
     consts = _with_tma(consts, k, v)
     out = new_output(q)
     lse = new_output(q, (z, h, n_q), torch.float32)
-    operand_args = _operand_args(spec, operands)
+    _operand_layout(spec, operands)  # raises for operands the spec does not read
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     if n_kv == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     splits, rows = decode_plan(q, k)
-    if splits:
-        _forward_split(spec, consts, splits, rows, q, k, v, out, lse, operand_args, seed, scale, dropout_p)
-        return out, lse
-    from fx_flash.codegen import gluon_launch  # the sm90 Gluon forward, FX_FLASH_GLUON=1 (off by default)
-    if gluon_launch.enabled() and gluon_launch.forward(spec, q, k, v, out, lse, scale):
-        return out, lse
-    grid = lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
-    _run(spec, "_attn_fwd", "fwd", grid, q,
-         q, k, v, out, lse, *operand_args, *_pointers(q, seed), scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-         tables=_tile_tables(spec, operands, operand_args, q, k, "q"), **consts)
+    if not splits:
+        from fx_flash.codegen import gluon_launch  # the sm90 Gluon forward, FX_FLASH_GLUON=1 (off by default)
+        if gluon_launch.enabled() and gluon_launch.forward(spec, q, k, v, out, lse, scale):
+            return out, lse  # no plan: gluon_launch launches its own kernel on every call
+    plan = _Forward(spec, q, k, v, operands, dropout_p, scale, consts, splits, rows, _direct(q))
+    plan.run(q, k, v, out, lse, operands, seed)
+    if plan.final:
+        _remember(_FORWARDS, key, plan)
     return out, lse
+
+
+class _Forward:
+    """The plan of a forward key: output shapes, the operands' argument layout, and its kernels
+    with the arguments the key fixes (the floats and every stride)."""
+
+    def __init__(self, spec, q, k, v, operands, dropout_p, scale, consts, splits, rows, direct):
+        z, h, n_q, d = q.shape
+        self.spec, self.lse_shape, self.splits = spec, (z, h, n_q), splits
+        self.ranged = spec.tile_mode == "ranged"
+        self.operands = _operand_layout(spec, operands)
+        out_strides = _contiguous_strides(q.shape)
+        if not splits:
+            self.kernels = (_Kernel(spec, "_attn_fwd", "fwd", lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h),
+                                    consts, direct=direct, tables=True),)
+            self.post = (scale, dropout_p, *q.stride(), *k.stride(), *v.stride(), *out_strides)
+            return
+        # Split-KV: fp32 partials in the (split, z·h, query) order, every element written by a
+        # split; the split kernel reads no tile table: it checks the predicate on every tile unless
+        # the spec is causal, whose keys past the last query it skips. Then their merge.
+        d_pad = consts["HEAD_DIM_PAD"]
+        self.part_shapes = ((splits, z * h, n_q, d_pad), (splits, z * h, n_q), (splits, z * h, n_q))
+        grid = (_cdiv(consts["GROUP"] * n_q, rows), z * k.shape[1], splits)
+        merge_grid = (_cdiv(n_q, COMBINE_BLOCK_M), z * h)
+        self.kernels = (
+            _Kernel(spec, "_attn_fwd_split", "fwd_split", lambda meta: grid,
+                    {"NUM_SPLITS": splits, **consts, "CAUSAL": spec.causal}, direct=direct, rows=rows),
+            _Kernel(spec, "_attn_fwd_combine", None, lambda meta: merge_grid,
+                    {"HEAD_DIM": d, "HEAD_DIM_PAD": d_pad, "SPLITS_PAD": _bucket(splits)}, direct=direct,
+                    chosen=_fixed(spec, "_attn_fwd_combine", COMBINE_BLOCK_M)))
+        self.post = (scale, dropout_p, *q.stride(), *k.stride(), *v.stride())
+        self.merge_post = (*out_strides, h, n_q, splits, z * h)
+
+    @property
+    def final(self) -> bool:
+        """Whether every kernel's configuration may be kept (see _choose)."""
+        return all(kernel.final for kernel in self.kernels)
+
+    def __call__(self, q, k, v, operands, seed):
+        out = new_output(q)
+        lse = new_output(q, self.lse_shape, torch.float32)
+        self.run(q, k, v, out, lse, operands, seed)
+        return out, lse
+
+    def run(self, q, k, v, out, lse, operands, seed) -> None:
+        operand_args = _operand_values(self.operands, operands)
+        seed_arg = q if seed is None else seed  # never read unless the spec drops out
+        if not self.splits:
+            tables = _tile_tables(self.spec, operands, operand_args, q, k, "q") if self.ranged else None
+            self.kernels[0](q, (q, k, v, out, lse, *operand_args, seed_arg, *self.post), tables)
+            return
+        parts = [new_output(q, shape, torch.float32) for shape in self.part_shapes]
+        split, merge = self.kernels
+        split(q, (q, k, v, *parts, *operand_args, seed_arg, *self.post))
+        merge(q, (*parts, out, lse, *self.merge_post))
 
 
 # Split-KV decoding (FlashDecoding): with few query rows the forward's grid of
@@ -473,67 +697,90 @@ def decode_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
     return splits, rows
 
 
-def _forward_split(spec, consts, splits, rows, q, k, v, out, lse, operand_args, seed, scale, dropout_p):
-    """Split-KV forward into ``out``/``lse``: partial results per key split, then their merge."""
-    z, h, n_q, d = q.shape
-    h_kv = k.shape[1]
-    d_pad = consts["HEAD_DIM_PAD"]
-    # fp32 partials in the (split, z·h, query) order; every element is written by a split.
-    out_part = new_output(q, (splits, z * h, n_q, d_pad), torch.float32)
-    max_part = new_output(q, (splits, z * h, n_q), torch.float32)
-    sum_part = new_output(q, (splits, z * h, n_q), torch.float32)
-    grid = (triton.cdiv(consts["GROUP"] * n_q, rows), z * h_kv, splits)
-    # The split kernel reads no tile table: it checks the predicate on every tile unless the spec is
-    # causal, whose keys past the last query it skips.
-    _run(spec, "_attn_fwd_split", "fwd_split", lambda meta: grid, q,
-         q, k, v, out_part, max_part, sum_part, *operand_args, *_pointers(q, seed), scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(), NUM_SPLITS=splits, rows=rows, **{**consts, "CAUSAL": spec.causal})
-    loader.load(spec)._attn_fwd_combine[(triton.cdiv(n_q, COMBINE_BLOCK_M), z * h)](
-        out_part, max_part, sum_part, out, lse, *out.stride(), h, n_q, splits, z * h,
-        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, SPLITS_PAD=_bucket(splits), BLOCK_M=COMBINE_BLOCK_M)
-
-
 def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float, scale: float,
                        spec: AttentionSpec):
     """Run the backward kernels. Returns (dq, dk, dv, operand grads): the grads are one per
     operand the spec marks ``grad``, in its order, each in its operand's shape and dtype."""
-    consts, (z, h, n_q, n_kv) = _common(spec, q, k)
-    dq, dk, dv = new_output(q), new_output(k), new_output(v)
+    key = _plan_key(spec, q, dropout_p, scale, (dout, q, k, v, out, lse, seed, *operands))
+    plan = _BACKWARDS.get(key)
+    if plan is not None:
+        return plan(dout, q, k, v, out, lse, operands, seed)
+    consts, _ = _common(spec, q, k)
     grad_of = [t for op, t in zip(spec.operands, operands) if op.grad]
-    # fp32 buffers summed into by atomics (several programs add into one element).
-    dgrads = [torch.zeros(t.shape, device=q.device, dtype=torch.float32) for t in grad_of]
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), [g.to(t.dtype) for g, t in zip(dgrads, grad_of)]
-    delta = new_output(q, (z, h, n_q), torch.float32)
-    operand_args = _operand_args(spec, operands)
-    grad_args = _operand_args(spec, dgrads, grads=True)
-    seed_arg, = _pointers(q, seed)
-    # Atomic dQ: the dK/dV kernel adds each key tile's share into an fp32 buffer (one pass);
-    # otherwise a separate dQ kernel, run first, recomputes the scores, sums deterministically
-    # and writes Delta for the dK/dV kernel.
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if consts["DQ_ATOMIC"] else None
-    if dq_acc is None:
-        grid_q = lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h)  # noqa: E731
-        _run(spec, "_attn_bwd_dq", "bwd_dq", grid_q, q,
-             q, k, v, out, dout, dq, lse, delta, *operand_args, seed_arg, scale, dropout_p,
-             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-             tables=_tile_tables(spec, operands, operand_args, q, k, "q"), **_with_tma(consts, k, v))
-    else:
-        loader.load(spec)._attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK_M), z * h)](
-            out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
-            HEAD_DIM=consts["HEAD_DIM"], HEAD_DIM_PAD=consts["HEAD_DIM_PAD"], BLOCK_M=DELTA_BLOCK_M)
-    dq_arg = dq_acc if dq_acc is not None else q
-    grid_kv = lambda meta: (_cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1])  # noqa: E731
-    _run(spec, "_attn_bwd_dkdv", "bwd_dkdv", grid_kv, q,
-         q, k, v, dout, dk, dv, dq_arg, lse, delta, *operand_args, *grad_args, seed_arg,
-         scale, dropout_p,
-         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-         *(dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0)),
-         reset=[t for t in (*dgrads, dq_acc) if t is not None],
-         tables=_tile_tables(spec, operands, operand_args, q, k, "kv"), **_with_tma(consts, q, dout))
-    if dq_acc is not None:
-        dq = dq_acc.to(q.dtype)
-    return dq, dk, dv, [g.to(t.dtype) for g, t in zip(dgrads, grad_of)]
+        dq, dk, dv = new_output(q), new_output(k), new_output(v)
+        return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros(t.shape, device=q.device, dtype=t.dtype)
+                                                    for t in grad_of]
+    plan = _Backward(spec, dout, q, k, v, out, operands, grad_of, dropout_p, scale, consts, _direct(q))
+    grads = plan(dout, q, k, v, out, lse, operands, seed)
+    if plan.final:
+        _remember(_BACKWARDS, key, plan)
+    return grads
+
+
+class _Backward:
+    """The plan of a backward key.
+
+    Separate dQ (default): a dQ kernel, run first, recomputes the scores, sums deterministically
+    and writes Delta for the dK/dV kernel. Atomic dQ (FX_FLASH_DQ=atomic): a small kernel writes
+    Delta, then the dK/dV kernel adds each key tile's share of dQ into an fp32 buffer (one pass).
+    Operand gradients are fp32 buffers summed into by atomics (several programs add into one
+    element), cast to the operand's dtype at the end.
+    """
+
+    def __init__(self, spec, dout, q, k, v, out, operands, grad_of, dropout_p, scale, consts, direct):
+        z, h, n_q, _ = q.shape
+        n_kv = k.shape[2]
+        self.spec, self.lse_shape = spec, (z, h, n_q)
+        self.ranged = spec.tile_mode == "ranged"
+        self.atomic = consts["DQ_ATOMIC"]
+        self.operands = _operand_layout(spec, operands)
+        self.grad_shapes = [t.shape for t in grad_of]
+        self.grad_dtypes = [t.dtype for t in grad_of]
+        self.grads = _operand_layout(spec, [torch.empty(s, device="meta") for s in self.grad_shapes], grads=True)
+        dq, dk, dv = (_contiguous_strides(t.shape) for t in (q, k, v))
+        if self.atomic:
+            self.first = _Kernel(spec, "_attn_bwd_delta", None, lambda meta: (_cdiv(n_q, DELTA_BLOCK_M), z * h),
+                                 {"HEAD_DIM": consts["HEAD_DIM"], "HEAD_DIM_PAD": consts["HEAD_DIM_PAD"]},
+                                 direct=direct, chosen=_fixed(spec, "_attn_bwd_delta", DELTA_BLOCK_M))
+            self.first_post = (*out.stride(), *dout.stride(), h, n_q)
+        else:
+            self.first = _Kernel(spec, "_attn_bwd_dq", "bwd_dq", lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h),
+                                 _with_tma(consts, k, v), direct=direct, tables=True)
+            self.first_post = (scale, dropout_p, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
+                               *dq)
+        self.dkdv = _Kernel(spec, "_attn_bwd_dkdv", "bwd_dkdv", lambda meta: (_cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1]),
+                            _with_tma(consts, q, dout), direct=direct, tables=True)
+        self.dkdv_post = (scale, dropout_p, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk, *dv,
+                          *(dq if self.atomic else (0, 0, 0, 0)))
+
+    @property
+    def final(self) -> bool:
+        return self.first.final and self.dkdv.final
+
+    def __call__(self, dout, q, k, v, out, lse, operands, seed):
+        dq, dk, dv = new_output(q), new_output(k), new_output(v)
+        dgrads = [torch.zeros(shape, device=q.device, dtype=torch.float32) for shape in self.grad_shapes]
+        delta = new_output(q, self.lse_shape, torch.float32)
+        operand_args = _operand_values(self.operands, operands)
+        grad_args = _operand_values(self.grads, dgrads)
+        seed_arg = q if seed is None else seed
+        tables_q = tables_kv = None
+        if self.ranged:
+            tables_q = _tile_tables(self.spec, operands, operand_args, q, k, "q")
+            tables_kv = _tile_tables(self.spec, operands, operand_args, q, k, "kv")
+        dq_acc = None
+        if self.atomic:
+            dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+            self.first(q, (out, dout, delta, *self.first_post))
+        else:
+            self.first(q, (q, k, v, out, dout, dq, lse, delta, *operand_args, seed_arg, *self.first_post), tables_q)
+        self.dkdv(q, (q, k, v, dout, dk, dv, q if dq_acc is None else dq_acc, lse, delta, *operand_args, *grad_args,
+                      seed_arg, *self.dkdv_post),
+                  tables_kv, reset=[*dgrads, *([] if dq_acc is None else [dq_acc])])
+        if dq_acc is not None:
+            dq = dq_acc.to(q.dtype)
+        return dq, dk, dv, [g.to(dtype) for g, dtype in zip(dgrads, self.grad_dtypes)]
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:

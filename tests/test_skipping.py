@@ -350,10 +350,12 @@ def test_gqa_with_a_per_head_mask_reads_each_query_heads_table():
     spec_call_against_reference(spec.text, q, k, v, [mask], gqa=True)
 
 
-def test_dropout_backward_with_skipped_tiles():
+@pytest.mark.parametrize("branch", ["0", "1"])
+def test_dropout_backward_with_skipped_tiles(branch, monkeypatch):
     """Dropout with a window, forward and backward through the launch layer with one seed: the
     gradients equal the oracle's given the kernels' keep-mask (the backward's kernels skip the
-    same tiles and draw the same bits)."""
+    same tiles and draw the same bits), also with the dK/dV kernel's per-tile branch."""
+    monkeypatch.setenv("FX_FLASH_TILE_BRANCH", branch)
     q, k, v = (t.detach() for t in _qkv(200, 200, seed=14))
     spec = spec_from_text(f"score=qk*scale; keep={FAMILIES['window']}; dropout")
     seed = torch.tensor([5], dtype=torch.int64)
@@ -374,3 +376,23 @@ def test_atomic_dq_with_skipped_tiles(monkeypatch):
     monkeypatch.setenv("FX_FLASH_DQ", "atomic")
     q, k, v = _qkv(220, 260, seed=15)
     spec_call_against_reference(f"score=qk*scale; keep={FAMILIES['prefix_lm']}", q, k, v, [])
+
+
+@pytest.mark.parametrize("case", ["window", "prefix_lm", "causal_padding", "documents"])
+def test_tile_branch_dkdv_matches_eager(case, monkeypatch):
+    """FX_FLASH_TILE_BRANCH=1: the dK/dV kernel of a ranged spec walks every whole query tile in
+    one loop, predicating each by its class at run time; gradients equal the oracle's, with
+    ragged tails and wholly filled rows (finite fill); dropout: the test above."""
+    monkeypatch.setenv("FX_FLASH_TILE_BRANCH", "1")
+    if case == "causal_padding":
+        q, k, v = _qkv(150, 150, b=2, seed=7)
+        mask = torch.ones(2, 150, dtype=torch.bool)
+        mask[0, :40] = False
+        spec_call_against_reference(CAUSAL_PADDING, q, k, v, [mask])
+    elif case == "documents":
+        q, k, v = _qkv(200, 200, seed=8)
+        doc = torch.repeat_interleave(torch.arange(3), torch.tensor([70, 64, 66]))
+        spec_call_against_reference(DOCUMENTS, q, k, v, [doc, doc])
+    else:
+        q, k, v = _qkv(190, 170, seed=10)
+        spec_call_against_reference(f"score=qk*scale; keep={FAMILIES[case]}", q, k, v, [])

@@ -256,7 +256,9 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
             # out-of-bounds query columns have LSE +inf (p = 0), and operand gradients mask
             # tile_ok themselves. That saves a select per element on every predicated tile.
             lines.append('    s = tl.where(tile_ok, s, float("-inf"))')
-        lines += ["else:", "    keep_ok = tile_ok"]
+        # With FX_FLASH_TILE_BRANCH the dK/dV kernel's PREDICATE is a per-tile runtime flag: both
+        # branches must then give keep_ok the tile's shape.
+        lines += ["else:", "    keep_ok = tile_ok" if orient == "mn" else "    keep_ok = tl.broadcast_to(tile_ok, qk.shape)"]
     elif spec.keep is sympy.true:
         lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
     else:

@@ -75,7 +75,10 @@ TEMPLATE = '''\
 # pipeline per key tile (measured on the H200: the backward 5-8% slower than one range). RANGED
 # key tiles keep their full tiles unpredicated and their partial ones in a second loop: walking
 # all of them predicated (transformers' causal mask: a tensor load, a finite fill and its dS
-# select per element) measured 6% slower than the restart.
+# select per element) measured 6% slower than the restart. FX_FLASH_TILE_BRANCH=1 (experimental,
+# off: not yet timed on a GPU) walks a ranged key tile's whole query tiles in one loop instead,
+# each tile taking the predicated or the plain body by a flag it computes from (flo, fhi): no
+# restart, and no predicate on full tiles, for the cost of a uniform branch per tile.
 #
 # Note (TMA): with USE_TMA the streamed tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV)
 # are loaded through tensor descriptors over one head's (rows, HEAD_DIM) matrix, built in the
@@ -520,17 +523,23 @@ def _attn_bwd_dkdv_tiles(
     dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
     seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, gap_lo, gap_hi, hi,
-    BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
+    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, gap_lo, gap_hi, hi, flo, fhi,
+    BOUNDS: tl.constexpr, PREDICATE_ALL: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BRANCH: tl.constexpr,
 ):
     """dK and dV of one key tile from the query tiles [lo, gap_lo) ∪ [gap_hi, hi) of one query head.
 
-    Tiles are transposed (keys on rows): qk, s, pT, dpT, dsT are (BLOCK_N, BLOCK_M).
+    Tiles are transposed (keys on rows): qk, s, pT, dpT, dsT are (BLOCK_N, BLOCK_M). The
+    predicate runs on every tile when PREDICATE_ALL; with BRANCH, on the tiles outside the full
+    range [flo, fhi) only, decided per tile at run time (see the note on the dK/dV loop).
     """
     for pos in range(lo, gap_lo + tl.maximum(hi - gap_hi, 0), BLOCK_M):
         start_m = _past_gap(pos, gap_lo, gap_hi)
+        if BRANCH:
+            PREDICATE = (start_m < flo) | (start_m >= fhi)
+        else:
+            PREDICATE = PREDICATE_ALL
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N_Q
         if USE_TMA:
@@ -599,7 +608,7 @@ def _attn_bwd_dkdv(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BRANCH: tl.constexpr = False,
 ):
     """dK and dV of one key tile, summed over every query row of the GROUP heads that read it."""
     start_n = tl.program_id(0)
@@ -652,18 +661,35 @@ ${HEADS_GROUP}
             r_flo = lo
             r_fhi = first_hi
             r_hi = N_Q
-        dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-            seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi, r_fhi, r_fhi,
-            False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-        dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-            seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, tl.maximum(r_lo, r_fhi), r_hi,
-            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        if BRANCH:
+            # RANGED only: whole query tiles in one loop, each tile predicated or not by its
+            # class; then the ragged tail.
+            mid = tl.maximum(r_lo, tl.minimum(first_hi, r_hi))
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, mid, mid, mid, r_flo, r_fhi,
+                False, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, True)
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, mid, mid, mid, r_hi, 0, 0,
+                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
+        else:
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi, r_fhi, r_fhi, 0, 0,
+                False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, tl.maximum(r_lo, r_fhi), r_hi, 0, 0,
+                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,

@@ -388,24 +388,6 @@ $HEADS_WS
 
 
 @gluon.jit
-def _consumer_0(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
-                sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-                n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
-    _consumer(0, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
-              sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-              n_load, PP, EARLY, HOLD)
-
-
-@gluon.jit
-def _consumer_1(k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
-                sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-                n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
-    _consumer(1, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out, LSE,
-              sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-              n_load, PP, EARLY, HOLD)
-
-
-@gluon.jit
 def _attn_fwd_sm90_ws(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
     stride_oz, stride_oh, stride_om, stride_ok,
@@ -446,8 +428,8 @@ def _attn_fwd_sm90_ws(
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
                      off_hz * N_Q + row0, kv_row, n_load)),
-        (_consumer_0, consumer_args),
-        (_consumer_1, consumer_args),
+        (_consumer, (gl.constexpr(0), ) + consumer_args),
+        (_consumer, (gl.constexpr(1), ) + consumer_args),
     ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(2):
         mbarrier.invalidate(q_bars.index(c))

@@ -169,17 +169,24 @@ def _seed_and_scale(Seed, sm_scale, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.con
 
 
 @triton.jit
-def _key_ranges(start_m, N_KV, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(interior_hi, hi) of query tile start_m: key tiles [0, interior_hi) need neither bounds nor
-    predicate, [interior_hi, hi) need both. With causal masking, keys past the tile's last row are
-    masked for every row and skipped (hi), and the band from the tile's first row on checks."""
-    if CAUSAL:
-        hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
-        interior_hi = tl.minimum((start_m * BLOCK_M) // BLOCK_N * BLOCK_N, N_KV // BLOCK_N * BLOCK_N)
+def _key_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m, N_KV, CAUSAL: tl.constexpr,
+                RANGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, flo, fhi, hi) of query tile start_m: key tiles [flo, fhi) need neither bounds nor
+    predicate, [lo, flo) and [fhi, hi) need both. RANGED: from the launch's table. Otherwise
+    lo = flo = 0; with causal masking, keys past the tile's last row are masked for every row and
+    skipped (hi), and the band from the tile's first row on checks."""
+    if RANGED:
+        lo, flo, fhi, hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m)
     else:
-        hi = N_KV
-        interior_hi = N_KV // BLOCK_N * BLOCK_N
-    return interior_hi, hi
+        lo = 0
+        flo = 0
+        if CAUSAL:
+            hi = tl.minimum(N_KV, (start_m + 1) * BLOCK_M)
+            fhi = tl.minimum((start_m * BLOCK_M) // BLOCK_N * BLOCK_N, N_KV // BLOCK_N * BLOCK_N)
+        else:
+            hi = N_KV
+            fhi = N_KV // BLOCK_N * BLOCK_N
+    return lo, flo, fhi, hi
 
 
 @triton.jit
@@ -365,12 +372,8 @@ def _attn_fwd(
 ${HEADS}
     seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
 
-    if RANGED:
-        lo, flo, fhi, hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m)
-    else:
-        lo = 0
-        flo = 0
-        fhi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, flo, fhi, hi = _key_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m, N_KV, CAUSAL, RANGED,
+                                   BLOCK_M, BLOCK_N)
     out, lse, _, _ = _attn_fwd_rows(
         q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
@@ -786,12 +789,8 @@ def _attn_bwd_dq(
 ${HEADS}
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     seed, qk_scale = _seed_and_scale(Seed, sm_scale, DROPOUT, SCORE_IN_LOG2)
-    if RANGED:
-        lo, flo, fhi, hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m)
-    else:
-        lo = 0
-        flo = 0
-        fhi, hi = _key_ranges(start_m, N_KV, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, flo, fhi, hi = _key_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m, N_KV, CAUSAL, RANGED,
+                                   BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_tiles(
         dq, q, do, fill, base, delta, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,

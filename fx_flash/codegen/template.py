@@ -668,31 +668,26 @@ ${HEADS_GROUP}
             # RANGED only: whole query tiles in one loop, each tile predicated or not by its
             # class; then the ragged tail.
             mid = tl.maximum(r_lo, tl.minimum(first_hi, r_hi))
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, mid, mid, mid, r_flo, r_fhi,
-                False, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, True)
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, mid, mid, mid, r_hi, 0, 0,
-                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
+            a_lo, a_gap = r_lo, mid
         else:
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi, r_fhi, r_fhi, 0, 0,
-                False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
-            dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, tl.maximum(r_lo, r_fhi), r_hi, 0, 0,
-                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
+            # The full tiles [flo, fhi), then the partial ones [lo, flo) ∪ [max(lo, fhi), hi).
+            a_lo, a_gap = r_flo, r_fhi
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, a_lo, a_gap, a_gap, a_gap, r_flo, r_fhi,
+            False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, BRANCH)
+        if BRANCH:
+            b_lo, b_gap_lo, b_gap_hi = mid, mid, mid
+        else:  # the max after the first loop, where the compiler has always placed it
+            b_lo, b_gap_lo, b_gap_hi = r_lo, r_flo, tl.maximum(r_lo, r_fhi)
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, b_lo, b_gap_lo, b_gap_hi, r_hi, 0, 0,
+            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,

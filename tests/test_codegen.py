@@ -9,7 +9,7 @@ import sympy
 import torch
 
 from fx_flash.codegen import generate, launch, loader
-from fx_flash.codegen.spec import CAUSAL, KV_IDX, Q_IDX, QK, SCALE, AttentionSpec, sdpa_spec
+from fx_flash.codegen.spec import CAUSAL, KV_IDX, Q_IDX, QK, SCALE, AttentionSpec, sdpa_spec, spec_from_text
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,9 +81,33 @@ t0 = tl.load(T0_head + offs_m[None, :] * T0_sq + offs_n[:, None] * T0_sk, mask=t
 t1 = tl.load(T1_head + offs_m[None, :] * T1_sq + offs_n[:, None] * T1_sk, mask=tile_ok, other=0) != 0
 s = qk*qk_scale + t0
 if PREDICATE:
-    s = tl.where(tile_ok & (t1 & (offs_n[:, None] <= offs_m[None, :])), s, float("-inf"))
+    if POSITIONAL:
+        s = tl.where(tile_ok & (offs_n[:, None] <= offs_m[None, :]), s, float("-inf"))
+    else:
+        s = tl.where(tile_ok & (t1 & (offs_n[:, None] <= offs_m[None, :])), s, float("-inf"))
 dt0 = tl.where(tile_ok, dsT, 0.0)  # (BLOCK_N, BLOCK_M)
 tl.atomic_add(DT0_head + offs_m[None, :] * DT0_sq + offs_n[:, None] * DT0_sk, dt0, mask=tile_ok)""")
+
+    def test_transformers_mask_positional_key_tiles_in_dkdv(self):
+        """transformers' padding + causal mask with its finite fill: a positional key tile reads the
+        causal part alone with a -inf fill and needs no dS select; other predicated tiles fill."""
+        spec = spec_from_text("score=qk*scale; keep=t0 & (kv_idx <= q_idx); fill=-3.4028234663852886e+38; "
+                              "t0=bool[b, kv_idx]")
+        self.assertExpectedInline(_rendered(spec, "nm"), """\
+t0 = tl.load(T0_head + offs_n[:, None] * T0_sk, mask=col_ok[:, None], other=0) != 0
+s = qk*qk_scale
+if PREDICATE:
+    if POSITIONAL:
+        keep_ok = (offs_n[:, None] <= offs_m[None, :])
+        s = tl.where(keep_ok, s, float("-inf"))
+    else:
+        keep_ok = (t0 & (offs_n[:, None] <= offs_m[None, :]))
+        s = tl.where(keep_ok, s, fill)
+else:
+    keep_ok = tile_ok
+if PREDICATE:
+            if not POSITIONAL:
+                dsT = tl.where(keep_ok, dsT, 0.0)""")
 
     def test_nonlinear_score_chain_rule_is_elementwise(self):
         """A score whose derivative depends on qk multiplies dS per element (no final fold)."""

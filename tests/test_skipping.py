@@ -78,18 +78,24 @@ def test_class_grid_is_sound_and_as_decided_as_each_tile(family, n_q, n_kv, bm, 
        block=st.sampled_from([16, 32]))
 def test_ranges_from_classes_against_brute_force(data, rows, cols, lead, block):
     """Per row: every non-empty tile lies in [lo, hi), [flo, fhi) is the first run of full tiles,
-    bounds are clipped to n; the order is a permutation by descending total work."""
-    values = data.draw(st.lists(st.sampled_from([0, 1, 2]), min_size=lead * rows * cols, max_size=lead * rows * cols))
+    bounds are clipped to n, the positional flag holds when every tile of [lo, hi) is positional;
+    the order is a permutation by descending total work."""
+    size = lead * rows * cols
+    values = data.draw(st.lists(st.sampled_from([0, 1, 2]), min_size=size, max_size=size))
     classes = torch.tensor(values, dtype=torch.int8).reshape(lead, 1, rows, cols)
+    positional = torch.tensor(data.draw(st.lists(st.booleans(), min_size=size, max_size=size))).reshape(classes.shape)
     n = cols * block - data.draw(st.integers(0, block - 1))
-    ranges, order = skipping.ranges_from_classes(classes, block, n)
-    assert ranges.shape == (lead, 1, rows, 4) and ranges.dtype == torch.int32
+    ranges, order = skipping.ranges_from_classes(classes, block, n, positional)
+    assert ranges.shape == (lead, 1, rows, 5) and ranges.dtype == torch.int32
+    assert not skipping.ranges_from_classes(classes, block, n)[0][..., 4].any()
     work = [0] * rows
     for z in range(lead):
         for r in range(rows):
             row = classes[z, 0, r].tolist()
-            lo, flo, fhi, hi = ranges[z, 0, r].tolist()
+            lo, flo, fhi, hi, flag = ranges[z, 0, r].tolist()
             nonempty = [j for j, c in enumerate(row) if c != 0]
+            assert flag == all(positional[z, 0, r, j] for j in range(cols)
+                               if nonempty and nonempty[0] <= j <= nonempty[-1])
             if not nonempty:
                 assert (lo, hi) == (0, 0)
                 continue
@@ -141,8 +147,8 @@ def test_kernels_read_the_table(monkeypatch):
     take their ranges from the table, not from the whole matrix."""
     real = skipping.ranges_from_classes
 
-    def nothing(classes, block, n):
-        ranges, order = real(classes, block, n)
+    def nothing(classes, block, n, positional=None):
+        ranges, order = real(classes, block, n, positional)
         return torch.zeros_like(ranges), order
 
     monkeypatch.setattr(skipping, "ranges_from_classes", nothing)
@@ -350,21 +356,24 @@ def test_gqa_with_a_per_head_mask_reads_each_query_heads_table():
     spec_call_against_reference(spec.text, q, k, v, [mask], gqa=True)
 
 
-@pytest.mark.parametrize("branch", ["0", "1"])
-def test_dropout_backward_with_skipped_tiles(branch, monkeypatch):
-    """Dropout with a window, forward and backward through the launch layer with one seed: the
+@pytest.mark.parametrize("case", ["window", "causal_padding"])
+def test_dropout_backward_with_skipped_tiles(case):
+    """Dropout with a window, and with transformers' causal padding mask (positional key tiles
+    beside classified ones), forward and backward through the launch layer with one seed: the
     gradients equal the oracle's given the kernels' keep-mask (the backward's kernels skip the
-    same tiles and draw the same bits), also with the dK/dV kernel's per-tile branch."""
-    monkeypatch.setenv("FX_FLASH_TILE_BRANCH", branch)
-    q, k, v = (t.detach() for t in _qkv(200, 200, seed=14))
-    spec = spec_from_text(f"score=qk*scale; keep={FAMILIES['window']}; dropout")
+    same tiles and draw the same bits)."""
+    q, k, v = (t.detach() for t in _qkv(200, 200, b=2, seed=14))
+    if case == "window":
+        spec, operands = spec_from_text(f"score=qk*scale; keep={FAMILIES['window']}; dropout"), []
+    else:
+        spec, operands = spec_from_text(CAUSAL_PADDING + "; dropout"), [torch.arange(200) < torch.tensor([[130], [200]])]
     seed = torch.tensor([5], dtype=torch.int64)
-    out, lse = launch.attention_forward(q, k, v, [], seed, 0.2, 0.25, spec)
+    out, lse = launch.attention_forward(q, k, v, operands, seed, 0.2, 0.25, spec)
     dout = torch.randn_like(out)
-    dq, dk, dv, _ = launch.attention_backward(dout, q, k, v, out, lse, [], seed, 0.2, 0.25, spec)
-    keep = dropout_keep_mask(seed, (1, 2, 200, 200), 0.2)
+    dq, dk, dv, _ = launch.attention_backward(dout, q, k, v, out, lse, operands, seed, 0.2, 0.25, spec)
+    keep = dropout_keep_mask(seed, (2, 2, 200, 200), 0.2)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    exact = spec_attention(*leaves, [], spec, 0.25, 0.2, dropout_keep=keep)
+    exact = spec_attention(*leaves, operands, spec, 0.25, 0.2, dropout_keep=keep)
     grads = torch.autograd.grad(exact, leaves, dout.double())
     for got, want in zip((dq, dk, dv), grads):
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4)
@@ -378,21 +387,123 @@ def test_atomic_dq_with_skipped_tiles(monkeypatch):
     spec_call_against_reference(f"score=qk*scale; keep={FAMILIES['prefix_lm']}", q, k, v, [])
 
 
-@pytest.mark.parametrize("case", ["window", "prefix_lm", "causal_padding", "documents"])
-def test_tile_branch_dkdv_matches_eager(case, monkeypatch):
-    """FX_FLASH_TILE_BRANCH=1: the dK/dV kernel of a ranged spec walks every whole query tile in
-    one loop, predicating each by its class at run time; gradients equal the oracle's, with
-    ragged tails and wholly filled rows (finite fill); dropout: the test above."""
-    monkeypatch.setenv("FX_FLASH_TILE_BRANCH", "1")
+# ---- positional key tiles (the template's note on the dK/dV loop) -----------------------------
+
+CAUSAL_DOCUMENTS = "score=qk*scale; keep=Eq(t0, t1) & (kv_idx <= q_idx); t0=int[kv_idx]; t1=int[q_idx]"
+
+
+def _dkdv_flags(text, operands, q, k, block_m=32, block_n=32):
+    """The positional flags of the dK/dV kernel's table, (Zr, Hr, key tiles)."""
+    spec = spec_from_text(text)
+    tables = skipping.table_keywords(spec, operands, launch._operand_args(spec, operands), q, k, "kv")(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    return tables["Ranges"][..., 4]
+
+
+def test_positional_part_of_a_keep_predicate():
+    """The positional conjuncts, only beside conjuncts that read tensors."""
+    def part(text):
+        found = spec_from_text(text).positional_keep
+        return None if found is None else str(found)
+
+    assert part(CAUSAL_PADDING) == "kv_idx <= q_idx"
+    assert part(CAUSAL_DOCUMENTS) == "kv_idx <= q_idx"
+    assert part(DOCUMENTS) is None  # tensors only
+    assert part(f"score=qk*scale; keep={FAMILIES['window']}") is None  # positions only
+    assert part("score=qk*scale; keep=t0 | (kv_idx <= q_idx); t0=bool[b, kv_idx]") is None  # not a conjunct
+
+
+def test_positional_flags_follow_the_padding():
+    """Right padding in batch 0 (keys from 100 on), none in batch 1: every key tile of batch 1 is
+    positional, and in batch 0 those wholly before the padding; the tile holding key 100 is not
+    (the mask drops keys the causal part keeps)."""
+    q, k, v = _qkv(192, 192, b=2, seed=16)
+    mask = torch.arange(192) < torch.tensor([[100], [192]])
+    flags = _dkdv_flags(CAUSAL_PADDING, [mask], q, k)
+    assert flags.shape == (2, 1, 6)
+    assert flags[1, 0].tolist() == [1] * 6
+    assert flags[0, 0, :3].tolist() == [1, 1, 1] and flags[0, 0, 3] == 0
+    spec_call_against_reference(CAUSAL_PADDING, q, k, v, [mask])
+
+
+def test_one_dropped_element_in_a_diagonal_tile_is_not_positional():
+    """A mask equal to causal but for one element inside a diagonal tile: that key tile's flag is
+    0 and the gradients are eager's (read as positional, the element would count)."""
+    q, k, v = _qkv(96, 96, seed=17)
+    mask = torch.ones(1, 1, 96, 96, dtype=torch.bool)
+    mask[0, 0, 40, 35] = False  # below the diagonal, in key tile 1 (keys 32..63)
+    text = "score=qk*scale; keep=t0 & (kv_idx <= q_idx); t0=bool[b, 0, q_idx, kv_idx]"
+    assert _dkdv_flags(text, [mask], q, k)[0, 0].tolist() == [1, 0, 1]
+    spec_call_against_reference(text, q, k, v, [mask])
+
+
+def test_rows_that_keep_no_key_are_not_positional():
+    """Left padding with a finite fill: query rows before the first real key average their fills,
+    so no key tile whose query tiles hold such rows may drop the fill; -inf fills may."""
+    q, k, v = _qkv(128, 128, b=1, seed=18)
+    mask = (torch.arange(128) >= 40)[None]
+    assert _dkdv_flags(CAUSAL_PADDING, [mask], q, k)[0, 0].tolist() == [0, 0, 0, 0]
+    minus_inf = CAUSAL_PADDING.replace("; fill=-3.4028234663852886e+38", "")
+    # Key tile 0 is all padding (no query tile to walk); tile 1 holds keys 32..39, padded.
+    assert _dkdv_flags(minus_inf, [mask], q, k)[0, 0].tolist() == [1, 0, 1, 1]
+    spec_call_against_reference(CAUSAL_PADDING, q, k, v, [mask])
+    spec_call_against_reference(minus_inf, q, k, v, [mask])
+
+
+def test_the_dkdv_kernel_reads_the_positional_flag(monkeypatch):
+    """Flags forced on where the padding drops keys: dK/dV read the mask as causal alone and
+    differ from eager (the kernel takes the positional walk from the flag), while the forward,
+    whose table carries no flags, still matches it."""
+    real = skipping.ranges_from_classes
+
+    def all_positional(classes, block, n, positional=None):
+        ranges, order = real(classes, block, n, positional)
+        if positional is not None:
+            ranges[..., 4] = 1
+        return ranges, order
+
+    monkeypatch.setattr(skipping, "ranges_from_classes", all_positional)
+    q, k, v = _qkv(96, 96, seed=19)
+    mask = (torch.arange(96) < 50)[None]
+    spec = spec_from_text(CAUSAL_PADDING)
+    out, lse = launch.attention_forward(q.detach(), k.detach(), v.detach(), [mask], None, 0.0, 0.3, spec)
+    dout = torch.randn_like(out)
+    _, dk, _, _ = launch.attention_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, [mask], None, 0.0,
+                                            0.3, spec)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = spec_attention(*leaves, [mask], spec, 0.3, 0.0)
+    torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=1e-5)
+    want_dk = torch.autograd.grad(exact, leaves[1], dout.double())[0]
+    assert (dk.double() - want_dk)[..., 50:, :].abs().max() > 1e-3  # padded keys got gradients
+
+
+@pytest.mark.parametrize("case", ["causal_padding", "causal_documents", "minus_inf", "ragged", "gqa"])
+def test_positional_key_tiles_match_eager(case):
+    """Positional key tiles beside classified ones, through every kernel against the float64
+    oracle: transformers' padding mask with one batch padded, causal documents, a -inf fill,
+    ragged tails (N = 77 x 150), GQA with a per-head mask."""
     if case == "causal_padding":
-        q, k, v = _qkv(150, 150, b=2, seed=7)
-        mask = torch.ones(2, 150, dtype=torch.bool)
-        mask[0, :40] = False
-        spec_call_against_reference(CAUSAL_PADDING, q, k, v, [mask])
-    elif case == "documents":
-        q, k, v = _qkv(200, 200, seed=8)
-        doc = torch.repeat_interleave(torch.arange(3), torch.tensor([70, 64, 66]))
-        spec_call_against_reference(DOCUMENTS, q, k, v, [doc, doc])
+        q, k, v = _qkv(150, 150, b=2, seed=20)
+        spec_call_against_reference(CAUSAL_PADDING, q, k, v, [torch.arange(150) < torch.tensor([[110], [150]])])
+    elif case == "causal_documents":
+        q, k, v = _qkv(200, 200, seed=21)
+        doc = torch.repeat_interleave(torch.arange(3), torch.tensor([64, 70, 66]))
+        # Documents [0, 64), [64, 134), [134, 200): key tiles 2-4 reach query tile 4, where a
+        # document starts at row 134 (the causal part keeps keys of the one before).
+        assert _dkdv_flags(CAUSAL_DOCUMENTS, [doc, doc], q, k)[0, 0].tolist() == [1, 1, 0, 0, 0, 1, 1]
+        spec_call_against_reference(CAUSAL_DOCUMENTS, q, k, v, [doc, doc])
+    elif case == "minus_inf":
+        q, k, v = _qkv(150, 150, b=2, seed=22)
+        text = CAUSAL_PADDING.replace("; fill=-3.4028234663852886e+38", "")
+        spec_call_against_reference(text, q, k, v, [torch.arange(150) < torch.tensor([[90], [150]])])
+    elif case == "ragged":
+        q, k, v = _qkv(77, 150, b=2, seed=23)
+        spec_call_against_reference(CAUSAL_PADDING, q, k, v, [torch.arange(150) < torch.tensor([[150], [120]])])
     else:
-        q, k, v = _qkv(190, 170, seed=10)
-        spec_call_against_reference(f"score=qk*scale; keep={FAMILIES[case]}", q, k, v, [])
+        torch.manual_seed(24)
+        q = torch.randn(1, 4, 150, 16, requires_grad=True)
+        k, v = (torch.randn(1, 2, 150, 16, requires_grad=True) for _ in range(2))
+        mask = torch.ones(4, 150, dtype=torch.bool)
+        mask[1, 100:] = False  # one query head's keys padded: its K/V head's other head is positional
+        text = "score=qk*scale; keep=t0 & (kv_idx <= q_idx); t0=bool[h, kv_idx]"
+        spec_call_against_reference(text, q, k, v, [mask], gqa=True)

@@ -249,21 +249,32 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
     if spec.fill != float("-inf"):
         # Note (finite fills): a dropped element's score is the constant fill, so its gradient is
         # 0: keep_ok also masks dS in the backward (the chain rule and operand gradients).
-        lines += ["if PREDICATE:", f"    keep_ok = {printer.doprint(spec.keep)}", "    s = tl.where(keep_ok, s, fill)"]
+        predicated = [f"keep_ok = {printer.doprint(spec.keep)}", "s = tl.where(keep_ok, s, fill)"]
         if orient == "mn":
             # The dK/dV kernel ("nm") needs no -inf outside the tensors: its out-of-bounds key
             # rows are never stored and load K as 0 (so add nothing to an atomic dQ), its
             # out-of-bounds query columns have LSE +inf (p = 0), and operand gradients mask
             # tile_ok themselves. That saves a select per element on every predicated tile.
-            lines.append('    s = tl.where(tile_ok, s, float("-inf"))')
-        # With FX_FLASH_TILE_BRANCH the dK/dV kernel's PREDICATE is a per-tile runtime flag: both
-        # branches must then give keep_ok the tile's shape.
-        lines += ["else:", "    keep_ok = tile_ok" if orient == "mn" else "    keep_ok = tl.broadcast_to(tile_ok, qk.shape)"]
+            predicated.append('s = tl.where(tile_ok, s, float("-inf"))')
+        elif spec.positional_keep is not None:
+            # A positional key tile (the template's note on the dK/dV loop): its filled elements
+            # weigh exactly 0, as -inf ones do.
+            positional = [f"keep_ok = {printer.doprint(spec.positional_keep)}", 's = tl.where(keep_ok, s, float("-inf"))']
+            predicated = ["if POSITIONAL:", *_indent(positional), "else:", *_indent(predicated)]
+        lines += ["if PREDICATE:", *_indent(predicated), "else:", "    keep_ok = tile_ok"]
     elif spec.keep is sympy.true:
         lines += ["if PREDICATE:", '    s = tl.where(tile_ok, s, float("-inf"))']
     else:
-        lines += ["if PREDICATE:", f'    s = tl.where(tile_ok & {printer.doprint(spec.keep)}, s, float("-inf"))']
+        predicated = [f's = tl.where(tile_ok & {printer.doprint(spec.keep)}, s, float("-inf"))']
+        if orient == "nm" and spec.positional_keep is not None:
+            positional = [f's = tl.where(tile_ok & {printer.doprint(spec.positional_keep)}, s, float("-inf"))']
+            predicated = ["if POSITIONAL:", *_indent(positional), "else:", *_indent(predicated)]
+        lines += ["if PREDICATE:", *_indent(predicated)]
     return "\n".join(lines)
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return ["    " + line for line in lines]
 
 
 def _keep_block(spec: AttentionSpec) -> str:
@@ -272,6 +283,8 @@ def _keep_block(spec: AttentionSpec) -> str:
     printer = TritonPrinter(BINDINGS["mn"])
     lines = [_load(spec.operands[i], "mn") for i in spec.keep_operands]
     lines.append(f"kept = tile_ok & ({printer.doprint(spec.keep)})")
+    if spec.positional_keep is not None:
+        lines.append(f"kept_positional = tile_ok & ({printer.doprint(spec.positional_keep)})")
     return "\n".join(lines)
 
 
@@ -297,7 +310,9 @@ def _chain_rule(spec: AttentionSpec) -> dict:
         masked_g = "g = tl.where(keep_ok, 1.0, 0.0)"
         return {"SCORE_GRAD": f"    if PREDICATE:\n        {masked_g}\n    else:\n        g = 1.0",
                 "DS_CHAIN": "        ds = ds * g",
-                "DS_CHAIN_T": "        if PREDICATE:\n            dsT = tl.where(keep_ok, dsT, 0.0)", **fold}
+                # A positional key tile needs no select: p is 0 where the fill is.
+                "DS_CHAIN_T": "        if PREDICATE:\n            if not POSITIONAL:\n"
+                              "                dsT = tl.where(keep_ok, dsT, 0.0)", **fold}
     if finite:
         d_qk = sympy.Piecewise((d_qk, sympy.Symbol("keep_ok")), (0, True))
     per_tile = {o: TritonPrinter({**BINDINGS[o], SCALE: "sm_scale"}).doprint(d_qk) for o in BINDINGS}
@@ -373,6 +388,7 @@ def render(spec: AttentionSpec) -> str:
         "FINITE_FILL": str(spec.fill != float("-inf")),
         "FILL_VALUE": repr(float(spec.fill)) if spec.fill != float("-inf") else "0.0",
         "FILL_SCORE": _fill_score(spec),
+        "POSITIONAL_PART": str(spec.positional_keep is not None),
         **_chain_rule(spec),
     }
     return Template(TEMPLATE).substitute(fields)

@@ -70,13 +70,6 @@ def atomic_dq() -> bool:
     return os.environ.get("FX_FLASH_DQ", "separate") == "atomic"
 
 
-def tile_branch() -> bool:
-    """FX_FLASH_TILE_BRANCH=1 (experimental, off): the dK/dV kernel of a ranged spec walks each
-    key tile's query tiles in one loop, predicating per tile by its class (the template's note on
-    the dK/dV loop), instead of a loop for the full tiles and one for the partial ones."""
-    return os.environ.get("FX_FLASH_TILE_BRANCH", "0") == "1"
-
-
 def autotuning() -> bool:
     """Whether GPU launches tune their tile (autotune.requested): off unless
     ``fx_flash.set_autotune(True)``, ``backend(autotune=True)`` or FX_FLASH_AUTOTUNE=1.
@@ -471,7 +464,7 @@ def _contiguous_strides(shape) -> tuple:
 # The environment variables launches read (through the functions named after them above and in
 # gluon_launch, tiling and device); a plan's key holds their values.
 SWITCHES = ("TRITON_INTERPRET", "FX_FLASH_AUTOTUNE", "FX_FLASH_DQ", "FX_FLASH_TMA", "FX_FLASH_SPLIT_KV",
-            "FX_FLASH_GLUON", "FX_FLASH_DIRECT_LAUNCH", "FX_FLASH_TILE_BRANCH")
+            "FX_FLASH_GLUON", "FX_FLASH_DIRECT_LAUNCH")
 
 
 def _switch_reader():
@@ -757,7 +750,7 @@ class _Backward:
             self.first_post = (scale, dropout_p, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
                                *dq)
         self.dkdv = _Kernel(spec, "_attn_bwd_dkdv", "bwd_dkdv", lambda meta: (_cdiv(n_kv, meta["BLOCK_N"]), z * k.shape[1]),
-                            {**_with_tma(consts, q, dout), "BRANCH": self.ranged and tile_branch()},
+                            _with_tma(consts, q, dout),
                             direct=direct, tables=True)
         self.dkdv_post = (scale, dropout_p, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk, *dv,
                           *(dq if self.atomic else (0, 0, 0, 0)))

@@ -33,6 +33,16 @@ does. Empty tiles are then skipped only where that cannot change the row: the fi
 SKIPPABLE_FILL (its weight exp(fill - max) is 0 beside a kept score above fill + 104) and every row
 of the query tile keeps some key (the summary checks this per tile); otherwise they run as partial
 tiles. Full tiles skip the predicate and the bounds checks (ragged tiles are never full).
+
+Note (positional programs): a predicate such as transformers' ``t0 & (kv_idx <= q_idx)`` (padding
+and causal) has a positional part and tensor conjuncts. On a tile where the summary finds the
+predicate equal to its positional part on every element, the tensors change nothing there. A key
+tile all of whose non-empty query tiles are such tiles (with a finite fill, also tiles whose
+rows all keep a key, and a fill at most SKIPPABLE_FILL: its weight is then exactly 0, as -inf's
+is) is marked positional in the dK/dV kernel's table: that program walks its query tiles as the
+causal kernel does, in one loop predicated by the positional part with a -inf fill, instead of a
+loop for its full tiles and another, restarting the software pipeline, for its partial ones
+(the template's note on the dK/dV loop). An unpadded batch then runs the causal kernel's loop.
 """
 
 from __future__ import annotations
@@ -95,11 +105,14 @@ def _positional_classes(spec: AttentionSpec, n_q: int, n_kv: int, block_m: int, 
 
 
 class _Summary:
-    """A cached tensor summary: classes (Zr, Hr, T_q, T_kv) int8, alive while its storages are."""
+    """A cached tensor summary, alive while its storages are: classes (Zr, Hr, T_q, T_kv) int8, and
+    for specs with a positional part, positional (the same shape, bool): the tiles on which the
+    predicate may be read as its positional part with a -inf fill (see the module's note)."""
 
-    def __init__(self, storages, classes):
+    def __init__(self, storages, classes, positional):
         self.refs = [weakref.ref(s) for s in storages]
         self.classes = classes
+        self.positional = positional
         self.tables = {}  # axis → kernel keywords
 
     def alive(self, storages) -> bool:
@@ -136,18 +149,24 @@ def _tensor_classes(spec: AttentionSpec, operands, operand_args, z, h, n_q, n_kv
     zr, hr = lead_extent(spec, z, h)
     t_q, t_kv = -(-n_q // block_m), -(-n_kv // block_n)
     classes = torch.empty((zr, hr, t_q, t_kv), dtype=torch.int8, device=device)
+    same = torch.empty_like(classes) if spec.positional_keep is not None else classes
     rows_keep = torch.empty((zr * hr, t_q), dtype=torch.int8, device=device)
     loader.load(spec)._tile_classes[(t_q, zr * hr)](
-        classes, rows_keep, *operand_args, classes.stride(0), classes.stride(1), hr, n_q, n_kv, t_kv,
+        classes, same, rows_keep, *operand_args, classes.stride(0), classes.stride(1), hr, n_q, n_kv, t_kv,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=SUMMARY_WARPS)
+    every_row_keeps = (rows_keep != 0).reshape(zr, hr, t_q, 1)
+    positional = None
     if spec.fill != float("-inf"):
         if spec.fill <= SKIPPABLE_FILL:
             # Query tiles with a row that keeps no key: that row averages its fills, keep every tile.
-            no_skip = (rows_keep == 0).reshape(zr, hr, t_q, 1)
-            classes = torch.where((classes == EMPTY) & no_skip, PARTIAL, classes).to(torch.int8)
+            classes = torch.where((classes == EMPTY) & ~every_row_keeps, PARTIAL, classes).to(torch.int8)
+            if spec.positional_keep is not None:
+                positional = (same != 0) & every_row_keeps
         else:
             classes = classes.clamp(min=PARTIAL)
-    entry = _Summary([x[0] for x in idents] if cacheable else [], classes)
+    elif spec.positional_keep is not None:
+        positional = same != 0
+    entry = _Summary([x[0] for x in idents] if cacheable else [], classes, positional)
     if cacheable:
         _lru_put(_SUMMARIES, key, entry)
     return entry
@@ -155,12 +174,14 @@ def _tensor_classes(spec: AttentionSpec, operands, operand_args, z, h, n_q, n_kv
 
 # ---- ranges -------------------------------------------------------------------------------------
 
-def ranges_from_classes(classes: torch.Tensor, block: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ranges (..., R, 4) int32, order (R,) int32) from classes (..., R, C) over C tiles of
+def ranges_from_classes(classes: torch.Tensor, block: int, n: int,
+                        positional: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranges (..., R, 5) int32, order (R,) int32) from classes (..., R, C) over C tiles of
     ``block`` elements, ``n`` in all: per row, its first and last non-empty tiles bound [lo, hi)
-    and its first run of full tiles is [flo, fhi) (rows with none: flo = fhi = hi). The order
-    lists rows by descending work summed over the leading axes, ties in index order. Device ops
-    only: no host sync."""
+    and its first run of full tiles is [flo, fhi) (rows with none: flo = fhi = hi); the fifth
+    field is 1 when ``positional`` (bool, like classes) holds on every tile of [lo, hi), else 0.
+    The order lists rows by descending work summed over the leading axes, ties in index order.
+    Device ops only: no host sync."""
     cols = classes.shape[-1]
     idx = torch.arange(cols, device=classes.device, dtype=torch.int32)
     nonempty, full = classes != EMPTY, classes == FULL
@@ -171,7 +192,13 @@ def ranges_from_classes(classes: torch.Tensor, block: int, n: int) -> tuple[torc
     fhi = torch.where(~full & (idx >= flo.unsqueeze(-1)), idx, cols).amin(-1)
     none = flo >= cols
     flo, fhi = torch.where(none, hi, flo), torch.where(none, hi, fhi)
-    ranges = (torch.stack([lo, flo, fhi, hi], -1) * block).clamp(max=n).to(torch.int32).contiguous()
+    if positional is None:
+        flag = torch.zeros_like(lo)
+    else:
+        outside = (idx < lo.unsqueeze(-1)) | (idx >= hi.unsqueeze(-1))
+        flag = (positional | outside).all(-1).to(lo.dtype)
+    bounds = (torch.stack([lo, flo, fhi, hi], -1) * block).clamp(max=n)
+    ranges = torch.cat([bounds, flag.unsqueeze(-1)], -1).to(torch.int32).contiguous()
     work = (hi - lo).reshape(-1, hi.shape[-1]).sum(0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     return ranges, order
@@ -204,7 +231,8 @@ def table_keywords(spec: AttentionSpec, operands, operand_args, q: torch.Tensor,
             entry = _tensor_classes(spec, operands, operand_args, z, h, n_q, n_kv, bm, bn, q.device)
             found = entry.tables.get(axis)
             if found is None:
-                found = entry.tables[axis] = _axis_keywords(entry.classes, axis, bm, bn, n_q, n_kv)
+                found = entry.tables[axis] = _axis_keywords(entry.classes, axis, bm, bn, n_q, n_kv,
+                                                            entry.positional)
             return found
         key = ("tables", spec.keep, spec.fill, n_q, n_kv, bm, bn, axis, q.device)
         found = _POSITIONAL.get(key)
@@ -217,7 +245,11 @@ def table_keywords(spec: AttentionSpec, operands, operand_args, q: torch.Tensor,
     return keywords
 
 
-def _axis_keywords(classes, axis, bm, bn, n_q, n_kv) -> dict:
+def _axis_keywords(classes, axis, bm, bn, n_q, n_kv, positional=None) -> dict:
+    """The table keywords of ``axis`` from the classes; positional programs (the template's note on
+    the dK/dV loop) for the dK/dV kernel's axis only, where the causal-style walk pays."""
     if axis == "q":
         return _keywords(*ranges_from_classes(classes, bn, n_kv))
-    return _keywords(*ranges_from_classes(classes.transpose(-1, -2), bm, n_q))
+    if positional is not None:
+        positional = positional.transpose(-1, -2)
+    return _keywords(*ranges_from_classes(classes.transpose(-1, -2), bm, n_q, positional))

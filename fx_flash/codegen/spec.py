@@ -256,6 +256,22 @@ class AttentionSpec:
         return tuple(i for i, op in enumerate(self.operands) if op.symbol in reads)
 
     @functools.cached_property
+    def positional_keep(self) -> Optional[sympy.Basic]:
+        """The conjuncts of the keep-predicate that read positions only, when the predicate also
+        has conjuncts that read tensors (``t0 & (kv_idx <= q_idx)``: transformers' causal mask
+        with its padding); else None. Where the tensor conjuncts hold on every element the
+        positional part holds on, the predicate is the positional part alone: the dK/dV kernel
+        then walks a key tile's query tiles as the causal kernel does (codegen/skipping.py)."""
+        if not self.keep_operands:
+            return None
+        symbols = {o.symbol for o in self.operands}
+        conjuncts = sympy.And.make_args(self.keep)
+        positional = [c for c in conjuncts if not (c.free_symbols & symbols)]
+        if not positional or len(positional) == len(conjuncts):
+            return None
+        return sympy.And(*positional)
+
+    @functools.cached_property
     def grad_operands(self) -> tuple:
         return tuple(o for o in self.operands if o.grad)
 

@@ -62,23 +62,28 @@ TEMPLATE = '''\
 # the causal diagonal (CAUSAL), or the tiles a RANGED launch's table marks full. Ragged tails
 # need both flags.
 #
-# Note (tile ranges): with RANGED, a program reads its ranges from Ranges, four int32 per
+# Note (tile ranges): with RANGED, a program reads its ranges from Ranges, RANGE_FIELDS int32 per
 # (batch, head, tile) with stride 0 along axes the predicate does not vary on: (lo, flo, fhi, hi)
-# in elements of the streamed axis. [flo, fhi) holds full tiles, [lo, flo) and [fhi, hi) the
-# partial ones; tiles outside [lo, hi) are empty and skipped (codegen/skipping.py derives the
-# table from the predicate, or from a per-tile summary of the tensors it reads, and proves the
-# skipped elements weigh 0). Order lists the tiles the programs take, most work first, so the
-# last wave is short. Skipping changes no dropout bit: each is a function of its coordinates.
+# in elements of the streamed axis, and a positional flag. [flo, fhi) holds full tiles, [lo, flo)
+# and [fhi, hi) the partial ones; tiles outside [lo, hi) are empty and skipped
+# (codegen/skipping.py derives the table from the predicate, or from a per-tile summary of the
+# tensors it reads, and proves the skipped elements weigh 0). Order lists the tiles the programs
+# take, most work first, so the last wave is short. Skipping changes no dropout bit: each is a
+# function of its coordinates.
 #
 # Note (the dK/dV loop): the causal dK/dV kernel runs its diagonal band and its interior as one
 # range with PREDICATE: a separate band of one or two tiles would restart the loop's software
 # pipeline per key tile (measured on the H200: the backward 5-8% slower than one range). RANGED
 # key tiles keep their full tiles unpredicated and their partial ones in a second loop: walking
 # all of them predicated (transformers' causal mask: a tensor load, a finite fill and its dS
-# select per element) measured 6% slower than the restart. FX_FLASH_TILE_BRANCH=1 (experimental,
-# off: not yet timed on a GPU) walks a ranged key tile's whole query tiles in one loop instead,
-# each tile taking the predicated or the plain body by a flag it computes from (flo, fhi): no
-# restart, and no predicate on full tiles, for the cost of a uniform branch per tile.
+# select per element) measured 6% slower than the restart, and a branch per tile between the
+# predicated and the plain body 11% slower still. Positional programs: when the keep-predicate is
+# a positional part (POSITIONAL_PART, such as kv_idx <= q_idx) and tensor conjuncts (a padding
+# mask), a key tile whose table flag is set walks its query tiles as the causal kernel does, in
+# one range predicated by the positional part alone, with a -inf fill: the flag says the summary
+# found the predicate equal to its positional part on every element of the tile's non-empty
+# query tiles, and, with a finite fill, that every row of those tiles keeps a key, so a filled
+# element's weight is exactly 0 (codegen/skipping.py). Its dS needs no select then: p is 0 there.
 #
 # Note (TMA): with USE_TMA the streamed tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV)
 # are loaded through tensor descriptors over one head's (rows, HEAD_DIM) matrix, built in the
@@ -103,6 +108,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 FINITE_FILL = tl.constexpr($FINITE_FILL)  # the spec's fill is finite (see the note on filled rows)
 FILL = tl.constexpr($FILL_VALUE)  # the fill, natural units
 FILL_S = tl.constexpr($FILL_SCORE)  # the fill in the units of s (see the note on filled rows)
+POSITIONAL_PART = tl.constexpr($POSITIONAL_PART)  # see the note on the dK/dV loop
+RANGE_FIELDS = tl.constexpr(5)  # int32 per tile of a RANGED table: lo, flo, fhi, hi, positional
 
 
 @triton.jit
@@ -223,8 +230,14 @@ def _past_gap(x, gap_lo, gap_hi):
 @triton.jit
 def _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, tile):
     """(lo, flo, fhi, hi) of ``tile`` from a RANGED launch's table (see the note on tile ranges)."""
-    r = Ranges + off_z * stride_rz + off_h * stride_rh + tile.to(tl.int64) * 4
+    r = Ranges + off_z * stride_rz + off_h * stride_rh + tile.to(tl.int64) * RANGE_FIELDS
     return tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3)
+
+
+@triton.jit
+def _tile_positional(Ranges, off_z, off_h, stride_rz, stride_rh, tile):
+    """Whether ``tile`` of a RANGED table is positional (see the note on the dK/dV loop)."""
+    return tl.load(Ranges + off_z * stride_rz + off_h * stride_rh + tile.to(tl.int64) * RANGE_FIELDS + 4) != 0
 
 
 @triton.jit
@@ -526,23 +539,19 @@ def _attn_bwd_dkdv_tiles(
     dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
     seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, gap_lo, gap_hi, hi, flo, fhi,
-    BOUNDS: tl.constexpr, PREDICATE_ALL: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
-    SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BRANCH: tl.constexpr,
+    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, gap_lo, gap_hi, hi,
+    BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, POSITIONAL: tl.constexpr, CHECK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dK and dV of one key tile from the query tiles [lo, gap_lo) ∪ [gap_hi, hi) of one query head.
 
-    Tiles are transposed (keys on rows): qk, s, pT, dpT, dsT are (BLOCK_N, BLOCK_M). The
-    predicate runs on every tile when PREDICATE_ALL; with BRANCH, on the tiles outside the full
-    range [flo, fhi) only, decided per tile at run time (see the note on the dK/dV loop).
+    Tiles are transposed (keys on rows): qk, s, pT, dpT, dsT are (BLOCK_N, BLOCK_M). PREDICATE
+    applies the keep-predicate to every tile, its positional part alone when POSITIONAL (see the
+    note on the dK/dV loop).
     """
     for pos in range(lo, gap_lo + tl.maximum(hi - gap_hi, 0), BLOCK_M):
         start_m = _past_gap(pos, gap_lo, gap_hi)
-        if BRANCH:
-            PREDICATE = (start_m < flo) | (start_m >= fhi)
-        else:
-            PREDICATE = PREDICATE_ALL
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N_Q
         if USE_TMA:
@@ -597,6 +606,35 @@ $DS_CHAIN_T
 
 
 @triton.jit
+def _attn_bwd_dkdv_walk(
+    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+    seed, off_hz, qk_scale, sm_scale, dropout_p,
+    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, flo, fhi, hi,
+    FIRST_PREDICATE: tl.constexpr, POSITIONAL: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
+    SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dK and dV of one key tile over one query head's tiles: [flo, fhi) without bounds (and with
+    the predicate when FIRST_PREDICATE), then [lo, flo) ∪ [max(lo, fhi), hi) with both, in one loop."""
+    dk, dv = _attn_bwd_dkdv_tiles(
+        dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+        seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+        offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, flo, fhi, fhi, fhi,
+        False, FIRST_PREDICATE, POSITIONAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA,
+        BLOCK_M)
+    # the max after the first loop, where the compiler has always placed it
+    dk, dv = _attn_bwd_dkdv_tiles(
+        dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+        seed, off_hz, qk_scale, sm_scale, dropout_p,
+        stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+        offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, flo, tl.maximum(lo, fhi), hi,
+        True, True, POSITIONAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, DQ, LSE, Delta, ${OPERAND_PARAMS}${GRAD_PARAMS}Seed,
     sm_scale, dropout_p,
@@ -611,7 +649,7 @@ def _attn_bwd_dkdv(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BRANCH: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key tile, summed over every query row of the GROUP heads that read it."""
     start_n = tl.program_id(0)
@@ -656,7 +694,8 @@ ${HEADS_GROUP}
         Delta_row = Delta + off_hz * N_Q
         # The query tiles of this head: [flo, fhi) without predicate or bounds (the interior, or
         # a RANGED table's full tiles; with CAUSAL the predicate runs there, see above), then the
-        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both, in one loop.
+        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both, in one loop. A
+        # positional key tile walks all its whole query tiles predicated, then the ragged tail.
         if RANGED:
             r_lo, r_flo, r_fhi, r_hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
         else:
@@ -664,30 +703,29 @@ ${HEADS_GROUP}
             r_flo = lo
             r_fhi = first_hi
             r_hi = N_Q
-        if BRANCH:
-            # RANGED only: whole query tiles in one loop, each tile predicated or not by its
-            # class; then the ragged tail.
-            mid = tl.maximum(r_lo, tl.minimum(first_hi, r_hi))
-            a_lo, a_gap = r_lo, mid
+        if POSITIONAL_PART:
+            if _tile_positional(Ranges, off_z, off_h, stride_rz, stride_rh, start_n):
+                mid = tl.maximum(r_lo, tl.minimum(first_hi, r_hi))
+                dk, dv = _attn_bwd_dkdv_walk(
+                    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                    seed, off_hz, qk_scale, sm_scale, dropout_p,
+                    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_lo, mid, r_hi,
+                    True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+            else:
+                dk, dv = _attn_bwd_dkdv_walk(
+                    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                    seed, off_hz, qk_scale, sm_scale, dropout_p,
+                    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, r_fhi, r_hi,
+                    CAUSAL, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         else:
-            # The full tiles [flo, fhi), then the partial ones [lo, flo) ∪ [max(lo, fhi), hi).
-            a_lo, a_gap = r_flo, r_fhi
-        dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-            seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, a_lo, a_gap, a_gap, a_gap, r_flo, r_fhi,
-            False, CAUSAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, BRANCH)
-        if BRANCH:
-            b_lo, b_gap_lo, b_gap_hi = mid, mid, mid
-        else:  # the max after the first loop, where the compiler has always placed it
-            b_lo, b_gap_lo, b_gap_hi = r_lo, r_flo, tl.maximum(r_lo, r_fhi)
-        dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-            seed, off_hz, qk_scale, sm_scale, dropout_p,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, b_lo, b_gap_lo, b_gap_hi, r_hi, 0, 0,
-            True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M, False)
+            dk, dv = _attn_bwd_dkdv_walk(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, r_fhi, r_hi,
+                CAUSAL, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
@@ -804,16 +842,17 @@ $DQ_FINAL
 
 @triton.jit
 def _tile_classes(
-    Classes, RowsKeep, ${OPERAND_PARAMS}
+    Classes, Positional, RowsKeep, ${OPERAND_PARAMS}
     stride_cz, stride_ch, H_LEAD, N_Q, N_KV, KV_TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The per-tile summary of the keep-predicate over the tensors it reads, for one query tile of
     one (batch, head) the predicate varies on (H_LEAD: the head axis's length, 1 when it does not
     vary on heads). Classes[z, h, tile_m, tile_n] = 0 when no element of the tile is kept, 2 when
-    every one is (a tile wholly inside the tensors), 1 otherwise; RowsKeep[z·H_LEAD + h, tile_m] = 1
-    when each of the tile's rows keeps some key (then a finite fill can be skipped: see
-    codegen/skipping.py)."""
+    every one is (a tile wholly inside the tensors), 1 otherwise; with POSITIONAL_PART,
+    Positional (the same layout) = 1 where the predicate equals its positional part on every
+    in-bounds element; RowsKeep[z·H_LEAD + h, tile_m] = 1 when each of the tile's rows keeps some
+    key (then a finite fill can be skipped: see codegen/skipping.py)."""
     start_m = tl.program_id(0)
     lead = tl.program_id(1)
     off_z = (lead // H_LEAD).to(tl.int64)
@@ -822,7 +861,7 @@ def _tile_classes(
     row_ok = offs_m < N_Q
 ${HEADS}
     row_any = tl.zeros([BLOCK_M], dtype=tl.int32)
-    out = Classes + off_z * stride_cz + off_h * stride_ch + start_m.to(tl.int64) * KV_TILES
+    tile_row = off_z * stride_cz + off_h * stride_ch + start_m.to(tl.int64) * KV_TILES
     for tile_n in range(0, KV_TILES):
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
@@ -830,7 +869,10 @@ ${HEADS}
 $KEEP_TILE
         n_kept = tl.sum(tl.sum(kept.to(tl.int32), 1), 0)
         cls = tl.where(n_kept == 0, 0, tl.where(n_kept == BLOCK_M * BLOCK_N, 2, 1))
-        tl.store(out + tile_n, cls.to(tl.int8))
+        tl.store(Classes + tile_row + tile_n, cls.to(tl.int8))
+        if POSITIONAL_PART:
+            n_differ = tl.sum(tl.sum((kept != kept_positional).to(tl.int32), 1), 0)
+            tl.store(Positional + tile_row + tile_n, (n_differ == 0).to(tl.int8))
         row_any = tl.maximum(row_any, tl.max(kept.to(tl.int32), 1))
     rows_keep = tl.min(tl.where(row_ok, row_any, 1), 0)
     tl.store(RowsKeep + lead.to(tl.int64) * tl.num_programs(0) + start_m, rows_keep.to(tl.int8))

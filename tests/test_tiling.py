@@ -3,6 +3,8 @@ devices, tiles grow with M, the paper's sizes come first; on a GPU, compiled bin
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -141,8 +143,8 @@ def test_default_tile_fits_m_and_is_the_tuners_first_candidate(device, kernel, h
     if device.shared_memory < 60000 and head_dim == 256 and elem == 4:
         return  # no tile fits (test_candidates_fit_budget)
     rows = 16 if kernel == "fwd_split" else 0
-    for waves in (0, 1, 2, 4, 8, 64):
-        c = tiling.default_config(kernel, device, head_dim, elem, rows, waves)
+    for waves, programs in itertools.product((0, 1, 2, 4, 8, 64), (1, 2)):
+        c = tiling.default_config(kernel, device, head_dim, elem, rows, waves, programs=programs)
         assert tiling.footprint(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem, c.num_stages) <= device.shared_memory
         assert tiling._register_fits(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, c.num_warps)
         resident = c.BLOCK_N if tiling.RESIDENT_AXIS[kernel] == "n" else c.BLOCK_M
@@ -154,7 +156,53 @@ def test_default_tile_fits_m_and_is_the_tuners_first_candidate(device, kernel, h
         assert candidates[0] == c and len(set(candidates)) == len(candidates) <= tiling.MAX_CANDIDATES
 
 
+# Two programs per SM (tiling.programs_per_sm: the dense dK/dV kernel), bf16, long sequences.
+TWO_PROGRAMS = [
+    (H200, 128, (64, 64, 4, 2)),  # measured 8-10% faster than (64, 128, 8, 3) at N = 1k-16k
+    (H200, 64, (64, 128, 8, 3)),  # the one-program tile already fits M / 2 (114688 B)
+    (H200, 256, (64, 64, 8, 2)),  # no tile of >= 64 keys fits M / 2: the one-program rule
+    (DEVICES["a100"], 64, (64, 64, 4, 3)),
+    (DEVICES["a100"], 128, (64, 128, 8, 2)),  # nothing fits 83456 B at two stages
+]
+
+
+@pytest.mark.parametrize("device, head_dim, golden", TWO_PROGRAMS,
+                         ids=[f"{g[0].shared_memory}-d{g[1]}" for g in TWO_PROGRAMS])
+def test_two_programs_per_sm_default(device, head_dim, golden):
+    """With room for two programs per SM asked for, the dK/dV default is the pinned choice."""
+    c = tiling.default_config("bwd_dkdv", device, head_dim, 2, programs=2)
+    assert (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) == golden
+
+
+def test_only_the_dense_dkdv_kernel_asks_for_two_programs():
+    """Causal and ranged dK/dV (programs of different lengths) and every other kernel: one."""
+    assert tiling.programs_per_sm("bwd_dkdv", "dense") == 2
+    assert [tiling.programs_per_sm("bwd_dkdv", m) for m in ("causal", "ranged")] == [1, 1]
+    assert {tiling.programs_per_sm(k, "dense") for k in ("fwd", "fwd_split", "bwd_dq")} == {1}
+
+
 def test_default_tile_is_no_longer_than_the_sequence():
     """A short sequence (bucket 32) gets a 32-row resident and a 32-key streamed tile."""
     c = tiling.default_config("fwd", H200, 64, 2, 0, 0, n_resident=32, n_streamed=32)
     assert (c.BLOCK_M, c.BLOCK_N) == (32, 32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_launch_asks_two_programs_for_the_dense_dkdv_kernel(causal, monkeypatch):
+    """The backward's launch passes programs_per_sm of its spec's tile mode to the default rule."""
+    from fx_flash.codegen import launch
+
+    asked = []
+    rule = tiling.default_config
+
+    def recording(kernel, *args, **kwargs):
+        asked.append((kernel, args[-1] if len(args) >= 8 else kwargs.get("programs", 1)))
+        return rule(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(tiling, "default_config", recording)
+    launch.CHOSEN.clear()
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    spec = sdpa_spec(causal=causal)
+    out, lse = launch.attention_forward(q, k, v, [], None, 0.0, 0.25, spec)
+    launch.attention_backward(torch.randn_like(out), q, k, v, out, lse, [], None, 0.0, 0.25, spec)
+    assert ("bwd_dkdv", 1 if causal else 2) in asked and ("fwd", 1) in asked

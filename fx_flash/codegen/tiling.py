@@ -144,9 +144,22 @@ def _warps(resident: int) -> int:
     return 8 if resident >= 128 else 4
 
 
+def programs_per_sm(kernel: str, tile_mode: str) -> int:
+    """How many programs of ``kernel`` the untuned rule fits on one SM (each gets M / that).
+
+    Two for the dK/dV kernel of a dense spec: its programs all walk the same number of query
+    tiles with two fp32 accumulators resident, and two of them side by side hide each other's
+    latencies better than one deeper pipeline: on the H200 at d = 128, 64x64 tiles at two stages
+    (two programs per SM) against 64x128 at three (one) measured 8-10% faster fwd+bwd at N = 1k,
+    4k and 16k (benchmarks/RESULTS.md). With a causal band or a table the programs differ in
+    length and the one-program tile measured 3-5% faster at 4k and 16k, so one there.
+    """
+    return 2 if kernel == "bwd_dkdv" and tile_mode == "dense" else 1
+
+
 @functools.lru_cache(maxsize=None)
 def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0,
-                   waves: int = 0, n_resident: int = 0, n_streamed: int = 0) -> TileConfig:
+                   waves: int = 0, n_resident: int = 0, n_streamed: int = 0, programs: int = 1) -> TileConfig:
     """The configuration a launch runs without tuning: derived from M and the launch's occupancy.
 
     The resident tile is the largest of RESIDENT_TILES that (1) keeps at least about one wave of
@@ -160,6 +173,9 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
     only when no pair fits two stages is one stage taken. On an H200 this is (128, 64, 8, 3) for
     the forward and dQ, the tuner's measured pick for the d = 64 forward and for dQ at d = 64 and
     128 (benchmarks/RESULTS.md, tiles against M; at d = 128 it took (128, 128, 8, 2) forward).
+    With ``programs`` > 1 (programs_per_sm) the rule first looks for a tile that fits M / programs
+    at two stages or more with the largest streamed tile and at least 64 resident rows (the dense
+    dK/dV at d = 128: (64, 64, 4, 2) on the H200), and otherwise takes the one-program tile.
 
     Args:
         kernel: a FOOTPRINT key ("fwd", "fwd_split", "bwd_dq", "bwd_dkdv").
@@ -169,6 +185,7 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
             streamed tile is chosen.
         waves: the launch's waves bucket; 0 means "fills the device at any tile".
         n_resident, n_streamed: the lengths (buckets) the two tiles run along; 0 means long.
+        programs: the programs per SM to leave room for (programs_per_sm).
     """
     resident_axis_n = RESIDENT_AXIS[kernel] == "n"
 
@@ -183,14 +200,22 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
         cap = min(MIN_BLOCK * waves if waves else RESIDENT_TILES[0], max(n_resident or RESIDENT_TILES[0], 1))
         residents = tuple(r for r in RESIDENT_TILES if r <= cap) or RESIDENT_TILES[-1:]
     streams = tuple(s for s in STREAMED_TILES if s <= max(n_streamed or STREAMED_TILES[0], MIN_BLOCK))
-    for fewest_stages in (2, 1):
-        for streamed in streams:
-            for resident in residents:
-                for warps in dict.fromkeys((_warps(resident), 8)):
-                    c = config(resident, streamed, warps, 1)
-                    if not _register_fits(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, warps):
-                        continue
-                    deepest = max_stages(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem_bytes, device.shared_memory)
-                    if deepest >= fewest_stages:
-                        return config(resident, streamed, warps, min(deepest, DEFAULT_STAGES))
-    return candidates(kernel, device, head_dim, elem_bytes, rows)[0]  # a tile smaller than the rule's
+
+    def first_fit(residents, streams, memory, stage_floors):
+        for fewest_stages in stage_floors:
+            for streamed in streams:
+                for resident in residents:
+                    for warps in dict.fromkeys((_warps(resident), 8)):
+                        c = config(resident, streamed, warps, 1)
+                        if not _register_fits(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, warps):
+                            continue
+                        deepest = max_stages(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem_bytes, memory)
+                        if deepest >= fewest_stages:
+                            return config(resident, streamed, warps, min(deepest, DEFAULT_STAGES))
+        return None
+
+    found = None
+    if programs > 1:
+        found = first_fit(tuple(r for r in residents if r >= 64), streams[:1], device.shared_memory // programs, (2,))
+    found = found or first_fit(residents, streams, device.shared_memory, (2, 1))
+    return found or candidates(kernel, device, head_dim, elem_bytes, rows)[0]  # a tile smaller than the rule's

@@ -12,7 +12,7 @@ Sections, in order (each prints its table at the end; bulky output goes under $O
     waves       forward TFLOP/s of (16, 32, 1024, 64) after a first call on (1, 4, 1024, 64),
                 untuned and tuned (the tuned tile of the small batch must not be reused)
     default     untuned default vs tuned tile, bf16, B·N = 16k, hidden 2048, d ∈ {64, 128},
-                N ∈ --ns, causal or not: TFLOP/s fwd and fwd+bwd, and the ratio
+                N ∈ --ns, causal or not: TFLOP/s fwd and fwd+bwd, and the ratio (--dims)
     capture     torch.cuda.graph capture of the op: replays equal the eager result; with
                 dropout, successive replays draw different masks; nothing is tuned inside
 Every timed fx_flash result is first checked against SDPA (max |diff| < 2e-2).
@@ -94,11 +94,11 @@ def waves_section() -> list[str]:
             "|---|---|---|---|", *rows]
 
 
-def default_section(ns: list[int]) -> list[str]:
+def default_section(ns: list[int], dims: list[int]) -> list[str]:
     """Untuned default vs tuned tile over grid rows."""
     rows = ["| d | N | causal | default fwd | tuned fwd | ratio | default fwd+bwd | tuned fwd+bwd | ratio | "
             "default tiles (fwd, dq, dkdv) | tuned tiles |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for d in (64, 128):
+    for d in dims:
         for n in ns:
             for causal in (False, True):
                 b, h = max(1, 16384 // n), 2048 // d
@@ -170,6 +170,7 @@ def capture_section() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", default="1024,4096,16384")
+    ap.add_argument("--dims", default="64,128", help="head dims of the default section")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--out", default=os.environ.get("OUT", tempfile.gettempdir()))
     args = ap.parse_args()
@@ -191,7 +192,7 @@ def main() -> None:
     if "capture" not in skip:
         tables.append("\n".join(["\nCUDA graph capture of the op:\n", *capture_section()]))
     if "default" not in skip:
-        rows = default_section([int(x) for x in args.ns.split(",")])
+        rows = default_section([int(x) for x in args.ns.split(",")], [int(x) for x in args.dims.split(",")])
         tables.append("\n".join(["\nUntuned default vs tuned, bf16, B·N = 16k, hidden 2048 (TFLOP/s):\n", *rows]))
     for table in tables:
         print(table)

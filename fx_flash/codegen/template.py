@@ -84,6 +84,11 @@ TEMPLATE = '''\
 # found the predicate equal to its positional part on every element of the tile's non-empty
 # query tiles, and, with a finite fill, that every row of those tiles keeps a key, so a filled
 # element's weight is exactly 0 (codegen/skipping.py). Its dS needs no select then: p is 0 there.
+# Both kinds of key tile share one pair of loops, chosen by their bounds alone (two pairs, one
+# per kind, asked the compiler for both pairs' pipeline buffers at once: 264 KB on the H200): the
+# first range is predicated by the positional part in both, which on another key tile's full
+# tiles is true everywhere; the second range, the ragged tail of a positional tile or the
+# partial tiles of another, reads the whole predicate.
 #
 # Note (TMA): with USE_TMA the streamed tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV)
 # are loaded through tensor descriptors over one head's (rows, HEAD_DIM) matrix, built in the
@@ -197,17 +202,17 @@ def _key_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_m, N_KV, CAUSA
 
 
 @triton.jit
-def _row_base(lse, N_KV, SCORE_IN_LOG2: tl.constexpr):
+def _row_base(lse, N_KV, SCORE_IN_LOG2: tl.constexpr, FILLED_ROWS: tl.constexpr):
     """(fill, base) of each row in the backward, in the units of s: its weights are
     p = exp(s - base) with s = fill where the predicate drops an element. base is the LSE, fill
-    the spec's; for rows wholly filled with a finite fill, fill = 0 and base = log N_KV, so that
-    p = 1/N_KV exactly (see the note on filled rows)."""
+    the spec's; with FILLED_ROWS (a finite fill, rows that may keep no key), for rows wholly
+    filled, fill = 0 and base = log N_KV, so that p = 1/N_KV exactly (see the note on filled rows)."""
     if SCORE_IN_LOG2:
         base = lse * LOG2E
     else:
         base = lse
     fill = tl.zeros_like(lse) + FILL_S
-    if FINITE_FILL:
+    if FILLED_ROWS:
         n = tl.zeros_like(lse) + N_KV
         # The forward stores such a row's LSE as FILL + log2(N_KV)·ln 2 (its max is FILL, its sum
         # N_KV ones), the same fp32 operations as here; with finfo.min that rounds to FILL itself.
@@ -566,7 +571,10 @@ def _attn_bwd_dkdv_tiles(
             lse = tl.load(LSE_row + offs_m)
             tile_ok = col_ok[:, None]
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
-        fill, base = _row_base(lse, N_KV, SCORE_IN_LOG2)
+        if POSITIONAL:  # every row keeps a key (see the note on the dK/dV loop)
+            fill, base = _row_base(lse, N_KV, SCORE_IN_LOG2, False)
+        else:
+            fill, base = _row_base(lse, N_KV, SCORE_IN_LOG2, FINITE_FILL)
         fill = fill[None, :]
         # -- recompute the weights of this tile from q, k and the logsumexp --
         qk = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -611,26 +619,27 @@ def _attn_bwd_dkdv_walk(
     seed, off_hz, qk_scale, sm_scale, dropout_p,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
     offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, flo, fhi, hi,
-    FIRST_PREDICATE: tl.constexpr, POSITIONAL: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
+    FIRST_PREDICATE: tl.constexpr, FIRST_POSITIONAL: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
     SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """dK and dV of one key tile over one query head's tiles: [flo, fhi) without bounds (and with
-    the predicate when FIRST_PREDICATE), then [lo, flo) ∪ [max(lo, fhi), hi) with both, in one loop."""
+    the predicate when FIRST_PREDICATE, its positional part alone when FIRST_POSITIONAL), then
+    [lo, flo) ∪ [max(lo, fhi), hi) with bounds and the whole predicate, in one loop."""
     dk, dv = _attn_bwd_dkdv_tiles(
         dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
         seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
         offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, flo, fhi, fhi, fhi,
-        False, FIRST_PREDICATE, POSITIONAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA,
-        BLOCK_M)
+        False, FIRST_PREDICATE, FIRST_POSITIONAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION,
+        USE_TMA, BLOCK_M)
     # the max after the first loop, where the compiler has always placed it
     dk, dv = _attn_bwd_dkdv_tiles(
         dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
         seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
         offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, flo, tl.maximum(lo, fhi), hi,
-        True, True, POSITIONAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        True, True, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
     return dk, dv
 
 
@@ -694,8 +703,7 @@ ${HEADS_GROUP}
         Delta_row = Delta + off_hz * N_Q
         # The query tiles of this head: [flo, fhi) without predicate or bounds (the interior, or
         # a RANGED table's full tiles; with CAUSAL the predicate runs there, see above), then the
-        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both, in one loop. A
-        # positional key tile walks all its whole query tiles predicated, then the ragged tail.
+        # table's partial tiles [lo, flo) and [max(lo, fhi), hi) with both, in one loop.
         if RANGED:
             r_lo, r_flo, r_fhi, r_hi = _tile_ranges(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
         else:
@@ -704,21 +712,18 @@ ${HEADS_GROUP}
             r_fhi = first_hi
             r_hi = N_Q
         if POSITIONAL_PART:
-            if _tile_positional(Ranges, off_z, off_h, stride_rz, stride_rh, start_n):
-                mid = tl.maximum(r_lo, tl.minimum(first_hi, r_hi))
-                dk, dv = _attn_bwd_dkdv_walk(
-                    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                    seed, off_hz, qk_scale, sm_scale, dropout_p,
-                    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_lo, mid, r_hi,
-                    True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-            else:
-                dk, dv = _attn_bwd_dkdv_walk(
-                    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                    seed, off_hz, qk_scale, sm_scale, dropout_p,
-                    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, r_fhi, r_hi,
-                    CAUSAL, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+            # A positional key tile takes its whole query tiles as the first range (predicated by
+            # the positional part there) and only the ragged tail as the second; any other key
+            # tile's first range is its full tiles, on which the positional part is true.
+            positional = _tile_positional(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
+            r_flo = tl.where(positional, r_lo, r_flo)
+            r_fhi = tl.where(positional, tl.maximum(r_lo, tl.minimum(first_hi, r_hi)), r_fhi)
+            dk, dv = _attn_bwd_dkdv_walk(
+                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+                seed, off_hz, qk_scale, sm_scale, dropout_p,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, r_fhi, r_hi,
+                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
         else:
             dk, dv = _attn_bwd_dkdv_walk(
                 dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
@@ -812,7 +817,7 @@ def _attn_bwd_dq(
                     row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     lse = tl.load(LSE + off_hz.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    fill, base = _row_base(lse, N_KV, SCORE_IN_LOG2)
+    fill, base = _row_base(lse, N_KV, SCORE_IN_LOG2, FINITE_FILL)
     o = _load_tile(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
                    row_ok, d_ok, True, CHECK_D)  # (BLOCK_M, HEAD_DIM_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)

@@ -470,41 +470,36 @@ def _attn_fwd_sm90_ws(
 
 
 @gluon.jit
-def _round_tile(r, n_out):
-    """The output tile this program takes in round r of the persistent schedule: round r covers
-    tiles [r·G, (r+1)·G) of the G programs, program p taking r·G + p, or (MASK = 1, tiles sorted
-    longest first) r·G + G - 1 - p on odd rounds, so a program given a round's longest tile gets
-    the next round's shortest (the tiles of a round are not all equal then). Only the last round
-    can name a tile past n_out; the caller skips it."""
+def _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS):
+    """(taken, flat head, query tile of 2·BLOCK_M rows) of this program's round g of the persistent
+    schedule. Heads go in sections of SECTION (all ZH of them unless causal); a section's
+    SECTION · Q_TILES output tiles in order, in SECTION_ROUNDS rounds of G (the grid), program p
+    taking tile r·G + p of round r. The order within a section: the query tiles of a head one after
+    another (programs in flight read a few heads' K/V, which stays in L2); or, causal (MASK = 1),
+    longest first (query tile m reads m + 1 key tiles): the last query tile of every head of the
+    section, then the one before it, …, with odd rounds walking the programs backwards (tile
+    r·G + G - 1 - p) so that the program given a round's longest tile gets the next round's
+    shortest. Sections (the launcher's L2 budget, FlashAttention-3's swizzle) keep the causal
+    order's programs in flight on a few heads. The last round of a section, and of a smaller last
+    section, does not take a tile on every program."""
     pid = gl.program_id(0)
     if MASK == 1:
-        pid = pid + (r & 1) * (gl.num_programs(0) - 1 - 2 * pid)
-    return r * gl.num_programs(0) + pid
-
-
-@gluon.jit
-def _output_tile(tile, n_m, ZH, SECTION):
-    """(flat head, query tile of 2·BLOCK_M rows) of output tile ``tile`` (of n_m · ZH): the query
-    tiles of a head one after another (they read the same K/V, which stays in L2), or, causal
-    (MASK = 1), longest first: heads in sections of SECTION (all ZH unless the launcher sizes them
-    to L2, FlashAttention-3's swizzle), the last query tile of every head of a section, then the
-    one before it, and so on."""
+        pid = pid + (g & 1) * (gl.num_programs(0) - 1 - 2 * pid)
+    first = g // SECTION_ROUNDS * SECTION
+    within = g % SECTION_ROUNDS * gl.num_programs(0) + pid
+    heads = gl.minimum(SECTION, ZH - first)
     if MASK == 1:
-        per_section = SECTION * n_m
-        first = tile // per_section * SECTION
-        heads = gl.minimum(SECTION, ZH - first)
-        within = tile % per_section
         off_hz = first + within % heads
-        m = n_m - 1 - within // heads
+        m = Q_TILES - 1 - within // heads
     else:
-        off_hz = tile // n_m
-        m = tile % n_m
-    return off_hz, m
+        off_hz = first + within // Q_TILES
+        m = within % Q_TILES
+    return within < heads * Q_TILES, off_hz, m
 
 
 @gluon.jit
 def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, N_Q, N_KV, ZH, n_m, SECTION, GROUP: gl.constexpr):
+                         v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr):
     """The persistent kernel's load partition: for each output tile of the schedule, both Q tiles
     (each once its consumer has finished the previous tile's q·kᵀ), then its K and V tiles into
     the ring, whose positions run on across output tiles (``it``), so the next tile's loads start
@@ -515,17 +510,16 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
     STAGES: gl.constexpr = k_smem.shape[0]
     tile_bytes: gl.constexpr = BLOCK_N * k_smem.shape[2] * dtype.primitive_bitwidth // 8
     q_bytes: gl.constexpr = BLOCK_M * q_smem.shape[2] * dtype.primitive_bitwidth // 8
-    n_out = n_m * ZH
     it = 0
-    for r in range(gl.cdiv(n_out, gl.num_programs(0))):
-        tile = _round_tile(r, n_out)
-        if tile < n_out:  # r is then this program's count of earlier output tiles
-            off_hz, m = _output_tile(tile, n_m, ZH, SECTION)
+    done = 0  # output tiles taken: Q's barriers flip once per tile
+    for g in range(ROUNDS):
+        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
+        if taken:
             _, _, kv_row = _head(off_hz, H, N_KV, GROUP)
             row0 = m * 2 * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)  # the second consumer reads the most
             for c in gl.static_range(2):
-                mbarrier.wait(q_empty.index(c), (r & 1) ^ 1)
+                mbarrier.wait(q_empty.index(c), (done & 1) ^ 1)
                 mbarrier.expect(q_ready.index(c), q_bytes)
                 _tma_load(q_desc, [off_hz * N_Q + row0 + c * BLOCK_M, 0], q_ready.index(c), q_smem.index(c))
             for i in range(n_load):
@@ -538,48 +532,52 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
                 mbarrier.expect(v_ready.index(buf), tile_bytes)
                 _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_ready.index(buf), v_smem.index(buf))
             it += n_load
+            done += 1
 
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                          k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, H, N_Q,
-                         N_KV, ZH, n_m, SECTION, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
+                         N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr,
+                         HOLD: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
     one's loads ended."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    n_out = n_m * ZH
     base = 0
-    for r in range(gl.cdiv(n_out, gl.num_programs(0))):
-        tile = _round_tile(r, n_out)
-        if tile < n_out:
-            off_hz, m = _output_tile(tile, n_m, ZH, SECTION)
+    done = 0
+    for g in range(ROUNDS):
+        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
+        if taken:
             off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
             row0 = m * 2 * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z,
-                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, r & 1, False, EARLY, HOLD, True)
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True)
             base += n_load
+            done += 1
 
 
-@gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION"])  # one binary whatever the batch and schedule
+@gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS"])  # one binary per spec and tile
 def _attn_fwd_sm90_wsp(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
     stride_oz, stride_oh, stride_om, stride_ok,
-    Z, H, N_Q, N_KV, Q_TILES, SECTION,
+    Z, H, N_Q, N_KV, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
-    tiles (2·BLOCK_M query rows of one head) in _output_tile's order, _round_tile's rounds. Q has
+    tiles (2·BLOCK_M query rows of one head) in ROUNDS rounds of _output_tile's schedule. Q has
     an empty barrier per consumer besides its ready one, so the producer loads the next tile's Q
     once a consumer's last q·kᵀ has completed, and its K/V as ring buffers free up: the next
-    tile's loads run under the current tile's last p·v and epilogue. Q_TILES: query tiles of a
-    head, cdiv(N_Q, 2·BLOCK_M), from the launcher (computed here, ptxas kept it in local memory
-    across the partitions' register reallocation); SECTION: heads per section of the causal order
-    (_output_tile). No ping-pong (its turns are counted per output tile)."""
+    tile's loads run under the current tile's last p·v and epilogue. The schedule's sizes come
+    from the launcher: Q_TILES = cdiv(N_Q, 2·BLOCK_M) query tiles per head, SECTION heads per
+    section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
+    (computed here, such sizes were hoisted above the partitions' register reallocation by the
+    compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
+    output tile)."""
     gl.static_assert(not PINGPONG, "the persistent kernel has no ping-pong")
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -603,10 +601,11 @@ def _attn_fwd_sm90_wsp(
     ZH = Z * H
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, H, N_Q, N_KV, ZH, Q_TILES,
-                     SECTION, GROUP, EARLY, HOLD)
+                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD)
     gl.warp_specialize([
         (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                                k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, GROUP)),
+                                k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
+                                GROUP)),
         (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
         (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
     ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
@@ -692,13 +691,18 @@ def _score_lines(spec: AttentionSpec) -> str:
     return text
 
 
+def mask_kind(spec: AttentionSpec) -> int:
+    """Where ``spec``'s keep-predicate can fail, the template's MASK: 0 nowhere, 1 on the causal
+    band, 2 on every tile (a predicate that is not causal: a prefix, a bool pattern)."""
+    return 0 if spec.keep is sympy.true else 1 if spec.causal else 2
+
+
 @exact_arithmetic
 def render_gluon(spec: AttentionSpec) -> str:
     """The Gluon module source of ``spec``'s sm90 forward."""
     ops = _lead_and_sizes(spec)
     heads = (["size_q = N_Q", "size_kv = N_KV"] if _uses_sizes(spec) else [])
-    # A predicate that is not causal (a prefix, a bool pattern) is applied on every tile.
-    mask = 0 if spec.keep is sympy.true else 1 if spec.causal else 2
+    mask = mask_kind(spec)
     fields = {
         "SPEC_DESCRIPTION": spec.describe(),
         "SPEC_KEY": spec.key,

@@ -136,7 +136,9 @@ def numerics(d, name, which, dtype):
             continue
         # A persistent kernel also on few programs: each walks many output tiles (the ring's and
         # Q's phases cross tile boundaries), and the causal order has several sections.
-        grids = [("", {})] + ([(" on 5 programs, sections of 3", dict(programs=5, section=3))] if cfg.persistent else [])
+        grids = [("", {})]
+        if cfg.persistent:
+            grids.append((" on 5 programs, sections of 3", dict(programs=5, section=3)))
         e_torch = _err(torch_out, ref)
         for grid_label, grid in grids:
             out = torch.full_like(q, float("nan"))

@@ -12,9 +12,9 @@ sm_90). Each kernel is compiled as the launcher's call specializes it at the ben
 Triton turns an integer argument equal to 1 into a constant (stride_ok: the output's head dim is
 contiguous) and marks the pointers and the integers that are multiples of 16 (sizes and strides
 at N = 2k and 8k, H = 16) as such; without that, the persistent kernel keeps the epilogue's
-column offsets (times a stride_ok that may not be 1) across its tile loop and spills them.
-Run as its own process by tests/test_gluon.py: under TRITON_INTERPRET=1 (how the suite runs) Gluon's own library functions
-become interpreter objects at import, and the real compiler rejects them.
+column offsets (times a stride_ok that may not be 1) across its tile loop and spills them. Run
+as its own process by tests/test_gluon.py: under TRITON_INTERPRET=1 (how the suite runs) Gluon's
+own library functions become interpreter objects at import, and the real compiler rejects them.
 """
 
 from __future__ import annotations

@@ -208,8 +208,8 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     # -- tile 0: scores and softmax (nothing accumulated yet) --
     mbarrier.wait(k_ready.index(base % STAGES), (base // STAGES) & 1)
     _turn(sched, C, 0, PP)
-    qk = warpgroup_mma(q_smem, k_smem.index(base % STAGES).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                       use_acc=False, is_async=True)
+    qk = warpgroup_mma(q_smem, k_smem.index(base % STAGES).permute((1, 0)),
+                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
     _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)

@@ -4,12 +4,19 @@ forward TFLOP/s against cuDNN SDPA and the portable fx_flash forward.
 
     python benchmarks/gluon_check.py [--dims 128,64] [--ns 2048,8192] [--variants "pp 128/2,v1 128/3"]
 
+Call 5 (the persistent kernel against ws and cuDNN; benchmarks/GLUON_NOTES.md):
+
+    python benchmarks/gluon_check.py --dims 128 --variants "ws 128/3,wsp 128/3,wsp 128/2,wsp1 128/3" \
+        --full wsp,wsp1 --fp16 "ws 128/3,wsp 128/3,wsp 128/2" --bench noportable,nosoftcap,fp16
+
 Two phases, each child process with its own time limit, so a kernel that hangs (a wrong mbarrier
 phase waits forever) costs its own rows, not the run:
 1. numerics, in parallel (compiling is most of the time, and the machine has the cores): one
    child per (head dim, variant, dtype), plus one per head dim that compiles the portable forward
    and runs the backward through the routed Gluon forward. The compiled kernels land in Triton's
-   cache, which phase 2 reads.
+   cache, which phase 2 reads. A persistent variant runs each case twice: on one program per SM,
+   and on 5 programs with the causal order cut into sections of 3 heads (many output tiles per
+   program, so the K/V ring's and Q's barrier phases cross many tile boundaries).
 2. timing, one child per head dim, alone on the GPU: cuDNN, the portable forward and every variant
    whose numerics passed, in the same process.
 Numerics follow flash-attn's rule (as benchmarks/gpu_check.py): max error at most 2x PyTorch's own
@@ -43,7 +50,9 @@ def variants(d: int) -> dict:
     """The kernels timed, by name: "v1" one partition of two warpgroups that loads for itself;
     "ws" the warp-specialized kernel (producer + two consumers); "pp" with the consumers taking
     turns (ping-pong); "e" also rescaling the accumulator while q·kᵀ runs; "h" with the hold that
-    keeps each consumer's softmax under its p·v (gluon._hold). BLOCK_N/STAGES."""
+    keeps each consumer's softmax under its p·v (gluon._hold); "wsp" ws as a persistent kernel
+    (one program per SM walking output tiles; causal: longest first in L2-sized sections of heads),
+    "wsp1" with the causal order in one section of every head. BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -53,7 +62,9 @@ def variants(d: int) -> dict:
                 "ws 128/2": C(128, 128, 2, True, **ws), "ws 128/3": C(128, 128, 3, True, **ws),
                 "wsh 128/2": C(128, 128, 2, True, hold=True), "wsh 128/3": C(128, 128, 3, True, hold=True),
                 "pp 128/2": C(128, 128, 2, True, **pp), "pph 128/2": C(128, 128, 2, True, **pph),
-                "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh)}
+                "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh),
+                "wsp 128/3": C(128, 128, 3, True, persistent=True), "wsp 128/2": C(128, 128, 2, True, persistent=True),
+                "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
@@ -123,22 +134,28 @@ def numerics(d, name, which, dtype):
         if reason:
             print(f"SKIP {label_c}: {reason}", flush=True)
             continue
-        out = torch.full_like(q, float("nan"))
-        lse = torch.full((b, hq, nq), float("nan"), device="cuda")
-        try:
-            gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - reported per case, the rest still runs
-            print(f"FAIL {label_c}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-            ok = False
-            continue
-        e_out, e_torch = _err(out, ref), _err(torch_out, ref)
-        e_lse = _err(lse, ref_lse)
-        good = (torch.isfinite(out).all().item() and torch.isfinite(lse).all().item()
-                and e_out <= 2 * e_torch + 1e-2 and e_lse <= 1e-2)
-        ok &= good
-        print(f"{'PASS' if good else 'FAIL'} {label_c}: out {e_out:.2e} (torch {e_torch:.2e}), lse {e_lse:.2e}",
-              flush=True)
+        # A persistent kernel also on few programs: each walks many output tiles (the ring's and
+        # Q's phases cross tile boundaries), and the causal order has several sections.
+        grids = [("", {})]
+        if cfg.persistent:
+            grids.append((" on 5 programs, sections of 3", dict(programs=5, section=3)))
+        e_torch = _err(torch_out, ref)
+        for grid_label, grid in grids:
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full((b, hq, nq), float("nan"), device="cuda")
+            try:
+                gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg, **grid)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - reported per case, the rest still runs
+                print(f"FAIL {label_c}{grid_label}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                ok = False
+                continue
+            e_out, e_lse = _err(out, ref), _err(lse, ref_lse)
+            good = (torch.isfinite(out).all().item() and torch.isfinite(lse).all().item()
+                    and e_out <= 2 * e_torch + 1e-2 and e_lse <= 1e-2)
+            ok &= good
+            print(f"{'PASS' if good else 'FAIL'} {label_c}{grid_label}: out {e_out:.2e} (torch {e_torch:.2e}), "
+                  f"lse {e_lse:.2e}", flush=True)
     return ok
 
 
@@ -290,10 +307,11 @@ def main():
     ap.add_argument("--ns", default="2048,8192")
     ap.add_argument("--variants", default="", help="comma-separated names (see variants()); default all")
     ap.add_argument("--full", default="pph,ppeh", help="kinds whose numerics run every case (others: the 3 timed specs)")
-    ap.add_argument("--fp16", default="pph 128/2,pph 128/4,v1 128/3,v1 128/4", help="variants also checked in fp16")
+    ap.add_argument("--fp16", default="pph 128/2,pph 128/4,v1 128/3,v1 128/4",
+                    help="variants also checked in fp16 (on the cases of their bf16 check)")
     ap.add_argument("--jobs", type=int, default=12, help="numerics children at a time")
-    ap.add_argument("--limit", type=float, default=90.0, help="seconds per numerics child")
-    ap.add_argument("--bench-limit", type=float, default=150.0, help="seconds per timing child")
+    ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
+    ap.add_argument("--bench-limit", type=float, default=120.0, help="seconds per timing child")
     ap.add_argument("--bench", default="", help="timing extras: noportable, nosoftcap, fp16 (comma-separated)")
     ap.add_argument("--no-warm", action="store_true", help="skip the portable compile and the backward check")
     ap.add_argument("--child", default="", help="internal")
@@ -313,9 +331,10 @@ def main():
     jobs = [] if args.no_warm else [f"warm:{d}" for d in dims]
     for d in dims:
         for name in chosen[d]:
-            jobs.append(f"numerics:{d}:{name}:{'full' if name.split()[0] in full else 'short'}:bfloat16")
+            cases = "full" if name.split()[0] in full else "short"
+            jobs.append(f"numerics:{d}:{name}:{cases}:bfloat16")
             if name in args.fp16.split(","):
-                jobs.append(f"numerics:{d}:{name}:short:float16")
+                jobs.append(f"numerics:{d}:{name}:{cases}:float16")
     passed = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for what, text, secs, ok in pool.map(lambda w: _run_child(w, args.ns, args.limit), jobs):
@@ -341,14 +360,22 @@ def main():
     for d in dims:
         cols = ["cudnn"] + ([] if "noportable" in args.bench else ["portable"]) + chosen[d] + ["cudnn again"]
         print(f"\nTFLOP/s forward, bf16, d = {d}, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
-        print("| N | causal | " + " | ".join(cols) + " | best gluon | / faster cudnn |")
-        print("|---|---|" + "---|" * len(cols) + "---|---|")
+        persistent = [c for c in chosen[d] if c.startswith("wsp")]
+        gain = "ws 128/3" in chosen[d] and persistent  # the persistent kernels against the routed one
+        print("| N | causal | " + " | ".join(cols) + " | best gluon | / faster cudnn |"
+              + (" best wsp / ws 128/3 |" if gain else ""))
+        print("|---|---|" + "---|" * len(cols) + "---|---|" + ("---|" if gain else ""))
         for r in (r for r in rows.values() if r["d"] == d):
             best = max(((r[c], c) for c in chosen[d] if isinstance(r.get(c), int)), default=None)
             ref = max((r[c] for c in ("cudnn", "cudnn again") if isinstance(r.get(c), int)), default=None)
             ratio = f"{best[0] / ref:.2f}" if best and ref else "-"
-            print(f"| {r['n']} | {r['spec'] or ('yes' if r['causal'] else 'no')} | "
-                  + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {best[1] if best else '-'} | {ratio} |")
+            line = (f"| {r['n']} | {r['spec'] or ('yes' if r['causal'] else 'no')} | "
+                    + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {best[1] if best else '-'} | {ratio} |")
+            if gain:
+                best_p = max((r[c] for c in persistent if isinstance(r.get(c), int)), default=None)
+                ws = r.get("ws 128/3")
+                line += f" {best_p / ws:.2f} |" if best_p and isinstance(ws, int) else " - |"
+            print(line)
     print("\nALL PASS" if all(passed.values()) else "\nSOME FAILED")
 
 

@@ -3,12 +3,18 @@
     python -m tests.gluon_sm90 SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND [SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND ...]
 
 KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
-accumulator rescaled while q·kᵀ runs); a trailing "h" (wsh, pph, ppeh) adds the hold (gluon._hold);
+accumulator rescaled while q·kᵀ runs), wsp (ws, persistent); a trailing "h" (wsh, pph, ppeh, wsph)
+adds the hold (gluon._hold);
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
-bulk-tensor copies, and the registers and spills ptxas reports. Run as its own process by
-tests/test_gluon.py: under TRITON_INTERPRET=1 (how the suite runs) Gluon's own library functions
-become interpreter objects at import, and the real compiler rejects them.
+bulk-tensor copies, and the registers and spills ptxas reports (the ptxas Triton itself runs for
+sm_90). Each kernel is compiled as the launcher's call specializes it at the benchmarks' shapes:
+Triton turns an integer argument equal to 1 into a constant (stride_ok: the output's head dim is
+contiguous) and marks the pointers and the integers that are multiples of 16 (sizes and strides
+at N = 2k and 8k, H = 16) as such; without that, the persistent kernel keeps the epilogue's
+column offsets (times a stride_ok that may not be 1) across its tile loop and spills them. Run
+as its own process by tests/test_gluon.py: under TRITON_INTERPRET=1 (how the suite runs) Gluon's
+own library functions become interpreter objects at import, and the real compiler rejects them.
 """
 
 from __future__ import annotations
@@ -39,36 +45,53 @@ def _descriptor_type(rows: int, head_dim: int) -> str:
 
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
-                 early: bool = False, hold: bool = False):
+                 early: bool = False, hold: bool = False, persistent: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
-    warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``)."""
+    warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
+    per SM walking output tiles when ``persistent``)."""
     spec = spec_from_text(spec_text)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(render_gluon(spec))
     found = importlib.util.spec_from_file_location("gluon_sm90_kernel", f.name)
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
-    config = gluon_launch.GluonConfig(gluon_launch.BLOCK_M, block_n, stages, ws, pingpong, early, hold)
+    config = gluon_launch.GluonConfig(gluon_launch.BLOCK_M, block_n, stages, ws, pingpong, early, hold, persistent)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
                  **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "stride_ok", "H", "N_Q", "N_KV")}}
+    if persistent:  # the grid is the SMs, not the output tiles: the kernel takes Z, and the causal order's sections
+        signature = {**{k: v for k, v in signature.items() if k not in ("H", "N_Q", "N_KV")},
+                     **{name: "i32" for name in ("Z", "H", "N_Q", "N_KV", "Q_TILES", "SECTION", "SECTION_ROUNDS",
+                                                 "ROUNDS")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-              "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold}
+              "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
+              "stride_ok": 1}
     signature.update({name: "constexpr" for name in consts})
-    kernel = module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
-    return triton.compile(GluonASTSource(kernel, signature, consts), target=SM90,
+    kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
+    divisible = ("Out", "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
+    attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}
+    return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=SM90,
                           options={"num_warps": warps})
+
+
+def _ptxas(arch: int = 90) -> str:
+    """The ptxas Triton compiles sm_``arch`` with (3.9 ships two and picks by arch; 3.6 has one)."""
+    from triton import knobs
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except ImportError:
+        return knobs.nvidia.ptxas.path
 
 
 def _ptxas_report(ptx: str) -> dict:
     """Registers and spill bytes from ptxas -v (the one Triton ships), or {} if it cannot run."""
-    from triton import knobs
-
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        done = subprocess.run([knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", f.name, "-o", f.name + ".o"],
+        done = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", f.name, "-o", f.name + ".o"],
                               capture_output=True, text=True, timeout=120)
     except Exception:  # noqa: BLE001 - the report is extra evidence, not the test's subject
         return {}
@@ -78,20 +101,20 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
+# kind: (ws, pingpong, early, hold, persistent)
 KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
 KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
+KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True)})
 
 
 def _exps_between_waits(kernel) -> list[int]:
     """For each wait for all wgmma (DEPBAR.LE gsb0, 0x0) that follows a wait leaving one in flight
     (0x1), the exponentials (MUFU.EX2) between the two in the SASS: the softmax that overlaps p·v.
     Empty when nvdisasm cannot run."""
-    from triton import knobs
-
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     try:
-        nvdisasm = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "nvdisasm")
+        nvdisasm = os.path.join(os.path.dirname(_ptxas()), "nvdisasm")
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, timeout=120).stdout
     except Exception:  # noqa: BLE001 - extra evidence, as _ptxas_report
         return []

@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import expecttest
@@ -112,6 +114,9 @@ def test_tiles_fit_shared_memory_by_construction():
     # The routed kernel (warp-specialized) at d = 128: three 128-key stages still fit the H200's M.
     assert gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND) == gluon_launch.GluonConfig(
         128, 128, 3, ws=True)
+    # The persistent one too: its Q empty barriers take the place of the ping-pong's turn barriers.
+    assert gluon_launch.default_config(H200, 128, 2, ws=True, persistent=True) == gluon_launch.GluonConfig(
+        128, 128, 3, ws=True, persistent=True)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))  # M too small for two 128-key stages at d = 128
     assert gluon_launch.default_config(ada, 128, 2) == gluon_launch.GluonConfig(128, 64, 2)
     assert gluon_launch.default_config(DeviceProfile("small", 48 * 1024, 1, (9, 0)), 128, 2) is None
@@ -128,6 +133,141 @@ def test_footprint_counts_each_buffer():
     assert gluon_launch.footprint(128, 128, 128, 2, 2) == 2 * (128 * 128 + 2 * 2 * 128 * 128) + 8 + 2 * 16
     assert gluon_launch.footprint(128, 128, 128, 2, 3) - gluon_launch.footprint(128, 128, 128, 2, 2) == (
         2 * 2 * 128 * 128 + 2 * 16)
+
+
+def test_persistent_config_rules():
+    """The persistent kernel is the warp-specialized one without ping-pong (whose turns it does not
+    count across output tiles); one_section orders only its tiles."""
+    gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
+    for bad in (dict(persistent=True), dict(ws=True, pingpong=True, persistent=True), dict(ws=True, one_section=True)):
+        with pytest.raises(ValueError):
+            gluon_launch.GluonConfig(128, 128, 3, **bad)
+
+
+def test_heads_per_section():
+    """Causal, a section holds the query heads whose K/V fit L2_SECTION_BYTES (32 MiB): 8 heads at
+    N = 8k, d = 128 in bf16 (4 MiB of K/V each), 8 times as many when 8 query heads share a K/V
+    head, never more than there are; one section of every head for the other orders, or with
+    one_section."""
+    persistent = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
+    one = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
+    causal = spec_from_text(CAUSAL)
+    q = torch.empty(2, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    gqa_kv = torch.empty(2, 2, 8192, 128, dtype=torch.bfloat16, device="meta")
+    assert gluon_launch.heads_per_section(causal, q, q, persistent) == 8
+    assert gluon_launch.heads_per_section(causal, q, gqa_kv, persistent) == 32
+    assert gluon_launch.heads_per_section(causal, q, q, one) == 32
+    for text in ("score=qk*scale", PREFIX_LM):
+        assert gluon_launch.heads_per_section(spec_from_text(text), q, q, persistent) == 32
+    q2k = torch.empty(8, 16, 2048, 128, dtype=torch.bfloat16, device="meta")
+    assert gluon_launch.heads_per_section(causal, q2k, q2k, persistent) == 32
+
+
+class _Shim:
+    """Stands in for ``gl`` in the rendered schedule functions (scalar integer arithmetic only)."""
+    minimum = staticmethod(min)
+    pid = programs = 0
+
+    @classmethod
+    def program_id(cls, axis):
+        return cls.pid
+
+    @classmethod
+    def num_programs(cls, axis):
+        return cls.programs
+
+
+def _schedule(text, n_m, zh, programs, section):
+    """Each program's output tiles (flat head, query tile), in the order it walks them, from the
+    rendered kernel's own _output_tile run as Python (non-negative integer arithmetic means the
+    same in both) with the rounds launch() passes."""
+    src = render_gluon(spec_from_text(text))
+    namespace = {"gl": _Shim, "MASK": int(re.search(r"MASK = gl.constexpr\((\d)\)", src).group(1))}
+    exec(re.search(r"^def _output_tile\(.*?(?=^@gluon)", src, re.S | re.M).group(0), namespace)
+    section_rounds = -(-section * n_m // programs)
+    _Shim.programs = programs
+    walks = []
+    for pid in range(programs):
+        _Shim.pid = pid
+        tiles = [namespace["_output_tile"](g, zh, n_m, section, section_rounds)
+                 for g in range(-(-zh // section) * section_rounds)]
+        walks.append([(hz, m) for taken, hz, m in tiles if taken])
+    return walks
+
+
+@pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL, PREFIX_LM])
+@pytest.mark.parametrize("n_m, zh, programs, section", [
+    (16, 128, 132, 32),  # the H200 at N = 2k (B = 8, H = 16), causal: sections of 512 tiles, last rounds of 116
+    (16, 128, 132, 128),  # N = 2k in one section (non-causal; causal with one_section): a last round of 68
+    (64, 32, 132, 8),  # N = 8k (B = 2, H = 16), causal
+    (8, 16, 5, 3),  # few programs, sections of 3 heads with a last one of 1
+    (3, 5, 15, 5),  # as many programs as tiles: one round
+    (1, 7, 4, 2),  # one query tile per head
+])
+def test_persistent_schedule_takes_every_tile_once(text, n_m, zh, programs, section):
+    """The persistent kernel's programs together take every output tile exactly once, whatever the
+    grid, the spec's order (causal: longest first) and the sections."""
+    taken = Counter(tile for walk in _schedule(text, n_m, zh, programs, section) for tile in walk)
+    assert set(taken.values()) == {1}
+    assert set(taken) == {(hz, m) for hz in range(zh) for m in range(n_m)}
+
+
+def test_non_causal_schedule_walks_a_heads_tiles_together():
+    """Without a causal predicate all tiles cost the same: program p takes tile p of round 0, the
+    query tiles of a head are neighbours, so the programs in flight share a few heads' K/V."""
+    walks = _schedule("score=qk*scale", 64, 32, 132, 32)
+    assert [walk[0] for walk in walks[:3]] == [(0, 0), (0, 1), (0, 2)]
+    assert {walk[0][0] for walk in walks} == {0, 1, 2}  # round 0: two heads' 64 query tiles and 4 of a third
+
+
+@pytest.mark.parametrize("n_m, zh, section", [(16, 128, 32), (16, 128, 128), (64, 32, 8), (64, 32, 32)],
+                         ids=["2k", "2k-one-section", "8k", "8k-one-section"])
+def test_causal_schedule_is_longest_first_and_balanced(n_m, zh, section):
+    """Causal: within a section, a program never walks to a longer query tile than its last (query
+    tile m reads m + 1 key tiles), and the snake order (odd rounds reversed) leaves the programs'
+    total key tiles within half a longest tile's of each other at the H200's launches (round-robin
+    without the reversal gives the first programs the longest tile of every round: at 8k the
+    spread is a whole longest tile in one section, four in sections of 8 heads)."""
+    walks = _schedule(CAUSAL, n_m, zh, 132, section)
+    for walk in walks:
+        for (hz0, m0), (hz1, m1) in zip(walk, walk[1:]):
+            assert m1 <= m0 or hz1 // section > hz0 // section
+    loads = [sum(m + 1 for _, m in walk) for walk in walks]
+    assert max(loads) - min(loads) <= n_m // 2
+
+
+def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
+    """launch gives the persistent kernel min(output tiles, SMs) programs (or ``programs``), the
+    query tiles of a head and the heads per section; the other kernels keep their (tiles, heads)
+    grid."""
+    launched = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, grid, args, kwargs))
+
+    module = type("Module", (), {n: Kernel(n) for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
+    monkeypatch.setattr(gluon_launch, "load", lambda spec: module)
+    monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
+    monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
+    wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
+    ws = gluon_launch.GluonConfig(128, 128, 3, ws=True)
+
+    def run(z, h, n, config, **kw):
+        q = torch.empty(z, h, n, 64, device="meta")
+        gluon_launch.launch(sdpa_spec(), q, q, q, q, torch.empty(z, h, n, device="meta"), 0.125, config, **kw)
+        return launched.pop()
+
+    # 2048 output tiles of 128 rows, 16 per head: one section, 16 rounds of 132 (the last of 68)
+    name, grid, args, kwargs = run(8, 16, 2048, wsp)
+    assert (name, grid, args[-4:], kwargs["BLOCK_M"]) == ("_attn_fwd_sm90_wsp", (132, ), (16, 128, 16, 16), 64)
+    assert run(1, 2, 300, wsp)[1] == (6, )  # fewer tiles than SMs: one program each
+    _, grid, args, _ = run(1, 2, 300, wsp, programs=4, section=1)  # 2 sections of 3 tiles: 1 round each
+    assert (grid, args[-4:]) == ((4, ), (3, 1, 1, 2))
+    assert run(1, 2, 300, ws)[:2] == ("_attn_fwd_sm90_ws", (3, 2))
 
 
 def test_row_matrix_rule():
@@ -189,7 +329,15 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     "causal-d128-ws": (CAUSAL, 128, "ws"), "softcap-d64-ws": (SOFTCAP, 64, "ws"),
     "plain-d128-pp": ("score=qk*scale", 128, "pp"), "causal-d128-pph": (CAUSAL, 128, "pph"),
     "prefix_lm-d64-ppeh": (PREFIX_LM, 64, "ppeh"),
+    "plain-d128-ws": ("score=qk*scale", 128, "ws"), "plain-d128-wsp": ("score=qk*scale", 128, "wsp"),
+    "causal-d128-wsp": (CAUSAL, 128, "wsp"),
+    "head_and_length-d64-wsph": (HEAD_AND_LENGTH, 64, "wsph"),
 }
+
+
+def _tile(d, kind):
+    """The H200's tile of kind (tests/gluon_sm90.py's names) at head dim d."""
+    return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"))
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +346,7 @@ def compiled():
     process of its own), at the tile default_config gives the H200."""
     args = []
     for text, d, kind in KERNELS.values():
-        cfg = gluon_launch.default_config(H200, d, 2, kind != "v1")
+        cfg = _tile(d, kind)
         args += [text, str(d), str(cfg.BLOCK_N), str(cfg.STAGES), kind]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -218,7 +366,7 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     text, d, kind = KERNELS[name]
     ws = kind != "v1"
     report = compiled[name]
-    cfg = gluon_launch.default_config(H200, d, 2, ws)
+    cfg = _tile(d, kind)
     assert (report["spec"], report["head_dim"], report["kind"]) == (text, d, kind)
     assert report["wgmma"] > 0 and report["tma"] > 0
     model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws)
@@ -256,3 +404,23 @@ def test_without_the_hold_ptxas_waits_before_the_softmax(compiled):
     order itself and the hold can go."""
     counts = compiled["plain-d128-pp"]["exps_between_waits"]
     assert counts and all(c == 0 for c in counts), counts
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("name", KERNELS)
+def test_no_register_spills(compiled, name):
+    """ptxas keeps every kernel in registers (the consumers at setmaxnreg 240, the producer at 24):
+    no spill stores. None: ptxas could not run."""
+    assert compiled[name]["spill_bytes"] in (0, None), compiled[name]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("spec", ["plain", "causal"])
+def test_persistent_kernel_keeps_the_consumer_code(compiled, spec):
+    """The persistent kernel's consumers are the warp-specialized kernel's inside a tile loop: the
+    same wgmma and TMA issues, the same exponentials between the q·kᵀ and p·v waits (none in plain
+    attention: the hold is off in both), and the same shared memory within the capture reserve."""
+    ws, wsp = compiled[f"{spec}-d128-ws"], compiled[f"{spec}-d128-wsp"]
+    assert (wsp["wgmma"], wsp["tma"]) == (ws["wgmma"], ws["tma"])
+    assert wsp["exps_between_waits"] == ws["exps_between_waits"]
+    assert abs(wsp["shared"] - ws["shared"]) < gluon_launch.WS_CAPTURE_BYTES

@@ -35,28 +35,31 @@ GLUON_TEMPLATE = '''\
 #                      natural-log logsumexp, the portable forward's contract (the backward reads it).
 #   BLOCK_M, BLOCK_N   query rows of one consumer / key columns of a tile; STAGES K/V buffers.
 #   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
-#   k_empty, v_empty   (warp-specialized kernel only) completed when both consumers released it.
+#   k_empty, v_empty   (warp-specialized kernels only) completed when both consumers released it.
 #   sched              (warp-specialized, PINGPONG) consumer c's turn to issue its products.
+#   q_ready, q_empty   (persistent) consumer c's Q buffer loaded / free for the next output tile.
 #   s_layout, o_layout wgmma accumulator layouts of the scores (BLOCK_M, BLOCK_N) and of the output
 #                      (BLOCK_M, HEAD_DIM); a consumer's NUM_WARPS // 4 warpgroups split its rows.
 #   qk, s              raw q·kᵀ of a tile and the score computed from it, in log2 units (log2 e
 #                      folded into qk_scale, exp2 in the softmax).
 #   m_i, l_i, acc      running row max, running row sum of exp2, output accumulator.
 #
-# Two kernels share the consumer code (_attend): _attn_fwd_sm90, one partition of NUM_WARPS = 8
-# warps that also issues its TMA loads, and _attn_fwd_sm90_ws, FlashAttention-3's layout: a
+# Three kernels share the consumer code (_attend): _attn_fwd_sm90, one partition of NUM_WARPS = 8
+# warps that also issues its TMA loads; _attn_fwd_sm90_ws, FlashAttention-3's layout: a
 # producer partition issues every load, two consumer warpgroups of BLOCK_M rows each (what
 # fx_flash routes to, FX_FLASH_GLUON=1, with its options off: on the H200 the free-running
-# consumers beat both the ping-pong and the hold, benchmarks/GLUON_NOTES.md).
+# consumers beat both the ping-pong and the hold, benchmarks/GLUON_NOTES.md); and
+# _attn_fwd_sm90_wsp, the same partitions in a persistent program per SM that walks output tiles.
 #
 # Note (pipeline): tile j's q·kᵀ is issued, then tile j-1's p·v, both asynchronous; waiting for
 # one outstanding group leaves p·v running on the tensor cores while the softmax of tile j runs.
 # K buffer j % STAGES is released as soon as q·kᵀ of tile j has completed, V buffer (j-1) % STAGES
 # once p·v of tile j-1 has: the single-partition kernel then loads tile + STAGES into it itself,
 # the warp-specialized one arrives on its empty barrier for the producer. A buffer's barriers
-# flip phase once per use, so tile t waits on parity (t // STAGES) & 1. In the warp-specialized
-# consumers ptxas moves the p·v wait above the softmax unless a TMA issue sits between them
-# (HOLD, _hold); the single-partition kernel's own loads do that.
+# flip phase once per use, so tile t waits on parity (t // STAGES) & 1 (in the persistent kernel t
+# counts on across the program's output tiles: ``base``). In the warp-specialized consumers ptxas
+# moves the p·v wait above the softmax unless a TMA issue sits between them (HOLD, _hold); the
+# single-partition kernel's own loads do that.
 #
 # Note (fully masked rows): as in the portable template, a row whose every score is -inf keeps
 # m_i = -inf and exponentiates against 0: its output is 0 and its LSE -inf.
@@ -105,11 +108,11 @@ def _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}in_b
 
 
 @gluon.jit
-def _release(tile, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: gl.constexpr, BLOCK_N: gl.constexpr,
+def _release(tile, base, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: gl.constexpr, BLOCK_N: gl.constexpr,
              STAGES: gl.constexpr, WS: gl.constexpr):
-    """Buffer tile % STAGES is no longer read: tell the producer partition (WS), or load tile
-    tile + STAGES into it here."""
-    buf = tile % STAGES
+    """The buffer of key tile ``tile`` (ring position base + tile) is no longer read: tell the
+    producer partition (WS), or load tile tile + STAGES into it here (base is 0 then)."""
+    buf = (base + tile) % STAGES
     if WS:
         mbarrier.arrive(empty.index(buf), count=1)
     else:
@@ -145,31 +148,31 @@ def _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD: gl.constexpr):
 
 
 @gluon.jit
-def _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc,
-          v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
+def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
+          k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
           s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr,
           EARLY: gl.constexpr, HOLD: gl.constexpr):
     """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1.
     EARLY: the accumulator is rescaled by tile j-1's alpha while q·kᵀ runs (FlashAttention-3's
-    order), not after p·v of tile j-1 has completed."""
-    buf = j % STAGES
-    prev = (j - 1) % STAGES
-    mbarrier.wait(k_ready.index(buf), (j // STAGES) & 1)
+    order), not after p·v of tile j-1 has completed. Key tile j sits at ring position base + j."""
+    buf = (base + j) % STAGES
+    prev = (base + j - 1) % STAGES
+    mbarrier.wait(k_ready.index(buf), ((base + j) // STAGES) & 1)
     _turn(sched, C, j, PP)
     qk = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                        use_acc=False, is_async=True)
     if EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    mbarrier.wait(v_ready.index(prev), ((base + j - 1) // STAGES) & 1)
     pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
     _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
-    _release(j, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    _release(j, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
     _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD)
     acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
-    _release(j - 1, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    _release(j - 1, base, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     if not EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     p_op = gl.convert_layout(p.to(p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
@@ -177,14 +180,17 @@ def _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_read
 
 
 @gluon.jit
-def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, row_start,
-            n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q_empty, k_desc, v_desc, kv_row,
+            row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
-            C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
+            C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
-    tiles are loaded into the ring in all (more than n_tiles when another consumer needs more).
-    C is the consumer's index, PP whether it takes turns with the other one (turns 0 … n_tiles)."""
+    tiles are loaded into the ring in all (more than n_tiles when another consumer needs more),
+    key tile 0 at ring position ``base`` (the tiles the program's earlier output tiles used; 0
+    unless persistent). C is the consumer's index, PP whether it takes turns with the other one
+    (turns 0 … n_tiles). RELEASE_Q: arrive on ``q_empty`` once the last q·kᵀ has completed, so
+    the producer loads the next output tile's Q while the last p·v and the epilogue run."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -200,13 +206,13 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
 
     # -- tile 0: scores and softmax (nothing accumulated yet) --
-    mbarrier.wait(k_ready.index(0), 0)
+    mbarrier.wait(k_ready.index(base % STAGES), (base // STAGES) & 1)
     _turn(sched, C, 0, PP)
-    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                       use_acc=False, is_async=True)
+    qk = warpgroup_mma(q_smem, k_smem.index(base % STAGES).permute((1, 0)),
+                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
     _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
-    _release(0, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
+    _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -215,14 +221,16 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k
     # but was not measured (the H200 run that would have timed it hung on a bug since fixed), so the
     # measured form stays: a branch per tile on in_band.
     for j in range(1, n_tiles):
-        p_op, m_i, l_i, acc, alpha = _step(j, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
+        p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                            v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                            qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
                                            tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
+    if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
+        mbarrier.arrive(q_empty, count=1)
 
     # -- the last tile's p·v --
-    last = (n_tiles - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    last = (base + n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((base + n_tiles - 1) // STAGES) & 1)
     _turn(sched, C, n_tiles, PP)
     if EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
@@ -275,10 +283,18 @@ def _program(H, N_Q, N_KV, GROUP: gl.constexpr, ROWS: gl.constexpr):
         # Query tile t sees t + 1 key tiles: launch the longest first so the last wave is short.
         start_m = gl.num_programs(0) - 1 - start_m
     off_hz = gl.program_id(1)
+    off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
+    return off_z, off_h, off_hz, start_m * ROWS, kv_row
+
+
+@gluon.jit
+def _head(off_hz, H, N_KV, GROUP: gl.constexpr):
+    """Batch and head of flat head off_hz, and the first row of its K/V head (GROUP query heads
+    share one)."""
     off_z = off_hz // H
     off_h = off_hz % H
     kv_row = (off_z * (H // GROUP) + off_h // GROUP) * N_KV
-    return off_z, off_h, off_hz, start_m * ROWS, kv_row
+    return off_z, off_h, kv_row
 
 
 @gluon.jit
@@ -321,9 +337,9 @@ $HEADS
         _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_ready.index(i), v_smem.index(i), ok)
     mbarrier.wait(q_bar, 0)
 
-    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, k_ready, k_desc, v_desc,
-                            kv_row, row_start, n_tiles, n_tiles, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N,
-                            STAGES, NUM_WARPS, False, 0, False, EARLY, False)
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, k_ready, q_bar, k_desc,
+                            v_desc, kv_row, row_start, n_tiles, n_tiles, mid, 0, sm_scale, ${OPS}HEAD_DIM, BLOCK_M,
+                            BLOCK_N, STAGES, NUM_WARPS, False, 0, False, EARLY, False, False)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
@@ -358,12 +374,14 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-              sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0,
-              kv_row, N_Q, N_KV, n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
-    """Consumer warpgroup c: query rows row0 + c·BLOCK_M on; tiles it does not read (causal: the
-    other consumer's rows go further) are released unread, so the producer's ring keeps turning,
-    each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
+def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty, k_ready, v_ready,
+                   k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z,
+                   off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
+                   EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr):
+    """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
+    (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
+    (causal: the other consumer's rows go further) are released unread, so the producer's ring
+    keeps turning, each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -371,20 +389,30 @@ def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
     row_start = row0 + c * BLOCK_M
     n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
 $HEADS_WS
-    mbarrier.wait(q_bars.index(c), 0)
-    acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, k_desc,
-                            v_desc, kv_row, row_start, n_tiles, n_load, mid, sm_scale, ${OPS}HEAD_DIM, BLOCK_M,
-                            BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD)
+    mbarrier.wait(q_bars.index(c), q_phase)
+    acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
+                            q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
+                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q)
     for i in range(n_tiles, n_load):
-        buf = i % STAGES
-        mbarrier.wait(k_ready.index(buf), (i // STAGES) & 1)
+        buf = (base + i) % STAGES
+        mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
         mbarrier.arrive(k_empty.index(buf), count=1)
-        mbarrier.wait(v_ready.index(buf), (i // STAGES) & 1)
+        mbarrier.wait(v_ready.index(buf), ((base + i) // STAGES) & 1)
         mbarrier.arrive(v_empty.index(buf), count=1)
         _turn(sched, c, i + 1, PP)
         _pass_turn(sched, c, PP)
     _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
               stride_ok, BLOCK_M, HEAD_DIM)
+
+
+@gluon.jit
+def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+              sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0,
+              kv_row, N_Q, N_KV, n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
+    """Consumer warpgroup c of the one output tile of a program (_consumer_tile)."""
+    _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_bars, k_ready, v_ready, k_empty, v_empty,
+                   sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0,
+                   kv_row, N_Q, N_KV, n_load, 0, 0, PP, EARLY, HOLD, False)
 
 
 @gluon.jit
@@ -434,6 +462,156 @@ def _attn_fwd_sm90_ws(
     for c in gl.static_range(2):
         mbarrier.invalidate(q_bars.index(c))
         mbarrier.invalidate(sched.index(c))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+
+@gluon.jit
+def _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS):
+    """(taken, flat head, query tile of 2·BLOCK_M rows) of this program's round g of the persistent
+    schedule. Heads go in sections of SECTION (all ZH of them unless causal); a section's
+    SECTION · Q_TILES output tiles in order, in SECTION_ROUNDS rounds of G (the grid), program p
+    taking tile r·G + p of round r. The order within a section: the query tiles of a head one after
+    another (programs in flight read a few heads' K/V, which stays in L2); or, causal (MASK = 1),
+    longest first (query tile m reads m + 1 key tiles): the last query tile of every head of the
+    section, then the one before it, …, with odd rounds walking the programs backwards (tile
+    r·G + G - 1 - p) so that the program given a round's longest tile gets the next round's
+    shortest. Sections (the launcher's L2 budget, FlashAttention-3's swizzle) keep the causal
+    order's programs in flight on a few heads. The last round of a section, and of a smaller last
+    section, does not take a tile on every program."""
+    pid = gl.program_id(0)
+    if MASK == 1:
+        pid = pid + (g & 1) * (gl.num_programs(0) - 1 - 2 * pid)
+    first = g // SECTION_ROUNDS * SECTION
+    within = g % SECTION_ROUNDS * gl.num_programs(0) + pid
+    heads = gl.minimum(SECTION, ZH - first)
+    if MASK == 1:
+        off_hz = first + within % heads
+        m = Q_TILES - 1 - within // heads
+    else:
+        off_hz = first + within // Q_TILES
+        m = within % Q_TILES
+    return within < heads * Q_TILES, off_hz, m
+
+
+@gluon.jit
+def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                         v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr):
+    """The persistent kernel's load partition: for each output tile of the schedule, both Q tiles
+    (each once its consumer has finished the previous tile's q·kᵀ), then its K and V tiles into
+    the ring, whose positions run on across output tiles (``it``), so the next tile's loads start
+    while the consumers still finish the current one."""
+    dtype: gl.constexpr = q_smem.dtype
+    BLOCK_M: gl.constexpr = q_smem.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    tile_bytes: gl.constexpr = BLOCK_N * k_smem.shape[2] * dtype.primitive_bitwidth // 8
+    q_bytes: gl.constexpr = BLOCK_M * q_smem.shape[2] * dtype.primitive_bitwidth // 8
+    it = 0
+    done = 0  # output tiles taken: Q's barriers flip once per tile
+    for g in range(ROUNDS):
+        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
+        if taken:
+            _, _, kv_row = _head(off_hz, H, N_KV, GROUP)
+            row0 = m * 2 * BLOCK_M
+            n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)  # the second consumer reads the most
+            for c in gl.static_range(2):
+                mbarrier.wait(q_empty.index(c), (done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), q_bytes)
+                _tma_load(q_desc, [off_hz * N_Q + row0 + c * BLOCK_M, 0], q_ready.index(c), q_smem.index(c))
+            for i in range(n_load):
+                buf = (it + i) % STAGES
+                free = (((it + i) // STAGES) & 1) ^ 1
+                mbarrier.wait(k_empty.index(buf), free)
+                mbarrier.expect(k_ready.index(buf), tile_bytes)
+                _tma_load(k_desc, [kv_row + i * BLOCK_N, 0], k_ready.index(buf), k_smem.index(buf))
+                mbarrier.wait(v_empty.index(buf), free)
+                mbarrier.expect(v_ready.index(buf), tile_bytes)
+                _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_ready.index(buf), v_smem.index(buf))
+            it += n_load
+            done += 1
+
+
+@gluon.jit
+def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                         k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, H, N_Q,
+                         N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr,
+                         HOLD: gl.constexpr):
+    """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
+    each through _consumer_tile, key tile 0 of each at the ring position where the previous
+    one's loads ended."""
+    BLOCK_M: gl.constexpr = q_smem.shape[1]
+    base = 0
+    done = 0
+    for g in range(ROUNDS):
+        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
+        if taken:
+            off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
+            row0 = m * 2 * BLOCK_M
+            n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, k_smem.shape[1])
+            _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                           v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z,
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True)
+            base += n_load
+            done += 1
+
+
+@gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS"])  # one binary per spec and tile
+def _attn_fwd_sm90_wsp(
+    q_desc, k_desc, v_desc, Out, LSE, sm_scale,
+    stride_oz, stride_oh, stride_om, stride_ok,
+    Z, H, N_Q, N_KV, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
+):
+    """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
+    tiles (2·BLOCK_M query rows of one head) in ROUNDS rounds of _output_tile's schedule. Q has
+    an empty barrier per consumer besides its ready one, so the producer loads the next tile's Q
+    once a consumer's last q·kᵀ has completed, and its K/V as ring buffers free up: the next
+    tile's loads run under the current tile's last p·v and epilogue. The schedule's sizes come
+    from the launcher: Q_TILES = cdiv(N_Q, 2·BLOCK_M) query tiles per head, SECTION heads per
+    section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
+    (computed here, such sizes were hoisted above the partitions' register reallocation by the
+    compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
+    output tile)."""
+    gl.static_assert(not PINGPONG, "the persistent kernel has no ping-pong")
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_ready.index(c), count=1)
+        mbarrier.init(q_empty.index(c), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each buffer
+        mbarrier.init(v_empty.index(i), count=2)
+
+    ZH = Z * H
+    consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                     Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, H, N_Q, N_KV, ZH, Q_TILES,
+                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD)
+    gl.warp_specialize([
+        (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                                k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
+                                GROUP)),
+        (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
+        (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
+    ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
+    for c in gl.static_range(2):
+        mbarrier.invalidate(q_ready.index(c))
+        mbarrier.invalidate(q_empty.index(c))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))
@@ -513,13 +691,18 @@ def _score_lines(spec: AttentionSpec) -> str:
     return text
 
 
+def mask_kind(spec: AttentionSpec) -> int:
+    """Where ``spec``'s keep-predicate can fail, the template's MASK: 0 nowhere, 1 on the causal
+    band, 2 on every tile (a predicate that is not causal: a prefix, a bool pattern)."""
+    return 0 if spec.keep is sympy.true else 1 if spec.causal else 2
+
+
 @exact_arithmetic
 def render_gluon(spec: AttentionSpec) -> str:
     """The Gluon module source of ``spec``'s sm90 forward."""
     ops = _lead_and_sizes(spec)
     heads = (["size_q = N_Q", "size_kv = N_KV"] if _uses_sizes(spec) else [])
-    # A predicate that is not causal (a prefix, a bool pattern) is applied on every tile.
-    mask = 0 if spec.keep is sympy.true else 1 if spec.causal else 2
+    mask = mask_kind(spec)
     fields = {
         "SPEC_DESCRIPTION": spec.describe(),
         "SPEC_KEY": spec.key,

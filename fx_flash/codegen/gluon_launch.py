@@ -8,8 +8,9 @@ key lengths that are not a multiple of the key tile), or that it was not measure
 (``not_routed``: head dim 64), runs the portable kernels instead. The reason is logged on
 the ``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND, the warp-specialized
 kernel (a TMA producer and two consumer warpgroups), the fastest of the kinds timed on the H200
-(benchmarks/RESULTS.md, Hopper); the others (one partition; ping-pong, hold, early rescale) are
-reached through ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
+(benchmarks/RESULTS.md, Hopper); the others (one partition; ping-pong, hold, early rescale; the
+persistent warp-specialized kernel) are reached through ``launch`` with their ``GluonConfig``
+(benchmarks/gluon_check.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 import triton
 
-from fx_flash.codegen.gluon import render_gluon, unsupported
+from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
 from fx_flash.codegen.loader import cache_dir, write_atomically
 from fx_flash.codegen.spec import AttentionSpec
 from fx_flash.device import DeviceProfile, device_profile, interpreting
@@ -47,6 +48,10 @@ BARRIER_BYTES = 8
 # strides, offsets) to its partitions: 216 bytes compiled for this kernel (triton 3.6 and 3.9),
 # reserved with room to spare.
 WS_CAPTURE_BYTES = 512
+# K/V bytes of the heads in one section of the persistent kernel's causal order (FlashAttention-3's
+# tile scheduler sizes its sections to 32 MiB of K and V, in the H100's and H200's 50 MB of L2):
+# without sections, at N = 2k its programs in flight read 128 heads' K/V, each once.
+L2_SECTION_BYTES = 32 * 1024 * 1024
 
 
 def enabled() -> bool:
@@ -67,6 +72,17 @@ class GluonConfig:
     pingpong: bool = False  # ws only: the consumers take turns issuing their products
     early: bool = False  # rescale the accumulator while q·kᵀ runs, not after p·v
     hold: bool = False  # ws only: keep each consumer's softmax between its q·kᵀ and p·v waits (gluon._hold)
+    # ws only: one program per SM walking output tiles, the next tile's loads under this one's epilogue
+    persistent: bool = False
+    # persistent causal only: longest tiles first across all heads, not within sections of heads
+    # whose K/V fit L2_SECTION_BYTES (gluon._output_tile)
+    one_section: bool = False
+
+    def __post_init__(self):
+        if self.persistent and (not self.ws or self.pingpong):
+            raise ValueError("the persistent kernel is warp-specialized, without ping-pong")
+        if self.one_section and not self.persistent:
+            raise ValueError("one_section orders the persistent kernel's tiles")
 
     @property
     def num_warps(self) -> int:
@@ -79,7 +95,8 @@ class GluonConfig:
 
     def __str__(self) -> str:
         flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
-                                                    ("hold", self.hold)) if on]
+                                       ("hold", self.hold), ("persistent", self.persistent),
+                                       ("one_section", self.one_section)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
@@ -87,9 +104,10 @@ def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
-    the partitions when ``ws`` (with the two turn barriers of the ping-pong, allocated whether or not
-    it is on). P and the softmax stay in registers, so this is the whole of it: tests compare it
-    with the compiled kernels' own counts."""
+    the partitions when ``ws`` (with two more barriers: the ping-pong's turns, allocated whether or
+    not it is on, or the persistent kernel's Q empty barriers in their place). P and the softmax
+    stay in registers, so this is the whole of it: tests compare it with the compiled kernels'
+    own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
     if ws:
@@ -101,7 +119,7 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
                    **flags) -> Optional[GluonConfig]:
     """The tile for ``head_dim``: BLOCK_M = 128 rows, key tiles of 128 (64 when 128 does not fit
     two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
-    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold)."""
+    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold, persistent, one_section)."""
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
                    if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s, ws) <= device.shared_memory]
@@ -171,19 +189,44 @@ def _descriptor(t: torch.Tensor, block_rows: int):
     return TensorDescriptor(t, [z * h * n, d], [t.stride(2), 1], block, layout)
 
 
-def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonConfig) -> None:
+def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> int:
+    """Query heads per section of the persistent kernel's order (gluon._output_tile): causal, as
+    many as share L2_SECTION_BYTES of K/V (a K/V head serves the H_Q / H_KV query heads next to
+    it); otherwise, or with ``one_section``, all of them (the other orders keep a head's query
+    tiles together)."""
+    z, h = q.shape[:2]
+    if mask_kind(spec) != 1 or config.one_section:
+        return z * h
+    kv_head_bytes = 2 * k.shape[2] * k.shape[3] * k.element_size()
+    return min(z * h, max(1, L2_SECTION_BYTES // kv_head_bytes) * (h // k.shape[1]))
+
+
+def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonConfig,
+           programs: Optional[int] = None, section: Optional[int] = None) -> None:
     """Run the kernel into ``out`` (Z, H, N_Q, d) and ``lse`` (Z, H, N_Q) fp32 with tile ``config``
-    (the caller has checked ``unsupported_call``)."""
+    (the caller has checked ``unsupported_call``). ``programs``, ``section``: the persistent
+    kernel's grid and heads per section of its causal order, by default one program per SM and
+    heads_per_section; checks set fewer of both, so that each program walks many output tiles and
+    the order has several sections."""
     z, h, n_q, d = q.shape
     module = load(spec)
-    fn = module._attn_fwd_sm90_ws if config.ws else module._attn_fwd_sm90
     rows = config.rows_per_consumer
+    descriptors = (_descriptor(q, rows), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N))
+    constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
+                      NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,
+                      HOLD=config.hold, num_warps=config.num_warps)
+    if config.persistent:
+        q_tiles = triton.cdiv(n_q, config.BLOCK_M)  # of a head
+        programs = min(q_tiles * z * h, programs or device_profile(q.device).multiprocessors)
+        section = section or heads_per_section(spec, q, k, config)
+        section_rounds = triton.cdiv(section * q_tiles, programs)
+        module._attn_fwd_sm90_wsp[(programs, )](*descriptors, out, lse, scale, *out.stride(), z, h, n_q, k.shape[2],
+                                                q_tiles, section, section_rounds,
+                                                triton.cdiv(z * h, section) * section_rounds, **constexprs)
+        return
+    fn = module._attn_fwd_sm90_ws if config.ws else module._attn_fwd_sm90
     grid = (triton.cdiv(n_q, config.BLOCK_M), z * h)
-    fn[grid](_descriptor(q, rows), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
-             out, lse, scale, *out.stride(), h, n_q, k.shape[2],
-             GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-             NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,
-             HOLD=config.hold, num_warps=config.num_warps)
+    fn[grid](*descriptors, out, lse, scale, *out.stride(), h, n_q, k.shape[2], **constexprs)
 
 
 def not_routed(q: torch.Tensor) -> Optional[str]:

@@ -6,10 +6,10 @@ and every call this kernel cannot compute exactly (another GPU, the interpreter,
 other than 64 and 128, tensor operands, dropout, layouts a row-matrix descriptor cannot address,
 key lengths that are not a multiple of the key tile), or that it was not measured faster on
 (``not_routed``: head dim 64), runs the portable kernels instead. The reason is logged on
-the ``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND, the warp-specialized
-kernel (a TMA producer and two consumer warpgroups), the fastest of the kinds timed on the H200
-(benchmarks/RESULTS.md, Hopper); the others (one partition; ping-pong, hold, early rescale; the
-persistent warp-specialized kernel) are reached through ``launch`` with their ``GluonConfig``
+the ``fx_flash`` logger at debug level. What is routed runs ``routed_kind``: the warp-specialized
+kernel (a TMA producer and two consumer warpgroups), persistent for causal specs, the fastest of
+the kinds timed on the H200 (benchmarks/RESULTS.md, Hopper); the others (one partition;
+ping-pong, hold, early rescale) are reached through ``launch`` with their ``GluonConfig``
 (benchmarks/gluon_check.py).
 """
 
@@ -39,7 +39,7 @@ HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger o
 # H200 and measured at least as fast as the tuned portable forward (benchmarks/RESULTS.md).
 ROUTED_HEAD_DIMS = (128,)
 ROUTED_DTYPES = (torch.bfloat16, torch.float16)
-ROUTED_KIND = dict(ws=True)  # GluonConfig flags of the routed kernel
+ROUTED_KIND = dict(ws=True)  # GluonConfig flags of the routed kernel (routed_kind adds persistence)
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4
@@ -240,12 +240,19 @@ def not_routed(q: torch.Tensor) -> Optional[str]:
     return None
 
 
+def routed_kind(spec: AttentionSpec) -> dict:
+    """GluonConfig flags of the kernel ``spec`` is routed to: ROUTED_KIND, persistent for causal
+    specs (measured on the H200 at d = 128: 406 against 359 TFLOP/s at N = 2k, 515 against 497 at
+    8k; without a mask the persistent kernel was 1% slower at 8k at the same tile, so not there)."""
+    return {**ROUTED_KIND, "persistent": spec.tile_mode == "causal"}
+
+
 def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
-    """Compute the forward into ``out``/``lse`` with the routed Gluon kernel (ROUTED_KIND) if it
+    """Compute the forward into ``out``/``lse`` with the routed Gluon kernel (``routed_kind``) if it
     applies; False (nothing written) when the portable kernels must run instead."""
     config = None
     if q.is_cuda:
-        config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **ROUTED_KIND)
+        config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **routed_kind(spec))
     reason = unsupported_call(spec, q, k, v, config) or not_routed(q)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)

@@ -416,6 +416,26 @@ def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
 
 
 @gluon.jit
+def _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES: gl.constexpr):
+    """The warp-specialized kernels' K/V ring: each stage's K and V are ready when their TMA load
+    lands, and empty once both consumers have released them."""
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each buffer
+        mbarrier.init(v_empty.index(i), count=2)
+
+
+@gluon.jit
+def _invalidate_ring(k_ready, v_ready, k_empty, v_empty, STAGES: gl.constexpr):
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+
+@gluon.jit
 def _attn_fwd_sm90_ws(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
     stride_oz, stride_oh, stride_om, stride_ok,
@@ -444,11 +464,7 @@ def _attn_fwd_sm90_ws(
     for c in gl.static_range(2):
         mbarrier.init(q_bars.index(c), count=1)
         mbarrier.init(sched.index(c), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each buffer
-        mbarrier.init(v_empty.index(i), count=2)
+    _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out,
                      LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row,
@@ -462,11 +478,7 @@ def _attn_fwd_sm90_ws(
     for c in gl.static_range(2):
         mbarrier.invalidate(q_bars.index(c))
         mbarrier.invalidate(sched.index(c))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_ready.index(i))
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(k_empty.index(i))
-        mbarrier.invalidate(v_empty.index(i))
+    _invalidate_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 
 
 @gluon.jit
@@ -592,11 +604,7 @@ def _attn_fwd_sm90_wsp(
     for c in gl.static_range(2):
         mbarrier.init(q_ready.index(c), count=1)
         mbarrier.init(q_empty.index(c), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each buffer
-        mbarrier.init(v_empty.index(i), count=2)
+    _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 
     ZH = Z * H
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
@@ -612,11 +620,7 @@ def _attn_fwd_sm90_wsp(
     for c in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(c))
         mbarrier.invalidate(q_empty.index(c))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_ready.index(i))
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(k_empty.index(i))
-        mbarrier.invalidate(v_empty.index(i))
+    _invalidate_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 '''
 
 

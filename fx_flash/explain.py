@@ -25,6 +25,9 @@ def _tiles(spec) -> str:
     """What SiteReport.tiles says: the kernels' tile mode and the source of a ranged table."""
     if spec.tile_mode != "ranged":
         return _TILE_MODES[spec.tile_mode]
+    if spec.positional_keep is not None:
+        return ("ranged (empty tiles skipped from a per-tile summary of the mask tensors; dK/dV key tiles "
+                f"where they keep all that {spec.positional_keep} keeps walk its loop alone)")
     if spec.keep_operands:
         return "ranged (empty tiles skipped from a per-tile summary of the mask tensors)"
     return "ranged (empty tiles skipped, classified from the predicate)"

@@ -343,6 +343,23 @@ def test_explain_prints_the_captured_score_and_predicate():
     assert "score 30.0*tanh(qk*scale)" in str(report)
 
 
+def test_explain_names_the_positional_part_of_a_padding_mask():
+    """explain() says how a transformers-style padding & causal mask skips tiles: from the mask's
+    summary, with the causal part alone where the padding changes nothing."""
+    from fx_flash.explain import explain
+
+    def attention(q, k, v, pad):
+        n = q.shape[-2]
+        i = torch.arange(n)
+        keep = (i[None, :] <= i[:, None]) & pad[:, None, None, :]
+        return (scores(q, k) + torch.where(keep, 0.0, torch.finfo(q.dtype).min)).softmax(-1) @ v
+
+    q, k, v = qkv()
+    (site,) = explain(attention, q, k, v, torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool)).sites
+    assert site.tiles == ("ranged (empty tiles skipped from a per-tile summary of the mask tensors; dK/dV key "
+                          "tiles where they keep all that kv_idx <= q_idx keeps walk its loop alone)")
+
+
 def test_data_dependent_control_flow_is_not_fused():
     """A branch on the scores' values splits Dynamo's graph: the softmax is left, with a reason."""
     from fx_flash.explain import explain

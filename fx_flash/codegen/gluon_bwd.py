@@ -47,13 +47,15 @@ GLUON_BWD_TEMPLATE = '''\
 # Per query tile, five matrix products (the portable kernel's separate dQ pass recomputes two):
 #   qk = K·Qᵀ, dpT = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K (dSᵀ through shared memory).
 #
-# Note (the loop): a program walks the query tiles of the GROUP heads that read its K/V head as one
-# flat sequence t = 0 … GROUP·per_head − 1 (head g = t // per_head, query tile lo + t % per_head),
-# so the Q/dO ring runs on across heads: buffer t % STAGES, whose barriers flip once per use (parity
-# (t // STAGES) & 1); once tile t's products have completed, the program loads tile t + STAGES
-# into its buffers itself. Causal (MASK = 1): query tiles before lo see none of these keys and are
-# skipped; the BLOCK_N // BLOCK_M tiles from lo on cross the diagonal and apply the predicate
-# (``band``), the rest only what the predicate holds beyond it.
+# Note (the loop): a program walks the query tiles [lo, n_m) of each of the GROUP heads that read
+# its K/V head, head after head; step t of that walk uses ring buffer t % STAGES, whose barriers
+# flip once per use (parity (t // STAGES) & 1), so the Q/dO ring runs on across heads. Once step
+# t's products have completed, the program loads step t + STAGES into that buffer itself
+# (``load_g``, ``load_m``: the walk's position STAGES steps ahead, advanced by _advance). Causal
+# (MASK = 1): query tiles before lo see none of these keys and are skipped; the BLOCK_N // BLOCK_M
+# tiles from lo on cross the diagonal and apply the predicate (``band``), the rest only what the
+# predicate holds beyond it. tests/test_gluon_bwd.py runs this walk, with _query_tiles and
+# _advance as rendered, in a float64 emulation of the whole kernel against autograd.
 #
 # Note (rows): the forward's fully masked rows have LSE = -inf: read as +inf here, as rows past N_Q
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as
@@ -127,8 +129,11 @@ def _query_tiles(start_n, N_Q, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 @gluon.jit
 def _advance(g, m, lo, n_m):
     """The step after (head g, query tile m) of the walk: tile m + 1, or the next head's first."""
-    wrap = (m + 1 == n_m).to(gl.int32)
-    return g + wrap, m + 1 - wrap * (n_m - lo)
+    m = m + 1
+    if m == n_m:
+        g = g + 1
+        m = lo
+    return g, m
 
 
 @gluon.jit

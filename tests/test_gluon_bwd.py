@@ -276,7 +276,8 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
             for i in range(stages):
                 ring[i % stages] = (load_g, load_m) if load_g < group and load_m < n_m else None
                 load_g, load_m = advance(load_g, load_m, lo, n_m)
-            kt, vt = k[off_z, off_hkv, start_n * BN:(start_n + 1) * BN], v[off_z, off_hkv, start_n * BN:(start_n + 1) * BN]
+            keys = slice(start_n * BN, (start_n + 1) * BN)
+            kt, vt = k[off_z, off_hkv, keys], v[off_z, off_hkv, keys]
             offs_n = (start_n * BN + torch.arange(BN))[None, :].numpy()
             dk_t, dv_t, t = torch.zeros(BN, d, dtype=torch.float64), torch.zeros(BN, d, dtype=torch.float64), 0
             for g in range(group):
@@ -288,11 +289,10 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
                     qt, dot = q_rows[row:row + BM], do_rows[row:row + BM]
                     offs_m = (m * BM + torch.arange(BM))[:, None]
                     ok = offs_m[:, 0] < n_q
-                    lse_t = torch.where(ok, lse.reshape(-1)[(off_hz * n_q + offs_m[:, 0]).clamp(max=z * h * n_q - 1)],
-                                        torch.tensor(math.inf, dtype=torch.float64))
+                    flat = (off_hz * n_q + offs_m[:, 0]).clamp(max=z * h * n_q - 1)
+                    lse_t = torch.where(ok, lse.reshape(-1)[flat], math.inf)  # rows past N_Q: +inf
                     base = torch.where(lse_t == -math.inf, math.inf, lse_t) * log2e
-                    delta_t = torch.where(ok, delta.reshape(-1)[(off_hz * n_q + offs_m[:, 0]).clamp(max=z * h * n_q - 1)],
-                                          torch.zeros((), dtype=torch.float64))
+                    delta_t = torch.where(ok, delta.reshape(-1)[flat], 0.0)
                     qk = (qt @ kt.T).numpy()
                     rows, cols = torch.broadcast_tensors(offs_m, torch.as_tensor(offs_n))
                     args = (qk, scale, rows.numpy(), cols.numpy(), off_h, n_q, n_kv)
@@ -315,8 +315,8 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
                     load_g, load_m = advance(load_g, load_m, lo, n_m)
                     t += 1
             assert all(slot is None for slot in ring.values())  # nothing loaded past the walk
-            dk[off_z, off_hkv, start_n * BN:(start_n + 1) * BN] = dk_t * factor
-            dv[off_z, off_hkv, start_n * BN:(start_n + 1) * BN] = dv_t
+            dk[off_z, off_hkv, keys] = dk_t * factor
+            dv[off_z, off_hkv, keys] = dv_t
     return dq_acc[:z * h * n_q].reshape(q.shape), dk, dv
 
 

@@ -260,8 +260,8 @@ $HEADS
 
             # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ --
             mbarrier.wait(q_ready.index(buf), phase)
-            qk = warpgroup_mma(q_smem.index(buf), k_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
+            qk = warpgroup_mma(q_smem.index(buf), k_smem.permute((1, 0)),
+                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             mbarrier.wait(do_ready.index(buf), phase)
             dp = warpgroup_mma(do_smem.index(buf), v_smem.permute((1, 0)),
                                gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)

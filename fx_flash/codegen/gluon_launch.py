@@ -320,7 +320,8 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Op
     return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting)) if fitting else None
 
 
-def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse, config: Optional[GluonBwdConfig]) -> Optional[str]:
+def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
+                              config: Optional[GluonBwdConfig]) -> Optional[str]:
     """Why this backward call cannot run the Gluon kernel, or None when it can: the forward's rules
     (device, dtype, head dim, key length a multiple of BLOCK_N, row matrices, the spec), dO a row
     matrix too, a contiguous LSE, and a spec whose backward renders."""

@@ -2,7 +2,7 @@
 against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN SDPA and the
 portable backward.
 
-    python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--limit 150] [--bench-limit 150]
+    python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--limit 120] [--bench-limit 110]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -269,8 +269,8 @@ def _run_child(what, ns, limit):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", default="2048,8192")
-    ap.add_argument("--limit", type=float, default=150.0, help="seconds per numerics child")
-    ap.add_argument("--bench-limit", type=float, default=150.0, help="seconds of the timing child")
+    ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
+    ap.add_argument("--bench-limit", type=float, default=110.0, help="seconds of the timing child")
     ap.add_argument("--child", default="", help="internal")
     args = ap.parse_args()
     if args.child:

@@ -37,15 +37,18 @@ GLUON_BWD_TEMPLATE = '''\
 #   LSE, Delta         (Z, H, N_Q) fp32: the forward's natural-log logsumexp, rowsum(dO ∘ O).
 #   BLOCK_N, BLOCK_M   keys of a program (NUM_WARPS // 4 warpgroups of 64 keys each) / query rows
 #                      of a tile; STAGES Q and dO buffers in the ring.
-#   s_layout           wgmma accumulator of the transposed scores (BLOCK_N, BLOCK_M): keys on rows.
-#   kv_layout          of dK and dV (BLOCK_N, HEAD_DIM); op_layout: a register A operand beside it.
-#   dq_layout          of a tile's dQ share (BLOCK_M, HEAD_DIM): the warpgroups split HEAD_DIM.
-#   qk, s, pT          qkᵀ transposed (k·qᵀ), the score in log2 units (log2 e folded into qk_scale),
-#                      the weights exp2(s − LSE·log2 e), all (BLOCK_N, BLOCK_M).
-#   dpT, dsT           (dO·Vᵀ)ᵀ and the score gradient Pᵀ ∘ (dPᵀ − Delta) · d(score)/d(qk).
+#   s_layout           wgmma accumulator of a step's scores (BLOCK_M, BLOCK_N): queries on rows,
+#                      the warpgroups split the keys (FlashAttention-3's orientation: a thread holds
+#                      two rows' LSE and Delta).
+#   kv_layout          of dK and dV (BLOCK_N, HEAD_DIM): each warpgroup owns 64 keys.
+#   dq_layout          of a step's dQ share (BLOCK_M, HEAD_DIM): the warpgroups split HEAD_DIM.
+#   qk, s, p           raw Q·Kᵀ, the score in log2 units (log2 e folded into qk_scale), the weights
+#                      exp2(s − LSE·log2 e), all (BLOCK_M, BLOCK_N); p_smem holds P in the dtype.
+#   dp, ds             dO·Vᵀ and the score gradient P ∘ (dP − Delta) · d(score)/d(qk); ds_smem.
 #
-# Per query tile, five matrix products (the portable kernel's separate dQ pass recomputes two):
-#   qk = K·Qᵀ, dpT = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K (dSᵀ through shared memory).
+# Per step, five matrix products (the portable backward's separate dQ pass recomputes two):
+#   qk = Q·Kᵀ, dp = dO·Vᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_step = dS·K, with P and dS read from
+#   shared memory (transposed for dV and dK).
 #
 # Note (the loop): a program walks the query tiles [lo, n_m) of each of the GROUP heads that read
 # its K/V head, head after head; step t of that walk uses ring buffer t % STAGES, whose barriers
@@ -61,10 +64,16 @@ GLUON_BWD_TEMPLATE = '''\
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as
 # 0 there; their dQ is not stored).
 #
-# Note (dQ): each program adds its share dS·K of a query tile into DQ with fp32 atomics (relaxed:
-# nothing reads DQ before the kernel ends), after the five products complete, so the atomics run
-# beside the next tile's products. The sum's order varies between runs: not deterministic (the
-# portable backward is, FX_FLASH_DQ=separate).
+# Note (dQ): each program adds its share dS·K of a query tile into DQ with fp32 atomics, relaxed
+# (nothing reads DQ before the kernel ends) and without a result, so the threads issue them and
+# go on: their traffic to L2 runs under the next step's products. The sum's order varies between
+# runs: not deterministic (the portable backward is, FX_FLASH_DQ=separate).
+#
+# Note (registers): K, V, P and dS sit at fixed shared-memory addresses, and the compiler hoisted
+# the wgmma descriptors of every k-step over them out of the loop, holding 20-odd registers (then
+# spilling: dK and dV alone take 128 per thread). Each step indexes them with an opaque zero
+# (``zero``, an inline-asm mov), so the descriptors are rebuilt where they are used, in uniform
+# registers. With it ptxas of triton 3.6 keeps every kernel in registers (tests/test_gluon_bwd.py).
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -252,6 +261,7 @@ $HEADS
             delta = gl.load(Delta + off_hz.to(gl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
             buf = t % STAGES
             phase = (t // STAGES) & 1
+            # see the note on registers
             zero = gl.inline_asm_elementwise("mov.u32 $$0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
             k_smem = k_all.index(zero)
             v_smem = v_all.index(zero)

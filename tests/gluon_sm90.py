@@ -1,10 +1,11 @@
-"""Compile the Gluon forward for sm_90 without a GPU, and report what the binary holds.
+"""Compile the Gluon kernels for sm_90 without a GPU, and report what the binary holds.
 
     python -m tests.gluon_sm90 SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND [SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND ...]
 
 KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
 accumulator rescaled while q·kᵀ runs), wsp (ws, persistent); a trailing "h" (wsh, pph, ppeh, wsph)
-adds the hold (gluon._hold);
+adds the hold (gluon._hold); bwd, the backward (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows
+per step and BLOCK_N keys), bwd-prep its Delta kernel;
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports (the ptxas Triton itself runs for
@@ -34,6 +35,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from fx_flash.codegen import gluon_launch
 from fx_flash.codegen.gluon import render_gluon
+from fx_flash.codegen.gluon_bwd import render_gluon_bwd
 from fx_flash.codegen.spec import spec_from_text
 
 SM90 = GPUTarget("cuda", 90, 128)
@@ -44,17 +46,21 @@ def _descriptor_type(rows: int, head_dim: int) -> str:
     return f"tensordesc<bf16[{rows}, {head_dim}],{layout!r}>"
 
 
+def _module(source: str):
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    found = importlib.util.spec_from_file_location("gluon_sm90_kernel", f.name)
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module
+
+
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``)."""
-    spec = spec_from_text(spec_text)
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(render_gluon(spec))
-    found = importlib.util.spec_from_file_location("gluon_sm90_kernel", f.name)
-    module = importlib.util.module_from_spec(found)
-    found.loader.exec_module(module)
+    module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(gluon_launch.BLOCK_M, block_n, stages, ws, pingpong, early, hold, persistent)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
@@ -70,6 +76,38 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
     divisible = ("Out", "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
+    attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}
+    return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=SM90,
+                          options={"num_warps": warps})
+
+
+def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, prep: bool = False):
+    """The compiled Gluon backward of ``spec_text`` for bf16 at ``head_dim`` (its Delta kernel when
+    ``prep``), specialized as launch_backward's call at the benchmarks' shapes: last strides 1,
+    the others, the sizes and the pointers multiples of 16."""
+    module = _module(render_gluon_bwd(spec_from_text(spec_text)))
+    if prep:
+        kernel, warps = module._attn_bwd_sm90_prep, 4
+        signature = {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32", "DQ": "*fp32",
+                     **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "stride_ok", "stride_doz",
+                                                 "stride_doh", "stride_dom", "stride_dok", "H", "N_Q")}}
+        consts = {"HEAD_DIM": head_dim, "BLOCK": gluon_launch.BWD_PREP_ROWS, "NUM_WARPS": warps, "stride_ok": 1,
+                  "stride_dok": 1}
+        divisible = ("Out", "DO", "Delta", "DQ", "stride_oz", "stride_oh", "stride_om", "stride_doz", "stride_doh",
+                     "stride_dom", "H", "N_Q")
+    else:
+        kernel, warps = module._attn_bwd_sm90, gluon_launch.BWD_NUM_WARPS
+        block_m = gluon_launch.BWD_BLOCK_M
+        signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
+                     "v_desc": _descriptor_type(block_n, head_dim), "do_desc": _descriptor_type(block_m, head_dim),
+                     "DK": "*bf16", "DV": "*bf16", "DQ": "*fp32", "LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32",
+                     **{name: "i32" for name in ("stride_dkz", "stride_dkh", "stride_dkn", "stride_dkk", "stride_dvz",
+                                                 "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV")}}
+        consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
+                  "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1}
+        divisible = ("DK", "DV", "DQ", "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
+                     "stride_dvh", "stride_dvn", "H", "N_Q", "N_KV")
+    signature.update({name: "constexpr" for name in consts})
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}
     return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=SM90,
                           options={"num_warps": warps})
@@ -107,6 +145,17 @@ KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items())
 KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True)})
 
 
+def _sass(kernel) -> str:
+    """The kernel's SASS by the nvdisasm beside ptxas; empty when it cannot run."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        nvdisasm = os.path.join(os.path.dirname(_ptxas()), "nvdisasm")
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, timeout=120).stdout
+    except Exception:  # noqa: BLE001 - extra evidence, as _ptxas_report
+        return ""
+
+
 def _exps_between_waits(kernel) -> list[int]:
     """For each wait for all wgmma (DEPBAR.LE gsb0, 0x0) that follows a wait leaving one in flight
     (0x1), the exponentials (MUFU.EX2) between the two in the SASS: the softmax that overlaps p·v.
@@ -133,13 +182,17 @@ def _exps_between_waits(kernel) -> list[int]:
 def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
         text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
-        kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
+        if kind.startswith("bwd"):
+            kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep")
+        else:
+            kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
         ptx = kernel.asm["ptx"]
         print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "kind": kind,
                           "shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
                           "tma": ptx.count("cp.async.bulk.tensor"), "exps_between_waits": _exps_between_waits(kernel),
                           "turn_waits": ptx.count("mbarrier.try_wait"), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
-                          **_ptxas_report(ptx)}), flush=True)
+                          "atomics": len(re.findall(r"\b(?:red|atom)\.global\.", ptx)),
+                          "local_stores": _sass(kernel).count("STL"), **_ptxas_report(ptx)}), flush=True)
 
 
 if __name__ == "__main__":

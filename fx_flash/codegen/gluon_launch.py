@@ -1,5 +1,6 @@
-"""Launching the Gluon sm90 forward (``gluon.py``): when it applies, its tile from shared memory M,
-the TMA descriptors, the cached module.
+"""Launching the Gluon sm90 kernels: the forward (``gluon.py``) and, at the end, the backward
+(``gluon_bwd.py``): when each applies, its tile from shared memory M, the TMA descriptors, the
+cached module.
 
 Off unless ``FX_FLASH_GLUON=1``; then ``launch.attention_forward`` offers each forward here first,
 and every call this kernel cannot compute exactly (another GPU, the interpreter, fp32, head dims
@@ -11,6 +12,11 @@ kernel (a TMA producer and two consumer warpgroups), persistent for causal specs
 the kinds timed on the H200 (benchmarks/RESULTS.md, Hopper); the others (one partition;
 ping-pong, hold, early rescale) are reached through ``launch`` with their ``GluonConfig``
 (benchmarks/gluon_check.py).
+
+The backward is off unless ``FX_FLASH_GLUON_BWD=1`` (independently of the forward's switch); then
+``launch.attention_backward`` offers each backward here first (``backward``), with the forward's
+rules plus dO's layout, and the portable backward runs whatever it refuses. Not yet run on a GPU
+(benchmarks/gluon_bwd_check.py is the check; GLUON_NOTES.md, call 6).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import torch
 import triton
 
 from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
+from fx_flash.codegen.gluon_bwd import render_gluon_bwd
+from fx_flash.codegen.gluon_bwd import unsupported as unsupported_backward
 from fx_flash.codegen.loader import cache_dir, write_atomically
 from fx_flash.codegen.spec import AttentionSpec
 from fx_flash.device import DeviceProfile, device_profile, interpreting
@@ -259,3 +267,120 @@ def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
         return False
     launch(spec, q, k, v, out, lse, scale, config)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward (gluon_bwd.py): FX_FLASH_GLUON_BWD=1, off by default; not yet run on a GPU.
+
+BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
+BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma
+BWD_NUM_WARPS = 8
+# Q/dO stages: a tile's five products take ~2.5k cycles of the tensor cores alone, so one tile in
+# flight beyond the current one already hides a TMA load; a third is margin (a fourth would fit
+# at d = 128 and buys nothing but less L1).
+BWD_MAX_STAGES = 3
+BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
+_bwd_modules: dict[str, ModuleType] = {}
+
+
+def backward_enabled() -> bool:
+    """FX_FLASH_GLUON_BWD=1 routes the backwards this kernel supports to it (off by default)."""
+    return os.environ.get("FX_FLASH_GLUON_BWD", "0") == "1"
+
+
+@dataclass(frozen=True)
+class GluonBwdConfig:
+    """A tile of the Gluon backward: BLOCK_N keys per program, BLOCK_M query rows per step,
+    STAGES Q/dO buffers."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    STAGES: int
+
+    def __str__(self) -> str:
+        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"
+
+
+def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
+    """Shared-memory bytes of one backward program: K and V of its key tile, ``stages`` Q and dO
+    tiles, P and dS (block_m, block_n) for the products that read them from shared memory, and the
+    mbarriers (K/V's, and a ready one per Q and dO buffer; Triton aligns each array to 16 bytes).
+    dK, dV and the scores stay in registers, so this is the whole of it: tests compare it with the
+    compiled kernel's own count."""
+    ring = -(-BARRIER_BYTES * stages // 16) * 16
+    tiles = elem_bytes * (2 * block_n * head_dim + 2 * stages * block_m * head_dim + 2 * block_m * block_n)
+    return tiles + BARRIER_BYTES + 2 * ring
+
+
+def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonBwdConfig]:
+    """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, and the
+    deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M; None if two stages do not."""
+    fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
+               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s) <= device.shared_memory]
+    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting)) if fitting else None
+
+
+def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
+                              config: Optional[GluonBwdConfig]) -> Optional[str]:
+    """Why this backward call cannot run the Gluon kernel, or None when it can: the forward's rules
+    (device, dtype, head dim, key length a multiple of BLOCK_N, row matrices, the spec), dO a row
+    matrix too, a contiguous LSE, and a spec whose backward renders."""
+    reason = unsupported_call(spec, q, k, v, config)
+    if reason:
+        return reason
+    if dout.shape != q.shape or not row_matrix(dout):
+        return "dout is not a (Z·H·N, d) row matrix"
+    if not lse.is_contiguous():
+        return "lse is not contiguous"
+    return unsupported_backward(spec)
+
+
+def load_backward(spec: AttentionSpec) -> ModuleType:
+    """The imported Gluon backward module of ``spec`` (cached as ``load`` caches the forward's)."""
+    with _lock:
+        module = _bwd_modules.get(spec.key)
+        if module is None:
+            source = render_gluon_bwd(spec)
+            digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+            path = cache_dir() / f"fx_flash_gluon_bwd_{spec.key}_{digest}.py"
+            if not path.exists():
+                write_atomically(path, source)
+            found = importlib.util.spec_from_file_location(f"fx_flash_gluon_bwd_{spec.key}", path)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+            _bwd_modules[spec.key] = module
+        return module
+
+
+def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):
+    """(dq, dk, dv) of the call (the caller has checked ``unsupported_backward_call``): the Delta
+    kernel (which also zeroes the fp32 dQ accumulator), then one program per key tile and K/V head,
+    then dQ cast to q's dtype. dk and dv come out contiguous, as the portable backward's do."""
+    z, h, n_q, d = q.shape
+    h_kv, n_kv = k.shape[1], k.shape[2]
+    module = load_backward(spec)
+    delta = torch.empty((z, h, n_q), device=q.device, dtype=torch.float32)
+    dq_acc = torch.empty((z, h, n_q, d), device=q.device, dtype=torch.float32)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    module._attn_bwd_sm90_prep[(triton.cdiv(n_q, BWD_PREP_ROWS), z * h)](
+        out, dout, delta, dq_acc, *out.stride(), *dout.stride(), h, n_q,
+        HEAD_DIM=d, BLOCK=BWD_PREP_ROWS, NUM_WARPS=4, num_warps=4)
+    descriptors = (_descriptor(q, config.BLOCK_M), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
+                   _descriptor(dout, config.BLOCK_M))
+    module._attn_bwd_sm90[(n_kv // config.BLOCK_N, z * h_kv)](
+        *descriptors, dk, dv, dq_acc, lse, delta, scale, *dk.stride(), *dv.stride(), h, n_q, n_kv,
+        GROUP=h // h_kv, HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
+        NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS)
+    return dq_acc.to(q.dtype), dk, dv
+
+
+def backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float):
+    """(dq, dk, dv) by the Gluon backward if it applies to this call; None (nothing launched) when
+    the portable backward must run instead, the reason logged at debug level."""
+    config = backward_config(device_profile(q.device), q.shape[-1], q.element_size()) if q.is_cuda else None
+    reason = unsupported_backward_call(spec, dout, q, k, v, lse, config)
+    if reason:
+        log.debug("gluon backward not used for %s: %s", spec.describe(), reason)
+        return None
+    return launch_backward(spec, dout, q, k, v, out, lse, scale, config)

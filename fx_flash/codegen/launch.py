@@ -464,14 +464,14 @@ def _contiguous_strides(shape) -> tuple:
 # The environment variables launches read (through the functions named after them above and in
 # gluon_launch, tiling and device); a plan's key holds their values.
 SWITCHES = ("TRITON_INTERPRET", "FX_FLASH_AUTOTUNE", "FX_FLASH_DQ", "FX_FLASH_TMA", "FX_FLASH_SPLIT_KV",
-            "FX_FLASH_GLUON", "FX_FLASH_DIRECT_LAUNCH")
+            "FX_FLASH_GLUON", "FX_FLASH_GLUON_BWD", "FX_FLASH_DIRECT_LAUNCH")
 
 
 def _switch_reader():
     """A function returning the values of SWITCHES now (None where unset), as os.environ.get would.
 
     Note (host time): os.environ.get costs ~1 µs per name (it encodes the name and decodes the
-    value), seven of them a call. os.environ keeps its contents in the dict ``_data``, under
+    value), eight of them a call. os.environ keeps its contents in the dict ``_data``, under
     ``encodekey(name)``, and every assignment, deletion and ``monkeypatch.setenv`` goes through
     it; reading that dict with the names encoded once sees the same values at a tenth of the
     cost (raw, not decoded: they only need to compare equal). Without that layout (another
@@ -711,6 +711,11 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
         dq, dk, dv = new_output(q), new_output(k), new_output(v)
         return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros(t.shape, device=q.device, dtype=t.dtype)
                                                     for t in grad_of]
+    from fx_flash.codegen import gluon_launch  # the sm90 Gluon backward, FX_FLASH_GLUON_BWD=1 (off by default)
+    if gluon_launch.backward_enabled():
+        grads = gluon_launch.backward(spec, dout, q, k, v, out, lse, scale)
+        if grads is not None:
+            return (*grads, [])  # no plan: gluon_launch launches its kernels on every call
     plan = _Backward(spec, dout, q, k, v, out, operands, grad_of, dropout_p, scale, consts, _direct(q))
     grads = plan(dout, q, k, v, out, lse, operands, seed)
     if plan.final:

@@ -1,0 +1,314 @@
+"""GPU evidence for the Gluon sm90 backward (fx_flash/codegen/gluon_bwd.py), in one run: dq, dk, dv
+against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN SDPA and the
+portable backward.
+
+    python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--limit 120] [--bench-limit 110]
+
+Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
+
+Two phases, each child process with its own time limit, so a kernel that hangs (a wrong mbarrier
+phase waits forever) costs its own rows, not the run:
+1. numerics, in parallel: one child per (dtype, head dim): the Gluon backward (launched directly,
+   its outputs and dQ accumulator poisoned with NaN first) on plain, causal, soft-capping, ragged
+   N_Q, N_Q = 77, GQA 16/2 and N_Q > N_KV, checked with flash-attn's rule (the max error at most
+   twice PyTorch's own error in the test dtype, plus 1e-2·max(1, √max|ref|)) against fp32 eager
+   autograd; and, in the bf16 d = 128 child, ``fx_flash.flash_attention`` with FX_FLASH_GLUON=1 and
+   FX_FLASH_GLUON_BWD=1 (the routed path, asserting the Gluon backward ran).
+2. timing, one child alone on the GPU, d = 128, bf16, batch·N = 16k, hidden 2048: fwd+bwd of cuDNN
+   SDPA (first and last in each row: its rate drifts within a process), fx_flash with every kernel
+   portable (the default), with the Gluon forward and the portable backward (FX_FLASH_GLUON=1,
+   what runs today), and with both Gluon (FX_FLASH_GLUON_BWD=1 too) if phase 1 passed; and the
+   backward alone of the last two (autograd's backward from a saved forward). TFLOP/s =
+   3.5·4·B·H·N²·d (halved when causal) / time; the backward alone counts 2.5·4·B·H·N²·d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+SOFTCAP = "score=50*tanh(qk*scale/50); keep=kv_idx <= q_idx"
+
+
+def _eager(q, k, v, scale, causal, softcap):
+    s = (q @ k.transpose(-2, -1)) * scale
+    if softcap:
+        s = 50 * torch.tanh(s / 50)
+    if causal:
+        nq, nk = s.shape[-2:]
+        keep = torch.ones(nq, nk, device=q.device, dtype=torch.bool).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _cases():
+    """(label, b, hq, hkv, nq, nk, spec text, causal, softcap)."""
+    return [
+        ("plain 2x8x1024", 2, 8, 8, 1024, 1024, "score=qk*scale", False, False),
+        ("causal 2x8x1024", 2, 8, 8, 1024, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
+        ("softcap causal 2x8x1024", 2, 8, 8, 1024, 1024, SOFTCAP, True, True),
+        # N_Q not a multiple of 64: the last Q/dO tile reads the next head's rows, weighs 0.
+        ("causal ragged Nq 1000x1024", 2, 8, 8, 1000, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
+        ("plain Nq 77 x Nk 512", 3, 4, 4, 77, 512, "score=qk*scale", False, False),
+        # A program walks the 8 query heads of its K/V head, its Q/dO ring running on across them.
+        ("causal GQA 16/2 1024", 2, 16, 2, 1024, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
+        ("causal Nq>Nk 2048x1024", 1, 8, 8, 2048, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
+    ]
+
+
+def _grouped(qkv, group):
+    """q, and k, v repeated over the GROUP query heads that read each (GQA)."""
+    q, k, v = qkv
+    return q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@contextlib.contextmanager
+def _poisoned_empty():
+    """torch.empty returns NaN-filled floating tensors (every output element must be written; the
+    dQ accumulator must be zeroed by the Delta kernel)."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def _rule(name, ours, torch_same, ref):
+    e, et = _err(ours, ref), _err(torch_same, ref)
+    good = bool(torch.isfinite(ours).all().item()) and e <= 2 * et + 1e-2 * max(1.0, ref.abs().max().item() ** 0.5)
+    return good, f"{name} {e:.2e}/{et:.2e}{'' if good else '!'}"
+
+
+def numerics(d, dtype):
+    """The Gluon backward on every case, launched directly; True if all pass."""
+    from fx_flash.codegen import gluon_launch, launch
+    from fx_flash.codegen.spec import spec_from_text
+    from fx_flash.device import device_profile
+
+    ok = True
+    cfg = gluon_launch.backward_config(device_profile(torch.device("cuda")), d, 2)
+    for label, b, hq, hkv, nq, nk, text, causal, softcap in _cases():
+        spec = spec_from_text(text)
+        q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
+        do = torch.randn_like(q)
+        scale = 1 / math.sqrt(d)
+        out, lse = launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
+        tag = f"d{d} {str(dtype)[6:]} {label} [{cfg}]"
+        reason = gluon_launch.unsupported_backward_call(spec, do, q, k, v, lse, cfg)
+        if reason:
+            print(f"FAIL {tag}: refused: {reason}", flush=True)
+            ok = False
+            continue
+        try:
+            with _poisoned_empty():
+                grads = gluon_launch.launch_backward(spec, do, q, k, v, out, lse, scale, cfg)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported per case, the rest still runs
+            print(f"FAIL {tag}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            ok = False
+            continue
+        rows, good = [], True
+        ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        same_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ref = torch.autograd.grad(_eager(*_grouped(ref_in, hq // hkv), scale, causal, softcap), ref_in, do.float())
+        same = torch.autograd.grad(_eager(*_grouped(same_in, hq // hkv), scale, causal, softcap), same_in, do)
+        for name, a, t, r in zip(("dq", "dk", "dv"), grads, same, ref):
+            g, row = _rule(name, a, t, r)
+            good &= g
+            rows.append(row)
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {tag}: {' '.join(rows)}", flush=True)
+    if d == 128 and dtype == torch.bfloat16:
+        ok &= routed(d)
+    return ok
+
+
+def routed(d):
+    """fx_flash.flash_attention(is_causal=True) with both Gluon switches on: the Gluon backward ran
+    and out, dq, dk, dv follow the rule."""
+    import fx_flash
+    from fx_flash.codegen import gluon_launch
+
+    calls = []
+    real = gluon_launch.launch_backward
+    gluon_launch.launch_backward = lambda *a: (calls.append(a[-1]), real(*a))[1]
+    os.environ.update(FX_FLASH_GLUON="1", FX_FLASH_GLUON_BWD="1")
+    try:
+        q, k, v = (torch.randn(2, 8, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        do = torch.randn_like(q)
+        out = fx_flash.flash_attention(q, k, v, is_causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    finally:
+        os.environ.pop("FX_FLASH_GLUON")
+        os.environ.pop("FX_FLASH_GLUON_BWD")
+        gluon_launch.launch_backward = real
+    ins32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ins16 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = _eager(*ins32, 1 / math.sqrt(d), True, False)
+    tor = _eager(*ins16, 1 / math.sqrt(d), True, False)
+    ok, rows = bool(calls), []
+    for name, a, t, r in [("out", out, tor, ref)] + list(zip(["dq", "dk", "dv"],
+                                                             grads, torch.autograd.grad(tor, ins16, do),
+                                                             torch.autograd.grad(ref, ins32, do.float()))):
+        good, row = _rule(name, a, t, r)
+        ok &= good
+        rows.append(row)
+    print(f"{'PASS' if ok else 'FAIL'} d{d} flash_attention causal 2x8x2048, FX_FLASH_GLUON=1 FX_FLASH_GLUON_BWD=1 "
+          f"(gluon backward ran: {bool(calls)}): {' '.join(rows)}", flush=True)
+    return ok
+
+
+# fx_flash columns: (name, FX_FLASH_GLUON, FX_FLASH_GLUON_BWD)
+FX_COLUMNS = [("fx portable", "0", "0"), ("fx gluon fwd + portable bwd", "1", "0"),
+              ("fx gluon fwd + gluon bwd", "1", "1")]
+
+
+def bench(ns, gluon_ok):
+    """TFLOP/s rows, fwd+bwd (and the backward alone of the fx columns with the Gluon forward)."""
+    import triton.testing
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import fx_flash
+    from fx_flash.codegen import gluon_launch
+
+    os.environ["FX_FLASH_AUTOTUNE"] = "0"
+    gluon_calls = []
+    real = gluon_launch.launch_backward
+    gluon_launch.launch_backward = lambda *a: (gluon_calls.append(1), real(*a))[1]
+    d = 128
+    columns = FX_COLUMNS if gluon_ok else FX_COLUMNS[:2]
+    for n in ns:
+        for causal in (False, True):
+            b, h = 16384 // n, 2048 // d
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn_like(q)
+            work = 4 * b * h * n * n * d / (2 if causal else 1)
+            row = dict(n=n, causal=causal)
+
+            def cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return torch.autograd.grad(out, (q, k, v), do)
+
+            def run(name, fn, flops):
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    row[name] = round(flops / ms / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    row[name] = type(e).__name__
+                    print(f"{name} n{n} causal={causal}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+            run("cudnn", cudnn, 3.5 * work)
+            for name, fwd, bwd in columns:
+                os.environ.update(FX_FLASH_GLUON=fwd, FX_FLASH_GLUON_BWD=bwd)
+                before = len(gluon_calls)
+                run(name, lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=causal), (q, k, v),
+                                                      do), 3.5 * work)
+                if fwd == "1":  # the backward alone, from one saved forward
+                    out = fx_flash.flash_attention(q, k, v, is_causal=causal)
+                    run(name + " (bwd)", lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
+                        2.5 * work)
+                if bwd == "1" and len(gluon_calls) == before:
+                    row[name] = "gluon bwd not used"
+            os.environ.pop("FX_FLASH_GLUON", None)
+            os.environ.pop("FX_FLASH_GLUON_BWD", None)
+            run("cudnn again", cudnn, 3.5 * work)
+            print("ROW " + json.dumps(row), flush=True)
+
+
+def child(what, ns):
+    parts = what.split(":")
+    if parts[0] == "numerics":
+        ok = numerics(int(parts[1]), getattr(torch, parts[2]))
+    else:
+        bench(ns, parts[1] == "1")
+        ok = True
+    print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
+
+
+def _run_child(what, ns, limit):
+    t0 = time.time()
+    try:
+        done = subprocess.run([sys.executable, __file__, "--child", what, "--ns", ns],
+                              capture_output=True, text=True, timeout=limit)
+        text = done.stdout + done.stderr[-3000:]
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text += f"\nTIMEOUT {what} after {limit}s"
+    return what, text, time.time() - t0, "CHILD PASS" in text
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ns", default="2048,8192")
+    ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
+    ap.add_argument("--bench-limit", type=float, default=110.0, help="seconds of the timing child")
+    ap.add_argument("--child", default="", help="internal")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, [int(x) for x in args.ns.split(",")])
+        return
+    import triton
+
+    t_start = time.time()
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
+    jobs = ["numerics:128:bfloat16", "numerics:128:float16", "numerics:64:bfloat16"]
+    passed = {}
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        for what, text, secs, ok in pool.map(lambda w: _run_child(w, args.ns, args.limit), jobs):
+            print(f"--- {what} ({secs:.0f}s): {'PASS' if ok else 'FAIL'}\n{text}", flush=True)
+            passed[what] = ok
+    print(f"phase 1 (numerics) done at {time.time() - t_start:.0f}s", flush=True)
+
+    gluon_ok = passed["numerics:128:bfloat16"]
+    what, text, secs, _ = _run_child(f"bench:{int(gluon_ok)}", args.ns, args.bench_limit)
+    print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
+    rows = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
+    print(f"phase 2 (timing) done at {time.time() - t_start:.0f}s", flush=True)
+
+    print("\nNumerics: " + ", ".join(f"{w[9:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items()))
+    cols = ["cudnn"] + [c for name, _, _ in FX_COLUMNS for c in (name, name + " (bwd)") if c != "fx portable (bwd)"]
+    cols.append("cudnn again")
+    print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), d = 128, bf16, batch*N = 16k, hidden 2048")
+    print("| N | causal | " + " | ".join(cols) + " | gluon fwd+bwd / faster cudnn |")
+    print("|---|---|" + "---|" * len(cols) + "---|")
+    for r in rows:
+        ref = max((r[c] for c in ("cudnn", "cudnn again") if isinstance(r.get(c), int)), default=None)
+        ours = r.get("fx gluon fwd + gluon bwd")
+        ratio = f"{ours / ref:.2f}" if ref and isinstance(ours, int) else "-"
+        print(f"| {r['n']} | {'yes' if r['causal'] else 'no'} | " + " | ".join(str(r.get(c, "-")) for c in cols)
+              + f" | {ratio} |")
+    print("\nALL PASS" if all(passed.values()) else "\nSOME FAILED")
+
+
+if __name__ == "__main__":
+    main()

@@ -39,18 +39,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-SOFTCAP = "score=50*tanh(qk*scale/50); keep=kv_idx <= q_idx"
+sys.path.insert(0, HERE)
+import gluon_check  # noqa: E402  (the forward's check: its eager reference and child runner)
+from gluon_check import SOFTCAP, _err  # noqa: E402
 
 
 def _eager(q, k, v, scale, causal, softcap):
-    s = (q @ k.transpose(-2, -1)) * scale
-    if softcap:
-        s = 50 * torch.tanh(s / 50)
-    if causal:
-        nq, nk = s.shape[-2:]
-        keep = torch.ones(nq, nk, device=q.device, dtype=torch.bool).tril()
-        s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, -1) @ v
+    return gluon_check._eager(q, k, v, scale, causal, softcap)[0]
 
 
 def _cases():
@@ -72,10 +67,6 @@ def _grouped(qkv, group):
     """q, and k, v repeated over the GROUP query heads that read each (GQA)."""
     q, k, v = qkv
     return q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-
-
-def _err(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 @contextlib.contextmanager
@@ -255,15 +246,7 @@ def child(what, ns):
 
 
 def _run_child(what, ns, limit):
-    t0 = time.time()
-    try:
-        done = subprocess.run([sys.executable, __file__, "--child", what, "--ns", ns],
-                              capture_output=True, text=True, timeout=limit)
-        text = done.stdout + done.stderr[-3000:]
-    except subprocess.TimeoutExpired as e:
-        text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        text += f"\nTIMEOUT {what} after {limit}s"
-    return what, text, time.time() - t0, "CHILD PASS" in text
+    return gluon_check._run_child(what, ns, limit, script=__file__)
 
 
 def main():

@@ -288,11 +288,12 @@ def child(what, ns):
     print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
 
 
-def _run_child(what, ns, limit):
-    """(what, output, seconds, passed) of one child process killed after ``limit`` seconds."""
+def _run_child(what, ns, limit, script=__file__):
+    """(what, output, seconds, passed) of one child process of ``script`` (this one by default)
+    killed after ``limit`` seconds."""
     t0 = time.time()
     try:
-        done = subprocess.run([sys.executable, __file__, "--child", what, "--ns", ns],
+        done = subprocess.run([sys.executable, script, "--child", what, "--ns", ns],
                               capture_output=True, text=True, timeout=limit)
         text = done.stdout + done.stderr[-3000:]
     except subprocess.TimeoutExpired as e:

@@ -172,18 +172,24 @@ _lock = threading.Lock()
 
 def load(spec: AttentionSpec) -> ModuleType:
     """The imported Gluon module of ``spec`` (written next to the portable kernels' sources)."""
+    return _load(spec, render_gluon, "fx_flash_gluon", _modules)
+
+
+def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:
+    """``render(spec)`` written under a name from the spec's key and the source's hash, imported
+    once per process and kept in ``modules``."""
     with _lock:
-        module = _modules.get(spec.key)
+        module = modules.get(spec.key)
         if module is None:
-            source = render_gluon(spec)
+            source = render(spec)
             digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-            path = cache_dir() / f"fx_flash_gluon_{spec.key}_{digest}.py"
+            path = cache_dir() / f"{prefix}_{spec.key}_{digest}.py"
             if not path.exists():
                 write_atomically(path, source)
-            found = importlib.util.spec_from_file_location(f"fx_flash_gluon_{spec.key}", path)
+            found = importlib.util.spec_from_file_location(f"{prefix}_{spec.key}", path)
             module = importlib.util.module_from_spec(found)
             found.loader.exec_module(module)
-            _modules[spec.key] = module
+            modules[spec.key] = module
         return module
 
 
@@ -337,19 +343,7 @@ def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
 
 def load_backward(spec: AttentionSpec) -> ModuleType:
     """The imported Gluon backward module of ``spec`` (cached as ``load`` caches the forward's)."""
-    with _lock:
-        module = _bwd_modules.get(spec.key)
-        if module is None:
-            source = render_gluon_bwd(spec)
-            digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-            path = cache_dir() / f"fx_flash_gluon_bwd_{spec.key}_{digest}.py"
-            if not path.exists():
-                write_atomically(path, source)
-            found = importlib.util.spec_from_file_location(f"fx_flash_gluon_bwd_{spec.key}", path)
-            module = importlib.util.module_from_spec(found)
-            found.loader.exec_module(module)
-            _bwd_modules[spec.key] = module
-        return module
+    return _load(spec, render_gluon_bwd, "fx_flash_gluon_bwd", _bwd_modules)
 
 
 def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):

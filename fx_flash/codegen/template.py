@@ -614,36 +614,6 @@ $DS_CHAIN_T
 
 
 @triton.jit
-def _attn_bwd_dkdv_walk(
-    dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-    seed, off_hz, qk_scale, sm_scale, dropout_p,
-    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-    offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, flo, fhi, hi,
-    FIRST_PREDICATE: tl.constexpr, FIRST_POSITIONAL: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
-    SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """dK and dV of one key tile over one query head's tiles: [flo, fhi) without bounds (and with
-    the predicate when FIRST_PREDICATE, its positional part alone when FIRST_POSITIONAL), then
-    [lo, flo) ∪ [max(lo, fhi), hi) with bounds and the whole predicate, in one loop."""
-    dk, dv = _attn_bwd_dkdv_tiles(
-        dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-        seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-        offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, flo, fhi, fhi, fhi,
-        False, FIRST_PREDICATE, FIRST_POSITIONAL, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION,
-        USE_TMA, BLOCK_M)
-    # the max after the first loop, where the compiler has always placed it
-    dk, dv = _attn_bwd_dkdv_tiles(
-        dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-        seed, off_hz, qk_scale, sm_scale, dropout_p,
-        stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-        offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, lo, flo, tl.maximum(lo, fhi), hi,
-        True, True, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-    return dk, dv
-
-
-@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, DQ, LSE, Delta, ${OPERAND_PARAMS}${GRAD_PARAMS}Seed,
     sm_scale, dropout_p,
@@ -718,19 +688,20 @@ ${HEADS_GROUP}
             positional = _tile_positional(Ranges, off_z, off_h, stride_rz, stride_rh, start_n)
             r_flo = tl.where(positional, r_lo, r_flo)
             r_fhi = tl.where(positional, tl.maximum(r_lo, tl.minimum(first_hi, r_hi)), r_fhi)
-            dk, dv = _attn_bwd_dkdv_walk(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, r_fhi, r_hi,
-                True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
-        else:
-            dk, dv = _attn_bwd_dkdv_walk(
-                dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
-                seed, off_hz, qk_scale, sm_scale, dropout_p,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
-                offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, r_fhi, r_hi,
-                CAUSAL, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_flo, r_fhi, r_fhi, r_fhi,
+            False, POSITIONAL_PART | CAUSAL, POSITIONAL_PART, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC,
+            INPUT_PRECISION, USE_TMA, BLOCK_M)
+        # the max after the first loop, where the compiler has always placed it
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q_head, DO_head, DQ_head, LSE_row, Delta_row, ${OPS}${DOPS}
+            seed, off_hz, qk_scale, sm_scale, dropout_p,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
+            offs_n, col_ok, offs_d, d_ok, N_Q, N_KV, r_lo, r_flo, tl.maximum(r_lo, r_fhi), r_hi,
+            True, True, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, DQ_ATOMIC, INPUT_PRECISION, USE_TMA, BLOCK_M)
 
 $DK_FINAL
     tl.store(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,

@@ -138,6 +138,31 @@ def test_backward_refusals(monkeypatch):
     assert "dropout" in gluon_launch.unsupported_backward_call(sdpa_spec(dropout=True), q, q, q, q, lse, cfg)
 
 
+def test_spec_is_decided_once_per_direction(monkeypatch):
+    """Deciding whether a spec renders for Gluon costs milliseconds of sympy printing; a call
+    decides each (direction, spec) once per process, not on every launch (done per call, it made
+    the Gluon forward and backward host-bound on the H200: GLUON_NOTES call 6)."""
+    monkeypatch.setattr(gluon_launch, "_reasons", {})
+    counted = {"fwd": 0, "bwd": 0}
+
+    def counting(direction, real):
+        def decide(spec):
+            counted[direction] += 1
+            return real(spec)
+        return decide
+
+    monkeypatch.setattr(gluon_launch, "unsupported", counting("fwd", gluon_launch.unsupported))
+    monkeypatch.setattr(gluon_launch, "unsupported_backward", counting("bwd", gluon_launch.unsupported_backward))
+    causal = spec_from_text("score=qk*scale; keep=kv_idx <= q_idx")
+    for _ in range(3):
+        for spec in (sdpa_spec(), causal, sdpa_spec(dropout=True)):
+            gluon_launch.spec_reason(spec)
+            gluon_launch.spec_reason(spec, backward=True)
+    assert counted == {"fwd": 3, "bwd": 3}
+    assert gluon_launch.spec_reason(sdpa_spec(dropout=True), backward=True) == "dropout"
+    assert gluon_launch.spec_reason(causal) is None and gluon_launch.spec_reason(causal, backward=True) is None
+
+
 def test_refusal_is_logged_and_launches_nothing(monkeypatch, caplog):
     """backward() returns None and logs the reason at debug level when it cannot run."""
     launched = []

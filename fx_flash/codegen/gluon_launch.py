@@ -163,7 +163,22 @@ def unsupported_call(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: t
         return f"N_KV = {k.shape[2]} is not a multiple of BLOCK_N = {config.BLOCK_N}"
     if not all(row_matrix(t) for t in (q, k, v)):
         return "q, k or v is not a (Z·H·N, d) row matrix"
-    return unsupported(spec)
+    return spec_reason(spec)
+
+
+# Why each spec cannot run a Gluon kernel (None: it can), by direction and spec text. Deciding
+# renders the kernel's source (sympy printing: 1–5 ms on a 2-core host); done on every call, that
+# made the Gluon path host-bound below ~2 ms of GPU work (H200, GLUON_NOTES call 6), so each
+# spec is decided once per process.
+_reasons: dict[tuple[str, str], Optional[str]] = {}
+
+
+def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
+    """``unsupported(spec)`` (or ``unsupported_backward``), computed once per spec and direction."""
+    key = ("bwd" if backward else "fwd", spec.text)
+    if key not in _reasons:
+        _reasons[key] = (unsupported_backward if backward else unsupported)(spec)
+    return _reasons[key]
 
 
 _modules: dict[str, ModuleType] = {}
@@ -338,7 +353,7 @@ def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
         return "dout is not a (Z·H·N, d) row matrix"
     if not lse.is_contiguous():
         return "lse is not contiguous"
-    return unsupported_backward(spec)
+    return spec_reason(spec, backward=True)
 
 
 def load_backward(spec: AttentionSpec) -> ModuleType:

@@ -171,18 +171,20 @@ def _site_report(fused: Fused) -> SiteReport:
         dropout=done.dropout,
         gqa_ratio=done.gqa_ratio,
         spec=spec.text,
-        blocks=_blocks(q),
+        blocks=_blocks(q, spec),
     )
 
 
-def _blocks(q: torch.Tensor) -> str:
+def _blocks(q: torch.Tensor, spec) -> str:
+    """The untuned forward tile of a long sequence (launches shrink it for short or few ones)."""
     try:
-        from fx_flash.codegen.tiling import default_config
+        from fx_flash.codegen.tiling import default_config, programs_per_sm
         from fx_flash.device import device_profile
 
         head_dim = int(q.shape[-1])
         profile = device_profile(q.device)
-        config = default_config("fwd", profile, head_dim, q.element_size())
+        config = default_config("fwd", profile, head_dim, q.element_size(),
+                                programs=programs_per_sm("fwd", spec.tile_mode), scratch=spec.reads_score_tiles)
         return f"forward tile on {profile.name}: {config}"
     except Exception as e:
         return f"blocks unavailable ({type(e).__name__}: {e})"

@@ -219,6 +219,13 @@ class AttentionSpec:
         return "; ".join(parts)
 
     @functools.cached_property
+    def reads_score_tiles(self) -> bool:
+        """True when an operand is indexed along both q_idx and kv_idx (a bias or mask tensor per
+        score element): the forward stages its tile in shared memory (tiling.footprint's t)."""
+        return any(any(axis_offset(e, Q_IDX) is not None for e in o.index)
+                   and any(axis_offset(e, KV_IDX) is not None for e in o.index) for o in self.operands)
+
+    @functools.cached_property
     def key(self) -> str:
         """A stable hash naming the generated source (same spec → same file, across processes)."""
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]

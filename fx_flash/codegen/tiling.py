@@ -9,9 +9,13 @@ default) each launch runs ``default_config``: the rule below, from M and the lau
 the tuner (``autotune.choose``, on request) times it against the other candidates.
 
 Footprints (e = element bytes, d = head dim padded to a power of two, s = pipeline stages):
-    forward   Q tile resident, K and V tiles per stage, P staged once:  e(B_r d + 2 s B_c d + B_r B_c)
+    forward   Q tile resident, K and V tiles per stage:                 e(B_r d + 2 s B_c d) + 4 t B_r B_c
     dK/dV     K and V resident, Q and dO per stage, P and dS staged:    e(2 B_c d + 2 s B_r d + 2 B_r B_c)
     dQ        Q and dO resident, K and V per stage, dS staged:          e(2 B_r d + 2 s B_c d + B_r B_c)
+The forward's P stays in registers (the compiled sm_90 and sm_80 kernels hold exactly Q and the
+K/V stages: tests/portable_sm90.py); t = 1 when the spec reads an operand tile along both q_idx and
+kv_idx (a bias or mask tensor), which the compiler converts to the scores' layout through one
+fp32 (B_r, B_c) buffer of shared memory, t = 0 otherwise.
 Register pressure is the other limit: the fp32 accumulators (B_r·d in the forward, 2·B_c·d in
 dK/dV) live in registers, spread over 32·warps threads; each thread may give them at most
 ACCUMULATOR_REGISTERS of its 255 registers.
@@ -29,9 +33,10 @@ from fx_flash.device import DeviceProfile
 
 B_R, B_C, D, E = sympy.symbols("B_r B_c d e", positive=True, integer=True)
 S = sympy.Symbol("s")  # unrestricted, so solving for it also reports "no stage fits" (s < 1)
+T = sympy.Symbol("t", nonnegative=True, integer=True)  # 1: the forward stages an operand's score tile
 
 FOOTPRINT = {
-    "fwd": E * (B_R * D + 2 * S * B_C * D + B_R * B_C),
+    "fwd": E * (B_R * D + 2 * S * B_C * D) + 4 * T * B_R * B_C,
     "bwd_dkdv": E * (2 * B_C * D + 2 * S * B_R * D + 2 * B_R * B_C),
     "bwd_dq": E * (2 * B_R * D + 2 * S * B_C * D + B_R * B_C),
 }
@@ -75,15 +80,20 @@ def paper_blocks(shared_memory: int, head_dim: int, elem_bytes: int) -> tuple[in
     return min(b_c, head_dim), b_c
 
 
-def footprint(kernel: str, block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
-    """Shared-memory bytes the footprint model assigns to one program of ``kernel``."""
-    expr = FOOTPRINT[kernel].subs({B_R: block_m, B_C: block_n, D: pad_head_dim(head_dim), E: elem_bytes, S: stages})
+def footprint(kernel: str, block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
+              scratch: bool = False) -> int:
+    """Shared-memory bytes the footprint model assigns to one program of ``kernel``; ``scratch``:
+    the spec reads an operand tile along both query and key axes (t = 1)."""
+    expr = FOOTPRINT[kernel].subs({B_R: block_m, B_C: block_n, D: pad_head_dim(head_dim), E: elem_bytes, S: stages,
+                                   T: int(scratch)})
     return int(expr)
 
 
-def max_stages(kernel: str, block_m: int, block_n: int, head_dim: int, elem_bytes: int, shared_memory: int) -> int:
+def max_stages(kernel: str, block_m: int, block_n: int, head_dim: int, elem_bytes: int, shared_memory: int,
+               scratch: bool = False) -> int:
     """The deepest pipeline (0 if none) whose footprint fits in ``shared_memory``: solved for s."""
-    fp = FOOTPRINT[kernel].subs({B_R: block_m, B_C: block_n, D: pad_head_dim(head_dim), E: elem_bytes})
+    fp = FOOTPRINT[kernel].subs({B_R: block_m, B_C: block_n, D: pad_head_dim(head_dim), E: elem_bytes,
+                                 T: int(scratch)})
     (bound,) = sympy.solve(sympy.Eq(fp, shared_memory), S)
     return max(0, min(STAGES[-1], int(sympy.floor(bound))))
 
@@ -97,7 +107,7 @@ def _register_fits(kernel: str, block_m: int, block_n: int, head_dim: int, warps
 
 @functools.lru_cache(maxsize=None)
 def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0,
-               first: TileConfig | None = None) -> list[TileConfig]:
+               first: TileConfig | None = None, scratch: bool = False) -> list[TileConfig]:
     """The configurations the autotuner may try for ``kernel``, each fitting M by construction.
 
     The first is ``first`` when given (launches pass their untuned default, so tuning can only
@@ -105,7 +115,7 @@ def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: in
     fitted to the footprint; the others are the largest neighbouring power-of-two tiles that also
     fit, each at 2 and 3 pipeline stages where those fit. At most MAX_CANDIDATES, to bound
     autotuning. ``rows``, when given, fixes BLOCK_M (split-KV decoding sizes its row tile to the
-    rows it packs).
+    rows it packs); ``scratch`` as for ``footprint``.
     """
     m = device.shared_memory
     found: list[TileConfig] = []
@@ -114,7 +124,7 @@ def candidates(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: in
             warps = 8 if block_m * block_n >= 128 * 64 else 4
             if not _register_fits(kernel, block_m, block_n, head_dim, warps):
                 continue
-            deepest = max_stages(kernel, block_m, block_n, head_dim, elem_bytes, m)
+            deepest = max_stages(kernel, block_m, block_n, head_dim, elem_bytes, m, scratch)
             for stages in sorted({min(deepest, 2), min(deepest, 3)} - {0}, reverse=True):
                 found.append(TileConfig(block_m, block_n, warps, stages))
     if not found:
@@ -153,13 +163,28 @@ def programs_per_sm(kernel: str, tile_mode: str) -> int:
     (two programs per SM) against 64x128 at three (one) measured 8-10% faster fwd+bwd at N = 1k,
     4k and 16k (benchmarks/RESULTS.md). With a causal band or a table the programs differ in
     length and the one-program tile measured 3-5% faster at 4k and 16k, so one there.
+
+    Two for the forward, in every tile mode, at the full pipeline (SHARED_STAGES): one program's
+    softmax then runs beside the other's products. On the H200 at d = 128 that is 64x64 at four
+    warps and three stages against 128x64 at eight (one program per SM), measured 1-13% faster
+    at N = 1k, 4k and 16k, causal or not (fifth session); at d = 64 the one-program tile already
+    fits M / 2, and the smaller tile measured 5-10% slower there, so the rule leaves it.
     """
+    if kernel == "fwd":
+        return 2
     return 2 if kernel == "bwd_dkdv" and tile_mode == "dense" else 1
+
+
+# The fewest stages a tile shared with another program of its kernel must keep (each gets M / 2):
+# the dK/dV kernel trades its third stage for the second program (measured faster); the forward
+# does not (its two-program tile at two stages was not measured better than one program).
+SHARED_STAGES = {"fwd": DEFAULT_STAGES, "bwd_dkdv": 2}
 
 
 @functools.lru_cache(maxsize=None)
 def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0,
-                   waves: int = 0, n_resident: int = 0, n_streamed: int = 0, programs: int = 1) -> TileConfig:
+                   waves: int = 0, n_resident: int = 0, n_streamed: int = 0, programs: int = 1,
+                   scratch: bool = False) -> TileConfig:
     """The configuration a launch runs without tuning: derived from M and the launch's occupancy.
 
     The resident tile is the largest of RESIDENT_TILES that (1) keeps at least about one wave of
@@ -174,8 +199,9 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
     the forward and dQ, the tuner's measured pick for the d = 64 forward and for dQ at d = 64 and
     128 (benchmarks/RESULTS.md, tiles against M; at d = 128 it took (128, 128, 8, 2) forward).
     With ``programs`` > 1 (programs_per_sm) the rule first looks for a tile that fits M / programs
-    at two stages or more with the largest streamed tile and at least 64 resident rows (the dense
-    dK/dV at d = 128: (64, 64, 4, 2) on the H200), and otherwise takes the one-program tile.
+    at SHARED_STAGES or more with the largest streamed tile and at least 64 resident rows (the
+    dense dK/dV at d = 128: (64, 64, 4, 2) on the H200; the forward at d = 128: (64, 64, 4, 3)),
+    and otherwise takes the one-program tile.
 
     Args:
         kernel: a FOOTPRINT key ("fwd", "fwd_split", "bwd_dq", "bwd_dkdv").
@@ -186,6 +212,7 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
         waves: the launch's waves bucket; 0 means "fills the device at any tile".
         n_resident, n_streamed: the lengths (buckets) the two tiles run along; 0 means long.
         programs: the programs per SM to leave room for (programs_per_sm).
+        scratch: the spec reads an operand tile along both axes (``footprint``).
     """
     resident_axis_n = RESIDENT_AXIS[kernel] == "n"
 
@@ -209,13 +236,14 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
                         c = config(resident, streamed, warps, 1)
                         if not _register_fits(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, warps):
                             continue
-                        deepest = max_stages(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem_bytes, memory)
+                        deepest = max_stages(kernel, c.BLOCK_M, c.BLOCK_N, head_dim, elem_bytes, memory, scratch)
                         if deepest >= fewest_stages:
                             return config(resident, streamed, warps, min(deepest, DEFAULT_STAGES))
         return None
 
     found = None
     if programs > 1:
-        found = first_fit(tuple(r for r in residents if r >= 64), streams[:1], device.shared_memory // programs, (2,))
+        found = first_fit(tuple(r for r in residents if r >= 64), streams[:1], device.shared_memory // programs,
+                          (SHARED_STAGES.get(kernel, 2),))
     found = found or first_fit(residents, streams, device.shared_memory, (2, 1))
-    return found or candidates(kernel, device, head_dim, elem_bytes, rows)[0]  # a tile smaller than the rule's
+    return found or candidates(kernel, device, head_dim, elem_bytes, rows, scratch=scratch)[0]  # smaller than the rule's

@@ -199,21 +199,37 @@ def test_programs_per_sm():
     assert {tiling.programs_per_sm(k, m) for k in ("fwd_split", "bwd_dq") for m in modes} == {1}
 
 
-# The forward with room for two programs per SM (at three stages: SHARED_STAGES), bf16.
+# The forward with room for two programs per SM (at three stages: SHARED_STAGES), bf16, by the
+# key length it walks (0: long).
 TWO_PROGRAM_FORWARDS = [
-    (H200, 128, False, (64, 64, 4, 3)),  # 114688 B ≤ M / 2 = 116224; measured 1-13% faster than 128x64/8/3
-    (H200, 64, False, (128, 64, 8, 3)),  # the one-program tile already fits M / 2
-    (H200, 256, False, (128, 64, 8, 2)),  # nothing of 64 rows fits M / 2 at three stages: one program
-    (H200, 128, True, (128, 64, 8, 3)),  # an operand's fp32 score tile (+16 KiB) no longer fits M / 2
-    (DEVICES["a100"], 128, False, (128, 64, 8, 3)),  # M / 2 = 83456: one program
+    (H200, 128, 1024, False, (64, 64, 4, 3)),  # 114688 B ≤ M / 2 = 116224; measured 6-16% faster at 1k
+    (H200, 128, 2048, False, (64, 64, 4, 3)),  # 16 key tiles of 128: shorter than LONG_WALK
+    (H200, 128, 4096, False, (128, 128, 8, 3)),  # 32 key tiles of 128: one full tile (229376 B)
+    (H200, 128, 0, False, (128, 128, 8, 3)),
+    (H200, 64, 0, False, (128, 64, 8, 3)),  # the full-row tile already fits M / 2: kept at any length
+    (H200, 64, 1024, False, (128, 64, 8, 3)),
+    (H200, 256, 0, False, (128, 64, 8, 2)),  # nothing of 64 rows fits M / 2 at three stages: one program
+    (H200, 128, 1024, True, (128, 64, 8, 3)),  # an operand's fp32 score tile (+16 KiB) no longer fits M / 2
+    (H200, 128, 0, True, (128, 64, 8, 3)),
+    (DEVICES["a100"], 128, 1024, False, (128, 64, 8, 3)),  # M / 2 = 83456: one program
 ]
 
 
-@pytest.mark.parametrize("device, head_dim, scratch, golden", TWO_PROGRAM_FORWARDS,
-                         ids=[f"{g[0].shared_memory}-d{g[1]}{'-scratch' if g[2] else ''}" for g in TWO_PROGRAM_FORWARDS])
-def test_two_programs_per_sm_forward(device, head_dim, scratch, golden):
-    c = tiling.default_config("fwd", device, head_dim, 2, programs=2, scratch=scratch)
+@pytest.mark.parametrize("device, head_dim, n_kv, scratch, golden", TWO_PROGRAM_FORWARDS,
+                         ids=[f"{g[0].shared_memory}-d{g[1]}-n{g[2]}{'-scratch' if g[3] else ''}"
+                              for g in TWO_PROGRAM_FORWARDS])
+def test_two_programs_per_sm_forward(device, head_dim, n_kv, scratch, golden):
+    """The dense or causal forward's default (widen: the LONG_WALK rule applies)."""
+    c = tiling.default_config("fwd", device, head_dim, 2, n_streamed=n_kv, programs=2, scratch=scratch, widen=True)
     assert (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) == golden
+
+
+def test_ranged_forward_keeps_the_shared_tile_on_long_sequences():
+    """A ranged spec's walk is what its tables keep, not the key length: no LONG_WALK widening."""
+    assert [tiling.widens_long_walks("fwd", m) for m in ("dense", "causal", "ranged")] == [True, True, False]
+    assert not any(tiling.widens_long_walks(k, "dense") for k in ("fwd_split", "bwd_dq", "bwd_dkdv"))
+    c = tiling.default_config("fwd", H200, 128, 2, n_streamed=16384, programs=2)
+    assert (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) == (64, 64, 4, 3)
 
 
 def test_default_tile_is_no_longer_than_the_sequence():

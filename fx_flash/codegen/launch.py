@@ -194,7 +194,7 @@ def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, 
     n_resident, n_streamed = (n_kv, n_q) if tiling.RESIDENT_AXIS[kernel] == "n" else (n_q, n_kv)
     default = tiling.default_config(kernel, profile, q.shape[-1], q.element_size(), rows, waves,
                                     n_resident, n_streamed, tiling.programs_per_sm(kernel, spec.tile_mode),
-                                    spec.reads_score_tiles)
+                                    spec.reads_score_tiles, tiling.widens_long_walks(kernel, spec.tile_mode))
     if not tune:
         return Launch(fn, default, _meta(default)), True
     candidates = tiling.candidates(kernel, profile, q.shape[-1], q.element_size(), rows, first=default,

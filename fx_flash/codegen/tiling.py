@@ -179,12 +179,27 @@ def programs_per_sm(kernel: str, tile_mode: str) -> int:
 # the dK/dV kernel trades its third stage for the second program (measured faster); the forward
 # does not (its two-program tile at two stages was not measured better than one program).
 SHARED_STAGES = {"fwd": DEFAULT_STAGES, "bwd_dkdv": 2}
+# A forward whose two-program tile had to halve its rows, walking at least LONG_WALK key tiles of
+# WIDE_STREAM, takes one program of the full resident tile and WIDE_STREAM keys instead, at the
+# full pipeline: on the H200 at d = 128 (128, 128, 8, 3) measured 5-9% faster than (64, 64, 4, 3)
+# dense and 0-5% causal at N = 4k and 16k, and 6% slower at 1k (8 tiles), where two programs per
+# SM hide each one's prologue and epilogue (benchmarks/RESULTS.md, fifth session).
+LONG_WALK = 32
+WIDE_STREAM = 128
+
+
+def widens_long_walks(kernel: str, tile_mode: str) -> bool:
+    """Whether the LONG_WALK rule applies: the forward of a dense or causal spec, whose programs
+    walk the keys the length says. A ranged spec's programs walk what its tile tables keep (a
+    1k window of 16k keys: 8 tiles of 128), which the rule does not see; it keeps the shared tile
+    (measured on the H200 with the window and documents masks of benchmarks/bench_skipping.py)."""
+    return kernel == "fwd" and tile_mode in ("dense", "causal")
 
 
 @functools.lru_cache(maxsize=None)
 def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0,
                    waves: int = 0, n_resident: int = 0, n_streamed: int = 0, programs: int = 1,
-                   scratch: bool = False) -> TileConfig:
+                   scratch: bool = False, widen: bool = False) -> TileConfig:
     """The configuration a launch runs without tuning: derived from M and the launch's occupancy.
 
     The resident tile is the largest of RESIDENT_TILES that (1) keeps at least about one wave of
@@ -201,7 +216,9 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
     With ``programs`` > 1 (programs_per_sm) the rule first looks for a tile that fits M / programs
     at SHARED_STAGES or more with the largest streamed tile and at least 64 resident rows (the
     dense dK/dV at d = 128: (64, 64, 4, 2) on the H200; the forward at d = 128: (64, 64, 4, 3)),
-    and otherwise takes the one-program tile.
+    and otherwise takes the one-program tile; with ``widen``, a forward whose shared tile lost rows and
+    that walks LONG_WALK key tiles of WIDE_STREAM or more takes one full tile of WIDE_STREAM keys at
+    DEFAULT_STAGES if that fits M (d = 128 on the H200 from N = 4k: (128, 128, 8, 3)).
 
     Args:
         kernel: a FOOTPRINT key ("fwd", "fwd_split", "bwd_dq", "bwd_dkdv").
@@ -213,6 +230,7 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
         n_resident, n_streamed: the lengths (buckets) the two tiles run along; 0 means long.
         programs: the programs per SM to leave room for (programs_per_sm).
         scratch: the spec reads an operand tile along both axes (``footprint``).
+        widen: the LONG_WALK rule applies (``widens_long_walks``).
     """
     resident_axis_n = RESIDENT_AXIS[kernel] == "n"
 
@@ -245,5 +263,8 @@ def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes
     if programs > 1:
         found = first_fit(tuple(r for r in residents if r >= 64), streams[:1], device.shared_memory // programs,
                           (SHARED_STAGES.get(kernel, 2),))
+        long_walk = (n_streamed or LONG_WALK * WIDE_STREAM) >= LONG_WALK * WIDE_STREAM
+        if widen and found is not None and found.BLOCK_M < residents[0] == RESIDENT_TILES[0] and long_walk:
+            found = first_fit(residents[:1], (WIDE_STREAM,), device.shared_memory, (DEFAULT_STAGES,)) or found
     found = found or first_fit(residents, streams, device.shared_memory, (2, 1))
     return found or candidates(kernel, device, head_dim, elem_bytes, rows, scratch=scratch)[0]  # smaller than the rule's

@@ -291,7 +291,8 @@ def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The backward (gluon_bwd.py): FX_FLASH_GLUON_BWD=1, off by default; not yet run on a GPU.
+# The backward (gluon_bwd.py): FX_FLASH_GLUON_BWD=1, off by default: correct on the H200, 3-11% slower than
+# the portable backward there (benchmarks/GLUON_NOTES.md, calls 6-7).
 
 BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
 BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma

@@ -178,14 +178,12 @@ def _site_report(fused: Fused) -> SiteReport:
 def _blocks(q: torch.Tensor, spec) -> str:
     """The untuned forward tile of a long sequence (launches shrink it for short or few ones)."""
     try:
-        from fx_flash.codegen.tiling import default_config, programs_per_sm, widens_long_walks
+        from fx_flash.codegen.tiling import default_config, spec_options
         from fx_flash.device import device_profile
 
         head_dim = int(q.shape[-1])
         profile = device_profile(q.device)
-        config = default_config("fwd", profile, head_dim, q.element_size(),
-                                programs=programs_per_sm("fwd", spec.tile_mode), scratch=spec.reads_score_tiles,
-                                widen=widens_long_walks("fwd", spec.tile_mode))
+        config = default_config("fwd", profile, head_dim, q.element_size(), **spec_options("fwd", spec))
         return f"forward tile on {profile.name}: {config}"
     except Exception as e:
         return f"blocks unavailable ({type(e).__name__}: {e})"

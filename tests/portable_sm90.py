@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fx_flash.codegen import loader
+from fx_flash.codegen import launch, loader
 from fx_flash.codegen.spec import spec_from_text
 
 SM90 = GPUTarget("cuda", 90, 128)
@@ -32,13 +33,12 @@ _UNIT_STRIDES = ("stride_qk", "stride_kk", "stride_vk", "stride_ok")
 def compile_forward(spec_text: str, head_dim: int, block_m: int, block_n: int, warps: int, stages: int,
                     n: int = 4096):
     """The compiled forward (``_attn_fwd``) of ``spec_text`` at this tile, bf16 inputs and float
-    operands, N_Q = N_KV = n, H = 16, the constexprs as launch._common sets them."""
+    operands, N_Q = N_KV = n, H = 16, the constexprs from launch._common as a launch takes them."""
     spec = spec_from_text(spec_text)
     fn = loader.load(spec)._attn_fwd
-    values = dict(H=16, N_Q=n, N_KV=n, N_Q_BUCKET=n, N_KV_BUCKET=n, GROUP=1, HEAD_DIM=head_dim,
-                  HEAD_DIM_PAD=head_dim, CHECK_D=False, CAUSAL=spec.tile_mode == "causal", DROPOUT=spec.dropout,
-                  SCORE_IN_LOG2=spec.score_in_log2, DQ_ATOMIC=False, INPUT_PRECISION="ieee", USE_TMA=False,
-                  RANGED=spec.tile_mode == "ranged", BLOCK_M=block_m, BLOCK_N=block_n)
+    qk = torch.empty((1, 16, n, head_dim), device="meta", dtype=torch.bfloat16)
+    values, _ = launch._common(spec, qk, qk)
+    values.update(BLOCK_M=block_m, BLOCK_N=block_n)
     kinds = {o.name.upper(): o.kind for o in spec.operands}
     signature, constants, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):

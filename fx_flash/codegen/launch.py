@@ -192,13 +192,13 @@ def _choose(spec: AttentionSpec, name: str, kernel: str, grid, q: torch.Tensor, 
     profile = device_profile(q.device)
     n_q, n_kv = kwargs["N_Q_BUCKET"], kwargs["N_KV_BUCKET"]
     n_resident, n_streamed = (n_kv, n_q) if tiling.RESIDENT_AXIS[kernel] == "n" else (n_q, n_kv)
+    options = tiling.spec_options(kernel, spec)
     default = tiling.default_config(kernel, profile, q.shape[-1], q.element_size(), rows, waves,
-                                    n_resident, n_streamed, tiling.programs_per_sm(kernel, spec.tile_mode),
-                                    spec.reads_score_tiles, tiling.widens_long_walks(kernel, spec.tile_mode))
+                                    n_resident, n_streamed, **options)
     if not tune:
         return Launch(fn, default, _meta(default)), True
     candidates = tiling.candidates(kernel, profile, q.shape[-1], q.element_size(), rows, first=default,
-                                   scratch=spec.reads_score_tiles)
+                                   scratch=options["scratch"])
     key = _tuning_key(module, q, consts, waves)
     if capturing():
         config = autotune.lookup(name, key, candidates)

@@ -196,6 +196,14 @@ def widens_long_walks(kernel: str, tile_mode: str) -> bool:
     return kernel == "fwd" and tile_mode in ("dense", "causal")
 
 
+def spec_options(kernel: str, spec) -> dict:
+    """The keywords of ``default_config`` that ``spec`` (an AttentionSpec) decides for ``kernel``:
+    ``programs`` (programs_per_sm), ``scratch`` (it reads an operand's score tile) and ``widen``
+    (widens_long_walks). Launches and ``explain`` both ask here."""
+    return dict(programs=programs_per_sm(kernel, spec.tile_mode), scratch=spec.reads_score_tiles,
+                widen=widens_long_walks(kernel, spec.tile_mode))
+
+
 @functools.lru_cache(maxsize=None)
 def default_config(kernel: str, device: DeviceProfile, head_dim: int, elem_bytes: int, rows: int = 0,
                    waves: int = 0, n_resident: int = 0, n_streamed: int = 0, programs: int = 1,

@@ -294,6 +294,91 @@ def decode_profile(top: int) -> None:
     pstats.Stats(profile).sort_stats("tottime").print_stats(top)
 
 
+def phases_table() -> list[tuple[str, ...]]:
+    """Where one forward+backward's host time goes in time, phase by phase (µs, median of 200
+    calls after 20): the forward; autograd.grad up to the backward's Python entry (the hand-off to
+    the device thread); the backward's Python; from its return to autograd.grad's (the hand-back);
+    freeing the graph (``del out``). For fx_flash, a trivial autograd.Function and SDPA (whose
+    backward is C++: its grad is one phase), each also with Python's garbage collector off (a
+    difference there is collection work the calls cause) and with the backward on the calling
+    thread (no hand-off)."""
+    import gc
+
+    from fx_flash import ops
+
+    q, k, v = (torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    stamps = {}
+
+    def stamped(backward):
+        def wrapper(ctx, *grads):
+            stamps["enter"] = time.perf_counter_ns()
+            result = backward(ctx, *grads)
+            stamps["leave"] = time.perf_counter_ns()
+            return result
+        return staticmethod(wrapper)
+
+    class Trivial(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o, l = torch.empty_like(q), torch.empty(q.shape[:-1], device=q.device)
+            ctx.save_for_backward(q, k, v, o, l)
+            ctx.mark_non_differentiable(l)
+            return o, l
+
+        @staticmethod
+        def backward(ctx, go, gl):
+            q, k, v, o, l = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    impls = [("fx_flash", lambda: fx_flash.flash_attention(q, k, v, is_causal=True), ops._AttnFunction),
+             ("trivial Function", lambda: Trivial.apply(q, k, v)[0], Trivial),
+             ("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), None)]
+    rows = []
+    for name, fwd, cls in impls:
+        real = cls.backward if cls is not None else None
+        if cls is not None:
+            cls.backward = stamped(real)
+        for variant in ("", "gc off", "calling thread"):
+            phases = {key: [] for key in ("fwd", "to backward", "backward", "back", "grad", "free", "total")}
+            guard = torch.autograd.set_multithreading_enabled(variant != "calling thread")
+            with guard:
+                if variant == "gc off":
+                    gc.disable()
+                try:
+                    for i in range(20 + CALLS):
+                        stamps.clear()
+                        t0 = time.perf_counter_ns()
+                        out = fwd()
+                        t1 = time.perf_counter_ns()
+                        grads = torch.autograd.grad(out, (q, k, v), do)
+                        t2 = time.perf_counter_ns()
+                        del out, grads
+                        t3 = time.perf_counter_ns()
+                        if i >= 20:
+                            phases["fwd"].append(t1 - t0)
+                            phases["grad"].append(t2 - t1)
+                            phases["free"].append(t3 - t2)
+                            phases["total"].append(t3 - t0)
+                            if stamps:
+                                phases["to backward"].append(stamps["enter"] - t1)
+                                phases["backward"].append(stamps["leave"] - stamps["enter"])
+                                phases["back"].append(t2 - stamps["leave"])
+                finally:
+                    gc.enable()
+            _sync()
+            med = {key: (sorted(vals)[len(vals) // 2] / 1e3 if vals else None) for key, vals in phases.items()}
+            rows.append((name + (f", {variant}" if variant else ""), med))
+        if cls is not None:
+            cls.backward = staticmethod(real)
+    keys = ("fwd", "to backward", "backward", "back", "grad", "free", "total")
+    print("\nPhases of one fwd+bwd (µs, median of %d calls; B1 H1 N128 d64 causal bf16):\n" % CALLS)
+    print("| implementation | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for name, med in rows:
+        print(f"| {name} | " + " | ".join("-" if med[key] is None else f"{med[key]:.1f}" for key in keys) + " |")
+    return rows
+
+
 def cpu_table(profile: bool) -> None:
     """The Python side per call with kernel launches stubbed out (see the module docstring)."""
     from fx_flash.codegen import launch
@@ -336,6 +421,7 @@ def main() -> None:
                     help="torch.compile rows to add, comma-separated from op,triton_op,sdpa ('' for none)")
     ap.add_argument("--check", action="store_true", help="first: repeated calls against SDPA (PASS/FAIL)")
     ap.add_argument("--parts", action="store_true", help="after the table: where the host time goes")
+    ap.add_argument("--phases", action="store_true", help="after the table: one fwd+bwd's phases in time")
     ap.add_argument("--compare", nargs=2, metavar=("OLD_DIR", "NEW_DIR"), help="print two runs' rows side by side")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1")
     ap.add_argument("--calls", type=int, default=200, help="calls per round (2 for a dry run)")
@@ -357,6 +443,8 @@ def main() -> None:
         host_table(args.out, tuple(x for x in args.compiled.split(",") if x))
         if args.parts:
             parts_table()
+        if args.phases:
+            phases_table()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The two backwards at one shape, for Nsight Compute: the Gluon sm90 backward (FX_FLASH_GLUON_BWD=1)
+and the portable one (its dQ and dK/dV kernels), each run once between cudaProfilerStart/Stop after
+a warm-up, from one saved forward (bf16, d = 128, batch·N = 16k, hidden 2048).
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \\
+        -k regex:'_attn_bwd_(sm90|dq|dkdv)$' python benchmarks/ncu_backward.py --n 8192 [--causal]
+
+Without ncu it prints each backward's time (CUDA events, median of 10), a check that the run
+is the shape meant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fx_flash  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--causal", action="store_true")
+    args = ap.parse_args()
+    n, d = args.n, args.d
+    b, h = 16384 // n, 2048 // d
+    os.environ["FX_FLASH_AUTOTUNE"] = "0"
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    out = fx_flash.flash_attention(q, k, v, is_causal=args.causal)
+    runs = {}
+    for name, gluon in (("gluon", "1"), ("portable", "0")):
+        os.environ["FX_FLASH_GLUON_BWD"] = gluon
+        step = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        runs[name] = (step, sorted(times)[len(times) // 2])
+    for name, (step, ms) in runs.items():
+        os.environ["FX_FLASH_GLUON_BWD"] = "1" if name == "gluon" else "0"
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        work = 2.5 * 4 * b * h * n * n * d / (2 if args.causal else 1)
+        print(f"{name} backward, B{b} H{h} N{n} d{d} causal={args.causal}: {ms:.3f} ms, "
+              f"{work / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

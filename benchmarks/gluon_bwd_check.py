@@ -18,8 +18,7 @@ phase waits forever) costs its own rows, not the run:
    SDPA (first and last in each row: its rate drifts within a process), fx_flash with every kernel
    portable (the default), with the Gluon forward and the portable backward (FX_FLASH_GLUON=1,
    what runs today), and with both Gluon (FX_FLASH_GLUON_BWD=1 too) if phase 1 passed; and the
-   backward alone of the last two (autograd's backward from a saved forward), and of the Gluon
-   backward with ROTATE off (the A/B of the rotated walk, gluon_bwd.py's note on dQ). TFLOP/s =
+   backward alone of the last two (autograd's backward from a saved forward). TFLOP/s =
    3.5·4·B·H·N²·d (halved when causal) / time; the backward alone counts 2.5·4·B·H·N²·d.
 """
 
@@ -28,7 +27,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -178,7 +176,6 @@ def routed(d):
 # fx_flash columns: (name, FX_FLASH_GLUON, FX_FLASH_GLUON_BWD)
 FX_COLUMNS = [("fx portable", "0", "0"), ("fx gluon fwd + portable bwd", "1", "0"),
               ("fx gluon fwd + gluon bwd", "1", "1")]
-UNROTATED = "gluon bwd, ROTATE off (bwd)"
 
 
 def bench(ns, gluon_ok):
@@ -232,10 +229,6 @@ def bench(ns, gluon_ok):
                         2.5 * work)
                 if bwd == "1" and len(gluon_calls) == before:
                     row[name] = "gluon bwd not used"
-                if bwd == "1":  # the same backward without ROTATE (every walk from query tile lo)
-                    gluon_launch.launch_backward = lambda *a: real(*a[:-1], dataclasses.replace(a[-1], ROTATE=False))
-                    run(UNROTATED, lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), 2.5 * work)
-                    gluon_launch.launch_backward = lambda *a: (gluon_calls.append(1), real(*a))[1]
             os.environ.pop("FX_FLASH_GLUON", None)
             os.environ.pop("FX_FLASH_GLUON_BWD", None)
             run("cudnn again", cudnn, 3.5 * work)
@@ -287,7 +280,7 @@ def main():
 
     print("\nNumerics: " + ", ".join(f"{w[9:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items()))
     cols = ["cudnn"] + [c for name, _, _ in FX_COLUMNS for c in (name, name + " (bwd)") if c != "fx portable (bwd)"]
-    cols += [UNROTATED, "cudnn again"]
+    cols.append("cudnn again")
     print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), d = 128, bf16, batch*N = 16k, hidden 2048")
     print("| N | causal | " + " | ".join(cols) + " | gluon fwd+bwd / faster cudnn |")
     print("|---|---|" + "---|" * len(cols) + "---|")

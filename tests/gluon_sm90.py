@@ -104,8 +104,7 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
                      **{name: "i32" for name in ("stride_dkz", "stride_dkh", "stride_dkn", "stride_dkk", "stride_dvz",
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV")}}
         consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
-                  "NUM_WARPS": warps, "ROTATE": gluon_launch.GluonBwdConfig(block_m, block_n, stages).ROTATE,
-                  "stride_dkk": 1, "stride_dvk": 1}
+                  "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1}
         divisible = ("DK", "DV", "DQ", "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
                      "stride_dvh", "stride_dvn", "H", "N_Q", "N_KV")
     signature.update({name: "constexpr" for name in consts})

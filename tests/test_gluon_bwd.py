@@ -233,7 +233,6 @@ def test_launch_arguments(monkeypatch):
     assert args[10:18] == dk.stride() + dv.stride() and args[18:] == (h, n_q, n_kv)
     assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
         GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
-    assert kw["ROTATE"] is True
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
 
 
@@ -264,7 +263,7 @@ def _numpy_fn(expr, names):
     return sympy.lambdify(names, expr, modules="numpy")
 
 
-def _emulate(text, q, k, v, out, lse, do, scale, stages=3, rotate=True):
+def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
     """(dq, dk, dv) by the kernel's algorithm in float64: per (key tile, K/V head) program, the walk
     of _query_tiles/_advance with a ring of ``stages`` buffers filled STAGES steps ahead (asserting
     that each step finds its own tile in its buffer), Q/dO tiles read from the flat (Z·H·N_Q, d)
@@ -297,11 +296,11 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, rotate=True):
     for zk in range(z * h_kv):
         off_z, off_hkv = divmod(zk, h_kv)
         for start_n in range(n_kv // BN):
-            lo, n_m, band, first = query_tiles(start_n, n_q, BM, BN, rotate)
-            ring, load_g, load_m = {}, 0, first
+            lo, n_m, band = query_tiles(start_n, n_q, BM, BN)
+            ring, load_g, load_m = {}, 0, lo
             for i in range(stages):
                 ring[i % stages] = (load_g, load_m) if load_g < group and load_m < n_m else None
-                load_g, load_m = advance(load_g, load_m, lo, n_m, first)
+                load_g, load_m = advance(load_g, load_m, lo, n_m)
             keys = slice(start_n * BN, (start_n + 1) * BN)
             kt, vt = k[off_z, off_hkv, keys], v[off_z, off_hkv, keys]
             offs_n = (start_n * BN + torch.arange(BN))[None, :].numpy()
@@ -309,7 +308,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, rotate=True):
             for g in range(group):
                 off_h = off_hkv * group + g
                 off_hz = off_z * h + off_h
-                for m in [*range(first, n_m), *range(lo, first)]:  # the kernel's order (its note on dQ)
+                for m in range(lo, n_m):
                     assert ring[t % stages] == (g, m), (t, ring)
                     row = off_hz * n_q + m * BM
                     qt, dot = q_rows[row:row + BM], do_rows[row:row + BM]
@@ -338,7 +337,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, rotate=True):
                     dq_part = ds @ kt * factor
                     dq_acc[row:row + BM][ok] += dq_part[ok]
                     ring[t % stages] = (load_g, load_m) if load_g < group and load_m < n_m else None
-                    load_g, load_m = advance(load_g, load_m, lo, n_m, first)
+                    load_g, load_m = advance(load_g, load_m, lo, n_m)
                     t += 1
             assert all(slot is None for slot in ring.values())  # nothing loaded past the walk
             dk[off_z, off_hkv, keys] = dk_t * factor
@@ -365,8 +364,7 @@ def _eager(text, q, k, v, scale):
     (PREFIX_LM, 1, 2, 2, 192, 256),  # a predicate on every tile
     (HEAD_AND_LENGTH, 1, 2, 2, 64, 256),  # the score reads h, the predicate n_kv
 ], ids=["plain", "causal", "softcap", "ragged", "gqa", "nq_gt_nkv", "empty_row", "prefix_lm", "h_and_n_kv"])
-@pytest.mark.parametrize("rotate", [True, False], ids=["rotated", "unrotated"])
-def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, rotate):
+def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv):
     """The kernel's algorithm, run in float64 with its own rendered walk, gives autograd's
     gradients of eager attention (to 1e-9): a wrong tile range, band, ring position, LSE or Delta
     convention, or chain rule would not."""
@@ -377,33 +375,10 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, rotate
     out, lse = _eager(text, q, k, v, scale)
     do = torch.randn_like(out)
     ref = torch.autograd.grad(out, (q, k, v), do)
-    got = _emulate(text, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), do, scale, rotate=rotate)
+    got = _emulate(text, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), do, scale)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert torch.isfinite(a).all(), name
         assert (a - b).abs().max().item() < 1e-9, (name, (a - b).abs().max().item())
-
-
-@pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL])
-def test_rotated_walks_start_apart(text):
-    """With ROTATE, the key tiles of one head start their walks on different query tiles (as many
-    distinct first tiles as the walks allow), and each walk still visits every one of its tiles
-    once per head; without it every non-causal walk starts on tile 0."""
-    query_tiles, advance = _walk_helpers(text)
-    n_q, n_kv = 8 * BM, 4 * BN
-    for rotate in (True, False):
-        starts = []
-        for start_n in range(n_kv // BN):
-            lo, n_m, _, first = query_tiles(start_n, n_q, BM, BN, rotate)
-            g, m, seen = 0, first, []
-            while g < 2:
-                seen.append((g, m))
-                g, m = advance(g, m, lo, n_m, first)
-            assert sorted(seen) == [(g, m) for g in range(2) for m in range(lo, n_m)]
-            starts.append(first)
-        if rotate:
-            assert len(set(starts)) == len(starts), starts
-        elif text == "score=qk*scale":
-            assert set(starts) == {0}
 
 
 # ---------------------------------------------------------------------------------------------

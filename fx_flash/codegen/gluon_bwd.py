@@ -51,7 +51,7 @@ GLUON_BWD_TEMPLATE = '''\
 #   shared memory (transposed for dV and dK).
 #
 # Note (the loop): a program walks the query tiles [lo, n_m) of each of the GROUP heads that read
-# its K/V head, head after head, each head from tile ``first`` round to first - 1; step t of that walk uses ring buffer t % STAGES, whose barriers
+# its K/V head, head after head; step t of that walk uses ring buffer t % STAGES, whose barriers
 # flip once per use (parity (t // STAGES) & 1), so the Q/dO ring runs on across heads. Once step
 # t's products have completed, the program loads step t + STAGES into that buffer itself
 # (``load_g``, ``load_m``: the walk's position STAGES steps ahead, advanced by _advance). Causal
@@ -67,10 +67,7 @@ GLUON_BWD_TEMPLATE = '''\
 # Note (dQ): each program adds its share dS·K of a query tile into DQ with fp32 atomics, relaxed
 # (nothing reads DQ before the kernel ends) and without a result, so the threads issue them and
 # go on: their traffic to L2 runs under the next step's products. The sum's order varies between
-# runs: not deterministic (the portable backward is, FX_FLASH_DQ=separate). ROTATE: key tile
-# start_n starts each head's walk at query tile lo + start_n % (n_m - lo), so that the programs of
-# one head, which run in step, add into different dQ tiles at a time instead of all into the same
-# one (without it every program of a non-causal head walks tiles 0, 1, ... together).
+# runs: not deterministic (the portable backward is, FX_FLASH_DQ=separate).
 #
 # Note (registers): K, V, P and dS sit at fixed shared-memory addresses, and the compiler hoisted
 # the wgmma descriptors of every k-step over them out of the loop, holding 20-odd registers (then
@@ -121,11 +118,10 @@ def _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}in_band):
 
 
 @gluon.jit
-def _query_tiles(start_n, N_Q, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROTATE: gl.constexpr):
-    """(lo, n_m, band, first) of key tile start_n: the query tiles [lo, n_m) of a head read it (causal:
-    none before its first key), those from ``band`` on lie wholly below the diagonal, where the
-    causal part of the predicate holds (see MASK), and the walk of each head starts at tile
-    ``first`` (see the note on dQ)."""
+def _query_tiles(start_n, N_Q, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(lo, n_m, band) of key tile start_n: the query tiles [lo, n_m) of a head read it (causal:
+    none before its first key), and those from ``band`` on lie wholly below the diagonal, where the
+    causal part of the predicate holds (see MASK)."""
     n_m = gl.cdiv(N_Q, BLOCK_M)
     if MASK == 1:
         lo = gl.minimum(start_n * (BLOCK_N // BLOCK_M), n_m)
@@ -136,22 +132,16 @@ def _query_tiles(start_n, N_Q, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ROT
     else:
         lo = 0
         band = 0
-    first = lo
-    if ROTATE:
-        if n_m > lo:
-            first = lo + start_n % (n_m - lo)
-    return lo, n_m, band, first
+    return lo, n_m, band
 
 
 @gluon.jit
-def _advance(g, m, lo, n_m, first):
-    """The step after (head g, query tile m) of the walk: tile m + 1 (from the last tile, [lo]), or,
-    back at ``first``, the next head's first."""
+def _advance(g, m, lo, n_m):
+    """The step after (head g, query tile m) of the walk: tile m + 1, or the next head's first."""
     m = m + 1
     if m == n_m:
-        m = lo
-    if m == first:
         g = g + 1
+        m = lo
     return g, m
 
 
@@ -203,7 +193,7 @@ def _attn_bwd_sm90(
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
     H, N_Q, N_KV,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, ROTATE: gl.constexpr,
+    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -221,7 +211,7 @@ def _attn_bwd_sm90(
     H_KV = H // GROUP
     off_z = off_hkvz // H_KV
     off_hkv = off_hkvz % H_KV
-    lo, n_m, band, first = _query_tiles(start_n, N_Q, BLOCK_M, BLOCK_N, ROTATE)
+    lo, n_m, band = _query_tiles(start_n, N_Q, BLOCK_M, BLOCK_N)
     hz_row = (off_z * H + off_hkv * GROUP) * N_Q  # the group's first query head, in rows
 $HEADS
 
@@ -246,11 +236,11 @@ $HEADS
     _tma_load(k_desc, [off_hkvz * N_KV + start_n * BLOCK_N, 0], kv_bar, k_all.index(0))
     _tma_load(v_desc, [off_hkvz * N_KV + start_n * BLOCK_N, 0], kv_bar, v_all.index(0))
     load_g = 0  # the next step to load: head load_g of the group, query tile load_m
-    load_m = first
+    load_m = lo
     for i in gl.static_range(STAGES):
         _load_query_tile(i, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, hz_row, N_Q, n_m,
                          GROUP, STAGES)
-        load_g, load_m = _advance(load_g, load_m, lo, n_m, first)
+        load_g, load_m = _advance(load_g, load_m, lo, n_m)
 
     qk_scale = sm_scale * LOG2E
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
@@ -263,8 +253,7 @@ $HEADS
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         off_hz = off_z * H + off_h
-        m = first
-        for _ in range(lo, n_m):
+        for m in range(lo, n_m):
             offs_m = m * BLOCK_M + rows
             row_ok = offs_m < N_Q
             lse = gl.load(LSE + off_hz.to(gl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
@@ -304,13 +293,10 @@ $HEADS
             # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
             _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, hz_row,
                              N_Q, n_m, GROUP, STAGES)
-            load_g, load_m = _advance(load_g, load_m, lo, n_m, first)
+            load_g, load_m = _advance(load_g, load_m, lo, n_m)
             dq_tile = DQ + (off_hz.to(gl.int64) * N_Q + m * BLOCK_M) * HEAD_DIM
             gl.atomic_add(dq_tile + dq_offs, dq * $DQK_FACTOR, mask=dq_rows[:, None] < N_Q - m * BLOCK_M, sem="relaxed")
             t += 1
-            m = m + 1
-            if m == n_m:
-                m = lo
 
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):

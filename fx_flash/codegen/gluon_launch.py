@@ -313,16 +313,14 @@ def backward_enabled() -> bool:
 @dataclass(frozen=True)
 class GluonBwdConfig:
     """A tile of the Gluon backward: BLOCK_N keys per program, BLOCK_M query rows per step,
-    STAGES Q/dO buffers; ROTATE: each key tile starts its walk at its own query tile (the kernel's
-    note on dQ)."""
+    STAGES Q/dO buffers."""
 
     BLOCK_M: int
     BLOCK_N: int
     STAGES: int
-    ROTATE: bool = True
 
     def __str__(self) -> str:
-        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}" + ("" if self.ROTATE else " unrotated")
+        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
@@ -383,7 +381,7 @@ def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, 
     module._attn_bwd_sm90[(n_kv // config.BLOCK_N, z * h_kv)](
         *descriptors, dk, dv, dq_acc, lse, delta, scale, *dk.stride(), *dv.stride(), h, n_q, n_kv,
         GROUP=h // h_kv, HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-        NUM_WARPS=BWD_NUM_WARPS, ROTATE=config.ROTATE, num_warps=BWD_NUM_WARPS)
+        NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS)
     return dq_acc.to(q.dtype), dk, dv
 
 

@@ -58,5 +58,5 @@ def flash_attention(
         (B, Hq, Nq, d) in q's dtype. Rows with every key masked out are 0, as in SDPA.
     """
     if _ops.eager(q, k, v, attn_mask if isinstance(attn_mask, torch.Tensor) else None):
-        return _ops.flash_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return _ops._flash_attention(True, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return torch.ops.fx_flash.flash_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)

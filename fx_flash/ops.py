@@ -113,17 +113,26 @@ def _launch():
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], seed: Optional[Tensor], dropout_p: float,
               scale: float, spec: str) -> tuple[Tensor, Tensor]:
     """Fused attention forward. Returns (out (B, Hq, Nq, d), logsumexp (B, Hq, Nq) fp32)."""
+    return _planned_fwd(q, k, v, operands, seed, dropout_p, scale, spec)[:2]
+
+
+def _planned_fwd(q, k, v, operands, seed, dropout_p, scale, spec):
+    """_attn_fwd's outputs and the launch plan that ran them on the inputs' own tensors (its
+    ``backward`` runs this call's backward), None where there is none: the reference path, and
+    bf16 in the interpreter (which runs on fp32 copies)."""
     parsed = spec_from_text(spec)
     if q.is_cuda:  # the kernels, on the inputs' own dtype
-        return _launch().attention_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
+        return _launch().planned_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
     if not runs_kernels(q.device):
         out, lse = _reference_call(q, k, v, operands, seed, dropout_p, scale, parsed)
-        return out.to(q.dtype), lse
+        return out.to(q.dtype), lse, None
+    if q.dtype != torch.bfloat16 and not any(t.dtype == torch.bfloat16 for t in operands):
+        return _launch().planned_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
     dtype = q.dtype
     q, k, v = (_interpreter_dtype(t) for t in (q, k, v))
     operands = [_interpreter_dtype(t) for t in operands]
     out, lse = _launch().attention_forward(q, k, v, operands, seed, dropout_p, scale, parsed)
-    return out.to(dtype), lse
+    return out.to(dtype), lse, None
 
 
 torch.library.impl(f"{LIB}::attn_fwd", ("CPU", "CUDA"))(_attn_fwd)
@@ -202,9 +211,11 @@ class _AttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, direct, q, k, v, seed, dropout_p, scale, spec, *operands):
+        # ctx.plan: the launch plan of a direct call, which runs its backward (launch._Forward.backward)
         if direct:  # the implementation below the dispatcher, called directly
-            out, lse = _attn_fwd(q, k, v, operands, seed, dropout_p, scale, spec)
+            out, lse, ctx.plan = _planned_fwd(q, k, v, operands, seed, dropout_p, scale, spec)
         else:
+            ctx.plan = None
             with torch._C._AutoDispatchBelowAutograd():
                 out, lse = torch.ops.fx_flash.attn_fwd.default(q, k, v, list(operands), seed, dropout_p, scale, spec)
         ctx.save_for_backward(q, k, v, out, lse, seed, *operands)
@@ -225,8 +236,14 @@ class _AttnFunction(torch.autograd.Function):
         q, k, v, out, lse, seed, *operands = ctx.saved_tensors
         if grad_out is None:  # only lse was used (AOTAutograd may still call the backward)
             return (None,) * (8 + len(operands))
-        bwd = _attn_bwd if eager(grad_out, q, k, v, *operands) else torch.ops.fx_flash.attn_bwd.default
-        dq, dk, dv, dops = bwd(grad_out, q, k, v, out, lse, operands, seed, ctx.dropout_p, ctx.scale, ctx.spec)
+        if not eager(grad_out, q, k, v, *operands):
+            dq, dk, dv, dops = torch.ops.fx_flash.attn_bwd.default(grad_out, q, k, v, out, lse, operands, seed,
+                                                                   ctx.dropout_p, ctx.scale, ctx.spec)
+        elif ctx.plan is not None:  # the forward's plan finds the backward's from dO and the settings alone
+            dq, dk, dv, dops = ctx.plan.backward(ctx.spec, grad_out, q, k, v, out, lse, operands, seed)
+        else:
+            dq, dk, dv, dops = _attn_bwd(grad_out, q, k, v, out, lse, operands, seed, ctx.dropout_p, ctx.scale,
+                                         ctx.spec)
         found = iter(dops)
         return (None, dq, dk, dv, None, None, None, None, *[next(found) if g else None for g in ctx.operand_grads])
 
@@ -325,9 +342,13 @@ def _sdpa_plan(direct, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_g
 
 
 def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """fx_flash::flash_attention's implementation (the public ``fx_flash.flash_attention`` calls
-    it directly when ``eager`` allows, else through the op)."""
-    direct = eager(q, k, v, attn_mask)
+    """fx_flash::flash_attention's implementation."""
+    return _flash_attention(eager(q, k, v, attn_mask), q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _flash_attention(direct, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """flash_attention, ``direct`` when ``eager`` holds for the call (the public
+    ``fx_flash.flash_attention`` has checked that, and calls this rather than the op)."""
     spec, scale = _sdpa_plan(direct, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     operands = [] if attn_mask is None else [attn_mask]
     seed, dropout_p = _draw_seed(q, dropout_p), float(dropout_p)

@@ -201,6 +201,53 @@ def test_each_changed_layout_dtype_or_flag_builds_a_new_plan():
 
 
 @needs_interpreter
+def test_the_forward_plan_finds_the_backward_plan(monkeypatch):
+    """An eager fwd+bwd of a seen key computes one plan key, the forward's: its plan finds the
+    backward's from dO's layout and the settings (launch._Forward.backward). dO with other strides,
+    or a switch set between the forward and its backward, gets its own backward plan, and the
+    gradients stay equal to the general path's (through the op)."""
+    names = _kernel_names(monkeypatch)
+    keys = []
+    real_key = launch._plan_key
+    monkeypatch.setattr(launch, "_plan_key", lambda *a: keys.append(1) or real_key(*a))
+    q, k, v = _qkv()
+    bias = torch.randn(1, 1, 40, 40, device=DEVICE, requires_grad=True)
+    dout = torch.randn_like(q)
+
+    def step(dout=dout, between=lambda: None):
+        out = fx_flash.flash_attention(q, k, v, attn_mask=bias, is_causal=True)
+        between()
+        keys.clear()
+        names.clear()
+        return torch.autograd.grad(out, (q, k, v, bias), dout)
+
+    first = step()
+    again = step()
+    assert keys == []  # the backward keyed nothing: the forward's plan held its backward
+    (plan,) = launch._FORWARDS.values()
+    assert len(plan.backwards) == 1
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+    def general(dout):  # through the op: the backward takes the full key
+        out = torch.ops.fx_flash.flash_attention(q, k, v, bias, is_causal=True)
+        return torch.autograd.grad(out, (q, k, v, bias), dout)
+
+    for a, b in zip(first, general(dout)):
+        assert torch.equal(a, b)
+    strided_dout = torch.randn(1, 40, 2, 16, device=DEVICE).transpose(1, 2)
+    strided = step(strided_dout)
+    assert len(plan.backwards) == 2 and keys == [1]  # a new dO layout: one full key, then kept
+    for a, b in zip(strided, general(strided_dout)):
+        assert torch.equal(a, b)
+
+    atomic = step(between=lambda: monkeypatch.setenv("FX_FLASH_DQ", "atomic"))
+    assert set(names) == {"_attn_bwd_delta", "_attn_bwd_dkdv"}  # the switch, read at the backward
+    for a, b in zip(first, atomic):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
 def test_environment_switches_take_effect_between_calls(monkeypatch):
     """FX_FLASH_DQ and FX_FLASH_SPLIT_KV set (and unset) between calls of one key change the
     kernels the next call launches."""

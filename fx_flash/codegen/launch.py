@@ -32,7 +32,7 @@ import torch
 import triton
 
 from fx_flash.codegen import autotune, loader, skipping, tiling
-from fx_flash.codegen.spec import AttentionSpec, sdpa_spec
+from fx_flash.codegen.spec import AttentionSpec, sdpa_spec, spec_from_text
 from fx_flash.device import capturing, device_profile, interpreting
 
 DELTA_BLOCK_M = 64
@@ -296,10 +296,14 @@ def _grid3(size: tuple) -> tuple[int, int, int]:
 
 
 def _run_bound(kernel, size: tuple, grid3: tuple, stream, values: tuple) -> None:
-    """Call a compiled kernel's launcher as ``JITFunction.run`` does (launch hooks included)."""
+    """Call a compiled kernel's launcher as ``JITFunction.run`` does (launch hooks included; the
+    launch metadata, which only the enter hook reads, is built only when one is set, as
+    ``CompiledKernel.launch_metadata`` itself decides)."""
     hooks = triton.knobs.runtime
-    kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, kernel.launch_metadata(size, stream, *values),
-               hooks.launch_enter_hook, hooks.launch_exit_hook, *values)
+    enter = hooks.launch_enter_hook
+    metadata = None if enter is None else kernel.launch_metadata(size, stream, *values)
+    kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, metadata, enter, hooks.launch_exit_hook,
+               *values)
 
 
 MAX_BOUND = 4096  # argument signatures remembered per kernel configuration
@@ -587,29 +591,37 @@ def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, s
     ``operands`` are the tensors ``spec`` reads, in its order; ``seed`` an int64 tensor of one
     element when the spec drops out.
     """
+    return planned_forward(q, k, v, operands, seed, dropout_p, scale, spec)[:2]
+
+
+def planned_forward(q, k, v, operands, seed, dropout_p: float, scale: float, spec: AttentionSpec):
+    """attention_forward's (out, lse) and the call's plan, through which its backward may be run
+    (``_Forward.backward``); None where no plan is kept (empty sizes, the Gluon forward, a
+    configuration not final yet)."""
     key = _plan_key(spec, q, dropout_p, scale, (q, k, v, seed, *operands))
     plan = _FORWARDS.get(key)
     if plan is not None:
-        return plan(q, k, v, operands, seed)
+        return (*plan(q, k, v, operands, seed), plan)
     consts, (z, h, n_q, n_kv) = _common(spec, q, k)
     consts = _with_tma(consts, k, v)
     out = new_output(q)
     lse = new_output(q, (z, h, n_q), torch.float32)
     _operand_layout(spec, operands)  # raises for operands the spec does not read
     if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+        return out, lse.fill_(float("-inf")), None
     if n_kv == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return out.zero_(), lse.fill_(float("-inf")), None
     splits, rows = decode_plan(q, k)
     if not splits:
         from fx_flash.codegen import gluon_launch  # the sm90 Gluon forward, FX_FLASH_GLUON=1 (off by default)
         if gluon_launch.enabled() and gluon_launch.forward(spec, q, k, v, out, lse, scale):
-            return out, lse  # no plan: gluon_launch launches its own kernel on every call
+            return out, lse, None  # no plan: gluon_launch launches its own kernel on every call
     plan = _Forward(spec, q, k, v, operands, dropout_p, scale, consts, splits, rows, _direct(q))
     plan.run(q, k, v, out, lse, operands, seed)
-    if plan.final:
-        _remember(_FORWARDS, key, plan)
-    return out, lse
+    if not plan.final:
+        return out, lse, None
+    _remember(_FORWARDS, key, plan)
+    return out, lse, plan
 
 
 class _Forward:
@@ -619,6 +631,9 @@ class _Forward:
     def __init__(self, spec, q, k, v, operands, dropout_p, scale, consts, splits, rows, direct):
         z, h, n_q, d = q.shape
         self.spec, self.lse_shape, self.splits = spec, (z, h, n_q), splits
+        self.dropout_p, self.scale = dropout_p, scale
+        self.tf32 = q.dtype is torch.float32  # the key reads allow_tf32 for fp32 inputs
+        self.backwards = {}  # backward_key → _Backward, for the backwards of this plan's calls
         self.ranged = spec.tile_mode == "ranged"
         self.operands = _operand_layout(spec, operands)
         out_strides = _contiguous_strides(q.shape)
@@ -653,6 +668,22 @@ class _Forward:
         lse = new_output(q, self.lse_shape, torch.float32)
         self.run(q, k, v, out, lse, operands, seed)
         return out, lse
+
+    def backward(self, spec_text: str, dout, q, k, v, out, lse, operands, seed):
+        """attention_backward of a call this plan ran forward, on its saved tensors. Only dO and the
+        settings can differ from what this plan's key fixed (q, k, v, operands and seed are the
+        forward's tensors; out and lse its outputs), so the backward plan is found by those alone,
+        without the full key's layouts of eight tensors."""
+        key = (spec_text, switches(), autotune.setting(), self.tf32 and torch.backends.cuda.matmul.allow_tf32,
+               _layout(dout))
+        plan = self.backwards.get(key)
+        if plan is not None:
+            return plan(dout, q, k, v, out, lse, operands, seed)
+        grads, plan = planned_backward(dout, q, k, v, out, lse, operands, seed, self.dropout_p, self.scale,
+                                       spec_from_text(spec_text))
+        if plan is not None:
+            _remember(self.backwards, key, plan)
+        return grads
 
     def run(self, q, k, v, out, lse, operands, seed) -> None:
         operand_args = _operand_values(self.operands, operands)
@@ -703,26 +734,32 @@ def attention_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float
                        spec: AttentionSpec):
     """Run the backward kernels. Returns (dq, dk, dv, operand grads): the grads are one per
     operand the spec marks ``grad``, in its order, each in its operand's shape and dtype."""
+    return planned_backward(dout, q, k, v, out, lse, operands, seed, dropout_p, scale, spec)[0]
+
+
+def planned_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float, scale: float, spec: AttentionSpec):
+    """attention_backward's gradients and the call's plan (None where none is kept)."""
     key = _plan_key(spec, q, dropout_p, scale, (dout, q, k, v, out, lse, seed, *operands))
     plan = _BACKWARDS.get(key)
     if plan is not None:
-        return plan(dout, q, k, v, out, lse, operands, seed)
+        return plan(dout, q, k, v, out, lse, operands, seed), plan
     consts, _ = _common(spec, q, k)
     grad_of = [t for op, t in zip(spec.operands, operands) if op.grad]
     if q.numel() == 0 or k.numel() == 0:
         dq, dk, dv = new_output(q), new_output(k), new_output(v)
-        return dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros(t.shape, device=q.device, dtype=t.dtype)
-                                                    for t in grad_of]
+        return (dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros(t.shape, device=q.device, dtype=t.dtype)
+                                                     for t in grad_of]), None
     from fx_flash.codegen import gluon_launch  # the sm90 Gluon backward, FX_FLASH_GLUON_BWD=1 (off by default)
     if gluon_launch.backward_enabled():
         grads = gluon_launch.backward(spec, dout, q, k, v, out, lse, scale)
         if grads is not None:
-            return (*grads, [])  # no plan: gluon_launch launches its kernels on every call
+            return (*grads, []), None  # no plan: gluon_launch launches its kernels on every call
     plan = _Backward(spec, dout, q, k, v, out, operands, grad_of, dropout_p, scale, consts, _direct(q))
     grads = plan(dout, q, k, v, out, lse, operands, seed)
-    if plan.final:
-        _remember(_BACKWARDS, key, plan)
-    return grads
+    if not plan.final:
+        return grads, None
+    _remember(_BACKWARDS, key, plan)
+    return grads, plan
 
 
 class _Backward:

@@ -6,7 +6,8 @@ measured is the CPU's), against SDPA, with the Python profile of each fx_flash c
     python benchmarks/profile_host.py --decode
     TRITON_INTERPRET=1 python benchmarks/profile_host.py --cpu [--profile]
 
-Rows (B1 H1 N128 d64 causal, bf16, 200 calls after 20, median of 5 rounds):
+Rows (B1 H1 N128 d64 causal, bf16, 200 calls after 20, median of 15 rounds in which the rows take
+turns; their ratio to SDPA is the median of the per-round ratios, which cancels the host's drift):
     fx_flash                 the op as users call it (eager path, direct launches)
     fx_flash, JIT launches   FX_FLASH_DIRECT_LAUNCH=0: every launch through Triton's JITFunction.run
     sdpa                     F.scaled_dot_product_attention
@@ -73,6 +74,30 @@ def host_us(fn, calls=None, warmup=20, rounds=5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def interleaved_us(fns: list, rounds: int = 15, warmup: int = 20) -> list[list[float]]:
+    """Per function, the µs of host time per call in each of ``rounds`` rounds, the functions
+    taking turns within every round (CALLS calls each), so that a change of the host's speed
+    during the run (seen: 2× between processes, 1.7× within one) falls on all of them alike and
+    ratios taken round by round cancel it."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _sync()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(CALLS):
+                fn()
+            out.append((time.perf_counter() - t0) / CALLS * 1e6)
+            _sync()
+    return times
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
 def triton_op_forward():
     """fx_flash's causal forward as a ``torch.library.triton_op``: the same generated kernel and
     default tile, launched through ``wrap_triton`` so that Inductor sees the kernel."""
@@ -136,10 +161,10 @@ def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[
             cases.append(("fwd, no grad", name, lambda c=c: c(qi, ki, vi)))
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the table
             print(f"{name}: {type(e).__name__}: {e}")
-    rows = []
+    times = interleaved_us([fn for _, _, fn in cases])
+    rows = [(case, impl, _median(ts)) for (case, impl, _), ts in zip(cases, times)]
     listing = io.StringIO()
     for case, impl, fn in cases:
-        rows.append((case, impl, host_us(fn)))
         if impl.startswith("fx_flash") or "triton_op" in impl:
             profile = cProfile.Profile()
             profile.enable()
@@ -153,13 +178,22 @@ def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[
         f.write(listing.getvalue())
     with open(os.path.join(out_dir, "rows.json"), "w") as f:
         json.dump(rows, f)
-    sdpa = {case: us for case, impl, us in rows if impl == "sdpa"}
-    print("\nHost time per call, B1 H1 N128 d64 causal bf16 (µs; median of 5 rounds of 200 calls):\n")
-    print("| case | implementation | µs per call | / sdpa |")
-    print("|---|---|---|---|")
-    for case, impl, us in rows:
-        base = sdpa.get(case) or next((u for c, i, u in rows if c == case and i == "compiled: sdpa"), None)
-        print(f"| {case} | {impl} | {us:.1f} | {us / base:.2f} |" if base else f"| {case} | {impl} | {us:.1f} | - |")
+    base = {}  # case → the round times of its reference row (sdpa; compiled sdpa for the compiled rows)
+    for (case, impl, _), ts in zip(cases, times):
+        if impl in ("sdpa", "compiled: sdpa"):
+            base.setdefault(case, ts)
+    print(f"\nHost time per call, B1 H1 N128 d64 causal bf16 (µs; median of {len(times[0])} rounds of {CALLS} "
+          "calls, the rows taking turns in each round; / sdpa: the median of the per-round ratios, "
+          "and their range):\n")
+    print("| case | implementation | µs per call | / sdpa | range of / sdpa |")
+    print("|---|---|---|---|---|")
+    for (case, impl, _), ts in zip(cases, times):
+        ref = base.get(case)
+        if ref is None:
+            print(f"| {case} | {impl} | {_median(ts):.1f} | - | - |")
+            continue
+        ratios = [a / b for a, b in zip(ts, ref)]
+        print(f"| {case} | {impl} | {_median(ts):.1f} | {_median(ratios):.2f} | {min(ratios):.2f}–{max(ratios):.2f} |")
     return rows
 
 

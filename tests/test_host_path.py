@@ -58,11 +58,14 @@ class _Launcher:
         self.fn, self.launches = fn, 0
 
     def launch_metadata(self, grid, stream, *values):
-        return None
+        return {"name": self.fn.__name__, "grid": grid}
 
     def run(self, gx, gy, gz, stream, function, packed, metadata, enter_hook, exit_hook, *values):
         assert (stream, function, packed) == (1234, "function", "packed metadata")
         self.launches += 1
+        for hook in (enter_hook, exit_hook):  # as Triton's launcher calls them: None is skipped
+            if hook is not None:
+                hook(metadata)
         self.fn[(gx, gy, gz)](*values)
 
 
@@ -162,6 +165,35 @@ def test_direct_launches_repeat_the_first_call(direct, monkeypatch, name, shape,
     ref = _sdpa_step(*ref_inputs, dout.double(), F.scaled_dot_product_attention, **ref_kwargs)
     for a, r in zip(first, ref):
         torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@needs_interpreter
+def test_launch_hooks_see_direct_launches(direct, monkeypatch):
+    """A direct launch passes Triton's launch hooks as JITFunction.run does when one is set (the
+    hook gets the launch metadata), and None for an empty chain, which the launcher skips."""
+    import triton
+
+    seen = []
+    real_run = _Launcher.run
+
+    def run(self, gx, gy, gz, stream, function, packed, metadata, enter_hook, exit_hook, *values):
+        seen.append((metadata, enter_hook, exit_hook))
+        return real_run(self, gx, gy, gz, stream, function, packed, metadata, enter_hook, exit_hook, *values)
+
+    monkeypatch.setattr(_Launcher, "run", run)
+    q, k, v = _qkv(grad=False)
+    for _ in range(2):
+        fx_flash.flash_attention(q, k, v, is_causal=True)
+    assert seen == [(None, None, None)]  # empty chains: no metadata, no hooks
+    calls = []
+    hook = calls.append
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        fx_flash.flash_attention(q, k, v, is_causal=True)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert [c["name"] for c in calls] == ["_attn_fwd"]
+    assert seen[-1][1] is triton.knobs.runtime.launch_enter_hook and seen[-1][2] is None
 
 
 # ----------------------------------------------------------------------------------------- keys

@@ -295,15 +295,23 @@ def _grid3(size: tuple) -> tuple[int, int, int]:
     return size[0], size[1] if len(size) > 1 else 1, size[2] if len(size) > 2 else 1
 
 
+def _hook(chain):
+    """A launch hook as the launcher takes it: None for an empty chain (triton's knobs hold
+    HookChain objects, empty unless a profiler or the user adds a hook), which the launcher
+    then does not call."""
+    return None if getattr(chain, "calls", True) == [] else chain
+
+
 def _run_bound(kernel, size: tuple, grid3: tuple, stream, values: tuple) -> None:
-    """Call a compiled kernel's launcher as ``JITFunction.run`` does (launch hooks included; the
-    launch metadata, which only the enter hook reads, is built only when one is set, as
-    ``CompiledKernel.launch_metadata`` itself decides)."""
-    hooks = triton.knobs.runtime
-    enter = hooks.launch_enter_hook
-    metadata = None if enter is None else kernel.launch_metadata(size, stream, *values)
-    kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, metadata, enter, hooks.launch_exit_hook,
-               *values)
+    """Call a compiled kernel's launcher as ``JITFunction.run`` does, hooks included. Note (host
+    time): JITFunction.run builds the launch metadata and passes both hook chains on every
+    launch, and the launcher calls them, even empty: three Python calls per launch. Here an empty
+    chain is passed as None and the metadata, which only the hooks read, is built only when one
+    of them holds a hook."""
+    runtime = triton.knobs.runtime
+    enter, leave = _hook(runtime.launch_enter_hook), _hook(runtime.launch_exit_hook)
+    metadata = None if enter is None and leave is None else kernel.launch_metadata(size, stream, *values)
+    kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *values)
 
 
 MAX_BOUND = 4096  # argument signatures remembered per kernel configuration

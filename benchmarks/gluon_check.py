@@ -106,6 +106,9 @@ def _cases(which: str):
         ("plain Nq 77 x Nk 512", 3, 4, 4, 77, 512, sdpa_spec(), False, False),
         ("causal GQA 16/2 1024", 2, 16, 2, 1024, 1024, sdpa_spec(causal=True), True, False),
         ("causal Nq>Nk 2048x1024", 1, 8, 8, 2048, 1024, sdpa_spec(causal=True), True, False),
+        # Nq < Nk, causal (top-left aligned: later keys are masked for every row), and few rows
+        ("causal Nq<Nk 1000x2048", 2, 8, 8, 1000, 2048, sdpa_spec(causal=True), True, False),
+        ("plain Nq 16 x Nk 4096", 4, 16, 16, 16, 4096, sdpa_spec(), False, False),
         # A predicate that is not causal (MASK = 2: applied on every tile, none skipped).
         ("prefix-LM 64 1024", 2, 8, 8, 1024, 1024, spec_from_text(PREFIX_LM), True, False, 64),
     ]

@@ -50,6 +50,7 @@ from gpu_check import with_env  # noqa: E402
 # A dry run on a machine without a GPU (--device cpu --calls 2, under TRITON_INTERPRET=1) runs
 # every row through the interpreter, to check the script before a device call.
 DEVICE, CALLS = "cuda", 200
+SHAPE = (128, 64)  # (N, d) of the host table's calls (--n, --d)
 
 
 def _sync() -> None:
@@ -128,7 +129,8 @@ def triton_op_forward():
 def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[tuple[str, str, float]]:
     """(case, implementation, µs per call) rows, printed as a table and written to
     out_dir/rows.json; profiles to out_dir. ``compiled_rows``: which torch.compile rows to add."""
-    q, k, v = (torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, SHAPE[0], SHAPE[1], device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
     do = torch.randn_like(q)
     fx_fwd = lambda: fx_flash.flash_attention(q, k, v, is_causal=True)  # noqa: E731
     sdpa_fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
@@ -140,6 +142,9 @@ def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[
         ("fwd+bwd", "fx_flash, JIT launches", with_env(grad(fx_fwd), FX_FLASH_DIRECT_LAUNCH="0")),
         ("fwd+bwd", "sdpa", grad(sdpa_fwd)),
     ]
+    if SHAPE != (128, 64):  # a shape the Gluon forward may take: the portable forward beside it
+        cases[1:1] = [("fwd", "fx_flash, FX_FLASH_GLUON=0", with_env(fx_fwd, FX_FLASH_GLUON="0"))]
+        cases.insert(5, ("fwd+bwd", "fx_flash, FX_FLASH_GLUON=0", with_env(grad(fx_fwd), FX_FLASH_GLUON="0")))
     qi, ki, vi = (t.detach() for t in (q, k, v))
     compiled = [("compiled: fx_flash op", lambda q, k, v: fx_flash.flash_attention(q, k, v, is_causal=True)),
                 ("compiled: sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
@@ -182,7 +187,7 @@ def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[
     for (case, impl, _), ts in zip(cases, times):
         if impl in ("sdpa", "compiled: sdpa"):
             base.setdefault(case, ts)
-    print(f"\nHost time per call, B1 H1 N128 d64 causal bf16 (µs; median of {len(times[0])} rounds of {CALLS} "
+    print(f"\nHost time per call, B1 H1 N{SHAPE[0]} d{SHAPE[1]} causal bf16 (µs; median of {len(times[0])} rounds of {CALLS} "
           "calls, the rows taking turns in each round; / sdpa: the median of the per-round ratios, "
           "and their range):\n")
     print("| case | implementation | µs per call | / sdpa | range of / sdpa |")
@@ -460,10 +465,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1")
     ap.add_argument("--calls", type=int, default=200, help="calls per round (2 for a dry run)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--n", type=int, default=128, help="the host table's sequence length")
+    ap.add_argument("--d", type=int, default=64, help="the host table's head dim (128: the Gluon forward's)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    global DEVICE, CALLS
-    DEVICE, CALLS = args.device, args.calls
+    global DEVICE, CALLS, SHAPE
+    DEVICE, CALLS, SHAPE = args.device, args.calls, (args.n, args.d)
     if args.compare:
         compare(*args.compare)
     elif args.cpu:

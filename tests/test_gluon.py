@@ -111,11 +111,10 @@ def test_tiles_fit_shared_memory_by_construction():
     and no tile at all when even that does not fit."""
     assert gluon_launch.default_config(H200, 128, 2) == gluon_launch.GluonConfig(128, 128, 3)
     assert gluon_launch.default_config(H200, 64, 2) == gluon_launch.GluonConfig(128, 128, 4)
-    # The routed kernel (warp-specialized) at d = 128: three 128-key stages still fit the H200's M.
+    # The warp-specialized kernel at d = 128: three 128-key stages still fit the H200's M.
+    assert gluon_launch.default_config(H200, 128, 2, ws=True) == gluon_launch.GluonConfig(128, 128, 3, ws=True)
+    # The routed, persistent one too: its Q empty barriers take the place of the ping-pong's turn barriers.
     assert gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND) == gluon_launch.GluonConfig(
-        128, 128, 3, ws=True)
-    # The persistent one too: its Q empty barriers take the place of the ping-pong's turn barriers.
-    assert gluon_launch.default_config(H200, 128, 2, ws=True, persistent=True) == gluon_launch.GluonConfig(
         128, 128, 3, ws=True, persistent=True)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))  # M too small for two 128-key stages at d = 128
     assert gluon_launch.default_config(ada, 128, 2) == gluon_launch.GluonConfig(128, 64, 2)
@@ -288,18 +287,43 @@ def test_calls_off_sm90_are_refused():
 
 
 def test_routing_is_limited_to_what_was_measured():
-    """FX_FLASH_GLUON=1 routes head dim 128 only (bf16 and fp16, both checked and timed on the
-    H200): at head dim 64 the portable forward measured faster."""
-    assert gluon_launch.not_routed(torch.empty(1, 1, 8, 128, dtype=torch.bfloat16)) is None
-    assert gluon_launch.not_routed(torch.empty(1, 1, 8, 128, dtype=torch.float16)) is None
-    assert "64" in gluon_launch.not_routed(torch.empty(1, 1, 8, 64, dtype=torch.bfloat16))
+    """What is routed is what was checked and timed faster on the H200: head dim 128, bf16 and
+    fp16, dense and causal specs whose output tiles walk at least MIN_WALK key tiles on average
+    (causal N = 1k: 4.5 tiles, slower than the portable forward; 2k: 8.5, faster), at least one
+    full output tile of queries. Ranged specs stay on the portable forward, which skips tiles."""
+    cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND)
+
+    def reason(n_q, n_kv, d=128, dtype=torch.bfloat16, spec=sdpa_spec()):
+        q = torch.empty(1, 1, n_q, d, dtype=dtype)
+        return gluon_launch.not_routed(spec, q, torch.empty(1, 1, n_kv, d, dtype=dtype), cfg)
+
+    assert reason(1024, 1024) is None and reason(1024, 1024, dtype=torch.float16) is None
+    assert "64" in reason(2048, 2048, d=64)
+    assert reason(2048, 2048, spec=sdpa_spec(causal=True)) is None
+    assert "4.5 key tiles" in reason(1024, 1024, spec=sdpa_spec(causal=True))
+    assert "key tiles" in reason(512, 512)
+    assert "output tile" in reason(64, 4096)
+    window = spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) & (q_idx - kv_idx < 256)")
+    assert window.tile_mode == "ranged" and "ranged" in reason(4096, 4096, spec=window)
 
 
-def test_off_by_default(monkeypatch):
+@pytest.mark.parametrize("n_q, n_kv, block_n", [(1024, 1024, 128), (2048, 2048, 128), (1000, 2048, 128),
+                                                (2048, 1024, 128), (300, 4096, 128), (1000, 2048, 64)])
+def test_mean_walk_counts_each_output_tile(n_q, n_kv, block_n):
+    """mean_walk is the mean over output tiles of the key tiles each visits (causal: up to its
+    last row's diagonal, top-left aligned), counted tile by tile here."""
+    cfg = gluon_launch.GluonConfig(128, block_n, 2, True, persistent=True)
+    tiles, q_tiles = -(-n_kv // block_n), -(-n_q // 128)
+    counted = [min(tiles, -(-min(n_q, (i + 1) * 128) // block_n)) for i in range(q_tiles)]
+    assert gluon_launch.mean_walk(sdpa_spec(causal=True), n_q, n_kv, cfg) == pytest.approx(sum(counted) / q_tiles)
+    assert gluon_launch.mean_walk(sdpa_spec(), n_q, n_kv, cfg) == tiles
+
+
+def test_on_by_default(monkeypatch):
     monkeypatch.delenv("FX_FLASH_GLUON", raising=False)
-    assert not gluon_launch.enabled()
-    monkeypatch.setenv("FX_FLASH_GLUON", "1")
     assert gluon_launch.enabled()
+    monkeypatch.setenv("FX_FLASH_GLUON", "0")
+    assert not gluon_launch.enabled()
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -426,10 +450,8 @@ def test_persistent_kernel_keeps_the_consumer_code(compiled, spec):
     assert abs(wsp["shared"] - ws["shared"]) < gluon_launch.WS_CAPTURE_BYTES
 
 
-def test_causal_specs_route_to_the_persistent_kernel():
-    """FX_FLASH_GLUON=1 runs causal specs on the persistent kernel (faster on the H200 at 2k and 8k)
-    and the rest on the plain warp-specialized one (the persistent kernel was 1% slower at 8k)."""
-    assert gluon_launch.routed_kind(sdpa_spec(causal=True)) == dict(ws=True, persistent=True)
-    assert gluon_launch.routed_kind(sdpa_spec()) == dict(ws=True, persistent=False)
-    prefix = spec_from_text("score=qk*scale; keep=(kv_idx <= 64) | (kv_idx <= q_idx)")
-    assert gluon_launch.routed_kind(prefix)["persistent"] is False
+def test_every_routed_spec_runs_the_persistent_kernel():
+    """The routed kernel is the persistent warp-specialized one for every spec (call 9 on the H200:
+    at or above the non-persistent kernel in every row from 1k to 16k, plain and causal)."""
+    assert gluon_launch.ROUTED_KIND == dict(ws=True, persistent=True)
+    assert gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND).persistent

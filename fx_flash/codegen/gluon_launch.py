@@ -2,21 +2,21 @@
 (``gluon_bwd.py``): when each applies, its tile from shared memory M, the TMA descriptors, the
 cached module.
 
-Off unless ``FX_FLASH_GLUON=1``; then ``launch.attention_forward`` offers each forward here first,
-and every call this kernel cannot compute exactly (another GPU, the interpreter, fp32, head dims
-other than 64 and 128, tensor operands, dropout, layouts a row-matrix descriptor cannot address,
-key lengths that are not a multiple of the key tile), or that it was not measured faster on
-(``not_routed``: head dim 64), runs the portable kernels instead. The reason is logged on
-the ``fx_flash`` logger at debug level. What is routed runs ``routed_kind``: the warp-specialized
-kernel (a TMA producer and two consumer warpgroups), persistent for causal specs, the fastest of
-the kinds timed on the H200 (benchmarks/RESULTS.md, Hopper); the others (one partition;
-ping-pong, hold, early rescale) are reached through ``launch`` with their ``GluonConfig``
-(benchmarks/gluon_check.py).
+The forward is on by default (``FX_FLASH_GLUON=0`` turns it off): ``launch.attention_forward``
+offers each forward here first, and every call this kernel cannot compute exactly (another GPU,
+the interpreter, fp32, head dims other than 64 and 128, tensor operands, dropout, layouts a
+row-matrix descriptor cannot address, key lengths that are not a multiple of the key tile), or
+that it was not measured faster on (``not_routed``: head dim 64, ranged specs, short walks), runs
+the portable kernels instead. The reason is logged on the ``fx_flash`` logger at debug level. What
+is routed runs ROUTED_KIND: the persistent warp-specialized kernel (a TMA producer and two consumer
+warpgroups; one program per SM walking output tiles), the fastest of the kinds timed on the H200
+(benchmarks/GLUON_NOTES.md, call 9); the others (one partition; not persistent; ping-pong, hold,
+early rescale) are reached through ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 
 The backward is off unless ``FX_FLASH_GLUON_BWD=1`` (independently of the forward's switch); then
 ``launch.attention_backward`` offers each backward here first (``backward``), with the forward's
-rules plus dO's layout, and the portable backward runs whatever it refuses. Not yet run on a GPU
-(benchmarks/gluon_bwd_check.py is the check; GLUON_NOTES.md, call 6).
+rules plus dO's layout, and the portable backward runs whatever it refuses. On the H200 it is
+correct and slower than the portable backward (GLUON_NOTES.md, calls 6-8).
 """
 
 from __future__ import annotations
@@ -43,11 +43,16 @@ from fx_flash.device import DeviceProfile, device_profile, interpreting
 log = logging.getLogger("fx_flash")
 
 HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger ones need splitting
-# What FX_FLASH_GLUON=1 routes here: the head dims and dtypes where the kernel was checked on the
-# H200 and measured at least as fast as the tuned portable forward (benchmarks/RESULTS.md).
+# What is routed here: the head dims and dtypes where the kernel was checked on the H200 and
+# measured at least as fast as the portable forward (benchmarks/GLUON_NOTES.md, call 9).
 ROUTED_HEAD_DIMS = (128,)
 ROUTED_DTYPES = (torch.bfloat16, torch.float16)
-ROUTED_KIND = dict(ws=True)  # GluonConfig flags of the routed kernel (routed_kind adds persistence)
+ROUTED_KIND = dict(ws=True, persistent=True)  # GluonConfig flags of the routed kernel
+# Fewest key tiles a program walks on average (a causal row tile walks fewer than its neighbours
+# below) for the routed kernel to pay its fixed cost per output tile (Q load, fill, drain,
+# epilogue). On the H200 at d = 128 (call 9): 4.5 tiles (causal, N = 1k) ran 285 TFLOP/s against
+# the portable forward's 316; 8 (plain 1k) 437 against 401; 8.5 (causal 2k) 379 against 369.
+MIN_WALK = 8
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4
@@ -63,8 +68,8 @@ L2_SECTION_BYTES = 32 * 1024 * 1024
 
 
 def enabled() -> bool:
-    """FX_FLASH_GLUON=1 routes the forwards this kernel supports to it (off by default)."""
-    return os.environ.get("FX_FLASH_GLUON", "0") == "1"
+    """Whether forwards this kernel supports are routed to it: yes unless FX_FLASH_GLUON=0."""
+    return os.environ.get("FX_FLASH_GLUON", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -258,31 +263,47 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     fn[grid](*descriptors, out, lse, scale, *out.stride(), h, n_q, k.shape[2], **constexprs)
 
 
-def not_routed(q: torch.Tensor) -> Optional[str]:
+def mean_walk(spec: AttentionSpec, n_q: int, n_kv: int, config: GluonConfig) -> float:
+    """Key tiles an output tile of ``config`` walks on average: every one of them, or under a
+    causal spec (top-left aligned) those up to its last row's diagonal."""
+    tiles = -(-n_kv // config.BLOCK_N)
+    if spec.tile_mode != "causal":
+        return float(tiles)
+    q_tiles = -(-n_q // config.BLOCK_M)
+    # output tile i walks cdiv((i + 1)·BLOCK_M, BLOCK_N) key tiles, all of them from i_full on
+    i_full = -(-((tiles - 1) * config.BLOCK_N + 1) // config.BLOCK_M) - 1
+    partial = sum(-(-(i + 1) * config.BLOCK_M // config.BLOCK_N) for i in range(min(q_tiles, i_full)))
+    return (partial + max(0, q_tiles - i_full) * tiles) / q_tiles
+
+
+def not_routed(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> Optional[str]:
     """Why a call the kernel could compute still runs the portable forward: where the H200 runs
-    measured it slower (head dim 64). ROUTED_DTYPES keeps the door for a dtype the kernel takes
-    but that was never run on a GPU (both it takes were)."""
+    measured it slower (head dim 64; fewer than MIN_WALK key tiles a program; and, unmeasured,
+    fewer query rows than one output tile, where most of its rows would be idle), or where the
+    portable forward skips what this kernel would visit (ranged specs: windows, documents, which it
+    skips by per-tile ranges). ROUTED_DTYPES keeps the door for a dtype the kernel takes but that
+    was never run on a GPU (both it takes were)."""
     if q.shape[-1] not in ROUTED_HEAD_DIMS:
         return f"head dim {q.shape[-1]}: the portable forward measured faster on the H200 (benchmarks/RESULTS.md)"
     if q.dtype not in ROUTED_DTYPES:
         return f"{q.dtype}: not yet checked on a GPU"
+    if spec.tile_mode == "ranged":
+        return "a ranged spec: the portable forward skips the tiles its ranges exclude"
+    if q.shape[2] < config.BLOCK_M:  # not measured; the portable forward takes narrower query tiles
+        return f"N_Q = {q.shape[2]} fills less than one {config.BLOCK_M}-row output tile"
+    walk = mean_walk(spec, q.shape[2], k.shape[2], config)
+    if walk < MIN_WALK:
+        return f"{walk:.1f} key tiles per output tile on average, fewer than MIN_WALK = {MIN_WALK}"
     return None
 
 
-def routed_kind(spec: AttentionSpec) -> dict:
-    """GluonConfig flags of the kernel ``spec`` is routed to: ROUTED_KIND, persistent for causal
-    specs (measured on the H200 at d = 128: 406 against 359 TFLOP/s at N = 2k, 515 against 497 at
-    8k; without a mask the persistent kernel was 1% slower at 8k at the same tile, so not there)."""
-    return {**ROUTED_KIND, "persistent": spec.tile_mode == "causal"}
-
-
 def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
-    """Compute the forward into ``out``/``lse`` with the routed Gluon kernel (``routed_kind``) if it
+    """Compute the forward into ``out``/``lse`` with the routed Gluon kernel (ROUTED_KIND) if it
     applies; False (nothing written) when the portable kernels must run instead."""
     config = None
     if q.is_cuda:
-        config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **routed_kind(spec))
-    reason = unsupported_call(spec, q, k, v, config) or not_routed(q)
+        config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **ROUTED_KIND)
+    reason = unsupported_call(spec, q, k, v, config) or not_routed(spec, q, k, config)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)
         return False

@@ -21,6 +21,7 @@ correct and slower than the portable backward (GLUON_NOTES.md, calls 6-8).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -213,14 +214,19 @@ def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType
         return module
 
 
-def _descriptor(t: torch.Tensor, block_rows: int):
+@functools.lru_cache(maxsize=None)
+def _shared_layout(block_rows: int, d: int, dtype: torch.dtype):
+    """The NVMMA shared layout of a (block_rows, d) tile (built once: descriptors are made per call)."""
     from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for([block_rows, d], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def _descriptor(t: torch.Tensor, block_rows: int):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     z, h, n, d = t.shape
-    block = [block_rows, d]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor(t, [z * h * n, d], [t.stride(2), 1], block, layout)
+    return TensorDescriptor(t, [z * h * n, d], [t.stride(2), 1], [block_rows, d], _shared_layout(block_rows, d, t.dtype))
 
 
 def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> int:
@@ -235,32 +241,56 @@ def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, con
     return min(z * h, max(1, L2_SECTION_BYTES // kv_head_bytes) * (h // k.shape[1]))
 
 
-def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonConfig,
-           programs: Optional[int] = None, section: Optional[int] = None) -> None:
-    """Run the kernel into ``out`` (Z, H, N_Q, d) and ``lse`` (Z, H, N_Q) fp32 with tile ``config``
-    (the caller has checked ``unsupported_call``). ``programs``, ``section``: the persistent
-    kernel's grid and heads per section of its causal order, by default one program per SM and
-    heads_per_section; checks set fewer of both, so that each program walks many output tiles and
-    the order has several sections."""
+@dataclass(frozen=True)
+class ForwardLaunch:
+    """What a forward launch of one call's shapes takes besides its tensors: the kernel, its grid,
+    the arguments after (q, k, v descriptors, out, lse), its constexprs, and the descriptors' row
+    blocks (Q's, K's and V's)."""
+
+    fn: object
+    grid: tuple
+    post: tuple
+    constexprs: dict
+    blocks: tuple
+
+    def descriptors(self, q, k, v) -> tuple:
+        return tuple(_descriptor(t, rows) for t, rows in zip((q, k, v), self.blocks))
+
+
+def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig, programs: Optional[int] = None,
+                   section: Optional[int] = None, out_strides: Optional[tuple] = None) -> ForwardLaunch:
+    """The ForwardLaunch of ``config`` for these shapes (the caller has checked ``unsupported_call``).
+    ``programs``, ``section``: the persistent kernel's grid and heads per section of its causal
+    order, by default one program per SM and heads_per_section; checks set fewer of both, so that
+    each program walks many output tiles and the order has several sections. ``out_strides``: by
+    default a contiguous out's."""
     z, h, n_q, d = q.shape
     module = load(spec)
     rows = config.rows_per_consumer
-    descriptors = (_descriptor(q, rows), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N))
+    out_strides = out_strides or (h * n_q * d, n_q * d, d, 1)
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,
                       HOLD=config.hold, num_warps=config.num_warps)
+    blocks = (rows, config.BLOCK_N, config.BLOCK_N)
     if config.persistent:
         q_tiles = triton.cdiv(n_q, config.BLOCK_M)  # of a head
         programs = min(q_tiles * z * h, programs or device_profile(q.device).multiprocessors)
         section = section or heads_per_section(spec, q, k, config)
         section_rounds = triton.cdiv(section * q_tiles, programs)
-        module._attn_fwd_sm90_wsp[(programs, )](*descriptors, out, lse, scale, *out.stride(), z, h, n_q, k.shape[2],
-                                                q_tiles, section, section_rounds,
-                                                triton.cdiv(z * h, section) * section_rounds, **constexprs)
-        return
+        post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
+                triton.cdiv(z * h, section) * section_rounds)
+        return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks)
     fn = module._attn_fwd_sm90_ws if config.ws else module._attn_fwd_sm90
     grid = (triton.cdiv(n_q, config.BLOCK_M), z * h)
-    fn[grid](*descriptors, out, lse, scale, *out.stride(), h, n_q, k.shape[2], **constexprs)
+    return ForwardLaunch(fn, grid, (scale, *out_strides, h, n_q, k.shape[2]), constexprs, blocks)
+
+
+def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonConfig,
+           programs: Optional[int] = None, section: Optional[int] = None) -> None:
+    """Run the kernel into ``out`` (Z, H, N_Q, d) and ``lse`` (Z, H, N_Q) fp32 with tile
+    ``config`` through Triton's JIT launch (see forward_launch)."""
+    found = forward_launch(spec, q, k, scale, config, programs, section, tuple(out.stride()))
+    found.fn[found.grid](*found.descriptors(q, k, v), out, lse, *found.post, **found.constexprs)
 
 
 def mean_walk(spec: AttentionSpec, n_q: int, n_kv: int, config: GluonConfig) -> float:
@@ -297,18 +327,19 @@ def not_routed(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: Gl
     return None
 
 
-def forward(spec: AttentionSpec, q, k, v, out, lse, scale: float) -> bool:
-    """Compute the forward into ``out``/``lse`` with the routed Gluon kernel (ROUTED_KIND) if it
-    applies; False (nothing written) when the portable kernels must run instead."""
+def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[ForwardLaunch]:
+    """The ForwardLaunch of the routed kernel (ROUTED_KIND) for this call if it applies; None when
+    the portable kernels must run instead (the reason logged at debug level). It depends only on
+    what launch's plan key holds (spec, shapes, strides, dtypes, alignment, device), so the
+    caller decides once per key."""
     config = None
     if q.is_cuda:
         config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **ROUTED_KIND)
     reason = unsupported_call(spec, q, k, v, config) or not_routed(spec, q, k, config)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)
-        return False
-    launch(spec, q, k, v, out, lse, scale, config)
-    return True
+        return None
+    return forward_launch(spec, q, k, scale, config)
 
 
 # ---------------------------------------------------------------------------------------------

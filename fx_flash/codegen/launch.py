@@ -620,11 +620,14 @@ def planned_forward(q, k, v, operands, seed, dropout_p: float, scale: float, spe
     if n_kv == 0:
         return out.zero_(), lse.fill_(float("-inf")), None
     splits, rows = decode_plan(q, k)
+    plan = None
     if not splits:
-        from fx_flash.codegen import gluon_launch  # the sm90 Gluon forward, FX_FLASH_GLUON=1 (off by default)
-        if gluon_launch.enabled() and gluon_launch.forward(spec, q, k, v, out, lse, scale):
-            return out, lse, None  # no plan: gluon_launch launches its own kernel on every call
-    plan = _Forward(spec, q, k, v, operands, dropout_p, scale, consts, splits, rows, _direct(q))
+        from fx_flash.codegen import gluon_launch  # the sm90 Gluon forward (on unless FX_FLASH_GLUON=0)
+        routed = gluon_launch.routed_forward(spec, q, k, v, scale) if gluon_launch.enabled() else None
+        if routed is not None:
+            plan = _GluonForward(routed, q, dropout_p, scale, _direct(q))
+    if plan is None:
+        plan = _Forward(spec, q, k, v, operands, dropout_p, scale, consts, splits, rows, _direct(q))
     plan.run(q, k, v, out, lse, operands, seed)
     if not plan.final:
         return out, lse, None
@@ -632,16 +635,77 @@ def planned_forward(q, k, v, operands, seed, dropout_p: float, scale: float, spe
     return out, lse, plan
 
 
-class _Forward:
+class _Plan:
+    """What every forward plan does with its key: allocate the outputs, run, and find the backward
+    plans of the calls it ran (``backward``). Subclasses define ``run`` and ``final``."""
+
+    def __init__(self, q, dropout_p, scale):
+        self.lse_shape = q.shape[:3]
+        self.dropout_p, self.scale = dropout_p, scale
+        self.tf32 = q.dtype is torch.float32  # the key reads allow_tf32 for fp32 inputs
+        self.backwards = {}  # backward_key → _Backward, for the backwards of this plan's calls
+
+    def __call__(self, q, k, v, operands, seed):
+        out = new_output(q)
+        lse = new_output(q, self.lse_shape, torch.float32)
+        self.run(q, k, v, out, lse, operands, seed)
+        return out, lse
+
+    def backward(self, spec_text: str, dout, q, k, v, out, lse, operands, seed):
+        """attention_backward of a call this plan ran forward, on its saved tensors. Only dO and the
+        settings can differ from what this plan's key fixed (q, k, v, operands and seed are the
+        forward's tensors; out and lse its outputs), so the backward plan is found by those alone,
+        without the full key's layouts of eight tensors."""
+        key = (spec_text, switches(), autotune.setting(), self.tf32 and torch.backends.cuda.matmul.allow_tf32,
+               _layout(dout))
+        plan = self.backwards.get(key)
+        if plan is not None:
+            return plan(dout, q, k, v, out, lse, operands, seed)
+        grads, plan = planned_backward(dout, q, k, v, out, lse, operands, seed, self.dropout_p, self.scale,
+                                       spec_from_text(spec_text))
+        if plan is not None:
+            _remember(self.backwards, key, plan)
+        return grads
+
+
+class _GluonForward(_Plan):
+    """The plan of a forward key the Gluon sm90 kernel takes (gluon_launch.routed_forward, decided
+    once per key): per call, the three TMA descriptors (they hold the data pointers) and a
+    launch, through the bound launcher from the second call on, as _Kernel does."""
+
+    final = True
+
+    def __init__(self, routed, q, dropout_p, scale, direct):
+        super().__init__(q, dropout_p, scale)
+        self.routed, self.direct = routed, direct
+        self.grid3 = _grid3(routed.grid)
+        self.bound = None  # (compiled kernel, argument tail, device)
+
+    def run(self, q, k, v, out, lse, operands, seed) -> None:
+        routed = self.routed
+        args = (*routed.descriptors(q, k, v), out, lse, *routed.post)
+        bound = self.bound
+        if bound is not None:
+            kernel, tail, device = bound
+            driver = _driver()
+            if driver.get_current_device() == device:
+                _run_bound(kernel, routed.grid, self.grid3, driver.get_current_stream(device), (*args, *tail))
+                return
+        kernel = routed.fn[routed.grid](*args, **routed.constexprs)
+        if self.direct and bound is None:
+            found = _bind(routed.fn, kernel, len(args), routed.constexprs)
+            if found is not None:
+                self.bound = (*found, _driver().get_current_device())
+
+
+class _Forward(_Plan):
     """The plan of a forward key: output shapes, the operands' argument layout, and its kernels
     with the arguments the key fixes (the floats and every stride)."""
 
     def __init__(self, spec, q, k, v, operands, dropout_p, scale, consts, splits, rows, direct):
+        super().__init__(q, dropout_p, scale)
         z, h, n_q, d = q.shape
-        self.spec, self.lse_shape, self.splits = spec, (z, h, n_q), splits
-        self.dropout_p, self.scale = dropout_p, scale
-        self.tf32 = q.dtype is torch.float32  # the key reads allow_tf32 for fp32 inputs
-        self.backwards = {}  # backward_key → _Backward, for the backwards of this plan's calls
+        self.spec, self.splits = spec, splits
         self.ranged = spec.tile_mode == "ranged"
         self.operands = _operand_layout(spec, operands)
         out_strides = _contiguous_strides(q.shape)
@@ -670,28 +734,6 @@ class _Forward:
     def final(self) -> bool:
         """Whether every kernel's configuration may be kept (see _choose)."""
         return all(kernel.final for kernel in self.kernels)
-
-    def __call__(self, q, k, v, operands, seed):
-        out = new_output(q)
-        lse = new_output(q, self.lse_shape, torch.float32)
-        self.run(q, k, v, out, lse, operands, seed)
-        return out, lse
-
-    def backward(self, spec_text: str, dout, q, k, v, out, lse, operands, seed):
-        """attention_backward of a call this plan ran forward, on its saved tensors. Only dO and the
-        settings can differ from what this plan's key fixed (q, k, v, operands and seed are the
-        forward's tensors; out and lse its outputs), so the backward plan is found by those alone,
-        without the full key's layouts of eight tensors."""
-        key = (spec_text, switches(), autotune.setting(), self.tf32 and torch.backends.cuda.matmul.allow_tf32,
-               _layout(dout))
-        plan = self.backwards.get(key)
-        if plan is not None:
-            return plan(dout, q, k, v, out, lse, operands, seed)
-        grads, plan = planned_backward(dout, q, k, v, out, lse, operands, seed, self.dropout_p, self.scale,
-                                       spec_from_text(spec_text))
-        if plan is not None:
-            _remember(self.backwards, key, plan)
-        return grads
 
     def run(self, q, k, v, out, lse, operands, seed) -> None:
         operand_args = _operand_values(self.operands, operands)

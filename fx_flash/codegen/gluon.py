@@ -46,10 +46,10 @@ GLUON_TEMPLATE = '''\
 #
 # Three kernels share the consumer code (_attend): _attn_fwd_sm90, one partition of NUM_WARPS = 8
 # warps that also issues its TMA loads; _attn_fwd_sm90_ws, FlashAttention-3's layout: a
-# producer partition issues every load, two consumer warpgroups of BLOCK_M rows each (what
-# fx_flash routes to, FX_FLASH_GLUON=1, with its options off: on the H200 the free-running
-# consumers beat both the ping-pong and the hold, benchmarks/GLUON_NOTES.md); and
-# _attn_fwd_sm90_wsp, the same partitions in a persistent program per SM that walks output tiles.
+# producer partition issues every load, two consumer warpgroups of BLOCK_M rows each (with its
+# options off: on the H200 the free-running consumers beat both the ping-pong and the hold,
+# benchmarks/GLUON_NOTES.md); and _attn_fwd_sm90_wsp, the same partitions in a persistent program
+# per SM that walks output tiles, what fx_flash routes to (gluon_launch.ROUTED_KIND).
 #
 # Note (pipeline): tile j's q·kᵀ is issued, then tile j-1's p·v, both asynchronous; waiting for
 # one outstanding group leaves p·v running on the tensor cores while the softmax of tile j runs.

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import fx_flash
 from fx_flash import validate
@@ -194,6 +197,66 @@ def test_launch_hooks_see_direct_launches(direct, monkeypatch):
         triton.knobs.runtime.launch_enter_hook.remove(hook)
     assert [c["name"] for c in calls] == ["_attn_fwd"]
     assert seen[-1][1] is triton.knobs.runtime.launch_enter_hook and seen[-1][2] is None
+
+
+@triton.jit
+def _stand_in_forward(Q, K, V, Out, Lse, scale, N, D: tl.constexpr, BLOCK: tl.constexpr):
+    """A stand-in for the Gluon kernel (which cannot run in the interpreter), with its argument
+    order: out = scale·(q + k + v) row by row, lse = the program's row index."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    ok = rows[:, None] < N
+    at = rows[:, None] * D + cols[None, :]
+    x = tl.load(Q + at, mask=ok) + tl.load(K + at, mask=ok) + tl.load(V + at, mask=ok)
+    tl.store(Out + at, x * scale, mask=ok)
+    tl.store(Lse + rows, rows.to(tl.float32), mask=rows < N)
+
+
+@needs_interpreter
+def test_the_gluon_forward_plan_decides_once_and_launches_bound(direct, monkeypatch):
+    """A call the Gluon forward takes gets a plan (launch._GluonForward): the route is decided once
+    per key (gluon_launch.routed_forward), the first call launches through the JIT function and
+    binds, later calls launch the bound kernel with that call's own tensors (here descriptors
+    stand in as the tensors themselves), and FX_FLASH_GLUON=0 is another key, on the portable
+    forward. Stand-in kernel: the Gluon kernels do not run in the interpreter."""
+    from fx_flash.codegen import gluon_launch
+
+    class StandIn(gluon_launch.ForwardLaunch):
+        def descriptors(self, q, k, v):
+            return q, k, v
+
+    decided = []
+
+    def routed(spec, q, k, v, scale):
+        decided.append(spec.text)
+        n = q.shape[0] * q.shape[1] * q.shape[2]
+        return StandIn(_stand_in_forward, (triton.cdiv(n, 16), ), (scale, n), dict(D=q.shape[3], BLOCK=16),
+                       (16, 16, 16))
+
+    monkeypatch.setattr(gluon_launch, "routed_forward", routed)
+    monkeypatch.setattr(gluon_launch, "enabled", lambda: os.environ.get("FX_FLASH_GLUON", "1") != "0")
+    launches = []
+    real_bind = launch._bind
+
+    def bind(fn, kernel, n_positional, keywords):  # the stand-in launcher runs the interpreter
+        runner = direct.setdefault("_stand_in_forward", _Launcher(_stand_in_forward))
+        launches.append("bound")
+        return real_bind(types.SimpleNamespace(signature=inspect.signature(_stand_in_forward.fn), pre_run_hooks=[]),
+                         runner, n_positional, keywords)
+
+    monkeypatch.setattr(launch, "_bind", bind)
+    q, k, v = _qkv(grad=False)
+    outs = [fx_flash.flash_attention(q, k, v, is_causal=True) for _ in range(3)]
+    assert decided == ["score=qk*scale; keep=kv_idx <= q_idx"]  # once per key
+    assert launches == ["bound"] and direct["_stand_in_forward"].launches == 2
+    for out in outs:
+        torch.testing.assert_close(out, (q + k + v) * (1 / math.sqrt(16)))
+    q2, k2, v2 = _qkv(grad=False)  # other tensors, the same key: the bound launch reads them
+    torch.testing.assert_close(fx_flash.flash_attention(q2, k2, v2, is_causal=True), (q2 + k2 + v2) / 4)
+    assert len(decided) == 1 and direct["_stand_in_forward"].launches == 3
+    monkeypatch.setenv("FX_FLASH_GLUON", "0")
+    torch.testing.assert_close(fx_flash.flash_attention(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- keys

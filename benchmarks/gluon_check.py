@@ -109,6 +109,10 @@ def _cases(which: str):
         # Nq < Nk, causal (top-left aligned: later keys are masked for every row), and few rows
         ("causal Nq<Nk 1000x2048", 2, 8, 8, 1000, 2048, sdpa_spec(causal=True), True, False),
         ("plain Nq 16 x Nk 4096", 4, 16, 16, 16, 4096, sdpa_spec(), False, False),
+        # (B, N, H, d) storage seen as (B, H, N, d), as models' q.view(...).transpose(1, 2) give
+        # (the persistent kernel's heads-side-by-side descriptor; the others refuse it)
+        ("causal (B,N,H,d) ragged 2x16x1000x1024", 2, 16, 16, 1000, 1024, sdpa_spec(causal=True), True, False),
+        ("plain (B,N,H,d) GQA 16/4 2048", 2, 16, 4, 2048, 2048, sdpa_spec(), False, False),
         # A predicate that is not causal (MASK = 2: applied on every tile, none skipped).
         ("prefix-LM 64 1024", 2, 8, 8, 1024, 1024, spec_from_text(PREFIX_LM), True, False, 64),
     ]
@@ -126,8 +130,12 @@ def numerics(d, name, which, dtype):
         return True
     ok = True
     for label, b, hq, hkv, nq, nk, spec, causal, softcap, *prefix in _cases(which):
-        q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
-        k, v = (torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
+        if "(B,N,H,d)" in label:
+            q = torch.randn(b, nq, hq, d, device="cuda", dtype=dtype).transpose(1, 2)
+            k, v = (torch.randn(b, nk, hkv, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
+        else:
+            q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
         scale = 1 / math.sqrt(d)
         kk, vv = (t.repeat_interleave(hq // hkv, 1) for t in (k, v))
         ref, ref_lse = _eager(q.float(), kk.float(), vv.float(), scale, causal, softcap, *prefix)
@@ -144,7 +152,7 @@ def numerics(d, name, which, dtype):
             grids.append((" on 5 programs, sections of 3", dict(programs=5, section=3)))
         e_torch = _err(torch_out, ref)
         for grid_label, grid in grids:
-            out = torch.full_like(q, float("nan"))
+            out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
             lse = torch.full((b, hq, nq), float("nan"), device="cuda")
             try:
                 gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg, **grid)
@@ -175,7 +183,9 @@ def backward_through_gluon(d):
     gluon_launch.routed_forward = lambda *a, **kw: (lambda r: (calls.append(r), r)[1])(real(*a, **kw))
     os.environ.pop("FX_FLASH_GLUON", None)
     try:
-        q, k, v = (torch.randn(2, 8, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        # (B, N, H, d) storage seen as (B, H, N, d), as HF models pass q, k, v
+        q, k, v = (torch.randn(2, 2048, 8, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
         do = torch.randn_like(q)
         runs = []
         for _ in range(3):

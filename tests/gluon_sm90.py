@@ -69,7 +69,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     if persistent:  # the grid is the SMs, not the output tiles: the kernel takes Z, and the causal order's sections
         signature = {**{k: v for k, v in signature.items() if k not in ("H", "N_Q", "N_KV")},
                      **{name: "i32" for name in ("Z", "H", "N_Q", "N_KV", "Q_TILES", "SECTION", "SECTION_ROUNDS",
-                                                 "ROUNDS")}}
+                                                 "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
               "stride_ok": 1}

@@ -255,17 +255,23 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
     ws = gluon_launch.GluonConfig(128, 128, 3, ws=True)
 
-    def run(z, h, n, config, **kw):
-        q = torch.empty(z, h, n, 64, device="meta")
+    def run(z, h, n, config, q=None, **kw):
+        q = torch.empty(z, h, n, 64, device="meta") if q is None else q
         gluon_launch.launch(sdpa_spec(), q, q, q, q, torch.empty(z, h, n, device="meta"), 0.125, config, **kw)
         return launched.pop()
 
-    # 2048 output tiles of 128 rows, 16 per head: one section, 16 rounds of 132 (the last of 68)
+    # 2048 output tiles of 128 rows, 16 per head: one section, 16 rounds of 132 (the last of 68);
+    # then where heads start in the descriptor: row z·RZ + h·RH, column h·CH, for Q and for K/V
     name, grid, args, kwargs = run(8, 16, 2048, wsp)
-    assert (name, grid, args[-4:], kwargs["BLOCK_M"]) == ("_attn_fwd_sm90_wsp", (132, ), (16, 128, 16, 16), 64)
+    assert (name, grid, args[-10:-6], kwargs["BLOCK_M"]) == ("_attn_fwd_sm90_wsp", (132, ), (16, 128, 16, 16), 64)
+    assert args[-6:] == (16 * 2048, 2048, 0) * 2  # heads as rows
+    bnhd = torch.empty(8, 2048, 16, 64, device="meta").transpose(1, 2)  # (Z, N, H, d) storage
+    assert run(8, 16, 2048, wsp, q=bnhd)[2][-6:] == (2048, 0, 64) * 2  # heads side by side in a row
     assert run(1, 2, 300, wsp)[1] == (6, )  # fewer tiles than SMs: one program each
     _, grid, args, _ = run(1, 2, 300, wsp, programs=4, section=1)  # 2 sections of 3 tiles: 1 round each
-    assert (grid, args[-4:]) == ((4, ), (3, 1, 1, 2))
+    assert (grid, args[-10:-6]) == ((4, ), (3, 1, 1, 2))
+    with pytest.raises(ValueError, match="row matrices"):  # the other kernels address heads as rows only
+        run(8, 16, 2048, ws, q=bnhd)
     assert run(1, 2, 300, ws)[:2] == ("_attn_fwd_sm90_ws", (3, 2))
 
 
@@ -448,6 +454,21 @@ def test_persistent_kernel_keeps_the_consumer_code(compiled, spec):
     assert (wsp["wgmma"], wsp["tma"]) == (ws["wgmma"], ws["tma"])
     assert wsp["exps_between_waits"] == ws["exps_between_waits"]
     assert abs(wsp["shared"] - ws["shared"]) < gluon_launch.WS_CAPTURE_BYTES
+
+
+def test_tma_view_of_each_layout():
+    """The persistent kernel's descriptor view: heads as rows (contiguous, padded rows), heads side
+    by side ((Z, N, H, d) storage transposed, and a packed qkv's slices), else None."""
+    view = gluon_launch.tma_view
+    assert view(torch.empty(2, 4, 100, 64)) == ((800, 64), 64, 400, 100, 0)
+    assert view(torch.empty(2, 4, 100, 80)[..., :64]) == ((800, 64), 80, 400, 100, 0)  # padded rows
+    assert view(torch.empty(2, 100, 4, 64).transpose(1, 2)) == ((200, 256), 256, 100, 0, 64)
+    packed = torch.empty(2, 100, 3, 4, 64)  # (B, N, 3, H, d): q, k, v as slices
+    assert view(packed[:, :, 1].transpose(1, 2)) == ((200, 256), 768, 100, 0, 64)
+    assert view(torch.empty(2, 4, 64, 100).transpose(2, 3)) is None  # d not contiguous
+    assert view(torch.empty(2, 4, 100, 64)[:, :, ::2]) is not None  # every other row: row stride 128
+    assert view(torch.empty(1, 4, 100, 64).expand(1, 4, 100, 64)) is not None
+    assert view(torch.empty(1, 1, 100, 64).expand(1, 4, 100, 64)) is None  # heads overlapping
 
 
 def test_every_routed_spec_runs_the_persistent_kernel():

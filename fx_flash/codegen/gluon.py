@@ -31,6 +31,10 @@ GLUON_TEMPLATE = '''\
 #                      only tensors of that layout here, with N_KV a multiple of BLOCK_N, so a K/V
 #                      tile never crosses into the next head. A Q tile past N_Q reads the next
 #                      head's rows (or zeros at the end): those rows are computed and not stored.
+#                      The persistent kernel also takes (Z, N, H, d) storage seen as (Z, H, N, d), as
+#                      models' q.view(B, N, H, d).transpose(1, 2) is: one (Z·N, H·d) matrix whose
+#                      head (z, h) is the rows [z·N, (z + 1)·N) of the columns [h·d, (h + 1)·d)
+#                      (see _producer_persistent's Q_RZ … KV_CH).
 #   Out, LSE           (Z, H, N_Q, HEAD_DIM) output through its strides; (Z, H, N_Q) fp32
 #                      natural-log logsumexp, the portable forward's contract (the backward reads it).
 #   BLOCK_M, BLOCK_N   query rows of one consumer / key columns of a tile; STAGES K/V buffers.
@@ -511,11 +515,14 @@ def _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS):
 
 @gluon.jit
 def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr):
+                         v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH,
+                         KV_RZ, KV_RH, KV_CH, GROUP: gl.constexpr):
     """The persistent kernel's load partition: for each output tile of the schedule, both Q tiles
     (each once its consumer has finished the previous tile's q·kᵀ), then its K and V tiles into
     the ring, whose positions run on across output tiles (``it``), so the next tile's loads start
-    while the consumers still finish the current one."""
+    while the consumers still finish the current one. Where a head's rows lie in its descriptor
+    (the glossary's descriptors): Q head (z, h) from row z·Q_RZ + h·Q_RH, column h·Q_CH; K/V head
+    (z, h // GROUP) likewise with KV_RZ, KV_RH, KV_CH."""
     dtype: gl.constexpr = q_smem.dtype
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -527,22 +534,28 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
     for g in range(ROUNDS):
         taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
         if taken:
-            _, _, kv_row = _head(off_hz, H, N_KV, GROUP)
+            off_z = off_hz // H
+            off_h = off_hz % H
+            off_hkv = off_h // GROUP
+            q_row = off_z * Q_RZ + off_h * Q_RH
+            q_col = off_h * Q_CH
+            kv_row = off_z * KV_RZ + off_hkv * KV_RH
+            kv_col = off_hkv * KV_CH
             row0 = m * 2 * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)  # the second consumer reads the most
             for c in gl.static_range(2):
                 mbarrier.wait(q_empty.index(c), (done & 1) ^ 1)
                 mbarrier.expect(q_ready.index(c), q_bytes)
-                _tma_load(q_desc, [off_hz * N_Q + row0 + c * BLOCK_M, 0], q_ready.index(c), q_smem.index(c))
+                _tma_load(q_desc, [q_row + row0 + c * BLOCK_M, q_col], q_ready.index(c), q_smem.index(c))
             for i in range(n_load):
                 buf = (it + i) % STAGES
                 free = (((it + i) // STAGES) & 1) ^ 1
                 mbarrier.wait(k_empty.index(buf), free)
                 mbarrier.expect(k_ready.index(buf), tile_bytes)
-                _tma_load(k_desc, [kv_row + i * BLOCK_N, 0], k_ready.index(buf), k_smem.index(buf))
+                _tma_load(k_desc, [kv_row + i * BLOCK_N, kv_col], k_ready.index(buf), k_smem.index(buf))
                 mbarrier.wait(v_empty.index(buf), free)
                 mbarrier.expect(v_ready.index(buf), tile_bytes)
-                _tma_load(v_desc, [kv_row + i * BLOCK_N, 0], v_ready.index(buf), v_smem.index(buf))
+                _tma_load(v_desc, [kv_row + i * BLOCK_N, kv_col], v_ready.index(buf), v_smem.index(buf))
             it += n_load
             done += 1
 
@@ -571,11 +584,12 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
             done += 1
 
 
-@gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS"])  # one binary per spec and tile
+@gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ",
+                              "KV_RH", "KV_CH"])  # one binary per spec and tile
 def _attn_fwd_sm90_wsp(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
     stride_oz, stride_oh, stride_om, stride_ok,
-    Z, H, N_Q, N_KV, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
+    Z, H, N_Q, N_KV, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
@@ -613,7 +627,7 @@ def _attn_fwd_sm90_wsp(
     gl.warp_specialize([
         (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                 k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
-                                GROUP)),
+                                Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH, GROUP)),
         (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
         (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
     ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])

@@ -142,6 +142,26 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
     return None
 
 
+def tma_view(t: torch.Tensor) -> Optional[tuple]:
+    """How the persistent kernel's descriptor addresses (Z, H, N, d) ``t``, or None if it cannot:
+    ((rows, columns) of the 2-D matrix it views, its row stride, RZ, RH, CH) where head (z, h)
+    starts at row z·RZ + h·RH, column h·CH. Two layouts: heads stacked as rows (a row matrix,
+    CH = 0), or heads side by side in each row ((Z, N, H, d) storage seen as (Z, H, N, d), as
+    q.view(B, N, H, d).transpose(1, 2) gives, RH = 0). Rows 16-byte aligned, unit stride along d."""
+    z, h, n, d = t.shape
+    sz, sh, sn, sd = t.stride()
+    e = t.element_size()
+    if sd != 1 or sn < d or (sn * e) % 16 or t.data_ptr() % 16 or (z > 1 and sz % sn):
+        return None
+    rz = sz // sn if z > 1 else 0
+    if h == 1 or (sh % sn == 0 and sh >= n * sn):  # heads as rows (sh ≥ N·sn: they do not overlap)
+        rh = sh // sn if h > 1 else 0
+        return ((z - 1) * rz + (h - 1) * rh + n, d), sn, rz, rh, 0
+    if d <= sh and (h - 1) * sh + d <= sn and (sh * e) % 16 == 0:  # heads side by side in a row
+        return ((z - 1) * rz + n, (h - 1) * sh + d), sn, rz, 0, sh
+    return None
+
+
 def row_matrix(t: torch.Tensor) -> bool:
     """Whether (Z, H, N, d) ``t`` is one (Z·H·N, d) matrix of 16-byte aligned rows, the layout the
     kernel's descriptors address (contiguous tensors, and views with padded rows)."""
@@ -167,7 +187,11 @@ def unsupported_call(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: t
         return "no tile fits the device's shared memory"
     if k.shape[2] % config.BLOCK_N:
         return f"N_KV = {k.shape[2]} is not a multiple of BLOCK_N = {config.BLOCK_N}"
-    if not all(row_matrix(t) for t in (q, k, v)):
+    if getattr(config, "persistent", False):  # (the backward's GluonBwdConfig: row matrices)
+        views = [tma_view(t) for t in (q, k, v)]
+        if None in views or views[1] != views[2]:
+            return "q, k or v is neither a (Z·H·N, d) row matrix nor (Z, N, H, d) storage (or k, v differ)"
+    elif not all(row_matrix(t) for t in (q, k, v)):
         return "q, k or v is not a (Z·H·N, d) row matrix"
     return spec_reason(spec)
 
@@ -223,10 +247,12 @@ def _shared_layout(block_rows: int, d: int, dtype: torch.dtype):
 
 
 def _descriptor(t: torch.Tensor, block_rows: int):
+    """The TMA descriptor of ``t``'s tiles of block_rows rows: over the matrix tma_view finds."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    z, h, n, d = t.shape
-    return TensorDescriptor(t, [z * h * n, d], [t.stride(2), 1], [block_rows, d], _shared_layout(block_rows, d, t.dtype))
+    (rows, cols), row_stride = tma_view(t)[:2]
+    d = t.shape[3]
+    return TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d], _shared_layout(block_rows, d, t.dtype))
 
 
 def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> int:
@@ -277,9 +303,12 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         programs = min(q_tiles * z * h, programs or device_profile(q.device).multiprocessors)
         section = section or heads_per_section(spec, q, k, config)
         section_rounds = triton.cdiv(section * q_tiles, programs)
+        (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
-                triton.cdiv(z * h, section) * section_rounds)
+                triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks)
+    if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only
+        raise ValueError("the non-persistent Gluon kernels take (Z·H·N, d) row matrices only")
     fn = module._attn_fwd_sm90_ws if config.ws else module._attn_fwd_sm90
     grid = (triton.cdiv(n_q, config.BLOCK_M), z * h)
     return ForwardLaunch(fn, grid, (scale, *out_strides, h, n_q, k.shape[2]), constexprs, blocks)

@@ -211,7 +211,7 @@ class _AttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, direct, q, k, v, seed, dropout_p, scale, spec, *operands):
-        # ctx.plan: the launch plan of a direct call, which runs its backward (launch._Forward.backward)
+        # ctx.plan: the launch plan of a direct call, which runs its backward (launch._Plan.backward)
         if direct:  # the implementation below the dispatcher, called directly
             out, lse, ctx.plan = _planned_fwd(q, k, v, operands, seed, dropout_p, scale, spec)
         else:

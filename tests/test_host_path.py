@@ -298,7 +298,7 @@ def test_each_changed_layout_dtype_or_flag_builds_a_new_plan():
 @needs_interpreter
 def test_the_forward_plan_finds_the_backward_plan(monkeypatch):
     """An eager fwd+bwd of a seen key computes one plan key, the forward's: its plan finds the
-    backward's from dO's layout and the settings (launch._Forward.backward). dO with other strides,
+    backward's from dO's layout and the settings (launch._Plan.backward). dO with other strides,
     or a switch set between the forward and its backward, gets its own backward plan, and the
     gradients stay equal to the general path's (through the op)."""
     names = _kernel_names(monkeypatch)

@@ -604,8 +604,8 @@ def attention_forward(q, k, v, operands, seed, dropout_p: float, scale: float, s
 
 def planned_forward(q, k, v, operands, seed, dropout_p: float, scale: float, spec: AttentionSpec):
     """attention_forward's (out, lse) and the call's plan, through which its backward may be run
-    (``_Forward.backward``); None where no plan is kept (empty sizes, the Gluon forward, a
-    configuration not final yet)."""
+    (``_Plan.backward``); None where no plan is kept (empty sizes, a configuration not
+    final yet)."""
     key = _plan_key(spec, q, dropout_p, scale, (q, k, v, seed, *operands))
     plan = _FORWARDS.get(key)
     if plan is not None:

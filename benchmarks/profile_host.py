@@ -58,21 +58,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def host_us(fn, calls=None, warmup=20, rounds=5) -> float:
+def host_us(fn, rounds=5) -> float:
     """Median over rounds of the microseconds of host time per call of ``fn`` (launches queue
     up; the GPU is only waited on between rounds)."""
-    calls = calls or CALLS
-    for _ in range(min(warmup, calls)):
-        fn()
-    _sync()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-        _sync()
-    return sorted(times)[len(times) // 2]
+    return _median(interleaved_us([fn], rounds)[0])
 
 
 def interleaved_us(fns: list, rounds: int = 15, warmup: int = 20) -> list[list[float]]:
@@ -81,7 +70,7 @@ def interleaved_us(fns: list, rounds: int = 15, warmup: int = 20) -> list[list[f
     during the run (seen: 2× between processes, 1.7× within one) falls on all of them alike and
     ratios taken round by round cancel it."""
     for fn in fns:
-        for _ in range(warmup):
+        for _ in range(min(warmup, CALLS)):
             fn()
     _sync()
     times = [[] for _ in fns]
@@ -97,6 +86,23 @@ def interleaved_us(fns: list, rounds: int = 15, warmup: int = 20) -> list[list[f
 
 def _median(xs):
     return sorted(xs)[len(xs) // 2]
+
+
+class Trivial(torch.autograd.Function):
+    """The floor any Python op pays: an autograd.Function on CUDA tensors that allocates its
+    outputs and gradients and launches nothing (--parts, --phases)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, l = torch.empty_like(q), torch.empty(q.shape[:-1], device=q.device)
+        ctx.save_for_backward(q, k, v, o, l)
+        ctx.mark_non_differentiable(l)
+        return o, l
+
+    @staticmethod
+    def backward(ctx, go, gl):
+        q, k, v, o, l = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def triton_op_forward():
@@ -252,19 +258,6 @@ def parts_table() -> list[tuple[str, float]]:
     out, lse = launch.attention_forward(qi, ki, vi, [], None, 0.0, 0.125, spec)
     plan = launch._FORWARDS[launch._plan_key(spec, qi, 0.0, 0.125, (qi, ki, vi, None))]
 
-    class Trivial(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            o, l = torch.empty_like(q), torch.empty(q.shape[:-1], device=q.device)
-            ctx.save_for_backward(q, k, v, o, l)
-            ctx.mark_non_differentiable(l)
-            return o, l
-
-        @staticmethod
-        def backward(ctx, go, gl):
-            q, k, v, o, l = ctx.saved_tensors
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
     fx_graph = fx_flash.flash_attention(q, k, v, is_causal=True)
     sdpa_graph = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     parts = [
@@ -356,19 +349,6 @@ def phases_table() -> list[tuple[str, ...]]:
             stamps["leave"] = time.perf_counter_ns()
             return result
         return staticmethod(wrapper)
-
-    class Trivial(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            o, l = torch.empty_like(q), torch.empty(q.shape[:-1], device=q.device)
-            ctx.save_for_backward(q, k, v, o, l)
-            ctx.mark_non_differentiable(l)
-            return o, l
-
-        @staticmethod
-        def backward(ctx, go, gl):
-            q, k, v, o, l = ctx.saved_tensors
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     impls = [("fx_flash", lambda: fx_flash.flash_attention(q, k, v, is_causal=True), ops._AttnFunction),
              ("trivial Function", lambda: Trivial.apply(q, k, v)[0], Trivial),

@@ -314,6 +314,20 @@ def _run_bound(kernel, size: tuple, grid3: tuple, stream, values: tuple) -> None
     kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *values)
 
 
+def _run_if_bound(bound, size: tuple, grid3: tuple, args: tuple) -> bool:
+    """Launch on ``args`` through ``bound`` (compiled kernel, argument tail, device), a plan's
+    kernel bound at its first launch, when the current device is the one it was bound on; False
+    (nothing launched) otherwise."""
+    if bound is None:
+        return False
+    kernel, tail, device = bound
+    driver = _driver()
+    if driver.get_current_device() != device:
+        return False
+    _run_bound(kernel, size, grid3, driver.get_current_stream(device), (*args, *tail))
+    return True
+
+
 MAX_BOUND = 4096  # argument signatures remembered per kernel configuration
 
 
@@ -563,15 +577,9 @@ class _Kernel:
         the meta giving its tile tables (None otherwise); ``reset`` as for _chosen."""
         if self.tma:
             _descriptor_scratch()  # a per-thread setting: the backward runs on autograd's thread
-        bound = self.bound
-        if bound is not None and tables is None:
-            kernel, tail, device = bound
-            driver = _driver()
-            if driver.get_current_device() == device:
-                if self.reads_tables:
-                    args = (*args, *skipping.unranged(q).values())
-                _run_bound(kernel, self.size, self.grid3, driver.get_current_stream(device), (*args, *tail))
-                return
+        if tables is None and self.bound is not None and _run_if_bound(
+                self.bound, self.size, self.grid3, (*args, *skipping.unranged(q).values()) if self.reads_tables else args):
+            return
         if self.chosen is None:
             options = tables
             if options is None and self.reads_tables:
@@ -684,15 +692,10 @@ class _GluonForward(_Plan):
     def run(self, q, k, v, out, lse, operands, seed) -> None:
         routed = self.routed
         args = (*routed.descriptors(q, k, v), out, lse, *routed.post)
-        bound = self.bound
-        if bound is not None:
-            kernel, tail, device = bound
-            driver = _driver()
-            if driver.get_current_device() == device:
-                _run_bound(kernel, routed.grid, self.grid3, driver.get_current_stream(device), (*args, *tail))
-                return
+        if _run_if_bound(self.bound, routed.grid, self.grid3, args):
+            return
         kernel = routed.fn[routed.grid](*args, **routed.constexprs)
-        if self.direct and bound is None:
+        if self.direct and self.bound is None:
             found = _bind(routed.fn, kernel, len(args), routed.constexprs)
             if found is not None:
                 self.bound = (*found, _driver().get_current_device())

@@ -2,7 +2,7 @@
 against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN SDPA and the
 portable backward.
 
-    python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--limit 120] [--bench-limit 110]
+    python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--limit 120] [--bench-limit 110]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -14,11 +14,12 @@ phase waits forever) costs its own rows, not the run:
    twice PyTorch's own error in the test dtype, plus 1e-2·max(1, √max|ref|)) against fp32 eager
    autograd; and, in the bf16 d = 128 child, ``fx_flash.flash_attention`` with FX_FLASH_GLUON=1 and
    FX_FLASH_GLUON_BWD=1 (the routed path, asserting the Gluon backward ran).
-2. timing, one child alone on the GPU, d = 128, bf16, batch·N = 16k, hidden 2048: fwd+bwd of cuDNN
-   SDPA (first and last in each row: its rate drifts within a process), fx_flash with every kernel
-   portable (the default), with the Gluon forward and the portable backward (FX_FLASH_GLUON=1,
-   what runs today), and with both Gluon (FX_FLASH_GLUON_BWD=1 too) if phase 1 passed; and the
-   backward alone of the last two (autograd's backward from a saved forward). TFLOP/s =
+2. timing, one child alone on the GPU, at each head dim of --dims (128 by default), bf16,
+   batch·N = 16k, hidden 2048: fwd+bwd of cuDNN SDPA (first and last in each row: its rate drifts
+   within a process), fx_flash with every kernel portable, with the Gluon forward and the portable
+   backward (the default on sm_90), and with both Gluon (FX_FLASH_GLUON_BWD=1 too) if phase 1
+   passed, dQ by TMA reduce-adds and by atomics (gluon_launch.BWD_DQ_TMA); and the backward alone
+   of the last three (autograd's backward from a saved forward). TFLOP/s =
    3.5·4·B·H·N²·d (halved when causal) / time; the backward alone counts 2.5·4·B·H·N²·d.
 """
 
@@ -173,12 +174,12 @@ def routed(d):
     return ok
 
 
-# fx_flash columns: (name, FX_FLASH_GLUON, FX_FLASH_GLUON_BWD)
-FX_COLUMNS = [("fx portable", "0", "0"), ("fx gluon fwd + portable bwd", "1", "0"),
-              ("fx gluon fwd + gluon bwd", "1", "1")]
+# fx_flash columns: (name, FX_FLASH_GLUON, FX_FLASH_GLUON_BWD, gluon_launch.BWD_DQ_TMA)
+FX_COLUMNS = [("fx portable", "0", "0", True), ("fx gluon fwd + portable bwd", "1", "0", True),
+              ("fx gluon fwd + gluon bwd", "1", "1", True), ("fx gluon fwd + gluon bwd atomics", "1", "1", False)]
 
 
-def bench(ns, gluon_ok):
+def bench(ns, gluon_ok, dims=(128, )):
     """TFLOP/s rows, fwd+bwd (and the backward alone of the fx columns with the Gluon forward)."""
     import triton.testing
     import torch.nn.functional as F
@@ -191,16 +192,15 @@ def bench(ns, gluon_ok):
     gluon_calls = []
     real = gluon_launch.launch_backward
     gluon_launch.launch_backward = lambda *a: (gluon_calls.append(1), real(*a))[1]
-    d = 128
     columns = FX_COLUMNS if gluon_ok else FX_COLUMNS[:2]
-    for n in ns:
+    for d, n in [(d, n) for d in dims for n in ns]:
         for causal in (False, True):
             b, h = 16384 // n, 2048 // d
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
             do = torch.randn_like(q)
             work = 4 * b * h * n * n * d / (2 if causal else 1)
-            row = dict(n=n, causal=causal)
+            row = dict(d=d, n=n, causal=causal)
 
             def cudnn():
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -218,8 +218,9 @@ def bench(ns, gluon_ok):
                     print(f"{name} n{n} causal={causal}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
             run("cudnn", cudnn, 3.5 * work)
-            for name, fwd, bwd in columns:
+            for name, fwd, bwd, dq_tma in columns:
                 os.environ.update(FX_FLASH_GLUON=fwd, FX_FLASH_GLUON_BWD=bwd)
+                gluon_launch.BWD_DQ_TMA = dq_tma
                 before = len(gluon_calls)
                 run(name, lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=causal), (q, k, v),
                                                       do), 3.5 * work)
@@ -231,6 +232,7 @@ def bench(ns, gluon_ok):
                     row[name] = "gluon bwd not used"
             os.environ.pop("FX_FLASH_GLUON", None)
             os.environ.pop("FX_FLASH_GLUON_BWD", None)
+            gluon_launch.BWD_DQ_TMA = True
             run("cudnn again", cudnn, 3.5 * work)
             print("ROW " + json.dumps(row), flush=True)
 
@@ -240,7 +242,7 @@ def child(what, ns):
     if parts[0] == "numerics":
         ok = numerics(int(parts[1]), getattr(torch, parts[2]))
     else:
-        bench(ns, parts[1] == "1")
+        bench(ns, parts[1] == "1", [int(x) for x in parts[2].split(",")])
         ok = True
     print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
 
@@ -252,6 +254,7 @@ def _run_child(what, ns, limit):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", default="2048,8192")
+    ap.add_argument("--dims", default="128", help="head dims of the timing rows")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=110.0, help="seconds of the timing child")
     ap.add_argument("--child", default="", help="internal")
@@ -273,22 +276,22 @@ def main():
     print(f"phase 1 (numerics) done at {time.time() - t_start:.0f}s", flush=True)
 
     gluon_ok = passed["numerics:128:bfloat16"]
-    what, text, secs, _ = _run_child(f"bench:{int(gluon_ok)}", args.ns, args.bench_limit)
+    what, text, secs, _ = _run_child(f"bench:{int(gluon_ok)}:{args.dims}", args.ns, args.bench_limit)
     print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
     rows = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
     print(f"phase 2 (timing) done at {time.time() - t_start:.0f}s", flush=True)
 
     print("\nNumerics: " + ", ".join(f"{w[9:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items()))
-    cols = ["cudnn"] + [c for name, _, _ in FX_COLUMNS for c in (name, name + " (bwd)") if c != "fx portable (bwd)"]
+    cols = ["cudnn"] + [c for name, *_ in FX_COLUMNS for c in (name, name + " (bwd)") if c != "fx portable (bwd)"]
     cols.append("cudnn again")
-    print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), d = 128, bf16, batch*N = 16k, hidden 2048")
-    print("| N | causal | " + " | ".join(cols) + " | gluon fwd+bwd / faster cudnn |")
-    print("|---|---|" + "---|" * len(cols) + "---|")
+    print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), bf16, batch*N = 16k, hidden 2048")
+    print("| d | N | causal | " + " | ".join(cols) + " | gluon fwd+bwd / faster cudnn |")
+    print("|---|---|---|" + "---|" * len(cols) + "---|")
     for r in rows:
         ref = max((r[c] for c in ("cudnn", "cudnn again") if isinstance(r.get(c), int)), default=None)
         ours = r.get("fx gluon fwd + gluon bwd")
         ratio = f"{ours / ref:.2f}" if ref and isinstance(ours, int) else "-"
-        print(f"| {r['n']} | {'yes' if r['causal'] else 'no'} | " + " | ".join(str(r.get(c, "-")) for c in cols)
+        print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | " + " | ".join(str(r.get(c, "-")) for c in cols)
               + f" | {ratio} |")
     print("\nALL PASS" if all(passed.values()) else "\nSOME FAILED")
 

@@ -90,19 +90,24 @@ def test_backward_tile_fits_shared_memory_by_construction():
     assert gluon_launch.backward_config(H200, 128, 2) == gluon_launch.GluonBwdConfig(64, 128, 3)
     assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))
-    assert gluon_launch.backward_config(ada, 128, 2) is None  # 163,880 B at two stages
-    assert gluon_launch.backward_config(ada, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 2)
-    for device in (H200, ada, DeviceProfile("m", 180 * 1024, 1, (9, 0))):
+    assert gluon_launch.backward_config(ada, 128, 2) is None  # 196,648 B at two stages
+    assert gluon_launch.backward_config(ada, 64, 2) is None  # 114,728 B: the dQ staging tile does not fit
+    small = DeviceProfile("small", 120 * 1024, 1, (9, 0))
+    assert gluon_launch.backward_config(small, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 2)
+    for device in (H200, ada, small, DeviceProfile("m", 180 * 1024, 1, (9, 0))):
         for d in gluon_launch.HEAD_DIMS:
             cfg = gluon_launch.backward_config(device, d, 2)
             if cfg is not None:
-                assert gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES) <= device.shared_memory
+                assert gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES,
+                                                  cfg.DQ_TMA) <= device.shared_memory
 
 
 def test_backward_footprint_counts_each_buffer():
-    """K, V, two stages of Q and dO, P and dS at d = 128 in bf16, and five mbarriers."""
+    """K, V, two stages of Q and dO, P and dS at d = 128 in bf16, the fp32 dQ staging tile (only
+    when dQ goes by TMA), and five mbarriers."""
     tiles = 2 * (2 * 128 * 128 + 2 * 2 * 64 * 128 + 2 * 64 * 128)
-    assert gluon_launch.footprint_bwd(64, 128, 128, 2, 2) == tiles + 8 + 2 * 16
+    assert gluon_launch.footprint_bwd(64, 128, 128, 2, 2) == tiles + 4 * 64 * 128 + 8 + 2 * 16
+    assert gluon_launch.footprint_bwd(64, 128, 128, 2, 2, dq_tma=False) == tiles + 8 + 2 * 16
 
 
 def test_off_by_default(monkeypatch):
@@ -201,9 +206,10 @@ def test_enabled_path_returns_the_gluon_gradients(monkeypatch):
 
 
 def test_launch_arguments(monkeypatch):
-    """launch_backward: the Delta kernel over (query tiles of 64, Z·H) zeroing an fp32 dQ, then one
-    program per (key tile, Z·H_KV) with the descriptors of q, k, v, dO, dk/dv strides, the sizes
-    and the tile; dq comes back in q's dtype, dk and dv contiguous in k's and v's."""
+    """launch_backward: the Delta kernel over (query tiles of 64, Z·H) zeroing an fp32 dQ of N_Q
+    rows per head rounded up to 64, then one program per (key tile, Z·H_KV) with the descriptors of
+    q, k, v, dO and that dQ, dk/dv strides, the sizes and the tile; dq comes back cut to N_Q rows in
+    q's dtype, dk and dv contiguous in k's and v's."""
     calls = []
 
     class Kernel:
@@ -224,15 +230,18 @@ def test_launch_arguments(monkeypatch):
     dq, dk, dv = gluon_launch.launch_backward(sdpa_spec(), q, q, k, k, q, lse, 0.1, cfg)
     (prep, prep_grid, prep_args, prep_kw), (main, grid, args, kw) = calls
     assert (prep, prep_grid) == ("_attn_bwd_sm90_prep", (4, z * h))
-    assert prep_args[2].shape == (z, h, n_q) and prep_args[3].dtype == torch.float32  # Delta, the dQ accumulator
-    assert prep_args[-2:] == (h, n_q) and prep_kw["HEAD_DIM"] == d
+    dq_acc = prep_args[3]
+    assert prep_args[2].shape == (z, h, n_q) and dq_acc.dtype == torch.float32  # Delta, the dQ accumulator
+    assert dq_acc.shape == (z, h, 256, d) and dq_acc.is_contiguous()  # 200 rows per head rounded up to 256
+    assert prep_args[-3:] == (h, n_q, 256) and prep_kw["HEAD_DIM"] == d
     assert (main, grid) == ("_attn_bwd_sm90", (n_kv // 128, z * h_kv))
-    assert args[:4] == (("descriptor", q.shape, 64), ("descriptor", k.shape, 128), ("descriptor", k.shape, 128),
-                        ("descriptor", q.shape, 64))
-    assert args[6] is prep_args[3] and args[7] is lse and args[8] is prep_args[2] and args[9] == 0.1
-    assert args[10:18] == dk.stride() + dv.stride() and args[18:] == (h, n_q, n_kv)
-    assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
-        GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
+    assert args[:5] == (("descriptor", q.shape, 64), ("descriptor", k.shape, 128), ("descriptor", k.shape, 128),
+                        ("descriptor", q.shape, 64), ("descriptor", dq_acc.shape, 64))
+    assert args[7] is dq_acc and args[8] is lse and args[9] is prep_args[2] and args[10] == 0.1
+    assert args[11:19] == dk.stride() + dv.stride() and args[19:] == (h, n_q, n_kv, 256)
+    assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "DQ_TMA",
+                                     "num_warps")} == dict(GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3,
+                                                           DQ_TMA=True, num_warps=8)
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
 
 
@@ -270,8 +279,9 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
     matrices (past a head's end: the next head's rows; past the tensor: zeros), the weights
     exp2(s − LSE·log2 e) with -inf LSE and rows past N_Q read as +inf, dS = P·d(score)/d(qk) ∘
     (dP − Delta) (a constant derivative applied once to dK and to each dQ share instead),
-    dV += Pᵀ·dO, dK += dSᵀ·Q, and each tile's dQ share added into one accumulator (the atomics),
-    masked to rows below N_Q."""
+    dV += Pᵀ·dO, dK += dSᵀ·Q, and each tile's dQ share added whole into one accumulator of N_Q
+    rows per head rounded up to BLOCK_M (the TMA reduce-add: rows past N_Q land in the padding),
+    cut to N_Q rows at the end."""
     spec = spec_from_text(text)
     query_tiles, advance = _walk_helpers(text)
     mask = int(re.search(r"MASK = gl.constexpr\((\d)\)", render_gluon_bwd(spec)).group(1))
@@ -291,7 +301,8 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
     q_rows = torch.cat([q.reshape(-1, d), pad])
     do_rows = torch.cat([do.reshape(-1, d), pad])
     delta = (out * do).sum(-1)
-    dq_acc = torch.zeros(z * h * n_q + BM, d, dtype=torch.float64)
+    dq_rows = -(-n_q // BM) * BM
+    dq_acc = torch.zeros(z * h * dq_rows, d, dtype=torch.float64)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     for zk in range(z * h_kv):
         off_z, off_hkv = divmod(zk, h_kv)
@@ -335,14 +346,14 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
                     dv_t += p.T @ dot
                     dk_t += ds.T @ qt
                     dq_part = ds @ kt * factor
-                    dq_acc[row:row + BM][ok] += dq_part[ok]
+                    dq_acc[off_hz * dq_rows + m * BM:][:BM] += dq_part
                     ring[t % stages] = (load_g, load_m) if load_g < group and load_m < n_m else None
                     load_g, load_m = advance(load_g, load_m, lo, n_m)
                     t += 1
             assert all(slot is None for slot in ring.values())  # nothing loaded past the walk
             dk[off_z, off_hkv, keys] = dk_t * factor
             dv[off_z, off_hkv, keys] = dv_t
-    return dq_acc[:z * h * n_q].reshape(q.shape), dk, dv
+    return dq_acc.reshape(z, h, dq_rows, d)[:, :, :n_q], dk, dv
 
 
 def _eager(text, q, k, v, scale):
@@ -388,6 +399,7 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "plain-d128": ("score=qk*scale", 128, "bwd"), "causal-d128": (CAUSAL, 128, "bwd"),
     "softcap-d128": (SOFTCAP, 128, "bwd"), "causal-d64": (CAUSAL, 64, "bwd"),
     "prefix_lm-d64": (PREFIX_LM, 64, "bwd"), "prep-d128": ("score=qk*scale", 128, "bwd-prep"),
+    "plain-d128-atomic": ("score=qk*scale", 128, "bwd-atomic"),
 }
 # Triton newer than the H200's 3.6 runs ptxas 13 with --regAllocOptLevel=2, which keeps a few
 # loop-invariant shared-memory addresses of these kernels in local memory (softcap-d128: 8 bytes by
@@ -402,7 +414,7 @@ def compiled():
     args = []
     for text, d, kind in KERNELS.values():
         cfg = gluon_launch.backward_config(H200, d, 2)
-        args += [text, str(d), str(cfg.BLOCK_N), str(cfg.STAGES), kind]
+        args += [text, str(d), str(cfg.BLOCK_N), str(cfg.STAGES), kind]  # the atomic form at the TMA form's ring
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     done = subprocess.run([sys.executable, "-m", "tests.gluon_sm90", *args], cwd=ROOT, env=env,
@@ -414,15 +426,18 @@ def compiled():
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
 @pytest.mark.parametrize("name", [n for n in KERNELS if not n.startswith("prep")])
-def test_compiles_for_sm90_with_wgmma_tma_and_atomics(compiled, name):
-    """The backward compiles for sm_90 to asynchronous wgmma, TMA bulk-tensor loads and fp32 dQ
-    atomics, and its shared memory is exactly the footprint model's, within the H200's M."""
-    text, d, _ = KERNELS[name]
+def test_compiles_for_sm90_with_wgmma_tma_and_dq_reduce(compiled, name):
+    """The backward compiles for sm_90 to asynchronous wgmma, TMA bulk-tensor loads and its dQ adds
+    (one TMA bulk reduce-add per step, no atomics; the atomic form: atomics, no reduce-add), and its
+    shared memory is exactly the footprint model's, within the H200's M."""
+    text, d, kind = KERNELS[name]
     report = compiled[name]
     cfg = gluon_launch.backward_config(H200, d, 2)
+    tma_dq = kind != "bwd-atomic"
     assert (report["spec"], report["head_dim"]) == (text, d)
-    assert report["wgmma"] > 0 and report["tma"] > 0 and report["atomics"] > 0
-    assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES)
+    assert report["wgmma"] > 0 and report["tma"] > 0
+    assert (report["tma_reduce"] > 0, report["atomics"] > 0) == (tma_dq, not tma_dq)
+    assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, tma_dq)
     assert report["shared"] <= H200.shared_memory
 
 

@@ -1,5 +1,6 @@
 """Spec → Gluon source for Hopper (sm90): the backward, one program per key tile (FlashAttention-3's
-design), dK and dV in registers, dQ summed into fp32 by atomics; wgmma on TMA-loaded Q/dO tiles.
+design), dK and dV in registers, dQ summed into fp32 by TMA bulk reduce-adds (or per-element
+atomics); wgmma on TMA-loaded Q/dO tiles.
 
 The same specs as the Gluon forward (``gluon.unsupported``), with the score, its keep-predicate and
 the chain rule d(score)/d(qk) printed by the forward's printer (``gluon.GluonPrinter``) with keys
@@ -32,8 +33,11 @@ GLUON_BWD_TEMPLATE = '''\
 #   k_desc, v_desc     over K and V as (Z·H_KV·N_KV, HEAD_DIM), in tiles of BLOCK_N rows; the
 #                      launcher routes only N_KV a multiple of BLOCK_N here.
 #   DK, DV             (Z, H_KV, N_KV, HEAD_DIM) outputs through their strides.
-#   DQ                 (Z·H·N_Q, HEAD_DIM) fp32 accumulator, contiguous: zeroed by _attn_bwd_sm90_prep,
-#                      summed into by every key tile's program (atomics), cast by the launcher.
+#   DQ, dq_desc        (Z·H·DQ_ROWS, HEAD_DIM) fp32 accumulator, contiguous, and its TMA descriptor in
+#                      tiles of BLOCK_M rows: DQ_ROWS is N_Q rounded up to BLOCK_M, so that a tile's
+#                      rows past N_Q (all zero, see the note on rows) add into padding, not into the
+#                      next head. Zeroed by _attn_bwd_sm90_prep, summed into by every key tile's
+#                      program (see the note on dQ), cut to N_Q rows and cast by the launcher.
 #   LSE, Delta         (Z, H, N_Q) fp32: the forward's natural-log logsumexp, rowsum(dO ∘ O).
 #   BLOCK_N, BLOCK_M   keys of a program (NUM_WARPS // 4 warpgroups of 64 keys each) / query rows
 #                      of a tile; STAGES Q and dO buffers in the ring.
@@ -64,10 +68,15 @@ GLUON_BWD_TEMPLATE = '''\
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as
 # 0 there; their dQ is not stored).
 #
-# Note (dQ): each program adds its share dS·K of a query tile into DQ with fp32 atomics, relaxed
-# (nothing reads DQ before the kernel ends) and without a result, so the threads issue them and
-# go on: their traffic to L2 runs under the next step's products. The sum's order varies between
-# runs: not deterministic (the portable backward is, FX_FLASH_DQ=separate).
+# Note (dQ): each program adds its share dS·K of a query tile into DQ. DQ_TMA (FlashAttention-3's
+# way): the share goes to a (BLOCK_M, HEAD_DIM) fp32 staging tile in shared memory and one TMA
+# bulk reduce-add (cp.reduce.async.bulk.tensor ... .add, issued by one thread per 32-column piece)
+# adds it into L2 line by line while the next step's products run; the next step waits for it to
+# have read the staging tile (store_wait) before writing its own share there. Otherwise: relaxed
+# fp32 atomics from the accumulator's registers, two elements each (red.global.add.v2.f32): 16
+# instructions per thread per step, which kept L2 57% busy and the tensor cores 42% (GLUON_NOTES,
+# call 8). Either way the sum's order varies between runs: not deterministic (the portable
+# backward is, FX_FLASH_DQ=separate).
 #
 # Note (registers): K, V, P and dS sit at fixed shared-memory addresses, and the compiler hoisted
 # the wgmma descriptors of every k-step over them out of the loop, holding 20-odd registers (then
@@ -75,14 +84,26 @@ GLUON_BWD_TEMPLATE = '''\
 # (``zero``, an inline-asm mov), so the descriptors are rebuilt where they are used, in uniform
 # registers. With it ptxas of triton 3.6 keeps every kernel in registers (tests/test_gluon_bwd.py).
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 # Triton 3.6 (the H200's) names the TMA load async_copy_global_to_shared; 3.9 calls it async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+if hasattr(tma, "async_atomic_add"):  # triton 3.9
+    _tma_reduce_add = tma.async_atomic_add
+else:  # triton 3.6 has the operation (ttng.async_tma_reduce) but no Gluon function for it
+    @builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """Add the shared-memory tile ``src`` into the global tile of ``tensor_desc`` at ``coord``
+        by TMA (cp.reduce.async.bulk.tensor .add); completes as TMA stores do (store_wait)."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
 # Where the keep-predicate can fail: 0 nowhere; 1 on the causal band; 2 on every tile (gluon.py's MASK).
 MASK = gl.constexpr($MASK)
 
@@ -166,10 +187,11 @@ def _attn_bwd_sm90_prep(
     Out, DO, Delta, DQ,
     stride_oz, stride_oh, stride_om, stride_ok,
     stride_doz, stride_doh, stride_dom, stride_dok,
-    H, N_Q,
+    H, N_Q, DQ_ROWS,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
-    """Delta = rowsum(dO ∘ O) of BLOCK query rows, in fp32, and their rows of the DQ accumulator zeroed."""
+    """Delta = rowsum(dO ∘ O) of BLOCK query rows, in fp32, and their rows of the DQ accumulator
+    zeroed (DQ_ROWS per head: the padding too)."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
     off_hz = gl.program_id(1)
     off_z = (off_hz // H).to(gl.int64)
@@ -182,18 +204,19 @@ def _attn_bwd_sm90_prep(
     do = gl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dok, mask=ok, other=0.0).to(gl.float32)
     gl.store(Delta + off_hz.to(gl.int64) * N_Q + offs_m, gl.sum(o * do, 1), mask=offs_m < N_Q)
-    rows = off_hz.to(gl.int64) * N_Q + offs_m
-    gl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], gl.zeros([BLOCK, HEAD_DIM], gl.float32, layout), mask=ok)
+    rows = off_hz.to(gl.int64) * DQ_ROWS + offs_m
+    gl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], gl.zeros([BLOCK, HEAD_DIM], gl.float32, layout),
+             mask=(offs_m[:, None] < DQ_ROWS) & (offs_d[None, :] < HEAD_DIM))
 
 
 @gluon.jit
 def _attn_bwd_sm90(
-    q_desc, k_desc, v_desc, do_desc, DK, DV, DQ, LSE, Delta, sm_scale,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, DQ, LSE, Delta, sm_scale,
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
-    H, N_Q, N_KV,
+    H, N_Q, N_KV, DQ_ROWS,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, DQ_TMA: gl.constexpr,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -223,6 +246,8 @@ $HEADS
     ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
     p_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
     ds_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
+    if DQ_TMA:  # see the note on dQ
+        dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM], dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -294,10 +319,20 @@ $HEADS
             _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, hz_row,
                              N_Q, n_m, GROUP, STAGES)
             load_g, load_m = _advance(load_g, load_m, lo, n_m)
-            dq_tile = DQ + (off_hz.to(gl.int64) * N_Q + m * BLOCK_M) * HEAD_DIM
-            gl.atomic_add(dq_tile + dq_offs, dq * $DQK_FACTOR, mask=dq_rows[:, None] < N_Q - m * BLOCK_M, sem="relaxed")
+            if DQ_TMA:
+                dq_smem = dq_all.index(zero)  # see the note on registers
+                tma.store_wait(0)  # the previous share has been read out of dq_smem
+                dq_smem.store(dq * $DQK_FACTOR)
+                fence_async_shared()
+                _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
+            else:
+                dq_tile = DQ + (off_hz.to(gl.int64) * DQ_ROWS + m * BLOCK_M) * HEAD_DIM
+                gl.atomic_add(dq_tile + dq_offs, dq * $DQK_FACTOR, mask=dq_rows[:, None] < N_Q - m * BLOCK_M,
+                              sem="relaxed")
             t += 1
 
+    if DQ_TMA:
+        tma.store_wait(0)
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(q_ready.index(i))
@@ -320,7 +355,7 @@ def chain_rule(spec: AttentionSpec) -> tuple[str, str]:
     """(PG, DQK_FACTOR): p ∘ d(score)/d(qk) as an expression, with the derivative per element; or,
     when it is the same for every element (``generate._constant_per_launch``: plain attention's
     scale), ``p`` and the derivative as one factor, applied to dK at the end and to each tile's dQ
-    share before its atomics. The printer is the forward's, queries on rows."""
+    share before it is added into DQ. The printer is the forward's, queries on rows."""
     d_qk = sympy.diff(spec.score, QK)
     if _constant_per_launch(d_qk):
         return "p", f"({GluonPrinter({SCALE: 'sm_scale'}).doprint(d_qk)})"

@@ -243,7 +243,8 @@ def _shared_layout(block_rows: int, d: int, dtype: torch.dtype):
     """The NVMMA shared layout of a (block_rows, d) tile (built once: descriptors are made per call)."""
     from triton.experimental.gluon import language as gl
 
-    return gl.NVMMASharedLayout.get_default_for([block_rows, d], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([block_rows, d], element)
 
 
 def _descriptor(t: torch.Tensor, block_rows: int):
@@ -383,6 +384,9 @@ BWD_NUM_WARPS = 8
 # at d = 128 and buys nothing but less L1).
 BWD_MAX_STAGES = 3
 BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
+# dQ shares added by TMA bulk reduce-adds from a shared-memory staging tile (gluon_bwd's note on
+# dQ); False: per-element atomics from registers, as before (kept to compare them on the GPU).
+BWD_DQ_TMA = True
 _bwd_modules: dict[str, ModuleType] = {}
 
 
@@ -399,28 +403,32 @@ class GluonBwdConfig:
     BLOCK_M: int
     BLOCK_N: int
     STAGES: int
+    DQ_TMA: bool = True  # dQ by TMA reduce-adds from a staging tile, else by atomics (BWD_DQ_TMA)
 
     def __str__(self) -> str:
-        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"
+        return (f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES} "
+                f"dq={'tma' if self.DQ_TMA else 'atomics'}")
 
 
-def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
+def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, dq_tma: bool = True) -> int:
     """Shared-memory bytes of one backward program: K and V of its key tile, ``stages`` Q and dO
-    tiles, P and dS (block_m, block_n) for the products that read them from shared memory, and the
-    mbarriers (K/V's, and a ready one per Q and dO buffer; Triton aligns each array to 16 bytes).
-    dK, dV and the scores stay in registers, so this is the whole of it: tests compare it with the
-    compiled kernel's own count."""
+    tiles, P and dS (block_m, block_n) for the products that read them from shared memory, the fp32
+    dQ staging tile (block_m, head_dim) when dQ goes by TMA, and the mbarriers (K/V's, and a ready
+    one per Q and dO buffer; Triton aligns each array to 16 bytes). dK, dV and the scores stay in
+    registers, so this is the whole of it: tests compare it with the compiled kernel's own count."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * (2 * block_n * head_dim + 2 * stages * block_m * head_dim + 2 * block_m * block_n)
-    return tiles + BARRIER_BYTES + 2 * ring
+    staging = 4 * block_m * head_dim if dq_tma else 0
+    return tiles + staging + BARRIER_BYTES + 2 * ring
 
 
 def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonBwdConfig]:
-    """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, and the
-    deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M; None if two stages do not."""
+    """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, dQ as
+    BWD_DQ_TMA says, and the deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M;
+    None if two stages do not."""
     fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
-               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s) <= device.shared_memory]
-    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting)) if fitting else None
+               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s, BWD_DQ_TMA) <= device.shared_memory]
+    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting), BWD_DQ_TMA) if fitting else None
 
 
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
@@ -445,25 +453,27 @@ def load_backward(spec: AttentionSpec) -> ModuleType:
 
 def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):
     """(dq, dk, dv) of the call (the caller has checked ``unsupported_backward_call``): the Delta
-    kernel (which also zeroes the fp32 dQ accumulator), then one program per key tile and K/V head,
-    then dQ cast to q's dtype. dk and dv come out contiguous, as the portable backward's do."""
+    kernel (which also zeroes the fp32 dQ accumulator: N_Q rows per head rounded up to BLOCK_M),
+    then one program per key tile and K/V head, then dQ cut to N_Q rows and cast to q's dtype. dk
+    and dv come out contiguous, as the portable backward's do."""
     z, h, n_q, d = q.shape
     h_kv, n_kv = k.shape[1], k.shape[2]
     module = load_backward(spec)
+    dq_rows = triton.cdiv(n_q, config.BLOCK_M) * config.BLOCK_M
     delta = torch.empty((z, h, n_q), device=q.device, dtype=torch.float32)
-    dq_acc = torch.empty((z, h, n_q, d), device=q.device, dtype=torch.float32)
+    dq_acc = torch.empty((z, h, dq_rows, d), device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    module._attn_bwd_sm90_prep[(triton.cdiv(n_q, BWD_PREP_ROWS), z * h)](
-        out, dout, delta, dq_acc, *out.stride(), *dout.stride(), h, n_q,
+    module._attn_bwd_sm90_prep[(triton.cdiv(dq_rows, BWD_PREP_ROWS), z * h)](
+        out, dout, delta, dq_acc, *out.stride(), *dout.stride(), h, n_q, dq_rows,
         HEAD_DIM=d, BLOCK=BWD_PREP_ROWS, NUM_WARPS=4, num_warps=4)
     descriptors = (_descriptor(q, config.BLOCK_M), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
-                   _descriptor(dout, config.BLOCK_M))
+                   _descriptor(dout, config.BLOCK_M), _descriptor(dq_acc, config.BLOCK_M))
     module._attn_bwd_sm90[(n_kv // config.BLOCK_N, z * h_kv)](
-        *descriptors, dk, dv, dq_acc, lse, delta, scale, *dk.stride(), *dv.stride(), h, n_q, n_kv,
+        *descriptors, dk, dv, dq_acc, lse, delta, scale, *dk.stride(), *dv.stride(), h, n_q, n_kv, dq_rows,
         GROUP=h // h_kv, HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-        NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS)
-    return dq_acc.to(q.dtype), dk, dv
+        NUM_WARPS=BWD_NUM_WARPS, DQ_TMA=config.DQ_TMA, num_warps=BWD_NUM_WARPS)
+    return dq_acc[:, :, :n_q].to(q.dtype), dk, dv
 
 
 def backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float):

@@ -148,9 +148,11 @@ def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[
         ("fwd+bwd", "fx_flash, JIT launches", with_env(grad(fx_fwd), FX_FLASH_DIRECT_LAUNCH="0")),
         ("fwd+bwd", "sdpa", grad(sdpa_fwd)),
     ]
-    if SHAPE != (128, 64):  # a shape the Gluon forward may take: the portable forward beside it
+    if SHAPE != (128, 64):  # a shape the Gluon kernels may take: the portable ones beside them
         cases[1:1] = [("fwd", "fx_flash, FX_FLASH_GLUON=0", with_env(fx_fwd, FX_FLASH_GLUON="0"))]
-        cases.insert(5, ("fwd+bwd", "fx_flash, FX_FLASH_GLUON=0", with_env(grad(fx_fwd), FX_FLASH_GLUON="0")))
+        cases.insert(5, ("fwd+bwd", "fx_flash, FX_FLASH_GLUON_BWD=0", with_env(grad(fx_fwd), FX_FLASH_GLUON_BWD="0")))
+        cases.insert(6, ("fwd+bwd", "fx_flash, FX_FLASH_GLUON=0 FX_FLASH_GLUON_BWD=0",
+                         with_env(grad(fx_fwd), FX_FLASH_GLUON="0", FX_FLASH_GLUON_BWD="0")))
     qi, ki, vi = (t.detach() for t in (q, k, v))
     compiled = [("compiled: fx_flash op", lambda q, k, v: fx_flash.flash_attention(q, k, v, is_causal=True)),
                 ("compiled: sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]

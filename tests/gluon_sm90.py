@@ -5,7 +5,7 @@
 KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
 accumulator rescaled while q·kᵀ runs), wsp (ws, persistent); a trailing "h" (wsh, pph, ppeh, wsph)
 adds the hold (gluon._hold); bwd, the backward (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows
-per step and BLOCK_N keys, dQ by TMA reduce-adds), bwd-atomic (dQ by atomics), bwd-prep its Delta kernel;
+per step and BLOCK_N keys), bwd-prep its Delta kernel;
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports (the ptxas Triton itself runs for
@@ -81,11 +81,10 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                           options={"num_warps": warps})
 
 
-def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, prep: bool = False,
-                     dq_tma: bool = True):
+def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, prep: bool = False):
     """The compiled Gluon backward of ``spec_text`` for bf16 at ``head_dim`` (its Delta kernel when
-    ``prep``; dQ by TMA reduce-adds when ``dq_tma``, else by atomics), specialized as launch_backward's
-    call at the benchmarks' shapes: last strides 1, the others, the sizes and the pointers multiples of 16."""
+    ``prep``), specialized as launch_backward's call at the benchmarks' shapes: last strides 1,
+    the others, the sizes and the pointers multiples of 16."""
     module = _module(render_gluon_bwd(spec_from_text(spec_text)))
     if prep:
         kernel, warps = module._attn_bwd_sm90_prep, 4
@@ -101,13 +100,13 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
         block_m = gluon_launch.BWD_BLOCK_M
         signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                      "v_desc": _descriptor_type(block_n, head_dim), "do_desc": _descriptor_type(block_m, head_dim),
-                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16", "DQ": "*fp32", "LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32",
+                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16", "LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32",
                      **{name: "i32" for name in ("stride_dkz", "stride_dkh", "stride_dkn", "stride_dkk", "stride_dvz",
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV",
                                                  "DQ_ROWS")}}
         consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
-                  "NUM_WARPS": warps, "DQ_TMA": dq_tma, "stride_dkk": 1, "stride_dvk": 1}
-        divisible = ("DK", "DV", "DQ", "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
+                  "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1}
+        divisible = ("DK", "DV", "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
                      "stride_dvh", "stride_dvn", "H", "N_Q", "N_KV", "DQ_ROWS")
     signature.update({name: "constexpr" for name in consts})
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}
@@ -185,8 +184,7 @@ def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
         text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
         if kind.startswith("bwd"):
-            kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep",
-                                      dq_tma=kind != "bwd-atomic")
+            kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep")
         else:
             kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
         ptx = kernel.asm["ptx"]

@@ -1,6 +1,6 @@
 """Spec → Gluon source for Hopper (sm90): the backward, one program per key tile (FlashAttention-3's
-design), dK and dV in registers, dQ summed into fp32 by TMA bulk reduce-adds (or per-element
-atomics); wgmma on TMA-loaded Q/dO tiles.
+design), dK and dV in registers, dQ summed into fp32 by TMA bulk reduce-adds; wgmma on TMA-loaded
+Q/dO tiles.
 
 The same specs as the Gluon forward (``gluon.unsupported``), with the score, its keep-predicate and
 the chain rule d(score)/d(qk) printed by the forward's printer (``gluon.GluonPrinter``) with keys
@@ -33,8 +33,8 @@ GLUON_BWD_TEMPLATE = '''\
 #   k_desc, v_desc     over K and V as (Z·H_KV·N_KV, HEAD_DIM), in tiles of BLOCK_N rows; the
 #                      launcher routes only N_KV a multiple of BLOCK_N here.
 #   DK, DV             (Z, H_KV, N_KV, HEAD_DIM) outputs through their strides.
-#   DQ, dq_desc        (Z·H·DQ_ROWS, HEAD_DIM) fp32 accumulator, contiguous, and its TMA descriptor in
-#                      tiles of BLOCK_M rows: DQ_ROWS is N_Q rounded up to BLOCK_M, so that a tile's
+#   dq_desc            TMA descriptor over the (Z·H·DQ_ROWS, HEAD_DIM) fp32 dQ accumulator (DQ in the
+#                      Delta kernel), contiguous, in tiles of BLOCK_M rows: DQ_ROWS is N_Q rounded up to BLOCK_M, so that a tile's
 #                      rows past N_Q (all zero, see the note on rows) add into padding, not into the
 #                      next head. Zeroed by _attn_bwd_sm90_prep, summed into by every key tile's
 #                      program (see the note on dQ), cut to N_Q rows and cast by the launcher.
@@ -45,7 +45,8 @@ GLUON_BWD_TEMPLATE = '''\
 #                      the warpgroups split the keys (FlashAttention-3's orientation: a thread holds
 #                      two rows' LSE and Delta).
 #   kv_layout          of dK and dV (BLOCK_N, HEAD_DIM): each warpgroup owns 64 keys.
-#   dq_layout          of a step's dQ share (BLOCK_M, HEAD_DIM): the warpgroups split HEAD_DIM.
+#   dq_layout          of a step's dQ share (BLOCK_M, HEAD_DIM): the warpgroups split HEAD_DIM;
+#                      dq_smem, its staging tile.
 #   qk, s, p           raw Q·Kᵀ, the score in log2 units (log2 e folded into qk_scale), the weights
 #                      exp2(s − LSE·log2 e), all (BLOCK_M, BLOCK_N); p_smem holds P in the dtype.
 #   dp, ds             dO·Vᵀ and the score gradient P ∘ (dP − Delta) · d(score)/d(qk); ds_smem.
@@ -68,15 +69,15 @@ GLUON_BWD_TEMPLATE = '''\
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as
 # 0 there; their dQ is not stored).
 #
-# Note (dQ): each program adds its share dS·K of a query tile into DQ. DQ_TMA (FlashAttention-3's
-# way): the share goes to a (BLOCK_M, HEAD_DIM) fp32 staging tile in shared memory and one TMA
-# bulk reduce-add (cp.reduce.async.bulk.tensor ... .add, issued by one thread per 32-column piece)
-# adds it into L2 line by line while the next step's products run; the next step waits for it to
-# have read the staging tile (store_wait) before writing its own share there. Otherwise: relaxed
-# fp32 atomics from the accumulator's registers, two elements each (red.global.add.v2.f32): 16
-# instructions per thread per step, which kept L2 57% busy and the tensor cores 42% (GLUON_NOTES,
-# call 8). Either way the sum's order varies between runs: not deterministic (the portable
-# backward is, FX_FLASH_DQ=separate).
+# Note (dQ): each program adds its share dS·K of a query tile into DQ, FlashAttention-3's way: the
+# share goes to a (BLOCK_M, HEAD_DIM) fp32 staging tile in shared memory, and one TMA bulk
+# reduce-add (cp.reduce.async.bulk.tensor ... .add, issued by one thread per 32-column piece) adds
+# it into L2 line by line while the next step's products run; the next step waits for it to have
+# read the staging tile (store_wait) before writing its own share there. Relaxed fp32 atomics from
+# the accumulator's registers (red.global.add.v2.f32, 16 per thread per step) were 1.06-1.30x
+# slower: they kept L2 57% busy and the tensor cores 42% (GLUON_NOTES, calls 8 and 14). The sum's
+# order varies between runs: not deterministic (the portable backward's separate dQ pass is, and
+# runs instead under torch.use_deterministic_algorithms).
 #
 # Note (registers): K, V, P and dS sit at fixed shared-memory addresses, and the compiler hoisted
 # the wgmma descriptors of every k-step over them out of the loop, holding 20-odd registers (then
@@ -211,12 +212,12 @@ def _attn_bwd_sm90_prep(
 
 @gluon.jit
 def _attn_bwd_sm90(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, DQ, LSE, Delta, sm_scale,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE, Delta, sm_scale,
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
     H, N_Q, N_KV, DQ_ROWS,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, DQ_TMA: gl.constexpr,
+    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -246,8 +247,7 @@ $HEADS
     ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
     p_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
     ds_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
-    if DQ_TMA:  # see the note on dQ
-        dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM], dq_desc.layout)
+    dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM], dq_desc.layout)  # see the note on dQ
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -269,8 +269,6 @@ $HEADS
 
     qk_scale = sm_scale * LOG2E
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-    dq_offs = dq_rows[:, None] * HEAD_DIM + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))[None, :]
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     mbarrier.wait(kv_bar, 0)
@@ -319,20 +317,14 @@ $HEADS
             _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, hz_row,
                              N_Q, n_m, GROUP, STAGES)
             load_g, load_m = _advance(load_g, load_m, lo, n_m)
-            if DQ_TMA:
-                dq_smem = dq_all.index(zero)  # see the note on registers
-                tma.store_wait(0)  # the previous share has been read out of dq_smem
-                dq_smem.store(dq * $DQK_FACTOR)
-                fence_async_shared()
-                _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
-            else:
-                dq_tile = DQ + (off_hz.to(gl.int64) * DQ_ROWS + m * BLOCK_M) * HEAD_DIM
-                gl.atomic_add(dq_tile + dq_offs, dq * $DQK_FACTOR, mask=dq_rows[:, None] < N_Q - m * BLOCK_M,
-                              sem="relaxed")
+            dq_smem = dq_all.index(zero)  # see the note on registers
+            tma.store_wait(0)  # the previous share has been read out of dq_smem
+            dq_smem.store(dq * $DQK_FACTOR)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
             t += 1
 
-    if DQ_TMA:
-        tma.store_wait(0)
+    tma.store_wait(0)
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(q_ready.index(i))

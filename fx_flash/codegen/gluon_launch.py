@@ -13,10 +13,12 @@ warpgroups; one program per SM walking output tiles), the fastest of the kinds t
 (benchmarks/GLUON_NOTES.md, call 9); the others (one partition; not persistent; ping-pong, hold,
 early rescale) are reached through ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 
-The backward is off unless ``FX_FLASH_GLUON_BWD=1`` (independently of the forward's switch); then
-``launch.attention_backward`` offers each backward here first (``backward``), with the forward's
-rules plus dO's layout, and the portable backward runs whatever it refuses. On the H200 it is
-correct and slower than the portable backward (GLUON_NOTES.md, calls 6-8).
+The backward is on by default too (``FX_FLASH_GLUON_BWD=0`` turns it off, independently of the
+forward's switch): ``launch.planned_backward`` offers each backward key here first
+(``routed_backward``), with the forward's rules plus dO's layout; it is routed at head dim 128
+(bf16, fp16; not ranged specs), where the H200 ran it 1.09-1.24x the portable backward
+(GLUON_NOTES.md, call 14; ``FX_FLASH_GLUON_BWD=1`` takes every call it supports), and never under
+``torch.use_deterministic_algorithms``: its dQ is summed in no fixed order.
 """
 
 from __future__ import annotations
@@ -373,8 +375,8 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
 
 
 # ---------------------------------------------------------------------------------------------
-# The backward (gluon_bwd.py): FX_FLASH_GLUON_BWD=1, off by default: correct on the H200, 3-11% slower than
-# the portable backward there (benchmarks/GLUON_NOTES.md, calls 6-7).
+# The backward (gluon_bwd.py): on by default for BWD_ROUTED_HEAD_DIMS on sm_90, 1.09-1.24x the portable
+# backward on the H200 once its dQ went by TMA reduce-adds (benchmarks/GLUON_NOTES.md, call 14).
 
 BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
 BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma
@@ -384,15 +386,16 @@ BWD_NUM_WARPS = 8
 # at d = 128 and buys nothing but less L1).
 BWD_MAX_STAGES = 3
 BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
-# dQ shares added by TMA bulk reduce-adds from a shared-memory staging tile (gluon_bwd's note on
-# dQ); False: per-element atomics from registers, as before (kept to compare them on the GPU).
-BWD_DQ_TMA = True
 _bwd_modules: dict[str, ModuleType] = {}
 
 
+BWD_ROUTED_HEAD_DIMS = (128,)
+
+
 def backward_enabled() -> bool:
-    """FX_FLASH_GLUON_BWD=1 routes the backwards this kernel supports to it (off by default)."""
-    return os.environ.get("FX_FLASH_GLUON_BWD", "0") == "1"
+    """Whether backwards this kernel supports may be routed to it: yes unless FX_FLASH_GLUON_BWD=0
+    (=1 routes every one it supports, past ``not_routed_backward``)."""
+    return os.environ.get("FX_FLASH_GLUON_BWD") != "0"
 
 
 @dataclass(frozen=True)
@@ -403,32 +406,28 @@ class GluonBwdConfig:
     BLOCK_M: int
     BLOCK_N: int
     STAGES: int
-    DQ_TMA: bool = True  # dQ by TMA reduce-adds from a staging tile, else by atomics (BWD_DQ_TMA)
 
     def __str__(self) -> str:
-        return (f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES} "
-                f"dq={'tma' if self.DQ_TMA else 'atomics'}")
+        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"
 
 
-def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, dq_tma: bool = True) -> int:
+def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
     """Shared-memory bytes of one backward program: K and V of its key tile, ``stages`` Q and dO
     tiles, P and dS (block_m, block_n) for the products that read them from shared memory, the fp32
-    dQ staging tile (block_m, head_dim) when dQ goes by TMA, and the mbarriers (K/V's, and a ready
-    one per Q and dO buffer; Triton aligns each array to 16 bytes). dK, dV and the scores stay in
-    registers, so this is the whole of it: tests compare it with the compiled kernel's own count."""
+    dQ staging tile (block_m, head_dim) of the TMA reduce-adds, and the mbarriers (K/V's, and a
+    ready one per Q and dO buffer; Triton aligns each array to 16 bytes). dK, dV and the scores stay
+    in registers, so this is the whole of it: tests compare it with the compiled kernel's own count."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * (2 * block_n * head_dim + 2 * stages * block_m * head_dim + 2 * block_m * block_n)
-    staging = 4 * block_m * head_dim if dq_tma else 0
-    return tiles + staging + BARRIER_BYTES + 2 * ring
+    return tiles + 4 * block_m * head_dim + BARRIER_BYTES + 2 * ring
 
 
 def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonBwdConfig]:
-    """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, dQ as
-    BWD_DQ_TMA says, and the deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M;
-    None if two stages do not."""
+    """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, and the
+    deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M; None if two stages do not."""
     fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
-               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s, BWD_DQ_TMA) <= device.shared_memory]
-    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting), BWD_DQ_TMA) if fitting else None
+               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s) <= device.shared_memory]
+    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting)) if fitting else None
 
 
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
@@ -451,37 +450,99 @@ def load_backward(spec: AttentionSpec) -> ModuleType:
     return _load(spec, render_gluon_bwd, "fx_flash_gluon_bwd", _bwd_modules)
 
 
-def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):
-    """(dq, dk, dv) of the call (the caller has checked ``unsupported_backward_call``): the Delta
-    kernel (which also zeroes the fp32 dQ accumulator: N_Q rows per head rounded up to BLOCK_M),
-    then one program per key tile and K/V head, then dQ cut to N_Q rows and cast to q's dtype. dk
-    and dv come out contiguous, as the portable backward's do."""
+@dataclass
+class BackwardLaunch:
+    """What a backward launch of one call's shapes takes besides its tensors: the Delta kernel
+    (which also zeroes the fp32 dQ accumulator of ``dq_rows`` rows per head: N_Q rounded up to
+    BLOCK_M) and the main kernel, one program per key tile and K/V head, each with its grid and
+    constexprs; ``finish`` cuts dQ to N_Q rows and casts it to q's dtype."""
+
+    prep: object
+    prep_grid: tuple
+    prep_constexprs: dict
+    fn: object
+    grid: tuple
+    constexprs: dict
+    config: GluonBwdConfig
+    dq_rows: int
+
+    def buffers(self, q, k, v) -> tuple:
+        """(delta, dq accumulator, dk, dv), dk and dv contiguous, as the portable backward's."""
+        z, h, n_q, d = q.shape
+        return (torch.empty((z, h, n_q), device=q.device, dtype=torch.float32),
+                torch.empty((z, h, self.dq_rows, d), device=q.device, dtype=torch.float32),
+                torch.empty(k.shape, device=k.device, dtype=k.dtype), torch.empty(v.shape, device=v.device, dtype=v.dtype))
+
+    def prep_args(self, out, dout, delta, dq_acc) -> tuple:
+        return (out, dout, delta, dq_acc, *out.stride(), *dout.stride(), out.shape[1], out.shape[2], self.dq_rows)
+
+    def args(self, dout, q, k, v, lse, scale, delta, dq_acc, dk, dv) -> tuple:
+        rows, keys = self.config.BLOCK_M, self.config.BLOCK_N
+        descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
+                       _descriptor(dq_acc, rows))
+        return (*descriptors, dk, dv, lse, delta, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
+                k.shape[2], self.dq_rows)
+
+    @staticmethod
+    def finish(dq_acc, q):
+        return dq_acc[:, :, :q.shape[2]].to(q.dtype)
+
+
+def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig) -> BackwardLaunch:
+    """The BackwardLaunch of ``config`` for these shapes (the caller has checked
+    ``unsupported_backward_call``)."""
     z, h, n_q, d = q.shape
-    h_kv, n_kv = k.shape[1], k.shape[2]
     module = load_backward(spec)
     dq_rows = triton.cdiv(n_q, config.BLOCK_M) * config.BLOCK_M
-    delta = torch.empty((z, h, n_q), device=q.device, dtype=torch.float32)
-    dq_acc = torch.empty((z, h, dq_rows, d), device=q.device, dtype=torch.float32)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    module._attn_bwd_sm90_prep[(triton.cdiv(dq_rows, BWD_PREP_ROWS), z * h)](
-        out, dout, delta, dq_acc, *out.stride(), *dout.stride(), h, n_q, dq_rows,
-        HEAD_DIM=d, BLOCK=BWD_PREP_ROWS, NUM_WARPS=4, num_warps=4)
-    descriptors = (_descriptor(q, config.BLOCK_M), _descriptor(k, config.BLOCK_N), _descriptor(v, config.BLOCK_N),
-                   _descriptor(dout, config.BLOCK_M), _descriptor(dq_acc, config.BLOCK_M))
-    module._attn_bwd_sm90[(n_kv // config.BLOCK_N, z * h_kv)](
-        *descriptors, dk, dv, dq_acc, lse, delta, scale, *dk.stride(), *dv.stride(), h, n_q, n_kv, dq_rows,
-        GROUP=h // h_kv, HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-        NUM_WARPS=BWD_NUM_WARPS, DQ_TMA=config.DQ_TMA, num_warps=BWD_NUM_WARPS)
-    return dq_acc[:, :, :n_q].to(q.dtype), dk, dv
+    return BackwardLaunch(
+        module._attn_bwd_sm90_prep, (triton.cdiv(dq_rows, BWD_PREP_ROWS), z * h),
+        dict(HEAD_DIM=d, BLOCK=BWD_PREP_ROWS, NUM_WARPS=4, num_warps=4),
+        module._attn_bwd_sm90, (k.shape[2] // config.BLOCK_N, z * k.shape[1]),
+        dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
+             NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS),
+        config, dq_rows)
 
 
-def backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float):
-    """(dq, dk, dv) by the Gluon backward if it applies to this call; None (nothing launched) when
-    the portable backward must run instead, the reason logged at debug level."""
-    config = backward_config(device_profile(q.device), q.shape[-1], q.element_size()) if q.is_cuda else None
-    reason = unsupported_backward_call(spec, dout, q, k, v, lse, config)
+def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):
+    """(dq, dk, dv) of one call (the caller has checked ``unsupported_backward_call``), launched
+    through ``JITFunction.run``: the BackwardLaunch's two kernels, then dQ finished."""
+    launch = backward_launch(spec, q, k, config)
+    delta, dq_acc, dk, dv = launch.buffers(q, k, v)
+    launch.prep[launch.prep_grid](*launch.prep_args(out, dout, delta, dq_acc), **launch.prep_constexprs)
+    launch.fn[launch.grid](*launch.args(dout, q, k, v, lse, scale, delta, dq_acc, dk, dv), **launch.constexprs)
+    return launch.finish(dq_acc, q), dk, dv
+
+
+def not_routed_backward(spec: AttentionSpec, q: torch.Tensor) -> Optional[str]:
+    """Why a backward the kernel could compute still runs the portable one (FX_FLASH_GLUON_BWD=1
+    skips these): head dims other than BWD_ROUTED_HEAD_DIMS (d = 64: level with the portable
+    backward at N = 2k on the H200, GLUON_NOTES call 14), dtypes never run on a GPU, and ranged
+    specs (the portable backward skips the tiles their ranges exclude; this kernel visits them)."""
+    if os.environ.get("FX_FLASH_GLUON_BWD") == "1":
+        return None
+    if q.shape[-1] not in BWD_ROUTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]}: not measured faster than the portable backward on the H200"
+    if q.dtype not in ROUTED_DTYPES:
+        return f"{q.dtype}: not yet checked on a GPU"
+    if spec.tile_mode == "ranged":
+        return "a ranged spec: the portable backward skips the tiles its ranges exclude"
+    return None
+
+
+def routed_backward(spec: AttentionSpec, dout, q, k, v, lse) -> Optional[BackwardLaunch]:
+    """The BackwardLaunch for this call if the Gluon backward takes it; None when the portable
+    backward must run instead (the reason logged at debug level): switched off, unsupported, not
+    routed, or under ``torch.use_deterministic_algorithms`` (this kernel's dQ sum is not; the
+    portable backward's separate dQ pass is). It depends only on what launch's plan key holds, so
+    the caller decides once per key."""
+    config = None
+    if q.is_cuda:
+        config = backward_config(device_profile(q.device), q.shape[-1], q.element_size())
+    reason = ("FX_FLASH_GLUON_BWD=0" if not backward_enabled() else
+              "torch.use_deterministic_algorithms(True): the portable backward's dQ is deterministic"
+              if torch.are_deterministic_algorithms_enabled() else None)
+    reason = reason or unsupported_backward_call(spec, dout, q, k, v, lse, config) or not_routed_backward(spec, q)
     if reason:
         log.debug("gluon backward not used for %s: %s", spec.describe(), reason)
         return None
-    return launch_backward(spec, dout, q, k, v, out, lse, scale, config)
+    return backward_launch(spec, q, k, config)

@@ -522,15 +522,15 @@ def _layout(t: Optional[torch.Tensor]):
 def _plan_key(spec: AttentionSpec, q: torch.Tensor, dropout_p: float, scale: float, tensors) -> tuple:
     """Everything a plan derives from, beyond what stays fixed in a process: the spec; each
     tensor's layout; q's device; the floats; the switches (environment, set_autotune, TF32 for
-    fp32 inputs). Module constants (SPLIT_MIN_KEYS, ...) and monkeypatched functions are not in
-    it: change those, then ``clear_plans()``."""
-    return (spec.text, switches(), autotune.setting(), q.get_device(),
+    fp32 inputs, torch.use_deterministic_algorithms). Module constants (SPLIT_MIN_KEYS, ...) and
+    monkeypatched functions are not in it: change those, then ``clear_plans()``."""
+    return (spec.text, switches(), autotune.setting(), torch.are_deterministic_algorithms_enabled(), q.get_device(),
             q.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32, dropout_p, scale,
             *map(_layout, tensors))
 
 
 _FORWARDS: dict = {}  # plan key → _Forward
-_BACKWARDS: dict = {}  # plan key → _Backward
+_BACKWARDS: dict = {}  # plan key → _Backward or _GluonBackward
 MAX_PLANS = 4096  # per direction: one per shape, so a dynamic workload's memory stays bounded
 
 
@@ -664,8 +664,8 @@ class _Plan:
         settings can differ from what this plan's key fixed (q, k, v, operands and seed are the
         forward's tensors; out and lse its outputs), so the backward plan is found by those alone,
         without the full key's layouts of eight tensors."""
-        key = (spec_text, switches(), autotune.setting(), self.tf32 and torch.backends.cuda.matmul.allow_tf32,
-               _layout(dout))
+        key = (spec_text, switches(), autotune.setting(), torch.are_deterministic_algorithms_enabled(),
+               self.tf32 and torch.backends.cuda.matmul.allow_tf32, _layout(dout))
         plan = self.backwards.get(key)
         if plan is not None:
             return plan(dout, q, k, v, out, lse, operands, seed)
@@ -676,29 +676,58 @@ class _Plan:
         return grads
 
 
+class _GluonKernel:
+    """One kernel of a Gluon plan, its grid fixed by the key: launched through ``JITFunction.run``
+    the first time, then (direct launches) through the launcher bound then, as _Kernel does."""
+
+    def __init__(self, fn, grid: tuple, constexprs: dict, direct: bool):
+        self.fn, self.grid, self.constexprs, self.direct = fn, grid, constexprs, direct
+        self.grid3 = _grid3(grid)
+        self.bound = None  # (compiled kernel, argument tail, device)
+
+    def __call__(self, args: tuple) -> None:
+        if _run_if_bound(self.bound, self.grid, self.grid3, args):
+            return
+        kernel = self.fn[self.grid](*args, **self.constexprs)
+        if self.direct and self.bound is None:
+            found = _bind(self.fn, kernel, len(args), self.constexprs)
+            if found is not None:
+                self.bound = (*found, _driver().get_current_device())
+
+
 class _GluonForward(_Plan):
     """The plan of a forward key the Gluon sm90 kernel takes (gluon_launch.routed_forward, decided
-    once per key): per call, the three TMA descriptors (they hold the data pointers) and a
-    launch, through the bound launcher from the second call on, as _Kernel does."""
+    once per key): per call, the three TMA descriptors (they hold the data pointers) and a launch."""
 
     final = True
 
     def __init__(self, routed, q, dropout_p, scale, direct):
         super().__init__(q, dropout_p, scale)
-        self.routed, self.direct = routed, direct
-        self.grid3 = _grid3(routed.grid)
-        self.bound = None  # (compiled kernel, argument tail, device)
+        self.routed = routed
+        self.kernel = _GluonKernel(routed.fn, routed.grid, routed.constexprs, direct)
 
     def run(self, q, k, v, out, lse, operands, seed) -> None:
+        self.kernel((*self.routed.descriptors(q, k, v), out, lse, *self.routed.post))
+
+
+class _GluonBackward:
+    """The plan of a backward key the Gluon sm90 backward takes (gluon_launch.routed_backward,
+    decided once per key): per call, its buffers, the Delta kernel, the main kernel's five TMA
+    descriptors and its launch, then dQ finished."""
+
+    final = True
+
+    def __init__(self, routed, scale: float, direct: bool):
+        self.routed, self.scale = routed, scale
+        self.prep = _GluonKernel(routed.prep, routed.prep_grid, routed.prep_constexprs, direct)
+        self.main = _GluonKernel(routed.fn, routed.grid, routed.constexprs, direct)
+
+    def __call__(self, dout, q, k, v, out, lse, operands, seed):
         routed = self.routed
-        args = (*routed.descriptors(q, k, v), out, lse, *routed.post)
-        if _run_if_bound(self.bound, routed.grid, self.grid3, args):
-            return
-        kernel = routed.fn[routed.grid](*args, **routed.constexprs)
-        if self.direct and self.bound is None:
-            found = _bind(routed.fn, kernel, len(args), routed.constexprs)
-            if found is not None:
-                self.bound = (*found, _driver().get_current_device())
+        delta, dq_acc, dk, dv = routed.buffers(q, k, v)
+        self.prep(routed.prep_args(out, dout, delta, dq_acc))
+        self.main(routed.args(dout, q, k, v, lse, self.scale, delta, dq_acc, dk, dv))
+        return routed.finish(dq_acc, q), dk, dv, []
 
 
 class _Forward(_Plan):
@@ -802,11 +831,12 @@ def planned_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float, 
         dq, dk, dv = new_output(q), new_output(k), new_output(v)
         return (dq.zero_(), dk.zero_(), dv.zero_(), [torch.zeros(t.shape, device=q.device, dtype=t.dtype)
                                                      for t in grad_of]), None
-    from fx_flash.codegen import gluon_launch  # the sm90 Gluon backward, FX_FLASH_GLUON_BWD=1 (off by default)
-    if gluon_launch.backward_enabled():
-        grads = gluon_launch.backward(spec, dout, q, k, v, out, lse, scale)
-        if grads is not None:
-            return (*grads, []), None  # no plan: gluon_launch launches its kernels on every call
+    from fx_flash.codegen import gluon_launch  # the sm90 Gluon backward (FX_FLASH_GLUON_BWD=0 turns it off)
+    routed = gluon_launch.routed_backward(spec, dout, q, k, v, lse)
+    if routed is not None:
+        plan = _GluonBackward(routed, scale, _direct(q))
+        _remember(_BACKWARDS, key, plan)
+        return plan(dout, q, k, v, out, lse, operands, seed), plan
     plan = _Backward(spec, dout, q, k, v, out, operands, grad_of, dropout_p, scale, consts, _direct(q))
     grads = plan(dout, q, k, v, out, lse, operands, seed)
     if not plan.final:

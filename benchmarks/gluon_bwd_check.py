@@ -2,7 +2,7 @@
 against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN SDPA and the
 portable backward.
 
-    python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--limit 120] [--bench-limit 110]
+    python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--small 2048,8192] [--limit 120] [--bench-limit 110]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -49,7 +49,8 @@ def _eager(q, k, v, scale, causal, softcap):
 
 
 def _cases():
-    """(label, b, hq, hkv, nq, nk, spec text, causal, softcap)."""
+    """(label, b, hq, hkv, nq, nk, spec text, causal, softcap); a label with "BNHD": q, k, v and dO
+    as (B, N, H, d) storage seen as (B, H, N, d), what HF models pass."""
     return [
         ("plain 2x8x1024", 2, 8, 8, 1024, 1024, "score=qk*scale", False, False),
         ("causal 2x8x1024", 2, 8, 8, 1024, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
@@ -60,7 +61,16 @@ def _cases():
         # A program walks the 8 query heads of its K/V head, its Q/dO ring running on across them.
         ("causal GQA 16/2 1024", 2, 16, 2, 1024, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
         ("causal Nq>Nk 2048x1024", 1, 8, 8, 2048, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
+        # Heads side by side in each row: the last query tile of a batch reads the next batch's rows.
+        ("BNHD causal ragged Nq 1000x1024", 2, 8, 8, 1000, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
+        ("BNHD softcap causal GQA 16/4 1024", 2, 16, 4, 1024, 1024, SOFTCAP, True, True),
     ]
+
+
+def _randn(b, h, n, d, dtype, bnhd):
+    if bnhd:
+        return torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+    return torch.randn(b, h, n, d, device="cuda", dtype=dtype)
 
 
 def _grouped(qkv, group):
@@ -102,9 +112,9 @@ def numerics(d, dtype):
     cfg = gluon_launch.backward_config(device_profile(torch.device("cuda")), d, 2)
     for label, b, hq, hkv, nq, nk, text, causal, softcap in _cases():
         spec = spec_from_text(text)
-        q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
-        k, v = (torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
-        do = torch.randn_like(q)
+        bnhd = "BNHD" in label
+        q, do = (_randn(b, hq, nq, d, dtype, bnhd) for _ in range(2))
+        k, v = (_randn(b, hkv, nk, d, dtype, bnhd) for _ in range(2))
         scale = 1 / math.sqrt(d)
         out, lse = launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
         tag = f"d{d} {str(dtype)[6:]} {label} [{cfg}]"
@@ -165,16 +175,14 @@ def routed(d):
     ref = _eager(*ins32, 1 / math.sqrt(d), True, False)
     tor = _eager(*ins16, 1 / math.sqrt(d), True, False)
     ok, rows = decided == [True] and same, []
-    for name, a, t, r in [("out", out, tor, ref)] + list(zip(["dq", "dk", "dv"],
-                                                             grads, torch.autograd.grad(tor, ins16, do),
-                                                             torch.autograd.grad(ref, ins32, do.float()))):
+    tor_grads = torch.autograd.grad(tor, ins16, do)
+    ref_grads = torch.autograd.grad(ref, ins32, do.float())
+    for name, a, t, r in [("out", out, tor, ref)] + list(zip(["dq", "dk", "dv"], grads, tor_grads, ref_grads)):
         good, row = _rule(name, a, t, r)
         ok &= good
         rows.append(row)
     for run in runs[1:]:  # the later calls' dq by the rule too
-        good, row = _rule("dq (later call)", run[0], torch.autograd.grad(tor, ins16, do)[0],
-                          torch.autograd.grad(ref, ins32, do.float())[0])
-        ok &= good
+        ok &= _rule("dq", run[0], tor_grads[0], ref_grads[0])[0]
     print(f"{'PASS' if ok else 'FAIL'} d{d} flash_attention causal 2x8x2048, default switches (routed to the gluon "
           f"backward, decided once: {decided}; dk, dv of 3 calls bitwise equal: {same}): {' '.join(rows)}", flush=True)
     return ok
@@ -241,10 +249,43 @@ def bench(ns, gluon_ok, dims=(128, )):
             print("ROW " + json.dumps(row), flush=True)
 
 
+def few_programs(ns):
+    """The Gluon backward has one program per 128-key tile and K/V head: with few heads it fills
+    few of the SMs. fwd+bwd milliseconds at d = 128, bf16, B = 1 and H = 1..32 (causal or not),
+    with the switches at their defaults (the Gluon backward where routed) and with
+    FX_FLASH_GLUON_BWD=0, the GPU's time (do_bench), not the host's."""
+    import triton.testing
+
+    import fx_flash
+
+    os.environ["FX_FLASH_AUTOTUNE"] = "0"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for n in ns:
+        for causal in (False, True):
+            for h in (1, 2, 4, 8, 16, 32):
+                q, k, v = (torch.randn(1, h, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                do = torch.randn_like(q)
+                row = dict(n=n, causal=causal, h=h, programs=n // 128 * h, sms=sms)
+                for name, value in (("default", None), ("portable bwd", "0")):
+                    if value is not None:
+                        os.environ["FX_FLASH_GLUON_BWD"] = value
+                    step = lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=causal),  # noqa: E731
+                                                       (q, k, v), do)
+                    step()
+                    row[name] = round(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), 4)
+                    os.environ.pop("FX_FLASH_GLUON_BWD", None)
+                row["ratio"] = round(row["portable bwd"] / row["default"], 3)
+                print("SMALL " + json.dumps(row), flush=True)
+
+
 def child(what, ns):
     parts = what.split(":")
     if parts[0] == "numerics":
         ok = numerics(int(parts[1]), getattr(torch, parts[2]))
+    elif parts[0] == "small":
+        few_programs(ns)
+        ok = True
     else:
         bench(ns, parts[1] == "1", [int(x) for x in parts[2].split(",")])
         ok = True
@@ -261,6 +302,7 @@ def main():
     ap.add_argument("--dims", default="128", help="head dims of the timing rows")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=110.0, help="seconds of the timing child")
+    ap.add_argument("--small", default="", help="N values for the few-programs rows (B = 1, H = 1..32)")
     ap.add_argument("--child", default="", help="internal")
     args = ap.parse_args()
     if args.child:
@@ -297,6 +339,16 @@ def main():
         ratio = f"{ours / ref:.2f}" if ref and isinstance(ours, int) else "-"
         print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | " + " | ".join(str(r.get(c, "-")) for c in cols)
               + f" | {ratio} |")
+    if args.small:
+        what, text, secs, _ = _run_child("small", args.small, args.bench_limit)
+        print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
+        small = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("SMALL ")]
+        print("\nfwd+bwd ms, d = 128, bf16, B = 1 (programs: of the Gluon backward)")
+        print("| N | causal | H | programs | default | FX_FLASH_GLUON_BWD=0 | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for r in small:
+            print(f"| {r['n']} | {'yes' if r['causal'] else 'no'} | {r['h']} | {r['programs']} | {r['default']} | "
+                  f"{r['portable bwd']} | {r['ratio']} |")
     print("\nALL PASS" if all(passed.values()) else "\nSOME FAILED")
 
 

@@ -147,7 +147,8 @@ def _as_if_sm90(monkeypatch):
 
 def test_backward_refusals(monkeypatch):
     """What falls back to the portable backward, and why: CPU tensors (the interpreter too); then,
-    past the forward's rules, a dO that is not a row matrix, a non-contiguous LSE, and the spec."""
+    past the forward's rules, a dO not laid out as q (q, k, v, dO as (B, N, H, d) storage pass), a
+    non-contiguous LSE, and the spec."""
     q = torch.randn(1, 2, 128, 64, dtype=torch.bfloat16)
     lse = torch.zeros(1, 2, 128)
     cfg = gluon_launch.backward_config(H200, 64, 2)
@@ -156,6 +157,9 @@ def test_backward_refusals(monkeypatch):
     assert gluon_launch.unsupported_backward_call(sdpa_spec(), q, q, q, q, lse, cfg) is None
     do_t = q.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert "dout" in gluon_launch.unsupported_backward_call(sdpa_spec(), do_t, q, q, q, lse, cfg)
+    bnhd = torch.randn(1, 128, 2, 64, dtype=torch.bfloat16).transpose(1, 2)  # (B, N, H, d) storage, as HF passes
+    assert gluon_launch.unsupported_backward_call(sdpa_spec(), bnhd, bnhd, bnhd, bnhd, lse, cfg) is None
+    assert "dout" in gluon_launch.unsupported_backward_call(sdpa_spec(), q, bnhd, bnhd, bnhd, lse, cfg)
     lse_view = torch.zeros(1, 128, 2).transpose(1, 2)
     assert "lse" in gluon_launch.unsupported_backward_call(sdpa_spec(), q, q, q, q, lse_view, cfg)
     assert "dropout" in gluon_launch.unsupported_backward_call(sdpa_spec(dropout=True), q, q, q, q, lse, cfg)
@@ -298,7 +302,8 @@ def test_launch_arguments(monkeypatch):
     assert args[:5] == (("descriptor", q.shape, 64), ("descriptor", k.shape, 128), ("descriptor", k.shape, 128),
                         ("descriptor", q.shape, 64), ("descriptor", dq_acc.shape, 64))
     assert args[7] is lse and args[8] is prep_args[2] and args[9] == 0.1
-    assert args[10:18] == dk.stride() + dv.stride() and args[18:] == (h, n_q, n_kv, 256)
+    assert args[10:18] == dk.stride() + dv.stride() and args[18:22] == (h, n_q, n_kv, 256)
+    assert args[22:] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
     assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
         GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
@@ -462,9 +467,10 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
 # causal band runs at the 255-register limit: the dQ staging tile's addressing (GLUON_NOTES, call
-# 14) pushed a few per-head values to local memory (3.6: 40 B, 10 STL, all in the per-head loop;
-# four 4-byte reloads per step). Every other kernel here stays in registers under both.
-KNOWN_SPILLS = {"softcap-d128": ((40, 10), (64, 24))}
+# 14) and the per-head placement of (Z, N, H, d) views pushed a few per-head values to local memory
+# (3.6: 32 B, 8 STL, in the per-head loop; a few 4-byte reloads per step). Under ptxas 13 causal
+# d = 128 spills too (28 B). Every other kernel here stays in registers under both.
+KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 44)), "causal-d128": ((0, 0), (28, 15))}
 
 
 @pytest.fixture(scope="module")

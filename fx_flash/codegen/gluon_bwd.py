@@ -27,11 +27,14 @@ GLUON_BWD_TEMPLATE = '''\
 # spec key: $SPEC_KEY
 #
 # Glossary (the portable dK/dV kernel's, where the two share a name)
-#   q_desc, do_desc    TMA descriptors over Q and dO viewed as (Z·H·N_Q, HEAD_DIM) row matrices, in
-#                      tiles of BLOCK_M rows; a tile past N_Q reads the next head's rows (or zeros at
-#                      the end), which weigh 0: their LSE loads as +inf (see the note on rows).
-#   k_desc, v_desc     over K and V as (Z·H_KV·N_KV, HEAD_DIM), in tiles of BLOCK_N rows; the
-#                      launcher routes only N_KV a multiple of BLOCK_N here.
+#   q_desc, do_desc    TMA descriptors over Q and dO, in tiles of BLOCK_M rows, as the 2-D matrix
+#                      gluon_launch.tma_view finds: query head (z, h) starts at row z·Q_RZ + h·Q_RH,
+#                      column h·Q_CH (heads stacked as rows: (Z·H·N_Q, HEAD_DIM), Q_CH = 0; or side by
+#                      side in each row: (Z, N, H, d) storage, Q_RH = 0), the same for both. A tile
+#                      past N_Q reads the next rows (or zeros at the end), which weigh 0: their LSE
+#                      loads as +inf (see the note on rows).
+#   k_desc, v_desc     over K and V, in tiles of BLOCK_N rows, K/V head (z, h) at row z·KV_RZ +
+#                      h·KV_RH, column h·KV_CH; the launcher routes only N_KV a multiple of BLOCK_N here.
 #   DK, DV             (Z, H_KV, N_KV, HEAD_DIM) outputs through their strides.
 #   dq_desc            TMA descriptor over the (Z·H·DQ_ROWS, HEAD_DIM) fp32 dQ accumulator (DQ in the
 #                      Delta kernel), contiguous, in tiles of BLOCK_M rows: DQ_ROWS is N_Q rounded up to BLOCK_M, so that a tile's
@@ -168,19 +171,21 @@ def _advance(g, m, lo, n_m):
 
 
 @gluon.jit
-def _load_query_tile(t, g, m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, hz_row, N_Q, n_m,
+def _load_query_tile(t, g, m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col, Q_RH, Q_CH, n_m,
                      GROUP: gl.constexpr, STAGES: gl.constexpr):
     """Issue the TMA loads of step t's Q and dO tiles (head g of the group, query tile m) into
-    buffer t % STAGES; nothing past the walk's end. ``hz_row``: the group's first query head, in rows."""
+    buffer t % STAGES; nothing past the walk's end. ``q_row``, ``q_col``: where the group's first
+    query head starts in the descriptors' matrix."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     tile_bytes: gl.constexpr = BLOCK_M * q_smem.shape[2] * q_smem.dtype.primitive_bitwidth // 8
     ok = (g < GROUP) & (m < n_m)
-    row = hz_row + g * N_Q + m * BLOCK_M
+    row = q_row + g * Q_RH + m * BLOCK_M
+    col = q_col + g * Q_CH
     buf = t % STAGES
     mbarrier.expect(q_ready.index(buf), tile_bytes, ok)
-    _tma_load(q_desc, [row, 0], q_ready.index(buf), q_smem.index(buf), ok)
+    _tma_load(q_desc, [row, col], q_ready.index(buf), q_smem.index(buf), ok)
     mbarrier.expect(do_ready.index(buf), tile_bytes, ok)
-    _tma_load(do_desc, [row, 0], do_ready.index(buf), do_smem.index(buf), ok)
+    _tma_load(do_desc, [row, col], do_ready.index(buf), do_smem.index(buf), ok)
 
 
 @gluon.jit
@@ -215,7 +220,7 @@ def _attn_bwd_sm90(
     q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE, Delta, sm_scale,
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
-    H, N_Q, N_KV, DQ_ROWS,
+    H, N_Q, N_KV, DQ_ROWS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
@@ -236,7 +241,9 @@ def _attn_bwd_sm90(
     off_z = off_hkvz // H_KV
     off_hkv = off_hkvz % H_KV
     lo, n_m, band = _query_tiles(start_n, N_Q, BLOCK_M, BLOCK_N)
-    hz_row = (off_z * H + off_hkv * GROUP) * N_Q  # the group's first query head, in rows
+    q_row = off_z * Q_RZ + off_hkv * GROUP * Q_RH  # the group's first query head in Q's matrix (see q_desc)
+    q_col = off_hkv * GROUP * Q_CH
+    kv_row = off_z * KV_RZ + off_hkv * KV_RH + start_n * BLOCK_N
 $HEADS
 
     # -- shared memory: K and V of the key tile, the Q/dO ring, P and dS; one mbarrier per buffer --
@@ -258,13 +265,13 @@ $HEADS
 
     # -- prologue: K, V and the first STAGES query tiles in flight --
     mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8)
-    _tma_load(k_desc, [off_hkvz * N_KV + start_n * BLOCK_N, 0], kv_bar, k_all.index(0))
-    _tma_load(v_desc, [off_hkvz * N_KV + start_n * BLOCK_N, 0], kv_bar, v_all.index(0))
+    _tma_load(k_desc, [kv_row, off_hkv * KV_CH], kv_bar, k_all.index(0))
+    _tma_load(v_desc, [kv_row, off_hkv * KV_CH], kv_bar, v_all.index(0))
     load_g = 0  # the next step to load: head load_g of the group, query tile load_m
     load_m = lo
     for i in gl.static_range(STAGES):
-        _load_query_tile(i, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, hz_row, N_Q, n_m,
-                         GROUP, STAGES)
+        _load_query_tile(i, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col, Q_RH,
+                         Q_CH, n_m, GROUP, STAGES)
         load_g, load_m = _advance(load_g, load_m, lo, n_m)
 
     qk_scale = sm_scale * LOG2E
@@ -314,8 +321,8 @@ $HEADS
             dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
 
             # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
-            _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, hz_row,
-                             N_Q, n_m, GROUP, STAGES)
+            _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
+                             q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
             load_g, load_m = _advance(load_g, load_m, lo, n_m)
             dq_smem = dq_all.index(zero)  # see the note on registers
             tma.store_wait(0)  # the previous share has been read out of dq_smem

@@ -101,6 +101,12 @@ class GluonConfig:
             raise ValueError("one_section orders the persistent kernel's tiles")
 
     @property
+    def takes_views(self) -> bool:
+        """Whether the kernel places each head by tma_view's numbers (the persistent one), so it
+        takes (Z, N, H, d) storage too, not only (Z·H·N, d) row matrices."""
+        return self.persistent
+
+    @property
     def num_warps(self) -> int:
         """Warps of the kernel's default partition (the producer when ``ws``)."""
         return 4 if self.ws else NUM_WARPS
@@ -189,7 +195,7 @@ def unsupported_call(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: t
         return "no tile fits the device's shared memory"
     if k.shape[2] % config.BLOCK_N:
         return f"N_KV = {k.shape[2]} is not a multiple of BLOCK_N = {config.BLOCK_N}"
-    if getattr(config, "persistent", False):  # (the backward's GluonBwdConfig: row matrices)
+    if config.takes_views:
         views = [tma_view(t) for t in (q, k, v)]
         if None in views or views[1] != views[2]:
             return "q, k or v is neither a (Z·H·N, d) row matrix nor (Z, N, H, d) storage (or k, v differ)"
@@ -406,6 +412,7 @@ class GluonBwdConfig:
     BLOCK_M: int
     BLOCK_N: int
     STAGES: int
+    takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
         return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"
@@ -433,13 +440,15 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Op
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
                               config: Optional[GluonBwdConfig]) -> Optional[str]:
     """Why this backward call cannot run the Gluon kernel, or None when it can: the forward's rules
-    (device, dtype, head dim, key length a multiple of BLOCK_N, row matrices, the spec), dO a row
-    matrix too, a contiguous LSE, and a spec whose backward renders."""
+    (device, dtype, head dim, key length a multiple of BLOCK_N, layouts ``tma_view`` addresses, the
+    spec), dO laid out as q (its heads placed by the same numbers), a contiguous LSE, and a spec
+    whose backward renders."""
     reason = unsupported_call(spec, q, k, v, config)
     if reason:
         return reason
-    if dout.shape != q.shape or not row_matrix(dout):
-        return "dout is not a (Z·H·N, d) row matrix"
+    view = tma_view(dout) if dout.shape == q.shape else None
+    if view is None or view[2:] != tma_view(q)[2:]:
+        return "dout is not laid out as q (heads as rows, or (Z, N, H, d) storage, placed alike)"
     if not lse.is_contiguous():
         return "lse is not contiguous"
     return spec_reason(spec, backward=True)
@@ -465,6 +474,7 @@ class BackwardLaunch:
     constexprs: dict
     config: GluonBwdConfig
     dq_rows: int
+    views: tuple  # (Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH): where each head starts (tma_view)
 
     def buffers(self, q, k, v) -> tuple:
         """(delta, dq accumulator, dk, dv), dk and dv contiguous, as the portable backward's."""
@@ -481,7 +491,7 @@ class BackwardLaunch:
         descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
                        _descriptor(dq_acc, rows))
         return (*descriptors, dk, dv, lse, delta, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
-                k.shape[2], self.dq_rows)
+                k.shape[2], self.dq_rows, *self.views)
 
     @staticmethod
     def finish(dq_acc, q):
@@ -500,7 +510,7 @@ def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig) -> Backwa
         module._attn_bwd_sm90, (k.shape[2] // config.BLOCK_N, z * k.shape[1]),
         dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
              NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS),
-        config, dq_rows)
+        config, dq_rows, (*tma_view(q)[2:], *tma_view(k)[2:]))
 
 
 def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):

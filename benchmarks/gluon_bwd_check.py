@@ -251,12 +251,18 @@ def bench(ns, gluon_ok, dims=(128, )):
 
 def few_programs(ns):
     """The Gluon backward has one program per 128-key tile and K/V head: with few heads it fills
-    few of the SMs. fwd+bwd milliseconds at d = 128, bf16, B = 1 and H = 1..32 (causal or not),
-    with the switches at their defaults (the Gluon backward where routed) and with
-    FX_FLASH_GLUON_BWD=0, the GPU's time (do_bench), not the host's."""
+    few of the SMs, and small calls are host-bound. fwd+bwd milliseconds at d = 128, bf16, B = 1
+    and H = 1..32 (causal or not), with the switches at their defaults (routed: whether the Gluon
+    backward took the call), with FX_FLASH_GLUON_BWD=1 (it takes every call) and =0 (do_bench:
+    the GPU's time where it is longer than the host's, the host's otherwise)."""
     import triton.testing
 
     import fx_flash
+    from fx_flash.codegen import gluon_launch
+
+    routed = []
+    real = gluon_launch.routed_backward
+    gluon_launch.routed_backward = lambda *a: (lambda r: (routed.append(r is not None), r)[1])(real(*a))
 
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -267,7 +273,8 @@ def few_programs(ns):
                            for _ in range(3))
                 do = torch.randn_like(q)
                 row = dict(n=n, causal=causal, h=h, programs=n // 128 * h, sms=sms)
-                for name, value in (("default", None), ("portable bwd", "0")):
+                routed.clear()
+                for name, value in (("default", None), ("gluon bwd", "1"), ("portable bwd", "0")):
                     if value is not None:
                         os.environ["FX_FLASH_GLUON_BWD"] = value
                     step = lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=causal),  # noqa: E731
@@ -275,7 +282,8 @@ def few_programs(ns):
                     step()
                     row[name] = round(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), 4)
                     os.environ.pop("FX_FLASH_GLUON_BWD", None)
-                row["ratio"] = round(row["portable bwd"] / row["default"], 3)
+                row["routed"] = routed[0]
+                row["ratio"] = round(row["portable bwd"] / row["gluon bwd"], 3)
                 print("SMALL " + json.dumps(row), flush=True)
 
 
@@ -344,11 +352,11 @@ def main():
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
         small = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("SMALL ")]
         print("\nfwd+bwd ms, d = 128, bf16, B = 1 (programs: of the Gluon backward)")
-        print("| N | causal | H | programs | default | FX_FLASH_GLUON_BWD=0 | ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print("| N | causal | H | pairs | default (routed?) | FX_FLASH_GLUON_BWD=1 | =0 | =0 / =1 |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in small:
-            print(f"| {r['n']} | {'yes' if r['causal'] else 'no'} | {r['h']} | {r['programs']} | {r['default']} | "
-                  f"{r['portable bwd']} | {r['ratio']} |")
+            print(f"| {r['n']} | {'yes' if r['causal'] else 'no'} | {r['h']} | {r['programs']} | {r['default']} "
+                  f"({'yes' if r['routed'] else 'no'}) | {r['gluon bwd']} | {r['portable bwd']} | {r['ratio']} |")
     print("\nALL PASS" if all(passed.values()) else "\nSOME FAILED")
 
 

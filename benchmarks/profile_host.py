@@ -150,7 +150,7 @@ def host_table(out_dir: str, compiled_rows=("op", "triton_op", "sdpa")) -> list[
     ]
     if SHAPE != (128, 64):  # a shape the Gluon kernels may take: the portable ones beside them
         cases[1:1] = [("fwd", "fx_flash, FX_FLASH_GLUON=0", with_env(fx_fwd, FX_FLASH_GLUON="0"))]
-        cases.insert(5, ("fwd+bwd", "fx_flash, FX_FLASH_GLUON_BWD=0", with_env(grad(fx_fwd), FX_FLASH_GLUON_BWD="0")))
+        cases.insert(5, ("fwd+bwd", "fx_flash, FX_FLASH_GLUON_BWD=1", with_env(grad(fx_fwd), FX_FLASH_GLUON_BWD="1")))
         cases.insert(6, ("fwd+bwd", "fx_flash, FX_FLASH_GLUON=0 FX_FLASH_GLUON_BWD=0",
                          with_env(grad(fx_fwd), FX_FLASH_GLUON="0", FX_FLASH_GLUON_BWD="0")))
     qi, ki, vi = (t.detach() for t in (q, k, v))

@@ -124,20 +124,28 @@ def test_on_by_default(monkeypatch):
 
 def test_routing_rules(monkeypatch):
     """What the kernel could compute but the portable backward still runs by default: head dim 64
-    (not measured faster), ranged specs (the portable backward skips their tiles); fp32 never gets
-    this far (unsupported). FX_FLASH_GLUON_BWD=1 routes them all."""
+    (not measured faster), ranged specs (the portable backward skips their tiles), calls with
+    fewer than BWD_MIN_PAIRS_PER_SM (query head, key tile) pairs per SM (host-bound or few long
+    programs on the H200); fp32 never gets this far (unsupported). FX_FLASH_GLUON_BWD=1 routes
+    them all."""
     monkeypatch.delenv("FX_FLASH_GLUON_BWD", raising=False)
-    q128 = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16, device="meta")
-    q64 = torch.empty(1, 2, 256, 64, dtype=torch.float16, device="meta")
+    monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
+    cfg = gluon_launch.backward_config(H200, 128, 2)
+
+    def reason(spec, z, h, n, d=128, dtype=torch.bfloat16):
+        q = torch.empty(z, h, n, d, dtype=dtype, device="meta")
+        return gluon_launch.not_routed_backward(spec, q, q, cfg)
+
     window = spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) & (q_idx - kv_idx < 128)")
     assert window.tile_mode == "ranged"
-    assert gluon_launch.not_routed_backward(sdpa_spec(), q128) is None
-    assert gluon_launch.not_routed_backward(spec_from_text(CAUSAL), q128.half()) is None
-    assert "head dim 64" in gluon_launch.not_routed_backward(sdpa_spec(), q64)
-    assert "ranged" in gluon_launch.not_routed_backward(window, q128)
+    assert H200.multiprocessors * gluon_launch.BWD_MIN_PAIRS_PER_SM == 528
+    assert reason(sdpa_spec(), 2, 16, 4096) is None  # 1024 pairs
+    assert reason(spec_from_text(CAUSAL), 8, 16, 1024, dtype=torch.float16) is None  # the grid's 1k rows: 1024
+    assert "512 (query head, key tile) pairs" in reason(sdpa_spec(), 1, 16, 4096)
+    assert "head dim 64" in reason(sdpa_spec(), 2, 16, 4096, d=64)
+    assert "ranged" in reason(window, 2, 16, 4096)
     monkeypatch.setenv("FX_FLASH_GLUON_BWD", "1")
-    assert gluon_launch.not_routed_backward(sdpa_spec(), q64) is None
-    assert gluon_launch.not_routed_backward(window, q128) is None
+    assert reason(sdpa_spec(), 1, 1, 128, d=64) is None and reason(window, 2, 16, 4096) is None
 
 
 def _as_if_sm90(monkeypatch):
@@ -194,7 +202,7 @@ def test_refusals_are_logged_and_build_nothing(monkeypatch, caplog):
     """routed_backward returns None and logs the reason at debug level when the portable backward
     must run: not on a GPU; switched off; under torch.use_deterministic_algorithms (even with
     FX_FLASH_GLUON_BWD=1: this kernel's dQ sum has no fixed order). Where it applies it returns
-    the BackwardLaunch."""
+    the BackwardLaunch (the routing rules: test_routing_rules)."""
     built = []
     monkeypatch.setattr(gluon_launch, "backward_launch", lambda *a: built.append(a) or "launch")
     monkeypatch.delenv("FX_FLASH_GLUON_BWD", raising=False)
@@ -204,6 +212,7 @@ def test_refusals_are_logged_and_build_nothing(monkeypatch, caplog):
         assert gluon_launch.routed_backward(sdpa_spec(), q, q, q, q, lse) is None
     assert "gluon backward not used" in caplog.text and "not on a CUDA device" in caplog.text
     _as_if_sm90(monkeypatch)
+    monkeypatch.setenv("FX_FLASH_GLUON_BWD", "1")  # past not_routed_backward (a CPU tensor has no SMs)
     assert gluon_launch.routed_backward(sdpa_spec(), q, q, q, q, lse) == "launch"
     monkeypatch.setenv("FX_FLASH_GLUON_BWD", "0")
     with caplog.at_level("DEBUG", logger="fx_flash"):

@@ -16,8 +16,9 @@ early rescale) are reached through ``launch`` with their ``GluonConfig`` (benchm
 The backward is on by default too (``FX_FLASH_GLUON_BWD=0`` turns it off, independently of the
 forward's switch): ``launch.planned_backward`` offers each backward key here first
 (``routed_backward``), with the forward's rules plus dO's layout; it is routed at head dim 128
-(bf16, fp16; not ranged specs), where the H200 ran it 1.09-1.24x the portable backward
-(GLUON_NOTES.md, call 14; ``FX_FLASH_GLUON_BWD=1`` takes every call it supports), and never under
+(bf16, fp16; not ranged specs; at least BWD_MIN_PAIRS_PER_SM query-head/key-tile pairs per SM),
+where the H200 ran it 1.01-1.24x the portable backward (GLUON_NOTES.md, calls 14 and 16;
+``FX_FLASH_GLUON_BWD=1`` takes every call it supports), and never under
 ``torch.use_deterministic_algorithms``: its dQ is summed in no fixed order.
 """
 
@@ -255,13 +256,35 @@ def _shared_layout(block_rows: int, d: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([block_rows, d], element)
 
 
+# Descriptor fields by (layout, block rows): every field but the base tensor, as validated once.
+_descriptor_fields: dict = {}
+
+
 def _descriptor(t: torch.Tensor, block_rows: int):
-    """The TMA descriptor of ``t``'s tiles of block_rows rows: over the matrix tma_view finds."""
+    """The TMA descriptor of ``t``'s tiles of block_rows rows: over the matrix tma_view finds.
+
+    Note (host time): building one runs tma_view and TensorDescriptor's checks (alignment, block
+    shape, dtype, strides), ~5 µs, and a backward takes five per call; they depend only on t's
+    layout (shape, strides, dtype, 16-byte alignment), so the checked fields are kept per layout
+    and later descriptors are copies with t as their base. Only the base refers to t: nothing here
+    keeps a tensor alive."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    key = (t.shape, t.stride(), t.dtype, t.data_ptr() % 16, block_rows)
+    fields = _descriptor_fields.get(key)
+    if fields is not None:
+        desc = object.__new__(TensorDescriptor)
+        desc.__dict__.update(fields)
+        desc.base = t
+        return desc
     (rows, cols), row_stride = tma_view(t)[:2]
     d = t.shape[3]
-    return TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d], _shared_layout(block_rows, d, t.dtype))
+    desc = TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d], _shared_layout(block_rows, d, t.dtype))
+    if hasattr(desc, "__dict__"):
+        if len(_descriptor_fields) >= 4096:
+            _descriptor_fields.clear()
+        _descriptor_fields[key] = {name: value for name, value in vars(desc).items() if name != "base"}
+    return desc
 
 
 def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> int:
@@ -396,6 +419,11 @@ _bwd_modules: dict[str, ModuleType] = {}
 
 
 BWD_ROUTED_HEAD_DIMS = (128,)
+# Fewest (query head, key tile) pairs per SM for which the backward is routed: below, a call is
+# small enough that the Gluon path's extra host work (five descriptors, a third launch) or its few
+# long programs cost more than its products save; at B = 1 on the H200, 256-512 pairs (2-4 per
+# SM) ran 0.67-0.96x the portable backward's fwd+bwd, 1024-2048 ran 1.09-1.20x (GLUON_NOTES, call 16).
+BWD_MIN_PAIRS_PER_SM = 4
 
 
 def backward_enabled() -> bool:
@@ -523,11 +551,13 @@ def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, 
     return launch.finish(dq_acc, q), dk, dv
 
 
-def not_routed_backward(spec: AttentionSpec, q: torch.Tensor) -> Optional[str]:
+def not_routed_backward(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor,
+                        config: GluonBwdConfig) -> Optional[str]:
     """Why a backward the kernel could compute still runs the portable one (FX_FLASH_GLUON_BWD=1
     skips these): head dims other than BWD_ROUTED_HEAD_DIMS (d = 64: level with the portable
-    backward at N = 2k on the H200, GLUON_NOTES call 14), dtypes never run on a GPU, and ranged
-    specs (the portable backward skips the tiles their ranges exclude; this kernel visits them)."""
+    backward at N = 2k on the H200, GLUON_NOTES call 14), dtypes never run on a GPU, ranged specs
+    (the portable backward skips the tiles their ranges exclude; this kernel visits them), and
+    small calls (fewer than BWD_MIN_PAIRS_PER_SM query-head/key-tile pairs per SM)."""
     if os.environ.get("FX_FLASH_GLUON_BWD") == "1":
         return None
     if q.shape[-1] not in BWD_ROUTED_HEAD_DIMS:
@@ -536,6 +566,10 @@ def not_routed_backward(spec: AttentionSpec, q: torch.Tensor) -> Optional[str]:
         return f"{q.dtype}: not yet checked on a GPU"
     if spec.tile_mode == "ranged":
         return "a ranged spec: the portable backward skips the tiles its ranges exclude"
+    pairs = q.shape[0] * q.shape[1] * (k.shape[2] // config.BLOCK_N)
+    sms = device_profile(q.device).multiprocessors
+    if pairs < BWD_MIN_PAIRS_PER_SM * sms:
+        return f"{pairs} (query head, key tile) pairs: fewer than {BWD_MIN_PAIRS_PER_SM} per SM"
     return None
 
 
@@ -551,7 +585,8 @@ def routed_backward(spec: AttentionSpec, dout, q, k, v, lse) -> Optional[Backwar
     reason = ("FX_FLASH_GLUON_BWD=0" if not backward_enabled() else
               "torch.use_deterministic_algorithms(True): the portable backward's dQ is deterministic"
               if torch.are_deterministic_algorithms_enabled() else None)
-    reason = reason or unsupported_backward_call(spec, dout, q, k, v, lse, config) or not_routed_backward(spec, q)
+    reason = (reason or unsupported_backward_call(spec, dout, q, k, v, lse, config)
+              or not_routed_backward(spec, q, k, config))
     if reason:
         log.debug("gluon backward not used for %s: %s", spec.describe(), reason)
         return None

@@ -367,6 +367,19 @@ def mean_walk(spec: AttentionSpec, n_q: int, n_kv: int, config: GluonConfig) -> 
     return (partial + max(0, q_tiles - i_full) * tiles) / q_tiles
 
 
+def _not_measured(spec: AttentionSpec, q: torch.Tensor, head_dims: tuple, direction: str) -> Optional[str]:
+    """The routing rules the forward and the backward share: head dims where the Gluon kernel was
+    measured faster than the portable one on the H200, dtypes run on a GPU, and no ranged spec
+    (windows, documents: the portable kernels skip the tiles their ranges exclude; these visit them)."""
+    if q.shape[-1] not in head_dims:
+        return f"head dim {q.shape[-1]}: the Gluon {direction} was not measured faster than the portable one"
+    if q.dtype not in ROUTED_DTYPES:
+        return f"{q.dtype}: not yet checked on a GPU"
+    if spec.tile_mode == "ranged":
+        return f"a ranged spec: the portable {direction} skips the tiles its ranges exclude"
+    return None
+
+
 def not_routed(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> Optional[str]:
     """Why a call the kernel could compute still runs the portable forward: where the H200 runs
     measured it slower (head dim 64; fewer than MIN_WALK key tiles a program; and, unmeasured,
@@ -374,12 +387,9 @@ def not_routed(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: Gl
     portable forward skips what this kernel would visit (ranged specs: windows, documents, which it
     skips by per-tile ranges). ROUTED_DTYPES keeps the door for a dtype the kernel takes but that
     was never run on a GPU (both it takes were)."""
-    if q.shape[-1] not in ROUTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]}: the portable forward measured faster on the H200 (benchmarks/RESULTS.md)"
-    if q.dtype not in ROUTED_DTYPES:
-        return f"{q.dtype}: not yet checked on a GPU"
-    if spec.tile_mode == "ranged":
-        return "a ranged spec: the portable forward skips the tiles its ranges exclude"
+    reason = _not_measured(spec, q, ROUTED_HEAD_DIMS, "forward")
+    if reason:
+        return reason
     if q.shape[2] < config.BLOCK_M:  # not measured; the portable forward takes narrower query tiles
         return f"N_Q = {q.shape[2]} fills less than one {config.BLOCK_M}-row output tile"
     walk = mean_walk(spec, q.shape[2], k.shape[2], config)
@@ -560,12 +570,9 @@ def not_routed_backward(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor,
     small calls (fewer than BWD_MIN_PAIRS_PER_SM query-head/key-tile pairs per SM)."""
     if os.environ.get("FX_FLASH_GLUON_BWD") == "1":
         return None
-    if q.shape[-1] not in BWD_ROUTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]}: not measured faster than the portable backward on the H200"
-    if q.dtype not in ROUTED_DTYPES:
-        return f"{q.dtype}: not yet checked on a GPU"
-    if spec.tile_mode == "ranged":
-        return "a ranged spec: the portable backward skips the tiles its ranges exclude"
+    reason = _not_measured(spec, q, BWD_ROUTED_HEAD_DIMS, "backward")
+    if reason:
+        return reason
     pairs = q.shape[0] * q.shape[1] * (k.shape[2] // config.BLOCK_N)
     sms = device_profile(q.device).multiprocessors
     if pairs < BWD_MIN_PAIRS_PER_SM * sms:

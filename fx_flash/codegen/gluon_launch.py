@@ -414,8 +414,8 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
 
 
 # ---------------------------------------------------------------------------------------------
-# The backward (gluon_bwd.py): on by default for BWD_ROUTED_HEAD_DIMS on sm_90, 1.09-1.24x the portable
-# backward on the H200 once its dQ went by TMA reduce-adds (benchmarks/GLUON_NOTES.md, call 14).
+# The backward (gluon_bwd.py): on by default for BWD_ROUTED_HEAD_DIMS on sm_90, 1.01-1.24x the portable
+# backward on the H200 once its dQ went by TMA reduce-adds (benchmarks/GLUON_NOTES.md, calls 14, 16).
 
 BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
 BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma
@@ -431,8 +431,10 @@ _bwd_modules: dict[str, ModuleType] = {}
 BWD_ROUTED_HEAD_DIMS = (128,)
 # Fewest (query head, key tile) pairs per SM for which the backward is routed: below, a call is
 # small enough that the Gluon path's extra host work (five descriptors, a third launch) or its few
-# long programs cost more than its products save; at B = 1 on the H200, 256-512 pairs (2-4 per
-# SM) ran 0.67-0.96x the portable backward's fwd+bwd, 1024-2048 ran 1.09-1.20x (GLUON_NOTES, call 16).
+# long programs cost more than its products save. fwd+bwd at B = 1 on the H200, against the
+# portable backward: N = 2k with 16-512 pairs 0.67-1.00x (host-bound), N = 8k with 64-256 pairs
+# 0.47-1.10x, with 1024-2048 pairs 1.07-1.20x; 8k with 512 pairs ran 1.06/1.17x, which this rule
+# gives up (GLUON_NOTES, call 16).
 BWD_MIN_PAIRS_PER_SM = 4
 
 

@@ -183,7 +183,8 @@ def routed(d):
         rows.append(row)
     for run in runs[1:]:  # the later calls' dq by the rule too
         ok &= _rule("dq", run[0], tor_grads[0], ref_grads[0])[0]
-    print(f"{'PASS' if ok else 'FAIL'} d{d} flash_attention causal 4x16x2048 (1024 query-head/key-tile pairs), default switches (routed to the gluon "
+    print(f"{'PASS' if ok else 'FAIL'} d{d} flash_attention causal 4x16x2048 (1024 query-head/key-tile pairs), "
+          f"default switches (routed to the gluon "
           f"backward, decided once: {decided}; dk, dv of 3 calls bitwise equal: {same}): {' '.join(rows)}", flush=True)
     return ok
 

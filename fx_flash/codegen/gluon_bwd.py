@@ -37,9 +37,9 @@ GLUON_BWD_TEMPLATE = '''\
 #                      h·KV_RH, column h·KV_CH; the launcher routes only N_KV a multiple of BLOCK_N here.
 #   DK, DV             (Z, H_KV, N_KV, HEAD_DIM) outputs through their strides.
 #   dq_desc            TMA descriptor over the (Z·H·DQ_ROWS, HEAD_DIM) fp32 dQ accumulator (DQ in the
-#                      Delta kernel), contiguous, in tiles of BLOCK_M rows: DQ_ROWS is N_Q rounded up to BLOCK_M, so that a tile's
-#                      rows past N_Q (all zero, see the note on rows) add into padding, not into the
-#                      next head. Zeroed by _attn_bwd_sm90_prep, summed into by every key tile's
+#                      Delta kernel), contiguous, in tiles of BLOCK_M rows: DQ_ROWS is N_Q rounded up
+#                      to BLOCK_M, so that a tile's rows past N_Q (all zero, see the note on rows) add
+#                      into padding, not into the next head. Zeroed by _attn_bwd_sm90_prep, summed into by every key tile's
 #                      program (see the note on dQ), cut to N_Q rows and cast by the launcher.
 #   LSE, Delta         (Z, H, N_Q) fp32: the forward's natural-log logsumexp, rowsum(dO ∘ O).
 #   BLOCK_N, BLOCK_M   keys of a program (NUM_WARPS // 4 warpgroups of 64 keys each) / query rows

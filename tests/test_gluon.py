@@ -471,6 +471,29 @@ def test_tma_view_of_each_layout():
     assert view(torch.empty(1, 1, 100, 64).expand(1, 4, 100, 64)) is None  # heads overlapping
 
 
+def test_descriptors_are_copies_of_fields_checked_once(monkeypatch):
+    """_descriptor checks a layout's fields once (TensorDescriptor's own checks, tma_view) and then
+    copies them with each call's tensor as base: equal to a freshly built descriptor, its base the
+    new tensor, and no tensor kept in the cache; a new layout is checked again."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    monkeypatch.setattr(gluon_launch, "_descriptor_fields", {})
+    built = []
+    real = gluon_launch.tma_view
+    monkeypatch.setattr(gluon_launch, "tma_view", lambda t: built.append(t.shape) or real(t))
+    first, second = (torch.empty(2, 100, 4, 64, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    a, b = gluon_launch._descriptor(first, 64), gluon_launch._descriptor(second, 64)
+    assert type(b) is TensorDescriptor and b.base is second and a.base is first and len(built) == 1
+    fresh = TensorDescriptor(second, a.shape, a.strides, a.block_shape, a.layout)
+    assert vars(b) == vars(fresh)
+    assert (b.shape, b.strides, b.block_shape) == ([200, 256], [256, 1], [64, 64])
+    assert not any(isinstance(v, torch.Tensor) for fields in gluon_launch._descriptor_fields.values()
+                   for v in fields.values())
+    gluon_launch._descriptor(torch.empty(2, 4, 100, 64, dtype=torch.bfloat16), 64)  # heads as rows: checked
+    gluon_launch._descriptor(second, 128)  # another block: checked
+    assert len(built) == 3
+
+
 def test_every_routed_spec_runs_the_persistent_kernel():
     """The routed kernel is the persistent warp-specialized one for every spec (call 9 on the H200:
     at or above the non-persistent kernel in every row from 1k to 16k, plain and causal)."""

@@ -588,14 +588,13 @@ def routed_backward(spec: AttentionSpec, dout, q, k, v, lse) -> Optional[Backwar
     routed, or under ``torch.use_deterministic_algorithms`` (this kernel's dQ sum is not; the
     portable backward's separate dQ pass is). It depends only on what launch's plan key holds, so
     the caller decides once per key."""
-    config = None
-    if q.is_cuda:
-        config = backward_config(device_profile(q.device), q.shape[-1], q.element_size())
-    reason = ("FX_FLASH_GLUON_BWD=0" if not backward_enabled() else
-              "torch.use_deterministic_algorithms(True): the portable backward's dQ is deterministic"
-              if torch.are_deterministic_algorithms_enabled() else None)
-    reason = (reason or unsupported_backward_call(spec, dout, q, k, v, lse, config)
-              or not_routed_backward(spec, q, k, config))
+    if not backward_enabled():
+        reason = "FX_FLASH_GLUON_BWD=0"
+    elif torch.are_deterministic_algorithms_enabled():
+        reason = "torch.use_deterministic_algorithms(True): the portable backward's dQ is deterministic"
+    else:
+        config = backward_config(device_profile(q.device), q.shape[-1], q.element_size()) if q.is_cuda else None
+        reason = unsupported_backward_call(spec, dout, q, k, v, lse, config) or not_routed_backward(spec, q, k, config)
     if reason:
         log.debug("gluon backward not used for %s: %s", spec.describe(), reason)
         return None

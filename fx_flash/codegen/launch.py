@@ -519,12 +519,18 @@ def _layout(t: Optional[torch.Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
 
 
+def _settings() -> tuple:
+    """The settings every plan key holds: the switches (environment), set_autotune, and
+    torch.use_deterministic_algorithms (which keeps the Gluon backward off)."""
+    return switches(), autotune.setting(), torch.are_deterministic_algorithms_enabled()
+
+
 def _plan_key(spec: AttentionSpec, q: torch.Tensor, dropout_p: float, scale: float, tensors) -> tuple:
     """Everything a plan derives from, beyond what stays fixed in a process: the spec; each
     tensor's layout; q's device; the floats; the switches (environment, set_autotune, TF32 for
     fp32 inputs, torch.use_deterministic_algorithms). Module constants (SPLIT_MIN_KEYS, ...) and
     monkeypatched functions are not in it: change those, then ``clear_plans()``."""
-    return (spec.text, switches(), autotune.setting(), torch.are_deterministic_algorithms_enabled(), q.get_device(),
+    return (spec.text, *_settings(), q.get_device(),
             q.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32, dropout_p, scale,
             *map(_layout, tensors))
 
@@ -651,7 +657,7 @@ class _Plan:
         self.lse_shape = q.shape[:3]
         self.dropout_p, self.scale = dropout_p, scale
         self.tf32 = q.dtype is torch.float32  # the key reads allow_tf32 for fp32 inputs
-        self.backwards = {}  # backward_key → _Backward, for the backwards of this plan's calls
+        self.backwards = {}  # backward key → _Backward or _GluonBackward, for the backwards of this plan's calls
 
     def __call__(self, q, k, v, operands, seed):
         out = new_output(q)
@@ -664,8 +670,7 @@ class _Plan:
         settings can differ from what this plan's key fixed (q, k, v, operands and seed are the
         forward's tensors; out and lse its outputs), so the backward plan is found by those alone,
         without the full key's layouts of eight tensors."""
-        key = (spec_text, switches(), autotune.setting(), torch.are_deterministic_algorithms_enabled(),
-               self.tf32 and torch.backends.cuda.matmul.allow_tf32, _layout(dout))
+        key = (spec_text, *_settings(), self.tf32 and torch.backends.cuda.matmul.allow_tf32, _layout(dout))
         plan = self.backwards.get(key)
         if plan is not None:
             return plan(dout, q, k, v, out, lse, operands, seed)
@@ -825,7 +830,6 @@ def planned_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float, 
     plan = _BACKWARDS.get(key)
     if plan is not None:
         return plan(dout, q, k, v, out, lse, operands, seed), plan
-    consts, _ = _common(spec, q, k)
     grad_of = [t for op, t in zip(spec.operands, operands) if op.grad]
     if q.numel() == 0 or k.numel() == 0:
         dq, dk, dv = new_output(q), new_output(k), new_output(v)
@@ -837,6 +841,7 @@ def planned_backward(dout, q, k, v, out, lse, operands, seed, dropout_p: float, 
         plan = _GluonBackward(routed, scale, _direct(q))
         _remember(_BACKWARDS, key, plan)
         return plan(dout, q, k, v, out, lse, operands, seed), plan
+    consts, _ = _common(spec, q, k)
     plan = _Backward(spec, dout, q, k, v, out, operands, grad_of, dropout_p, scale, consts, _direct(q))
     grads = plan(dout, q, k, v, out, lse, operands, seed)
     if not plan.final:

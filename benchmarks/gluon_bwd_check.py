@@ -147,17 +147,30 @@ def numerics(d, dtype):
     return ok
 
 
+def _record_routes():
+    """Wrap gluon_launch.routed_backward so that each decision appends whether the Gluon backward
+    took the call; returns that list and a function putting the real one back."""
+    from fx_flash.codegen import gluon_launch
+
+    real, record = gluon_launch.routed_backward, []
+
+    def recording(*args):
+        launch = real(*args)
+        record.append(launch is not None)
+        return launch
+
+    gluon_launch.routed_backward = recording
+    return record, lambda: setattr(gluon_launch, "routed_backward", real)
+
+
 def routed(d):
     """fx_flash.flash_attention(is_causal=True) with the switches at their defaults: the backward
     is routed to the Gluon kernel (decided once for the key, launched three times: the first
     through JITFunction.run, the others through the bound launchers), dk and dv bitwise equal
     across the calls (dQ's sum has no fixed order), and out, dq, dk, dv follow the rule."""
     import fx_flash
-    from fx_flash.codegen import gluon_launch
 
-    decided = []
-    real = gluon_launch.routed_backward
-    gluon_launch.routed_backward = lambda *a: (lambda r: (decided.append(r is not None), r)[1])(real(*a))
+    decided, restore = _record_routes()
     saved = {name: os.environ.pop(name, None) for name in ("FX_FLASH_GLUON", "FX_FLASH_GLUON_BWD")}
     try:
         q, k, v = (torch.randn(4, 16, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -168,7 +181,7 @@ def routed(d):
         grads = runs[0]
     finally:
         os.environ.update({name: value for name, value in saved.items() if value is not None})
-        gluon_launch.routed_backward = real
+        restore()
     same = all(torch.equal(a[i], b[i]) for a in runs[1:] for b in runs[:1] for i in (1, 2))
     ins32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ins16 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -201,12 +214,9 @@ def bench(ns, gluon_ok, dims=(128, )):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import fx_flash
-    from fx_flash.codegen import gluon_launch
 
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
-    gluon_calls = []
-    real = gluon_launch.routed_backward
-    gluon_launch.routed_backward = lambda *a: (lambda r: (gluon_calls.append(r is not None), r)[1])(real(*a))
+    gluon_calls, _ = _record_routes()  # this child process only
     columns = FX_COLUMNS if gluon_ok else FX_COLUMNS[:2]
     for d, n in [(d, n) for d in dims for n in ns]:
         for causal in (False, True):
@@ -259,12 +269,8 @@ def few_programs(ns):
     import triton.testing
 
     import fx_flash
-    from fx_flash.codegen import gluon_launch
 
-    routed = []
-    real = gluon_launch.routed_backward
-    gluon_launch.routed_backward = lambda *a: (lambda r: (routed.append(r is not None), r)[1])(real(*a))
-
+    routed, _ = _record_routes()  # this child process only
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for n in ns:

@@ -235,20 +235,23 @@ def test_causal_schedule_is_longest_first_and_balanced(n_m, zh, section):
     assert max(loads) - min(loads) <= n_m // 2
 
 
+class RecordingKernel:
+    """Stands in for a Gluon kernel: records each launch's (name, grid, arguments, keywords) in ``calls``."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
+
+
 def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     """launch gives the persistent kernel min(output tiles, SMs) programs (or ``programs``), the
     query tiles of a head and the heads per section; the other kernels keep their (tiles, heads)
     grid."""
     launched = []
-
-    class Kernel:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append((self.name, grid, args, kwargs))
-
-    module = type("Module", (), {n: Kernel(n) for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
+    module = type("Module", (), {n: RecordingKernel(n, launched)
+                                 for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
     monkeypatch.setattr(gluon_launch, "load", lambda spec: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)

@@ -27,7 +27,7 @@ from fx_flash.device import DeviceProfile
 from fx_flash.reference import safe_softmax, spec_scores
 from tests import test_kernels
 from tests.numerics import poison_outputs
-from tests.test_gluon import _gluon_hopper_available
+from tests.test_gluon import RecordingKernel, _gluon_hopper_available
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = DeviceProfile("NVIDIA H200", shared_memory=232448, multiprocessors=132, capability=(9, 0))
@@ -242,19 +242,9 @@ def test_enabled_path_falls_back_to_the_portable_backward(monkeypatch, causal):
     assert not launched
 
 
-class _Kernel:
-    """Stands in for a Gluon kernel: records each launch's grid, arguments and keywords."""
-
-    def __init__(self, name, calls):
-        self.name, self.calls = name, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
-
-
 def _fake_module(monkeypatch):
     calls = []
-    module = type("Module", (), {n: _Kernel(n, calls) for n in ("_attn_bwd_sm90_prep", "_attn_bwd_sm90")})
+    module = type("Module", (), {n: RecordingKernel(n, calls) for n in ("_attn_bwd_sm90_prep", "_attn_bwd_sm90")})
     monkeypatch.setattr(gluon_launch, "load_backward", lambda spec: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     return calls

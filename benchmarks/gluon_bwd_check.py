@@ -3,6 +3,7 @@ against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN 
 portable backward.
 
     python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--small 2048,8192] [--limit 120] [--bench-limit 110]
+        [--schedules base,dv,dq,rows,dv+dq,all] [--no-grid]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -20,6 +21,11 @@ phase waits forever) costs its own rows, not the run:
    backward (FX_FLASH_GLUON_BWD=0), and with both Gluon (FX_FLASH_GLUON_BWD=1) if phase 1 passed;
    and the backward alone of the last two (autograd's backward from a saved forward). TFLOP/s =
    3.5·4·B·H·N²·d (halved when causal) / time; the backward alone counts 2.5·4·B·H·N²·d.
+   --no-grid skips it.
+3. with --schedules: the backward alone at each head dim of --dims and N of --ns, the Gluon kernel
+   at each named step schedule (SCHEDULES: GluonBwdConfig's flags) launched directly, beside cuDNN's
+   and the portable backward. Phase 1 then checks every schedule in its bf16 d = 128 child, the
+   first and last named in the others.
 """
 
 from __future__ import annotations
@@ -102,14 +108,40 @@ def _rule(name, ours, torch_same, ref):
     return good, f"{name} {e:.2e}/{et:.2e}{'' if good else '!'}"
 
 
-def numerics(d, dtype):
-    """The Gluon backward on every case, launched directly; True if all pass."""
-    from fx_flash.codegen import gluon_launch, launch
-    from fx_flash.codegen.spec import spec_from_text
+# step schedules (GluonBwdConfig's flags) by name, for --schedules
+SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "dq": ("DQ_EARLY", ), "rows": ("ROWS_AHEAD", ),
+             "dv+dq": ("DV_EARLY", "DQ_EARLY"), "all": ("DV_EARLY", "DQ_EARLY", "ROWS_AHEAD")}
+
+
+def _config(d, schedule=None):
+    """The backward's tile on this GPU at head dim d; with ``schedule`` (a SCHEDULES name) its flags
+    set to that schedule's, else the default's."""
+    import dataclasses
+
+    from fx_flash.codegen import gluon_launch
     from fx_flash.device import device_profile
 
-    ok = True
     cfg = gluon_launch.backward_config(device_profile(torch.device("cuda")), d, 2)
+    if schedule is None:
+        return cfg
+    return dataclasses.replace(cfg, **{name: name in SCHEDULES[schedule] for name in cfg.schedule})
+
+
+def numerics(d, dtype, schedules=(None, )):
+    """The Gluon backward on every case, launched directly, at each schedule; True if all pass."""
+    ok = True
+    for schedule in schedules:
+        ok &= _numerics(d, dtype, _config(d, schedule))
+    if d == 128 and dtype == torch.bfloat16:
+        ok &= routed(d)
+    return ok
+
+
+def _numerics(d, dtype, cfg):
+    from fx_flash.codegen import gluon_launch, launch
+    from fx_flash.codegen.spec import spec_from_text
+
+    ok = True
     for label, b, hq, hkv, nq, nk, text, causal, softcap in _cases():
         spec = spec_from_text(text)
         bnhd = "BNHD" in label
@@ -142,8 +174,6 @@ def numerics(d, dtype):
             rows.append(row)
         ok &= good
         print(f"{'PASS' if good else 'FAIL'} {tag}: {' '.join(rows)}", flush=True)
-    if d == 128 and dtype == torch.bfloat16:
-        ok &= routed(d)
     return ok
 
 
@@ -260,6 +290,57 @@ def bench(ns, gluon_ok, dims=(128, )):
             print("ROW " + json.dumps(row), flush=True)
 
 
+def schedule_rows(ns, dims, names):
+    """The backward alone, TFLOP/s (2.5·4·B·H·N²·d, halved when causal), bf16, batch·N = 16k,
+    hidden 2048: the Gluon kernel at each step schedule of ``names`` (launched directly from one
+    saved forward: the Delta kernel, the main one, dQ's cast), beside cuDNN's backward and the
+    portable one (autograd's, from a saved forward), in one process, cuDNN first and last."""
+    import triton.testing
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import fx_flash
+    from fx_flash.codegen import gluon_launch, launch
+    from fx_flash.codegen.spec import spec_from_text
+
+    os.environ["FX_FLASH_AUTOTUNE"] = "0"
+    for d, n in [(d, n) for d in dims for n in ns]:
+        for causal in (False, True):
+            b, h = 16384 // n, 2048 // d
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn_like(q)
+            work = 2.5 * 4 * b * h * n * n * d / (2 if causal else 1)
+            row = dict(d=d, n=n, causal=causal)
+
+            def timed(name, fn):
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    row[name] = round(work / triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                                     return_mode="median") / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    row[name] = type(e).__name__
+                    print(f"{name} d{d} n{n} causal={causal}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            timed("cudnn", lambda: torch.autograd.grad(ref_out, (q, k, v), do, retain_graph=True))
+            os.environ["FX_FLASH_GLUON_BWD"] = "0"
+            out = fx_flash.flash_attention(q, k, v, is_causal=causal)
+            timed("portable", lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+            os.environ.pop("FX_FLASH_GLUON_BWD")
+            spec = spec_from_text("score=qk*scale; keep=kv_idx <= q_idx" if causal else "score=qk*scale")
+            scale = 1 / math.sqrt(d)
+            qd, kd, vd = (t.detach() for t in (q, k, v))
+            o, lse = launch.attention_forward(qd, kd, vd, [], None, 0.0, scale, spec)
+            for name in names:
+                cfg = _config(d, name)
+                timed(name, lambda: gluon_launch.launch_backward(spec, do, qd, kd, vd, o, lse, scale, cfg))
+            timed("cudnn again", lambda: torch.autograd.grad(ref_out, (q, k, v), do, retain_graph=True))
+            print("SCHED " + json.dumps(row), flush=True)
+
+
 def few_programs(ns):
     """The Gluon backward has one program per 128-key tile and K/V head: with few heads it fills
     few of the SMs, and small calls are host-bound. fwd+bwd milliseconds at d = 128, bf16, B = 1
@@ -297,7 +378,11 @@ def few_programs(ns):
 def child(what, ns):
     parts = what.split(":")
     if parts[0] == "numerics":
-        ok = numerics(int(parts[1]), getattr(torch, parts[2]))
+        names = parts[3].split(",") if len(parts) > 3 and parts[3] else [None]
+        ok = numerics(int(parts[1]), getattr(torch, parts[2]), names)
+    elif parts[0] == "schedules":
+        schedule_rows(ns, [int(x) for x in parts[1].split(",")], parts[2].split(","))
+        ok = True
     elif parts[0] == "small":
         few_programs(ns)
         ok = True
@@ -318,6 +403,9 @@ def main():
     ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=110.0, help="seconds of the timing child")
     ap.add_argument("--small", default="", help="N values for the few-programs rows (B = 1, H = 1..32)")
+    ap.add_argument("--schedules", default="", help="step schedules (SCHEDULES' names) to check and time beside "
+                    "each other; the bf16 d = 128 numerics run every one, the others the first and last")
+    ap.add_argument("--no-grid", action="store_true", help="skip the fwd+bwd rows through flash_attention")
     ap.add_argument("--child", default="", help="internal")
     args = ap.parse_args()
     if args.child:
@@ -328,7 +416,9 @@ def main():
     t_start = time.time()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    jobs = ["numerics:128:bfloat16", "numerics:128:float16", "numerics:64:bfloat16"]
+    names = args.schedules.split(",") if args.schedules else []
+    ends = ",".join(dict.fromkeys(names[:1] + names[-1:]))
+    jobs = [f"numerics:128:bfloat16:{','.join(names)}", f"numerics:128:float16:{ends}", f"numerics:64:bfloat16:{ends}"]
     passed = {}
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         for what, text, secs, ok in pool.map(lambda w: _run_child(w, args.ns, args.limit), jobs):
@@ -336,13 +426,28 @@ def main():
             passed[what] = ok
     print(f"phase 1 (numerics) done at {time.time() - t_start:.0f}s", flush=True)
 
-    gluon_ok = passed["numerics:128:bfloat16"]
-    what, text, secs, _ = _run_child(f"bench:{int(gluon_ok)}:{args.dims}", args.ns, args.bench_limit)
-    print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
-    rows = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
-    print(f"phase 2 (timing) done at {time.time() - t_start:.0f}s", flush=True)
+    gluon_ok = passed[jobs[0]]
+    rows = []
+    if not args.no_grid:
+        what, text, secs, _ = _run_child(f"bench:{int(gluon_ok)}:{args.dims}", args.ns, args.bench_limit)
+        print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
+        rows = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
+        print(f"phase 2 (timing) done at {time.time() - t_start:.0f}s", flush=True)
 
     print("\nNumerics: " + ", ".join(f"{w[9:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items()))
+    if names and gluon_ok:
+        what, text, secs, _ = _run_child(f"schedules:{args.dims}:{','.join(names)}", args.ns, args.bench_limit)
+        print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
+        sched = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("SCHED ")]
+        cols = ["cudnn", "portable", *names, "cudnn again"]
+        print("\nTFLOP/s of the backward alone, bf16, batch*N = 16k, hidden 2048; Gluon at each step schedule")
+        print("| d | N | causal | " + " | ".join(cols) + f" | {names[-1]} / {names[0]} |")
+        print("|---|---|---|" + "---|" * len(cols) + "---|")
+        for r in sched:
+            a, z = r.get(names[0]), r.get(names[-1])
+            ratio = f"{z / a:.3f}" if isinstance(a, int) and isinstance(z, int) else "-"
+            print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | "
+                  + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {ratio} |")
     cols = ["cudnn"] + [c for name, _, _ in FX_COLUMNS for c in (name, name + " (bwd)") if c != "fx portable (bwd)"]
     cols.append("cudnn again")
     print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), bf16, batch*N = 16k, hidden 2048")

@@ -5,7 +5,8 @@
 KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
 accumulator rescaled while q·kᵀ runs), wsp (ws, persistent); a trailing "h" (wsh, pph, ppeh, wsph)
 adds the hold (gluon._hold); bwd, the backward (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows
-per step and BLOCK_N keys), bwd-prep its Delta kernel;
+per step and BLOCK_N keys; bwd:FLAG,FLAG with those of GluonBwdConfig's schedule flags set, e.g.
+bwd:DV_EARLY,DQ_EARLY), bwd-prep its Delta kernel;
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports (the ptxas Triton itself runs for
@@ -81,9 +82,10 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                           options={"num_warps": warps})
 
 
-def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, prep: bool = False):
+def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, prep: bool = False,
+                     schedule: tuple = ()):
     """The compiled Gluon backward of ``spec_text`` for bf16 at ``head_dim`` (its Delta kernel when
-    ``prep``), specialized as launch_backward's call at the benchmarks' shapes: last strides 1,
+    ``prep``; ``schedule``, the GluonBwdConfig flags set, e.g. ("DV_EARLY", )), specialized as launch_backward's call at the benchmarks' shapes: last strides 1,
     the others, the sizes and the pointers multiples of 16."""
     module = _module(render_gluon_bwd(spec_from_text(spec_text)))
     if prep:
@@ -105,7 +107,8 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV",
                                                  "DQ_ROWS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
         consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
-                  "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1}
+                  "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1,
+                  **{name: name in schedule for name in ("DV_EARLY", "DQ_EARLY", "ROWS_AHEAD")}}
         divisible = ("DK", "DV", "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
                      "stride_dvh", "stride_dvn", "H", "N_Q", "N_KV", "DQ_ROWS")
     signature.update({name: "constexpr" for name in consts})
@@ -184,7 +187,8 @@ def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
         text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
         if kind.startswith("bwd"):
-            kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep")
+            schedule = tuple(kind.split(":")[1].split(",")) if ":" in kind else ()
+            kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep", schedule=schedule)
         else:
             kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
         ptx = kernel.asm["ptx"]

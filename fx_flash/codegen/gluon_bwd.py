@@ -189,6 +189,27 @@ def _load_query_tile(t, g, m, q_desc, do_desc, q_smem, do_smem, q_ready, do_read
 
 
 @gluon.jit
+def _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M: gl.constexpr, ok=True):
+    """The LSE and Delta of query tile m of flat head off_hz (LSE +inf, Delta 0 past N_Q or where
+    not ``ok``: see the note on rows)."""
+    offs_m = m * BLOCK_M + rows
+    row_ok = (offs_m < N_Q) & ok
+    lse = gl.load(LSE + off_hz.to(gl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
+    delta = gl.load(Delta + off_hz.to(gl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@gluon.jit
+def _add_dq(dq, dq_smem, dq_desc, row):
+    """Add a step's dQ share (BLOCK_M, HEAD_DIM) into the accumulator's rows from ``row``, through
+    the staging tile (see the note on dQ)."""
+    tma.store_wait(0)  # the previous share has been read out of dq_smem
+    dq_smem.store(dq)
+    fence_async_shared()
+    _tma_reduce_add(dq_desc, [row, 0], dq_smem)
+
+
+@gluon.jit
 def _attn_bwd_sm90_prep(
     Out, DO, Delta, DQ,
     stride_oz, stride_oh, stride_om, stride_ok,
@@ -223,6 +244,7 @@ def _attn_bwd_sm90(
     H, N_Q, N_KV, DQ_ROWS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    DV_EARLY: gl.constexpr = False, DQ_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -280,15 +302,16 @@ $HEADS
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     mbarrier.wait(kv_bar, 0)
     t = 0
+    if ROWS_AHEAD:  # step 0's rows: the first head of the group, query tile lo
+        lse, delta = _rows(LSE, Delta, off_z * H + off_hkv * GROUP, lo, rows, N_Q, BLOCK_M)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         off_hz = off_z * H + off_h
         for m in range(lo, n_m):
             offs_m = m * BLOCK_M + rows
-            row_ok = offs_m < N_Q
-            lse = gl.load(LSE + off_hz.to(gl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
+            if not ROWS_AHEAD:
+                lse, delta = _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M)
             base = gl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (BLOCK_M,), see the note on rows
-            delta = gl.load(Delta + off_hz.to(gl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
             buf = t % STAGES
             phase = (t // STAGES) & 1
             # see the note on registers
@@ -308,27 +331,47 @@ $HEADS
             qk = warpgroup_mma_wait(1, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
             # the keys' positions from an opaque zero, so that they are not held across the loop
             pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band)
-            dp = warpgroup_mma_wait(0, deps=(dp, ))  # (BLOCK_M, BLOCK_N)
+            if ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
+                next_g, next_m = _advance(g, m, lo, n_m)
+                lse, delta_next = _rows(LSE, Delta, off_z * H + off_hkv * GROUP + next_g, next_m, rows, N_Q, BLOCK_M,
+                                        next_g < GROUP)
+            if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
+                fence_async_shared()
+                dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+                dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_M, BLOCK_N)
+            else:
+                dp = warpgroup_mma_wait(0, deps=(dp, ))
 
             # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
             ds = pg * (dp - delta[:, None])
+            if ROWS_AHEAD:
+                delta = delta_next
             ds_smem.store(ds.to(dtype))
             fence_async_shared()
-            dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
-            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
-            dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False,
-                               is_async=True)
-            dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+            dq_smem = dq_all.index(zero)  # see the note on registers
+            if DQ_EARLY:  # dQ's share staged and added while dK += dSᵀ·Q runs
+                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+                if not DV_EARLY:
+                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+                dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
+                dv, dq = warpgroup_mma_wait(1, deps=(dv, dq))
+                _add_dq(dq * $DQK_FACTOR, dq_smem, dq_desc, off_hz * DQ_ROWS + m * BLOCK_M)
+                dk = warpgroup_mma_wait(0, deps=(dk, ))
+            else:
+                if not DV_EARLY:
+                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+                dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
+                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
 
-            # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
+            # -- buffer t is free: load step t + STAGES into it (and add this tile's dQ if not yet done) --
             _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
                              q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
             load_g, load_m = _advance(load_g, load_m, lo, n_m)
-            dq_smem = dq_all.index(zero)  # see the note on registers
-            tma.store_wait(0)  # the previous share has been read out of dq_smem
-            dq_smem.store(dq * $DQK_FACTOR)
-            fence_async_shared()
-            _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
+            if not DQ_EARLY:
+                _add_dq(dq * $DQK_FACTOR, dq_smem, dq_desc, off_hz * DQ_ROWS + m * BLOCK_M)
             t += 1
 
     tma.store_wait(0)

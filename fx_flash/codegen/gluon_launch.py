@@ -452,10 +452,20 @@ class GluonBwdConfig:
     BLOCK_M: int
     BLOCK_N: int
     STAGES: int
+    # the step's schedule (gluon_bwd's note on the schedule): dV's product issued before dP is waited
+    # for; dQ's before dK's, its share added while dK's runs; each step's LSE and Delta loaded a step ahead
+    DV_EARLY: bool = False
+    DQ_EARLY: bool = False
+    ROWS_AHEAD: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
-        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"
+        flags = "".join(f" {name.lower()}" for name in ("DV_EARLY", "DQ_EARLY", "ROWS_AHEAD") if getattr(self, name))
+        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}{flags}"
+
+    @property
+    def schedule(self) -> dict:
+        return dict(DV_EARLY=self.DV_EARLY, DQ_EARLY=self.DQ_EARLY, ROWS_AHEAD=self.ROWS_AHEAD)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
@@ -549,7 +559,7 @@ def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig) -> Backwa
         dict(HEAD_DIM=d, BLOCK=BWD_PREP_ROWS, NUM_WARPS=4, num_warps=4),
         module._attn_bwd_sm90, (k.shape[2] // config.BLOCK_N, z * k.shape[1]),
         dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
-             NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS),
+             NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS, **config.schedule),
         config, dq_rows, (*tma_view(q)[2:], *tma_view(k)[2:]))
 
 

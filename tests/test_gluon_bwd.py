@@ -478,6 +478,9 @@ def compiled():
     args = []
     for text, d, kind in KERNELS.values():
         cfg = gluon_launch.backward_config(H200, d, 2)
+        flags = [name for name, on in cfg.schedule.items() if on]
+        if kind == "bwd" and flags:  # compiled with the default's step schedule
+            kind += ":" + ",".join(flags)
         args += [text, str(d), str(cfg.BLOCK_N), str(cfg.STAGES), kind]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])

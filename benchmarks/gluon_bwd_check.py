@@ -3,7 +3,7 @@ against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN 
 portable backward.
 
     python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--small 2048,8192] [--limit 120] [--bench-limit 110]
-        [--schedules base,dv,dq,rows,dv+dq,all] [--no-grid]
+        [--schedules base,dv,rows,dv+rows] [--no-grid] [--fp16 2048,8192]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -15,12 +15,14 @@ phase waits forever) costs its own rows, not the run:
    twice PyTorch's own error in the test dtype, plus 1e-2·max(1, √max|ref|)) against fp32 eager
    autograd; and, in the bf16 d = 128 child, ``fx_flash.flash_attention`` with the switches at their
    defaults (the routed path: the Gluon backward decided once, three calls, see ``routed``).
-2. timing, one child alone on the GPU, at each head dim of --dims (128 by default), bf16,
-   batch·N = 16k, hidden 2048: fwd+bwd of cuDNN SDPA (first and last in each row: its rate drifts
-   within a process), fx_flash with every kernel portable, with the Gluon forward and the portable
-   backward (FX_FLASH_GLUON_BWD=0), and with both Gluon (FX_FLASH_GLUON_BWD=1) if phase 1 passed;
-   and the backward alone of the last two (autograd's backward from a saved forward). TFLOP/s =
-   3.5·4·B·H·N²·d (halved when causal) / time; the backward alone counts 2.5·4·B·H·N²·d.
+2. timing, one child alone on the GPU, at each head dim of --dims (128 by default), bf16 (and
+   fp16 at d = 128 for each N of --fp16), batch·N = 16k, hidden 2048: fwd+bwd of cuDNN SDPA (first
+   and last in each row: its rate drifts within a process), fx_flash with every kernel portable,
+   with the Gluon forward forced and the portable backward (FX_FLASH_GLUON=1,
+   FX_FLASH_GLUON_BWD=0), and with the switches at their defaults if phase 1 passed (whether its
+   backward was the Gluon kernel is recorded); and the backward alone of the last two (autograd's
+   backward from a saved forward). TFLOP/s = 3.5·4·B·H·N²·d (halved when causal) / time; the
+   backward alone counts 2.5·4·B·H·N²·d.
    --no-grid skips it.
 3. with --schedules: the backward alone at each head dim of --dims and N of --ns, the Gluon kernel
    at each named step schedule (SCHEDULES: GluonBwdConfig's flags) launched directly, beside cuDNN's
@@ -109,8 +111,7 @@ def _rule(name, ours, torch_same, ref):
 
 
 # step schedules (GluonBwdConfig's flags) by name, for --schedules
-SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "dq": ("DQ_EARLY", ), "rows": ("ROWS_AHEAD", ),
-             "dv+dq": ("DV_EARLY", "DQ_EARLY"), "all": ("DV_EARLY", "DQ_EARLY", "ROWS_AHEAD")}
+SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+rows": ("DV_EARLY", "ROWS_AHEAD")}
 
 
 def _config(d, schedule=None):
@@ -233,12 +234,14 @@ def routed(d):
 
 
 # fx_flash columns: (name, FX_FLASH_GLUON, FX_FLASH_GLUON_BWD)
-FX_COLUMNS = [("fx portable", "0", "0"), ("fx gluon fwd + portable bwd", "1", "0"),
-              ("fx gluon fwd + gluon bwd", "1", "1")]
+# (None: unset, the default path: at full batch the Gluon forward at d = 128, the Gluon backward at
+# the head dims it is routed for)
+FX_COLUMNS = [("fx portable", "0", "0"), ("fx gluon fwd + portable bwd", "1", "0"), ("fx default", None, None)]
 
 
-def bench(ns, gluon_ok, dims=(128, )):
-    """TFLOP/s rows, fwd+bwd (and the backward alone of the fx columns with the Gluon forward)."""
+def bench(ns, gluon_ok, dims=(128, ), fp16_ns=()):
+    """TFLOP/s rows, fwd+bwd (and the backward alone of the fx columns but the portable one), bf16
+    at each head dim of ``dims`` and N of ``ns``, then fp16 at d = 128 and each N of ``fp16_ns``."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -248,14 +251,14 @@ def bench(ns, gluon_ok, dims=(128, )):
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     gluon_calls, _ = _record_routes()  # this child process only
     columns = FX_COLUMNS if gluon_ok else FX_COLUMNS[:2]
-    for d, n in [(d, n) for d in dims for n in ns]:
+    cases = [(torch.bfloat16, d, n) for d in dims for n in ns] + [(torch.float16, 128, n) for n in fp16_ns]
+    for dtype, d, n in cases:
         for causal in (False, True):
             b, h = 16384 // n, 2048 // d
-            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
             do = torch.randn_like(q)
             work = 4 * b * h * n * n * d / (2 if causal else 1)
-            row = dict(d=d, n=n, causal=causal)
+            row = dict(d=d, n=n, causal=causal, dtype=str(dtype)[6:])
 
             def cudnn():
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -274,16 +277,20 @@ def bench(ns, gluon_ok, dims=(128, )):
 
             run("cudnn", cudnn, 3.5 * work)
             for name, fwd, bwd in columns:
-                os.environ.update(FX_FLASH_GLUON=fwd, FX_FLASH_GLUON_BWD=bwd)
-                before = sum(gluon_calls)
+                for switch, value in (("FX_FLASH_GLUON", fwd), ("FX_FLASH_GLUON_BWD", bwd)):
+                    if value is None:
+                        os.environ.pop(switch, None)
+                    else:
+                        os.environ[switch] = value
+                gluon_calls.clear()
                 run(name, lambda: torch.autograd.grad(fx_flash.flash_attention(q, k, v, is_causal=causal), (q, k, v),
                                                       do), 3.5 * work)
-                if fwd == "1":  # the backward alone, from one saved forward
+                if name != "fx portable":  # the backward alone, from one saved forward
                     out = fx_flash.flash_attention(q, k, v, is_causal=causal)
                     run(name + " (bwd)", lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
                         2.5 * work)
-                if bwd == "1" and sum(gluon_calls) == before:
-                    row[name] = "gluon bwd not used"
+                if bwd is None:
+                    row["gluon bwd"] = any(gluon_calls)  # the default's backward was routed
             os.environ.pop("FX_FLASH_GLUON", None)
             os.environ.pop("FX_FLASH_GLUON_BWD", None)
             run("cudnn again", cudnn, 3.5 * work)
@@ -387,7 +394,8 @@ def child(what, ns):
         few_programs(ns)
         ok = True
     else:
-        bench(ns, parts[1] == "1", [int(x) for x in parts[2].split(",")])
+        bench(ns, parts[1] == "1", [int(x) for x in parts[2].split(",")],
+              [int(x) for x in parts[3].split(",") if x] if len(parts) > 3 else ())
         ok = True
     print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
 
@@ -406,6 +414,7 @@ def main():
     ap.add_argument("--schedules", default="", help="step schedules (SCHEDULES' names) to check and time beside "
                     "each other; the bf16 d = 128 numerics run every one, the others the first and last")
     ap.add_argument("--no-grid", action="store_true", help="skip the fwd+bwd rows through flash_attention")
+    ap.add_argument("--fp16", default="", help="N values of fp16 rows (d = 128) after the bf16 ones")
     ap.add_argument("--child", default="", help="internal")
     args = ap.parse_args()
     if args.child:
@@ -429,7 +438,7 @@ def main():
     gluon_ok = passed[jobs[0]]
     rows = []
     if not args.no_grid:
-        what, text, secs, _ = _run_child(f"bench:{int(gluon_ok)}:{args.dims}", args.ns, args.bench_limit)
+        what, text, secs, _ = _run_child(f"bench:{int(gluon_ok)}:{args.dims}:{args.fp16}", args.ns, args.bench_limit)
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
         rows = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
         print(f"phase 2 (timing) done at {time.time() - t_start:.0f}s", flush=True)
@@ -450,15 +459,16 @@ def main():
                   + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {ratio} |")
     cols = ["cudnn"] + [c for name, _, _ in FX_COLUMNS for c in (name, name + " (bwd)") if c != "fx portable (bwd)"]
     cols.append("cudnn again")
-    print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), bf16, batch*N = 16k, hidden 2048")
-    print("| d | N | causal | " + " | ".join(cols) + " | gluon fwd+bwd / faster cudnn |")
-    print("|---|---|---|" + "---|" * len(cols) + "---|")
+    print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), batch*N = 16k, hidden 2048; \"gluon bwd\": the "
+          "default's backward was the Gluon kernel")
+    print("| dtype | d | N | causal | " + " | ".join(cols) + " | gluon bwd | default / faster cudnn |")
+    print("|---|---|---|---|" + "---|" * len(cols) + "---|---|")
     for r in rows:
         ref = max((r[c] for c in ("cudnn", "cudnn again") if isinstance(r.get(c), int)), default=None)
-        ours = r.get("fx gluon fwd + gluon bwd")
+        ours = r.get("fx default")
         ratio = f"{ours / ref:.2f}" if ref and isinstance(ours, int) else "-"
-        print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | " + " | ".join(str(r.get(c, "-")) for c in cols)
-              + f" | {ratio} |")
+        print(f"| {r['dtype']} | {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | "
+              + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {r.get('gluon bwd', '-')} | {ratio} |")
     if args.small:
         what, text, secs, _ = _run_child("small", args.small, args.bench_limit)
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)

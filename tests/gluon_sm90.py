@@ -6,7 +6,7 @@ KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns)
 accumulator rescaled while q·kᵀ runs), wsp (ws, persistent); a trailing "h" (wsh, pph, ppeh, wsph)
 adds the hold (gluon._hold); bwd, the backward (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows
 per step and BLOCK_N keys; bwd:FLAG,FLAG with those of GluonBwdConfig's schedule flags set, e.g.
-bwd:DV_EARLY,DQ_EARLY), bwd-prep its Delta kernel;
+bwd:DV_EARLY,ROWS_AHEAD; bwd: none of them), bwd-prep its Delta kernel;
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports (the ptxas Triton itself runs for
@@ -108,7 +108,7 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
                                                  "DQ_ROWS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
         consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
                   "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1,
-                  **{name: name in schedule for name in ("DV_EARLY", "DQ_EARLY", "ROWS_AHEAD")}}
+                  **{name: name in schedule for name in gluon_launch.GluonBwdConfig(block_m, block_n, stages).schedule}}
         divisible = ("DK", "DV", "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
                      "stride_dvh", "stride_dvn", "H", "N_Q", "N_KV", "DQ_ROWS")
     signature.update({name: "constexpr" for name in consts})

@@ -87,13 +87,13 @@ def test_supported_specs(text):
 def test_backward_tile_fits_shared_memory_by_construction():
     """The ring is the deepest of at most BWD_MAX_STAGES that fits M; no tile when two stages do
     not fit, and every tile default gives fits."""
-    assert gluon_launch.backward_config(H200, 128, 2) == gluon_launch.GluonBwdConfig(64, 128, 3)
-    assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3)
+    assert gluon_launch.backward_config(H200, 128, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, DV_EARLY=True)
+    assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))
     assert gluon_launch.backward_config(ada, 128, 2) is None  # 196,648 B at two stages
     assert gluon_launch.backward_config(ada, 64, 2) is None  # 114,728 B: the dQ staging tile does not fit
     small = DeviceProfile("small", 120 * 1024, 1, (9, 0))
-    assert gluon_launch.backward_config(small, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 2)
+    assert gluon_launch.backward_config(small, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 2, ROWS_AHEAD=True)
     for device in (H200, ada, small, DeviceProfile("m", 180 * 1024, 1, (9, 0))):
         for d in gluon_launch.HEAD_DIMS:
             cfg = gluon_launch.backward_config(device, d, 2)
@@ -123,8 +123,8 @@ def test_on_by_default(monkeypatch):
 
 
 def test_routing_rules(monkeypatch):
-    """What the kernel could compute but the portable backward still runs by default: head dim 64
-    (not measured faster), ranged specs (the portable backward skips their tiles), calls with
+    """What the kernel could compute but the portable backward still runs by default: ranged specs
+    (the portable backward skips their tiles), calls with
     fewer than BWD_MIN_PAIRS_PER_SM (query head, key tile) pairs per SM (host-bound or few long
     programs on the H200); fp32 never gets this far (unsupported). FX_FLASH_GLUON_BWD=1 routes
     them all."""
@@ -142,7 +142,7 @@ def test_routing_rules(monkeypatch):
     assert reason(sdpa_spec(), 2, 16, 4096) is None  # 1024 pairs
     assert reason(spec_from_text(CAUSAL), 8, 16, 1024, dtype=torch.float16) is None  # the grid's 1k rows: 1024
     assert "512 (query head, key tile) pairs" in reason(sdpa_spec(), 1, 16, 4096)
-    assert "head dim 64" in reason(sdpa_spec(), 2, 16, 4096, d=64)
+    assert reason(sdpa_spec(), 2, 16, 4096, d=64) is None  # d = 64 too since call 18 (its own schedule)
     assert "ranged" in reason(window, 2, 16, 4096)
     monkeypatch.setenv("FX_FLASH_GLUON_BWD", "1")
     assert reason(sdpa_spec(), 1, 1, 128, d=64) is None and reason(window, 2, 16, 4096) is None
@@ -289,7 +289,7 @@ def test_launch_arguments(monkeypatch):
     q = torch.empty(z, h, n_q, d, dtype=torch.bfloat16, device="meta")
     k = torch.empty(z, h_kv, n_kv, d, dtype=torch.bfloat16, device="meta")
     lse = torch.empty(z, h, n_q, device="meta")
-    cfg = gluon_launch.GluonBwdConfig(64, 128, 3)
+    cfg = gluon_launch.GluonBwdConfig(64, 128, 3, DV_EARLY=True)
     dq, dk, dv = gluon_launch.launch_backward(sdpa_spec(), q, q, k, k, q, lse, 0.1, cfg)
     (prep, prep_grid, prep_args, prep_kw), (main, grid, args, kw) = calls
     assert (prep, prep_grid) == ("_attn_bwd_sm90_prep", (4, z * h))
@@ -305,6 +305,7 @@ def test_launch_arguments(monkeypatch):
     assert args[22:] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
     assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
         GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
+    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"]) == (True, False)  # the config's step schedule
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
 
 
@@ -462,14 +463,18 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "plain-d128": ("score=qk*scale", 128, "bwd"), "causal-d128": (CAUSAL, 128, "bwd"),
     "softcap-d128": (SOFTCAP, 128, "bwd"), "causal-d64": (CAUSAL, 64, "bwd"),
     "prefix_lm-d64": (PREFIX_LM, 64, "bwd"), "prep-d128": ("score=qk*scale", 128, "bwd-prep"),
+    # the step schedules the defaults do not use (bwd: the default's, see gluon_launch.BWD_SCHEDULES)
+    "causal-d128-plain-schedule": (CAUSAL, 128, "bwd:"), "causal-d128-rows-ahead": (CAUSAL, 128, "bwd:ROWS_AHEAD"),
+    "causal-d64-dv-early": (CAUSAL, 64, "bwd:DV_EARLY,ROWS_AHEAD"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
 # causal band runs at the 255-register limit: the dQ staging tile's addressing (GLUON_NOTES, call
 # 14) and the per-head placement of (Z, N, H, d) views pushed a few per-head values to local memory
 # (3.6: 32 B, 8 STL, in the per-head loop; a few 4-byte reloads per step). Under ptxas 13 causal
-# d = 128 spills too (28 B). Every other kernel here stays in registers under both.
-KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 44)), "causal-d128": ((0, 0), (28, 15))}
+# d = 128 spills too (28 B; 36 B with ROWS_AHEAD). Every other kernel here stays in registers under both.
+KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 44)), "causal-d128": ((0, 0), (28, 15)),
+                "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20))}
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,16 @@ GLUON_BWD_TEMPLATE = '''\
 #   qk = Q·Kᵀ, dp = dO·Vᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_step = dS·K, with P and dS read from
 #   shared memory (transposed for dV and dK).
 #
+# Note (the schedule): within a step, the products are issued as soon as their operands are ready
+# and waited for as late as their results are needed: qk and dP together, qk waited for first so that
+# the weights are computed while dP runs. Two choices, constexprs set per head dim by the launcher
+# (gluon_launch.BWD_SCHEDULES, as measured in GLUON_NOTES call 18): DV_EARLY issues dV += Pᵀ·dO once P
+# is in shared memory, before dP is waited for, so dS is computed while it runs (d = 128: 1.00-1.02x);
+# ROWS_AHEAD loads the next step's LSE and Delta during this step's products, where a step is too
+# short to hide their latency behind qk's product (d = 64: 1.02-1.07x; at d = 128 its registers cost
+# more than it hides). Staging dQ's share while dK's product ran was slower (0.82-0.89x at d = 128:
+# its shared-memory stores compete with the products' operand reads) and is not offered.
+#
 # Note (the loop): a program walks the query tiles [lo, n_m) of each of the GROUP heads that read
 # its K/V head, head after head; step t of that walk uses ring buffer t % STAGES, whose barriers
 # flip once per use (parity (t // STAGES) & 1), so the Q/dO ring runs on across heads. Once step
@@ -200,16 +210,6 @@ def _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M: gl.constexpr, ok=True):
 
 
 @gluon.jit
-def _add_dq(dq, dq_smem, dq_desc, row):
-    """Add a step's dQ share (BLOCK_M, HEAD_DIM) into the accumulator's rows from ``row``, through
-    the staging tile (see the note on dQ)."""
-    tma.store_wait(0)  # the previous share has been read out of dq_smem
-    dq_smem.store(dq)
-    fence_async_shared()
-    _tma_reduce_add(dq_desc, [row, 0], dq_smem)
-
-
-@gluon.jit
 def _attn_bwd_sm90_prep(
     Out, DO, Delta, DQ,
     stride_oz, stride_oh, stride_om, stride_ok,
@@ -244,7 +244,7 @@ def _attn_bwd_sm90(
     H, N_Q, N_KV, DQ_ROWS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
-    DV_EARLY: gl.constexpr = False, DQ_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False,
+    DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -348,30 +348,22 @@ $HEADS
                 delta = delta_next
             ds_smem.store(ds.to(dtype))
             fence_async_shared()
-            dq_smem = dq_all.index(zero)  # see the note on registers
-            if DQ_EARLY:  # dQ's share staged and added while dK += dSᵀ·Q runs
-                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
-                                   use_acc=False, is_async=True)
-                if not DV_EARLY:
-                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
-                dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
-                dv, dq = warpgroup_mma_wait(1, deps=(dv, dq))
-                _add_dq(dq * $DQK_FACTOR, dq_smem, dq_desc, off_hz * DQ_ROWS + m * BLOCK_M)
-                dk = warpgroup_mma_wait(0, deps=(dk, ))
-            else:
-                if not DV_EARLY:
-                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
-                dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
-                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
-                                   use_acc=False, is_async=True)
-                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+            if not DV_EARLY:
+                dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
+            dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False,
+                               is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
 
-            # -- buffer t is free: load step t + STAGES into it (and add this tile's dQ if not yet done) --
+            # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
             _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
                              q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
             load_g, load_m = _advance(load_g, load_m, lo, n_m)
-            if not DQ_EARLY:
-                _add_dq(dq * $DQK_FACTOR, dq_smem, dq_desc, off_hz * DQ_ROWS + m * BLOCK_M)
+            dq_smem = dq_all.index(zero)  # see the note on registers
+            tma.store_wait(0)  # the previous share has been read out of dq_smem
+            dq_smem.store(dq * $DQK_FACTOR)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
             t += 1
 
     tma.store_wait(0)

@@ -415,7 +415,8 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
 
 # ---------------------------------------------------------------------------------------------
 # The backward (gluon_bwd.py): on by default for BWD_ROUTED_HEAD_DIMS on sm_90, 1.01-1.24x the portable
-# backward on the H200 once its dQ went by TMA reduce-adds (benchmarks/GLUON_NOTES.md, calls 14, 16).
+# backward on the H200 at d = 128 once its dQ went by TMA reduce-adds (benchmarks/GLUON_NOTES.md, calls
+# 14, 16); 1.03-1.17x at d = 64 with ROWS_AHEAD (call 18).
 
 BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
 BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma
@@ -425,10 +426,15 @@ BWD_NUM_WARPS = 8
 # at d = 128 and buys nothing but less L1).
 BWD_MAX_STAGES = 3
 BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
+# The step's schedule by head dim, as measured (GLUON_NOTES, call 18; the backward alone against the
+# plain schedule): at d = 128 DV_EARLY 1.00-1.02x in every row, ROWS_AHEAD 0.90-1.01x; at d = 64
+# ROWS_AHEAD 1.02-1.07x, DV_EARLY 0.98-0.99x. (dQ's share staged while dK's product ran: 0.82-0.89x
+# at d = 128, removed.)
+BWD_SCHEDULES = {128: dict(DV_EARLY=True), 64: dict(ROWS_AHEAD=True)}
 _bwd_modules: dict[str, ModuleType] = {}
 
 
-BWD_ROUTED_HEAD_DIMS = (128,)
+BWD_ROUTED_HEAD_DIMS = (64, 128)
 # Fewest (query head, key tile) pairs per SM for which the backward is routed: below, a call is
 # small enough that the Gluon path's extra host work (five descriptors, a third launch) or its few
 # long programs cost more than its products save. fwd+bwd at B = 1 on the H200, against the
@@ -453,19 +459,18 @@ class GluonBwdConfig:
     BLOCK_N: int
     STAGES: int
     # the step's schedule (gluon_bwd's note on the schedule): dV's product issued before dP is waited
-    # for; dQ's before dK's, its share added while dK's runs; each step's LSE and Delta loaded a step ahead
+    # for; each step's LSE and Delta loaded a step ahead
     DV_EARLY: bool = False
-    DQ_EARLY: bool = False
     ROWS_AHEAD: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
-        flags = "".join(f" {name.lower()}" for name in ("DV_EARLY", "DQ_EARLY", "ROWS_AHEAD") if getattr(self, name))
+        flags = "".join(f" {name.lower()}" for name, on in self.schedule.items() if on)
         return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}{flags}"
 
     @property
     def schedule(self) -> dict:
-        return dict(DV_EARLY=self.DV_EARLY, DQ_EARLY=self.DQ_EARLY, ROWS_AHEAD=self.ROWS_AHEAD)
+        return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
@@ -484,7 +489,9 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Op
     deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M; None if two stages do not."""
     fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
                if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s) <= device.shared_memory]
-    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting)) if fitting else None
+    if not fitting:
+        return None
+    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting), **BWD_SCHEDULES.get(head_dim, {}))
 
 
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
@@ -576,8 +583,8 @@ def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, 
 def not_routed_backward(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor,
                         config: GluonBwdConfig) -> Optional[str]:
     """Why a backward the kernel could compute still runs the portable one (FX_FLASH_GLUON_BWD=1
-    skips these): head dims other than BWD_ROUTED_HEAD_DIMS (d = 64: level with the portable
-    backward at N = 2k on the H200, GLUON_NOTES call 14), dtypes never run on a GPU, ranged specs
+    skips these): head dims other than BWD_ROUTED_HEAD_DIMS (those measured on the H200), dtypes
+    never run on a GPU, ranged specs
     (the portable backward skips the tiles their ranges exclude; this kernel visits them), and
     small calls (fewer than BWD_MIN_PAIRS_PER_SM query-head/key-tile pairs per SM)."""
     if os.environ.get("FX_FLASH_GLUON_BWD") == "1":

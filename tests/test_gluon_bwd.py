@@ -339,7 +339,8 @@ def _numpy_fn(expr, names):
 def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
     """(dq, dk, dv) by the kernel's algorithm in float64: per (key tile, K/V head) program, the walk
     of _query_tiles/_advance with a ring of ``stages`` buffers filled STAGES steps ahead (asserting
-    that each step finds its own tile in its buffer), Q/dO tiles read from the flat (Z·H·N_Q, d)
+    that each step finds its own tile in its buffer, and, as ROWS_AHEAD loads them, the LSE and
+    Delta of its own head and tile, addressed the step before), Q/dO tiles read from the flat (Z·H·N_Q, d)
     matrices (past a head's end: the next head's rows; past the tensor: zeros), the weights
     exp2(s − LSE·log2 e) with -inf LSE and rows past N_Q read as +inf, dS = P·d(score)/d(qk) ∘
     (dP − Delta) (a constant derivative applied once to dK and to each dQ share instead),
@@ -380,11 +381,15 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
             kt, vt = k[off_z, off_hkv, keys], v[off_z, off_hkv, keys]
             offs_n = (start_n * BN + torch.arange(BN))[None, :].numpy()
             dk_t, dv_t, t = torch.zeros(BN, d, dtype=torch.float64), torch.zeros(BN, d, dtype=torch.float64), 0
+            ahead = (off_z * h + off_hkv * group, lo)  # ROWS_AHEAD: the flat head and tile of the rows loaded
             for g in range(group):
                 off_h = off_hkv * group + g
                 off_hz = off_z * h + off_h
                 for m in range(lo, n_m):
                     assert ring[t % stages] == (g, m), (t, ring)
+                    assert ahead == (off_z * h + off_hkv * group + g, m), (t, ahead)  # the rows this step uses
+                    next_g, next_m = advance(g, m, lo, n_m)
+                    ahead = (off_z * h + off_hkv * group + next_g, next_m) if next_g < group else None
                     row = off_hz * n_q + m * BM
                     qt, dot = q_rows[row:row + BM], do_rows[row:row + BM]
                     offs_m = (m * BM + torch.arange(BM))[:, None]
@@ -415,6 +420,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3):
                     load_g, load_m = advance(load_g, load_m, lo, n_m)
                     t += 1
             assert all(slot is None for slot in ring.values())  # nothing loaded past the walk
+            assert ahead is None or lo == n_m  # nor rows (the kernel masks the load past the walk)
             dk[off_z, off_hkv, keys] = dk_t * factor
             dv[off_z, off_hkv, keys] = dv_t
     return dq_acc.reshape(z, h, dq_rows, d)[:, :, :n_q], dk, dv

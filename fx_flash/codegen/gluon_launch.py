@@ -416,7 +416,7 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
 # ---------------------------------------------------------------------------------------------
 # The backward (gluon_bwd.py): on by default for BWD_ROUTED_HEAD_DIMS on sm_90, 1.01-1.24x the portable
 # backward on the H200 at d = 128 once its dQ went by TMA reduce-adds (benchmarks/GLUON_NOTES.md, calls
-# 14, 16); 1.03-1.17x at d = 64 with ROWS_AHEAD (call 18).
+# 14, 16); at d = 64 with ROWS_AHEAD, 1.03-1.17x launched directly (call 18), 1.04-1.30x through the op (19).
 
 BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
 BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma
@@ -584,9 +584,9 @@ def not_routed_backward(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor,
                         config: GluonBwdConfig) -> Optional[str]:
     """Why a backward the kernel could compute still runs the portable one (FX_FLASH_GLUON_BWD=1
     skips these): head dims other than BWD_ROUTED_HEAD_DIMS (those measured on the H200), dtypes
-    never run on a GPU, ranged specs
-    (the portable backward skips the tiles their ranges exclude; this kernel visits them), and
-    small calls (fewer than BWD_MIN_PAIRS_PER_SM query-head/key-tile pairs per SM)."""
+    never run on a GPU, ranged specs (the portable backward skips the tiles their ranges exclude;
+    this kernel visits them), and small calls (fewer than BWD_MIN_PAIRS_PER_SM query-head/key-tile
+    pairs per SM)."""
     if os.environ.get("FX_FLASH_GLUON_BWD") == "1":
         return None
     reason = _not_measured(spec, q, BWD_ROUTED_HEAD_DIMS, "backward")

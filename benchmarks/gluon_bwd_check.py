@@ -178,20 +178,21 @@ def _numerics(d, dtype, cfg):
     return ok
 
 
-def _record_routes():
-    """Wrap gluon_launch.routed_backward so that each decision appends whether the Gluon backward
-    took the call; returns that list and a function putting the real one back."""
+def _record_routes(decider="routed_backward"):
+    """Wrap gluon_launch's ``decider`` (routed_backward, or routed_forward) so that each decision
+    appends whether the Gluon kernel took the call; returns that list and a function putting the
+    real one back."""
     from fx_flash.codegen import gluon_launch
 
-    real, record = gluon_launch.routed_backward, []
+    real, record = getattr(gluon_launch, decider), []
 
     def recording(*args):
         launch = real(*args)
         record.append(launch is not None)
         return launch
 
-    gluon_launch.routed_backward = recording
-    return record, lambda: setattr(gluon_launch, "routed_backward", real)
+    setattr(gluon_launch, decider, recording)
+    return record, lambda: setattr(gluon_launch, decider, real)
 
 
 def routed(d):

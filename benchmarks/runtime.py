@@ -173,21 +173,12 @@ def _gluon_capture_rows() -> list[str]:
     """fwd+bwd on the Gluon kernels (sm_90, their defaults: (4, 16, 2048, 128) bf16 causal is routed
     both ways) captured whole in one graph: replays give the eager call's out, dk, dv bitwise and
     its dq within 1e-2 (the TMA reduce-adds' order varies), and both kernels were the Gluon ones."""
-    from fx_flash.codegen import gluon_launch
+    from gluon_bwd_check import _record_routes
 
     if torch.cuda.get_device_capability()[0] != 9:
         return ["| Gluon fwd+bwd | not sm_90: not run |"]
-    routes, real = [], (gluon_launch.routed_forward, gluon_launch.routed_backward)
-
-    def recorded(which, decide):
-        def decision(*args):
-            found = decide(*args)
-            routes.append((which, found is not None))
-            return found
-        return decision
-
-    gluon_launch.routed_forward = recorded("fwd", real[0])
-    gluon_launch.routed_backward = recorded("bwd", real[1])
+    forwards, restore_forward = _record_routes("routed_forward")
+    backwards, restore_backward = _record_routes("routed_backward")
     try:
         q, k, v = (torch.randn(4, 16, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -211,8 +202,9 @@ def _gluon_capture_rows() -> list[str]:
             replays.append([t.clone() for t in captured])
         torch.cuda.synchronize()
     finally:
-        gluon_launch.routed_forward, gluon_launch.routed_backward = real
-    routed = sorted(set(routes)) == [("bwd", True), ("fwd", True)]
+        restore_forward()
+        restore_backward()
+    routed = set(forwards) == set(backwards) == {True}
     same = all(torch.equal(r[i], eager[i]) for r in replays for i in (0, 2, 3))
     dq_err = max((r[1].float() - eager[1].float()).abs().max().item() for r in replays)
     good = routed and same and dq_err < 1e-2

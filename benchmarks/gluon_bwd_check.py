@@ -3,7 +3,7 @@ against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN 
 portable backward.
 
     python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--small 2048,8192] [--limit 120] [--bench-limit 110]
-        [--schedules base,dv,rows,dv+rows] [--no-grid] [--fp16 2048,8192]
+        [--schedules base,dv,rows,dv+rows,keys,keys+rows] [--no-grid] [--fp16 2048,8192]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -11,7 +11,7 @@ Two phases, each child process with its own time limit, so a kernel that hangs (
 phase waits forever) costs its own rows, not the run:
 1. numerics, in parallel: one child per (dtype, head dim): the Gluon backward (launched directly,
    its outputs and dQ accumulator poisoned with NaN first) on plain, causal, soft-capping, ragged
-   N_Q, N_Q = 77, GQA 16/2 and N_Q > N_KV, checked with flash-attn's rule (the max error at most
+   N_Q, N_Q = 77, GQA 16/2, N_Q > N_KV and prefix-LM, checked with flash-attn's rule (the max error at most
    twice PyTorch's own error in the test dtype, plus 1e-2·max(1, √max|ref|)) against fp32 eager
    autograd; and, in the bf16 children (d = 128 and 64), ``fx_flash.flash_attention`` with the switches at their
    defaults (the routed path: the Gluon backward decided once, three calls, see ``routed``).
@@ -49,16 +49,17 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 sys.path.insert(0, HERE)
 import gluon_check  # noqa: E402  (the forward's check: its eager reference and child runner)
-from gluon_check import SOFTCAP, _err  # noqa: E402
+from gluon_check import PREFIX_LM, SOFTCAP, _err  # noqa: E402
 
 
-def _eager(q, k, v, scale, causal, softcap):
-    return gluon_check._eager(q, k, v, scale, causal, softcap)[0]
+def _eager(q, k, v, scale, causal, softcap, prefix=0):
+    return gluon_check._eager(q, k, v, scale, causal, softcap, prefix)[0]
 
 
 def _cases():
-    """(label, b, hq, hkv, nq, nk, spec text, causal, softcap); a label with "BNHD": q, k, v and dO
-    as (B, N, H, d) storage seen as (B, H, N, d), what HF models pass."""
+    """(label, b, hq, hkv, nq, nk, spec text, causal, softcap[, prefix]); a label with "BNHD": q, k,
+    v and dO as (B, N, H, d) storage seen as (B, H, N, d), what HF models pass; ``prefix``: every
+    row also sees the first ``prefix`` keys (gluon_check._eager)."""
     return [
         ("plain 2x8x1024", 2, 8, 8, 1024, 1024, "score=qk*scale", False, False),
         ("causal 2x8x1024", 2, 8, 8, 1024, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
@@ -72,6 +73,8 @@ def _cases():
         # Heads side by side in each row: the last query tile of a batch reads the next batch's rows.
         ("BNHD causal ragged Nq 1000x1024", 2, 8, 8, 1000, 1024, "score=qk*scale; keep=kv_idx <= q_idx", True, False),
         ("BNHD softcap causal GQA 16/4 1024", 2, 16, 4, 1024, 1024, SOFTCAP, True, True),
+        # A predicate that is not causal: applied on every tile (MASK = 2), both positions read.
+        ("prefix-LM 64 1024", 2, 8, 8, 1024, 1024, PREFIX_LM, True, False, 64),
     ]
 
 
@@ -111,7 +114,8 @@ def _rule(name, ours, torch_same, ref):
 
 
 # step schedules (GluonBwdConfig's flags) by name, for --schedules
-SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+rows": ("DV_EARLY", "ROWS_AHEAD")}
+SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+rows": ("DV_EARLY", "ROWS_AHEAD"),
+             "keys": ("KEYS_ON_ROWS", ), "keys+rows": ("KEYS_ON_ROWS", "ROWS_AHEAD")}
 
 
 def _config(d, schedule=None):
@@ -143,7 +147,7 @@ def _numerics(d, dtype, cfg):
     from fx_flash.codegen.spec import spec_from_text
 
     ok = True
-    for label, b, hq, hkv, nq, nk, text, causal, softcap in _cases():
+    for label, b, hq, hkv, nq, nk, text, causal, softcap, *prefix in _cases():
         spec = spec_from_text(text)
         bnhd = "BNHD" in label
         q, do = (_randn(b, hq, nq, d, dtype, bnhd) for _ in range(2))
@@ -167,8 +171,9 @@ def _numerics(d, dtype, cfg):
         rows, good = [], True
         ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
         same_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ref = torch.autograd.grad(_eager(*_grouped(ref_in, hq // hkv), scale, causal, softcap), ref_in, do.float())
-        same = torch.autograd.grad(_eager(*_grouped(same_in, hq // hkv), scale, causal, softcap), same_in, do)
+        ref = torch.autograd.grad(_eager(*_grouped(ref_in, hq // hkv), scale, causal, softcap, *prefix), ref_in,
+                                  do.float())
+        same = torch.autograd.grad(_eager(*_grouped(same_in, hq // hkv), scale, causal, softcap, *prefix), same_in, do)
         for name, a, t, r in zip(("dq", "dk", "dv"), grads, same, ref):
             g, row = _rule(name, a, t, r)
             good &= g

@@ -693,10 +693,11 @@ def _beyond_causal(keep):
     return sympy.And(*[c for c in conjuncts if not is_causal_relation(c)])
 
 
-def _score_lines(spec: AttentionSpec) -> str:
+def _score_lines(spec: AttentionSpec, orient: str = "mn") -> str:
     """Lines computing ``s`` from ``qk``: the score, then the keep-predicate (the whole of it when
-    PREDICATE, only what holds beyond the causal diagonal on interior tiles)."""
-    printer = GluonPrinter(BINDINGS["mn"])
+    PREDICATE, only what holds beyond the causal diagonal on interior tiles); queries on rows
+    (``orient`` "mn") or keys on rows ("nm", the backward's KEYS_ON_ROWS)."""
+    printer = GluonPrinter(BINDINGS[orient])
     lines = [f"s = {printer.doprint(_score_expr(spec))}"]
     if spec.keep is not sympy.true:
         lines += ["if PREDICATE:", f'    s = gl.where({printer.doprint(spec.keep)}, s, float("-inf"))']

@@ -123,33 +123,43 @@ MASK = gl.constexpr($MASK)
 
 
 @gluon.jit
-def _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}PREDICATE: gl.constexpr):
-    """Write P, the weights of one tile (BLOCK_M, BLOCK_N), into p_smem in the inputs' dtype, from
-    its raw qk and each query row's LSE in log2 units (``base``); return pg = p ∘ d(score)/d(qk) in
-    fp32 (p itself where the derivative is the same for every element: it is applied at the end
-    then). Both here, beside the score: the compiler shares their terms (soft-capping's tanh), and
-    p's fp32 copy is dead before dP is waited for."""
-    offs_n = n0 + gl.arange(0, qk.shape[1], layout=gl.SliceLayout(0, qk.type.layout))
+def _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}PREDICATE: gl.constexpr,
+                  KEYS_ON_ROWS: gl.constexpr):
+    """(p, pg): the weights of one tile from its raw qk and each query's LSE in log2 units
+    (``base``), and pg = p ∘ d(score)/d(qk) (p itself where the derivative is the same for every
+    element: it is applied at the end then), in fp32. Queries on rows (BLOCK_M, BLOCK_N): P is
+    also written into p_smem in the inputs' dtype, and only pg is used after (p's fp32 copy is dead
+    before dP is waited for). KEYS_ON_ROWS: qk is K·Qᵀ (BLOCK_N, BLOCK_M), ``base`` and offs_m run
+    along its columns, and p stays in registers. Both here, beside the score: the compiler shares
+    their terms (soft-capping's tanh)."""
+    if KEYS_ON_ROWS:
+        offs_n = n0 + gl.arange(0, qk.shape[0], layout=gl.SliceLayout(1, qk.type.layout))
+$SCORE_T
+        p = gl.exp2(s - base[None, :])
+        pg = $PG_T
+    else:
+        offs_n = n0 + gl.arange(0, qk.shape[1], layout=gl.SliceLayout(0, qk.type.layout))
 $SCORE
-    p = gl.exp2(s - base[:, None])
-    p_smem.store(p.to(p_smem.dtype))
-    return $PG
+        p = gl.exp2(s - base[:, None])
+        p_smem.store(p.to(p_smem.dtype))
+        pg = $PG
+    return p, pg
 
 
 @gluon.jit
-def _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}in_band):
+def _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}in_band, KEYS_ON_ROWS: gl.constexpr):
     """_weights_tile with the keep-predicate where it can fail (MASK): on every tile, on the
     causal band (``in_band``; other tiles apply only the rest of it), or nowhere."""
     if MASK == 2:
-        pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}True)
+        p, pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}True, KEYS_ON_ROWS)
     elif MASK == 1:
         if in_band:
-            pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}True)
+            p, pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}True, KEYS_ON_ROWS)
         else:
-            pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}False)
+            p, pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}False, KEYS_ON_ROWS)
     else:
-        pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}False)
-    return pg
+        p, pg = _weights_tile(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}False, KEYS_ON_ROWS)
+    return p, pg
 
 
 @gluon.jit
@@ -210,6 +220,14 @@ def _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M: gl.constexpr, ok=True):
 
 
 @gluon.jit
+def _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M: gl.constexpr, GROUP: gl.constexpr):
+    """ROWS_AHEAD: _rows of the step after (head g, query tile m) of the walk over the group whose
+    first flat head is head0; none past the walk's end."""
+    next_g, next_m = _advance(g, m, lo, n_m)
+    return _rows(LSE, Delta, head0 + next_g, next_m, rows, N_Q, BLOCK_M, next_g < GROUP)
+
+
+@gluon.jit
 def _attn_bwd_sm90_prep(
     Out, DO, Delta, DQ,
     stride_oz, stride_oh, stride_om, stride_ok,
@@ -244,7 +262,7 @@ def _attn_bwd_sm90(
     H, N_Q, N_KV, DQ_ROWS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
-    DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False,
+    DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -257,6 +275,12 @@ def _attn_bwd_sm90(
                                                         instr_shape=[16, HEAD_DIM, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
                                                         instr_shape=[16, HEAD_DIM // WG, 16])
+    # KEYS_ON_ROWS (see the note on the orientation): the scores transposed, (BLOCK_N, BLOCK_M), each
+    # warpgroup its 64 keys as in kv_layout, so that Pᵀ and dSᵀ pass to dV's and dK's products as
+    # register operands without leaving their threads
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     start_n = gl.program_id(0)
     off_hkvz = gl.program_id(1)
     H_KV = H // GROUP
@@ -273,9 +297,13 @@ $HEADS
     v_all = gl.allocate_shared_memory(dtype, [1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-    ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    p_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
-    ds_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
+    if KEYS_ON_ROWS:  # dSᵀ only, for dQ's product
+        dst_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        ds_all = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_M], dst_layout)
+    else:
+        ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+        p_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
+        ds_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
     dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM], dq_desc.layout)  # see the note on dQ
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -297,16 +325,20 @@ $HEADS
         load_g, load_m = _advance(load_g, load_m, lo, n_m)
 
     qk_scale = sm_scale * LOG2E
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    if KEYS_ON_ROWS:  # the query rows of a step: along the scores' columns, or their rows
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+    else:
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     mbarrier.wait(kv_bar, 0)
     t = 0
+    head0 = off_z * H + off_hkv * GROUP  # the group's first flat query head
     if ROWS_AHEAD:  # step 0's rows: the first head of the group, query tile lo
-        lse, delta = _rows(LSE, Delta, off_z * H + off_hkv * GROUP, lo, rows, N_Q, BLOCK_M)
+        lse, delta = _rows(LSE, Delta, head0, lo, rows, N_Q, BLOCK_M)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
-        off_hz = off_z * H + off_h
+        off_hz = head0 + g
         for m in range(lo, n_m):
             offs_m = m * BLOCK_M + rows
             if not ROWS_AHEAD:
@@ -318,42 +350,71 @@ $HEADS
             zero = gl.inline_asm_elementwise("mov.u32 $$0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
             k_smem = k_all.index(zero)
             v_smem = v_all.index(zero)
-            p_smem = p_all.index(zero)
             ds_smem = ds_all.index(zero)
 
-            # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ --
-            mbarrier.wait(q_ready.index(buf), phase)
-            qk = warpgroup_mma(q_smem.index(buf), k_smem.permute((1, 0)),
-                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            mbarrier.wait(do_ready.index(buf), phase)
-            dp = warpgroup_mma(do_smem.index(buf), v_smem.permute((1, 0)),
-                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            qk = warpgroup_mma_wait(1, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
-            # the keys' positions from an opaque zero, so that they are not held across the loop
-            pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band)
-            if ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
-                next_g, next_m = _advance(g, m, lo, n_m)
-                lse, delta_next = _rows(LSE, Delta, off_z * H + off_hkv * GROUP + next_g, next_m, rows, N_Q, BLOCK_M,
-                                        next_g < GROUP)
-            if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
+            if KEYS_ON_ROWS:
+                # -- the same products, transposed: qkᵀ = K·Qᵀ; meanwhile dPᵀ = V·dOᵀ --
+                mbarrier.wait(q_ready.index(buf), phase)
+                qk = warpgroup_mma(k_smem, q_smem.index(buf).permute((1, 0)),
+                                   gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout), use_acc=False, is_async=True)
+                mbarrier.wait(do_ready.index(buf), phase)
+                dp = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)),
+                                   gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout), use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(1, deps=(qk, ))  # (BLOCK_N, BLOCK_M)
+                p, pg = _weights(qk, base, None, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
+                                 True)
+                if ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
+                    lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
+                # -- dV += Pᵀ·dO with Pᵀ from registers while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
+                p_op = gl.convert_layout(p.to(dtype), op_layout)
+                dv = warpgroup_mma(p_op, do_smem.index(buf), dv, is_async=True)
+                dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_N, BLOCK_M)
+                ds = pg * (dp - delta[None, :])
+                if ROWS_AHEAD:
+                    delta = delta_next
+                ds = ds.to(dtype)
+                ds_op = gl.convert_layout(ds, op_layout)
+                dk = warpgroup_mma(ds_op, q_smem.index(buf), dk, is_async=True)
+                # -- dQ_tile = dS·K, dS read from shared memory by every warpgroup --
+                ds_smem.store(ds)
                 fence_async_shared()
-                dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
-                dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_M, BLOCK_N)
+                dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem,
+                                   gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False, is_async=True)
+                dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, dq, p_op, ds_op))
             else:
-                dp = warpgroup_mma_wait(0, deps=(dp, ))
+                p_smem = p_all.index(zero)
+                # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ --
+                mbarrier.wait(q_ready.index(buf), phase)
+                qk = warpgroup_mma(q_smem.index(buf), k_smem.permute((1, 0)),
+                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                mbarrier.wait(do_ready.index(buf), phase)
+                dp = warpgroup_mma(do_smem.index(buf), v_smem.permute((1, 0)),
+                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(1, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
+                # the keys' positions from an opaque zero, so that they are not held across the loop
+                p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
+                                 False)
+                if ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
+                    lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
+                if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
+                    fence_async_shared()
+                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+                    dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_M, BLOCK_N)
+                else:
+                    dp = warpgroup_mma_wait(0, deps=(dp, ))
 
-            # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
-            ds = pg * (dp - delta[:, None])
-            if ROWS_AHEAD:
-                delta = delta_next
-            ds_smem.store(ds.to(dtype))
-            fence_async_shared()
-            if not DV_EARLY:
-                dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
-            dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
-            dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False,
-                               is_async=True)
-            dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
+                ds = pg * (dp - delta[:, None])
+                if ROWS_AHEAD:
+                    delta = delta_next
+                ds_smem.store(ds.to(dtype))
+                fence_async_shared()
+                if not DV_EARLY:
+                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+                dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
+                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
 
             # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
             _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
@@ -385,29 +446,33 @@ $HEADS
 '''
 
 
-def chain_rule(spec: AttentionSpec) -> tuple[str, str]:
+def chain_rule(spec: AttentionSpec, orient: str = "mn") -> tuple[str, str]:
     """(PG, DQK_FACTOR): p ∘ d(score)/d(qk) as an expression, with the derivative per element; or,
     when it is the same for every element (``generate._constant_per_launch``: plain attention's
     scale), ``p`` and the derivative as one factor, applied to dK at the end and to each tile's dQ
-    share before it is added into DQ. The printer is the forward's, queries on rows."""
+    share before it is added into DQ. The printer is the forward's, queries on rows (``orient``
+    "mn") or keys on rows ("nm")."""
     d_qk = sympy.diff(spec.score, QK)
     if _constant_per_launch(d_qk):
         return "p", f"({GluonPrinter({SCALE: 'sm_scale'}).doprint(d_qk)})"
-    return f"p * ({GluonPrinter({**BINDINGS['mn'], SCALE: 'sm_scale'}).doprint(d_qk)})", "1.0"
+    return f"p * ({GluonPrinter({**BINDINGS[orient], SCALE: 'sm_scale'}).doprint(d_qk)})", "1.0"
 
 
 @exact_arithmetic
 def render_gluon_bwd(spec: AttentionSpec) -> str:
     """The Gluon module source of ``spec``'s sm90 backward."""
     pg, factor = chain_rule(spec)
+    pg_t = chain_rule(spec, "nm")[0]
     heads = ["size_q = N_Q", "size_kv = N_KV"] if _uses_sizes(spec) else []
     fields = {
         "SPEC_DESCRIPTION": spec.describe(),
         "SPEC_KEY": spec.key,
         "OPS": "".join(f"{n}, " for n in _lead_and_sizes(spec)),
         "HEADS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
-        "SCORE": textwrap.indent(_score_lines(spec), " " * 4),  # the forward's lines
+        "SCORE": textwrap.indent(_score_lines(spec), " " * 8),  # the forward's lines
+        "SCORE_T": textwrap.indent(_score_lines(spec, "nm"), " " * 8),  # with keys on rows
         "PG": pg,
+        "PG_T": pg_t,
         "DQK_FACTOR": factor,
         "MASK": str(mask_kind(spec)),
     }

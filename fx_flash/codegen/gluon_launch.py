@@ -462,6 +462,9 @@ class GluonBwdConfig:
     # for; each step's LSE and Delta loaded a step ahead
     DV_EARLY: bool = False
     ROWS_AHEAD: bool = False
+    # the scores computed transposed, keys on rows, so that P and dS are dV's and dK's register
+    # operands (gluon_bwd's note on the orientation); DV_EARLY is then how dV is issued anyway
+    KEYS_ON_ROWS: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
@@ -470,28 +473,34 @@ class GluonBwdConfig:
 
     @property
     def schedule(self) -> dict:
-        return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD)
+        return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS)
 
 
-def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
+def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
+                  keys_on_rows: bool = False) -> int:
     """Shared-memory bytes of one backward program: K and V of its key tile, ``stages`` Q and dO
-    tiles, P and dS (block_m, block_n) for the products that read them from shared memory, the fp32
-    dQ staging tile (block_m, head_dim) of the TMA reduce-adds, and the mbarriers (K/V's, and a
-    ready one per Q and dO buffer; Triton aligns each array to 16 bytes). dK, dV and the scores stay
-    in registers, so this is the whole of it: tests compare it with the compiled kernel's own count."""
+    tiles, P and dS (block_m, block_n) for the products that read them from shared memory (dS
+    alone when ``keys_on_rows``: P is then a register operand), the fp32 dQ staging tile (block_m,
+    head_dim) of the TMA reduce-adds, and the mbarriers (K/V's, and a ready one per Q and dO buffer;
+    Triton aligns each array to 16 bytes). dK, dV and the scores stay in registers, so this is the
+    whole of it: tests compare it with the compiled kernel's own count."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
-    tiles = elem_bytes * (2 * block_n * head_dim + 2 * stages * block_m * head_dim + 2 * block_m * block_n)
+    scores = 1 if keys_on_rows else 2
+    tiles = elem_bytes * (2 * block_n * head_dim + 2 * stages * block_m * head_dim + scores * block_m * block_n)
     return tiles + 4 * block_m * head_dim + BARRIER_BYTES + 2 * ring
 
 
 def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonBwdConfig]:
     """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, and the
     deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M; None if two stages do not."""
+    schedule = BWD_SCHEDULES.get(head_dim, {})
+    keys_on_rows = schedule.get("KEYS_ON_ROWS", False)
     fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
-               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s) <= device.shared_memory]
+               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s, keys_on_rows)
+               <= device.shared_memory]
     if not fitting:
         return None
-    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting), **BWD_SCHEDULES.get(head_dim, {}))
+    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting), **schedule)
 
 
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,

@@ -3,7 +3,7 @@ against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN 
 portable backward.
 
     python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--small 2048,8192] [--limit 120] [--bench-limit 110]
-        [--schedules base,dv,rows,dv+rows,keys,keys+rows] [--no-grid] [--fp16 2048,8192]
+        [--schedules base,dv,rows,dv+rows,keys,keys+rows] [--rounds 3] [--no-grid] [--fp16 2048,8192]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -26,8 +26,9 @@ phase waits forever) costs its own rows, not the run:
    --no-grid skips it.
 3. with --schedules: the backward alone at each head dim of --dims and N of --ns, the Gluon kernel
    at each named step schedule (SCHEDULES: GluonBwdConfig's flags) launched directly, beside cuDNN's
-   and the portable backward. Phase 1 then checks every schedule in its bf16 d = 128 child, the
-   first and last named in the others.
+   and the portable backward (--rounds R: each schedule R times, alternating the order, the median
+   reported). Phase 1 then checks every schedule in its bf16 d = 128 child, the first and last
+   named in the others.
 """
 
 from __future__ import annotations
@@ -303,11 +304,14 @@ def bench(ns, gluon_ok, dims=(128, ), fp16_ns=()):
             print("ROW " + json.dumps(row), flush=True)
 
 
-def schedule_rows(ns, dims, names):
+def schedule_rows(ns, dims, names, rounds=1):
     """The backward alone, TFLOP/s (2.5·4·B·H·N²·d, halved when causal), bf16, batch·N = 16k,
     hidden 2048: the Gluon kernel at each step schedule of ``names`` (launched directly from one
     saved forward: the Delta kernel, the main one, dQ's cast), beside cuDNN's backward and the
-    portable one (autograd's, from a saved forward), in one process, cuDNN first and last."""
+    portable one (autograd's, from a saved forward), in one process, cuDNN first and last. The
+    GPU's rate drifts down within a row (cuDNN's last timing 0-9% below its first, call 21), which
+    favours the schedules timed first: with ``rounds`` > 1 the schedules are timed that many times,
+    in turn forward and backward order, and each cell is the median of its rounds."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -347,9 +351,15 @@ def schedule_rows(ns, dims, names):
             scale = 1 / math.sqrt(d)
             qd, kd, vd = (t.detach() for t in (q, k, v))
             o, lse = launch.attention_forward(qd, kd, vd, [], None, 0.0, scale, spec)
-            for name in names:
-                cfg = _config(d, name)
-                timed(name, lambda: gluon_launch.launch_backward(spec, do, qd, kd, vd, o, lse, scale, cfg))
+            taken = {name: [] for name in names}
+            for r in range(rounds):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    cfg = _config(d, name)
+                    timed(name, lambda: gluon_launch.launch_backward(spec, do, qd, kd, vd, o, lse, scale, cfg))
+                    taken[name].append(row[name])
+            for name, rates in taken.items():
+                numbers = sorted(x for x in rates if isinstance(x, int))
+                row[name] = numbers[len(numbers) // 2] if len(numbers) == len(rates) else rates[-1]
             timed("cudnn again", lambda: torch.autograd.grad(ref_out, (q, k, v), do, retain_graph=True))
             print("SCHED " + json.dumps(row), flush=True)
 
@@ -394,7 +404,7 @@ def child(what, ns):
         names = parts[3].split(",") if len(parts) > 3 and parts[3] else [None]
         ok = numerics(int(parts[1]), getattr(torch, parts[2]), names)
     elif parts[0] == "schedules":
-        schedule_rows(ns, [int(x) for x in parts[1].split(",")], parts[2].split(","))
+        schedule_rows(ns, [int(x) for x in parts[1].split(",")], parts[2].split(","), int(parts[3]))
         ok = True
     elif parts[0] == "small":
         few_programs(ns)
@@ -419,6 +429,8 @@ def main():
     ap.add_argument("--small", default="", help="N values for the few-programs rows (B = 1, H = 1..32)")
     ap.add_argument("--schedules", default="", help="step schedules (SCHEDULES' names) to check and time beside "
                     "each other; the bf16 d = 128 numerics run every one, the others the first and last")
+    ap.add_argument("--rounds", type=int, default=1, help="times each schedule is timed, in turn forward and "
+                    "backward order; the median is reported")
     ap.add_argument("--no-grid", action="store_true", help="skip the fwd+bwd rows through flash_attention")
     ap.add_argument("--fp16", default="", help="N values of fp16 rows (d = 128) after the bf16 ones")
     ap.add_argument("--child", default="", help="internal")
@@ -451,7 +463,8 @@ def main():
 
     print("\nNumerics: " + ", ".join(f"{w[9:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items()))
     if names and gluon_ok:
-        what, text, secs, _ = _run_child(f"schedules:{args.dims}:{','.join(names)}", args.ns, args.bench_limit)
+        what, text, secs, _ = _run_child(f"schedules:{args.dims}:{','.join(names)}:{args.rounds}", args.ns,
+                                         args.bench_limit)
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
         sched = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("SCHED ")]
         cols = ["cudnn", "portable", *names, "cudnn again"]

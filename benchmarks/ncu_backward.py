@@ -4,7 +4,12 @@ a warm-up, from one saved forward (bf16, d = 128, batch·N = 16k, hidden 2048).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
         --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \\
-        -k regex:'_attn_bwd_(sm90|dq|dkdv)$' python benchmarks/ncu_backward.py --n 8192 [--causal]
+        -k regex:'_attn_bwd_(sm90|dq|dkdv)$' python benchmarks/ncu_backward.py --n 8192 [--causal] [--schedule keys]
+
+--schedule NAME runs the Gluon backward at that step schedule (gluon_bwd_check.SCHEDULES) instead of
+the default's, so that two schedules can be profiled one after the other. Per-instruction stall
+samples: add ``--section SourceCounters -o REPORT`` and read them back with
+``ncu -i REPORT.ncu-rep --page source --print-source sass --csv``.
 
 Without ncu it prints each backward's time (CUDA events, median of 10), a check that the run
 is the shape meant.
@@ -27,8 +32,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--schedule", default="", help="a step schedule of gluon_bwd_check.SCHEDULES")
     args = ap.parse_args()
     n, d = args.n, args.d
+    if args.schedule:
+        from gluon_bwd_check import SCHEDULES
+
+        from fx_flash.codegen import gluon_launch
+
+        gluon_launch.BWD_SCHEDULES[d] = {name: True for name in SCHEDULES[args.schedule]}
     b, h = 16384 // n, 2048 // d
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -63,6 +63,21 @@ class TestRendered(expecttest.TestCase):
         self.assertEqual(head[1], f"# spec: {spec.describe()}")
         self.assertEqual(head[2], f"# spec key: {spec.key}")
 
+    def test_keys_on_rows_prints_the_score_transposed(self):
+        """KEYS_ON_ROWS's copy of the score and chain rule reads the positions with keys on rows
+        (offs_n[:, None], offs_m[None, :]: the portable dK/dV kernel's binding), the other copy
+        with queries on rows; each weighs its LSE along its own query axis."""
+        src = render_gluon_bwd(spec_from_text(PREFIX_LM))
+        body = re.search(r"    if KEYS_ON_ROWS:\n(.*?)    else:\n(.*?)    return p, pg", src, re.S)
+        transposed, upright = body.group(1), body.group(2)
+        self.assertIn("((offs_n[:, None] <= offs_m[None, :]) | (offs_n[:, None] < 64))", transposed)
+        self.assertIn("p = gl.exp2(s - base[None, :])", transposed)
+        self.assertNotIn("p_smem", transposed)  # P stays in registers
+        self.assertIn("((offs_n[None, :] <= offs_m[:, None]) | (offs_n[None, :] < 64))", upright)
+        self.assertIn("p = gl.exp2(s - base[:, None])", upright)
+        self.assertEqual(chain_rule(spec_from_text("score=qk*scale + h; keep=kv_idx < n_kv - 3"), "nm"),
+                         chain_rule(spec_from_text("score=qk*scale + h; keep=kv_idx < n_kv - 3")))
+
     def test_no_triton_spelling_is_left(self):
         for text in (CAUSAL, SOFTCAP, PREFIX_LM, HEAD_AND_LENGTH, "score=sigmoid(qk*scale)"):
             assert "tl." not in render_gluon_bwd(spec_from_text(text)), text
@@ -103,9 +118,22 @@ def test_backward_tile_fits_shared_memory_by_construction():
 
 def test_backward_footprint_counts_each_buffer():
     """K, V, two stages of Q and dO, P and dS at d = 128 in bf16, the fp32 dQ staging tile, and five
-    mbarriers."""
+    mbarriers; with keys on rows dS alone (P is a register operand)."""
     tiles = 2 * (2 * 128 * 128 + 2 * 2 * 64 * 128 + 2 * 64 * 128)
     assert gluon_launch.footprint_bwd(64, 128, 128, 2, 2) == tiles + 4 * 64 * 128 + 8 + 2 * 16
+    assert gluon_launch.footprint_bwd(64, 128, 128, 2, 2, keys_on_rows=True) == (
+        tiles - 2 * 64 * 128 + 4 * 64 * 128 + 8 + 2 * 16)
+
+
+def test_keys_on_rows_as_a_default_sizes_its_ring_without_p(monkeypatch):
+    """A head dim whose default schedule has KEYS_ON_ROWS gets the deepest ring that fits without
+    the P tile: on a device where P's 16 KB decides between two stages and three."""
+    three_without_p = gluon_launch.footprint_bwd(64, 128, 128, 2, 3, keys_on_rows=True)
+    device = DeviceProfile("between", three_without_p, 1, (9, 0))
+    assert gluon_launch.backward_config(device, 128, 2).STAGES == 2
+    monkeypatch.setitem(gluon_launch.BWD_SCHEDULES, 128, dict(KEYS_ON_ROWS=True, ROWS_AHEAD=True))
+    assert gluon_launch.backward_config(device, 128, 2) == gluon_launch.GluonBwdConfig(
+        64, 128, 3, KEYS_ON_ROWS=True, ROWS_AHEAD=True)
 
 
 def test_on_by_default(monkeypatch):
@@ -305,7 +333,7 @@ def test_launch_arguments(monkeypatch):
     assert args[22:] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
     assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
         GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
-    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"]) == (True, False)  # the config's step schedule
+    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"]) == (True, False, False)  # the config's schedule
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
 
 
@@ -472,6 +500,9 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     # the step schedules the defaults do not use (bwd: the default's, see gluon_launch.BWD_SCHEDULES)
     "causal-d128-plain-schedule": (CAUSAL, 128, "bwd:"), "causal-d128-rows-ahead": (CAUSAL, 128, "bwd:ROWS_AHEAD"),
     "causal-d64-dv-early": (CAUSAL, 64, "bwd:DV_EARLY,ROWS_AHEAD"),
+    # keys on rows (GLUON_NOTES, calls 21 and 24): P and dS as register operands
+    "causal-d128-keys-on-rows": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_AHEAD"),
+    "prefix_lm-d64-keys-on-rows": (PREFIX_LM, 64, "bwd:KEYS_ON_ROWS"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
@@ -508,13 +539,14 @@ def test_compiles_for_sm90_with_wgmma_tma_and_dq_reduce(compiled, name):
     """The backward compiles for sm_90 to asynchronous wgmma, TMA bulk-tensor loads and its dQ adds
     as TMA bulk reduce-adds (no atomics), and its shared memory is exactly the footprint model's,
     within the H200's M."""
-    text, d, _ = KERNELS[name]
+    text, d, kind = KERNELS[name]
     report = compiled[name]
     cfg = gluon_launch.backward_config(H200, d, 2)
     assert (report["spec"], report["head_dim"]) == (text, d)
     assert report["wgmma"] > 0 and report["tma"] > 0
     assert report["tma_reduce"] > 0 and report["atomics"] == 0
-    assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES)
+    keys_on_rows = "KEYS_ON_ROWS" in kind if ":" in kind else cfg.KEYS_ON_ROWS
+    assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, keys_on_rows)
     assert report["shared"] <= H200.shared_memory
 
 

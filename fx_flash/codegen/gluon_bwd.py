@@ -3,8 +3,9 @@ design), dK and dV in registers, dQ summed into fp32 by TMA bulk reduce-adds; wg
 Q/dO tiles.
 
 The same specs as the Gluon forward (``gluon.unsupported``), with the score, its keep-predicate and
-the chain rule d(score)/d(qk) printed by the forward's printer (``gluon.GluonPrinter``) with keys
-on rows, as the portable dK/dV kernel has them. Everything else runs the portable backward.
+the chain rule d(score)/d(qk) printed by the forward's printer (``gluon.GluonPrinter``) with
+queries on rows, and again with keys on rows for the KEYS_ON_ROWS orientation (as the portable
+dK/dV kernel has them). Everything else runs the portable backward.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ GLUON_BWD_TEMPLATE = '''\
 # short to hide their latency behind qk's product (d = 64: 1.02-1.07x; at d = 128 its registers cost
 # more than it hides). Staging dQ's share while dK's product ran was slower (0.82-0.89x at d = 128:
 # its shared-memory stores compete with the products' operand reads) and is not offered.
+#
+# Note (the orientation): by default the scores have queries on rows (s_layout), so P and dS are
+# stored to shared memory and read back transposed as dV's and dK's A operands. KEYS_ON_ROWS (a
+# constexpr, GluonBwdConfig's flag) computes them transposed instead, qkᵀ = K·Qᵀ and dPᵀ = V·dOᵀ
+# (st_layout: each warpgroup its 64 keys, as kv_layout has them), so that Pᵀ and dSᵀ become those
+# products' A operands straight from registers (op_layout; the layout change stays within each
+# thread) and only dS is stored, for dQ = dS·K (FlashAttention-3's SdP_swapAB). The score and the
+# chain rule are printed a second time with keys on rows, and each thread holds its columns' LSE
+# and Delta: 16 queries' each instead of 2 rows'. Measured at parity at d = 128 and 2-5% slower at
+# d = 64 (GLUON_NOTES, calls 21 and 24), it is not a default (gluon_launch.BWD_SCHEDULES).
 #
 # Note (the loop): a program walks the query tiles [lo, n_m) of each of the GROUP heads that read
 # its K/V head, head after head; step t of that walk uses ring buffer t % STAGES, whose barriers

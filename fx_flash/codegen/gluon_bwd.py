@@ -91,7 +91,12 @@ GLUON_BWD_TEMPLATE = '''\
 #
 # Note (rows): the forward's fully masked rows have LSE = -inf: read as +inf here, as rows past N_Q
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as
-# 0 there; their dQ is not stored).
+# 0 there; their dQ is not stored). ROWS_SHARED stages them through shared memory instead: the next
+# step's LSE (already in log2 units, -inf read as +inf) and Delta are loaded a few per thread during
+# this step's products (``rows_few``: two of each per thread, not the 16 a thread of the transposed
+# orientation holds), stored at the step's end into the other of two buffers, and each thread reads
+# its own queries' values from there at the step's start; the barriers already around the dQ
+# staging tile order the store before those reads.
 #
 # Note (dQ): each program adds its share dS·K of a query tile into DQ, FlashAttention-3's way: the
 # share goes to a (BLOCK_M, HEAD_DIM) fp32 staging tile in shared memory, and one TMA bulk
@@ -274,6 +279,7 @@ def _attn_bwd_sm90(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
+    ROWS_SHARED: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -316,6 +322,10 @@ $HEADS
         p_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
         ds_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
     dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM], dq_desc.layout)  # see the note on dQ
+    if ROWS_SHARED:  # two steps' log2-unit LSE and Delta (see the note on rows)
+        rows_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        base_all = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], rows_shared)
+        delta_all = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], rows_shared)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -345,16 +355,26 @@ $HEADS
     mbarrier.wait(kv_bar, 0)
     t = 0
     head0 = off_z * H + off_hkv * GROUP  # the group's first flat query head
-    if ROWS_AHEAD:  # step 0's rows: the first head of the group, query tile lo
+    if ROWS_SHARED:  # step 0's rows into buffer 0, loaded a few per thread
+        few: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        rows_few = gl.arange(0, BLOCK_M, layout=few)
+        lse0, delta0 = _rows(LSE, Delta, head0, lo, rows_few, N_Q, BLOCK_M)
+        base_all.index(0).store(gl.where(lse0 == float("-inf"), float("inf"), lse0) * LOG2E)
+        delta_all.index(0).store(delta0)
+    elif ROWS_AHEAD:  # step 0's rows: the first head of the group, query tile lo
         lse, delta = _rows(LSE, Delta, head0, lo, rows, N_Q, BLOCK_M)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         off_hz = head0 + g
         for m in range(lo, n_m):
             offs_m = m * BLOCK_M + rows
-            if not ROWS_AHEAD:
-                lse, delta = _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M)
-            base = gl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (BLOCK_M,), see the note on rows
+            if ROWS_SHARED:
+                base = base_all.index(t % 2).load(rows.type.layout)
+                delta = delta_all.index(t % 2).load(rows.type.layout)
+            else:
+                if not ROWS_AHEAD:
+                    lse, delta = _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M)
+                base = gl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (BLOCK_M,), see the note on rows
             buf = t % STAGES
             phase = (t // STAGES) & 1
             # see the note on registers
@@ -374,14 +394,16 @@ $HEADS
                 qk = warpgroup_mma_wait(1, deps=(qk, ))  # (BLOCK_N, BLOCK_M)
                 p, pg = _weights(qk, base, None, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
                                  True)
-                if ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
+                if ROWS_SHARED:  # the next step's rows, stored at the step's end
+                    lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
+                elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
                     lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
                 # -- dV += Pᵀ·dO with Pᵀ from registers while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
                 dv = warpgroup_mma(p_op, do_smem.index(buf), dv, is_async=True)
                 dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_N, BLOCK_M)
                 ds = pg * (dp - delta[None, :])
-                if ROWS_AHEAD:
+                if ROWS_AHEAD and not ROWS_SHARED:
                     delta = delta_next
                 ds = ds.to(dtype)
                 ds_op = gl.convert_layout(ds, op_layout)
@@ -405,7 +427,9 @@ $HEADS
                 # the keys' positions from an opaque zero, so that they are not held across the loop
                 p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
                                  False)
-                if ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
+                if ROWS_SHARED:  # the next step's rows, stored at the step's end
+                    lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
+                elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
                     lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
                 if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
                     fence_async_shared()
@@ -416,7 +440,7 @@ $HEADS
 
                 # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
                 ds = pg * (dp - delta[:, None])
-                if ROWS_AHEAD:
+                if ROWS_AHEAD and not ROWS_SHARED:
                     delta = delta_next
                 ds_smem.store(ds.to(dtype))
                 fence_async_shared()
@@ -431,6 +455,9 @@ $HEADS
             _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
                              q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
             load_g, load_m = _advance(load_g, load_m, lo, n_m)
+            if ROWS_SHARED:  # into the other buffer, read by the next step (see the note on rows)
+                base_all.index((t + 1) % 2).store(gl.where(lse_next == float("-inf"), float("inf"), lse_next) * LOG2E)
+                delta_all.index((t + 1) % 2).store(delta_next)
             dq_smem = dq_all.index(zero)  # see the note on registers
             tma.store_wait(0)  # the previous share has been read out of dq_smem
             dq_smem.store(dq * $DQK_FACTOR)

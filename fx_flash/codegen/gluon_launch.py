@@ -416,7 +416,8 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
 # ---------------------------------------------------------------------------------------------
 # The backward (gluon_bwd.py): on by default for BWD_ROUTED_HEAD_DIMS on sm_90, 1.01-1.24x the portable
 # backward on the H200 at d = 128 once its dQ went by TMA reduce-adds (benchmarks/GLUON_NOTES.md, calls
-# 14, 16); at d = 64 with ROWS_AHEAD, 1.03-1.17x launched directly (call 18), 1.04-1.30x through the op (19).
+# 14, 16); at d = 64 with ROWS_AHEAD, 1.03-1.17x launched directly (call 18), 1.04-1.30x through the op (19),
+# and a GPT-2 small training step (4 × 2k) 3.4% faster than with FX_FLASH_GLUON_BWD=0 (call 26).
 
 BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
 BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma
@@ -429,7 +430,8 @@ BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
 # The step's schedule by head dim, as measured (GLUON_NOTES, call 18; the backward alone against the
 # plain schedule): at d = 128 DV_EARLY 1.00-1.02x in every row, ROWS_AHEAD 0.90-1.01x; at d = 64
 # ROWS_AHEAD 1.02-1.07x, DV_EARLY 0.98-0.99x. (dQ's share staged while dK's product ran: 0.82-0.89x
-# at d = 128, removed.)
+# at d = 128, removed.) Keys on rows (KEYS_ON_ROWS, with ROWS_AHEAD), timed in alternating rounds
+# against these defaults: 0.99-1.03x at d = 128, 0.95-0.98x at d = 64 (calls 21, 24): not a default.
 BWD_SCHEDULES = {128: dict(DV_EARLY=True), 64: dict(ROWS_AHEAD=True)}
 _bwd_modules: dict[str, ModuleType] = {}
 
@@ -465,6 +467,9 @@ class GluonBwdConfig:
     # the scores computed transposed, keys on rows, so that P and dS are dV's and dK's register
     # operands (gluon_bwd's note on the orientation); DV_EARLY is then how dV is issued anyway
     KEYS_ON_ROWS: bool = False
+    # each step's LSE and Delta loaded a few per thread a step ahead and read from shared memory
+    # (gluon_bwd's note on rows); it takes the place of ROWS_AHEAD
+    ROWS_SHARED: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
@@ -473,30 +478,33 @@ class GluonBwdConfig:
 
     @property
     def schedule(self) -> dict:
-        return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS)
+        return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
+                    ROWS_SHARED=self.ROWS_SHARED)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
-                  keys_on_rows: bool = False) -> int:
+                  keys_on_rows: bool = False, rows_shared: bool = False) -> int:
     """Shared-memory bytes of one backward program: K and V of its key tile, ``stages`` Q and dO
     tiles, P and dS (block_m, block_n) for the products that read them from shared memory (dS
     alone when ``keys_on_rows``: P is then a register operand), the fp32 dQ staging tile (block_m,
-    head_dim) of the TMA reduce-adds, and the mbarriers (K/V's, and a ready one per Q and dO buffer;
-    Triton aligns each array to 16 bytes). dK, dV and the scores stay in registers, so this is the
-    whole of it: tests compare it with the compiled kernel's own count."""
+    head_dim) of the TMA reduce-adds, two steps' fp32 LSE and Delta when ``rows_shared``, and the
+    mbarriers (K/V's, and a ready one per Q and dO buffer; Triton aligns each array to 16 bytes).
+    dK, dV and the scores stay in registers, so this is the whole of it: tests compare it with the
+    compiled kernel's own count."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     scores = 1 if keys_on_rows else 2
     tiles = elem_bytes * (2 * block_n * head_dim + 2 * stages * block_m * head_dim + scores * block_m * block_n)
-    return tiles + 4 * block_m * head_dim + BARRIER_BYTES + 2 * ring
+    rows = 2 * 2 * 4 * block_m if rows_shared else 0
+    return tiles + 4 * block_m * head_dim + rows + BARRIER_BYTES + 2 * ring
 
 
 def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonBwdConfig]:
     """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, and the
     deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M; None if two stages do not."""
     schedule = BWD_SCHEDULES.get(head_dim, {})
-    keys_on_rows = schedule.get("KEYS_ON_ROWS", False)
     fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
-               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s, keys_on_rows)
+               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s,
+                                schedule.get("KEYS_ON_ROWS", False), schedule.get("ROWS_SHARED", False))
                <= device.shared_memory]
     if not fitting:
         return None

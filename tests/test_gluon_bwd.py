@@ -102,7 +102,8 @@ def test_supported_specs(text):
 def test_backward_tile_fits_shared_memory_by_construction():
     """The ring is the deepest of at most BWD_MAX_STAGES that fits M; no tile when two stages do
     not fit, and every tile default gives fits."""
-    assert gluon_launch.backward_config(H200, 128, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, DV_EARLY=True)
+    assert gluon_launch.backward_config(H200, 128, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True,
+                                                                                      ROWS_SHARED=True)
     assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))
     assert gluon_launch.backward_config(ada, 128, 2) is None  # 196,648 B at two stages
@@ -113,7 +114,8 @@ def test_backward_tile_fits_shared_memory_by_construction():
         for d in gluon_launch.HEAD_DIMS:
             cfg = gluon_launch.backward_config(device, d, 2)
             if cfg is not None:
-                assert gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES) <= device.shared_memory
+                assert gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.KEYS_ON_ROWS,
+                                                  cfg.ROWS_SHARED) <= device.shared_memory
 
 
 def test_backward_footprint_counts_each_buffer():
@@ -125,15 +127,20 @@ def test_backward_footprint_counts_each_buffer():
         tiles - 2 * 64 * 128 + 4 * 64 * 128 + 8 + 2 * 16)
 
 
-def test_keys_on_rows_as_a_default_sizes_its_ring_without_p(monkeypatch):
-    """A head dim whose default schedule has KEYS_ON_ROWS gets the deepest ring that fits without
-    the P tile: on a device where P's 16 KB decides between two stages and three."""
-    three_without_p = gluon_launch.footprint_bwd(64, 128, 128, 2, 3, keys_on_rows=True)
+def test_the_ring_is_sized_by_the_default_schedules_buffers(monkeypatch):
+    """The ring is the deepest that fits with the buffers of the head dim's default schedule: on a
+    device where P's 16 KB decides between two stages and three, a schedule that stores P gets
+    two, keys on rows (no P tile) three; the rows' shared tiles (1 KB) count too."""
+    three_without_p = gluon_launch.footprint_bwd(64, 128, 128, 2, 3, keys_on_rows=True, rows_shared=True)
+    assert three_without_p == gluon_launch.footprint_bwd(64, 128, 128, 2, 3, keys_on_rows=True) + 2 * 2 * 4 * 64
     device = DeviceProfile("between", three_without_p, 1, (9, 0))
+    monkeypatch.setitem(gluon_launch.BWD_SCHEDULES, 128, dict(DV_EARLY=True))
     assert gluon_launch.backward_config(device, 128, 2).STAGES == 2
-    monkeypatch.setitem(gluon_launch.BWD_SCHEDULES, 128, dict(KEYS_ON_ROWS=True, ROWS_AHEAD=True))
+    monkeypatch.setitem(gluon_launch.BWD_SCHEDULES, 128, dict(KEYS_ON_ROWS=True, ROWS_SHARED=True))
     assert gluon_launch.backward_config(device, 128, 2) == gluon_launch.GluonBwdConfig(
-        64, 128, 3, KEYS_ON_ROWS=True, ROWS_AHEAD=True)
+        64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True)
+    smaller = DeviceProfile("smaller", three_without_p - 16, 1, (9, 0))
+    assert gluon_launch.backward_config(smaller, 128, 2).STAGES == 2
 
 
 def test_on_by_default(monkeypatch):
@@ -333,7 +340,7 @@ def test_launch_arguments(monkeypatch):
     assert args[22:] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
     assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
         GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
-    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"]) == (True, False, False)  # the config's schedule
+    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"], kw["ROWS_SHARED"]) == (True, False, False, False)
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
 
 
@@ -500,18 +507,23 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     # the step schedules the defaults do not use (bwd: the default's, see gluon_launch.BWD_SCHEDULES)
     "causal-d128-plain-schedule": (CAUSAL, 128, "bwd:"), "causal-d128-rows-ahead": (CAUSAL, 128, "bwd:ROWS_AHEAD"),
     "causal-d64-dv-early": (CAUSAL, 64, "bwd:DV_EARLY,ROWS_AHEAD"),
-    # keys on rows (GLUON_NOTES, calls 21 and 24): P and dS as register operands
+    # keys on rows (GLUON_NOTES, calls 21, 24 and 27; with ROWS_SHARED, d = 128's default): P and dS as
+    # register operands; and the queries-on-rows step d = 128 had before
     "causal-d128-keys-on-rows": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_AHEAD"),
+    "causal-d128-dv-early": (CAUSAL, 128, "bwd:DV_EARLY"), "causal-d128-rows-shared": (CAUSAL, 128, "bwd:ROWS_SHARED"),
     "prefix_lm-d64-keys-on-rows": (PREFIX_LM, 64, "bwd:KEYS_ON_ROWS"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
 # causal band runs at the 255-register limit: the dQ staging tile's addressing (GLUON_NOTES, call
 # 14) and the per-head placement of (Z, N, H, d) views pushed a few per-head values to local memory
-# (3.6: 32 B, 8 STL, in the per-head loop; a few 4-byte reloads per step). Under ptxas 13 causal
-# d = 128 spills too (28 B; 36 B with ROWS_AHEAD). Every other kernel here stays in registers under both.
-KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 44)), "causal-d128": ((0, 0), (28, 15)),
-                "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20))}
+# (3.6: 32-36 B, 8-9 STL, in the per-head loop; a few 4-byte reloads per step). Under ptxas 13 the
+# causal d = 128 kernels spill too: 16 B (16 STL) the default (keys on rows, ROWS_SHARED), 24-36 B
+# the queries-on-rows schedules, and soft-capping 132 B (57 STL). Every other kernel here stays in
+# registers under both.
+KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 60)), "causal-d128": ((0, 0), (28, 16)),
+                "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
+                "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
 
 
 @pytest.fixture(scope="module")
@@ -545,8 +557,9 @@ def test_compiles_for_sm90_with_wgmma_tma_and_dq_reduce(compiled, name):
     assert (report["spec"], report["head_dim"]) == (text, d)
     assert report["wgmma"] > 0 and report["tma"] > 0
     assert report["tma_reduce"] > 0 and report["atomics"] == 0
-    keys_on_rows = "KEYS_ON_ROWS" in kind if ":" in kind else cfg.KEYS_ON_ROWS
-    assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, keys_on_rows)
+    flags = kind.split(":")[1].split(",") if ":" in kind else [n for n, on in cfg.schedule.items() if on]
+    assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES,
+                                                          "KEYS_ON_ROWS" in flags, "ROWS_SHARED" in flags)
     assert report["shared"] <= H200.shared_memory
 
 

@@ -57,27 +57,29 @@ GLUON_BWD_TEMPLATE = '''\
 #
 # Per step, five matrix products (the portable backward's separate dQ pass recomputes two):
 #   qk = Q·Kᵀ, dp = dO·Vᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_step = dS·K, with P and dS read from
-#   shared memory (transposed for dV and dK).
+#   shared memory (transposed for dV and dK; see the note on the orientation for the other way).
 #
 # Note (the schedule): within a step, the products are issued as soon as their operands are ready
 # and waited for as late as their results are needed: qk and dP together, qk waited for first so that
-# the weights are computed while dP runs. Two choices, constexprs set per head dim by the launcher
-# (gluon_launch.BWD_SCHEDULES, as measured in GLUON_NOTES call 18): DV_EARLY issues dV += Pᵀ·dO once P
-# is in shared memory, before dP is waited for, so dS is computed while it runs (d = 128: 1.00-1.02x);
+# the weights are computed while dP runs. Choices, constexprs set per head dim by the launcher
+# (gluon_launch.BWD_SCHEDULES, as measured in GLUON_NOTES calls 18, 24 and 27; the orientation and
+# ROWS_SHARED have their own notes): DV_EARLY issues dV += Pᵀ·dO once P is in shared memory, before
+# dP is waited for, so dS is computed while it runs (d = 128: 1.00-1.02x the plain order);
 # ROWS_AHEAD loads the next step's LSE and Delta during this step's products, where a step is too
 # short to hide their latency behind qk's product (d = 64: 1.02-1.07x; at d = 128 its registers cost
 # more than it hides). Staging dQ's share while dK's product ran was slower (0.82-0.89x at d = 128:
 # its shared-memory stores compete with the products' operand reads) and is not offered.
 #
-# Note (the orientation): by default the scores have queries on rows (s_layout), so P and dS are
-# stored to shared memory and read back transposed as dV's and dK's A operands. KEYS_ON_ROWS (a
+# Note (the orientation): without KEYS_ON_ROWS the scores have queries on rows (s_layout), so P and
+# dS are stored to shared memory and read back transposed as dV's and dK's A operands. KEYS_ON_ROWS (a
 # constexpr, GluonBwdConfig's flag) computes them transposed instead, qkᵀ = K·Qᵀ and dPᵀ = V·dOᵀ
 # (st_layout: each warpgroup its 64 keys, as kv_layout has them), so that Pᵀ and dSᵀ become those
 # products' A operands straight from registers (op_layout; the layout change stays within each
 # thread) and only dS is stored, for dQ = dS·K (FlashAttention-3's SdP_swapAB). The score and the
-# chain rule are printed a second time with keys on rows, and each thread holds its columns' LSE
-# and Delta: 16 queries' each instead of 2 rows'. Measured at parity at d = 128 and 2-5% slower at
-# d = 64 (GLUON_NOTES, calls 21 and 24), it is not a default (gluon_launch.BWD_SCHEDULES).
+# chain rule are printed a second time with keys on rows, and each thread needs its columns' LSE
+# and Delta: 16 queries' each instead of 2 rows', which is what ROWS_SHARED (see the note on rows)
+# serves from shared memory. Together they are d = 128's default, 1.00-1.08x the queries-on-rows
+# step; at d = 64, where a step is short, 0.95-0.98x (GLUON_NOTES, calls 21, 24, 27).
 #
 # Note (the loop): a program walks the query tiles [lo, n_m) of each of the GROUP heads that read
 # its K/V head, head after head; step t of that walk uses ring buffer t % STAGES, whose barriers

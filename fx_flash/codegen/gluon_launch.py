@@ -430,9 +430,11 @@ BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
 # The step's schedule by head dim, as measured (GLUON_NOTES, call 18; the backward alone against the
 # plain schedule): at d = 128 DV_EARLY 1.00-1.02x in every row, ROWS_AHEAD 0.90-1.01x; at d = 64
 # ROWS_AHEAD 1.02-1.07x, DV_EARLY 0.98-0.99x. (dQ's share staged while dK's product ran: 0.82-0.89x
-# at d = 128, removed.) Keys on rows (KEYS_ON_ROWS, with ROWS_AHEAD), timed in alternating rounds
-# against these defaults: 0.99-1.03x at d = 128, 0.95-0.98x at d = 64 (calls 21, 24): not a default.
-BWD_SCHEDULES = {128: dict(DV_EARLY=True), 64: dict(ROWS_AHEAD=True)}
+# at d = 128, removed.) Then, timed in alternating rounds (calls 24, 27): keys on rows (KEYS_ON_ROWS)
+# with its LSE and Delta read from shared memory (ROWS_SHARED) 1.00-1.08x DV_EARLY at d = 128 (geometric
+# mean 1.04; with ROWS_AHEAD instead 0.99-1.03), so it is d = 128's default; at d = 64 0.95-0.98x
+# ROWS_AHEAD, and ROWS_SHARED in the queries-on-rows step 0.99-1.02x: ROWS_AHEAD stays.
+BWD_SCHEDULES = {128: dict(KEYS_ON_ROWS=True, ROWS_SHARED=True), 64: dict(ROWS_AHEAD=True)}
 _bwd_modules: dict[str, ModuleType] = {}
 
 
@@ -465,7 +467,7 @@ class GluonBwdConfig:
     DV_EARLY: bool = False
     ROWS_AHEAD: bool = False
     # the scores computed transposed, keys on rows, so that P and dS are dV's and dK's register
-    # operands (gluon_bwd's note on the orientation); DV_EARLY is then how dV is issued anyway
+    # operands (gluon_bwd's note on the orientation); dV's product is then issued as DV_EARLY does
     KEYS_ON_ROWS: bool = False
     # each step's LSE and Delta loaded a few per thread a step ahead and read from shared memory
     # (gluon_bwd's note on rows); it takes the place of ROWS_AHEAD

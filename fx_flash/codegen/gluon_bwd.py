@@ -181,6 +181,35 @@ def _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, n0, ${OPS}in_band, KE
 
 
 @gluon.jit
+def _score_product(query_side, key_side, layout: gl.constexpr, KEYS_ON_ROWS: gl.constexpr):
+    """Issue query_side·key_sideᵀ (Q·Kᵀ or dO·Vᵀ, (BLOCK_M, BLOCK_N) in ``layout``), or with
+    KEYS_ON_ROWS its transpose key_side·query_sideᵀ (BLOCK_N, BLOCK_M); returned still running."""
+    QUERIES: gl.constexpr = query_side.shape[0]
+    KEYS: gl.constexpr = key_side.shape[0]
+    if KEYS_ON_ROWS:
+        acc = warpgroup_mma(key_side, query_side.permute((1, 0)), gl.zeros([KEYS, QUERIES], gl.float32, layout),
+                            use_acc=False, is_async=True)
+    else:
+        acc = warpgroup_mma(query_side, key_side.permute((1, 0)), gl.zeros([QUERIES, KEYS], gl.float32, layout),
+                            use_acc=False, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _scores(q_smem, do_smem, k_smem, v_smem, q_ready, do_ready, phase, layout: gl.constexpr,
+            KEYS_ON_ROWS: gl.constexpr):
+    """Issue a step's two score products, each once its query-side tile has landed, and wait for
+    the first: (qk, dP) = (Q·Kᵀ, dO·Vᵀ), or with KEYS_ON_ROWS (K·Qᵀ, V·dOᵀ) (_score_product).
+    dP is returned still running."""
+    mbarrier.wait(q_ready, phase)
+    qk = _score_product(q_smem, k_smem, layout, KEYS_ON_ROWS)
+    mbarrier.wait(do_ready, phase)
+    dp = _score_product(do_smem, v_smem, layout, KEYS_ON_ROWS)
+    qk = warpgroup_mma_wait(1, deps=(qk, ))
+    return qk, dp
+
+
+@gluon.jit
 def _query_tiles(start_n, N_Q, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """(lo, n_m, band) of key tile start_n: the query tiles [lo, n_m) of a head read it (causal:
     none before its first key), and those from ``band`` on lie wholly below the diagonal, where the
@@ -300,6 +329,7 @@ def _attn_bwd_sm90(
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    scores_layout: gl.constexpr = st_layout if KEYS_ON_ROWS else s_layout
     start_n = gl.program_id(0)
     off_hkvz = gl.program_id(1)
     H_KV = H // GROUP
@@ -386,20 +416,20 @@ $HEADS
             ds_smem = ds_all.index(zero)
 
             if KEYS_ON_ROWS:
-                # -- the same products, transposed: qkᵀ = K·Qᵀ; meanwhile dPᵀ = V·dOᵀ --
-                mbarrier.wait(q_ready.index(buf), phase)
-                qk = warpgroup_mma(k_smem, q_smem.index(buf).permute((1, 0)),
-                                   gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout), use_acc=False, is_async=True)
-                mbarrier.wait(do_ready.index(buf), phase)
-                dp = warpgroup_mma(v_smem, do_smem.index(buf).permute((1, 0)),
-                                   gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout), use_acc=False, is_async=True)
-                qk = warpgroup_mma_wait(1, deps=(qk, ))  # (BLOCK_N, BLOCK_M)
-                p, pg = _weights(qk, base, None, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
-                                 True)
-                if ROWS_SHARED:  # the next step's rows, stored at the step's end
-                    lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
-                elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
-                    lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
+                p_smem = None  # P stays in registers (see the note on the orientation)
+            else:
+                p_smem = p_all.index(zero)
+            # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ (both transposed with keys on rows) --
+            qk, dp = _scores(q_smem.index(buf), do_smem.index(buf), k_smem, v_smem, q_ready.index(buf),
+                             do_ready.index(buf), phase, scores_layout, KEYS_ON_ROWS)
+            # the keys' positions from an opaque zero, so that they are not held across the loop
+            p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
+                             KEYS_ON_ROWS)
+            if ROWS_SHARED:  # the next step's rows, stored at the step's end
+                lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
+            elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
+                lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
+            if KEYS_ON_ROWS:
                 # -- dV += Pᵀ·dO with Pᵀ from registers while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
                 dv = warpgroup_mma(p_op, do_smem.index(buf), dv, is_async=True)
@@ -417,22 +447,6 @@ $HEADS
                                    gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False, is_async=True)
                 dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, dq, p_op, ds_op))
             else:
-                p_smem = p_all.index(zero)
-                # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ --
-                mbarrier.wait(q_ready.index(buf), phase)
-                qk = warpgroup_mma(q_smem.index(buf), k_smem.permute((1, 0)),
-                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-                mbarrier.wait(do_ready.index(buf), phase)
-                dp = warpgroup_mma(do_smem.index(buf), v_smem.permute((1, 0)),
-                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-                qk = warpgroup_mma_wait(1, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
-                # the keys' positions from an opaque zero, so that they are not held across the loop
-                p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
-                                 False)
-                if ROWS_SHARED:  # the next step's rows, stored at the step's end
-                    lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
-                elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
-                    lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
                 if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
                     fence_async_shared()
                     dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)

@@ -52,7 +52,8 @@ def variants(d: int) -> dict:
     turns (ping-pong); "e" also rescaling the accumulator while q·kᵀ runs; "h" with the hold that
     keeps each consumer's softmax under its p·v (gluon._hold); "wsp" ws as a persistent kernel
     (one program per SM walking output tiles; causal: longest first in L2-sized sections of heads),
-    "wsp1" with the causal order in one section of every head. BLOCK_N/STAGES."""
+    "wsp1" with the causal order in one section of every head, "wspq" with two Q buffers per consumer
+    (the next output tile's Q loaded while this one runs). BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -64,7 +65,8 @@ def variants(d: int) -> dict:
                 "pp 128/2": C(128, 128, 2, True, **pp), "pph 128/2": C(128, 128, 2, True, **pph),
                 "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh),
                 "wsp 128/3": C(128, 128, 3, True, persistent=True), "wsp 128/2": C(128, 128, 2, True, persistent=True),
-                "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True)}
+                "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True),
+                "wspq 128/2": C(128, 128, 2, True, persistent=True, q_buffers=2)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
@@ -125,7 +127,7 @@ def numerics(d, name, which, dtype):
 
     cfg = variants(d)[name]
     prof = device_profile(torch.device("cuda"))
-    if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws) > prof.shared_memory:
+    if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws, cfg.q_buffers) > prof.shared_memory:
         print(f"SKIP d{d} [{name}]: footprint over M", flush=True)
         return True
     ok = True
@@ -242,10 +244,12 @@ def warm(d, ns):
     return True
 
 
-def bench(d, ns, names, extra):
+def bench(d, ns, names, extra, rounds=1):
     """TFLOP/s rows: cuDNN SDPA (first, and again last: the card's clocks drift within a row), the
     portable forward (paper tile) and each Gluon variant in ``names``. ``extra``: "noportable",
-    "nosoftcap", "fp16" (a row at the longest N in fp16)."""
+    "nosoftcap", "fp16" (a row at the longest N in fp16). ``rounds`` > 1: every column is timed
+    that many times, in turn forward and backward order, and each cell is the median of its rounds
+    (the drift then favours no column)."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -276,6 +280,7 @@ def bench(d, ns, names, extra):
         fns["cudnn again"] = cudnn
         ref = cudnn() if not text else launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)[0]
         row = dict(d=d, n=n, causal=causal, spec=("softcap" if text else "") + (" fp16" if dtype == torch.float16 else ""))
+        timed = {}
         for name, fn in fns.items():
             if name.startswith("cudnn") and text:
                 continue  # cuDNN has no soft-capping
@@ -286,23 +291,30 @@ def bench(d, ns, names, extra):
                     if not err < 2e-2:
                         row[name] = f"err {err:.2g}"
                         continue
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                row[name] = round(flops / ms / 1e9)
+                timed[name] = fn
             except Exception as e:  # noqa: BLE001
                 row[name] = f"{type(e).__name__}"
                 print(f"{name} d{d} n{n} causal={causal}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rates = {name: [] for name in timed}
+        order = list(timed)
+        for r in range(rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                ms = triton.testing.do_bench(timed[name], warmup=25, rep=100, return_mode="median")
+                rates[name].append(flops / ms / 1e9)
+        for name, xs in rates.items():
+            row[name] = round(sorted(xs)[len(xs) // 2])
         print("ROW " + json.dumps(row), flush=True)
 
 
 def child(what, ns):
-    """One child process: "numerics:D:NAME:CASES:DTYPE", "warm:D" or "bench:D:NAME;NAME…:EXTRA,…"."""
+    """One child process: "numerics:D:NAME:CASES:DTYPE", "warm:D" or "bench:D:NAME;NAME…:EXTRA,…:ROUNDS"."""
     parts = what.split(":")
     if parts[0] == "numerics":
         ok = numerics(int(parts[1]), parts[2], parts[3], getattr(torch, parts[4]))
     elif parts[0] == "warm":
         ok = warm(int(parts[1]), ns)
     else:
-        bench(int(parts[1]), ns, [x for x in parts[2].split(";") if x], parts[3].split(",") if len(parts) > 3 else [])
+        bench(int(parts[1]), ns, [x for x in parts[2].split(";") if x], parts[3].split(","), int(parts[4]))
         ok = True
     print("CHILD " + ("PASS" if ok else "FAIL"), flush=True)
 
@@ -333,6 +345,7 @@ def main():
     ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=120.0, help="seconds per timing child")
     ap.add_argument("--bench", default="", help="timing extras: noportable, nosoftcap, fp16 (comma-separated)")
+    ap.add_argument("--rounds", type=int, default=1, help="times each column is timed, alternating the order (median)")
     ap.add_argument("--no-warm", action="store_true", help="skip the portable compile and the backward check")
     ap.add_argument("--child", default="", help="internal")
     args = ap.parse_args()
@@ -365,7 +378,8 @@ def main():
     rows = {}
     for d in dims:
         names = [n for n in chosen[d] if all(ok for w, ok in passed.items() if w.startswith(f"numerics:{d}:{n}:"))]
-        what, text, secs, ok = _run_child(f"bench:{d}:{';'.join(names)}:{args.bench}", args.ns, args.bench_limit)
+        what, text, secs, ok = _run_child(f"bench:{d}:{';'.join(names)}:{args.bench}:{args.rounds}", args.ns,
+                                          args.bench_limit)
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)
         for line in text.splitlines():
             if line.startswith("ROW "):

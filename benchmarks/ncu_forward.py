@@ -1,0 +1,69 @@
+"""One Gluon forward at one shape, for Nsight Compute: a variant of benchmarks/gluon_check.py's
+(the routed one, wsp 128/3, by default) launched once between cudaProfilerStart/Stop after a
+warm-up (bf16, batch·N = 16k, hidden 2048).
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \\
+        --section SourceCounters -k regex:'_attn_fwd_sm90' -o REPORT \\
+        python benchmarks/ncu_forward.py --n 2048 [--causal] [--variant "wspq 128/2"]
+    ncu -i REPORT.ncu-rep --page source --print-source sass --csv > REPORT_sass.csv
+
+The CSV has one line per SASS instruction with its warp stall samples by reason: where the
+consumers wait (on a q·kᵀ, on p·v, on Q at a tile's start, in the epilogue's stores).
+
+Without ncu it prints the kernel's time (CUDA events, median of 20), a check that the run is the
+shape meant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main() -> None:
+    from gluon_check import variants
+
+    from fx_flash.codegen import gluon_launch
+    from fx_flash.codegen.spec import sdpa_spec
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--variant", default="wsp 128/3", help="a name of gluon_check.variants")
+    args = ap.parse_args()
+    n, d = args.n, args.d
+    b, h = 16384 // n, 2048 // d
+    cfg = variants(d)[args.variant]
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty(b, h, n, device="cuda")
+    spec, scale = sdpa_spec(causal=args.causal), 1 / math.sqrt(d)
+    step = lambda: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)  # noqa: E731
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = sorted(times)[len(times) // 2]
+    torch.cuda.profiler.start()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    work = 4 * b * h * n * n * d / (2 if args.causal else 1)
+    print(f"{args.variant} forward, B{b} H{h} N{n} d{d} causal={args.causal}: {ms:.3f} ms, "
+          f"{work / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

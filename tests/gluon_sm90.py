@@ -12,16 +12,19 @@ bwd:DV_EARLY,ROWS_AHEAD; bwd: none of them), bwd-prep its Delta kernel;
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports (the ptxas Triton itself runs for
 sm_90). Each kernel is compiled as the launcher's call specializes it at the benchmarks' shapes:
-Triton turns an integer argument equal to 1 into a constant (stride_ok: the output's head dim is
-contiguous) and marks the pointers and the integers that are multiples of 16 (sizes and strides
-at N = 2k and 8k, H = 16) as such; without that, the persistent kernel keeps the epilogue's
-column offsets (times a stride_ok that may not be 1) across its tile loop and spills them. Run
+Triton turns an integer argument equal to 1 into a constant (the backward's stride_dkk,
+stride_dvk: its outputs' head dim is contiguous; the forward takes no such stride, see
+gluon._epilogue) and marks the pointers and the integers that are multiples of 16 (sizes and
+strides at N = 2k and 8k, H = 16) as such; without that, the persistent kernel keeps the
+epilogue's column offsets across its tile loop and spills them. "stores" counts the PTX's global
+stores by width (st.global.b16 is one bf16 element a store). Run
 as its own process by tests/test_gluon.py: under TRITON_INTERPRET=1 (how the suite runs) Gluon's
 own library functions become interpreter objects at import, and the real compiler rejects them.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
@@ -68,14 +71,14 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
-                 **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "stride_ok", "H", "N_Q", "N_KV")}}
+                 **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")}}
     if persistent:  # the grid is the SMs, not the output tiles: the kernel takes Z, and the causal order's sections
         signature = {**{k: v for k, v in signature.items() if k not in ("H", "N_Q", "N_KV")},
                      **{name: "i32" for name in ("Z", "H", "N_Q", "N_KV", "Q_TILES", "SECTION", "SECTION_ROUNDS",
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              "stride_ok": 1, **({"Q_BUFFERS": q_buffers} if persistent else {})}
+              **({"Q_BUFFERS": q_buffers} if persistent else {})}
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
     divisible = ("Out", "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
@@ -200,6 +203,7 @@ def main(argv: list[str]) -> None:
                           "tma": ptx.count("cp.async.bulk.tensor"), "exps_between_waits": _exps_between_waits(kernel),
                           "turn_waits": ptx.count("mbarrier.try_wait"), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
                           "atomics": len(re.findall(r"\b(?:red|atom)\.global\.", ptx)),
+                          "stores": dict(collections.Counter(re.findall(r"\bst\.global\.(?:v\d\.)?(\w+)", ptx))),
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
                           "local_stores": _sass(kernel).count("STL"), **_ptxas_report(ptx)}), flush=True)
 

@@ -35,7 +35,8 @@ GLUON_TEMPLATE = '''\
 #                      models' q.view(B, N, H, d).transpose(1, 2) is: one (Z·N, H·d) matrix whose
 #                      head (z, h) is the rows [z·N, (z + 1)·N) of the columns [h·d, (h + 1)·d)
 #                      (see _producer_persistent's Q_RZ … KV_CH).
-#   Out, LSE           (Z, H, N_Q, HEAD_DIM) output through its strides; (Z, H, N_Q) fp32
+#   Out, LSE           (Z, H, N_Q, HEAD_DIM) output through its first three strides (the head dim
+#                      is contiguous); (Z, H, N_Q) fp32
 #                      natural-log logsumexp, the portable forward's contract (the backward reads it).
 #   BLOCK_M, BLOCK_N   query rows of one consumer / key columns of a tile; STAGES K/V buffers.
 #   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
@@ -249,7 +250,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
 
 @gluon.jit
 def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              stride_ok, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Normalize; write the output rows below N_Q and their natural-log logsumexp."""
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
@@ -257,8 +258,10 @@ def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, str
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=o_rows)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc.type.layout))
+    # The head dim is contiguous (the launcher's outputs are): with a stride there, handed through
+    # warp_specialize's captures as a runtime value even when it is 1, the stores went one bf16 each.
     out_ptrs = (Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
-                + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :] * stride_ok)
+                + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :])
     gl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
     offs_l = row_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
     gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_l, lse, mask=offs_l < N_Q)
@@ -305,7 +308,7 @@ def _head(off_hz, H, N_KV, GROUP: gl.constexpr):
 @gluon.jit
 def _attn_fwd_sm90(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
-    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_oz, stride_oh, stride_om,
     H, N_Q, N_KV,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
@@ -350,7 +353,7 @@ $HEADS
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))
     _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              stride_ok, BLOCK_M, HEAD_DIM)
+              BLOCK_M, HEAD_DIM)
 
 
 @gluon.jit
@@ -380,7 +383,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 
 @gluon.jit
 def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty, k_ready, v_ready,
-                   k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z,
+                   k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer qi
@@ -407,16 +410,16 @@ $HEADS_WS
         _turn(sched, c, i + 1, PP)
         _pass_turn(sched, c, PP)
     _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              stride_ok, BLOCK_M, HEAD_DIM)
+              BLOCK_M, HEAD_DIM)
 
 
 @gluon.jit
 def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-              sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0,
+              sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z, off_h, off_hz, row0,
               kv_row, N_Q, N_KV, n_load, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr):
     """Consumer warpgroup c of the one output tile of a program (_consumer_tile)."""
     _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_bars, k_ready, v_ready, k_empty, v_empty,
-                   sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0,
+                   sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z, off_h, off_hz, row0,
                    kv_row, N_Q, N_KV, n_load, 0, c, 0, PP, EARLY, HOLD, False)
 
 
@@ -443,7 +446,7 @@ def _invalidate_ring(k_ready, v_ready, k_empty, v_empty, STAGES: gl.constexpr):
 @gluon.jit
 def _attn_fwd_sm90_ws(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
-    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_oz, stride_oh, stride_om,
     H, N_Q, N_KV,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
@@ -472,7 +475,7 @@ def _attn_fwd_sm90_ws(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty, sched, Out,
-                     LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z, off_h, off_hz, row0, kv_row,
+                     LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z, off_h, off_hz, row0, kv_row,
                      N_Q, N_KV, n_load, PINGPONG, EARLY, HOLD)
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
@@ -566,7 +569,7 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, H, N_Q,
+                         k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q,
                          N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr,
                          HOLD: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
@@ -583,7 +586,7 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
             row0 = m * 2 * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                           v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, off_z,
+                           v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, c + 2 * (done % Q_BUFFERS),
                            (done // Q_BUFFERS) & 1, False, EARLY, HOLD, True)
             base += n_load
@@ -594,7 +597,7 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
                               "KV_RH", "KV_CH"])  # one binary per spec and tile
 def _attn_fwd_sm90_wsp(
     q_desc, k_desc, v_desc, Out, LSE, sm_scale,
-    stride_oz, stride_oh, stride_om, stride_ok,
+    stride_oz, stride_oh, stride_om,
     Z, H, N_Q, N_KV, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
@@ -631,7 +634,7 @@ def _attn_fwd_sm90_wsp(
 
     ZH = Z * H
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                     Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, stride_ok, H, N_Q, N_KV, ZH, Q_TILES,
+                     Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD)
     gl.warp_specialize([
         (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,

@@ -333,6 +333,9 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
     module = load(spec)
     rows = config.rows_per_consumer
     out_strides = out_strides or (h * n_q * d, n_q * d, d, 1)
+    if out_strides[3] != 1:
+        raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
+    out_strides = out_strides[:3]
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,
                       HOLD=config.hold, num_warps=config.num_warps)

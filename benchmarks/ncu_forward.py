@@ -4,7 +4,7 @@ warm-up (bf16, batch·N = 16k, hidden 2048).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \\
         --section SourceCounters -k regex:'_attn_fwd_sm90' -o REPORT \\
-        python benchmarks/ncu_forward.py --n 2048 [--causal] [--variant "wspq 128/2"]
+        python benchmarks/ncu_forward.py --n 2048 [--causal] [--variant "wsp 128/2"]
     ncu -i REPORT.ncu-rep --page source --print-source sass --csv > REPORT_sass.csv
 
 The CSV has one line per SASS instruction with its warp stall samples by reason: where the

@@ -123,7 +123,7 @@ def test_tiles_fit_shared_memory_by_construction():
         for d in gluon_launch.HEAD_DIMS:
             for ws in (False, True):
                 cfg = gluon_launch.default_config(device, d, 2, ws)
-                assert gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws, cfg.q_buffers) <= device.shared_memory
+                assert gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws) <= device.shared_memory
 
 
 def test_footprint_counts_each_buffer():
@@ -134,22 +134,11 @@ def test_footprint_counts_each_buffer():
         2 * 2 * 128 * 128 + 2 * 16)
 
 
-def test_two_q_buffers_fit_at_two_stages():
-    """Two Q buffers per consumer add a second set of Q tiles and of Q barriers: at d = 128 on the
-    H200 that leaves room for two K/V stages (three would need 256 KiB)."""
-    one = gluon_launch.footprint(128, 128, 128, 2, 2, ws=True)
-    assert gluon_launch.footprint(128, 128, 128, 2, 2, ws=True, q_buffers=2) - one == 2 * 128 * 128 + 2 * 16
-    assert gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, q_buffers=2) == \
-        gluon_launch.GluonConfig(128, 128, 2, ws=True, persistent=True, q_buffers=2)
-    assert gluon_launch.footprint(128, 128, 128, 2, 3, ws=True, q_buffers=2) > H200.shared_memory
-
-
 def test_persistent_config_rules():
     """The persistent kernel is the warp-specialized one without ping-pong (whose turns it does not
-    count across output tiles); one_section and a second Q buffer apply to it only."""
+    count across output tiles); one_section orders only its tiles."""
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
-    for bad in (dict(persistent=True), dict(ws=True, pingpong=True, persistent=True), dict(ws=True, one_section=True),
-                dict(ws=True, q_buffers=2), dict(ws=True, persistent=True, q_buffers=3)):
+    for bad in (dict(persistent=True), dict(ws=True, pingpong=True, persistent=True), dict(ws=True, one_section=True)):
         with pytest.raises(ValueError):
             gluon_launch.GluonConfig(128, 128, 3, **bad)
 
@@ -374,16 +363,14 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     "plain-d128-pp": ("score=qk*scale", 128, "pp"), "causal-d128-pph": (CAUSAL, 128, "pph"),
     "prefix_lm-d64-ppeh": (PREFIX_LM, 64, "ppeh"),
     "plain-d128-ws": ("score=qk*scale", 128, "ws"), "plain-d128-wsp": ("score=qk*scale", 128, "wsp"),
-    "causal-d128-wsp": (CAUSAL, 128, "wsp"), "plain-d128-wspq": ("score=qk*scale", 128, "wspq"),
-    "causal-d128-wspq": (CAUSAL, 128, "wspq"),
+    "causal-d128-wsp": (CAUSAL, 128, "wsp"),
     "head_and_length-d64-wsph": (HEAD_AND_LENGTH, 64, "wsph"),
 }
 
 
 def _tile(d, kind):
     """The H200's tile of kind (tests/gluon_sm90.py's names) at head dim d."""
-    return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"),
-                                       q_buffers=2 if kind == "wspq" else 1)
+    return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"))
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +402,7 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     cfg = _tile(d, kind)
     assert (report["spec"], report["head_dim"], report["kind"]) == (text, d, kind)
     assert report["wgmma"] > 0 and report["tma"] > 0
-    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.q_buffers)
+    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws)
     if ws:
         assert model - gluon_launch.WS_CAPTURE_BYTES < report["shared"] <= model
         assert "240" in report["setmaxnreg"]  # the consumers' registers are raised

@@ -42,8 +42,7 @@ GLUON_TEMPLATE = '''\
 #   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
 #   k_empty, v_empty   (warp-specialized kernels only) completed when both consumers released it.
 #   sched              (warp-specialized, PINGPONG) consumer c's turn to issue its products.
-#   q_ready, q_empty   (persistent) a consumer's Q buffer loaded / free for a later output tile
-#                      (Q_BUFFERS per consumer).
+#   q_ready, q_empty   (persistent) consumer c's Q buffer loaded / free for the next output tile.
 #   s_layout, o_layout wgmma accumulator layouts of the scores (BLOCK_M, BLOCK_N) and of the output
 #                      (BLOCK_M, HEAD_DIM); a consumer's NUM_WARPS // 4 warpgroups split its rows.
 #   qk, s              raw q·kᵀ of a tile and the score computed from it, in log2 units (log2 e
@@ -384,9 +383,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 @gluon.jit
 def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty, k_ready, v_ready,
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                   off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP: gl.constexpr,
+                   off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr):
-    """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer qi
+    """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
     keeps turning, each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
@@ -397,9 +396,9 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
     row_start = row0 + c * BLOCK_M
     n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
 $HEADS_WS
-    mbarrier.wait(q_bars.index(qi), q_phase)
-    acc, m_i, l_i = _attend(q_smem.index(qi), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
-                            q_empty.index(qi), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
+    mbarrier.wait(q_bars.index(c), q_phase)
+    acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
+                            q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
                             ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
@@ -420,7 +419,7 @@ def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
     """Consumer warpgroup c of the one output tile of a program (_consumer_tile)."""
     _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_bars, k_ready, v_ready, k_empty, v_empty,
                    sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z, off_h, off_hz, row0,
-                   kv_row, N_Q, N_KV, n_load, 0, c, 0, PP, EARLY, HOLD, False)
+                   kv_row, N_Q, N_KV, n_load, 0, 0, PP, EARLY, HOLD, False)
 
 
 @gluon.jit
@@ -522,15 +521,13 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
                          v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH,
                          KV_RZ, KV_RH, KV_CH, GROUP: gl.constexpr):
     """The persistent kernel's load partition: for each output tile of the schedule, both Q tiles
-    (each into its consumer's next Q buffer, once that consumer has finished the q·kᵀ of the tile
-    that used the buffer before: with one buffer each, the previous tile), then its K and V tiles
-    into the ring, whose positions run on across output tiles (``it``), so the next tile's loads
-    start while the consumers still finish the current one. Where a head's rows lie in its descriptor
+    (each once its consumer has finished the previous tile's q·kᵀ), then its K and V tiles into
+    the ring, whose positions run on across output tiles (``it``), so the next tile's loads start
+    while the consumers still finish the current one. Where a head's rows lie in its descriptor
     (the glossary's descriptors): Q head (z, h) from row z·Q_RZ + h·Q_RH, column h·Q_CH; K/V head
     (z, h // GROUP) likewise with KV_RZ, KV_RH, KV_CH."""
     dtype: gl.constexpr = q_smem.dtype
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    Q_BUFFERS: gl.constexpr = q_smem.shape[0] // 2
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     STAGES: gl.constexpr = k_smem.shape[0]
     tile_bytes: gl.constexpr = BLOCK_N * k_smem.shape[2] * dtype.primitive_bitwidth // 8
@@ -550,10 +547,9 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
             row0 = m * 2 * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)  # the second consumer reads the most
             for c in gl.static_range(2):
-                qi = c + 2 * (done % Q_BUFFERS)
-                mbarrier.wait(q_empty.index(qi), ((done // Q_BUFFERS) & 1) ^ 1)
-                mbarrier.expect(q_ready.index(qi), q_bytes)
-                _tma_load(q_desc, [q_row + row0 + c * BLOCK_M, q_col], q_ready.index(qi), q_smem.index(qi))
+                mbarrier.wait(q_empty.index(c), (done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), q_bytes)
+                _tma_load(q_desc, [q_row + row0 + c * BLOCK_M, q_col], q_ready.index(c), q_smem.index(c))
             for i in range(n_load):
                 buf = (it + i) % STAGES
                 free = (((it + i) // STAGES) & 1) ^ 1
@@ -574,9 +570,8 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
                          HOLD: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
-    one's loads ended, its Q in the buffer the producer loaded it into."""
+    one's loads ended."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    Q_BUFFERS: gl.constexpr = q_smem.shape[0] // 2
     base = 0
     done = 0
     for g in range(ROUNDS):
@@ -587,8 +582,7 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
             n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, c + 2 * (done % Q_BUFFERS),
-                           (done // Q_BUFFERS) & 1, False, EARLY, HOLD, True)
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True)
             base += n_load
             done += 1
 
@@ -602,7 +596,6 @@ def _attn_fwd_sm90_wsp(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
-    Q_BUFFERS: gl.constexpr = 1,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (2·BLOCK_M query rows of one head) in ROUNDS rounds of _output_tile's schedule. Q has
@@ -613,23 +606,21 @@ def _attn_fwd_sm90_wsp(
     section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
     compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
-    output tile). Q_BUFFERS = 2 gives each consumer two Q buffers (consumer c's Q of the program's
-    t-th output tile in buffer c + 2·(t % 2)), so the producer loads the next tile's Q as soon as
-    it has issued this tile's K/V, not once this tile's last q·kᵀ has completed."""
+    output tile)."""
     gl.static_assert(not PINGPONG, "the persistent kernel has no ping-pong")
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2 * Q_BUFFERS, BLOCK_M, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFFERS, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFFERS, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2 * Q_BUFFERS):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=1)
+    for c in gl.static_range(2):
+        mbarrier.init(q_ready.index(c), count=1)
+        mbarrier.init(q_empty.index(c), count=1)
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 
     ZH = Z * H
@@ -643,9 +634,9 @@ def _attn_fwd_sm90_wsp(
         (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
         (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
     ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
-    for i in gl.static_range(2 * Q_BUFFERS):
-        mbarrier.invalidate(q_ready.index(i))
-        mbarrier.invalidate(q_empty.index(i))
+    for c in gl.static_range(2):
+        mbarrier.invalidate(q_ready.index(c))
+        mbarrier.invalidate(q_empty.index(c))
     _invalidate_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 '''
 

@@ -94,16 +94,12 @@ class GluonConfig:
     # persistent causal only: longest tiles first across all heads, not within sections of heads
     # whose K/V fit L2_SECTION_BYTES (gluon._output_tile)
     one_section: bool = False
-    # persistent only: Q buffers per consumer; 2 loads the next output tile's Q while this one runs
-    q_buffers: int = 1
 
     def __post_init__(self):
         if self.persistent and (not self.ws or self.pingpong):
             raise ValueError("the persistent kernel is warp-specialized, without ping-pong")
         if self.one_section and not self.persistent:
             raise ValueError("one_section orders the persistent kernel's tiles")
-        if self.q_buffers not in (1, 2) or (self.q_buffers == 2 and not self.persistent):
-            raise ValueError("two Q buffers per consumer are the persistent kernel's option")
 
     @property
     def takes_views(self) -> bool:
@@ -123,23 +119,22 @@ class GluonConfig:
     def __str__(self) -> str:
         flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
                                        ("hold", self.hold), ("persistent", self.persistent),
-                                       ("one_section", self.one_section), ("q2", self.q_buffers == 2)) if on]
+                                       ("one_section", self.one_section)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
-def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False,
-              q_buffers: int = 1) -> int:
-    """Shared-memory bytes of one program: the Q tile(s) of its block_m rows (``q_buffers`` sets of
-    them: the persistent kernel's option), ``stages`` K and V tiles, and the mbarriers (Triton
-    aligns each array of them to 16 bytes): Q's, and a ready one per K and V buffer, plus an empty
-    one per buffer and WS_CAPTURE_BYTES for the values handed to the partitions when ``ws`` (with
-    two more barriers per Q set: the ping-pong's turns, allocated whether or not it is on, or the
-    persistent kernel's Q empty barriers in their place). P and the softmax stay in registers, so
-    this is the whole of it: tests compare it with the compiled kernels' own counts."""
+def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False) -> int:
+    """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
+    tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
+    per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
+    the partitions when ``ws`` (with two more barriers: the ping-pong's turns, allocated whether or
+    not it is on, or the persistent kernel's Q empty barriers in their place). P and the softmax
+    stay in registers, so this is the whole of it: tests compare it with the compiled kernels'
+    own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
-    tiles = elem_bytes * (q_buffers * block_m * head_dim + 2 * stages * block_n * head_dim)
+    tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
     if ws:
-        return tiles + 2 * 2 * q_buffers * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
+        return tiles + 2 * 2 * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
     return tiles + BARRIER_BYTES + 2 * ring
 
 
@@ -147,12 +142,10 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
                    **flags) -> Optional[GluonConfig]:
     """The tile for ``head_dim``: BLOCK_M = 128 rows, key tiles of 128 (64 when 128 does not fit
     two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
-    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold, persistent, one_section,
-    q_buffers)."""
+    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold, persistent, one_section)."""
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
-                   if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s, ws, flags.get("q_buffers", 1))
-                   <= device.shared_memory]
+                   if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s, ws) <= device.shared_memory]
         if fitting:
             return GluonConfig(BLOCK_M, block_n, max(fitting), ws, **flags)
     return None
@@ -348,7 +341,6 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
                 triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
-        constexprs.update(Q_BUFFERS=config.q_buffers)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only
         raise ValueError("the non-persistent Gluon kernels take (Z·H·N, d) row matrices only")

@@ -172,10 +172,15 @@ def numerics(d, name, which, dtype):
 
 
 def backward_through_gluon(d):
-    """fx_flash.flash_attention as users call it (the Gluon forward on by default): the forward
-    plan routed to the Gluon kernel, its second and third calls launched directly through the bound
-    launcher and equal to the first bitwise, and the portable backward, reading its logsumexp,
+    """fx_flash.flash_attention as users call it (the Gluon forward on by default), causal at
+    N = 2k and at N = 1k (an output tile walks 4.5 key tiles there, routed since call 33): the
+    forward plan routed to the Gluon kernel, its second and third calls launched directly through
+    the bound launcher and equal to the first bitwise, and the backward, reading its logsumexp,
     gives flash-attn-rule gradients."""
+    return all([_through_op(d, n) for n in (2048, 1024)])
+
+
+def _through_op(d, n):
     import fx_flash
     from fx_flash.codegen import gluon_launch
 
@@ -185,7 +190,7 @@ def backward_through_gluon(d):
     os.environ.pop("FX_FLASH_GLUON", None)
     try:
         # (B, N, H, d) storage seen as (B, H, N, d), as HF models pass q, k, v
-        q, k, v = (torch.randn(2, 2048, 8, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        q, k, v = (torch.randn(2, n, 8, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
                    for _ in range(3))
         do = torch.randn_like(q)
         runs = []
@@ -210,7 +215,7 @@ def backward_through_gluon(d):
         ok &= good
         rows.append(f"{name} {e:.2e}/{et:.2e}{'' if good else '!'}")
     kind = calls[0].fn.__name__ if calls and calls[0] is not None else "-"
-    print(f"{'PASS' if ok else 'FAIL'} d{d} fwd (gluon [{kind}], 3 calls equal: {same}) + bwd (portable): "
+    print(f"{'PASS' if ok else 'FAIL'} d{d} N{n} causal fwd (gluon [{kind}], 3 calls equal: {same}) + bwd: "
           f"{' '.join(rows)}", flush=True)
     return ok
 
@@ -245,7 +250,8 @@ def warm(d, ns):
 
 def bench(d, ns, names, extra, rounds=1):
     """TFLOP/s rows: cuDNN SDPA (first, and again last: the card's clocks drift within a row), the
-    portable forward (paper tile) and each Gluon variant in ``names``. ``extra``: "noportable",
+    portable forward (paper tile, FX_FLASH_GLUON=0: before call 34 this column ran the default
+    switches, so the Gluon forward where the op routes to it) and each Gluon variant in ``names``. ``extra``: "noportable",
     "nosoftcap", "fp16" (a row at the longest N in fp16). ``rounds`` > 1: every column is timed
     that many times, in turn forward and backward order, and each cell is the median of its rounds
     (the drift then favours no column)."""
@@ -273,7 +279,14 @@ def bench(d, ns, names, extra, rounds=1):
 
         fns = {"cudnn": cudnn}
         if "noportable" not in extra:
-            fns["portable"] = lambda: launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
+            def portable():  # FX_FLASH_GLUON=0: with the default switches the op routes to the Gluon kernel
+                os.environ["FX_FLASH_GLUON"] = "0"
+                try:
+                    return launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
+                finally:
+                    os.environ.pop("FX_FLASH_GLUON")
+
+            fns["portable"] = portable
         for name in names:
             fns[name] = lambda cfg=configs[name]: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
         fns["cudnn again"] = cudnn

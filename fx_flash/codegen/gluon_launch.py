@@ -54,9 +54,10 @@ ROUTED_DTYPES = (torch.bfloat16, torch.float16)
 ROUTED_KIND = dict(ws=True, persistent=True)  # GluonConfig flags of the routed kernel
 # Fewest key tiles a program walks on average (a causal row tile walks fewer than its neighbours
 # below) for the routed kernel to pay its fixed cost per output tile (Q load, fill, drain,
-# epilogue). On the H200 at d = 128 (call 9): 4.5 tiles (causal, N = 1k) ran 285 TFLOP/s against
-# the portable forward's 316; 8 (plain 1k) 437 against 401; 8.5 (causal 2k) 379 against 369.
-MIN_WALK = 8
+# epilogue). On the H200 at d = 128 (GLUON_NOTES call 33, after the epilogue's stores went two
+# elements wide): 2.5 tiles (causal, N = 512) ran 219 TFLOP/s against the portable forward's 233;
+# 4 (plain 512) 417 against 342; 4.5 (causal 1k) 337 against 318. (Call 9, before: 4.5 lost, 8 won.)
+MIN_WALK = 4
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4

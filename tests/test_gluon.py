@@ -472,6 +472,15 @@ def test_persistent_kernel_keeps_the_consumer_code(compiled, spec):
     assert abs(wsp["shared"] - ws["shared"]) < gluon_launch.WS_CAPTURE_BYTES
 
 
+def test_output_head_dim_must_be_contiguous():
+    """The kernels take no head-dim stride for the output (see gluon._epilogue): an output whose
+    head dim is strided is refused, not written wrong."""
+    cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND)
+    q = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="head dim is contiguous"):
+        gluon_launch.forward_launch(sdpa_spec(), q, q, 0.1, cfg, out_strides=(2 * 256 * 256, 256 * 256, 256, 2))
+
+
 def test_tma_view_of_each_layout():
     """The persistent kernel's descriptor view: heads as rows (contiguous, padded rows), heads side
     by side ((Z, N, H, d) storage transposed, and a packed qkv's slices), else None."""

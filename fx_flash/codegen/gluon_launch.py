@@ -54,9 +54,10 @@ ROUTED_DTYPES = (torch.bfloat16, torch.float16)
 ROUTED_KIND = dict(ws=True, persistent=True)  # GluonConfig flags of the routed kernel
 # Fewest key tiles a program walks on average (a causal row tile walks fewer than its neighbours
 # below) for the routed kernel to pay its fixed cost per output tile (Q load, fill, drain,
-# epilogue). On the H200 at d = 128 (GLUON_NOTES call 33, after the epilogue's stores went two
-# elements wide): 2.5 tiles (causal, N = 512) ran 219 TFLOP/s against the portable forward's 233;
-# 4 (plain 512) 417 against 342; 4.5 (causal 1k) 337 against 318. (Call 9, before: 4.5 lost, 8 won.)
+# epilogue). On the H200 at d = 128 (GLUON_NOTES call 34, after the epilogue's stores went two
+# elements wide): 2.5 tiles (causal, N = 512) ran 217 TFLOP/s against the portable forward's 231;
+# 4 (plain 512) 409 against 337; 4.5 (causal 1k) 333 against 310; 8 and more 1.15-1.26x.
+# (Call 9, before: 4.5 lost, 8 won.)
 MIN_WALK = 4
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
@@ -324,12 +325,12 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
     each program walks many output tiles and the order has several sections. ``out_strides``: by
     default a contiguous out's."""
     z, h, n_q, d = q.shape
-    module = load(spec)
-    rows = config.rows_per_consumer
     out_strides = out_strides or (h * n_q * d, n_q * d, d, 1)
     if out_strides[3] != 1:
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
+    module = load(spec)
+    rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,
                       HOLD=config.hold, num_warps=config.num_warps)

@@ -52,8 +52,7 @@ def variants(d: int) -> dict:
     turns (ping-pong); "e" also rescaling the accumulator while q·kᵀ runs; "h" with the hold that
     keeps each consumer's softmax under its p·v (gluon._hold); "wsp" ws as a persistent kernel
     (one program per SM walking output tiles; causal: longest first in L2-sized sections of heads),
-    "wsp1" with the causal order in one section of every head, "wspo" with each output tile's
-    epilogue under the next one's first q·kᵀ. BLOCK_N/STAGES."""
+    "wsp1" with the causal order in one section of every head. BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -65,8 +64,7 @@ def variants(d: int) -> dict:
                 "pp 128/2": C(128, 128, 2, True, **pp), "pph 128/2": C(128, 128, 2, True, **pph),
                 "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh),
                 "wsp 128/3": C(128, 128, 3, True, persistent=True), "wsp 128/2": C(128, 128, 2, True, persistent=True),
-                "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True),
-                "wspo 128/3": C(128, 128, 3, True, persistent=True, overlap=True)}
+                "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}

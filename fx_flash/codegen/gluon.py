@@ -157,11 +157,10 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
           k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
           s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr,
-          EARLY: gl.constexpr, HOLD: gl.constexpr, q_empty, last, RELEASE_Q: gl.constexpr):
+          EARLY: gl.constexpr, HOLD: gl.constexpr):
     """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1.
     EARLY: the accumulator is rescaled by tile j-1's alpha while q·kᵀ runs (FlashAttention-3's
-    order), not after p·v of tile j-1 has completed. Key tile j sits at ring position base + j.
-    RELEASE_Q = 2: arrive on ``q_empty`` as soon as the ``last`` step's q·kᵀ has completed."""
+    order), not after p·v of tile j-1 has completed. Key tile j sits at ring position base + j."""
     buf = (base + j) % STAGES
     prev = (base + j - 1) % STAGES
     mbarrier.wait(k_ready.index(buf), ((base + j) // STAGES) & 1)
@@ -174,8 +173,6 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
     pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
     _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
-    if RELEASE_Q == 2:
-        mbarrier.arrive(q_empty, count=1, pred=last)
     _release(j, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
     _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD)
@@ -198,35 +195,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     key tile 0 at ring position ``base`` (the tiles the program's earlier output tiles used; 0
     unless persistent). C is the consumer's index, PP whether it takes turns with the other one
     (turns 0 … n_tiles). RELEASE_Q: arrive on ``q_empty`` once the last q·kᵀ has completed, so
-    the producer loads the next output tile's Q while the last p·v and the epilogue run (1: after
-    the loop; 2: within the last step, as soon as its q·kᵀ has completed)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    qk = _first_qk(q_smem, k_smem, k_ready, sched, base, s_layout, BLOCK_M, BLOCK_N, STAGES, C, PP)
-    return _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q_empty, k_desc,
-                        v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM, BLOCK_M,
-                        BLOCK_N, STAGES, NUM_WARPS, WS, C, PP, EARLY, HOLD, RELEASE_Q)
-
-
-@gluon.jit
-def _first_qk(q_smem, k_smem, k_ready, sched, base, s_layout: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, C: gl.constexpr, PP: gl.constexpr):
-    """Issue q·kᵀ of key tile 0 (at ring position ``base``), asynchronously."""
-    mbarrier.wait(k_ready.index(base % STAGES), (base // STAGES) & 1)
-    _turn(sched, C, 0, PP)
-    qk = warpgroup_mma(q_smem, k_smem.index(base % STAGES).permute((1, 0)),
-                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    _pass_turn(sched, C, PP)
-    return qk
-
-
-@gluon.jit
-def _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q_empty, k_desc, v_desc,
-                 kv_row, row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
-                 WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
-                 RELEASE_Q: gl.constexpr):
-    """_attend once tile 0's q·kᵀ (``qk``) is issued: its softmax, the steady state, the last p·v."""
+    the producer loads the next output tile's Q while the last p·v and the epilogue run."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -242,6 +211,11 @@ def _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
 
     # -- tile 0: scores and softmax (nothing accumulated yet) --
+    mbarrier.wait(k_ready.index(base % STAGES), (base // STAGES) & 1)
+    _turn(sched, C, 0, PP)
+    qk = warpgroup_mma(q_smem, k_smem.index(base % STAGES).permute((1, 0)),
+                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
@@ -255,12 +229,9 @@ def _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
         p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                            v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                            qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
-                                           tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, q_empty,
-                                           j == n_tiles - 1, RELEASE_Q)
-    if RELEASE_Q == 1:  # every q·kᵀ has completed (the last step waited for its own)
+                                           tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
+    if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
         mbarrier.arrive(q_empty, count=1)
-    elif RELEASE_Q == 2:  # a single tile: its q·kᵀ completed above; else the last step arrived
-        mbarrier.arrive(q_empty, count=1, pred=n_tiles == 1)
 
     # -- the last tile's p·v --
     last = (base + n_tiles - 1) % STAGES
@@ -280,34 +251,18 @@ def _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
 def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Normalize; write the output rows below N_Q and their natural-log logsumexp."""
-    out, lse = _normalize(acc, m_i, l_i, Out.dtype.element_ty)
-    _store_tile(out, lse, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om, BLOCK_M,
-                HEAD_DIM)
-
-
-@gluon.jit
-def _normalize(acc, m_i, l_i, dtype: gl.constexpr):
-    """The output rows acc / l in ``dtype`` and their natural-log logsumexp."""
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    return out.to(dtype), lse
-
-
-@gluon.jit
-def _store_tile(out, lse, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-                BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Write the output rows below N_Q and their logsumexp (_normalize's)."""
-    o_rows: gl.constexpr = gl.SliceLayout(1, out.type.layout)
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=o_rows)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out.type.layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc.type.layout))
     # The head dim is contiguous (the launcher's outputs are): with a stride there, handed through
     # warp_specialize's captures as a runtime value even when it is 1, the stores went one bf16 each.
     out_ptrs = (Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
                 + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :])
-    gl.store(out_ptrs, out, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
-    offs_l = row_start + gl.arange(0, BLOCK_M, layout=lse.type.layout)
+    gl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+    offs_l = row_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
     gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_l, lse, mask=offs_l < N_Q)
 
 
@@ -391,7 +346,7 @@ $HEADS
 
     acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, k_ready, q_bar, k_desc,
                             v_desc, kv_row, row_start, n_tiles, n_tiles, mid, 0, sm_scale, ${OPS}HEAD_DIM, BLOCK_M,
-                            BLOCK_N, STAGES, NUM_WARPS, False, 0, False, EARLY, False, 0)
+                            BLOCK_N, STAGES, NUM_WARPS, False, 0, False, EARLY, False, False)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
@@ -445,15 +400,6 @@ $HEADS_WS
     acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                             q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
                             ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q)
-    _drain(c, k_ready, v_ready, k_empty, v_empty, sched, base, n_tiles, n_load, STAGES, PP)
-    _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              BLOCK_M, HEAD_DIM)
-
-
-@gluon.jit
-def _drain(c: gl.constexpr, k_ready, v_ready, k_empty, v_empty, sched, base, n_tiles, n_load, STAGES: gl.constexpr,
-           PP: gl.constexpr):
-    """Release the key tiles [n_tiles, n_load) of this output tile unread (see _consumer_tile)."""
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
         mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
@@ -462,6 +408,8 @@ def _drain(c: gl.constexpr, k_ready, v_ready, k_empty, v_empty, sched, base, n_t
         mbarrier.arrive(v_empty.index(buf), count=1)
         _turn(sched, c, i + 1, PP)
         _pass_turn(sched, c, PP)
+    _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+              BLOCK_M, HEAD_DIM)
 
 
 @gluon.jit
@@ -471,7 +419,7 @@ def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
     """Consumer warpgroup c of the one output tile of a program (_consumer_tile)."""
     _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_bars, k_ready, v_ready, k_empty, v_empty,
                    sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z, off_h, off_hz, row0,
-                   kv_row, N_Q, N_KV, n_load, 0, 0, PP, EARLY, HOLD, 0)
+                   kv_row, N_Q, N_KV, n_load, 0, 0, PP, EARLY, HOLD, False)
 
 
 @gluon.jit
@@ -619,16 +567,11 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                          k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q,
                          N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr,
-                         HOLD: gl.constexpr, OVERLAP: gl.constexpr):
+                         HOLD: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
-    one's loads ended (OVERLAP: _consumer_overlapped)."""
+    one's loads ended."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    if OVERLAP:
-        _consumer_overlapped(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
-                             SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD)
-        return
     base = 0
     done = 0
     for g in range(ROUNDS):
@@ -639,67 +582,9 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
             n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, 1)
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True)
             base += n_load
             done += 1
-
-
-@gluon.jit
-def _consumer_overlapped(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH,
-                         Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr,
-                         HOLD: gl.constexpr):
-    """_consumer_persistent with each output tile's stores moved under the next one's first q·kᵀ:
-    the tile's normalized rows (in the output's dtype: half the accumulator's registers), their
-    logsumexp and place are carried to the next taken tile, which issues its tile-0 product, then
-    stores the previous tile while it runs (the last tile's stores follow the loop). Q is released within the last step, as soon as
-    its q·kᵀ has completed, so the next Q's load starts before the last p·v."""
-    BLOCK_M: gl.constexpr = q_smem.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.shape[2]
-    BLOCK_N: gl.constexpr = k_smem.shape[1]
-    STAGES: gl.constexpr = k_smem.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-$HEADS_OVERLAP
-    prev_out = gl.zeros([BLOCK_M, HEAD_DIM], Out.dtype.element_ty, o_layout)
-    prev_lse = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    prev_z = 0
-    prev_h = 0
-    prev_hz = 0
-    prev_row = 0
-    base = 0
-    done = 0
-    for g in range(ROUNDS):
-        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
-        if taken:
-            off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
-            row0 = m * 2 * BLOCK_M
-            n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)
-            row_start = row0 + c * BLOCK_M
-            n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
-            mbarrier.wait(q_ready.index(c), done & 1)
-            qk = _first_qk(q_smem.index(c), k_smem, k_ready, q_ready, base, s_layout, BLOCK_M, BLOCK_N, STAGES, c,
-                           False)
-            if done > 0:  # the previous tile's stores, under this tile's first q·kᵀ
-                _store_tile(prev_out, prev_lse, Out, LSE, prev_z, prev_h, prev_hz, prev_row, N_Q, stride_oz,
-                            stride_oh, stride_om, BLOCK_M, HEAD_DIM)
-            acc, m_i, l_i = _attend_rest(qk, q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                         q_ready, q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load,
-                                         mid, base, sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c,
-                                         False, EARLY, HOLD, 2)
-            _drain(c, k_ready, v_ready, k_empty, v_empty, q_ready, base, n_tiles, n_load, STAGES, False)
-            prev_out, prev_lse = _normalize(acc, m_i, l_i, Out.dtype.element_ty)
-            prev_z = off_z
-            prev_h = off_h
-            prev_hz = off_hz
-            prev_row = row_start
-            base += n_load
-            done += 1
-    if done > 0:
-        _store_tile(prev_out, prev_lse, Out, LSE, prev_z, prev_h, prev_hz, prev_row, N_Q, stride_oz, stride_oh,
-                    stride_om, BLOCK_M, HEAD_DIM)
 
 
 @gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ",
@@ -711,7 +596,6 @@ def _attn_fwd_sm90_wsp(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
-    OVERLAP: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (2·BLOCK_M query rows of one head) in ROUNDS rounds of _output_tile's schedule. Q has
@@ -742,7 +626,7 @@ def _attn_fwd_sm90_wsp(
     ZH = Z * H
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
-                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, OVERLAP)
+                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD)
     gl.warp_specialize([
         (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                 k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
@@ -847,7 +731,6 @@ def render_gluon(spec: AttentionSpec) -> str:
         "OPS": "".join(f"{n}, " for n in ops),
         "HEADS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
         "HEADS_WS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
-        "HEADS_OVERLAP": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
         "SCORE": textwrap.indent(_score_lines(spec), " " * 4),
         "MASK": str(mask),
     }

@@ -96,14 +96,12 @@ class GluonConfig:
     # persistent causal only: longest tiles first across all heads, not within sections of heads
     # whose K/V fit L2_SECTION_BYTES (gluon._output_tile)
     one_section: bool = False
-    # persistent only: each output tile's epilogue runs under the next tile's first q·kᵀ
-    overlap: bool = False
 
     def __post_init__(self):
         if self.persistent and (not self.ws or self.pingpong):
             raise ValueError("the persistent kernel is warp-specialized, without ping-pong")
-        if (self.one_section or self.overlap) and not self.persistent:
-            raise ValueError("one_section and overlap are options of the persistent kernel")
+        if self.one_section and not self.persistent:
+            raise ValueError("one_section orders the persistent kernel's tiles")
 
     @property
     def takes_views(self) -> bool:
@@ -123,7 +121,7 @@ class GluonConfig:
     def __str__(self) -> str:
         flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
                                        ("hold", self.hold), ("persistent", self.persistent),
-                                       ("one_section", self.one_section), ("overlap", self.overlap)) if on]
+                                       ("one_section", self.one_section)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
@@ -345,7 +343,6 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
                 triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
-        constexprs.update(OVERLAP=config.overlap)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only
         raise ValueError("the non-persistent Gluon kernels take (Z·H·N, d) row matrices only")

@@ -52,7 +52,8 @@ def variants(d: int) -> dict:
     turns (ping-pong); "e" also rescaling the accumulator while q·kᵀ runs; "h" with the hold that
     keeps each consumer's softmax under its p·v (gluon._hold); "wsp" ws as a persistent kernel
     (one program per SM walking output tiles; causal: longest first in L2-sized sections of heads),
-    "wsp1" with the causal order in one section of every head. BLOCK_N/STAGES."""
+    "wsp1" with the causal order in one section of every head, "wsp3" with three consumer
+    warpgroups (BLOCK_M = 192). BLOCK_M/ or BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -67,6 +68,7 @@ def variants(d: int) -> dict:
                 "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
+            "wsp3 192/4": C(192, 128, 4, True, persistent=True, consumers=3),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 
@@ -126,7 +128,7 @@ def numerics(d, name, which, dtype):
 
     cfg = variants(d)[name]
     prof = device_profile(torch.device("cuda"))
-    if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws) > prof.shared_memory:
+    if gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, cfg.ws, cfg.consumers) > prof.shared_memory:
         print(f"SKIP d{d} [{name}]: footprint over M", flush=True)
         return True
     ok = True

@@ -81,6 +81,9 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # rest of it); 2 on every tile (a predicate that is not causal).
 MASK = gl.constexpr($MASK)
 CONSUMER_REGISTERS = gl.constexpr(240)  # of each consumer warpgroup's threads (setmaxnreg), as FA3
+# With three consumer warpgroups (the persistent kernel's CONSUMERS = 3): 4 producer warps at 24
+# registers and 12 consumer warps at 160 fill the 64K registers of an SM (FA3's split for three).
+CONSUMER_REGISTERS_3 = gl.constexpr(160)
 
 
 @gluon.jit
@@ -423,14 +426,14 @@ def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
 
 
 @gluon.jit
-def _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES: gl.constexpr):
+def _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 2):
     """The warp-specialized kernels' K/V ring: each stage's K and V are ready when their TMA load
-    lands, and empty once both consumers have released them."""
+    lands, and empty once every consumer has released them."""
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each buffer
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # each consumer releases each buffer
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
 
 
 @gluon.jit
@@ -527,6 +530,7 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
     (the glossary's descriptors): Q head (z, h) from row z·Q_RZ + h·Q_RH, column h·Q_CH; K/V head
     (z, h // GROUP) likewise with KV_RZ, KV_RH, KV_CH."""
     dtype: gl.constexpr = q_smem.dtype
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     STAGES: gl.constexpr = k_smem.shape[0]
@@ -544,9 +548,9 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
             q_col = off_h * Q_CH
             kv_row = off_z * KV_RZ + off_hkv * KV_RH
             kv_col = off_hkv * KV_CH
-            row0 = m * 2 * BLOCK_M
-            n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, BLOCK_N)  # the second consumer reads the most
-            for c in gl.static_range(2):
+            row0 = m * CONSUMERS * BLOCK_M
+            n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, BLOCK_N)  # the last consumer reads the most
+            for c in gl.static_range(CONSUMERS):
                 mbarrier.wait(q_empty.index(c), (done & 1) ^ 1)
                 mbarrier.expect(q_ready.index(c), q_bytes)
                 _tma_load(q_desc, [q_row + row0 + c * BLOCK_M, q_col], q_ready.index(c), q_smem.index(c))
@@ -571,6 +575,7 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
     one's loads ended."""
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     base = 0
     done = 0
@@ -578,8 +583,8 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
         taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
         if taken:
             off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
-            row0 = m * 2 * BLOCK_M
-            n_load, _ = _key_tiles(row0, N_KV, 2 * BLOCK_M, k_smem.shape[1])
+            row0 = m * CONSUMERS * BLOCK_M
+            n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True)
@@ -596,45 +601,58 @@ def _attn_fwd_sm90_wsp(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
+    CONSUMERS: gl.constexpr = 2,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
-    tiles (2·BLOCK_M query rows of one head) in ROUNDS rounds of _output_tile's schedule. Q has
+    tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
+    choice at head dim 64, where a consumer's exponentials take as long as its products) in
+    ROUNDS rounds of _output_tile's schedule. Q has
     an empty barrier per consumer besides its ready one, so the producer loads the next tile's Q
     once a consumer's last q·kᵀ has completed, and its K/V as ring buffers free up: the next
     tile's loads run under the current tile's last p·v and epilogue. The schedule's sizes come
-    from the launcher: Q_TILES = cdiv(N_Q, 2·BLOCK_M) query tiles per head, SECTION heads per
+    from the launcher: Q_TILES = cdiv(N_Q, CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per
     section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
     compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
     output tile)."""
     gl.static_assert(not PINGPONG, "the persistent kernel has no ping-pong")
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(2):
+    for c in gl.static_range(CONSUMERS):
         mbarrier.init(q_ready.index(c), count=1)
         mbarrier.init(q_empty.index(c), count=1)
-    _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
+    _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD)
-    gl.warp_specialize([
-        (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                                k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS,
-                                Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH, GROUP)),
-        (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
-        (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
-    ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
-    for c in gl.static_range(2):
+    producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                     v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ,
+                     KV_RH, KV_CH, GROUP)
+    if CONSUMERS == 3:
+        gl.warp_specialize([
+            (_producer_persistent, producer_args),
+            (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(2), ) + consumer_args),
+        ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
+    else:
+        gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
+        gl.warp_specialize([
+            (_producer_persistent, producer_args),
+            (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
+        ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
+    for c in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(c))
         mbarrier.invalidate(q_empty.index(c))
     _invalidate_ring(k_ready, v_ready, k_empty, v_empty, STAGES)

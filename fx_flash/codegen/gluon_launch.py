@@ -96,12 +96,16 @@ class GluonConfig:
     # persistent causal only: longest tiles first across all heads, not within sections of heads
     # whose K/V fit L2_SECTION_BYTES (gluon._output_tile)
     one_section: bool = False
+    # persistent only: consumer warpgroups of BLOCK_M / consumers rows each (2, or 3)
+    consumers: int = 2
 
     def __post_init__(self):
         if self.persistent and (not self.ws or self.pingpong):
             raise ValueError("the persistent kernel is warp-specialized, without ping-pong")
         if self.one_section and not self.persistent:
             raise ValueError("one_section orders the persistent kernel's tiles")
+        if self.consumers not in (2, 3) or (self.consumers == 3 and not self.persistent):
+            raise ValueError("three consumer warpgroups are the persistent kernel's option")
 
     @property
     def takes_views(self) -> bool:
@@ -116,27 +120,29 @@ class GluonConfig:
 
     @property
     def rows_per_consumer(self) -> int:
-        return self.BLOCK_M // 2 if self.ws else self.BLOCK_M
+        return self.BLOCK_M // self.consumers if self.ws else self.BLOCK_M
 
     def __str__(self) -> str:
         flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
                                        ("hold", self.hold), ("persistent", self.persistent),
-                                       ("one_section", self.one_section)) if on]
+                                       ("one_section", self.one_section),
+                                       ("three consumers", self.consumers == 3)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
-def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False) -> int:
+def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False,
+              consumers: int = 2) -> int:
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
-    the partitions when ``ws`` (with two more barriers: the ping-pong's turns, allocated whether or
-    not it is on, or the persistent kernel's Q empty barriers in their place). P and the softmax
+    the partitions when ``ws`` (with one more barrier per consumer: the ping-pong's turns, allocated
+    whether or not it is on, or the persistent kernel's Q empty barriers in their place). P and the softmax
     stay in registers, so this is the whole of it: tests compare it with the compiled kernels'
     own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
     if ws:
-        return tiles + 2 * 2 * BARRIER_BYTES + 4 * ring + WS_CAPTURE_BYTES
+        return tiles + 2 * (-(-BARRIER_BYTES * consumers // 16) * 16) + 4 * ring + WS_CAPTURE_BYTES
     return tiles + BARRIER_BYTES + 2 * ring
 
 
@@ -144,12 +150,15 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
                    **flags) -> Optional[GluonConfig]:
     """The tile for ``head_dim``: BLOCK_M = 128 rows, key tiles of 128 (64 when 128 does not fit
     two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
-    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold, persistent, one_section)."""
+    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold, persistent, one_section,
+    consumers: with three, BLOCK_M is three consumers' 64 rows)."""
+    block_m = 64 * flags.get("consumers", 2) if ws else BLOCK_M
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
-                   if footprint(BLOCK_M, block_n, head_dim, elem_bytes, s, ws) <= device.shared_memory]
+                   if footprint(block_m, block_n, head_dim, elem_bytes, s, ws, flags.get("consumers", 2))
+                   <= device.shared_memory]
         if fitting:
-            return GluonConfig(BLOCK_M, block_n, max(fitting), ws, **flags)
+            return GluonConfig(block_m, block_n, max(fitting), ws, **flags)
     return None
 
 
@@ -343,6 +352,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
                 triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
+        constexprs.update(CONSUMERS=config.consumers)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only
         raise ValueError("the non-persistent Gluon kernels take (Z·H·N, d) row matrices only")

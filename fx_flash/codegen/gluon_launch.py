@@ -6,11 +6,11 @@ The forward is on by default (``FX_FLASH_GLUON=0`` turns it off): ``launch.atten
 offers each forward here first, and every call this kernel cannot compute exactly (another GPU,
 the interpreter, fp32, head dims other than 64 and 128, tensor operands, dropout, layouts a
 row-matrix descriptor cannot address, key lengths that are not a multiple of the key tile), or
-that it was not measured faster on (``not_routed``: head dim 64, ranged specs, short walks), runs
-the portable kernels instead. The reason is logged on the ``fx_flash`` logger at debug level. What
-is routed runs ROUTED_KIND: the persistent warp-specialized kernel (a TMA producer and two consumer
-warpgroups; one program per SM walking output tiles), the fastest of the kinds timed on the H200
-(benchmarks/GLUON_NOTES.md, call 9); the others (one partition; not persistent; ping-pong, hold,
+that it was not measured faster on (``not_routed``: ranged specs, short walks; at head dim 64,
+keep-predicates), runs the portable kernels instead. The reason is logged on the ``fx_flash``
+logger at debug level. What is routed runs ROUTED_KIND: the persistent warp-specialized kernel (a
+TMA producer and two consumer warpgroups, three at head dim 64; one program per SM walking output
+tiles), the fastest of the kinds timed on the H200 (benchmarks/GLUON_NOTES.md, calls 9, 36); the others (one partition; not persistent; ping-pong, hold,
 early rescale) are reached through ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 
 The backward is on by default too (``FX_FLASH_GLUON_BWD=0`` turns it off, independently of the
@@ -48,8 +48,8 @@ log = logging.getLogger("fx_flash")
 
 HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger ones need splitting
 # What is routed here: the head dims and dtypes where the kernel was checked on the H200 and
-# measured at least as fast as the portable forward (benchmarks/GLUON_NOTES.md, call 9).
-ROUTED_HEAD_DIMS = (128,)
+# measured at least as fast as the portable forward (benchmarks/GLUON_NOTES.md, calls 9, 34, 36-37).
+ROUTED_HEAD_DIMS = (64, 128)
 ROUTED_DTYPES = (torch.bfloat16, torch.float16)
 ROUTED_KIND = dict(ws=True, persistent=True)  # GluonConfig flags of the routed kernel
 # Fewest key tiles a program walks on average (a causal row tile walks fewer than its neighbours
@@ -59,6 +59,14 @@ ROUTED_KIND = dict(ws=True, persistent=True)  # GluonConfig flags of the routed 
 # 4 (plain 512) 409 against 337; 4.5 (causal 1k) 333 against 310; 8 and more 1.15-1.26x.
 # (Call 9, before: 4.5 lost, 8 won.)
 MIN_WALK = 4
+# Head dim 64 routes to three consumer warpgroups (CONSUMERS = 3), only for specs without a
+# keep-predicate, from MIN_WALK_D64 key tiles an output tile on. On the H200 (call 36, against the
+# portable forward): 0.95x at a walk of 8 (N = 1k), 1.03 at 16, 1.02 at 32, 1.07 at 64, 1.11 at
+# 128 (1.02x cuDNN at 16k); causal 0.60-0.75x (its band tile spills at 160 registers a thread).
+MIN_WALK_D64 = 64
+# head dim: (GluonConfig flags of its routed kernel beyond ROUTED_KIND, fewest key tiles an output
+# tile walks on average, whether specs with a keep-predicate route)
+ROUTES = {128: ({}, MIN_WALK, True), 64: (dict(consumers=3), MIN_WALK_D64, False)}
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 NUM_WARPS = 8
 MAX_STAGES = 4
@@ -395,21 +403,30 @@ def _not_measured(spec: AttentionSpec, q: torch.Tensor, head_dims: tuple, direct
     return None
 
 
+def routed_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonConfig]:
+    """The tile of the kernel routed at ``head_dim`` (ROUTED_KIND and ROUTES' flags), from M."""
+    flags = ROUTES[head_dim][0] if head_dim in ROUTES else {}
+    return default_config(device, head_dim, elem_bytes, **ROUTED_KIND, **flags)
+
+
 def not_routed(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> Optional[str]:
     """Why a call the kernel could compute still runs the portable forward: where the H200 runs
-    measured it slower (head dim 64; fewer than MIN_WALK key tiles a program; and, unmeasured,
-    fewer query rows than one output tile, where most of its rows would be idle), or where the
-    portable forward skips what this kernel would visit (ranged specs: windows, documents, which it
-    skips by per-tile ranges). ROUTED_DTYPES keeps the door for a dtype the kernel takes but that
-    was never run on a GPU (both it takes were)."""
+    measured it slower (ROUTES: fewer key tiles a program than its head dim's minimum; at head dim
+    64, a keep-predicate; and, unmeasured, fewer query rows than one output tile, where most of
+    its rows would be idle), or where the portable forward skips what this kernel would visit
+    (ranged specs: windows, documents, which it skips by per-tile ranges). ROUTED_DTYPES keeps the
+    door for a dtype the kernel takes but that was never run on a GPU (both it takes were)."""
     reason = _not_measured(spec, q, ROUTED_HEAD_DIMS, "forward")
     if reason:
         return reason
+    _, min_walk, predicates = ROUTES[q.shape[-1]]
+    if not predicates and mask_kind(spec) != 0:
+        return f"head dim {q.shape[-1]}: only specs without a keep-predicate were measured faster"
     if q.shape[2] < config.BLOCK_M:  # not measured; the portable forward takes narrower query tiles
         return f"N_Q = {q.shape[2]} fills less than one {config.BLOCK_M}-row output tile"
     walk = mean_walk(spec, q.shape[2], k.shape[2], config)
-    if walk < MIN_WALK:
-        return f"{walk:.1f} key tiles per output tile on average, fewer than MIN_WALK = {MIN_WALK}"
+    if walk < min_walk:
+        return f"{walk:.1f} key tiles per output tile on average, fewer than {min_walk} at head dim {q.shape[-1]}"
     return None
 
 
@@ -420,7 +437,7 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
     caller decides once per key."""
     config = None
     if q.is_cuda:
-        config = default_config(device_profile(q.device), q.shape[-1], q.element_size(), **ROUTED_KIND)
+        config = routed_config(device_profile(q.device), q.shape[-1], q.element_size())
     reason = unsupported_call(spec, q, k, v, config) or not_routed(spec, q, k, config)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)

@@ -40,7 +40,7 @@ GLUON_TEMPLATE = '''\
 #                      natural-log logsumexp, the portable forward's contract (the backward reads it).
 #   BLOCK_M, BLOCK_N   query rows of one consumer / key columns of a tile; STAGES K/V buffers.
 #   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
-#   k_empty, v_empty   (warp-specialized kernels only) completed when both consumers released it.
+#   k_empty, v_empty   (warp-specialized kernels only) completed when every consumer released it.
 #   sched              (warp-specialized, PINGPONG) consumer c's turn to issue its products.
 #   q_ready, q_empty   (persistent) consumer c's Q buffer loaded / free for the next output tile.
 #   s_layout, o_layout wgmma accumulator layouts of the scores (BLOCK_M, BLOCK_N) and of the output
@@ -54,7 +54,8 @@ GLUON_TEMPLATE = '''\
 # producer partition issues every load, two consumer warpgroups of BLOCK_M rows each (with its
 # options off: on the H200 the free-running consumers beat both the ping-pong and the hold,
 # benchmarks/GLUON_NOTES.md); and _attn_fwd_sm90_wsp, the same partitions in a persistent program
-# per SM that walks output tiles, what fx_flash routes to (gluon_launch.ROUTED_KIND).
+# per SM that walks output tiles (with two consumers, or three: CONSUMERS), what fx_flash routes to
+# (gluon_launch.ROUTED_KIND, gluon_launch.ROUTES).
 #
 # Note (pipeline): tile j's q·kᵀ is issued, then tile j-1's p·v, both asynchronous; waiting for
 # one outstanding group leaves p·v running on the tensor cores while the softmax of tile j runs.
@@ -493,8 +494,8 @@ def _attn_fwd_sm90_ws(
 
 @gluon.jit
 def _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS):
-    """(taken, flat head, query tile of 2·BLOCK_M rows) of this program's round g of the persistent
-    schedule. Heads go in sections of SECTION (all ZH of them unless causal); a section's
+    """(taken, flat head, query tile of CONSUMERS·BLOCK_M rows) of this program's round g of the
+    persistent schedule. Heads go in sections of SECTION (all ZH of them unless causal); a section's
     SECTION · Q_TILES output tiles in order, in SECTION_ROUNDS rounds of G (the grid), program p
     taking tile r·G + p of round r. The order within a section: the query tiles of a head one after
     another (programs in flight read a few heads' K/V, which stays in L2); or, causal (MASK = 1),

@@ -10,8 +10,9 @@ that it was not measured faster on (``not_routed``: ranged specs, short walks; a
 keep-predicates), runs the portable kernels instead. The reason is logged on the ``fx_flash``
 logger at debug level. What is routed runs ROUTED_KIND: the persistent warp-specialized kernel (a
 TMA producer and two consumer warpgroups, three at head dim 64; one program per SM walking output
-tiles), the fastest of the kinds timed on the H200 (benchmarks/GLUON_NOTES.md, calls 9, 36); the others (one partition; not persistent; ping-pong, hold,
-early rescale) are reached through ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
+tiles), the fastest of the kinds timed on the H200 (benchmarks/GLUON_NOTES.md, calls 9, 36); the
+others (one partition; not persistent; ping-pong, hold, early rescale) are reached through
+``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 
 The backward is on by default too (``FX_FLASH_GLUON_BWD=0`` turns it off, independently of the
 forward's switch): ``launch.planned_backward`` offers each backward key here first
@@ -143,10 +144,10 @@ def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
-    the partitions when ``ws`` (with one more barrier per consumer: the ping-pong's turns, allocated
-    whether or not it is on, or the persistent kernel's Q empty barriers in their place). P and the softmax
-    stay in registers, so this is the whole of it: tests compare it with the compiled kernels'
-    own counts."""
+    the partitions when ``ws`` (with one more barrier per consumer: the ping-pong's turns,
+    allocated whether or not it is on, or the persistent kernel's Q empty barriers in their
+    place). P and the softmax stay in registers, so this is the whole of it: tests compare it with
+    the compiled kernels' own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
     if ws:
@@ -156,8 +157,8 @@ def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages
 
 def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False,
                    **flags) -> Optional[GluonConfig]:
-    """The tile for ``head_dim``: BLOCK_M = 128 rows, key tiles of 128 (64 when 128 does not fit
-    two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
+    """The tile for ``head_dim``: BLOCK_M = 128 rows (64 a consumer: 192 with three consumers),
+    key tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
     fits. ``flags``: the other GluonConfig fields (pingpong, early, hold, persistent, one_section,
     consumers: with three, BLOCK_M is three consumers' 64 rows)."""
     block_m = 64 * flags.get("consumers", 2) if ws else BLOCK_M

@@ -61,14 +61,13 @@ def _module(source: str):
 
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
-                 early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
-                 split: bool = False):
+                 early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``)."""
     module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(64 * consumers if ws else gluon_launch.BLOCK_M, block_n, stages, ws, pingpong,
-                                      early, hold, persistent, consumers=consumers, split=split)
+                                      early, hold, persistent, consumers=consumers)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -79,7 +78,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              **({"CONSUMERS": consumers, "SPLIT": split} if persistent else {})}
+              **({"CONSUMERS": consumers} if persistent else {})}
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
     divisible = ("Out", "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
@@ -149,12 +148,11 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-# kind: (ws, pingpong, early, hold, persistent, consumers, split)
+# kind: (ws, pingpong, early, hold, persistent, consumers)
 KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
 KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
 KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True),
-              "wsp3": (True, False, False, False, True, 3), "wsps": (True, False, False, False, True, 2, True),
-              "wsp3s": (True, False, False, False, True, 3, True)})
+              "wsp3": (True, False, False, False, True, 3)})
 
 
 def _sass(kernel) -> str:

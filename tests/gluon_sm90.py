@@ -64,7 +64,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
-    per SM walking output tiles when ``persistent``)."""
+    per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups)."""
     module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(64 * consumers if ws else gluon_launch.BLOCK_M, block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers)

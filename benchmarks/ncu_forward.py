@@ -9,6 +9,7 @@ warm-up (bf16, batch·N = 16k, hidden 2048).
 
 The CSV has one line per SASS instruction with its warp stall samples by reason: where the
 consumers wait (on a q·kᵀ, on p·v, on Q at a tile's start, in the epilogue's stores).
+``python benchmarks/ncu_sass.py REPORT_sass.csv`` summarizes it by partition, reason and store width.
 
 Without ncu it prints the kernel's time (CUDA events, median of 20), a check that the run is the
 shape meant.

@@ -27,6 +27,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fx_flash  # noqa: E402
 
 
+def median_ms(step, runs: int, warmup: int = 3) -> float:
+    """``step``'s median time in ms over ``runs`` calls timed by CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def profile_once(step) -> None:
+    """One call of ``step`` between cudaProfilerStart and Stop (what ``--profile-from-start off`` profiles)."""
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=8192)
@@ -50,24 +74,10 @@ def main() -> None:
     for name, gluon in (("gluon", "1"), ("portable", "0")):
         os.environ["FX_FLASH_GLUON_BWD"] = gluon
         step = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        runs[name] = (step, sorted(times)[len(times) // 2])
+        runs[name] = (step, median_ms(step, 10))
     for name, (step, ms) in runs.items():
         os.environ["FX_FLASH_GLUON_BWD"] = "1" if name == "gluon" else "0"
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        profile_once(step)
         work = 2.5 * 4 * b * h * n * n * d / (2 if args.causal else 1)
         print(f"{name} backward, B{b} H{h} N{n} d{d} causal={args.causal}: {ms:.3f} ms, "
               f"{work / ms / 1e9:.0f} TFLOP/s", flush=True)

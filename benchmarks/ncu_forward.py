@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def main() -> None:
     from gluon_check import variants
+    from ncu_backward import median_ms, profile_once
 
     from fx_flash.codegen import gluon_launch
     from fx_flash.codegen.spec import sdpa_spec
@@ -46,21 +47,8 @@ def main() -> None:
     out, lse = torch.empty_like(q), torch.empty(b, h, n, device="cuda")
     spec, scale = sdpa_spec(causal=args.causal), 1 / math.sqrt(d)
     step = lambda: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)  # noqa: E731
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = sorted(times)[len(times) // 2]
-    torch.cuda.profiler.start()
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    ms = median_ms(step, 20)
+    profile_once(step)
     work = 4 * b * h * n * n * d / (2 if args.causal else 1)
     print(f"{args.variant} forward, B{b} H{h} N{n} d{d} causal={args.causal}: {ms:.3f} ms, "
           f"{work / ms / 1e9:.0f} TFLOP/s", flush=True)

@@ -261,8 +261,8 @@ def warm(d, ns):
 def bench(d, ns, names, extra, rounds=1):
     """TFLOP/s rows: cuDNN SDPA (first, and again last: the card's clocks drift within a row), the
     portable forward (paper tile, FX_FLASH_GLUON=0: before call 34 this column ran the default
-    switches, so the Gluon forward where the op routes to it) and each Gluon variant in ``names``. ``extra``: "noportable",
-    "nosoftcap", "fp16" (a row at the longest N in fp16). ``rounds`` > 1: every column is timed
+    switches, so the Gluon forward where the op routes to it) and each Gluon variant in
+    ``names``. ``extra``: "noportable", "nosoftcap", "fp16" (a row at the longest N in fp16). ``rounds`` > 1: every column is timed
     that many times, in turn forward and backward order, and each cell is the median of its rounds
     (the drift then favours no column)."""
     import triton.testing

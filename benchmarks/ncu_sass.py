@@ -52,7 +52,7 @@ def partitions(rows: list[dict]) -> list[tuple[int, int, str]]:
     to 24, see gluon.CONSUMER_REGISTERS); what follows the last EXIT is the out-of-line retry loops
     of mbarrier waits, which belong to whichever partition branched there."""
     cuts = [i for i, row in enumerate(rows) if re.search(r"\b(USETMAXREG|EXIT)\b", row.get("Source", ""))]
-    bounds = [0] + [c for c in cuts] + [len(rows)]
+    bounds = [0] + cuts + [len(rows)]
     ranges = []
     for a, b in zip(bounds, bounds[1:]):
         if a == b:

@@ -66,7 +66,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups)."""
     module = _module(render_gluon(spec_from_text(spec_text)))
-    config = gluon_launch.GluonConfig(64 * consumers if ws else gluon_launch.BLOCK_M, block_n, stages, ws, pingpong,
+    config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),

@@ -607,12 +607,11 @@ def _attn_fwd_sm90_wsp(
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
     choice at head dim 64, where a consumer's exponentials take as long as its products) in
-    ROUNDS rounds of _output_tile's schedule. Q has
-    an empty barrier per consumer besides its ready one, so the producer loads the next tile's Q
-    once a consumer's last q·kᵀ has completed, and its K/V as ring buffers free up: the next
-    tile's loads run under the current tile's last p·v and epilogue. The schedule's sizes come
-    from the launcher: Q_TILES = cdiv(N_Q, CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per
-    section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
+    ROUNDS rounds of _output_tile's schedule. Q has an empty barrier per consumer besides its
+    ready one, so the producer loads the next tile's Q once a consumer's last q·kᵀ has completed,
+    and its K/V as ring buffers free up: the next tile's loads run under the current tile's last
+    p·v and epilogue. The schedule's sizes come from the launcher: Q_TILES = cdiv(N_Q,
+    CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
     compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
     output tile)."""

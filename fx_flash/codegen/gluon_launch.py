@@ -48,9 +48,9 @@ from fx_flash.device import DeviceProfile, device_profile, interpreting
 log = logging.getLogger("fx_flash")
 
 HEAD_DIMS = (64, 128)  # one wgmma instruction's N covers the head dim; larger ones need splitting
-# What is routed here: the head dims and dtypes where the kernel was checked on the H200 and
-# measured at least as fast as the portable forward (benchmarks/GLUON_NOTES.md, calls 9, 34, 36-37).
-ROUTED_HEAD_DIMS = (64, 128)
+# What is routed here: the head dims (ROUTES, below) and dtypes where the kernel was checked on the
+# H200 and measured at least as fast as the portable forward (benchmarks/GLUON_NOTES.md, calls 9,
+# 34, 36-37).
 ROUTED_DTYPES = (torch.bfloat16, torch.float16)
 ROUTED_KIND = dict(ws=True, persistent=True)  # GluonConfig flags of the routed kernel
 # Fewest key tiles a program walks on average (a causal row tile walks fewer than its neighbours
@@ -68,7 +68,9 @@ MIN_WALK_D64 = 64
 # head dim: (GluonConfig flags of its routed kernel beyond ROUTED_KIND, fewest key tiles an output
 # tile walks on average, whether specs with a keep-predicate route)
 ROUTES = {128: ({}, MIN_WALK, True), 64: (dict(consumers=3), MIN_WALK_D64, False)}
+ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
+CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)
 NUM_WARPS = 8
 MAX_STAGES = 4
 BARRIER_BYTES = 8
@@ -155,13 +157,19 @@ def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages
     return tiles + BARRIER_BYTES + 2 * ring
 
 
+def program_rows(ws: bool, consumers: int = 2) -> int:
+    """Query rows of one program: CONSUMER_ROWS per consumer warpgroup when warp-specialized (two
+    of them make BLOCK_M), else BLOCK_M over one partition's two warpgroups."""
+    return CONSUMER_ROWS * consumers if ws else BLOCK_M
+
+
 def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False,
                    **flags) -> Optional[GluonConfig]:
-    """The tile for ``head_dim``: BLOCK_M = 128 rows (64 a consumer: 192 with three consumers),
-    key tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES) whose footprint fits M. None if none
-    fits. ``flags``: the other GluonConfig fields (pingpong, early, hold, persistent, one_section,
-    consumers: with three, BLOCK_M is three consumers' 64 rows)."""
-    block_m = 64 * flags.get("consumers", 2) if ws else BLOCK_M
+    """The tile for ``head_dim``: program_rows (BLOCK_M = 128, or 192 with three consumers), key
+    tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES)
+    whose footprint fits M. None if none fits. ``flags``: the other GluonConfig fields (pingpong,
+    early, hold, persistent, one_section, consumers)."""
+    block_m = program_rows(ws, flags.get("consumers", 2))
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
                    if footprint(block_m, block_n, head_dim, elem_bytes, s, ws, flags.get("consumers", 2))

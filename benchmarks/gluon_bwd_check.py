@@ -3,7 +3,7 @@ against an fp32 reference on every case kind, then fwd+bwd TFLOP/s beside cuDNN 
 portable backward.
 
     python benchmarks/gluon_bwd_check.py [--ns 2048,8192] [--dims 128] [--small 2048,8192] [--limit 120] [--bench-limit 110]
-        [--schedules base,dv,rows,dv+rows,keys,keys+rows] [--rounds 3] [--no-grid] [--fp16 2048,8192]
+        [--schedules base,dv,rows,dv+rows,keys,keys+rows,rows@128] [--rounds 3] [--no-grid] [--fp16 2048,8192]
 
 Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
@@ -25,10 +25,11 @@ phase waits forever) costs its own rows, not the run:
    backward alone counts 2.5·4·B·H·N²·d.
    --no-grid skips it.
 3. with --schedules: the backward alone at each head dim of --dims and N of --ns, the Gluon kernel
-   at each named step schedule (SCHEDULES: GluonBwdConfig's flags) launched directly, beside cuDNN's
-   and the portable backward (--rounds R: each schedule R times, alternating the order, the median
-   reported). Phase 1 then checks every schedule in its bf16 d = 128 child, the first and last
-   named in the others.
+   at each named step schedule (SCHEDULES: GluonBwdConfig's flags; "rows@128": with 128 query
+   rows a step) launched directly, beside cuDNN's and the portable backward (--rounds R: each
+   schedule R times, alternating the order, the median reported). Phase 1 then checks every
+   schedule in its bf16 children (one whose tile does not fit at a head dim is skipped there), the
+   first and last named in the fp16 one.
 """
 
 from __future__ import annotations
@@ -122,23 +123,37 @@ SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+row
 
 def _config(d, schedule=None):
     """The backward's tile on this GPU at head dim d; with ``schedule`` (a SCHEDULES name) its flags
-    set to that schedule's, else the default's."""
+    set to that schedule's, else the default's. A name may end in "@M": BLOCK_M = M query rows a
+    step, with the deepest Q/dO ring (at most BWD_MAX_STAGES) that then fits M; None when two
+    stages do not fit."""
     import dataclasses
 
     from fx_flash.codegen import gluon_launch
     from fx_flash.device import device_profile
 
-    cfg = gluon_launch.backward_config(device_profile(torch.device("cuda")), d, 2)
+    device = device_profile(torch.device("cuda"))
+    cfg = gluon_launch.backward_config(device, d, 2)
     if schedule is None:
         return cfg
-    return dataclasses.replace(cfg, **{name: name in SCHEDULES[schedule] for name in cfg.schedule})
+    schedule, _, rows = schedule.partition("@")
+    cfg = dataclasses.replace(cfg, **{name: name in SCHEDULES[schedule] for name in cfg.schedule})
+    if rows:
+        stages = [s for s in range(2, gluon_launch.BWD_MAX_STAGES + 1)
+                  if gluon_launch.footprint_bwd(int(rows), cfg.BLOCK_N, d, 2, s, cfg.KEYS_ON_ROWS,
+                                                cfg.ROWS_SHARED) <= device.shared_memory]
+        cfg = dataclasses.replace(cfg, BLOCK_M=int(rows), STAGES=max(stages)) if stages else None
+    return cfg
 
 
 def numerics(d, dtype, schedules=(None, )):
     """The Gluon backward on every case, launched directly, at each schedule; True if all pass."""
     ok = True
     for schedule in schedules:
-        ok &= _numerics(d, dtype, _config(d, schedule))
+        cfg = _config(d, schedule)
+        if cfg is None:
+            print(f"SKIP d{d} {schedule}: two stages of its tile do not fit in shared memory", flush=True)
+            continue
+        ok &= _numerics(d, dtype, cfg)
     if dtype == torch.bfloat16:  # the default path at each head dim it is routed for
         ok &= routed(d)
     return ok
@@ -307,7 +322,8 @@ def bench(ns, gluon_ok, dims=(128, ), fp16_ns=()):
 
 def schedule_rows(ns, dims, names, rounds=1):
     """The backward alone, TFLOP/s (2.5·4·B·H·N²·d, halved when causal), bf16, batch·N = 16k,
-    hidden 2048: the Gluon kernel at each step schedule of ``names`` (launched directly from one
+    hidden 2048, plain, causal, and causal with soft-capping (SOFTCAP; the Gluon kernel only): the
+    Gluon kernel at each step schedule of ``names`` (launched directly from one
     saved forward: the Delta kernel, the main one, dQ's cast), beside cuDNN's backward and the
     portable one (autograd's, from a saved forward), in one process, cuDNN first and last. The
     GPU's rate drifts down within a row (cuDNN's last timing 0-9% below its first, call 21), which
@@ -323,7 +339,8 @@ def schedule_rows(ns, dims, names, rounds=1):
 
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     for d, n in [(d, n) for d in dims for n in ns]:
-        for causal in (False, True):
+        for causal in (False, True, "softcap"):
+            softcap = causal == "softcap"  # causal with soft-capping: the Gluon schedules only
             b, h = 16384 // n, 2048 // d
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
@@ -341,14 +358,16 @@ def schedule_rows(ns, dims, names, rounds=1):
                     row[name] = type(e).__name__
                     print(f"{name} d{d} n{n} causal={causal}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            timed("cudnn", lambda: torch.autograd.grad(ref_out, (q, k, v), do, retain_graph=True))
-            os.environ["FX_FLASH_GLUON_BWD"] = "0"
-            out = fx_flash.flash_attention(q, k, v, is_causal=causal)
-            timed("portable", lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-            os.environ.pop("FX_FLASH_GLUON_BWD")
-            spec = spec_from_text("score=qk*scale; keep=kv_idx <= q_idx" if causal else "score=qk*scale")
+            if not softcap:
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                timed("cudnn", lambda: torch.autograd.grad(ref_out, (q, k, v), do, retain_graph=True))
+                os.environ["FX_FLASH_GLUON_BWD"] = "0"
+                out = fx_flash.flash_attention(q, k, v, is_causal=causal)
+                timed("portable", lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+                os.environ.pop("FX_FLASH_GLUON_BWD")
+            spec = spec_from_text(SOFTCAP if softcap else "score=qk*scale; keep=kv_idx <= q_idx" if causal
+                                  else "score=qk*scale")
             scale = 1 / math.sqrt(d)
             qd, kd, vd = (t.detach() for t in (q, k, v))
             o, lse = launch.attention_forward(qd, kd, vd, [], None, 0.0, scale, spec)
@@ -356,12 +375,16 @@ def schedule_rows(ns, dims, names, rounds=1):
             for r in range(rounds):
                 for name in names if r % 2 == 0 else names[::-1]:
                     cfg = _config(d, name)
-                    timed(name, lambda: gluon_launch.launch_backward(spec, do, qd, kd, vd, o, lse, scale, cfg))
+                    if cfg is None:  # its tile does not fit at this head dim
+                        row[name] = "-"
+                    else:
+                        timed(name, lambda: gluon_launch.launch_backward(spec, do, qd, kd, vd, o, lse, scale, cfg))
                     taken[name].append(row[name])
             for name, rates in taken.items():
                 numbers = sorted(x for x in rates if isinstance(x, int))
                 row[name] = numbers[len(numbers) // 2] if len(numbers) == len(rates) else rates[-1]
-            timed("cudnn again", lambda: torch.autograd.grad(ref_out, (q, k, v), do, retain_graph=True))
+            if not softcap:
+                timed("cudnn again", lambda: torch.autograd.grad(ref_out, (q, k, v), do, retain_graph=True))
             print("SCHED " + json.dumps(row), flush=True)
 
 
@@ -429,7 +452,7 @@ def main():
     ap.add_argument("--bench-limit", type=float, default=110.0, help="seconds of the timing child")
     ap.add_argument("--small", default="", help="N values for the few-programs rows (B = 1, H = 1..32)")
     ap.add_argument("--schedules", default="", help="step schedules (SCHEDULES' names) to check and time beside "
-                    "each other; the bf16 d = 128 numerics run every one, the others the first and last")
+                    "each other; the bf16 numerics run every one, fp16 the first and last")
     ap.add_argument("--rounds", type=int, default=1, help="times each schedule is timed, in turn forward and "
                     "backward order; the median is reported")
     ap.add_argument("--no-grid", action="store_true", help="skip the fwd+bwd rows through flash_attention")
@@ -446,7 +469,8 @@ def main():
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     names = args.schedules.split(",") if args.schedules else []
     ends = ",".join(dict.fromkeys(names[:1] + names[-1:]))
-    jobs = [f"numerics:128:bfloat16:{','.join(names)}", f"numerics:128:float16:{ends}", f"numerics:64:bfloat16:{ends}"]
+    jobs = [f"numerics:128:bfloat16:{','.join(names)}", f"numerics:128:float16:{ends}",
+            f"numerics:64:bfloat16:{','.join(names)}"]
     passed = {}
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         for what, text, secs, ok in pool.map(lambda w: _run_child(w, args.ns, args.limit), jobs):
@@ -475,8 +499,8 @@ def main():
         for r in sched:
             a, z = r.get(names[0]), r.get(names[-1])
             ratio = f"{z / a:.3f}" if isinstance(a, int) and isinstance(z, int) else "-"
-            print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | "
-                  + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {ratio} |")
+            kind = "soft-capping" if r["causal"] == "softcap" else "yes" if r["causal"] else "no"
+            print(f"| {r['d']} | {r['n']} | {kind} | " + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {ratio} |")
     cols = ["cudnn"] + [c for name, _, _ in FX_COLUMNS for c in (name, name + " (bwd)") if c != "fx portable (bwd)"]
     cols.append("cudnn again")
     print("\nTFLOP/s fwd+bwd (\"(bwd)\": the backward alone), batch*N = 16k, hidden 2048; \"gluon bwd\": the "

@@ -53,7 +53,8 @@ def variants(d: int) -> dict:
     keeps each consumer's softmax under its p·v (gluon._hold); "wsp" ws as a persistent kernel
     (one program per SM walking output tiles; causal: longest first in L2-sized sections of heads),
     "wsp1" with the causal order in one section of every head, "wsp3" with three consumer
-    warpgroups (BLOCK_M = 192). BLOCK_M/ or BLOCK_N/STAGES."""
+    warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split).
+    BLOCK_M/ or BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -65,10 +66,13 @@ def variants(d: int) -> dict:
                 "pp 128/2": C(128, 128, 2, True, **pp), "pph 128/2": C(128, 128, 2, True, **pph),
                 "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh),
                 "wsp 128/3": C(128, 128, 3, True, persistent=True), "wsp 128/2": C(128, 128, 2, True, persistent=True),
-                "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True)}
+                "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True),
+                "wsps 128/3": C(128, 128, 3, True, persistent=True, split=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
+            "wsps 128/4": C(128, 128, 4, True, persistent=True, split=True),
             "wsp3 192/4": C(192, 128, 4, True, persistent=True, consumers=3),
+            "wsp3s 192/4": C(192, 128, 4, True, persistent=True, consumers=3, split=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 

@@ -61,13 +61,14 @@ def _module(source: str):
 
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
-                 early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2):
+                 early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
+                 split: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups)."""
     module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
-                                      early, hold, persistent, consumers=consumers)
+                                      early, hold, persistent, consumers=consumers, split=split)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -78,7 +79,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              **({"CONSUMERS": consumers} if persistent else {})}
+              **({"CONSUMERS": consumers, "SPLIT": split} if persistent else {})}
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
     divisible = ("Out", "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
@@ -148,11 +149,12 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-# kind: (ws, pingpong, early, hold, persistent, consumers)
+# kind: (ws, pingpong, early, hold, persistent, consumers, split)
 KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
 KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
 KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True),
-              "wsp3": (True, False, False, False, True, 3)})
+              "wsp3": (True, False, False, False, True, 3), "wsps": (True, False, False, False, True, 2, True),
+              "wsp3s": (True, False, False, False, True, 3, True)})
 
 
 def _sass(kernel) -> str:

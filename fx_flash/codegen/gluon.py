@@ -192,7 +192,8 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
 def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q_empty, k_desc, v_desc, kv_row,
             row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
-            C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr):
+            C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr,
+            SPLIT: gl.constexpr = False):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
     tiles are loaded into the ring in all (more than n_tiles when another consumer needs more),
@@ -226,14 +227,27 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     # -- steady state: tiles from ``mid`` on cross the causal diagonal (MASK = 1) --
-    # Note (one loop): splitting it into an unmasked and a masked loop fed one pipeline through both
-    # but was not measured (the H200 run that would have timed it hung on a bug since fixed), so the
-    # measured form stays: a branch per tile on in_band.
-    for j in range(1, n_tiles):
-        p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
-                                           v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
-                                           qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
-                                           tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
+    # Note (one loop): by default one loop with a branch per tile on in_band. SPLIT (MASK = 1): an
+    # unmasked loop then a masked one, one pipeline through both; each body holds one form of the
+    # softmax, and ptxas then keeps the three-consumer causal kernel in its 160 registers.
+    if SPLIT and MASK == 1:
+        band = gl.maximum(gl.minimum(mid, n_tiles), 1)
+        for j in range(1, band):
+            p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
+                                               v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
+                                               qk_scale, sm_scale, offs_m, cols, ${OPS}False, s_layout, p_layout,
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
+        for j in range(band, n_tiles):
+            p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
+                                               v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
+                                               qk_scale, sm_scale, offs_m, cols, ${OPS}True, s_layout, p_layout,
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
+    else:
+        for j in range(1, n_tiles):
+            p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
+                                               v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
+                                               qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
     if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
         mbarrier.arrive(q_empty, count=1)
 
@@ -388,7 +402,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty, k_ready, v_ready,
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
-                   EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr):
+                   EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
@@ -403,7 +417,7 @@ $HEADS_WS
     mbarrier.wait(q_bars.index(c), q_phase)
     acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                             q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
-                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q)
+                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
         mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
@@ -572,7 +586,7 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                          k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q,
                          N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr,
-                         HOLD: gl.constexpr):
+                         HOLD: gl.constexpr, SPLIT: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
     one's loads ended."""
@@ -588,7 +602,8 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True)
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True,
+                           SPLIT)
             base += n_load
             done += 1
 
@@ -602,7 +617,7 @@ def _attn_fwd_sm90_wsp(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
-    CONSUMERS: gl.constexpr = 2,
+    CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -634,7 +649,7 @@ def _attn_fwd_sm90_wsp(
     ZH = Z * H
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
-                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD)
+                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT)
     producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                      v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ,
                      KV_RH, KV_CH, GROUP)

@@ -109,12 +109,14 @@ class GluonConfig:
     one_section: bool = False
     # persistent only: consumer warpgroups of BLOCK_M / consumers rows each (2, or 3)
     consumers: int = 2
+    # persistent only: causal specs walk their tiles below the diagonal and on it in two loops
+    split: bool = False
 
     def __post_init__(self):
         if self.persistent and (not self.ws or self.pingpong):
             raise ValueError("the persistent kernel is warp-specialized, without ping-pong")
-        if self.one_section and not self.persistent:
-            raise ValueError("one_section orders the persistent kernel's tiles")
+        if (self.one_section or self.split) and not self.persistent:
+            raise ValueError("one_section and split are options of the persistent kernel")
         if self.consumers not in (2, 3) or (self.consumers == 3 and not self.persistent):
             raise ValueError("three consumer warpgroups are the persistent kernel's option")
 
@@ -137,7 +139,7 @@ class GluonConfig:
         flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
                                        ("hold", self.hold), ("persistent", self.persistent),
                                        ("one_section", self.one_section),
-                                       ("three consumers", self.consumers == 3)) if on]
+                                       ("three consumers", self.consumers == 3), ("split", self.split)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
@@ -369,7 +371,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
                 triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
-        constexprs.update(CONSUMERS=config.consumers)
+        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only
         raise ValueError("the non-persistent Gluon kernels take (Z·H·N, d) row matrices only")

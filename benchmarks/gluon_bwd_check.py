@@ -9,8 +9,9 @@ Call 6 (benchmarks/GLUON_NOTES.md): the command above with its defaults.
 
 Two phases, each child process with its own time limit, so a kernel that hangs (a wrong mbarrier
 phase waits forever) costs its own rows, not the run:
-1. numerics, in parallel: one child per (dtype, head dim): the Gluon backward (launched directly,
-   its outputs and dQ accumulator poisoned with NaN first) on plain, causal, soft-capping, ragged
+1. numerics, in parallel: one child per (dtype, head dim): the Gluon backward (launched directly
+   at the tile each case's spec is routed to, its outputs and dQ accumulator poisoned with NaN
+   first) on plain, causal, soft-capping, ragged
    N_Q, N_Q = 77, GQA 16/2, N_Q > N_KV and prefix-LM, checked with flash-attn's rule (the max error at most
    twice PyTorch's own error in the test dtype, plus 1e-2·max(1, √max|ref|)) against fp32 eager
    autograd; and, in the bf16 children (d = 128 and 64), ``fx_flash.flash_attention`` with the switches at their
@@ -29,7 +30,7 @@ phase waits forever) costs its own rows, not the run:
    rows a step) launched directly, beside cuDNN's and the portable backward (--rounds R: each
    schedule R times, alternating the order, the median reported). Phase 1 then checks every
    schedule in its bf16 children (one whose tile does not fit at a head dim is skipped there), the
-   first and last named in the fp16 one.
+   first and last named in the fp16 ones.
 """
 
 from __future__ import annotations
@@ -121,9 +122,10 @@ SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+row
              "dv+shared": ("DV_EARLY", "ROWS_SHARED"), "keys+shared": ("KEYS_ON_ROWS", "ROWS_SHARED")}
 
 
-def _config(d, schedule=None):
+def _config(d, schedule=None, spec=None):
     """The backward's tile on this GPU at head dim d; with ``schedule`` (a SCHEDULES name) its flags
-    set to that schedule's, else the default's. A name may end in "@M": BLOCK_M = M query rows a
+    set to that schedule's, else the default's (for ``spec``: the routed tile, its rows by
+    gluon_launch.backward_rows). A name may end in "@M": BLOCK_M = M query rows a
     step, with the deepest Q/dO ring (at most BWD_MAX_STAGES) that then fits M; None when two
     stages do not fit."""
     import dataclasses
@@ -132,9 +134,10 @@ def _config(d, schedule=None):
     from fx_flash.device import device_profile
 
     device = device_profile(torch.device("cuda"))
-    cfg = gluon_launch.backward_config(device, d, 2)
     if schedule is None:
-        return cfg
+        rows = gluon_launch.backward_rows(spec, d) if spec is not None else gluon_launch.BWD_BLOCK_M
+        return gluon_launch.backward_config(device, d, 2, rows)
+    cfg = gluon_launch.backward_config(device, d, 2)
     schedule, _, rows = schedule.partition("@")
     cfg = dataclasses.replace(cfg, **{name: name in SCHEDULES[schedule] for name in cfg.schedule})
     if rows:
@@ -149,23 +152,24 @@ def numerics(d, dtype, schedules=(None, )):
     """The Gluon backward on every case, launched directly, at each schedule; True if all pass."""
     ok = True
     for schedule in schedules:
-        cfg = _config(d, schedule)
-        if cfg is None:
+        if schedule is not None and _config(d, schedule) is None:
             print(f"SKIP d{d} {schedule}: two stages of its tile do not fit in shared memory", flush=True)
             continue
-        ok &= _numerics(d, dtype, cfg)
+        ok &= _numerics(d, dtype, schedule)
     if dtype == torch.bfloat16:  # the default path at each head dim it is routed for
         ok &= routed(d)
     return ok
 
 
-def _numerics(d, dtype, cfg):
+def _numerics(d, dtype, schedule):
+    """Every case of _cases at ``schedule``'s tile (None: the routed tile of each case's spec)."""
     from fx_flash.codegen import gluon_launch, launch
     from fx_flash.codegen.spec import spec_from_text
 
     ok = True
     for label, b, hq, hkv, nq, nk, text, causal, softcap, *prefix in _cases():
         spec = spec_from_text(text)
+        cfg = _config(d, schedule, spec)
         bnhd = "BNHD" in label
         q, do = (_randn(b, hq, nq, d, dtype, bnhd) for _ in range(2))
         k, v = (_randn(b, hkv, nk, d, dtype, bnhd) for _ in range(2))
@@ -200,10 +204,10 @@ def _numerics(d, dtype, cfg):
     return ok
 
 
-def _record_routes(decider="routed_backward"):
+def _record_routes(decider="routed_backward", configs=None):
     """Wrap gluon_launch's ``decider`` (routed_backward, or routed_forward) so that each decision
-    appends whether the Gluon kernel took the call; returns that list and a function putting the
-    real one back."""
+    appends whether the Gluon kernel took the call (and, to ``configs`` if given, its tile as text,
+    or None); returns that list and a function putting the real one back."""
     from fx_flash.codegen import gluon_launch
 
     real, record = getattr(gluon_launch, decider), []
@@ -211,6 +215,8 @@ def _record_routes(decider="routed_backward"):
     def recording(*args):
         launch = real(*args)
         record.append(launch is not None)
+        if configs is not None:
+            configs.append(str(launch.config) if launch is not None else None)
         return launch
 
     setattr(gluon_launch, decider, recording)
@@ -224,7 +230,8 @@ def routed(d):
     across the calls (dQ's sum has no fixed order), and out, dq, dk, dv follow the rule."""
     import fx_flash
 
-    decided, restore = _record_routes()
+    tiles = []
+    decided, restore = _record_routes(configs=tiles)
     saved = {name: os.environ.pop(name, None) for name in ("FX_FLASH_GLUON", "FX_FLASH_GLUON_BWD")}
     try:
         q, k, v = (torch.randn(4, 16, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -252,7 +259,8 @@ def routed(d):
         ok &= _rule("dq", run[0], tor_grads[0], ref_grads[0])[0]
     print(f"{'PASS' if ok else 'FAIL'} d{d} flash_attention causal 4x16x2048 (1024 query-head/key-tile pairs), "
           f"default switches (routed to the gluon "
-          f"backward, decided once: {decided}; dk, dv of 3 calls bitwise equal: {same}): {' '.join(rows)}", flush=True)
+          f"backward, decided once: {decided}, tile {tiles[0]}; dk, dv of 3 calls bitwise equal: {same}): "
+          f"{' '.join(rows)}", flush=True)
     return ok
 
 
@@ -452,7 +460,7 @@ def main():
     ap.add_argument("--bench-limit", type=float, default=110.0, help="seconds of the timing child")
     ap.add_argument("--small", default="", help="N values for the few-programs rows (B = 1, H = 1..32)")
     ap.add_argument("--schedules", default="", help="step schedules (SCHEDULES' names) to check and time beside "
-                    "each other; the bf16 numerics run every one, fp16 the first and last")
+                    "each other; the bf16 numerics run every one, the fp16 ones the first and last")
     ap.add_argument("--rounds", type=int, default=1, help="times each schedule is timed, in turn forward and "
                     "backward order; the median is reported")
     ap.add_argument("--no-grid", action="store_true", help="skip the fwd+bwd rows through flash_attention")
@@ -470,7 +478,7 @@ def main():
     names = args.schedules.split(",") if args.schedules else []
     ends = ",".join(dict.fromkeys(names[:1] + names[-1:]))
     jobs = [f"numerics:128:bfloat16:{','.join(names)}", f"numerics:128:float16:{ends}",
-            f"numerics:64:bfloat16:{','.join(names)}"]
+            f"numerics:64:bfloat16:{','.join(names)}", f"numerics:64:float16:{ends}"]
     passed = {}
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         for what, text, secs, ok in pool.map(lambda w: _run_child(w, args.ns, args.limit), jobs):

@@ -180,12 +180,13 @@ def numerics(d, name, which, dtype):
 def backward_through_gluon(d):
     """fx_flash.flash_attention as users call it (the Gluon forward on by default), where it routes:
     at d = 128 causal at N = 2k and at N = 1k (an output tile walks 4.5 key tiles there, routed
-    since call 33); at d = 64 without a mask at N = 8k (three consumers, from 64 key tiles): the
-    forward plan routed to the Gluon kernel, its second and third calls launched directly through
+    since call 33); at d = 64 without a mask at N = 8k (three consumers, from 64 key tiles) and
+    causal at N = 4k (two consumers, the causal walk split, from 16 key tiles): the forward plan
+    routed to the Gluon kernel, its second and third calls launched directly through
     the bound launcher and equal to the first bitwise, and the backward, reading its logsumexp,
     gives flash-attn-rule gradients."""
     if d == 64:
-        return _through_op(d, 8192, causal=False)
+        return all([_through_op(d, 8192, causal=False), _through_op(d, 4096)])
     return all([_through_op(d, n) for n in (2048, 1024)])
 
 
@@ -227,7 +228,7 @@ def _through_op(d, n, causal=True):
         good = e <= 2 * et + 1e-2 * max(1.0, r.abs().max().item() ** 0.5)
         ok &= good
         rows.append(f"{name} {e:.2e}/{et:.2e}{'' if good else '!'}")
-    kind = calls[0].fn.__name__ if calls and calls[0] is not None else "-"
+    kind = f"{calls[0].fn.__name__} {calls[0].config}" if calls and calls[0] is not None else "-"
     print(f"{'PASS' if ok else 'FAIL'} d{d} N{n} causal={causal} fwd (gluon [{kind}], 3 calls equal: {same}, "
           f"differing: {differ or 'none'}) + bwd: "
           f"{' '.join(rows)}", flush=True)

@@ -4,10 +4,11 @@
 
 KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
 accumulator rescaled while q·kᵀ runs), wsp (ws, persistent), wsp3 (wsp with three consumer
-warpgroups, CONSUMERS = 3); a trailing "h" (wsh, pph, ppeh, wsph)
-adds the hold (gluon._hold); bwd, the backward (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows
-per step and BLOCK_N keys; bwd:FLAG,FLAG with those of GluonBwdConfig's schedule flags set, e.g.
-bwd:DV_EARLY,ROWS_AHEAD; bwd: none of them), bwd-prep its Delta kernel;
+warpgroups, CONSUMERS = 3), wsps and wsp3s (with the causal walk split in two loops); a trailing
+"h" (wsh, pph, ppeh, wsph) adds the hold (gluon._hold); bwd, the backward
+(gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows per step, bwd@128 128 of them, and BLOCK_N
+keys; bwd:FLAG,FLAG with those of GluonBwdConfig's schedule flags set, e.g.
+bwd:DV_EARLY,ROWS_AHEAD or bwd@128:ROWS_AHEAD; bwd: none of them), bwd-prep its Delta kernel;
 
 prints one JSON line per kernel: the compiled shared memory, whether the PTX has wgmma and TMA
 bulk-tensor copies, and the registers and spills ptxas reports (the ptxas Triton itself runs for
@@ -89,7 +90,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
 
 
 def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, prep: bool = False,
-                     schedule: tuple = ()):
+                     schedule: tuple = (), block_m: int = gluon_launch.BWD_BLOCK_M):
     """The compiled Gluon backward of ``spec_text`` for bf16 at ``head_dim`` (its Delta kernel when
     ``prep``; ``schedule``, the GluonBwdConfig flags set, e.g. ("DV_EARLY", )), specialized as launch_backward's call at the benchmarks' shapes: last strides 1,
     the others, the sizes and the pointers multiples of 16."""
@@ -105,7 +106,6 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
                      "stride_dom", "H", "N_Q", "DQ_ROWS")
     else:
         kernel, warps = module._attn_bwd_sm90, gluon_launch.BWD_NUM_WARPS
-        block_m = gluon_launch.BWD_BLOCK_M
         signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                      "v_desc": _descriptor_type(block_n, head_dim), "do_desc": _descriptor_type(block_m, head_dim),
                      "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16", "LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32",
@@ -196,7 +196,9 @@ def main(argv: list[str]) -> None:
         text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
         if kind.startswith("bwd"):
             schedule = tuple(kind.split(":")[1].split(",")) if ":" in kind else ()
-            kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep", schedule=schedule)
+            rows = kind.split(":")[0].partition("@")[2]
+            kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep", schedule=schedule,
+                                      block_m=int(rows) if rows else gluon_launch.BWD_BLOCK_M)
         else:
             kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
         ptx = kernel.asm["ptx"]

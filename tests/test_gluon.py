@@ -296,22 +296,35 @@ def test_calls_off_sm90_are_refused():
     assert reason == "not on a CUDA device"
 
 
-def test_head_dim_64_routes_long_walks_without_predicates():
-    """At head dim 64 the routed kernel has three consumer warpgroups (192 rows a program), and
-    takes only specs without a keep-predicate from MIN_WALK_D64 key tiles an output tile on (call
-    36: 1.07x the portable forward at 64 tiles, 1.11x at 128; 0.95-1.03x below; causal slower)."""
-    cfg = gluon_launch.routed_config(H200, 64, 2)
-    assert (cfg.BLOCK_M, cfg.consumers, cfg.rows_per_consumer, cfg.persistent) == (192, 3, 64, True)
-    assert gluon_launch.routed_config(H200, 128, 2).consumers == 2
+def test_head_dim_64_routes_by_mask_kind(monkeypatch):
+    """At head dim 64 the routed kernel depends on the spec's mask kind (ROUTES): without a
+    keep-predicate, three consumer warpgroups (192 rows a program) from MIN_WALK_D64 key tiles an
+    output tile on (call 36: 1.07x the portable forward at 64 tiles, 1.11x at 128; 0.95-1.03x
+    below); causal, two consumers with the causal walk split in two loops from
+    MIN_WALK_D64_CAUSAL (call 39: 1.05-1.06x from a walk of 16.5, N = 4k; 0.91-0.98x below).
+    Other predicates are ranged (not routed at any head dim); a mask kind without a route is
+    refused by name. Head dim 128 routes one kernel for all."""
+    causal, prefix = sdpa_spec(causal=True), spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)")
+    plain_cfg = gluon_launch.routed_config(H200, sdpa_spec(), 64, 2)
+    assert (plain_cfg.BLOCK_M, plain_cfg.consumers, plain_cfg.rows_per_consumer, plain_cfg.split) == (192, 3, 64, False)
+    causal_cfg = gluon_launch.routed_config(H200, causal, 64, 2)
+    assert (causal_cfg.BLOCK_M, causal_cfg.consumers, causal_cfg.split, causal_cfg.persistent) == (128, 2, True, True)
+    for spec in (sdpa_spec(), causal, prefix):
+        cfg = gluon_launch.routed_config(H200, spec, 128, 2)
+        assert (cfg.consumers, cfg.split) == (2, False)
 
     def reason(n, spec=sdpa_spec()):
         q = torch.empty(1, 1, n, 64, dtype=torch.bfloat16)
-        return gluon_launch.not_routed(spec, q, q, cfg)
+        return gluon_launch.not_routed(spec, q, q, gluon_launch.routed_config(H200, spec, 64, 2))
 
     assert reason(8192) is None and reason(16384) is None
     assert reason(8192, spec_from_text("score=50*tanh(qk*scale/50)")) is None  # a score without a predicate
     assert "32.0 key tiles" in reason(4096)
-    assert "keep-predicate" in reason(8192, sdpa_spec(causal=True))
+    assert reason(4096, causal) is None and reason(16384, causal) is None
+    assert "8.5 key tiles" in reason(2048, causal)
+    assert "ranged" in reason(8192, prefix)
+    monkeypatch.setitem(gluon_launch.ROUTES, 64, {0: gluon_launch.ROUTES[64][0]})
+    assert "a causal keep-predicate were not measured faster" in reason(8192, causal)
 
 
 def test_routing_is_limited_to_what_was_measured():
@@ -385,13 +398,16 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     "plain-d128-ws": ("score=qk*scale", 128, "ws"), "plain-d128-wsp": ("score=qk*scale", 128, "wsp"),
     "causal-d128-wsp": (CAUSAL, 128, "wsp"), "plain-d64-wsp3": ("score=qk*scale", 64, "wsp3"),
     "head_and_length-d64-wsph": (HEAD_AND_LENGTH, 64, "wsph"),
+    # head dim 64's causal route (the causal walk split in two loops), and soft-capping through it
+    "causal-d64-wsps": (CAUSAL, 64, "wsps"), "softcap-d64-wsps": (SOFTCAP, 64, "wsps"),
 }
 
 
 def _tile(d, kind):
     """The H200's tile of kind (tests/gluon_sm90.py's names) at head dim d."""
     return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"),
-                                       consumers=3 if kind == "wsp3" else 2)
+                                       consumers=3 if kind.startswith("wsp3") else 2,
+                                       split=kind in ("wsps", "wsp3s"))
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +442,7 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers)
     if ws:
         assert model - gluon_launch.WS_CAPTURE_BYTES < report["shared"] <= model
-        assert ("160" if kind == "wsp3" else "240") in report["setmaxnreg"]  # the consumers' registers are raised
+        assert ("160" if kind.startswith("wsp3") else "240") in report["setmaxnreg"]  # the consumers' registers are raised
     else:
         assert report["shared"] == model
     assert report["shared"] <= H200.shared_memory

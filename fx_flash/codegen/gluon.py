@@ -54,8 +54,8 @@ GLUON_TEMPLATE = '''\
 # producer partition issues every load, two consumer warpgroups of BLOCK_M rows each (with its
 # options off: on the H200 the free-running consumers beat both the ping-pong and the hold,
 # benchmarks/GLUON_NOTES.md); and _attn_fwd_sm90_wsp, the same partitions in a persistent program
-# per SM that walks output tiles (with two consumers, or three: CONSUMERS), what fx_flash routes to
-# (gluon_launch.ROUTED_KIND, gluon_launch.ROUTES).
+# per SM that walks output tiles (with two consumers, or three: CONSUMERS; the causal walk in one
+# loop or two: SPLIT), what fx_flash routes to (gluon_launch.ROUTED_KIND, gluon_launch.ROUTES).
 #
 # Note (pipeline): tile j's q·kᵀ is issued, then tile j-1's p·v, both asynchronous; waiting for
 # one outstanding group leaves p·v running on the tensor cores while the softmax of tile j runs.
@@ -229,7 +229,10 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     # -- steady state: tiles from ``mid`` on cross the causal diagonal (MASK = 1) --
     # Note (one loop): by default one loop with a branch per tile on in_band. SPLIT (MASK = 1): an
     # unmasked loop then a masked one, one pipeline through both; each body holds one form of the
-    # softmax, and ptxas then keeps the three-consumer causal kernel in its 160 registers.
+    # softmax, and ptxas then keeps the three-consumer causal kernel in its 160 registers. Routed
+    # for causal specs at d = 64, with two consumers (gluon_launch.ROUTES; GLUON_NOTES calls 38-39:
+    # 1.05-1.06x the portable forward from N = 4k); at d = 128 it measured 1.03x on the causal rows
+    # in geometric mean but 0.98-0.99x in two, and stays off there.
     if SPLIT and MASK == 1:
         band = gl.maximum(gl.minimum(mid, n_tiles), 1)
         for j in range(1, band):

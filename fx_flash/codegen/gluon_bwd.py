@@ -500,6 +500,12 @@ $HEADS
 '''
 
 
+def constant_chain_rule(spec: AttentionSpec) -> bool:
+    """Whether d(score)/d(qk) is the same for every element (``generate._constant_per_launch``:
+    plain attention's scale, ALiBi's; not soft-capping's), so that no tile holds it per element."""
+    return _constant_per_launch(sympy.diff(spec.score, QK))
+
+
 def chain_rule(spec: AttentionSpec, orient: str = "mn") -> tuple[str, str]:
     """(PG, DQK_FACTOR): p ∘ d(score)/d(qk) as an expression, with the derivative per element; or,
     when it is the same for every element (``generate._constant_per_launch``: plain attention's
@@ -507,7 +513,7 @@ def chain_rule(spec: AttentionSpec, orient: str = "mn") -> tuple[str, str]:
     share before it is added into DQ. The printer is the forward's, queries on rows (``orient``
     "mn") or keys on rows ("nm")."""
     d_qk = sympy.diff(spec.score, QK)
-    if _constant_per_launch(d_qk):
+    if constant_chain_rule(spec):
         return "p", f"({GluonPrinter({SCALE: 'sm_scale'}).doprint(d_qk)})"
     return f"p * ({GluonPrinter({**BINDINGS[orient], SCALE: 'sm_scale'}).doprint(d_qk)})", "1.0"
 

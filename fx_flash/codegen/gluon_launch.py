@@ -7,18 +7,19 @@ offers each forward here first, and every call this kernel cannot compute exactl
 the interpreter, fp32, head dims other than 64 and 128, tensor operands, dropout, layouts a
 row-matrix descriptor cannot address, key lengths that are not a multiple of the key tile), or
 that it was not measured faster on (``not_routed``: ranged specs, short walks; at head dim 64,
-keep-predicates), runs the portable kernels instead. The reason is logged on the ``fx_flash``
-logger at debug level. What is routed runs ROUTED_KIND: the persistent warp-specialized kernel (a
-TMA producer and two consumer warpgroups, three at head dim 64; one program per SM walking output
-tiles), the fastest of the kinds timed on the H200 (benchmarks/GLUON_NOTES.md, calls 9, 36); the
-others (one partition; not persistent; ping-pong, hold, early rescale) are reached through
+keep-predicates other than causal), runs the portable kernels instead. The reason is logged on the
+``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND: the persistent
+warp-specialized kernel (a TMA producer and two consumer warpgroups, three at head dim 64 without
+a keep-predicate; one program per SM walking output tiles), the fastest of the kinds timed on the
+H200 (benchmarks/GLUON_NOTES.md, calls 9, 36, 39), with ROUTES' flags per head dim and mask kind;
+the others (one partition; not persistent; ping-pong, hold, early rescale) are reached through
 ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 
 The backward is on by default too (``FX_FLASH_GLUON_BWD=0`` turns it off, independently of the
 forward's switch): ``launch.planned_backward`` offers each backward key here first
-(``routed_backward``), with the forward's rules plus dO's layout; it is routed at head dim 128
-(bf16, fp16; not ranged specs; at least BWD_MIN_PAIRS_PER_SM query-head/key-tile pairs per SM),
-where the H200 ran it 1.01-1.24x the portable backward (GLUON_NOTES.md, calls 14 and 16;
+(``routed_backward``), with the forward's rules plus dO's layout; it is routed at head dims 64
+and 128 (bf16, fp16; not ranged specs; at least BWD_MIN_PAIRS_PER_SM query-head/key-tile pairs per
+SM), where the H200 ran it 1.01-1.24x the portable backward (GLUON_NOTES.md, calls 14-19 and 39;
 ``FX_FLASH_GLUON_BWD=1`` takes every call it supports), and never under
 ``torch.use_deterministic_algorithms``: its dQ is summed in no fixed order.
 """
@@ -39,10 +40,10 @@ import torch
 import triton
 
 from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
-from fx_flash.codegen.gluon_bwd import render_gluon_bwd
+from fx_flash.codegen.gluon_bwd import constant_chain_rule, render_gluon_bwd
 from fx_flash.codegen.gluon_bwd import unsupported as unsupported_backward
 from fx_flash.codegen.loader import cache_dir, write_atomically
-from fx_flash.codegen.spec import AttentionSpec
+from fx_flash.codegen.spec import QK, SCALE, AttentionSpec
 from fx_flash.device import DeviceProfile, device_profile, interpreting
 
 log = logging.getLogger("fx_flash")
@@ -60,14 +61,24 @@ ROUTED_KIND = dict(ws=True, persistent=True)  # GluonConfig flags of the routed 
 # 4 (plain 512) 409 against 337; 4.5 (causal 1k) 333 against 310; 8 and more 1.15-1.26x.
 # (Call 9, before: 4.5 lost, 8 won.)
 MIN_WALK = 4
-# Head dim 64 routes to three consumer warpgroups (CONSUMERS = 3), only for specs without a
-# keep-predicate, from MIN_WALK_D64 key tiles an output tile on. On the H200 (call 36, against the
-# portable forward): 0.95x at a walk of 8 (N = 1k), 1.03 at 16, 1.02 at 32, 1.07 at 64, 1.11 at
-# 128 (1.02x cuDNN at 16k); causal 0.60-0.75x (its band tile spills at 160 registers a thread).
+# Head dim 64 routes specs without a keep-predicate to three consumer warpgroups (CONSUMERS = 3)
+# from MIN_WALK_D64 key tiles an output tile on. On the H200 (call 36, against the portable
+# forward): 0.95x at a walk of 8 (N = 1k), 1.03 at 16, 1.02 at 32, 1.07 at 64, 1.11 at 128 (1.02x
+# cuDNN at 16k). Causal ones spill there at 160 registers a thread (0.60-0.75x).
 MIN_WALK_D64 = 64
-# head dim: (GluonConfig flags of its routed kernel beyond ROUTED_KIND, fewest key tiles an output
-# tile walks on average, whether specs with a keep-predicate route)
-ROUTES = {128: ({}, MIN_WALK, True), 64: (dict(consumers=3), MIN_WALK_D64, False)}
+# Causal specs at head dim 64 route to two consumers with the causal walk split in two loops
+# (``split``: no spills), from MIN_WALK_D64_CAUSAL key tiles an output tile on (call 39, three
+# rounds, against the portable forward: 0.91x at a walk of 4.5 (N = 1k), 0.98 at 8.5, 1.05 at 16.5,
+# 1.06 at 32.5, 1.05 at 64.5; three consumers split 0.78-1.03x).
+MIN_WALK_D64_CAUSAL = 16
+# head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): (the routed kernel's
+# GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on average)}. A mask
+# kind missing at a head dim is not routed there; other predicates (kind 2) are ranged specs, which
+# stay on the portable forward (``_not_measured``). At d = 128 the split walk measured 1.03x on the
+# causal rows but 0.98-0.99x at 16k and with soft-capping (call 39), short of its rule: one loop
+# stays.
+ROUTES = {128: {0: ({}, MIN_WALK), 1: ({}, MIN_WALK)},
+          64: {0: (dict(consumers=3), MIN_WALK_D64), 1: (dict(split=True), MIN_WALK_D64_CAUSAL)}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)
@@ -170,7 +181,7 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
     """The tile for ``head_dim``: program_rows (BLOCK_M = 128, or 192 with three consumers), key
     tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES)
     whose footprint fits M. None if none fits. ``flags``: the other GluonConfig fields (pingpong,
-    early, hold, persistent, one_section, consumers)."""
+    early, hold, persistent, one_section, consumers, split)."""
     block_m = program_rows(ws, flags.get("consumers", 2))
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
@@ -332,14 +343,15 @@ def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, con
 @dataclass(frozen=True)
 class ForwardLaunch:
     """What a forward launch of one call's shapes takes besides its tensors: the kernel, its grid,
-    the arguments after (q, k, v descriptors, out, lse), its constexprs, and the descriptors' row
-    blocks (Q's, K's and V's)."""
+    the arguments after (q, k, v descriptors, out, lse), its constexprs, the descriptors' row
+    blocks (Q's, K's and V's), and the tile it was made from."""
 
     fn: object
     grid: tuple
     post: tuple
     constexprs: dict
     blocks: tuple
+    config: GluonConfig
 
     def descriptors(self, q, k, v) -> tuple:
         return tuple(_descriptor(t, rows) for t, rows in zip((q, k, v), self.blocks))
@@ -372,12 +384,12 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
                 triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
         constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split)
-        return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks)
+        return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only
         raise ValueError("the non-persistent Gluon kernels take (Z·H·N, d) row matrices only")
     fn = module._attn_fwd_sm90_ws if config.ws else module._attn_fwd_sm90
     grid = (triton.cdiv(n_q, config.BLOCK_M), z * h)
-    return ForwardLaunch(fn, grid, (scale, *out_strides, h, n_q, k.shape[2]), constexprs, blocks)
+    return ForwardLaunch(fn, grid, (scale, *out_strides, h, n_q, k.shape[2]), constexprs, blocks, config)
 
 
 def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonConfig,
@@ -414,25 +426,37 @@ def _not_measured(spec: AttentionSpec, q: torch.Tensor, head_dims: tuple, direct
     return None
 
 
-def routed_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonConfig]:
-    """The tile of the kernel routed at ``head_dim`` (ROUTED_KIND and ROUTES' flags), from M."""
-    flags = ROUTES[head_dim][0] if head_dim in ROUTES else {}
+def route(spec: AttentionSpec, head_dim: int) -> Optional[tuple]:
+    """(flags, fewest key tiles) of ROUTES for ``spec``'s mask kind at ``head_dim``; None if none."""
+    return ROUTES.get(head_dim, {}).get(mask_kind(spec))
+
+
+def routed_config(device: DeviceProfile, spec: AttentionSpec, head_dim: int,
+                  elem_bytes: int) -> Optional[GluonConfig]:
+    """The tile of the kernel routed for ``spec`` at ``head_dim`` (ROUTED_KIND and its route's
+    flags; ROUTED_KIND alone where it has no route), from M."""
+    flags = (route(spec, head_dim) or ({}, None))[0]
     return default_config(device, head_dim, elem_bytes, **ROUTED_KIND, **flags)
+
+
+_MASK_KINDS = ("no keep-predicate", "a causal keep-predicate", "a keep-predicate that is not causal")
 
 
 def not_routed(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> Optional[str]:
     """Why a call the kernel could compute still runs the portable forward: where the H200 runs
-    measured it slower (ROUTES: fewer key tiles a program than its head dim's minimum; at head dim
-    64, a keep-predicate; and, unmeasured, fewer query rows than one output tile, where most of
-    its rows would be idle), or where the portable forward skips what this kernel would visit
-    (ranged specs: windows, documents, which it skips by per-tile ranges). ROUTED_DTYPES keeps the
-    door for a dtype the kernel takes but that was never run on a GPU (both it takes were)."""
+    measured it slower (ROUTES: a mask kind without a route at its head dim; fewer key tiles a
+    program than its route's minimum; and, unmeasured, fewer query rows than one output tile,
+    where most of its rows would be idle), or where the portable forward skips what this kernel
+    would visit (ranged specs: windows, documents, which it skips by per-tile ranges).
+    ROUTED_DTYPES keeps the door for a dtype the kernel takes but that was never run on a GPU
+    (both it takes were)."""
     reason = _not_measured(spec, q, ROUTED_HEAD_DIMS, "forward")
     if reason:
         return reason
-    _, min_walk, predicates = ROUTES[q.shape[-1]]
-    if not predicates and mask_kind(spec) != 0:
-        return f"head dim {q.shape[-1]}: only specs without a keep-predicate were measured faster"
+    found = route(spec, q.shape[-1])
+    if found is None:
+        return f"head dim {q.shape[-1]}: specs with {_MASK_KINDS[mask_kind(spec)]} were not measured faster"
+    min_walk = found[1]
     if q.shape[2] < config.BLOCK_M:  # not measured; the portable forward takes narrower query tiles
         return f"N_Q = {q.shape[2]} fills less than one {config.BLOCK_M}-row output tile"
     walk = mean_walk(spec, q.shape[2], k.shape[2], config)
@@ -448,7 +472,7 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
     caller decides once per key."""
     config = None
     if q.is_cuda:
-        config = routed_config(device_profile(q.device), q.shape[-1], q.element_size())
+        config = routed_config(device_profile(q.device), spec, q.shape[-1], q.element_size())
     reason = unsupported_call(spec, q, k, v, config) or not_routed(spec, q, k, config)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)
@@ -463,6 +487,15 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
 # and a GPT-2 small training step (4 × 2k) 3.4% faster than with FX_FLASH_GLUON_BWD=0 (call 26).
 
 BWD_BLOCK_M = 64  # query rows per tile: P, dP and dS are (64, 128) over two warpgroups, FlashAttention-3's tile
+# Query rows a step where a head dim takes more than BWD_BLOCK_M (GLUON_NOTES, call 39): at d = 64 a
+# step's five products are short (64 × 128 × 64) and its fixed costs (the ring's waits, LSE and
+# Delta, the dQ staging tile's barriers and reduce) weigh most; 128 rows, FlashAttention-3's d = 64
+# tile, ran the backward 1.05-1.11x the 64-row step on plain and causal specs (28 B of spills
+# causal, none plain). Anything more in the score needs registers the 128-row step has not: a chain
+# rule per element (soft-capping: 548 B of spills, 0.88-0.90x) or positional terms (an ALiBi-like
+# slope: 300 B, not timed). So only scores of qk and the scale alone take it; the others keep
+# BWD_BLOCK_M, as does a device whose M cannot hold two stages of it.
+BWD_ROWS = {64: 128}
 BWD_BLOCK_N = 128  # keys per program: 64 per warpgroup, the height of one wgmma
 BWD_NUM_WARPS = 8
 # Q/dO stages: a tile's five products take ~2.5k cycles of the tensor cores alone, so one tile in
@@ -543,17 +576,29 @@ def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, st
     return tiles + 4 * block_m * head_dim + rows + BARRIER_BYTES + 2 * ring
 
 
-def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int) -> Optional[GluonBwdConfig]:
-    """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, BWD_BLOCK_M query rows, and the
-    deepest Q/dO ring (at most BWD_MAX_STAGES) whose footprint fits M; None if two stages do not."""
+def backward_rows(spec: AttentionSpec, head_dim: int) -> int:
+    """Query rows a step of ``spec``'s backward at ``head_dim``: BWD_ROWS' where the head dim has
+    them and the score reads only qk and the scale with a constant chain rule (qk·scale, not
+    soft-capping's), else BWD_BLOCK_M. The keep-predicate does not count: causal and prefix-LM
+    compile within the registers."""
+    simple = constant_chain_rule(spec) and spec.score.free_symbols <= {QK, SCALE}
+    return BWD_ROWS.get(head_dim, BWD_BLOCK_M) if simple else BWD_BLOCK_M
+
+
+def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
+                    rows: int = BWD_BLOCK_M) -> Optional[GluonBwdConfig]:
+    """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, ``rows`` query rows (BWD_BLOCK_M when
+    two stages of ``rows`` do not fit M), and the deepest Q/dO ring (at most BWD_MAX_STAGES) whose
+    footprint fits M; None if two stages of BWD_BLOCK_M do not."""
     schedule = BWD_SCHEDULES.get(head_dim, {})
-    fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
-               if footprint_bwd(BWD_BLOCK_M, BWD_BLOCK_N, head_dim, elem_bytes, s,
-                                schedule.get("KEYS_ON_ROWS", False), schedule.get("ROWS_SHARED", False))
-               <= device.shared_memory]
-    if not fitting:
-        return None
-    return GluonBwdConfig(BWD_BLOCK_M, BWD_BLOCK_N, max(fitting), **schedule)
+    for block_m in dict.fromkeys((rows, BWD_BLOCK_M)):
+        fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
+                   if footprint_bwd(block_m, BWD_BLOCK_N, head_dim, elem_bytes, s,
+                                    schedule.get("KEYS_ON_ROWS", False), schedule.get("ROWS_SHARED", False))
+                   <= device.shared_memory]
+        if fitting:
+            return GluonBwdConfig(block_m, BWD_BLOCK_N, max(fitting), **schedule)
+    return None
 
 
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
@@ -672,7 +717,10 @@ def routed_backward(spec: AttentionSpec, dout, q, k, v, lse) -> Optional[Backwar
     elif torch.are_deterministic_algorithms_enabled():
         reason = "torch.use_deterministic_algorithms(True): the portable backward's dQ is deterministic"
     else:
-        config = backward_config(device_profile(q.device), q.shape[-1], q.element_size()) if q.is_cuda else None
+        config = None
+        if q.is_cuda:
+            config = backward_config(device_profile(q.device), q.shape[-1], q.element_size(),
+                                     backward_rows(spec, q.shape[-1]))
         reason = unsupported_backward_call(spec, dout, q, k, v, lse, config) or not_routed_backward(spec, q, k, config)
     if reason:
         log.debug("gluon backward not used for %s: %s", spec.describe(), reason)

@@ -351,7 +351,7 @@ class ForwardLaunch:
     post: tuple
     constexprs: dict
     blocks: tuple
-    config: GluonConfig
+    config: Optional[GluonConfig] = None
 
     def descriptors(self, q, k, v) -> tuple:
         return tuple(_descriptor(t, rows) for t, rows in zip((q, k, v), self.blocks))

@@ -303,15 +303,15 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     below); causal, two consumers with the causal walk split in two loops from
     MIN_WALK_D64_CAUSAL (call 39: 1.05-1.06x from a walk of 16.5, N = 4k; 0.91-0.98x below).
     Other predicates are ranged (not routed at any head dim); a mask kind without a route is
-    refused by name. Head dim 128 routes one kernel for all."""
+    refused by name. Head dim 128 splits the causal walk too (call 42), with two consumers."""
     causal, prefix = sdpa_spec(causal=True), spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)")
     plain_cfg = gluon_launch.routed_config(H200, sdpa_spec(), 64, 2)
     assert (plain_cfg.BLOCK_M, plain_cfg.consumers, plain_cfg.rows_per_consumer, plain_cfg.split) == (192, 3, 64, False)
     causal_cfg = gluon_launch.routed_config(H200, causal, 64, 2)
     assert (causal_cfg.BLOCK_M, causal_cfg.consumers, causal_cfg.split, causal_cfg.persistent) == (128, 2, True, True)
-    for spec in (sdpa_spec(), causal, prefix):
+    for spec, split in ((sdpa_spec(), False), (causal, True)):
         cfg = gluon_launch.routed_config(H200, spec, 128, 2)
-        assert (cfg.consumers, cfg.split) == (2, False)
+        assert (cfg.BLOCK_M, cfg.consumers, cfg.split) == (128, 2, split)
 
     def reason(n, spec=sdpa_spec()):
         q = torch.empty(1, 1, n, 64, dtype=torch.bfloat16)
@@ -398,8 +398,9 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     "plain-d128-ws": ("score=qk*scale", 128, "ws"), "plain-d128-wsp": ("score=qk*scale", 128, "wsp"),
     "causal-d128-wsp": (CAUSAL, 128, "wsp"), "plain-d64-wsp3": ("score=qk*scale", 64, "wsp3"),
     "head_and_length-d64-wsph": (HEAD_AND_LENGTH, 64, "wsph"),
-    # head dim 64's causal route (the causal walk split in two loops), and soft-capping through it
+    # the causal routes (the causal walk split in two loops), and soft-capping through them
     "causal-d64-wsps": (CAUSAL, 64, "wsps"), "softcap-d64-wsps": (SOFTCAP, 64, "wsps"),
+    "causal-d128-wsps": (CAUSAL, 128, "wsps"), "softcap-d128-wsps": (SOFTCAP, 128, "wsps"),
 }
 
 

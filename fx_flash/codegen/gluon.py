@@ -230,9 +230,8 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     # Note (one loop): by default one loop with a branch per tile on in_band. SPLIT (MASK = 1): an
     # unmasked loop then a masked one, one pipeline through both; each body holds one form of the
     # softmax, and ptxas then keeps the three-consumer causal kernel in its 160 registers. Routed
-    # for causal specs at d = 64, with two consumers (gluon_launch.ROUTES; GLUON_NOTES calls 38-39:
-    # 1.05-1.06x the portable forward from N = 4k); at d = 128 it measured 1.03x on the causal rows
-    # in geometric mean but 0.98-0.99x in two, and stays off there.
+    # for causal specs (gluon_launch.ROUTES): at d = 128, 1.03-1.05x the one loop (GLUON_NOTES call
+    # 42); at d = 64 with two consumers, 1.05-1.06x the portable forward from N = 4k (call 39).
     if SPLIT and MASK == 1:
         band = gl.maximum(gl.minimum(mid, n_tiles), 1)
         for j in range(1, band):

@@ -71,13 +71,15 @@ MIN_WALK_D64 = 64
 # rounds, against the portable forward: 0.91x at a walk of 4.5 (N = 1k), 0.98 at 8.5, 1.05 at 16.5,
 # 1.06 at 32.5, 1.05 at 64.5; three consumers split 0.78-1.03x).
 MIN_WALK_D64_CAUSAL = 16
+# Causal specs at head dim 128 take the split walk too: in five alternating rounds (call 42) it ran
+# 1.05, 1.05, 1.05, 1.03, 1.03x the one-loop walk at N = 1k-16k and 0.99x with soft-capping at 16k,
+# while the plain rows, the same code in both columns, stayed within 3%. (Call 39, three rounds:
+# 1.02-1.05x but 0.98-0.99x in two rows, then short of its rule.)
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): (the routed kernel's
 # GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on average)}. A mask
 # kind missing at a head dim is not routed there; other predicates (kind 2) are ranged specs, which
-# stay on the portable forward (``_not_measured``). At d = 128 the split walk measured 1.03x on the
-# causal rows but 0.98-0.99x at 16k and with soft-capping (call 39), short of its rule: one loop
-# stays.
-ROUTES = {128: {0: ({}, MIN_WALK), 1: ({}, MIN_WALK)},
+# stay on the portable forward (``_not_measured``).
+ROUTES = {128: {0: ({}, MIN_WALK), 1: (dict(split=True), MIN_WALK)},
           64: {0: (dict(consumers=3), MIN_WALK_D64), 1: (dict(split=True), MIN_WALK_D64_CAUSAL)}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each

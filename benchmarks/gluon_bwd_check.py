@@ -26,8 +26,8 @@ phase waits forever) costs its own rows, not the run:
    backward alone counts 2.5·4·B·H·N²·d.
    --no-grid skips it.
 3. with --schedules: the backward alone at each head dim of --dims and N of --ns, the Gluon kernel
-   at each named step schedule (SCHEDULES: GluonBwdConfig's flags; "rows@128": with 128 query
-   rows a step) launched directly, beside cuDNN's and the portable backward (--rounds R: each
+   at each named step schedule (SCHEDULES: GluonBwdConfig's flags; "rows+lpt": with the causal
+   longest-first program order too; "rows@128": with 128 query rows a step) launched directly, beside cuDNN's and the portable backward (--rounds R: each
    schedule R times, alternating the order, the median reported). Phase 1 then checks every
    schedule in its bf16 children (one whose tile does not fit at a head dim is skipped there), the
    first and last named in the fp16 ones.
@@ -122,10 +122,17 @@ SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+row
              "dv+shared": ("DV_EARLY", "ROWS_SHARED"), "keys+shared": ("KEYS_ON_ROWS", "ROWS_SHARED")}
 
 
+def _flags(name):
+    """The flags of a SCHEDULES name, which may end in "+lpt": the causal longest-first order
+    (LPT) too."""
+    base, lpt, _ = name.partition("+lpt")
+    return SCHEDULES[base] + (("LPT", ) if lpt else ())
+
+
 def _config(d, schedule=None, spec=None):
     """The backward's tile on this GPU at head dim d; with ``schedule`` (a SCHEDULES name) its flags
     set to that schedule's, else the default's (for ``spec``: the routed tile, its rows by
-    gluon_launch.backward_rows). A name may end in "@M": BLOCK_M = M query rows a
+    gluon_launch.backward_rows). A name may add "+lpt" (_flags), then end in "@M": BLOCK_M = M query rows a
     step, with the deepest Q/dO ring (at most BWD_MAX_STAGES) that then fits M; None when two
     stages do not fit."""
     import dataclasses
@@ -139,7 +146,8 @@ def _config(d, schedule=None, spec=None):
         return gluon_launch.backward_config(device, d, 2, rows)
     cfg = gluon_launch.backward_config(device, d, 2)
     schedule, _, rows = schedule.partition("@")
-    cfg = dataclasses.replace(cfg, **{name: name in SCHEDULES[schedule] for name in cfg.schedule})
+    flags = _flags(schedule)
+    cfg = dataclasses.replace(cfg, **{name: name in flags for name in cfg.schedule})
     if rows:
         stages = [s for s in range(2, gluon_launch.BWD_MAX_STAGES + 1)
                   if gluon_launch.footprint_bwd(int(rows), cfg.BLOCK_N, d, 2, s, cfg.KEYS_ON_ROWS,

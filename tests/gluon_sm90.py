@@ -111,7 +111,8 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
                      "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16", "LSE": "*fp32", "Delta": "*fp32", "sm_scale": "fp32",
                      **{name: "i32" for name in ("stride_dkz", "stride_dkh", "stride_dkn", "stride_dkk", "stride_dvz",
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV",
-                                                 "DQ_ROWS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
+                                                 "DQ_ROWS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH",
+                                                 "SECTION")}}
         consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
                   "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1,
                   **{name: name in schedule for name in gluon_launch.GluonBwdConfig(block_m, block_n, stages).schedule}}

@@ -359,11 +359,35 @@ def test_launch_arguments(monkeypatch):
                         ("descriptor", q.shape, 64), ("descriptor", dq_acc.shape, 64))
     assert args[7] is lse and args[8] is prep_args[2] and args[9] == 0.1
     assert args[10:18] == dk.stride() + dv.stride() and args[18:22] == (h, n_q, n_kv, 256)
-    assert args[22:] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
+    assert args[22:28] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
+    assert args[28:] == (z * h_kv, )  # not causal: one section of every K/V head (the grid's own order)
     assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
         GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
-    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"], kw["ROWS_SHARED"]) == (True, False, False, False)
+    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"], kw["ROWS_SHARED"], kw["LPT"]) == (
+        True, False, False, False, False)
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
+
+
+def test_sections_of_the_longest_first_order():
+    """bwd_heads_per_section: with LPT on a causal spec, the K/V heads whose query heads' Q and dO
+    (in the dtype) and fp32 dQ rows fit L2_SECTION_BYTES (32 MiB), at least one and at most all;
+    otherwise all of them."""
+    lpt = gluon_launch.GluonBwdConfig(64, 128, 2, LPT=True)
+
+    def section(text, z, h, h_kv, n, d=128, config=lpt, dtype=torch.bfloat16):
+        q = torch.empty(z, h, n, d, dtype=dtype, device="meta")
+        k = torch.empty(z, h_kv, n, d, dtype=dtype, device="meta")
+        return gluon_launch.bwd_heads_per_section(spec_from_text(text), q, k, config)
+
+    assert section(CAUSAL, 2, 16, 16, 8192) == 4  # 8192 · 128 · (2 + 2 + 4) B = 8 MiB a head
+    assert section(CAUSAL, 16, 16, 16, 1024) == 32
+    assert section(CAUSAL, 16, 16, 16, 1024, d=64) == 64
+    assert section(CAUSAL, 2, 16, 4, 8192) == 1  # GQA: a K/V head's four query heads, 32 MiB
+    assert section(CAUSAL, 1, 32, 1, 8192) == 1  # more than L2_SECTION_BYTES: still one head
+    assert section(CAUSAL, 1, 2, 2, 1024) == 2  # fewer heads than fit: all of them
+    assert section("score=qk*scale", 2, 16, 16, 8192) == 32
+    assert section(PREFIX_LM, 2, 16, 16, 8192) == 32
+    assert section(CAUSAL, 2, 16, 16, 8192, config=gluon_launch.GluonBwdConfig(64, 128, 2)) == 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,22 +403,55 @@ class _Shim:
         return -(-a // b)
 
 
-def _walk_helpers(text):
-    """The rendered kernel's _query_tiles and _advance, as Python functions."""
+def _walk_helpers(text, names=("_query_tiles", "_advance")):
+    """The rendered kernel's _query_tiles and _advance (or other scalar helpers), as Python functions."""
     src = render_gluon_bwd(spec_from_text(text))
     namespace = {"gl": _Shim, "MASK": int(re.search(r"MASK = gl.constexpr\((\d)\)", src).group(1))}
-    for name in ("_query_tiles", "_advance"):
+    for name in names:
         body = re.search(rf"^def {name}\(.*?(?=^@gluon)", src, re.S | re.M).group(0)
         exec(re.sub(r": gl\.constexpr", "", body), namespace)
-    return namespace["_query_tiles"], namespace["_advance"]
+    return tuple(namespace[name] for name in names)
+
+
+def _walk_length(text, start_n, n_q, bm=BM):
+    query_tiles, _ = _walk_helpers(text)
+    lo, n_m, _ = query_tiles(start_n, n_q, bm, BN)
+    return n_m - lo
+
+
+@pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL, PREFIX_LM])
+@pytest.mark.parametrize("n_tiles, n_heads, section", [(8, 256, 32), (8, 10, 3), (5, 7, 7), (4, 3, 1), (3, 2, 5)])
+@pytest.mark.parametrize("lpt", [False, True])
+def test_program_order(text, n_tiles, n_heads, section, lpt):
+    """The rendered _key_tile maps the grid one to one onto (key tile, K/V head); it is the grid's
+    own position unless LPT is on and the spec causal, when the programs in launch order (key tile
+    fastest) walk longest first within each section of ``section`` heads (the last one smaller
+    where they do not divide) and never leave it: every head of a section starts its key tile k
+    before any starts k + 1, and the walk lengths never rise within a section."""
+    (key_tile,) = _walk_helpers(text, ("_key_tile",))
+    causal = text == CAUSAL
+    order = [key_tile(pid_n, pid_h, n_tiles, n_heads, section, lpt)
+             for pid_h in range(n_heads) for pid_n in range(n_tiles)]
+    assert sorted(order) == [(n, h) for n in range(n_tiles) for h in range(n_heads)]
+    if not (lpt and causal):
+        assert order == [(n, h) for h in range(n_heads) for n in range(n_tiles)]
+        return
+    n_q = n_tiles * BN
+    for first in range(0, n_heads, section):
+        heads = min(section, n_heads - first)
+        part = order[first * n_tiles:(first + heads) * n_tiles]
+        assert part == [(n, first + h) for n in range(n_tiles) for h in range(heads)]
+        lengths = [_walk_length(text, n, n_q) for n, _ in part]
+        assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 
 
 def _numpy_fn(expr, names):
     return sympy.lambdify(names, expr, modules="numpy")
 
 
-def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM):
-    """(dq, dk, dv) by the kernel's algorithm in float64: per (key tile, K/V head) program, the walk
+def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, lpt=False):
+    """(dq, dk, dv) by the kernel's algorithm in float64: per program of the grid, its key tile and
+    K/V head by _key_tile (LPT's order with sections of ``section`` heads if ``lpt``), the walk
     of _query_tiles/_advance with a ring of ``stages`` buffers filled STAGES steps ahead (asserting
     that each step finds its own tile in its buffer, and, as ROWS_AHEAD loads them, the LSE and
     Delta of its own head and tile, addressed the step before), Q/dO tiles read from the flat (Z·H·N_Q, d)
@@ -425,10 +482,13 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM):
     delta = (out * do).sum(-1)
     dq_rows = -(-n_q // bm) * bm
     dq_acc = torch.zeros(z * h * dq_rows, d, dtype=torch.float64)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    for zk in range(z * h_kv):
-        off_z, off_hkv = divmod(zk, h_kv)
-        for start_n in range(n_kv // BN):
+    dk, dv = torch.full_like(k, math.nan), torch.full_like(v, math.nan)  # poisoned: a tile no program wrote stays NaN
+    (key_tile,) = _walk_helpers(text, ("_key_tile",))
+    n_tiles, n_heads = n_kv // BN, z * h_kv
+    for pid_h in range(n_heads):
+        for pid_n in range(n_tiles):  # in launch order, each program's tile by the rendered _key_tile
+            start_n, zk = key_tile(pid_n, pid_h, n_tiles, n_heads, section or n_heads, lpt)
+            off_z, off_hkv = divmod(zk, h_kv)
             lo, n_m, band = query_tiles(start_n, n_q, bm, BN)
             ring, load_g, load_m = {}, 0, lo
             for i in range(stages):
@@ -478,6 +538,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM):
                     t += 1
             assert all(slot is None for slot in ring.values())  # nothing loaded past the walk
             assert ahead is None or lo == n_m  # nor rows (the kernel masks the load past the walk)
+            assert dk[off_z, off_hkv, keys].isnan().all()  # not written before: each key tile has one program
             dk[off_z, off_hkv, keys] = dk_t * factor
             dv[off_z, off_hkv, keys] = dv_t
     return dq_acc.reshape(z, h, dq_rows, d)[:, :, :n_q], dk, dv
@@ -502,12 +563,15 @@ def _eager(text, q, k, v, scale):
     (PREFIX_LM, 1, 2, 2, 192, 256),  # a predicate on every tile
     (HEAD_AND_LENGTH, 1, 2, 2, 64, 256),  # the score reads h, the predicate n_kv
 ], ids=["plain", "causal", "softcap", "ragged", "gqa", "nq_gt_nkv", "empty_row", "prefix_lm", "h_and_n_kv"])
-@pytest.mark.parametrize("bm", [BM, 128], ids=["rows64", "rows128"])
-def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm):
+@pytest.mark.parametrize("bm, lpt", [(BM, False), (128, False), (BM, True)], ids=["rows64", "rows128", "lpt"])
+def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt):
     """The kernel's algorithm, run in float64 with its own rendered walk, gives autograd's
     gradients of eager attention (to 1e-9): a wrong tile range, band, ring position, LSE or Delta
     convention, or chain rule would not. At 64 query rows a step and at 128 (d = 64's tile, where
-    one query tile is the whole causal band of a key tile)."""
+    one query tile is the whole causal band of a key tile); and with LPT's program order in
+    sections of three heads (two of the cases have four heads, so a section of one follows), where
+    a program given no key tile, or one given a tile another program also took, would leave dK/dV
+    NaN or fail the emulation's assertion."""
     torch.manual_seed(0)
     d, scale = 16, 0.3
     q = torch.randn(z, h, n_q, d, dtype=torch.float64, requires_grad=True)
@@ -515,7 +579,8 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm):
     out, lse = _eager(text, q, k, v, scale)
     do = torch.randn_like(out)
     ref = torch.autograd.grad(out, (q, k, v), do)
-    got = _emulate(text, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), do, scale, bm=bm)
+    got = _emulate(text, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), do, scale, bm=bm,
+                   section=3, lpt=lpt)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert torch.isfinite(a).all(), name
         assert (a - b).abs().max().item() < 1e-9, (name, (a - b).abs().max().item())
@@ -539,6 +604,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "causal-d128-keys-on-rows": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_AHEAD"),
     "causal-d128-dv-early": (CAUSAL, 128, "bwd:DV_EARLY"), "causal-d128-rows-shared": (CAUSAL, 128, "bwd:ROWS_SHARED"),
     "prefix_lm-d64-keys-on-rows": (PREFIX_LM, 64, "bwd:KEYS_ON_ROWS"),
+    # the causal longest-first program order (gluon_bwd's note on the order)
+    "causal-d128-lpt": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
@@ -548,12 +615,13 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 # causal d = 128 kernels spill too: 16 B (16 STL) the default (keys on rows, ROWS_SHARED), 24-36 B
 # the queries-on-rows schedules, and soft-capping 132 B (57 STL). The causal d = 64 kernel's 128-row
 # step runs at 255 registers too: 28 B (7 STL) under 3.6, 92 B (33 STL) under ptxas 13 (call 39
-# timed the 3.6 one 1.07-1.11x the 64-row step). Every other kernel here stays in registers under
-# both.
+# timed the 3.6 one 1.07-1.11x the 64-row step). The longest-first order's index arithmetic adds
+# 16 B to the causal d = 128 kernel's under ptxas 13 (none under 3.6). Every other kernel here stays
+# in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 60)), "causal-d128": ((0, 0), (28, 16)),
                 "causal-d64": ((28, 7), (92, 33)),
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
-                "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
+                "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
 
 
 def _tile(text, d, kind):

@@ -45,6 +45,8 @@ GLUON_BWD_TEMPLATE = '''\
 #   LSE, Delta         (Z, H, N_Q) fp32: the forward's natural-log logsumexp, rowsum(dO ∘ O).
 #   BLOCK_N, BLOCK_M   keys of a program (NUM_WARPS // 4 warpgroups of 64 keys each) / query rows
 #                      of a tile; STAGES Q and dO buffers in the ring.
+#   SECTION, LPT       K/V heads per section of the causal longest-first order, and whether it is
+#                      on (see the note on the order).
 #   s_layout           wgmma accumulator of a step's scores (BLOCK_M, BLOCK_N): queries on rows,
 #                      the warpgroups split the keys (FlashAttention-3's orientation: a thread holds
 #                      two rows' LSE and Delta).
@@ -90,6 +92,17 @@ GLUON_BWD_TEMPLATE = '''\
 # tiles from lo on cross the diagonal and apply the predicate (``band``), the rest only what the
 # predicate holds beyond it. tests/test_gluon_bwd.py runs this walk, with _query_tiles and
 # _advance as rendered, in a float64 emulation of the whole kernel against autograd.
+#
+# Note (the order): the launch's grid is (key tiles, Z·H_KV), and programs start in the order of
+# their flat index (key tile fastest). Without LPT, that is the program's key tile and K/V head. A
+# causal walk's length falls with its key tile: key tile 0 is read by every query tile, the last
+# by the last few. So, in that order, each head's longest programs start with the head: the
+# last heads' start near the launch's end, and they finish long after the rest (a tail of up to a
+# whole walk). LPT (causal only, _key_tile) maps the flat index instead to longest first, within
+# sections of SECTION K/V heads: every head's key tile 0, then every head's key tile 1, and so on,
+# then the next section. The launcher sizes a section so that its heads' Q, dO and fp32 dQ rows
+# share L2 (gluon_launch.bwd_heads_per_section: the forward's L2_SECTION_BYTES). The last programs
+# to start are the shortest.
 #
 # Note (rows): the forward's fully masked rows have LSE = -inf: read as +inf here, as rows past N_Q
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as
@@ -228,6 +241,23 @@ def _query_tiles(start_n, N_Q, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _key_tile(pid_n, pid_h, n_tiles, n_heads, SECTION, LPT: gl.constexpr):
+    """(key tile, flat K/V head) of the program with grid position (pid_n, pid_h) in a grid of
+    (n_tiles, n_heads): itself, or with LPT on a causal spec the longest-first order within
+    sections of SECTION heads (see the note on the order)."""
+    start_n = pid_n
+    off_hkvz = pid_h
+    if MASK == 1 and LPT:
+        flat = pid_h * n_tiles + pid_n  # the launch order
+        first = flat // (SECTION * n_tiles) * SECTION
+        within = flat % (SECTION * n_tiles)
+        heads = gl.minimum(SECTION, n_heads - first)
+        start_n = within // heads
+        off_hkvz = first + within % heads
+    return start_n, off_hkvz
+
+
+@gluon.jit
 def _advance(g, m, lo, n_m):
     """The step after (head g, query tile m) of the walk: tile m + 1, or the next head's first."""
     m = m + 1
@@ -306,11 +336,11 @@ def _attn_bwd_sm90(
     q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE, Delta, sm_scale,
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
-    H, N_Q, N_KV, DQ_ROWS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
+    H, N_Q, N_KV, DQ_ROWS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH, SECTION,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
-    ROWS_SHARED: gl.constexpr = False,
+    ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -330,8 +360,8 @@ def _attn_bwd_sm90(
                                                         instr_shape=[16, BLOCK_M, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     scores_layout: gl.constexpr = st_layout if KEYS_ON_ROWS else s_layout
-    start_n = gl.program_id(0)
-    off_hkvz = gl.program_id(1)
+    start_n, off_hkvz = _key_tile(gl.program_id(0), gl.program_id(1), gl.num_programs(0), gl.num_programs(1), SECTION,
+                                  LPT)
     H_KV = H // GROUP
     off_z = off_hkvz // H_KV
     off_hkv = off_hkvz % H_KV

@@ -550,6 +550,9 @@ class GluonBwdConfig:
     # each step's LSE and Delta loaded a few per thread a step ahead and read from shared memory
     # (gluon_bwd's note on rows); it takes the place of ROWS_AHEAD
     ROWS_SHARED: bool = False
+    # causal specs: programs started longest walk first, within sections of heads whose Q, dO and
+    # dQ rows share L2 (gluon_bwd's note on the order; bwd_heads_per_section)
+    LPT: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
@@ -559,7 +562,7 @@ class GluonBwdConfig:
     @property
     def schedule(self) -> dict:
         return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
-                    ROWS_SHARED=self.ROWS_SHARED)
+                    ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
@@ -641,6 +644,7 @@ class BackwardLaunch:
     config: GluonBwdConfig
     dq_rows: int
     views: tuple  # (Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH): where each head starts (tma_view)
+    section: int  # K/V heads per section of the causal longest-first order (bwd_heads_per_section)
 
     def buffers(self, q, k, v) -> tuple:
         """(delta, dq accumulator, dk, dv), dk and dv contiguous, as the portable backward's."""
@@ -657,11 +661,24 @@ class BackwardLaunch:
         descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
                        _descriptor(dq_acc, rows))
         return (*descriptors, dk, dv, lse, delta, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
-                k.shape[2], self.dq_rows, *self.views)
+                k.shape[2], self.dq_rows, *self.views, self.section)
 
     @staticmethod
     def finish(dq_acc, q):
         return dq_acc[:, :, :q.shape[2]].to(q.dtype)
+
+
+def bwd_heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonBwdConfig) -> int:
+    """K/V heads per section of the backward's longest-first order (gluon_bwd._key_tile): with LPT
+    on a causal spec, as many as share L2_SECTION_BYTES of the rows their programs read and add
+    into (each K/V head's GROUP query heads: Q and dO in the dtype, the fp32 dQ accumulator), at
+    least one; otherwise all of them (the order is then the grid's own)."""
+    heads = k.shape[0] * k.shape[1]
+    if not config.LPT or mask_kind(spec) != 1:
+        return heads
+    z, h, n_q, d = q.shape
+    head_bytes = h // k.shape[1] * n_q * d * (2 * q.element_size() + 4)
+    return min(heads, max(1, L2_SECTION_BYTES // head_bytes))
 
 
 def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig) -> BackwardLaunch:
@@ -676,7 +693,7 @@ def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig) -> Backwa
         module._attn_bwd_sm90, (k.shape[2] // config.BLOCK_N, z * k.shape[1]),
         dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
              NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS, **config.schedule),
-        config, dq_rows, (*tma_view(q)[2:], *tma_view(k)[2:]))
+        config, dq_rows, (*tma_view(q)[2:], *tma_view(k)[2:]), bwd_heads_per_section(spec, q, k, config))
 
 
 def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):

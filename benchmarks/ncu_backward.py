@@ -6,6 +6,9 @@ a warm-up, from one saved forward (bf16, d = 128, batch·N = 16k, hidden 2048).
         --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \\
         -k regex:'_attn_bwd_(sm90|dq|dkdv)$' python benchmarks/ncu_backward.py --n 8192 [--causal] [--schedule keys]
 
+--cudnn also runs cuDNN SDPA's backward (from its own saved forward) once in the profiled range
+(widen -k to take its kernels).
+
 --schedule NAME runs the Gluon backward at that step schedule (gluon_bwd_check.SCHEDULES) instead of
 the default's, so that two schedules can be profiled one after the other. Per-instruction stall
 samples: add ``--section SourceCounters -o REPORT`` and read them back with
@@ -57,14 +60,15 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--schedule", default="", help="a step schedule of gluon_bwd_check.SCHEDULES")
+    ap.add_argument("--cudnn", action="store_true", help="profile cuDNN SDPA's backward at the same shape too")
     args = ap.parse_args()
     n, d = args.n, args.d
     if args.schedule:
-        from gluon_bwd_check import SCHEDULES
+        from gluon_bwd_check import _flags
 
         from fx_flash.codegen import gluon_launch
 
-        gluon_launch.BWD_SCHEDULES[d] = {name: True for name in SCHEDULES[args.schedule]}
+        gluon_launch.BWD_SCHEDULES[d] = {name: True for name in _flags(args.schedule)}
     b, h = 16384 // n, 2048 // d
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -75,6 +79,14 @@ def main() -> None:
         os.environ["FX_FLASH_GLUON_BWD"] = gluon
         step = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
         runs[name] = (step, median_ms(step, 10))
+    if args.cudnn:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+        step = lambda: torch.autograd.grad(ref, (q, k, v), do, retain_graph=True)  # noqa: E731
+        runs["cudnn"] = (step, median_ms(step, 10))
     for name, (step, ms) in runs.items():
         os.environ["FX_FLASH_GLUON_BWD"] = "1" if name == "gluon" else "0"
         profile_once(step)

@@ -4,12 +4,15 @@ warm-up (bf16, batch·N = 16k, hidden 2048).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \\
         --section SourceCounters -k regex:'_attn_fwd_sm90' -o REPORT \\
-        python benchmarks/ncu_forward.py --n 2048 [--causal] [--variant "wsp 128/2"]
+        python benchmarks/ncu_forward.py --n 2048 [--causal] [--variant "wsp 128/2"] [--cudnn]
     ncu -i REPORT.ncu-rep --page source --print-source sass --csv > REPORT_sass.csv
 
 The CSV has one line per SASS instruction with its warp stall samples by reason: where the
 consumers wait (on a q·kᵀ, on p·v, on Q at a tile's start, in the epilogue's stores).
 ``python benchmarks/ncu_sass.py REPORT_sass.csv`` summarizes it by partition, reason and store width.
+
+--cudnn profiles cuDNN SDPA's forward at the same shape after it (widen -k to take its kernel), so
+that the two kernels' counters can be set side by side.
 
 Without ncu it prints the kernel's time (CUDA events, median of 20), a check that the run is the
 shape meant.
@@ -38,20 +41,40 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--variant", default="wsp 128/3", help="a name of gluon_check.variants")
+    ap.add_argument("--variant", default="wsp 128/3", help="a name of gluon_check.variants, or portable")
+    ap.add_argument("--cudnn", action="store_true", help="profile cuDNN SDPA's forward at the same shape too")
     args = ap.parse_args()
     n, d = args.n, args.d
     b, h = 16384 // n, 2048 // d
-    cfg = variants(d)[args.variant]
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out, lse = torch.empty_like(q), torch.empty(b, h, n, device="cuda")
     spec, scale = sdpa_spec(causal=args.causal), 1 / math.sqrt(d)
-    step = lambda: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)  # noqa: E731
+    if args.variant == "portable":  # the portable forward, through the op with the Gluon path off
+        import fx_flash
+
+        os.environ["FX_FLASH_GLUON"] = "0"
+        os.environ["FX_FLASH_AUTOTUNE"] = "0"
+        step = lambda: fx_flash.flash_attention(q, k, v, is_causal=args.causal)  # noqa: E731
+    else:
+        cfg = variants(d)[args.variant]
+        step = lambda: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)  # noqa: E731
     ms = median_ms(step, 20)
     profile_once(step)
     work = 4 * b * h * n * n * d / (2 if args.causal else 1)
     print(f"{args.variant} forward, B{b} H{h} N{n} d{d} causal={args.causal}: {ms:.3f} ms, "
           f"{work / ms / 1e9:.0f} TFLOP/s", flush=True)
+    if args.cudnn:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+
+        ms = median_ms(cudnn, 20)
+        profile_once(cudnn)
+        print(f"cuDNN forward, B{b} H{h} N{n} d{d} causal={args.causal}: {ms:.3f} ms, "
+              f"{work / ms / 1e9:.0f} TFLOP/s", flush=True)
 
 
 if __name__ == "__main__":

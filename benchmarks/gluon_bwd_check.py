@@ -119,7 +119,8 @@ def _rule(name, ours, torch_same, ref):
 # step schedules (GluonBwdConfig's flags) by name, for --schedules
 SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+rows": ("DV_EARLY", "ROWS_AHEAD"),
              "keys": ("KEYS_ON_ROWS", ), "keys+rows": ("KEYS_ON_ROWS", "ROWS_AHEAD"), "shared": ("ROWS_SHARED", ),
-             "dv+shared": ("DV_EARLY", "ROWS_SHARED"), "keys+shared": ("KEYS_ON_ROWS", "ROWS_SHARED")}
+             "dv+shared": ("DV_EARLY", "ROWS_SHARED"), "keys+shared": ("KEYS_ON_ROWS", "ROWS_SHARED"),
+             "rows+msplit": ("ROWS_AHEAD", "SPLIT_M")}  # SPLIT_M: with "@128" only
 
 
 def _flags(name):

@@ -606,6 +606,9 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "prefix_lm-d64-keys-on-rows": (PREFIX_LM, 64, "bwd:KEYS_ON_ROWS"),
     # the causal longest-first program order (gluon_bwd's note on the order)
     "causal-d128-lpt": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT"),
+    # each warpgroup its own 64 query rows at d = 64's 128-row step (gluon_bwd's note on the warpgroups' shares)
+    "plain-d64-split-m": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M"),
+    "causal-d64-split-m": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
@@ -616,18 +619,23 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 # the queries-on-rows schedules, and soft-capping 132 B (57 STL). The causal d = 64 kernel's 128-row
 # step runs at 255 registers too: 28 B (7 STL) under 3.6, 92 B (33 STL) under ptxas 13 (call 39
 # timed the 3.6 one 1.07-1.11x the 64-row step). The longest-first order's index arithmetic adds
-# 16 B to the causal d = 128 kernel's under ptxas 13 (none under 3.6). Every other kernel here stays
-# in registers under both.
+# 16 B to the causal d = 128 kernel's under ptxas 13 (none under 3.6). SPLIT_M at d = 64 stays in
+# registers under 3.6, plain and causal (239 and 255 registers), and spills under ptxas 13 (104 B
+# plain, 68 B causal). Every other kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 60)), "causal-d128": ((0, 0), (28, 16)),
                 "causal-d64": ((28, 7), (92, 33)),
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
-                "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
+                "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),
+                "plain-d64-split-m": ((0, 0), (104, 31)), "causal-d64-split-m": ((0, 0), (68, 57)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
 
 
 def _tile(text, d, kind):
     """The H200's backward tile of KERNELS' entry: the routed one for "bwd" (its rows by
     backward_rows), BWD_BLOCK_M rows for the named schedules and the Delta kernel."""
-    rows = gluon_launch.backward_rows(spec_from_text(text), d) if kind == "bwd" else gluon_launch.BWD_BLOCK_M
+    if kind == "bwd":
+        rows = gluon_launch.backward_rows(spec_from_text(text), d)
+    else:  # "bwd@M:FLAGS" takes M rows
+        rows = int(kind.split(":")[0].partition("@")[2] or gluon_launch.BWD_BLOCK_M)
     return gluon_launch.backward_config(H200, d, 2, rows)
 
 

@@ -49,10 +49,10 @@ GLUON_BWD_TEMPLATE = '''\
 #                      on (see the note on the order).
 #   s_layout           wgmma accumulator of a step's scores (BLOCK_M, BLOCK_N): queries on rows,
 #                      the warpgroups split the keys (FlashAttention-3's orientation: a thread holds
-#                      two rows' LSE and Delta).
+#                      two rows' LSE and Delta), or with SPLIT_M the rows.
 #   kv_layout          of dK and dV (BLOCK_N, HEAD_DIM): each warpgroup owns 64 keys.
-#   dq_layout          of a step's dQ share (BLOCK_M, HEAD_DIM): the warpgroups split HEAD_DIM;
-#                      dq_smem, its staging tile.
+#   dq_layout          of a step's dQ share (BLOCK_M, HEAD_DIM): the warpgroups split HEAD_DIM, or
+#                      with SPLIT_M the rows; dq_smem, its staging tile.
 #   qk, s, p           raw Q·Kᵀ, the score in log2 units (log2 e folded into qk_scale), the weights
 #                      exp2(s − LSE·log2 e), all (BLOCK_M, BLOCK_N); p_smem holds P in the dtype.
 #   dp, ds             dO·Vᵀ and the score gradient P ∘ (dP − Delta) · d(score)/d(qk); ds_smem.
@@ -71,6 +71,14 @@ GLUON_BWD_TEMPLATE = '''\
 # short to hide their latency behind qk's product (d = 64: 1.02-1.07x; at d = 128 its registers cost
 # more than it hides). Staging dQ's share while dK's product ran was slower (0.82-0.89x at d = 128:
 # its shared-memory stores compete with the products' operand reads) and is not offered.
+#
+# Note (the warpgroups' shares): by default the warpgroups split the keys of Q·Kᵀ and dO·Vᵀ and the
+# head dim of dS·K, so every warpgroup reads all of Q, dO and dS from shared memory, each wgmma
+# N = 64 (BLOCK_N // 2) or HEAD_DIM // 2 wide. Where a step has 64 query rows per warpgroup
+# (BLOCK_M = 128 at d = 64), SPLIT_M gives each warpgroup its own 64 rows instead, whole: one wgmma
+# N = BLOCK_N (or HEAD_DIM) wide reads its rows of Q, dO and dS once and K, V whole, about a fifth
+# less operand traffic from shared memory a step (the step is bound there: GLUON_NOTES, call 44).
+# The row statistics then sit in one warpgroup's threads, two rows a thread.
 #
 # Note (the orientation): without KEYS_ON_ROWS the scores have queries on rows (s_layout), so P and
 # dS are stored to shared memory and read back transposed as dV's and dK's A operands. KEYS_ON_ROWS (a
@@ -340,19 +348,26 @@ def _attn_bwd_sm90(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
-    ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False,
+    ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False, SPLIT_M: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
     its own TMA loads (see the notes on the loop and on dQ)."""
     dtype: gl.constexpr = q_desc.dtype
     WG: gl.constexpr = NUM_WARPS // 4  # warpgroups
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
-                                                       instr_shape=[16, BLOCK_N // WG, 16])
+    if SPLIT_M:  # see the note on the warpgroups' shares
+        gl.static_assert(BLOCK_M == 64 * WG, "SPLIT_M gives each warpgroup 64 query rows")
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                            instr_shape=[16, HEAD_DIM, 16])
+    else:
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                           instr_shape=[16, BLOCK_N // WG, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                            instr_shape=[16, HEAD_DIM // WG, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
-                                                        instr_shape=[16, HEAD_DIM // WG, 16])
     # KEYS_ON_ROWS (see the note on the orientation): the scores transposed, (BLOCK_N, BLOCK_M), each
     # warpgroup its 64 keys as in kv_layout, so that Pᵀ and dSᵀ pass to dV's and dK's products as
     # register operands without leaving their threads

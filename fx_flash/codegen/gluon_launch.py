@@ -553,6 +553,9 @@ class GluonBwdConfig:
     # causal specs: programs started longest walk first, within sections of heads whose Q, dO and
     # dQ rows share L2 (gluon_bwd's note on the order; bwd_heads_per_section)
     LPT: bool = False
+    # each warpgroup its own 64 query rows of the scores and of dQ's share, not half the keys and
+    # half the head dim (gluon_bwd's note on the warpgroups' shares); BLOCK_M = 128 only
+    SPLIT_M: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
@@ -562,7 +565,7 @@ class GluonBwdConfig:
     @property
     def schedule(self) -> dict:
         return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
-                    ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT)
+                    ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT, SPLIT_M=self.SPLIT_M)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,

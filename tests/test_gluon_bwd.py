@@ -125,7 +125,8 @@ def test_query_rows_a_step_by_head_dim_and_score():
     is qk·scale, whatever the predicate (plain, causal, prefix-LM); soft-capping's per-element
     derivative and an ALiBi-like positional term keep 64 (they spill at 128), as does d = 128
     (128 rows do not fit M there). 128 rows at three stages fill the H200's M to 229,448 B of its
-    232,448; a device that cannot hold two stages of them gets 64 rows, not nothing."""
+    232,448; a device that cannot hold two stages of them gets 64 rows, not nothing. At 128 rows
+    each warpgroup takes its own 64 (SPLIT_M, call 45); at 64 rows it cannot, and the flag is off."""
     alibi = ALIBI_CAUSAL
     assert [gluon_launch.backward_rows(spec_from_text(t), 64) for t in ("score=qk*scale", CAUSAL, PREFIX_LM)] == [
         128, 128, 128]
@@ -133,7 +134,9 @@ def test_query_rows_a_step_by_head_dim_and_score():
     assert gluon_launch.backward_rows(spec_from_text(alibi), 64) == 64
     assert gluon_launch.backward_rows(spec_from_text(SOFTCAP), 64) == 64
     assert gluon_launch.backward_rows(spec_from_text(CAUSAL), 128) == 64
-    assert gluon_launch.backward_config(H200, 64, 2, 128) == gluon_launch.GluonBwdConfig(128, 128, 3, ROWS_AHEAD=True)
+    assert gluon_launch.backward_config(H200, 64, 2, 128) == gluon_launch.GluonBwdConfig(128, 128, 3, ROWS_AHEAD=True,
+                                                                                          SPLIT_M=True)
+    assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True)
     assert gluon_launch.footprint_bwd(128, 128, 64, 2, 3) == 229448
     assert gluon_launch.backward_config(H200, 128, 2, 128) == gluon_launch.backward_config(H200, 128, 2)
     m = DeviceProfile("m", 180 * 1024, 1, (9, 0))  # 128 rows need 196,648 B at two stages
@@ -606,9 +609,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "prefix_lm-d64-keys-on-rows": (PREFIX_LM, 64, "bwd:KEYS_ON_ROWS"),
     # the causal longest-first program order (gluon_bwd's note on the order)
     "causal-d128-lpt": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT"),
-    # each warpgroup its own 64 query rows at d = 64's 128-row step (gluon_bwd's note on the warpgroups' shares)
-    "plain-d64-split-m": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M"),
-    "causal-d64-split-m": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M"),
+    # d = 64's 128-row step with the warpgroups splitting the keys, as before SPLIT_M (call 45)
+    "causal-d64-keys-split": (CAUSAL, 64, "bwd@128:ROWS_AHEAD"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
@@ -617,16 +619,19 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 # (3.6: 32-36 B, 8-9 STL, in the per-head loop; a few 4-byte reloads per step). Under ptxas 13 the
 # causal d = 128 kernels spill too: 16 B (16 STL) the default (keys on rows, ROWS_SHARED), 24-36 B
 # the queries-on-rows schedules, and soft-capping 132 B (57 STL). The causal d = 64 kernel's 128-row
-# step runs at 255 registers too: 28 B (7 STL) under 3.6, 92 B (33 STL) under ptxas 13 (call 39
-# timed the 3.6 one 1.07-1.11x the 64-row step). The longest-first order's index arithmetic adds
-# 16 B to the causal d = 128 kernel's under ptxas 13 (none under 3.6). SPLIT_M at d = 64 stays in
-# registers under 3.6, plain and causal (239 and 255 registers), and spills under ptxas 13 (104 B
-# plain, 68 B causal). Every other kernel here stays in registers under both.
+# step with the warpgroups splitting the keys runs at 255 registers too: 28 B (7 STL) under 3.6,
+# 92 B (33 STL) under ptxas 13 (call 39 timed the 3.6 one 1.07-1.11x the 64-row step). With each
+# warpgroup on its own rows (SPLIT_M, d = 64's default since call 45) it stays in registers under
+# 3.6, plain and causal (239 and 255 registers), and spills under ptxas 13 (104 B plain, 68 B
+# causal); a predicate on every tile (prefix-LM) spills 8 B (2 STL) under 3.6 with it, 144 B under
+# ptxas 13 (none with the keys split; not timed either way). The longest-first order's index
+# arithmetic adds 16 B to the causal d = 128 kernel's under ptxas 13 (none under 3.6). Every other
+# kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 60)), "causal-d128": ((0, 0), (28, 16)),
-                "causal-d64": ((28, 7), (92, 33)),
+                "causal-d64": ((0, 0), (68, 57)), "prefix_lm-d64": ((8, 2), (144, 71)),
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
                 "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),
-                "plain-d64-split-m": ((0, 0), (104, 31)), "causal-d64-split-m": ((0, 0), (68, 57)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
+                "plain-d64": ((0, 0), (104, 31)), "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
 
 
 def _tile(text, d, kind):

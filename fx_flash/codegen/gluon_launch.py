@@ -511,8 +511,11 @@ BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
 # at d = 128, removed.) Then, timed in alternating rounds (calls 24, 27): keys on rows (KEYS_ON_ROWS)
 # with its LSE and Delta read from shared memory (ROWS_SHARED) 1.00-1.08x DV_EARLY at d = 128 (geometric
 # mean 1.04; with ROWS_AHEAD instead 0.99-1.03), so it is d = 128's default; at d = 64 0.95-0.98x
-# ROWS_AHEAD, and ROWS_SHARED in the queries-on-rows step 0.99-1.02x: ROWS_AHEAD stays.
-BWD_SCHEDULES = {128: dict(KEYS_ON_ROWS=True, ROWS_SHARED=True), 64: dict(ROWS_AHEAD=True)}
+# ROWS_AHEAD, and ROWS_SHARED in the queries-on-rows step 0.99-1.02x: ROWS_AHEAD stays. At d = 64's
+# 128-row step, each warpgroup on its own 64 rows (SPLIT_M) ran 1.05-1.11x the warpgroups splitting
+# the keys, plain and causal, 1k-16k (call 45); backward_config drops it where a step has 64 rows.
+# The causal longest-first order (LPT) measured 0.98-1.05x (calls 43, 45) and is not on.
+BWD_SCHEDULES = {128: dict(KEYS_ON_ROWS=True, ROWS_SHARED=True), 64: dict(ROWS_AHEAD=True, SPLIT_M=True)}
 _bwd_modules: dict[str, ModuleType] = {}
 
 
@@ -597,7 +600,8 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
                     rows: int = BWD_BLOCK_M) -> Optional[GluonBwdConfig]:
     """The backward's tile for ``head_dim``: BWD_BLOCK_N keys, ``rows`` query rows (BWD_BLOCK_M when
     two stages of ``rows`` do not fit M), and the deepest Q/dO ring (at most BWD_MAX_STAGES) whose
-    footprint fits M; None if two stages of BWD_BLOCK_M do not."""
+    footprint fits M; None if two stages of BWD_BLOCK_M do not. The head dim's schedule, with
+    SPLIT_M only where a step has 64 rows per warpgroup."""
     schedule = BWD_SCHEDULES.get(head_dim, {})
     for block_m in dict.fromkeys((rows, BWD_BLOCK_M)):
         fitting = [s for s in range(2, BWD_MAX_STAGES + 1)
@@ -605,7 +609,8 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
                                     schedule.get("KEYS_ON_ROWS", False), schedule.get("ROWS_SHARED", False))
                    <= device.shared_memory]
         if fitting:
-            return GluonBwdConfig(block_m, BWD_BLOCK_N, max(fitting), **schedule)
+            split_m = schedule.get("SPLIT_M", False) and block_m == 64 * (BWD_NUM_WARPS // 4)
+            return GluonBwdConfig(block_m, BWD_BLOCK_N, max(fitting), **{**schedule, "SPLIT_M": split_m})
     return None
 
 

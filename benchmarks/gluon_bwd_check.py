@@ -27,7 +27,8 @@ phase waits forever) costs its own rows, not the run:
    --no-grid skips it.
 3. with --schedules: the backward alone at each head dim of --dims and N of --ns, the Gluon kernel
    at each named step schedule (SCHEDULES: GluonBwdConfig's flags; "rows+lpt": with the causal
-   longest-first program order too; "rows@128": with 128 query rows a step) launched directly, beside cuDNN's and the portable backward (--rounds R: each
+   longest-first program order too, "rows+tmaepi" with dK and dV stored by TMA (EXTRAS);
+   "rows@128": with 128 query rows a step) launched directly, beside cuDNN's and the portable backward (--rounds R: each
    schedule R times, alternating the order, the median reported). Phase 1 then checks every
    schedule in its bf16 children (one whose tile does not fit at a head dim is skipped there), the
    first and last named in the fp16 ones.
@@ -123,11 +124,21 @@ SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+row
              "rows+msplit": ("ROWS_AHEAD", "SPLIT_M")}  # SPLIT_M: with "@128" only
 
 
+# options a SCHEDULES name may add at its end (GluonBwdConfig's flags)
+EXTRAS = {"+lpt": "LPT", "+tmaepi": "TMA_EPILOGUE"}
+
+
 def _flags(name):
-    """The flags of a SCHEDULES name, which may end in "+lpt": the causal longest-first order
-    (LPT) too."""
-    base, lpt, _ = name.partition("+lpt")
-    return SCHEDULES[base] + (("LPT", ) if lpt else ())
+    """The flags of a SCHEDULES name, which may end in EXTRAS' suffixes: "+lpt", the causal
+    longest-first order (LPT) too; "+tmaepi", dK and dV stored by TMA (TMA_EPILOGUE)."""
+    extra = ()
+    while True:
+        for suffix, flag in EXTRAS.items():
+            if name.endswith(suffix):
+                name, extra = name[:-len(suffix)], (flag, ) + extra
+                break
+        else:
+            return SCHEDULES[name] + extra
 
 
 def _config(d, schedule=None, spec=None):

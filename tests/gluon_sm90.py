@@ -113,10 +113,12 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV",
                                                  "DQ_ROWS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH",
                                                  "SECTION")}}
+        if "TMA_EPILOGUE" in schedule:  # dK and dV through TMA descriptors (gluon_bwd's note on the epilogue)
+            signature.update(DK=_descriptor_type(block_n, head_dim), DV=_descriptor_type(block_n, head_dim))
         consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
                   "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1,
                   **{name: name in schedule for name in gluon_launch.GluonBwdConfig(block_m, block_n, stages).schedule}}
-        divisible = ("DK", "DV", "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
+        divisible = (*(() if "TMA_EPILOGUE" in schedule else ("DK", "DV")), "LSE", "Delta", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
                      "stride_dvh", "stride_dvn", "H", "N_Q", "N_KV", "DQ_ROWS")
     signature.update({name: "constexpr" for name in consts})
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}

@@ -36,7 +36,8 @@ GLUON_BWD_TEMPLATE = '''\
 #                      loads as +inf (see the note on rows).
 #   k_desc, v_desc     over K and V, in tiles of BLOCK_N rows, K/V head (z, h) at row z·KV_RZ +
 #                      h·KV_RH, column h·KV_CH; the launcher routes only N_KV a multiple of BLOCK_N here.
-#   DK, DV             (Z, H_KV, N_KV, HEAD_DIM) outputs through their strides.
+#   DK, DV             (Z, H_KV, N_KV, HEAD_DIM) outputs through their strides; with TMA_EPILOGUE,
+#                      TMA descriptors over them (contiguous: heads as rows, in tiles of BLOCK_N rows).
 #   dq_desc            TMA descriptor over the (Z·H·DQ_ROWS, HEAD_DIM) fp32 dQ accumulator (DQ in the
 #                      Delta kernel), contiguous, in tiles of BLOCK_M rows: DQ_ROWS is N_Q rounded up
 #                      to BLOCK_M, so that a tile's rows past N_Q (all zero, see the note on rows) add
@@ -131,6 +132,13 @@ GLUON_BWD_TEMPLATE = '''\
 # order varies between runs: not deterministic (the portable backward's separate dQ pass is, and
 # runs instead under torch.use_deterministic_algorithms).
 #
+# Note (the epilogue): dK and dV leave registers at the end of the walk, 2 · BLOCK_N · HEAD_DIM
+# elements a program. Stored by each thread (gl.store: 32-bit stores, two elements each, 64 per
+# thread at d = 128) they fill the memory queue: 6-8% of the kernel's stall samples at 2k were "lg
+# throttle" on them (GLUON_NOTES, call 47; cuDNN's kernel has no such stores). TMA_EPILOGUE writes
+# them instead into the K and V tiles' shared memory, free once every product has read it (one
+# CTA barrier), and stores each with one TMA bulk copy.
+#
 # Note (registers): K, V, P and dS sit at fixed shared-memory addresses, and the compiler hoisted
 # the wgmma descriptors of every k-step over them out of the loop, holding 20-odd registers (then
 # spilling: dK and dV alone take 128 per thread). Each step indexes them with an opaque zero
@@ -147,6 +155,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 LOG2E = gl.constexpr(1.4426950408889634)
 # Triton 3.6 (the H200's) names the TMA load async_copy_global_to_shared; 3.9 calls it async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.6's name, then 3.9's
 if hasattr(tma, "async_atomic_add"):  # triton 3.9
     _tma_reduce_add = tma.async_atomic_add
 else:  # triton 3.6 has the operation (ttng.async_tma_reduce) but no Gluon function for it
@@ -349,6 +359,7 @@ def _attn_bwd_sm90(
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
     ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False, SPLIT_M: gl.constexpr = False,
+    TMA_EPILOGUE: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -532,16 +543,27 @@ $HEADS
         mbarrier.invalidate(q_ready.index(i))
         mbarrier.invalidate(do_ready.index(i))
     dk = dk * $DQK_FACTOR
-    kv_rows: gl.constexpr = gl.SliceLayout(1, kv_layout)
-    offs_kn = start_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=kv_rows)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-    ok = (offs_kn[:, None] < N_KV) & (offs_d[None, :] < HEAD_DIM)
-    gl.store(DK + off_z.to(gl.int64) * stride_dkz + off_hkv.to(gl.int64) * stride_dkh
-             + offs_kn[:, None].to(gl.int64) * stride_dkn + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty),
-             mask=ok)
-    gl.store(DV + off_z.to(gl.int64) * stride_dvz + off_hkv.to(gl.int64) * stride_dvh
-             + offs_kn[:, None].to(gl.int64) * stride_dvn + offs_d[None, :] * stride_dvk, dv.to(DV.dtype.element_ty),
-             mask=ok)
+    if TMA_EPILOGUE:  # see the note on the epilogue
+        _cta_barrier()  # both warpgroups' last products have read K and V
+        k_smem = k_all.index(0)
+        v_smem = v_all.index(0)
+        k_smem.store(dk.to(dtype))
+        v_smem.store(dv.to(dtype))
+        fence_async_shared()
+        _tma_store(DK, [off_hkvz * N_KV + start_n * BLOCK_N, 0], k_smem)
+        _tma_store(DV, [off_hkvz * N_KV + start_n * BLOCK_N, 0], v_smem)
+        tma.store_wait(0)
+    else:
+        kv_rows: gl.constexpr = gl.SliceLayout(1, kv_layout)
+        offs_kn = start_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=kv_rows)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+        ok = (offs_kn[:, None] < N_KV) & (offs_d[None, :] < HEAD_DIM)
+        gl.store(DK + off_z.to(gl.int64) * stride_dkz + off_hkv.to(gl.int64) * stride_dkh
+                 + offs_kn[:, None].to(gl.int64) * stride_dkn + offs_d[None, :] * stride_dkk,
+                 dk.to(DK.dtype.element_ty), mask=ok)
+        gl.store(DV + off_z.to(gl.int64) * stride_dvz + off_hkv.to(gl.int64) * stride_dvh
+                 + offs_kn[:, None].to(gl.int64) * stride_dvn + offs_d[None, :] * stride_dvk,
+                 dv.to(DV.dtype.element_ty), mask=ok)
 '''
 
 

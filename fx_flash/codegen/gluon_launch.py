@@ -559,6 +559,9 @@ class GluonBwdConfig:
     # each warpgroup its own 64 query rows of the scores and of dQ's share, not half the keys and
     # half the head dim (gluon_bwd's note on the warpgroups' shares); BLOCK_M = 128 only
     SPLIT_M: bool = False
+    # dK and dV stored through the K/V tiles' shared memory by TMA, not from registers (gluon_bwd's
+    # note on the epilogue)
+    TMA_EPILOGUE: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
@@ -568,7 +571,8 @@ class GluonBwdConfig:
     @property
     def schedule(self) -> dict:
         return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
-                    ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT, SPLIT_M=self.SPLIT_M)
+                    ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT, SPLIT_M=self.SPLIT_M,
+                    TMA_EPILOGUE=self.TMA_EPILOGUE)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
@@ -668,7 +672,8 @@ class BackwardLaunch:
         rows, keys = self.config.BLOCK_M, self.config.BLOCK_N
         descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
                        _descriptor(dq_acc, rows))
-        return (*descriptors, dk, dv, lse, delta, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
+        outputs = (_descriptor(dk, keys), _descriptor(dv, keys)) if self.config.TMA_EPILOGUE else (dk, dv)
+        return (*descriptors, *outputs, lse, delta, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
                 k.shape[2], self.dq_rows, *self.views, self.section)
 
     @staticmethod

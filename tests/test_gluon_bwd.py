@@ -104,13 +104,16 @@ def test_backward_tile_fits_shared_memory_by_construction():
     """The ring is the deepest of at most BWD_MAX_STAGES that fits M; no tile when two stages do
     not fit, and every tile default gives fits."""
     assert gluon_launch.backward_config(H200, 128, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True,
-                                                                                      ROWS_SHARED=True)
-    assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True)
+                                                                                      ROWS_SHARED=True,
+                                                                                      TMA_EPILOGUE=True)
+    assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True,
+                                                                                     TMA_EPILOGUE=True)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))
     assert gluon_launch.backward_config(ada, 128, 2) is None  # 196,648 B at two stages
     assert gluon_launch.backward_config(ada, 64, 2) is None  # 114,728 B: the dQ staging tile does not fit
     small = DeviceProfile("small", 120 * 1024, 1, (9, 0))
-    assert gluon_launch.backward_config(small, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 2, ROWS_AHEAD=True)
+    assert gluon_launch.backward_config(small, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 2, ROWS_AHEAD=True,
+                                                                                      TMA_EPILOGUE=True)
     for device in (H200, ada, small, DeviceProfile("m", 180 * 1024, 1, (9, 0))):
         for d in gluon_launch.HEAD_DIMS:
             for rows in (64, 128):
@@ -135,12 +138,15 @@ def test_query_rows_a_step_by_head_dim_and_score():
     assert gluon_launch.backward_rows(spec_from_text(SOFTCAP), 64) == 64
     assert gluon_launch.backward_rows(spec_from_text(CAUSAL), 128) == 64
     assert gluon_launch.backward_config(H200, 64, 2, 128) == gluon_launch.GluonBwdConfig(128, 128, 3, ROWS_AHEAD=True,
-                                                                                          SPLIT_M=True)
-    assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True)
+                                                                                          SPLIT_M=True,
+                                                                                          TMA_EPILOGUE=True)
+    assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True,
+                                                                                     TMA_EPILOGUE=True)
     assert gluon_launch.footprint_bwd(128, 128, 64, 2, 3) == 229448
     assert gluon_launch.backward_config(H200, 128, 2, 128) == gluon_launch.backward_config(H200, 128, 2)
     m = DeviceProfile("m", 180 * 1024, 1, (9, 0))  # 128 rows need 196,648 B at two stages
-    assert gluon_launch.backward_config(m, 64, 2, 128) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True)
+    assert gluon_launch.backward_config(m, 64, 2, 128) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True,
+                                                                                       TMA_EPILOGUE=True)
 
 
 def test_backward_footprint_counts_each_buffer():
@@ -369,6 +375,22 @@ def test_launch_arguments(monkeypatch):
     assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"], kw["ROWS_SHARED"], kw["LPT"]) == (
         True, False, False, False, False)
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
+
+
+def test_launch_arguments_with_the_tma_epilogue(monkeypatch):
+    """With TMA_EPILOGUE the kernel takes dK and dV as TMA descriptors over the contiguous outputs in
+    tiles of BLOCK_N rows (K's shape and tile, so that K's and V's shared memory holds them), and the
+    flag as a constexpr; the strides still follow."""
+    calls = _fake_module(monkeypatch)
+    z, h, n, d = 2, 4, 256, 64
+    q = torch.empty(z, h, n, d, dtype=torch.bfloat16, device="meta")
+    lse = torch.empty(z, h, n, device="meta")
+    cfg = gluon_launch.GluonBwdConfig(128, 128, 3, ROWS_AHEAD=True, SPLIT_M=True, TMA_EPILOGUE=True)
+    _, dk, dv = gluon_launch.launch_backward(sdpa_spec(), q, q, q, q, q, lse, 0.1, cfg)
+    _, (main, grid, args, kw) = calls
+    assert args[5:7] == (("descriptor", dk.shape, 128), ("descriptor", dv.shape, 128))
+    assert args[10:18] == dk.stride() + dv.stride()
+    assert (kw["TMA_EPILOGUE"], kw["SPLIT_M"], kw["BLOCK_M"]) == (True, True, 128)
 
 
 def test_sections_of_the_longest_first_order():
@@ -613,25 +635,24 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "causal-d64-keys-split": (CAUSAL, 64, "bwd@128:ROWS_AHEAD"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
-# the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). Soft-capping with the
-# causal band runs at the 255-register limit: the dQ staging tile's addressing (GLUON_NOTES, call
-# 14) and the per-head placement of (Z, N, H, d) views pushed a few per-head values to local memory
-# (3.6: 32-36 B, 8-9 STL, in the per-head loop; a few 4-byte reloads per step). Under ptxas 13 the
-# causal d = 128 kernels spill too: 16 B (16 STL) the default (keys on rows, ROWS_SHARED), 24-36 B
-# the queries-on-rows schedules, and soft-capping 132 B (57 STL). The causal d = 64 kernel's 128-row
-# step with the warpgroups splitting the keys runs at 255 registers too: 28 B (7 STL) under 3.6,
-# 92 B (33 STL) under ptxas 13 (call 39 timed the 3.6 one 1.07-1.11x the 64-row step). With each
-# warpgroup on its own rows (SPLIT_M, d = 64's default since call 45) it stays in registers under
-# 3.6, plain and causal (239 and 255 registers), and spills under ptxas 13 (104 B plain, 68 B
-# causal); a predicate on every tile (prefix-LM) spills 8 B (2 STL) under 3.6 with it, 144 B under
-# ptxas 13 (none with the keys split; not timed either way). The longest-first order's index
-# arithmetic adds 16 B to the causal d = 128 kernel's under ptxas 13 (none under 3.6). Every other
-# kernel here stays in registers under both.
-KNOWN_SPILLS = {"softcap-d128": ((40, 10), (140, 60)), "causal-d128": ((0, 0), (28, 16)),
-                "causal-d64": ((0, 0), (68, 57)), "prefix_lm-d64": ((8, 2), (144, 71)),
+# the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). The defaults' kernels (bwd)
+# run at or near the 255-register limit, and what spills there is a few values per program or per
+# head, reloaded a few times a step:
+# - soft-capping at d = 128: the dQ staging tile's addressing (GLUON_NOTES, call 14) and the
+#   per-head placement of (Z, N, H, d) views, 40 B (10 STL) under 3.6, 68 B (17) with the TMA
+#   epilogue (call 48 timed it 0.96-1.06x without); under ptxas 13 132-140 B.
+# - d = 64's 128-row step: with the warpgroups splitting the keys, causal, 28 B (7 STL) under 3.6,
+#   92 B under ptxas 13 (call 39 timed it 1.07-1.11x the 64-row step); with each warpgroup on its
+#   own rows (SPLIT_M, call 45) and the TMA epilogue (call 48), the defaults since: plain none under
+#   3.6, causal 16 B (4 STL), prefix-LM 32 B (8 STL, not timed); under ptxas 13 40-168 B.
+# - causal d = 128 under ptxas 13 only: 16-36 B (15-20 STL) by schedule, 32 B with LPT.
+# Every other kernel here stays in registers under both.
+KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0, 4)),
+                "causal-d128": ((0, 0), (28, 16)), "causal-d64": ((16, 4), (68, 57)),
+                "prefix_lm-d64": ((32, 8), (168, 78)), "plain-d64": ((0, 0), (152, 38)),
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
                 "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),
-                "plain-d64": ((0, 0), (104, 31)), "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
+                "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
 
 
 def _tile(text, d, kind):
@@ -667,8 +688,9 @@ def compiled():
 @pytest.mark.parametrize("name", [n for n in KERNELS if not n.startswith("prep")])
 def test_compiles_for_sm90_with_wgmma_tma_and_dq_reduce(compiled, name):
     """The backward compiles for sm_90 to asynchronous wgmma, TMA bulk-tensor loads and its dQ adds
-    as TMA bulk reduce-adds (no atomics), and its shared memory is exactly the footprint model's,
-    within the H200's M."""
+    as TMA bulk reduce-adds (no atomics), dK and dV as TMA stores where TMA_EPILOGUE is on (no
+    global store instruction) and 32-bit stores where it is off, and its shared memory is exactly
+    the footprint model's (the epilogue reuses K's and V's tiles), within the H200's M."""
     text, d, kind = KERNELS[name]
     report = compiled[name]
     cfg = _tile(text, d, kind)
@@ -676,6 +698,11 @@ def test_compiles_for_sm90_with_wgmma_tma_and_dq_reduce(compiled, name):
     assert report["wgmma"] > 0 and report["tma"] > 0
     assert report["tma_reduce"] > 0 and report["atomics"] == 0
     flags = kind.split(":")[1].split(",") if ":" in kind else [n for n, on in cfg.schedule.items() if on]
+    # dK and dV leave by TMA stores (TMA_EPILOGUE, the defaults' since call 48), else 32-bit stores
+    if "TMA_EPILOGUE" in flags:
+        assert report["stores"] == {}
+    else:
+        assert set(report["stores"]) == {"b32"} and report["stores"]["b32"] > 0
     assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES,
                                                           "KEYS_ON_ROWS" in flags, "ROWS_SHARED" in flags)
     assert report["shared"] <= H200.shared_memory

@@ -514,8 +514,12 @@ BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
 # ROWS_AHEAD, and ROWS_SHARED in the queries-on-rows step 0.99-1.02x: ROWS_AHEAD stays. At d = 64's
 # 128-row step, each warpgroup on its own 64 rows (SPLIT_M) ran 1.05-1.11x the warpgroups splitting
 # the keys, plain and causal, 1k-16k (call 45); backward_config drops it where a step has 64 rows.
-# The causal longest-first order (LPT) measured 0.98-1.05x (calls 43, 45) and is not on.
-BWD_SCHEDULES = {128: dict(KEYS_ON_ROWS=True, ROWS_SHARED=True), 64: dict(ROWS_AHEAD=True, SPLIT_M=True)}
+# The causal longest-first order (LPT) measured 0.98-1.05x (calls 43, 45) and is not on. dK and dV
+# stored by TMA through the K/V tiles' shared memory (TMA_EPILOGUE) ran 1.00-1.09x at d = 128
+# (geometric mean 1.04) and 1.02-1.09x at d = 64's 128-row step (1.05), plain and causal, 1k-16k
+# (call 48).
+BWD_SCHEDULES = {128: dict(KEYS_ON_ROWS=True, ROWS_SHARED=True, TMA_EPILOGUE=True),
+                 64: dict(ROWS_AHEAD=True, SPLIT_M=True, TMA_EPILOGUE=True)}
 _bwd_modules: dict[str, ModuleType] = {}
 
 

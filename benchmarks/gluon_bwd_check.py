@@ -28,7 +28,8 @@ phase waits forever) costs its own rows, not the run:
 3. with --schedules: the backward alone at each head dim of --dims and N of --ns, the Gluon kernel
    at each named step schedule (SCHEDULES: GluonBwdConfig's flags; "rows+lpt": with the causal
    longest-first program order too, "rows+tmaepi" with dK and dV stored by TMA (EXTRAS);
-   "rows@128": with 128 query rows a step) launched directly, beside cuDNN's and the portable backward (--rounds R: each
+   "rows@128": with 128 query rows a step; "NAME=2": NAME again under a second label, a control
+   column that measures the spread between identical kernels) launched directly, beside cuDNN's and the portable backward (--rounds R: each
    schedule R times, alternating the order, the median reported). Phase 1 then checks every
    schedule in its bf16 children (one whose tile does not fit at a head dim is skipped there), the
    first and last named in the fp16 ones.
@@ -153,6 +154,8 @@ def _config(d, schedule=None, spec=None):
     from fx_flash.device import device_profile
 
     device = device_profile(torch.device("cuda"))
+    if schedule is not None:
+        schedule = schedule.partition("=")[0]  # "NAME=2": NAME timed again under its own label (a control)
     if schedule is None:
         rows = gluon_launch.backward_rows(spec, d) if spec is not None else gluon_launch.BWD_BLOCK_M
         return gluon_launch.backward_config(device, d, 2, rows)
@@ -496,9 +499,10 @@ def main():
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     names = args.schedules.split(",") if args.schedules else []
-    ends = ",".join(dict.fromkeys(names[:1] + names[-1:]))
-    jobs = [f"numerics:128:bfloat16:{','.join(names)}", f"numerics:128:float16:{ends}",
-            f"numerics:64:bfloat16:{','.join(names)}", f"numerics:64:float16:{ends}"]
+    checked = [name for name in names if "=" not in name]  # a control ("NAME=2") is NAME again
+    ends = ",".join(dict.fromkeys(checked[:1] + checked[-1:]))
+    jobs = [f"numerics:128:bfloat16:{','.join(checked)}", f"numerics:128:float16:{ends}",
+            f"numerics:64:bfloat16:{','.join(checked)}", f"numerics:64:float16:{ends}"]
     passed = {}
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         for what, text, secs, ok in pool.map(lambda w: _run_child(w, args.ns, args.limit), jobs):

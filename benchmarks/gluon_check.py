@@ -53,8 +53,9 @@ def variants(d: int) -> dict:
     keeps each consumer's softmax under its p·v (gluon._hold); "wsp" ws as a persistent kernel
     (one program per SM walking output tiles; causal: longest first in L2-sized sections of heads),
     "wsp1" with the causal order in one section of every head, "wsp3" with three consumer
-    warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split).
-    BLOCK_M/ or BLOCK_N/STAGES."""
+    warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split), then "t"
+    with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
+    K/V stage fewer at d = 128). BLOCK_M/ or BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -67,12 +68,16 @@ def variants(d: int) -> dict:
                 "pph 128/3": C(128, 128, 3, True, **pph), "ppeh 128/2": C(128, 128, 2, True, **ppeh),
                 "wsp 128/3": C(128, 128, 3, True, persistent=True), "wsp 128/2": C(128, 128, 2, True, persistent=True),
                 "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True),
-                "wsps 128/3": C(128, 128, 3, True, persistent=True, split=True)}
+                "wsps 128/3": C(128, 128, 3, True, persistent=True, split=True),
+                "wspt 128/2": C(128, 128, 2, True, persistent=True, tma_store=True),
+                "wspst 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
             "wsps 128/4": C(128, 128, 4, True, persistent=True, split=True),
             "wsp3 192/4": C(192, 128, 4, True, persistent=True, consumers=3),
             "wsp3s 192/4": C(192, 128, 4, True, persistent=True, consumers=3, split=True),
+            "wsp3t 192/4": C(192, 128, 4, True, persistent=True, consumers=3, tma_store=True),
+            "wspst 128/4": C(128, 128, 4, True, persistent=True, split=True, tma_store=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 

@@ -63,13 +63,15 @@ def _module(source: str):
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
-                 split: bool = False):
+                 split: bool = False, tma_store: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
-    per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups)."""
+    per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
+    output stored by TMA when ``tma_store``)."""
     module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
-                                      early, hold, persistent, consumers=consumers, split=split)
+                                      early, hold, persistent, consumers=consumers, split=split,
+                                      tma_store=tma_store)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -80,10 +82,12 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              **({"CONSUMERS": consumers, "SPLIT": split} if persistent else {})}
+              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store} if persistent else {})}
+    if tma_store:  # the output through a TMA descriptor of a consumer's rows
+        signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
-    divisible = ("Out", "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
+    divisible = (*(() if tma_store else ("Out", )), "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}
     return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=SM90,
                           options={"num_warps": warps})
@@ -157,7 +161,11 @@ KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, T
 KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
 KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True),
               "wsp3": (True, False, False, False, True, 3), "wsps": (True, False, False, False, True, 2, True),
-              "wsp3s": (True, False, False, False, True, 3, True)})
+              "wsp3s": (True, False, False, False, True, 3, True),
+              # "t": the output stored by TMA (gluon's note on the epilogue)
+              "wspt": (True, False, False, False, True, 2, False, True),
+              "wspst": (True, False, False, False, True, 2, True, True),
+              "wsp3t": (True, False, False, False, True, 3, False, True)})
 
 
 def _sass(kernel) -> str:
@@ -212,6 +220,7 @@ def main(argv: list[str]) -> None:
                           "atomics": len(re.findall(r"\b(?:red|atom)\.global\.", ptx)),
                           "stores": dict(collections.Counter(re.findall(r"\bst\.global\.(?:v\d\.)?(\w+)", ptx))),
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
+                          "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
                           "local_stores": _sass(kernel).count("STL"), **_ptxas_report(ptx)}), flush=True)
 
 

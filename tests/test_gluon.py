@@ -401,14 +401,18 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     # the causal routes (the causal walk split in two loops), and soft-capping through them
     "causal-d64-wsps": (CAUSAL, 64, "wsps"), "softcap-d64-wsps": (SOFTCAP, 64, "wsps"),
     "causal-d128-wsps": (CAUSAL, 128, "wsps"), "softcap-d128-wsps": (SOFTCAP, 128, "wsps"),
+    # the output stored by TMA from each consumer's staging tile (gluon's note on the epilogue)
+    "plain-d128-wspt": ("score=qk*scale", 128, "wspt"), "causal-d128-wspst": (CAUSAL, 128, "wspst"),
+    "plain-d64-wsp3t": ("score=qk*scale", 64, "wsp3t"),
 }
+TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t")
 
 
 def _tile(d, kind):
     """The H200's tile of kind (tests/gluon_sm90.py's names) at head dim d."""
     return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"),
                                        consumers=3 if kind.startswith("wsp3") else 2,
-                                       split=kind in ("wsps", "wsp3s"))
+                                       split=kind in ("wsps", "wsp3s", "wspst"), tma_store=kind in TMA_STORE_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +444,7 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     cfg = _tile(d, kind)
     assert (report["spec"], report["head_dim"], report["kind"]) == (text, d, kind)
     assert report["wgmma"] > 0 and report["tma"] > 0
-    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers)
+    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers, cfg.tma_store)
     if ws:
         assert model - gluon_launch.WS_CAPTURE_BYTES < report["shared"] <= model
         assert ("160" if kind.startswith("wsp3") else "240") in report["setmaxnreg"]  # the consumers' registers are raised
@@ -483,9 +487,14 @@ def test_output_stores_hold_two_elements(compiled, name):
     """The epilogue stores the bf16 output two elements (32 bits) a store, as the wgmma accumulator
     holds them: the H200's profile of the persistent kernel (GLUON_NOTES call 31) found one element
     a store (st.global.b16) spending 18% of its consumers' samples, from a head-dim stride that
-    warp_specialize's captures turned into a runtime value. Besides them only the LSE's fp32."""
+    warp_specialize's captures turned into a runtime value. Besides them only the LSE's fp32. With
+    TMA_STORE the rows leave by TMA bulk stores instead, and the LSE's are the only global stores."""
     stores = compiled[name]["stores"]
     assert set(stores) == {"b32"}, stores
+    if KERNELS[name][2] in TMA_STORE_KINDS:  # the LSE's alone: the rows leave by TMA, one store a consumer
+        assert stores["b32"] < 8 and compiled[name]["tma_stores"] > 0, compiled[name]
+    else:
+        assert compiled[name]["tma_stores"] == 0
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
@@ -515,6 +524,32 @@ def test_output_head_dim_must_be_contiguous():
     q = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16, device="meta")
     with pytest.raises(ValueError, match="head dim is contiguous"):
         gluon_launch.forward_launch(sdpa_spec(), q, q, 0.1, cfg, out_strides=(2 * 256 * 256, 256 * 256, 256, 2))
+
+
+def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
+    """With tma_store (an option of the persistent kernel) the output leaves by TMA only where a
+    consumer's rows never cross into the next head: a contiguous output and N_Q a multiple of a
+    consumer's 64 rows. Then the kernel takes a descriptor of 64-row tiles for it; otherwise it
+    takes the tensor and stores by gl.store, TMA_STORE off. The staging tiles cost the footprint
+    a consumer's rows per consumer (a K/V stage at d = 128: 3 stages fit without them, 2 with)."""
+    monkeypatch.setattr(gluon_launch, "load", lambda spec: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+    monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
+    monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
+    cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True)
+    assert (cfg.STAGES, gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND).STAGES) == (2, 3)
+    assert gluon_launch.footprint(128, 128, 128, 2, 2, True, 2, True) - gluon_launch.footprint(
+        128, 128, 128, 2, 2, True, 2) == 2 * 128 * 128
+    for n_q, strides, taken in ((1024, None, True), (1000, None, False), (1088, None, True),
+                                (1024, (2 * 1024 * 128, 128, 2 * 128, 1), False)):
+        q = torch.empty(1, 2, n_q, 128, dtype=torch.bfloat16, device="meta")
+        found = gluon_launch.forward_launch(sdpa_spec(), q, q, 0.1, cfg, out_strides=strides)
+        assert found.constexprs["TMA_STORE"] is taken
+        if taken:
+            assert found.output(q) == ("descriptor", tuple(q.shape), 64)
+        else:
+            assert found.output(q) is q
+    with pytest.raises(ValueError):
+        gluon_launch.GluonConfig(128, 128, 2, ws=True, tma_store=True)  # the persistent kernel's option
 
 
 def test_tma_view_of_each_layout():

@@ -67,17 +67,37 @@ GLUON_TEMPLATE = '''\
 # moves the p·v wait above the softmax unless a TMA issue sits between them (HOLD, _hold); the
 # single-partition kernel's own loads do that.
 #
+# Note (the epilogue): a consumer normalizes its rows and stores them from registers (gl.store:
+# two elements a store, 64 stores a thread at d = 128), or, in the persistent kernel with TMA_STORE
+# (GluonConfig.tma_store), writes them into its own staging tile in shared memory and stores that
+# with one TMA copy (_epilogue_tma), as cuDNN's forward does: at 1k the stores held 4-8% of a
+# consumer's stall samples (GLUON_NOTES, calls 32, 44). The staging tiles cost CONSUMERS·BLOCK_M·
+# HEAD_DIM elements of shared memory (a K/V stage at d = 128), and the launcher takes it only for
+# contiguous outputs whose N_Q is a multiple of BLOCK_M.
+#
+# Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
+# tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
+# consumer_args is) arrives as a runtime value (int1, int32): GROUP, EARLY, HOLD and SPLIT are
+# traced in the persistent kernel's consumers as runtime values, and both sides of their branches
+# are generated. The compiler folds them afterwards (wrapped as constexprs instead, the kernels
+# compile to as many instructions and registers: 3,760 / 6,624 / 4,936 / 6,056 for wsp, wsps at
+# d = 128 and wsp3, wsps at d = 64, triton 3.6). A branch that must not be generated at all needs
+# the flag wrapped in gl.constexpr(...) inside the tuple literal handed to warp_specialize, as
+# the consumer index c is, and TMA_STORE (its other branch does not compile with a descriptor).
+#
 # Note (fully masked rows): as in the portable template, a row whose every score is -inf keeps
 # m_i = -inf and exponentiates against 0: its output is 0 and its LSE -inf.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
 # Triton 3.6 (the H200's) names the TMA load async_copy_global_to_shared; 3.9 calls it async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 # Where the keep-predicate can fail: 0 nowhere; 1 on the causal band (interior tiles apply only the
 # rest of it); 2 on every tile (a predicate that is not causal).
 MASK = gl.constexpr($MASK)
@@ -287,6 +307,26 @@ def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, str
 
 
 @gluon.jit
+def _epilogue_tma(acc, m_i, l_i, o_desc, LSE, off_hz, row_start, N_Q, o_smem, BLOCK_M: gl.constexpr):
+    """_epilogue with the output rows stored by TMA (the persistent kernel's TMA_STORE, see the note
+    on the epilogue): normalized into this consumer's staging tile ``o_smem`` once its previous
+    tile's store has read it, and stored whole, at row off_hz·N_Q + row_start of ``o_desc`` (a
+    contiguous output with N_Q a multiple of BLOCK_M, so that a tile never crosses into the next
+    head; a tile wholly past N_Q is not stored)."""
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+    tma.store_wait(0)  # the previous tile's rows have left o_smem
+    o_smem.store(out.to(o_smem.dtype))
+    fence_async_shared()
+    if row_start < N_Q:
+        _tma_store(o_desc, [off_hz * N_Q + row_start, 0], o_smem)
+    offs_l = row_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
+    gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_l, lse, mask=offs_l < N_Q)
+
+
+@gluon.jit
 def _key_tiles(row_start, N_KV, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
     """(n_tiles, mid) of ROWS query rows from row_start: the key tiles they read (causal: none past
     their last row) and the first that needs the keep-predicate (see MASK)."""
@@ -404,7 +444,8 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty, k_ready, v_ready,
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
-                   EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False):
+                   EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
+                   o_smem=None, TMA_STORE: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
@@ -428,8 +469,11 @@ $HEADS_WS
         mbarrier.arrive(v_empty.index(buf), count=1)
         _turn(sched, c, i + 1, PP)
         _pass_turn(sched, c, PP)
-    _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              BLOCK_M, HEAD_DIM)
+    if TMA_STORE:  # Out is a TMA descriptor then
+        _epilogue_tma(acc, m_i, l_i, Out, LSE, off_hz, row_start, N_Q, o_smem.index(c), BLOCK_M)
+    else:
+        _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+                  BLOCK_M, HEAD_DIM)
 
 
 @gluon.jit
@@ -585,10 +629,10 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 
 @gluon.jit
-def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q,
-                         N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr,
-                         HOLD: gl.constexpr, SPLIT: gl.constexpr):
+def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, o_smem, k_desc, v_desc, q_smem, k_smem, v_smem,
+                         q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh,
+                         stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr,
+                         EARLY: gl.constexpr, HOLD: gl.constexpr, SPLIT: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
     one's loads ended."""
@@ -605,9 +649,11 @@ def _consumer_persistent(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True,
-                           SPLIT)
+                           SPLIT, o_smem, TMA_STORE)
             base += n_load
             done += 1
+    if TMA_STORE:
+        tma.store_wait(0)  # the last tile's rows have left shared memory
 
 
 @gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ",
@@ -619,7 +665,7 @@ def _attn_fwd_sm90_wsp(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
-    CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False,
+    CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -637,6 +683,10 @@ def _attn_fwd_sm90_wsp(
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    if TMA_STORE:  # each consumer's output staging tile (see the note on the epilogue)
+        o_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
+    else:
+        o_smem = q_smem  # not used
     q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -649,6 +699,8 @@ def _attn_fwd_sm90_wsp(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
+    # (TMA_STORE goes to the consumers wrapped in gl.constexpr, ahead of this tuple: see the note on
+    # constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT)
@@ -658,16 +710,16 @@ def _attn_fwd_sm90_wsp(
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
-            (_consumer_persistent, (gl.constexpr(2), ) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), ) + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), ) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(c))

@@ -124,12 +124,16 @@ class GluonConfig:
     consumers: int = 2
     # persistent only: causal specs walk their tiles below the diagonal and on it in two loops
     split: bool = False
+    # persistent only: each consumer's output rows stored by TMA from a staging tile in shared
+    # memory (gluon's note on the epilogue), where the output is contiguous and N_Q a multiple of
+    # a consumer's rows (forward_launch)
+    tma_store: bool = False
 
     def __post_init__(self):
         if self.persistent and (not self.ws or self.pingpong):
             raise ValueError("the persistent kernel is warp-specialized, without ping-pong")
-        if (self.one_section or self.split) and not self.persistent:
-            raise ValueError("one_section and split are options of the persistent kernel")
+        if (self.one_section or self.split or self.tma_store) and not self.persistent:
+            raise ValueError("one_section, split and tma_store are options of the persistent kernel")
         if self.consumers not in (2, 3) or (self.consumers == 3 and not self.persistent):
             raise ValueError("three consumer warpgroups are the persistent kernel's option")
 
@@ -152,21 +156,23 @@ class GluonConfig:
         flags = [name for name, on in (("ws", self.ws), ("pingpong", self.pingpong), ("early", self.early),
                                        ("hold", self.hold), ("persistent", self.persistent),
                                        ("one_section", self.one_section),
-                                       ("three consumers", self.consumers == 3), ("split", self.split)) if on]
+                                       ("three consumers", self.consumers == 3), ("split", self.split),
+                                       ("tma store", self.tma_store)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
 def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False,
-              consumers: int = 2) -> int:
+              consumers: int = 2, tma_store: bool = False) -> int:
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
     the partitions when ``ws`` (with one more barrier per consumer: the ping-pong's turns,
     allocated whether or not it is on, or the persistent kernel's Q empty barriers in their
-    place). P and the softmax stay in registers, so this is the whole of it: tests compare it with
-    the compiled kernels' own counts."""
+    place), and with ``tma_store`` the consumers' output staging tiles (block_m rows in all). P and
+    the softmax stay in registers, so this is the whole of it: tests compare it with the compiled
+    kernels' own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
-    tiles = elem_bytes * (block_m * head_dim + 2 * stages * block_n * head_dim)
+    tiles = elem_bytes * ((2 if tma_store else 1) * block_m * head_dim + 2 * stages * block_n * head_dim)
     if ws:
         return tiles + 2 * (-(-BARRIER_BYTES * consumers // 16) * 16) + 4 * ring + WS_CAPTURE_BYTES
     return tiles + BARRIER_BYTES + 2 * ring
@@ -187,8 +193,8 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
     block_m = program_rows(ws, flags.get("consumers", 2))
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
-                   if footprint(block_m, block_n, head_dim, elem_bytes, s, ws, flags.get("consumers", 2))
-                   <= device.shared_memory]
+                   if footprint(block_m, block_n, head_dim, elem_bytes, s, ws, flags.get("consumers", 2),
+                                flags.get("tma_store", False)) <= device.shared_memory]
         if fitting:
             return GluonConfig(block_m, block_n, max(fitting), ws, **flags)
     return None
@@ -354,9 +360,14 @@ class ForwardLaunch:
     constexprs: dict
     blocks: tuple
     config: Optional[GluonConfig] = None
+    out_block: Optional[int] = None  # TMA_STORE: the output's descriptor rows (a consumer's)
 
     def descriptors(self, q, k, v) -> tuple:
         return tuple(_descriptor(t, rows) for t, rows in zip((q, k, v), self.blocks))
+
+    def output(self, out):
+        """What the kernel takes for ``out``: out itself, or with TMA_STORE its descriptor."""
+        return out if self.out_block is None else _descriptor(out, self.out_block)
 
 
 def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig, programs: Optional[int] = None,
@@ -385,8 +396,12 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
                 triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
-        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split)
-        return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config)
+        # a consumer's rows stored by TMA never cross into the next head only when N_Q is a multiple
+        # of them; the descriptor addresses a contiguous output (heads as rows)
+        tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
+        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store)
+        return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
+                             rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only
         raise ValueError("the non-persistent Gluon kernels take (Z·H·N, d) row matrices only")
     fn = module._attn_fwd_sm90_ws if config.ws else module._attn_fwd_sm90
@@ -399,7 +414,7 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     """Run the kernel into ``out`` (Z, H, N_Q, d) and ``lse`` (Z, H, N_Q) fp32 with tile
     ``config`` through Triton's JIT launch (see forward_launch)."""
     found = forward_launch(spec, q, k, scale, config, programs, section, tuple(out.stride()))
-    found.fn[found.grid](*found.descriptors(q, k, v), out, lse, *found.post, **found.constexprs)
+    found.fn[found.grid](*found.descriptors(q, k, v), found.output(out), lse, *found.post, **found.constexprs)
 
 
 def mean_walk(spec: AttentionSpec, n_q: int, n_kv: int, config: GluonConfig) -> float:

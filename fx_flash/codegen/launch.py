@@ -712,7 +712,7 @@ class _GluonForward(_Plan):
         self.kernel = _GluonKernel(routed.fn, routed.grid, routed.constexprs, direct)
 
     def run(self, q, k, v, out, lse, operands, seed) -> None:
-        self.kernel((*self.routed.descriptors(q, k, v), out, lse, *self.routed.post))
+        self.kernel((*self.routed.descriptors(q, k, v), self.routed.output(out), lse, *self.routed.post))
 
 
 class _GluonBackward:

@@ -428,20 +428,14 @@ class _Shim:
         return -(-a // b)
 
 
-def _walk_helpers(text, names=("_query_tiles", "_advance")):
-    """The rendered kernel's _query_tiles and _advance (or other scalar helpers), as Python functions."""
+def _walk_helpers(text, names):
+    """The rendered kernel's scalar helpers ``names`` (_query_tiles, _advance, _key_tile), as Python functions."""
     src = render_gluon_bwd(spec_from_text(text))
     namespace = {"gl": _Shim, "MASK": int(re.search(r"MASK = gl.constexpr\((\d)\)", src).group(1))}
     for name in names:
         body = re.search(rf"^def {name}\(.*?(?=^@gluon)", src, re.S | re.M).group(0)
         exec(re.sub(r": gl\.constexpr", "", body), namespace)
     return tuple(namespace[name] for name in names)
-
-
-def _walk_length(text, start_n, n_q, bm=BM):
-    query_tiles, _ = _walk_helpers(text)
-    lo, n_m, _ = query_tiles(start_n, n_q, bm, BN)
-    return n_m - lo
 
 
 @pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL, PREFIX_LM])
@@ -453,7 +447,7 @@ def test_program_order(text, n_tiles, n_heads, section, lpt):
     fastest) walk longest first within each section of ``section`` heads (the last one smaller
     where they do not divide) and never leave it: every head of a section starts its key tile k
     before any starts k + 1, and the walk lengths never rise within a section."""
-    (key_tile,) = _walk_helpers(text, ("_key_tile",))
+    key_tile, query_tiles = _walk_helpers(text, ("_key_tile", "_query_tiles"))
     causal = text == CAUSAL
     order = [key_tile(pid_n, pid_h, n_tiles, n_heads, section, lpt)
              for pid_h in range(n_heads) for pid_n in range(n_tiles)]
@@ -466,7 +460,7 @@ def test_program_order(text, n_tiles, n_heads, section, lpt):
         heads = min(section, n_heads - first)
         part = order[first * n_tiles:(first + heads) * n_tiles]
         assert part == [(n, first + h) for n in range(n_tiles) for h in range(heads)]
-        lengths = [_walk_length(text, n, n_q) for n, _ in part]
+        lengths = [n_m - lo for lo, n_m, _ in (query_tiles(n, n_q, BM, BN) for n, _ in part)]
         assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 
 
@@ -487,7 +481,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     rows per head rounded up to BLOCK_M (the TMA reduce-add: rows past N_Q land in the padding),
     cut to N_Q rows at the end."""
     spec = spec_from_text(text)
-    query_tiles, advance = _walk_helpers(text)
+    query_tiles, advance, key_tile = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile"))
     mask = int(re.search(r"MASK = gl.constexpr\((\d)\)", render_gluon_bwd(spec)).group(1))
     z, h, n_q, d = q.shape
     h_kv, n_kv = k.shape[1], k.shape[2]
@@ -508,7 +502,6 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     dq_rows = -(-n_q // bm) * bm
     dq_acc = torch.zeros(z * h * dq_rows, d, dtype=torch.float64)
     dk, dv = torch.full_like(k, math.nan), torch.full_like(v, math.nan)  # poisoned: a tile no program wrote stays NaN
-    (key_tile,) = _walk_helpers(text, ("_key_tile",))
     n_tiles, n_heads = n_kv // BN, z * h_kv
     for pid_h in range(n_heads):
         for pid_n in range(n_tiles):  # in launch order, each program's tile by the rendered _key_tile

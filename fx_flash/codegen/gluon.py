@@ -70,7 +70,7 @@ GLUON_TEMPLATE = '''\
 # Note (the epilogue): a consumer normalizes its rows and stores them from registers (gl.store:
 # two elements a store, 64 stores a thread at d = 128), or, in the persistent kernel with TMA_STORE
 # (GluonConfig.tma_store), writes them into its own staging tile in shared memory and stores that
-# with one TMA copy (_epilogue_tma), as cuDNN's forward does: at 1k the stores held 4-8% of a
+# with one TMA copy (_epilogue), as cuDNN's forward does: at 1k the stores held 4-8% of a
 # consumer's stall samples (GLUON_NOTES, calls 32, 44). The staging tiles cost CONSUMERS·BLOCK_M·
 # HEAD_DIM elements of shared memory (a K/V stage at d = 128), and the launcher takes it only for
 # contiguous outputs whose N_Q is a multiple of BLOCK_M.
@@ -289,39 +289,32 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
 
 @gluon.jit
 def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Normalize; write the output rows below N_Q and their natural-log logsumexp."""
+              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, o_smem=None, TMA_STORE: gl.constexpr = False):
+    """Normalize; write the output rows below N_Q and their natural-log logsumexp. With TMA_STORE
+    (the persistent kernel's, see the note on the epilogue) ``Out`` is a TMA descriptor: the rows go
+    into this consumer's staging tile ``o_smem`` once its previous tile's store has read it and are
+    stored whole, at row off_hz·N_Q + row_start (a contiguous output with N_Q a multiple of
+    BLOCK_M, so that a tile never crosses into the next head; a tile wholly past N_Q is not
+    stored)."""
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    offs_m = row_start + gl.arange(0, BLOCK_M, layout=o_rows)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc.type.layout))
-    # The head dim is contiguous (the launcher's outputs are): with a stride there, handed through
-    # warp_specialize's captures as a runtime value even when it is 1, the stores went one bf16 each.
-    out_ptrs = (Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
-                + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :])
-    gl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
-    offs_l = row_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
-    gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_l, lse, mask=offs_l < N_Q)
-
-
-@gluon.jit
-def _epilogue_tma(acc, m_i, l_i, o_desc, LSE, off_hz, row_start, N_Q, o_smem, BLOCK_M: gl.constexpr):
-    """_epilogue with the output rows stored by TMA (the persistent kernel's TMA_STORE, see the note
-    on the epilogue): normalized into this consumer's staging tile ``o_smem`` once its previous
-    tile's store has read it, and stored whole, at row off_hz·N_Q + row_start of ``o_desc`` (a
-    contiguous output with N_Q a multiple of BLOCK_M, so that a tile never crosses into the next
-    head; a tile wholly past N_Q is not stored)."""
-    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-    out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    tma.store_wait(0)  # the previous tile's rows have left o_smem
-    o_smem.store(out.to(o_smem.dtype))
-    fence_async_shared()
-    if row_start < N_Q:
-        _tma_store(o_desc, [off_hz * N_Q + row_start, 0], o_smem)
+    if TMA_STORE:
+        tma.store_wait(0)  # the previous tile's rows have left o_smem
+        o_smem.store(out.to(o_smem.dtype))
+        fence_async_shared()
+        if row_start < N_Q:
+            _tma_store(Out, [off_hz * N_Q + row_start, 0], o_smem)
+    else:
+        offs_m = row_start + gl.arange(0, BLOCK_M, layout=o_rows)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc.type.layout))
+        # The head dim is contiguous (the launcher's outputs are): with a stride there, handed through
+        # warp_specialize's captures as a runtime value even when it is 1, the stores went one bf16 each.
+        out_ptrs = (Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
+                    + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :])
+        gl.store(out_ptrs, out.to(Out.dtype.element_ty),
+                 mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
     offs_l = row_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
     gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_l, lse, mask=offs_l < N_Q)
 
@@ -469,8 +462,9 @@ $HEADS_WS
         mbarrier.arrive(v_empty.index(buf), count=1)
         _turn(sched, c, i + 1, PP)
         _pass_turn(sched, c, PP)
-    if TMA_STORE:  # Out is a TMA descriptor then
-        _epilogue_tma(acc, m_i, l_i, Out, LSE, off_hz, row_start, N_Q, o_smem.index(c), BLOCK_M)
+    if TMA_STORE:  # Out is a TMA descriptor then, and o_smem each consumer's staging tile
+        _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+                  BLOCK_M, HEAD_DIM, o_smem.index(c), True)
     else:
         _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
                   BLOCK_M, HEAD_DIM)

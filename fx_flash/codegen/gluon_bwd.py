@@ -550,8 +550,9 @@ $HEADS
         k_smem.store(dk.to(dtype))
         v_smem.store(dv.to(dtype))
         fence_async_shared()
-        _tma_store(DK, [off_hkvz * N_KV + start_n * BLOCK_N, 0], k_smem)
-        _tma_store(DV, [off_hkvz * N_KV + start_n * BLOCK_N, 0], v_smem)
+        kv_tile = off_hkvz * N_KV + start_n * BLOCK_N  # its first row in dK's and dV's (heads as rows)
+        _tma_store(DK, [kv_tile, 0], k_smem)
+        _tma_store(DV, [kv_tile, 0], v_smem)
         tma.store_wait(0)
     else:
         kv_rows: gl.constexpr = gl.SliceLayout(1, kv_layout)

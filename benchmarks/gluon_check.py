@@ -73,6 +73,7 @@ def variants(d: int) -> dict:
                 "wspst 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
+            "wspt 128/4": C(128, 128, 4, True, persistent=True, tma_store=True),
             "wsps 128/4": C(128, 128, 4, True, persistent=True, split=True),
             "wsp3 192/4": C(192, 128, 4, True, persistent=True, consumers=3),
             "wsp3s 192/4": C(192, 128, 4, True, persistent=True, consumers=3, split=True),

@@ -144,8 +144,8 @@ def _flags(name):
 
 def _config(d, schedule=None, spec=None):
     """The backward's tile on this GPU at head dim d; with ``schedule`` (a SCHEDULES name) its flags
-    set to that schedule's, else the default's (for ``spec``: the routed tile, its rows by
-    gluon_launch.backward_rows). A name may add "+lpt" (_flags), then end in "@M": BLOCK_M = M query rows a
+    set to that schedule's, else the default's (for ``spec``: the routed tile,
+    gluon_launch.routed_backward_config). A name may add "+lpt" (_flags), then end in "@M": BLOCK_M = M query rows a
     step, with the deepest Q/dO ring (at most BWD_MAX_STAGES) that then fits M; None when two
     stages do not fit."""
     import dataclasses
@@ -157,8 +157,9 @@ def _config(d, schedule=None, spec=None):
     if schedule is not None:
         schedule = schedule.partition("=")[0]  # "NAME=2": NAME timed again under its own label (a control)
     if schedule is None:
-        rows = gluon_launch.backward_rows(spec, d) if spec is not None else gluon_launch.BWD_BLOCK_M
-        return gluon_launch.backward_config(device, d, 2, rows)
+        if spec is not None:
+            return gluon_launch.routed_backward_config(device, spec, d, 2)
+        return gluon_launch.backward_config(device, d, 2)
     cfg = gluon_launch.backward_config(device, d, 2)
     schedule, _, rows = schedule.partition("@")
     flags = _flags(schedule)

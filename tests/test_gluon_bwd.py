@@ -105,7 +105,7 @@ def test_backward_tile_fits_shared_memory_by_construction():
     not fit, and every tile default gives fits."""
     assert gluon_launch.backward_config(H200, 128, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True,
                                                                                       ROWS_SHARED=True,
-                                                                                      TMA_EPILOGUE=True)
+                                                                                      TMA_EPILOGUE=True, LPT=True)
     assert gluon_launch.backward_config(H200, 64, 2) == gluon_launch.GluonBwdConfig(64, 128, 3, ROWS_AHEAD=True,
                                                                                      TMA_EPILOGUE=True)
     ada = DeviceProfile("ada", 101376, 1, (8, 9))
@@ -293,6 +293,23 @@ def test_refusals_are_logged_and_build_nothing(monkeypatch, caplog):
         torch.use_deterministic_algorithms(False)
     assert "use_deterministic_algorithms" in caplog.text
     assert len(built) == 1
+
+
+def test_routed_backward_orders_only_causal_walks_longest_first():
+    """d = 128's schedule has LPT (call 52: 1.01-1.05x on causal and soft-capping rows); the routed
+    tile keeps it for causal specs only, where it changes the order (gluon_bwd._key_tile), so that
+    a plain call's tile does not name an order it does not have. d = 64's schedule has none."""
+    causal, softcap = sdpa_spec(causal=True), spec_from_text(SOFTCAP)
+    tiles = {name: gluon_launch.routed_backward_config(H200, spec, 128, 2)
+             for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
+    assert {name: cfg.LPT for name, cfg in tiles.items()} == {"plain": False, "causal": True, "softcap": True}
+    assert "lpt" not in str(tiles["plain"]) and str(tiles["causal"]).endswith("rows_shared lpt tma_epilogue")
+    assert tiles["plain"] == gluon_launch.backward_config(H200, 128, 2).__class__(
+        64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True, TMA_EPILOGUE=True)
+    assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).LPT
+    q = torch.empty(1, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    # Q, dO and the fp32 dQ rows of a head at 8k: 8 MiB, four of them in the 32 MiB section
+    assert gluon_launch.bwd_heads_per_section(causal, q, q, tiles["causal"]) == 4
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -73,7 +73,8 @@ GLUON_TEMPLATE = '''\
 # with one TMA copy (_epilogue), as cuDNN's forward does: at 1k the stores held 4-8% of a
 # consumer's stall samples (GLUON_NOTES, calls 32, 44). The staging tiles cost CONSUMERS·BLOCK_M·
 # HEAD_DIM elements of shared memory (a K/V stage at d = 128), and the launcher takes it only for
-# contiguous outputs whose N_Q is a multiple of BLOCK_M.
+# contiguous outputs whose N_Q is a multiple of BLOCK_M. Routed at d = 128 (gluon_launch.ROUTES:
+# 1.00-1.08x the kernel without it at 1k-8k, 0.98 causal 16k; GLUON_NOTES call 51), not at d = 64.
 #
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as

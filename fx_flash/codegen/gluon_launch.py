@@ -32,7 +32,7 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Optional
 
@@ -75,11 +75,17 @@ MIN_WALK_D64_CAUSAL = 16
 # 1.05, 1.05, 1.05, 1.03, 1.03x the one-loop walk at N = 1k-16k and 0.99x with soft-capping at 16k,
 # while the plain rows, the same code in both columns, stayed within 3%. (Call 39, three rounds:
 # 1.02-1.05x but 0.98-0.99x in two rows, then short of its rule.)
+# Both head dim 128 routes store each consumer's output rows by TMA from a staging tile
+# (``tma_store``; where the output is contiguous and N_Q a multiple of 64, else the stores of
+# before), which costs a K/V stage at this head dim (3 → 2): in three alternating rounds (call 51)
+# 1.07, 1.04, 1.02, 1.02, 1.00x the same kernel without it at N = 1k-16k plain, 1.08, 1.06, 1.01,
+# 0.99, 0.98x causal. At head dim 64 it was not adopted: 1.03-1.06x at 1k-2k but 0.94-0.99x on the
+# long walks of the routed kernels (the causal one: 0.94 at 4k and 16k).
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): (the routed kernel's
 # GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on average)}. A mask
 # kind missing at a head dim is not routed there; other predicates (kind 2) are ranged specs, which
 # stay on the portable forward (``_not_measured``).
-ROUTES = {128: {0: ({}, MIN_WALK), 1: (dict(split=True), MIN_WALK)},
+ROUTES = {128: {0: (dict(tma_store=True), MIN_WALK), 1: (dict(split=True, tma_store=True), MIN_WALK)},
           64: {0: (dict(consumers=3), MIN_WALK_D64), 1: (dict(split=True), MIN_WALK_D64_CAUSAL)}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
@@ -529,11 +535,14 @@ BWD_PREP_ROWS = 64  # query rows per program of the Delta kernel
 # ROWS_AHEAD, and ROWS_SHARED in the queries-on-rows step 0.99-1.02x: ROWS_AHEAD stays. At d = 64's
 # 128-row step, each warpgroup on its own 64 rows (SPLIT_M) ran 1.05-1.11x the warpgroups splitting
 # the keys, plain and causal, 1k-16k (call 45); backward_config drops it where a step has 64 rows.
-# The causal longest-first order (LPT) measured 0.98-1.05x (calls 43, 45) and is not on. dK and dV
+# The causal longest-first order (LPT) ran 1.01-1.05x at d = 128 on causal and soft-capping rows,
+# 1k-16k, timed beside a control column (call 52: geometric mean 1.033; in call 43, without the
+# control, its 16k soft-capping row had run 0.96), and is on there; at d = 64 0.98-1.03x (calls 43,
+# 45), off. dK and dV
 # stored by TMA through the K/V tiles' shared memory (TMA_EPILOGUE) ran 1.00-1.09x at d = 128
 # (geometric mean 1.04) and 1.02-1.09x at d = 64's 128-row step (1.05), plain and causal, 1k-16k
 # (call 48).
-BWD_SCHEDULES = {128: dict(KEYS_ON_ROWS=True, ROWS_SHARED=True, TMA_EPILOGUE=True),
+BWD_SCHEDULES = {128: dict(KEYS_ON_ROWS=True, ROWS_SHARED=True, TMA_EPILOGUE=True, LPT=True),
                  64: dict(ROWS_AHEAD=True, SPLIT_M=True, TMA_EPILOGUE=True)}
 _bwd_modules: dict[str, ModuleType] = {}
 
@@ -635,6 +644,17 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
             split_m = schedule.get("SPLIT_M", False) and block_m == 64 * (BWD_NUM_WARPS // 4)
             return GluonBwdConfig(block_m, BWD_BLOCK_N, max(fitting), **{**schedule, "SPLIT_M": split_m})
     return None
+
+
+def routed_backward_config(device: DeviceProfile, spec: AttentionSpec, head_dim: int,
+                           elem_bytes: int) -> Optional[GluonBwdConfig]:
+    """The backward's tile for ``spec`` (backward_config at its backward_rows), without LPT where
+    the spec is not causal: that order changes causal walks only (gluon_bwd._key_tile), and a
+    plain call's tile should not name it."""
+    config = backward_config(device, head_dim, elem_bytes, backward_rows(spec, head_dim))
+    if config is not None and config.LPT and mask_kind(spec) != 1:
+        config = replace(config, LPT=False)
+    return config
 
 
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,
@@ -770,8 +790,7 @@ def routed_backward(spec: AttentionSpec, dout, q, k, v, lse) -> Optional[Backwar
     else:
         config = None
         if q.is_cuda:
-            config = backward_config(device_profile(q.device), q.shape[-1], q.element_size(),
-                                     backward_rows(spec, q.shape[-1]))
+            config = routed_backward_config(device_profile(q.device), spec, q.shape[-1], q.element_size())
         reason = unsupported_backward_call(spec, dout, q, k, v, lse, config) or not_routed_backward(spec, q, k, config)
     if reason:
         log.debug("gluon backward not used for %s: %s", spec.describe(), reason)

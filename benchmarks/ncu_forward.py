@@ -1,5 +1,5 @@
 """One Gluon forward at one shape, for Nsight Compute: a variant of benchmarks/gluon_check.py's
-(the routed one, wsp 128/3, by default) launched once between cudaProfilerStart/Stop after a
+(the routed plain one at d = 128, wspt 128/2, by default) launched once between cudaProfilerStart/Stop after a
 warm-up (bf16, batch·N = 16k, hidden 2048).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \\
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--variant", default="wsp 128/3", help="a name of gluon_check.variants, or portable")
+    ap.add_argument("--variant", default="wspt 128/2", help="a name of gluon_check.variants, or portable")
     ap.add_argument("--cudnn", action="store_true", help="profile cuDNN SDPA's forward at the same shape too")
     args = ap.parse_args()
     n, d = args.n, args.d

@@ -299,13 +299,14 @@ def test_calls_off_sm90_are_refused():
 def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     """At head dim 64 the routed kernel depends on the spec's mask kind (ROUTES): without a
     keep-predicate, three consumer warpgroups (192 rows a program) from MIN_WALK_D64 key tiles an
-    output tile on (call 36: 1.07x the portable forward at 64 tiles, 1.11x at 128; 0.95-1.03x
-    below); causal, two consumers with the causal walk split in two loops from
+    output tile on (call 36: 1.07x the portable forward at 64 tiles, 1.11x at 128), with their
+    output stored by TMA from 16 (call 53: 1.07x at 16 and 32), and two consumers with it from 8
+    (1.07x); causal, two consumers with the causal walk split in two loops from
     MIN_WALK_D64_CAUSAL (call 39: 1.05-1.06x from a walk of 16.5, N = 4k; 0.91-0.98x below).
     Other predicates are ranged (not routed at any head dim); a mask kind without a route is
     refused by name. Head dim 128 splits the causal walk too (call 42), with two consumers; both
     its routes store the output by TMA (call 51: 1.025-1.03x, geometric means), which costs them a
-    K/V stage; head dim 64's do not (0.94-0.99x on their long walks)."""
+    K/V stage; head dim 64's long walks do not (0.94-0.99x there)."""
     causal, prefix = sdpa_spec(causal=True), spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)")
     plain_cfg = gluon_launch.routed_config(H200, sdpa_spec(), 64, 2)
     assert (plain_cfg.BLOCK_M, plain_cfg.consumers, plain_cfg.rows_per_consumer, plain_cfg.split,
@@ -319,11 +320,16 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
 
     def reason(n, spec=sdpa_spec()):
         q = torch.empty(1, 1, n, 64, dtype=torch.bfloat16)
-        return gluon_launch.not_routed(spec, q, q, gluon_launch.routed_config(H200, spec, 64, 2))
+        return gluon_launch.not_routed(spec, q, q, gluon_launch.routed_config(H200, spec, 64, 2, n, n))
 
     assert reason(8192) is None and reason(16384) is None
     assert reason(8192, spec_from_text("score=50*tanh(qk*scale/50)")) is None  # a score without a predicate
-    assert "32.0 key tiles" in reason(4096)
+    # shorter plain walks (call 53): three consumers with the TMA store from 16 key tiles, two from 8
+    chosen = {n: gluon_launch.routed_config(H200, sdpa_spec(), 64, 2, n, n) for n in (512, 1024, 2048, 4096, 8192)}
+    assert {n: (cfg.consumers, cfg.tma_store, cfg.STAGES) for n, cfg in chosen.items()} == {
+        512: (2, True, 4), 1024: (2, True, 4), 2048: (3, True, 4), 4096: (3, True, 4), 8192: (3, False, 4)}
+    assert reason(1024) is None and reason(2048) is None and reason(4096) is None
+    assert "4.0 key tiles per output tile on average, fewer than 8" in reason(512)
     assert reason(4096, causal) is None and reason(16384, causal) is None
     assert "8.5 key tiles" in reason(2048, causal)
     assert "ranged" in reason(8192, prefix)
@@ -337,10 +343,9 @@ def test_routing_is_limited_to_what_was_measured():
     (causal N = 512: 2.5 tiles, slower than the portable forward; plain 512: 4, and causal 1k:
     4.5, faster), at least one full output tile of queries. Ranged specs stay on the portable
     forward, which skips tiles."""
-    cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND)
-
     def reason(n_q, n_kv, d=128, dtype=torch.bfloat16, spec=sdpa_spec()):
         q = torch.empty(1, 1, n_q, d, dtype=dtype)
+        cfg = gluon_launch.routed_config(H200, spec, d, 2, n_q, n_kv)
         return gluon_launch.not_routed(spec, q, torch.empty(1, 1, n_kv, d, dtype=dtype), cfg)
 
     assert reason(1024, 1024) is None and reason(1024, 1024, dtype=torch.float16) is None
@@ -349,6 +354,9 @@ def test_routing_is_limited_to_what_was_measured():
     assert "2.5 key tiles" in reason(512, 512, spec=sdpa_spec(causal=True))
     assert "key tiles" in reason(256, 256)
     assert "output tile" in reason(64, 4096)
+    q = torch.empty(1, 1, 1024, 128, dtype=torch.bfloat16)  # a tile that is not the route's
+    untimed = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND)
+    assert "none of the routes" in gluon_launch.not_routed(sdpa_spec(), q, q, untimed)
     window = spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) & (q_idx - kv_idx < 256)")
     assert window.tile_mode == "ranged" and "ranged" in reason(4096, 4096, spec=window)
 

@@ -32,7 +32,7 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from types import ModuleType
 from typing import Optional
 
@@ -66,6 +66,13 @@ MIN_WALK = 4
 # forward): 0.95x at a walk of 8 (N = 1k), 1.03 at 16, 1.02 at 32, 1.07 at 64, 1.11 at 128 (1.02x
 # cuDNN at 16k). Causal ones spill there at 160 registers a thread (0.60-0.75x).
 MIN_WALK_D64 = 64
+# Shorter plain walks at head dim 64 (call 53, five alternating rounds, against the portable
+# forward; call 51's three agreed): from MIN_WALK_D64_STORE key tiles the three consumers with
+# their output stored by TMA (``tma_store``: 1.07x at 16 and 32 key tiles; without it 1.04, 1.06),
+# and from MIN_WALK_D64_SHORT two consumers with it (1.07x at 8; three consumers there 0.93-1.00).
+# From 64 key tiles on, three consumers without the TMA store (call 51: with it 1.01, 1.00).
+MIN_WALK_D64_STORE = 16
+MIN_WALK_D64_SHORT = 8
 # Causal specs at head dim 64 route to two consumers with the causal walk split in two loops
 # (``split``: no spills), from MIN_WALK_D64_CAUSAL key tiles an output tile on (call 39, three
 # rounds, against the portable forward: 0.91x at a walk of 4.5 (N = 1k), 0.98 at 8.5, 1.05 at 16.5,
@@ -81,12 +88,16 @@ MIN_WALK_D64_CAUSAL = 16
 # 1.07, 1.04, 1.02, 1.02, 1.00x the same kernel without it at N = 1k-16k plain, 1.08, 1.06, 1.01,
 # 0.99, 0.98x causal. At head dim 64 it was not adopted: 1.03-1.06x at 1k-2k but 0.94-0.99x on the
 # long walks of the routed kernels (the causal one: 0.94 at 4k and 16k).
-# head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): (the routed kernel's
-# GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on average)}. A mask
-# kind missing at a head dim is not routed there; other predicates (kind 2) are ranged specs, which
-# stay on the portable forward (``_not_measured``).
-ROUTES = {128: {0: (dict(tma_store=True), MIN_WALK), 1: (dict(split=True, tma_store=True), MIN_WALK)},
-          64: {0: (dict(consumers=3), MIN_WALK_D64), 1: (dict(split=True), MIN_WALK_D64_CAUSAL)}}
+# head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
+# routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
+# average), longest walk first}: a call takes the first route its walk reaches (routed_config). A
+# mask kind missing at a head dim is not routed there; other predicates (kind 2) are ranged specs,
+# which stay on the portable forward (``_not_measured``).
+ROUTES = {128: {0: ((dict(tma_store=True), MIN_WALK), ),
+                1: ((dict(split=True, tma_store=True), MIN_WALK), )},
+          64: {0: ((dict(consumers=3), MIN_WALK_D64), (dict(consumers=3, tma_store=True), MIN_WALK_D64_STORE),
+                   (dict(tma_store=True), MIN_WALK_D64_SHORT)),
+               1: ((dict(split=True), MIN_WALK_D64_CAUSAL), )}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)
@@ -449,17 +460,38 @@ def _not_measured(spec: AttentionSpec, q: torch.Tensor, head_dims: tuple, direct
     return None
 
 
-def route(spec: AttentionSpec, head_dim: int) -> Optional[tuple]:
-    """(flags, fewest key tiles) of ROUTES for ``spec``'s mask kind at ``head_dim``; None if none."""
-    return ROUTES.get(head_dim, {}).get(mask_kind(spec))
+def routes(spec: AttentionSpec, head_dim: int) -> tuple:
+    """The routes of ROUTES for ``spec``'s mask kind at ``head_dim``, (flags, fewest key tiles)
+    each, longest walk first; empty if none."""
+    return ROUTES.get(head_dim, {}).get(mask_kind(spec), ())
 
 
-def routed_config(device: DeviceProfile, spec: AttentionSpec, head_dim: int,
-                  elem_bytes: int) -> Optional[GluonConfig]:
-    """The tile of the kernel routed for ``spec`` at ``head_dim`` (ROUTED_KIND and its route's
-    flags; ROUTED_KIND alone where it has no route), from M."""
-    flags = (route(spec, head_dim) or ({}, None))[0]
-    return default_config(device, head_dim, elem_bytes, **ROUTED_KIND, **flags)
+def _kind(config: GluonConfig) -> tuple:
+    """A tile's kernel flags (GluonConfig's fields but its sizes)."""
+    return tuple((f.name, getattr(config, f.name)) for f in fields(config) if f.name not in ("BLOCK_M", "BLOCK_N", "STAGES"))
+
+
+def _route_kind(flags: dict) -> tuple:
+    return _kind(GluonConfig(0, 0, 0, **ROUTED_KIND, **flags))
+
+
+def routed_config(device: DeviceProfile, spec: AttentionSpec, head_dim: int, elem_bytes: int,
+                  n_q: Optional[int] = None, n_kv: Optional[int] = None) -> Optional[GluonConfig]:
+    """The tile of the kernel routed for ``spec`` at ``head_dim`` (ROUTED_KIND and a route's flags;
+    ROUTED_KIND alone where it has no route), from M: for a call of ``n_q`` queries and ``n_kv``
+    keys, the first route (longest walk first) whose fewest key tiles the call's mean_walk reaches,
+    or the last, whose minimum not_routed then names; without sizes, the first."""
+    found = [(default_config(device, head_dim, elem_bytes, **ROUTED_KIND, **flags), walk)
+             for flags, walk in routes(spec, head_dim)]
+    found = [(config, walk) for config, walk in found if config is not None]
+    if not found:
+        return default_config(device, head_dim, elem_bytes, **ROUTED_KIND)
+    if n_q is not None:
+        for config, walk in found:
+            if mean_walk(spec, n_q, n_kv, config) >= walk:
+                return config
+        return found[-1][0]
+    return found[0][0]
 
 
 _MASK_KINDS = ("no keep-predicate", "a causal keep-predicate", "a keep-predicate that is not causal")
@@ -476,10 +508,13 @@ def not_routed(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: Gl
     reason = _not_measured(spec, q, ROUTED_HEAD_DIMS, "forward")
     if reason:
         return reason
-    found = route(spec, q.shape[-1])
-    if found is None:
+    found = routes(spec, q.shape[-1])
+    if not found:
         return f"head dim {q.shape[-1]}: specs with {_MASK_KINDS[mask_kind(spec)]} were not measured faster"
-    min_walk = found[1]
+    walks = [walk for flags, walk in found if _route_kind(flags) == _kind(config)]
+    if not walks:
+        return f"{config} is none of the routes of head dim {q.shape[-1]}"
+    min_walk = walks[0]
     if q.shape[2] < config.BLOCK_M:  # not measured; the portable forward takes narrower query tiles
         return f"N_Q = {q.shape[2]} fills less than one {config.BLOCK_M}-row output tile"
     walk = mean_walk(spec, q.shape[2], k.shape[2], config)
@@ -495,7 +530,8 @@ def routed_forward(spec: AttentionSpec, q, k, v, scale: float) -> Optional[Forwa
     caller decides once per key."""
     config = None
     if q.is_cuda:
-        config = routed_config(device_profile(q.device), spec, q.shape[-1], q.element_size())
+        config = routed_config(device_profile(q.device), spec, q.shape[-1], q.element_size(), q.shape[2],
+                               k.shape[2])
     reason = unsupported_call(spec, q, k, v, config) or not_routed(spec, q, k, config)
     if reason:
         log.debug("gluon forward not used for %s: %s", spec.describe(), reason)

@@ -10,8 +10,9 @@ that it was not measured faster on (``not_routed``: ranged specs, short walks; a
 keep-predicates other than causal), runs the portable kernels instead. The reason is logged on the
 ``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND: the persistent
 warp-specialized kernel (a TMA producer and two consumer warpgroups, three at head dim 64 without
-a keep-predicate; one program per SM walking output tiles), the fastest of the kinds timed on the
-H200 (benchmarks/GLUON_NOTES.md, calls 9, 36, 39), with ROUTES' flags per head dim and mask kind;
+a keep-predicate from 16 key tiles an output tile; one program per SM walking output tiles), the
+fastest of the kinds timed on the H200 (benchmarks/GLUON_NOTES.md, calls 9, 36, 39, 51, 53), with
+ROUTES' flags per head dim and mask kind, chosen by the call's walk (routed_config);
 the others (one partition; not persistent; ping-pong, hold, early rescale) are reached through
 ``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
 

@@ -4,7 +4,9 @@
 
 KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
 accumulator rescaled while q·kᵀ runs), wsp (ws, persistent), wsp3 (wsp with three consumer
-warpgroups, CONSUMERS = 3), wsps and wsp3s (with the causal walk split in two loops); a trailing
+warpgroups, CONSUMERS = 3), wsps and wsp3s (with the causal walk split in two loops), wspo (the
+causal walk in one loop with one body of the softmax), a "t" after them (wspt, wspst, wsp3t,
+wspot) with the output stored by TMA; a trailing
 "h" (wsh, pph, ppeh, wsph) adds the hold (gluon._hold); bwd, the backward
 (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows per step, bwd@128 128 of them, and BLOCK_N
 keys; bwd:FLAG,FLAG with those of GluonBwdConfig's schedule flags set, e.g.
@@ -63,7 +65,7 @@ def _module(source: str):
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
-                 split: bool = False, tma_store: bool = False):
+                 split: bool = False, tma_store: bool = False, one_body: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
@@ -71,7 +73,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
-                                      tma_store=tma_store)
+                                      tma_store=tma_store, one_body=one_body)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -82,7 +84,8 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store} if persistent else {})}
+              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store, "ONE_BODY": one_body}
+                 if persistent else {})}
     if tma_store:  # the output through a TMA descriptor of a consumer's rows
         signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})
@@ -156,7 +159,7 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-# kind: (ws, pingpong, early, hold, persistent, consumers, split)
+# kind: (ws, pingpong, early, hold, persistent, consumers, split, tma_store, one_body)
 KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
 KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
 KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True),
@@ -165,7 +168,10 @@ KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, Fa
               # "t": the output stored by TMA (gluon's note on the epilogue)
               "wspt": (True, False, False, False, True, 2, False, True),
               "wspst": (True, False, False, False, True, 2, True, True),
-              "wsp3t": (True, False, False, False, True, 3, False, True)})
+              "wsp3t": (True, False, False, False, True, 3, False, True),
+              # "o": a causal walk in one loop with one body of the softmax (gluon's note on the loop)
+              "wspo": (True, False, False, False, True, 2, False, False, True),
+              "wspot": (True, False, False, False, True, 2, False, True, True)})
 
 
 def _sass(kernel) -> str:
@@ -213,6 +219,7 @@ def main(argv: list[str]) -> None:
         else:
             kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
         ptx = kernel.asm["ptx"]
+        sass = _sass(kernel)
         print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "kind": kind,
                           "shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
                           "tma": ptx.count("cp.async.bulk.tensor"), "exps_between_waits": _exps_between_waits(kernel),
@@ -221,7 +228,10 @@ def main(argv: list[str]) -> None:
                           "stores": dict(collections.Counter(re.findall(r"\bst\.global\.(?:v\d\.)?(\w+)", ptx))),
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
                           "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
-                          "local_stores": _sass(kernel).count("STL"), **_ptxas_report(ptx)}), flush=True)
+                          "local_stores": sass.count("STL"),
+                          # SASS instructions (0 without nvdisasm): the code the instruction cache holds
+                          "instructions": len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/", sass, re.M)),
+                          **_ptxas_report(ptx)}), flush=True)
 
 
 if __name__ == "__main__":

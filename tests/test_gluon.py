@@ -469,7 +469,8 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
-@pytest.mark.parametrize("one, split", [("causal-d128-wspot", "causal-d128-wspst"), ("causal-d64-wspo", "causal-d64-wsps")])
+@pytest.mark.parametrize("one, split", [("causal-d128-wspot", "causal-d128-wspst"),
+                                        ("causal-d64-wspo", "causal-d64-wsps")])
 def test_one_body_walk_is_less_code(compiled, one, split):
     """The causal walk with one body of the softmax (one_body) compiles to at most 80% of the split
     walk's SASS instructions (triton 3.6: 4,560 against 6,392 at d = 128, 4,296 against 6,056 at

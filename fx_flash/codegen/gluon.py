@@ -637,9 +637,10 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, ONE_BODY: gl.constexpr, o_smem, k_desc, v_desc,
-                         q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh,
-                         stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr,
-                         EARLY: gl.constexpr, HOLD: gl.constexpr, SPLIT: gl.constexpr):
+                         q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE,
+                         sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
+                         SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
+                         SPLIT: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
     one's loads ended."""

@@ -476,10 +476,12 @@ def routes(spec: AttentionSpec, head_dim: int) -> tuple:
 
 def _kind(config: GluonConfig) -> tuple:
     """A tile's kernel flags (GluonConfig's fields but its sizes)."""
-    return tuple((f.name, getattr(config, f.name)) for f in fields(config) if f.name not in ("BLOCK_M", "BLOCK_N", "STAGES"))
+    sizes = ("BLOCK_M", "BLOCK_N", "STAGES")
+    return tuple((f.name, getattr(config, f.name)) for f in fields(config) if f.name not in sizes)
 
 
 def _route_kind(flags: dict) -> tuple:
+    """The kernel flags of a route's tile (ROUTED_KIND and ``flags``)."""
     return _kind(GluonConfig(0, 0, 0, **ROUTED_KIND, **flags))
 
 

@@ -111,7 +111,8 @@ GLUON_BWD_TEMPLATE = '''\
 # sections of SECTION K/V heads: every head's key tile 0, then every head's key tile 1, and so on,
 # then the next section. The launcher sizes a section so that its heads' Q, dO and fp32 dQ rows
 # share L2 (gluon_launch.bwd_heads_per_section: the forward's L2_SECTION_BYTES). The last programs
-# to start are the shortest.
+# to start are the shortest. On at d = 128 (gluon_launch.BWD_SCHEDULES: 1.01-1.05x on causal and
+# soft-capping rows beside a control column, GLUON_NOTES call 52), off at d = 64 (0.98-1.03x).
 #
 # Note (rows): the forward's fully masked rows have LSE = -inf: read as +inf here, as rows past N_Q
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as

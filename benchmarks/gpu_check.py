@@ -106,6 +106,11 @@ def numerics(match: str = ""):
             (f"{t} d256 N1024", 1, 8, 8, 1024, 1024, 256, dtype, False),
             (f"{t} d16 Nq1 decode 1x4097", 4, 8, 8, 1, 4097, 16, dtype, False),
             (f"{t} GQA 32/4 d128 causal", 1, 32, 4, 1024, 1024, 128, dtype, True),
+            # the routes by walk on the H200 (gluon_launch.ROUTES): d = 64 plain at 1k (two consumers,
+            # output by TMA); d = 128 causal at 4k with enough (query head, key tile) pairs per SM for
+            # the Gluon backward, whose causal programs start longest first there (LPT)
+            (f"{t} d64 N1024 plain (two consumers)", 2, 16, 16, 1024, 1024, 64, dtype, False),
+            (f"{t} d128 N4096 causal (backward LPT)", 2, 16, 16, 4096, 4096, 128, dtype, True),
             # split-KV decoding: packed GQA rows, keys split across programs
             (f"{t} decode split-KV GQA 32/8 1x20000", 2, 32, 8, 1, 20000, 128, dtype, False),
             (f"{t} decode split-KV MHA 4x9000 d64", 2, 16, 16, 4, 9000, 64, dtype, False),

@@ -270,18 +270,13 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}True, s_layout, p_layout,
                                                tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
-    elif ONE_BODY:
-        for j in range(1, n_tiles):
-            p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
-                                               v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
-                                               qk_scale, sm_scale, offs_m, cols, ${OPS}True, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
     else:
         for j in range(1, n_tiles):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
-                                               qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
+                                               qk_scale, sm_scale, offs_m, cols, ${OPS}True if ONE_BODY else j >= mid,
+                                               s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP,
+                                               EARLY, HOLD)
     if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
         mbarrier.arrive(q_empty, count=1)
 
@@ -475,12 +470,9 @@ $HEADS_WS
         mbarrier.arrive(v_empty.index(buf), count=1)
         _turn(sched, c, i + 1, PP)
         _pass_turn(sched, c, PP)
-    if TMA_STORE:  # Out is a TMA descriptor then, and o_smem each consumer's staging tile
-        _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-                  BLOCK_M, HEAD_DIM, o_smem.index(c), True)
-    else:
-        _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-                  BLOCK_M, HEAD_DIM)
+    # with TMA_STORE, Out is a TMA descriptor and o_smem the consumers' staging tiles
+    _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+              BLOCK_M, HEAD_DIM, o_smem.index(c) if TMA_STORE else None, TMA_STORE)
 
 
 @gluon.jit

@@ -304,8 +304,8 @@ def test_routed_backward_orders_only_causal_walks_longest_first():
              for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
     assert {name: cfg.LPT for name, cfg in tiles.items()} == {"plain": False, "causal": True, "softcap": True}
     assert "lpt" not in str(tiles["plain"]) and str(tiles["causal"]).endswith("rows_shared lpt tma_epilogue")
-    assert tiles["plain"] == gluon_launch.backward_config(H200, 128, 2).__class__(
-        64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True, TMA_EPILOGUE=True)
+    assert tiles["plain"] == gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True,
+                                                         TMA_EPILOGUE=True)
     assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).LPT
     q = torch.empty(1, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     # Q, dO and the fp32 dQ rows of a head at 8k: 8 MiB, four of them in the 32 MiB section

@@ -56,8 +56,7 @@ def variants(d: int) -> dict:
     warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split), then "t"
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
     K/V stage fewer at d = 128); "wspo"/"wspot": the causal walk in one loop with one body of the
-    softmax (one_body) instead of split; a trailing "u": the consumer warpgroups as one partition,
-    one copy of their code (one_partition), then "h" with the hold. BLOCK_M/ or BLOCK_N/STAGES."""
+    softmax (one_body) instead of split. BLOCK_M/ or BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -73,14 +72,7 @@ def variants(d: int) -> dict:
                 "wsps 128/3": C(128, 128, 3, True, persistent=True, split=True),
                 "wspt 128/2": C(128, 128, 2, True, persistent=True, tma_store=True),
                 "wspst 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True),
-                "wspot 128/2": C(128, 128, 2, True, persistent=True, one_body=True, tma_store=True),
-                "wsptu 128/2": C(128, 128, 2, True, persistent=True, tma_store=True, one_partition=True),
-                "wspstu 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True, one_partition=True),
-                "wspotu 128/2": C(128, 128, 2, True, persistent=True, one_body=True, tma_store=True,
-                                  one_partition=True),
-                "wsptuh 128/2": C(128, 128, 2, True, persistent=True, tma_store=True, one_partition=True, hold=True),
-                "wspotuh 128/2": C(128, 128, 2, True, persistent=True, one_body=True, tma_store=True,
-                                   one_partition=True, hold=True)}
+                "wspot 128/2": C(128, 128, 2, True, persistent=True, one_body=True, tma_store=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
             "wspt 128/4": C(128, 128, 4, True, persistent=True, tma_store=True),
@@ -90,11 +82,6 @@ def variants(d: int) -> dict:
             "wsp3t 192/4": C(192, 128, 4, True, persistent=True, consumers=3, tma_store=True),
             "wspst 128/4": C(128, 128, 4, True, persistent=True, split=True, tma_store=True),
             "wspo 128/4": C(128, 128, 4, True, persistent=True, one_body=True),
-            "wsptu 128/4": C(128, 128, 4, True, persistent=True, tma_store=True, one_partition=True),
-            "wspsu 128/4": C(128, 128, 4, True, persistent=True, split=True, one_partition=True),
-            "wspou 128/4": C(128, 128, 4, True, persistent=True, one_body=True, one_partition=True),
-            "wsptuh 128/4": C(128, 128, 4, True, persistent=True, tma_store=True, one_partition=True, hold=True),
-            "wspouh 128/4": C(128, 128, 4, True, persistent=True, one_body=True, one_partition=True, hold=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 

@@ -65,7 +65,7 @@ def _module(source: str):
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
-                 split: bool = False, tma_store: bool = False, one_body: bool = False, one_partition: bool = False):
+                 split: bool = False, tma_store: bool = False, one_body: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
@@ -73,7 +73,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
-                                      tma_store=tma_store, one_body=one_body, one_partition=one_partition)
+                                      tma_store=tma_store, one_body=one_body)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -84,8 +84,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              **({"CONSUMERS": config.partitions, "SPLIT": split, "TMA_STORE": tma_store, "ONE_BODY": one_body,
-                  "ONE_PARTITION": consumers if one_partition else 0}
+              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store, "ONE_BODY": one_body}
                  if persistent else {})}
     if tma_store:  # the output through a TMA descriptor of a consumer's rows
         signature["Out"] = _descriptor_type(block_m, head_dim)
@@ -160,7 +159,7 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-# kind: (ws, pingpong, early, hold, persistent, consumers, split, tma_store, one_body, one_partition)
+# kind: (ws, pingpong, early, hold, persistent, consumers, split, tma_store, one_body)
 KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
 KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
 KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True),
@@ -173,11 +172,6 @@ KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, Fa
               # "o": a causal walk in one loop with one body of the softmax (gluon's note on the loop)
               "wspo": (True, False, False, False, True, 2, False, False, True),
               "wspot": (True, False, False, False, True, 2, False, True, True)})
-# a trailing "u": the consumer warpgroups as one partition (gluon's note on one consumer partition)
-KINDS.update({kind + "u": flags + (False, ) * (9 - len(flags)) + (True, ) for kind, flags in list(KINDS.items())
-              if kind.startswith("wsp") and not kind.startswith("wsp3") and not kind.endswith("h")})
-KINDS.update({kind + "h": flags[:3] + (True, ) + flags[4:] for kind, flags in list(KINDS.items())
-              if kind.endswith("u")})
 
 
 def _sass(kernel) -> str:

@@ -86,18 +86,6 @@ GLUON_TEMPLATE = '''\
 # the flag wrapped in gl.constexpr(...) inside the tuple literal handed to warp_specialize, as
 # the consumer index c is, and TMA_STORE (its other branch does not compile with a descriptor).
 #
-# Note (one consumer partition): warp_specialize outlines each partition, so two consumer partitions
-# are two copies of the consumer's code in the binary (and the split walk two more in each): 6,392
-# SASS instructions at d = 128 causal, where cuDNN's kernel, one code for both warpgroups, is
-# 1,448, and call 54 found our second consumer waiting on instruction fetch for 23% of its
-# samples. With ONE_PARTITION the two consumer warpgroups are one partition of eight warps
-# over one Q tile of BLOCK_M rows: the wgmma layouts give each warpgroup 64 of them, as each
-# consumer had, and the binary holds one copy (1,936 instructions at d = 128 plain, 2,368 causal
-# with ONE_BODY; triton 3.6). The cost: Gluon's mbarrier arrive from a partition of several warps
-# is a barrier of the whole partition, then one thread's arrive, so the warpgroups meet at each
-# K/V release instead of running apart. (Sharing one code by a non-inlined function instead
-# does not work: ptxas serializes every wgmma of a function called from a partition, C7510.)
-#
 # Note (fully masked rows): as in the portable template, a row whose every score is -inf keeps
 # m_i = -inf and exponentiates against 0: its output is 0 and its LSE -inf.
 
@@ -457,14 +445,11 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
-                   o_smem=None, TMA_STORE: gl.constexpr = False, ONE_BODY: gl.constexpr = False,
-                   WARPGROUPS: gl.constexpr = 1):
+                   o_smem=None, TMA_STORE: gl.constexpr = False, ONE_BODY: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
-    keeps turning, each with a turn passed on (PP), so both consumers take n_load + 1 turns.
-    WARPGROUPS: the warpgroups of this consumer partition (ONE_PARTITION: all of them, BLOCK_M / 64
-    rows, one warpgroup's 64 rows each)."""
+    keeps turning, each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -475,7 +460,7 @@ $HEADS_WS
     mbarrier.wait(q_bars.index(c), q_phase)
     acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                             q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
-                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4 * WARPGROUPS, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
+                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
                             ONE_BODY)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
@@ -643,8 +628,7 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 
 @gluon.jit
-def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, ONE_BODY: gl.constexpr, WARPGROUPS: gl.constexpr,
-                         o_smem, k_desc, v_desc,
+def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, ONE_BODY: gl.constexpr, o_smem, k_desc, v_desc,
                          q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE,
                          sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
                          SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
@@ -665,7 +649,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, ONE_BODY: gl.
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True,
-                           SPLIT, o_smem, TMA_STORE, ONE_BODY, WARPGROUPS)
+                           SPLIT, o_smem, TMA_STORE, ONE_BODY)
             base += n_load
             done += 1
     if TMA_STORE:
@@ -682,7 +666,7 @@ def _attn_fwd_sm90_wsp(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
-    ONE_BODY: gl.constexpr = False, ONE_PARTITION: gl.constexpr = 0,
+    ONE_BODY: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -694,8 +678,7 @@ def _attn_fwd_sm90_wsp(
     CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
     compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
-    output tile). ONE_PARTITION (2; 0 when off): the consumers are that many warpgroups of one
-    partition, with CONSUMERS = 1 Q tile of BLOCK_M rows (see the note on one consumer partition)."""
+    output tile)."""
     gl.static_assert(not PINGPONG, "the persistent kernel has no ping-pong")
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -725,32 +708,24 @@ def _attn_fwd_sm90_wsp(
     producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                      v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ,
                      KV_RH, KV_CH, GROUP)
-    if ONE_PARTITION:
-        gl.static_assert(CONSUMERS == 1, "one consumer partition reads one Q tile")
-        gl.static_assert(ONE_PARTITION == 2, "of two warpgroups (BLOCK_M, an arange's length, a power of 2)")
+    if CONSUMERS == 3:
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY),
-                                    gl.constexpr(ONE_PARTITION), o_smem) + consumer_args),
-        ], [8], [CONSUMER_REGISTERS])
-    elif CONSUMERS == 3:
-        gl.warp_specialize([
-            (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), gl.constexpr(1),
-                                    o_smem) + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), gl.constexpr(1),
-                                    o_smem) + consumer_args),
-            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), gl.constexpr(1),
-                                    o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+             + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+             + consumer_args),
+            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+             + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), gl.constexpr(1),
-                                    o_smem) + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), gl.constexpr(1),
-                                    o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+             + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+             + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(c))

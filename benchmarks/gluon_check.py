@@ -55,8 +55,7 @@ def variants(d: int) -> dict:
     "wsp1" with the causal order in one section of every head, "wsp3" with three consumer
     warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split), then "t"
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
-    K/V stage fewer at d = 128); "wspo"/"wspot": the causal walk in one loop with one body of the
-    softmax (one_body) instead of split. BLOCK_M/ or BLOCK_N/STAGES."""
+    K/V stage fewer at d = 128). BLOCK_M/ or BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -71,8 +70,7 @@ def variants(d: int) -> dict:
                 "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True),
                 "wsps 128/3": C(128, 128, 3, True, persistent=True, split=True),
                 "wspt 128/2": C(128, 128, 2, True, persistent=True, tma_store=True),
-                "wspst 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True),
-                "wspot 128/2": C(128, 128, 2, True, persistent=True, one_body=True, tma_store=True)}
+                "wspst 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
             "wspt 128/4": C(128, 128, 4, True, persistent=True, tma_store=True),
@@ -81,7 +79,6 @@ def variants(d: int) -> dict:
             "wsp3s 192/4": C(192, 128, 4, True, persistent=True, consumers=3, split=True),
             "wsp3t 192/4": C(192, 128, 4, True, persistent=True, consumers=3, tma_store=True),
             "wspst 128/4": C(128, 128, 4, True, persistent=True, split=True, tma_store=True),
-            "wspo 128/4": C(128, 128, 4, True, persistent=True, one_body=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 

@@ -4,9 +4,8 @@
 
 KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
 accumulator rescaled while q·kᵀ runs), wsp (ws, persistent), wsp3 (wsp with three consumer
-warpgroups, CONSUMERS = 3), wsps and wsp3s (with the causal walk split in two loops), wspo (the
-causal walk in one loop with one body of the softmax), a "t" after them (wspt, wspst, wsp3t,
-wspot) with the output stored by TMA; a trailing
+warpgroups, CONSUMERS = 3), wsps and wsp3s (with the causal walk split in two loops), a "t"
+after them (wspt, wspst, wsp3t) with the output stored by TMA; a trailing
 "h" (wsh, pph, ppeh, wsph) adds the hold (gluon._hold); bwd, the backward
 (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows per step, bwd@128 128 of them, and BLOCK_N
 keys; bwd:FLAG,FLAG with those of GluonBwdConfig's schedule flags set, e.g.
@@ -65,7 +64,7 @@ def _module(source: str):
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
-                 split: bool = False, tma_store: bool = False, one_body: bool = False):
+                 split: bool = False, tma_store: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
@@ -73,7 +72,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     module = _module(render_gluon(spec_from_text(spec_text)))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
-                                      tma_store=tma_store, one_body=one_body)
+                                      tma_store=tma_store)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -84,7 +83,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store, "ONE_BODY": one_body}
+              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store}
                  if persistent else {})}
     if tma_store:  # the output through a TMA descriptor of a consumer's rows
         signature["Out"] = _descriptor_type(block_m, head_dim)
@@ -159,7 +158,7 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-# kind: (ws, pingpong, early, hold, persistent, consumers, split, tma_store, one_body)
+# kind: (ws, pingpong, early, hold, persistent, consumers, split, tma_store)
 KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
 KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
 KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True),
@@ -168,10 +167,7 @@ KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, Fa
               # "t": the output stored by TMA (gluon's note on the epilogue)
               "wspt": (True, False, False, False, True, 2, False, True),
               "wspst": (True, False, False, False, True, 2, True, True),
-              "wsp3t": (True, False, False, False, True, 3, False, True),
-              # "o": a causal walk in one loop with one body of the softmax (gluon's note on the loop)
-              "wspo": (True, False, False, False, True, 2, False, False, True),
-              "wspot": (True, False, False, False, True, 2, False, True, True)})
+              "wsp3t": (True, False, False, False, True, 3, False, True)})
 
 
 def _sass(kernel) -> str:

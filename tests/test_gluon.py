@@ -416,18 +416,15 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     # the output stored by TMA from each consumer's staging tile (gluon's note on the epilogue)
     "plain-d128-wspt": ("score=qk*scale", 128, "wspt"), "causal-d128-wspst": (CAUSAL, 128, "wspst"),
     "plain-d64-wsp3t": ("score=qk*scale", 64, "wsp3t"),
-    # the causal walk with one body of the softmax (gluon's note on the loop), against the split's
-    "causal-d128-wspot": (CAUSAL, 128, "wspot"), "causal-d64-wspo": (CAUSAL, 64, "wspo"),
 }
-TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t", "wspot")
+TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t")
 
 
 def _tile(d, kind):
     """The H200's tile of kind (tests/gluon_sm90.py's names) at head dim d."""
     return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"),
                                        consumers=3 if kind.startswith("wsp3") else 2,
-                                       split=kind in ("wsps", "wsp3s", "wspst"), tma_store=kind in TMA_STORE_KINDS,
-                                       one_body=kind in ("wspo", "wspot"))
+                                       split=kind in ("wsps", "wsp3s", "wspst"), tma_store=kind in TMA_STORE_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -466,19 +463,6 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     else:
         assert report["shared"] == model
     assert report["shared"] <= H200.shared_memory
-
-
-@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
-@pytest.mark.parametrize("one, split", [("causal-d128-wspot", "causal-d128-wspst"),
-                                        ("causal-d64-wspo", "causal-d64-wsps")])
-def test_one_body_walk_is_less_code(compiled, one, split):
-    """The causal walk with one body of the softmax (one_body) compiles to at most 80% of the split
-    walk's SASS instructions (triton 3.6: 4,560 against 6,392 at d = 128, 4,296 against 6,056 at
-    d = 64), without spills: the code the instruction cache has to hold (GLUON_NOTES call 54)."""
-    if not compiled[split]["instructions"]:
-        pytest.skip("no nvdisasm beside ptxas")
-    assert compiled[one]["instructions"] <= 0.8 * compiled[split]["instructions"]
-    assert not compiled[one]["spill_bytes"]
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
@@ -578,25 +562,6 @@ def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
             assert found.output(q) is q
     with pytest.raises(ValueError):
         gluon_launch.GluonConfig(128, 128, 2, ws=True, tma_store=True)  # the persistent kernel's option
-
-
-def test_one_body_is_an_option_of_the_persistent_causal_walk(monkeypatch):
-    """one_body (the causal walk in one loop, one body of the softmax; off, not yet timed) reaches
-    the persistent kernel as its ONE_BODY constexpr, names itself in the tile, leaves the footprint
-    as it is, and is refused outside the persistent kernel or together with split."""
-    monkeypatch.setattr(gluon_launch, "load", lambda spec: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
-    monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
-    cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, one_body=True)
-    assert cfg.STAGES == gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND).STAGES
-    assert str(cfg).endswith("persistent one body")
-    q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
-    assert gluon_launch.forward_launch(sdpa_spec(causal=True), q, q, 0.1, cfg).constexprs["ONE_BODY"] is True
-    routed = gluon_launch.routed_config(H200, sdpa_spec(causal=True), 128, 2, 1024, 1024)
-    assert gluon_launch.forward_launch(sdpa_spec(causal=True), q, q, 0.1, routed).constexprs["ONE_BODY"] is False
-    with pytest.raises(ValueError):
-        gluon_launch.GluonConfig(128, 128, 2, ws=True, one_body=True)
-    with pytest.raises(ValueError, match="not both"):
-        gluon_launch.GluonConfig(128, 128, 2, ws=True, persistent=True, split=True, one_body=True)
 
 
 def test_tma_view_of_each_layout():

@@ -214,7 +214,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
             row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
             C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr,
-            SPLIT: gl.constexpr = False, ONE_BODY: gl.constexpr = False):
+            SPLIT: gl.constexpr = False):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
     tiles are loaded into the ring in all (more than n_tiles when another consumer needs more),
@@ -245,7 +245,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols,
-                                         ${OPS}True if ONE_BODY else mid <= 0)
+                                         ${OPS}mid <= 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     # -- steady state: tiles from ``mid`` on cross the causal diagonal (MASK = 1) --
@@ -254,10 +254,8 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     # softmax, and ptxas then keeps the three-consumer causal kernel in its 160 registers. Routed
     # for causal specs (gluon_launch.ROUTES): at d = 128, 1.03-1.05x the one loop (GLUON_NOTES call
     # 42); at d = 64 with two consumers, 1.05-1.06x the portable forward from N = 4k (call 39).
-    # ONE_BODY (MASK = 1): one loop whose every tile applies the whole predicate, so that the
-    # consumer holds one body of the softmax, not two or four: less code for the instruction cache
-    # (GLUON_NOTES call 54: 6,392 instructions in the split kernel, whose second consumer spent 23%
-    # of its samples on instruction fetch), for a compare and a select per score on interior tiles.
+    # Measured slower (GLUON_NOTES call 56): one loop whose every tile applies the whole predicate,
+    # one body of the softmax instead of four (29% less code; 0.84-0.96x split at d = 128 causal).
     if SPLIT and MASK == 1:
         band = gl.maximum(gl.minimum(mid, n_tiles), 1)
         for j in range(1, band):
@@ -274,7 +272,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
         for j in range(1, n_tiles):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
-                                               qk_scale, sm_scale, offs_m, cols, ${OPS}True if ONE_BODY else j >= mid,
+                                               qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid,
                                                s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP,
                                                EARLY, HOLD)
     if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
@@ -445,7 +443,7 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
-                   o_smem=None, TMA_STORE: gl.constexpr = False, ONE_BODY: gl.constexpr = False):
+                   o_smem=None, TMA_STORE: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
@@ -460,8 +458,7 @@ $HEADS_WS
     mbarrier.wait(q_bars.index(c), q_phase)
     acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                             q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
-                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
-                            ONE_BODY)
+                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
         mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
@@ -628,7 +625,7 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 
 @gluon.jit
-def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, ONE_BODY: gl.constexpr, o_smem, k_desc, v_desc,
+def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, o_smem, k_desc, v_desc,
                          q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE,
                          sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
                          SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
@@ -649,7 +646,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, ONE_BODY: gl.
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True,
-                           SPLIT, o_smem, TMA_STORE, ONE_BODY)
+                           SPLIT, o_smem, TMA_STORE)
             base += n_load
             done += 1
     if TMA_STORE:
@@ -666,7 +663,6 @@ def _attn_fwd_sm90_wsp(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
-    ONE_BODY: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -700,7 +696,7 @@ def _attn_fwd_sm90_wsp(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
-    # (TMA_STORE and ONE_BODY go to the consumers wrapped in gl.constexpr, ahead of this tuple: see
+    # (TMA_STORE goes to the consumers wrapped in gl.constexpr, ahead of this tuple: see
     # the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
@@ -711,20 +707,20 @@ def _attn_fwd_sm90_wsp(
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), o_smem)
              + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(ONE_BODY), o_smem)
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), o_smem)
              + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):

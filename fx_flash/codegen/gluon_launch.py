@@ -146,18 +146,12 @@ class GluonConfig:
     # memory (gluon's note on the epilogue), where the output is contiguous and N_Q a multiple of
     # a consumer's rows (forward_launch)
     tma_store: bool = False
-    # persistent only: causal walks in one loop whose every tile applies the whole keep-predicate,
-    # one body of the softmax a consumer instead of two or four (less code for the instruction
-    # cache; gluon's note on the loop), not with split
-    one_body: bool = False
 
     def __post_init__(self):
         if self.persistent and (not self.ws or self.pingpong):
             raise ValueError("the persistent kernel is warp-specialized, without ping-pong")
-        if (self.one_section or self.split or self.tma_store or self.one_body) and not self.persistent:
-            raise ValueError("one_section, split, tma_store and one_body are options of the persistent kernel")
-        if self.split and self.one_body:
-            raise ValueError("a causal walk is split in two loops or one body, not both")
+        if (self.one_section or self.split or self.tma_store) and not self.persistent:
+            raise ValueError("one_section, split and tma_store are options of the persistent kernel")
         if self.consumers not in (2, 3) or (self.consumers == 3 and not self.persistent):
             raise ValueError("three consumer warpgroups are the persistent kernel's option")
 
@@ -181,7 +175,7 @@ class GluonConfig:
                                        ("hold", self.hold), ("persistent", self.persistent),
                                        ("one_section", self.one_section),
                                        ("three consumers", self.consumers == 3), ("split", self.split),
-                                       ("tma store", self.tma_store), ("one body", self.one_body)) if on]
+                                       ("tma store", self.tma_store)) if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
@@ -213,7 +207,7 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
     """The tile for ``head_dim``: program_rows (BLOCK_M = 128, or 192 with three consumers), key
     tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES)
     whose footprint fits M. None if none fits. ``flags``: the other GluonConfig fields (pingpong,
-    early, hold, persistent, one_section, consumers, split, tma_store, one_body)."""
+    early, hold, persistent, one_section, consumers, split, tma_store)."""
     block_m = program_rows(ws, flags.get("consumers", 2))
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
@@ -423,8 +417,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         # a consumer's rows stored by TMA never cross into the next head only when N_Q is a multiple
         # of them; the descriptor addresses a contiguous output (heads as rows)
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
-        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store,
-                          ONE_BODY=config.one_body)
+        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

@@ -55,7 +55,9 @@ def variants(d: int) -> dict:
     "wsp1" with the causal order in one section of every head, "wsp3" with three consumer
     warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split), then "t"
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
-    K/V stage fewer at d = 128). BLOCK_M/ or BLOCK_N/STAGES."""
+    K/V stage fewer at d = 128); a trailing "p" in a persistent
+    kind: its consumers take turns through named barriers (pingpong), "ph" with the hold. BLOCK_M/ or
+    BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
@@ -70,7 +72,11 @@ def variants(d: int) -> dict:
                 "wsp1 128/3": C(128, 128, 3, True, persistent=True, one_section=True),
                 "wsps 128/3": C(128, 128, 3, True, persistent=True, split=True),
                 "wspt 128/2": C(128, 128, 2, True, persistent=True, tma_store=True),
-                "wspst 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True)}
+                "wspst 128/2": C(128, 128, 2, True, persistent=True, split=True, tma_store=True),
+                "wsptp 128/2": C(128, 128, 2, True, True, persistent=True, tma_store=True),
+                "wsptph 128/2": C(128, 128, 2, True, True, persistent=True, tma_store=True, hold=True),
+                "wspstp 128/2": C(128, 128, 2, True, True, persistent=True, split=True, tma_store=True),
+                "wspstph 128/2": C(128, 128, 2, True, True, persistent=True, split=True, tma_store=True, hold=True)}
     return {"v1 128/4": C(128, 128, 4), "v1 64/4": C(128, 64, 4), "ws 128/4": C(128, 128, 4, True, **ws),
             "wsp 128/4": C(128, 128, 4, True, persistent=True),
             "wspt 128/4": C(128, 128, 4, True, persistent=True, tma_store=True),
@@ -79,6 +85,10 @@ def variants(d: int) -> dict:
             "wsp3s 192/4": C(192, 128, 4, True, persistent=True, consumers=3, split=True),
             "wsp3t 192/4": C(192, 128, 4, True, persistent=True, consumers=3, tma_store=True),
             "wspst 128/4": C(128, 128, 4, True, persistent=True, split=True, tma_store=True),
+            "wsptp 128/4": C(128, 128, 4, True, True, persistent=True, tma_store=True),
+            "wsptph 128/4": C(128, 128, 4, True, True, persistent=True, tma_store=True, hold=True),
+            "wspsp 128/4": C(128, 128, 4, True, True, persistent=True, split=True),
+            "wspsph 128/4": C(128, 128, 4, True, True, persistent=True, split=True, hold=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 

@@ -76,6 +76,16 @@ GLUON_TEMPLATE = '''\
 # contiguous outputs whose N_Q is a multiple of BLOCK_M. Routed at d = 128 (gluon_launch.ROUTES:
 # 1.00-1.08x the kernel without it at 1k-8k, 0.98 causal 16k; GLUON_NOTES call 51), not at d = 64.
 #
+# Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
+# output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than
+# free consumers). The persistent kernel's turns (PINGPONG) use two named hardware barriers, as
+# FlashAttention-3's and cuDNN's kernels do: a turn is bar.sync of 256 threads at the consumer's
+# own barrier, a pass bar.arrive of 128 at the other's. Such a barrier counts arrivals, not phases,
+# so the turns run on across output tiles; each consumer takes n_load + 1 of them per tile (the
+# drained tiles' included), so the two alternate through the whole schedule. Consumer 1 passes one
+# turn before its first and consumer 0 takes one after its last: every arrival is matched, and a
+# barrier never holds two of one consumer's arrivals (its next pass needs the other's turn first).
+#
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
 # consumer_args is) arrives as a runtime value (int1, int32): GROUP, EARLY, HOLD and SPLIT are
@@ -106,6 +116,9 @@ CONSUMER_REGISTERS = gl.constexpr(240)  # of each consumer warpgroup's threads (
 # With three consumer warpgroups (the persistent kernel's CONSUMERS = 3): 4 producer warps at 24
 # registers and 12 consumer warps at 160 fill the 64K registers of an SM (FA3's split for three).
 CONSUMER_REGISTERS_3 = gl.constexpr(160)
+# The persistent kernel's ping-pong barriers (consumer c waits at PP_BARRIER + c): hardware barriers
+# past those Triton's partitions use (0-3 in these kernels; PTX has 16).
+PP_BARRIER = gl.constexpr(8)
 
 
 @gluon.jit
@@ -152,18 +165,39 @@ def _release(tile, base, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: 
 
 
 @gluon.jit
+def _named_sync(bar):
+    """Wait at hardware barrier ``bar`` until both consumer warpgroups (256 threads) have reached it,
+    this one by waiting, the other by _named_arrive (PTX bar.sync)."""
+    gl.inline_asm_elementwise("bar.sync $$1, 256; mov.u32 $$0, 0;", "=r,r", [bar], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
+def _named_arrive(bar):
+    """Count this warpgroup's 128 threads at hardware barrier ``bar`` without waiting (bar.arrive)."""
+    gl.inline_asm_elementwise("bar.arrive $$1, 256; mov.u32 $$0, 0;", "=r,r", [bar], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
 def _turn(sched, C: gl.constexpr, t, PP: gl.constexpr):
     """Ping-pong (PP): wait until consumer C may issue the matrix products of its turn t. Consumer
     0's turn t follows consumer 1's turn t - 1, consumer 1's follows consumer 0's turn t (a fresh
-    mbarrier passes a wait on parity 1, so consumer 0 starts)."""
-    if PP:
+    mbarrier passes a wait on parity 1, so consumer 0 starts). PP = 2 (the persistent kernel):
+    through the named hardware barrier PP_BARRIER + C instead, which counts threads, not phases
+    (see the note on the persistent ping-pong)."""
+    if PP == 2:
+        _named_sync(PP_BARRIER + C)
+    elif PP:
         mbarrier.wait(sched.index(C), (t & 1) ^ (1 - C))
 
 
 @gluon.jit
 def _pass_turn(sched, C: gl.constexpr, PP: gl.constexpr):
     """Ping-pong: consumer C's products are issued; the other consumer may issue its own."""
-    if PP:
+    if PP == 2:
+        _named_arrive(PP_BARRIER + 1 - C)
+    elif PP:
         mbarrier.arrive(sched.index(1 - C), count=1)
 
 
@@ -625,16 +659,21 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 
 @gluon.jit
-def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, o_smem, k_desc, v_desc,
+def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, o_smem, k_desc, v_desc,
                          q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE,
                          sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
                          SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
                          SPLIT: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
-    one's loads ended."""
+    one's loads ended. PP = 2: the consumers take turns through named barriers, consumer 0 first
+    (consumer 1 passes it a turn before any), and consumer 0 takes the turn consumer 1 passes
+    after its last, so that every arrival at the two barriers is matched."""
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     BLOCK_M: gl.constexpr = q_smem.shape[1]
+    if PP == 2:
+        if c == 1:
+            _pass_turn(q_ready, 1, PP)
     base = 0
     done = 0
     for g in range(ROUNDS):
@@ -645,10 +684,13 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, o_smem, k_des
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, False, EARLY, HOLD, True,
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, PP, EARLY, HOLD, True,
                            SPLIT, o_smem, TMA_STORE)
             base += n_load
             done += 1
+    if PP == 2:
+        if c == 0:
+            _turn(q_ready, 0, 0, PP)
     if TMA_STORE:
         tma.store_wait(0)  # the last tile's rows have left shared memory
 
@@ -674,8 +716,9 @@ def _attn_fwd_sm90_wsp(
     CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
     compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
-    output tile)."""
-    gl.static_assert(not PINGPONG, "the persistent kernel has no ping-pong")
+    output tile). PINGPONG: the two consumers take turns issuing their products through named
+    hardware barriers (see the note on the persistent ping-pong)."""
+    gl.static_assert(not PINGPONG or CONSUMERS == 2, "the persistent kernel's ping-pong is of two consumers")
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -707,20 +750,20 @@ def _attn_fwd_sm90_wsp(
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), o_smem)
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), o_smem)
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), o_smem)
+            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
              + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), o_smem)
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), o_smem)
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
              + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):

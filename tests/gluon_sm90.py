@@ -224,7 +224,13 @@ def main(argv: list[str]) -> None:
         print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "kind": kind,
                           "shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
                           "tma": ptx.count("cp.async.bulk.tensor"), "exps_between_waits": _exps_between_waits(kernel),
-                          "turn_waits": ptx.count("mbarrier.try_wait"), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
+                          "turn_waits": ptx.count("mbarrier.try_wait"),
+                          # the persistent ping-pong's hardware barriers, "SYNC 8" / "ARV 9" (of 256 threads),
+                          # from the SASS (the PTX names them by register)
+                          "named_barriers": dict(collections.Counter(
+                              f"{op} {int(bar, 16)}" for op, bar in re.findall(
+                                  r"BAR\.(SYNC|ARV)(?:\.DEFER_BLOCKING)? (0x[0-9a-f]+), 0x100\b", sass)
+                              if int(bar, 16) >= 8)), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
                           "atomics": len(re.findall(r"\b(?:red|atom)\.global\.", ptx)),
                           "stores": dict(collections.Counter(re.findall(r"\bst\.global\.(?:v\d\.)?(\w+)", ptx))),
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),

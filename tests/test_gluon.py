@@ -308,7 +308,9 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     Other predicates are ranged (not routed at any head dim); a mask kind without a route is
     refused by name. Head dim 128 splits the causal walk too (call 42), with two consumers; both
     its routes store the output by TMA (call 51: 1.025-1.03x, geometric means), which costs them a
-    K/V stage; head dim 64's long walks do not (0.94-0.99x there)."""
+    K/V stage; head dim 64's long walks do not (0.94-0.99x there). The consumers take turns (the
+    persistent ping-pong, call 57) at head dim 128 without a predicate, causal on the shortest walks
+    only, and on head dim 64's two-consumer route."""
     causal, prefix = sdpa_spec(causal=True), spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)")
     plain_cfg = gluon_launch.routed_config(H200, sdpa_spec(), 64, 2)
     assert (plain_cfg.BLOCK_M, plain_cfg.consumers, plain_cfg.rows_per_consumer, plain_cfg.split,
@@ -319,6 +321,11 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     for spec, split in ((sdpa_spec(), False), (causal, True)):
         cfg = gluon_launch.routed_config(H200, spec, 128, 2)
         assert (cfg.BLOCK_M, cfg.consumers, cfg.split, cfg.tma_store, cfg.STAGES) == (128, 2, split, True, 2)
+    # ping-pong: plain d = 128 at every walk, causal below 8 key tiles (N = 1k: 4.5), not from 2k (8.5)
+    assert [gluon_launch.routed_config(H200, sdpa_spec(), 128, 2, n, n).pingpong for n in (1024, 2048, 8192)] == [
+        True, True, True]
+    assert [gluon_launch.routed_config(H200, causal, 128, 2, n, n).pingpong for n in (1024, 2048, 8192)] == [
+        True, False, False]
 
     def reason(n, spec=sdpa_spec()):
         q = torch.empty(1, 1, n, 64, dtype=torch.bfloat16)
@@ -328,8 +335,9 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert reason(8192, spec_from_text("score=50*tanh(qk*scale/50)")) is None  # a score without a predicate
     # shorter plain walks (call 53): three consumers with the TMA store from 16 key tiles, two from 8
     chosen = {n: gluon_launch.routed_config(H200, sdpa_spec(), 64, 2, n, n) for n in (512, 1024, 2048, 4096, 8192)}
-    assert {n: (cfg.consumers, cfg.tma_store, cfg.STAGES) for n, cfg in chosen.items()} == {
-        512: (2, True, 4), 1024: (2, True, 4), 2048: (3, True, 4), 4096: (3, True, 4), 8192: (3, False, 4)}
+    assert {n: (cfg.consumers, cfg.tma_store, cfg.pingpong, cfg.STAGES) for n, cfg in chosen.items()} == {
+        512: (2, True, True, 4), 1024: (2, True, True, 4), 2048: (3, True, False, 4), 4096: (3, True, False, 4),
+        8192: (3, False, False, 4)}
     assert reason(1024) is None and reason(2048) is None and reason(4096) is None
     assert "4.0 key tiles per output tile on average, fewer than 8" in reason(512)
     assert reason(4096, causal) is None and reason(16384, causal) is None
@@ -418,15 +426,19 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     # the output stored by TMA from each consumer's staging tile (gluon's note on the epilogue)
     "plain-d128-wspt": ("score=qk*scale", 128, "wspt"), "causal-d128-wspst": (CAUSAL, 128, "wspst"),
     "plain-d64-wsp3t": ("score=qk*scale", 64, "wsp3t"),
+    # the persistent ping-pong through named barriers, with the hold (gluon's note on it)
+    "causal-d128-wspstph": (CAUSAL, 128, "wspstph"),
 }
-TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t")
+TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t", "wspstph")
 
 
 def _tile(d, kind):
     """The H200's tile of kind (tests/gluon_sm90.py's names) at head dim d."""
     return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"),
                                        consumers=3 if kind.startswith("wsp3") else 2,
-                                       split=kind in ("wsps", "wsp3s", "wspst"), tma_store=kind in TMA_STORE_KINDS)
+                                       split=kind in ("wsps", "wsp3s", "wspst", "wspstph"),
+                                       tma_store=kind in TMA_STORE_KINDS, pingpong=kind.startswith("wsp") and "p" in kind[3:],
+                                       hold=kind.endswith("h"))
 
 
 @pytest.fixture(scope="module")
@@ -476,7 +488,21 @@ def test_pingpong_adds_the_turn_waits(compiled):
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
-@pytest.mark.parametrize("name", ["causal-d128", "causal-d128-pph", "prefix_lm-d64-ppeh"])
+def test_persistent_pingpong_turns_at_named_barriers(compiled):
+    """The persistent kernel's ping-pong: each consumer waits for its turn at its own hardware
+    barrier and passes it at the other's (bar.sync / bar.arrive of 256 threads at barriers 8 and 9,
+    past those Triton's partitions use), with no mbarrier turn waits beyond the routed kernel's; the
+    routed kernel has none of them. An empty dict on both sides: no nvdisasm beside ptxas."""
+    pp, routed = compiled["causal-d128-wspstph"], compiled["causal-d128-wspst"]
+    if not routed["instructions"]:
+        pytest.skip("no nvdisasm beside ptxas")
+    assert set(pp["named_barriers"]) == {"SYNC 8", "SYNC 9", "ARV 8", "ARV 9"}, pp["named_barriers"]
+    assert routed["named_barriers"] == {}
+    assert pp["turn_waits"] == routed["turn_waits"]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("name", ["causal-d128", "causal-d128-pph", "prefix_lm-d64-ppeh", "causal-d128-wspstph"])
 def test_softmax_runs_between_the_two_waits(compiled, name):
     """Each consumer's exponentials sit between the wait for q·kᵀ and the wait for p·v in the SASS
     (p·v runs under the softmax): in the single-partition kernel by itself, in the warp-specialized

@@ -12,9 +12,10 @@ keep-predicates other than causal), runs the portable kernels instead. The reaso
 warp-specialized kernel (a TMA producer and two consumer warpgroups, three at head dim 64 without
 a keep-predicate from 16 key tiles an output tile; one program per SM walking output tiles), the
 fastest of the kinds timed on the H200 (benchmarks/GLUON_NOTES.md, calls 9, 36, 39, 51, 53), with
-ROUTES' flags per head dim and mask kind, chosen by the call's walk (routed_config);
-the others (one partition; not persistent; ping-pong, hold, early rescale) are reached through
-``launch`` with their ``GluonConfig`` (benchmarks/gluon_check.py).
+ROUTES' flags per head dim and mask kind, chosen by the call's walk (routed_config: among them the
+persistent kernel's ping-pong through named barriers); the others (one partition; not persistent;
+hold, early rescale) are reached through ``launch`` with their ``GluonConfig``
+(benchmarks/gluon_check.py).
 
 The backward is on by default too (``FX_FLASH_GLUON_BWD=0`` turns it off, independently of the
 forward's switch): ``launch.planned_backward`` offers each backward key here first
@@ -89,15 +90,24 @@ MIN_WALK_D64_CAUSAL = 16
 # 1.07, 1.04, 1.02, 1.02, 1.00x the same kernel without it at N = 1k-16k plain, 1.08, 1.06, 1.01,
 # 0.99, 0.98x causal. At head dim 64 it was not adopted: 1.03-1.06x at 1k-2k but 0.94-0.99x on the
 # long walks of the routed kernels (the causal one: 0.94 at 4k and 16k).
+# The consumers take turns issuing their products (``pingpong``: named barriers, gluon's note on the
+# persistent ping-pong; call 57, three alternating rounds) where that ran ahead of the route before
+# it by the rule written first: at head dim 128 without a keep-predicate on every walk (the
+# kernel timed in two columns, the same binary for plain specs: 1.025, 1.010, 1.012, 1.016, 1.005x
+# at N = 1k-16k, geometric mean 1.014); causal only below MIN_WALK_D128_CAUSAL_FREE key tiles (1k:
+# 1.035x; 2k-16k 1.00, 1.00, 0.98, 1.02x); at head dim 64 on the two-consumer route (1k: 1.024x),
+# not on the three-consumer ones (0.94-0.96x) nor causal (0.96-0.99x). With the hold it was slower.
+MIN_WALK_D128_CAUSAL_FREE = 8
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average), longest walk first}: a call takes the first route its walk reaches (routed_config). A
 # mask kind missing at a head dim is not routed there; other predicates (kind 2) are ranged specs,
 # which stay on the portable forward (``_not_measured``).
-ROUTES = {128: {0: ((dict(tma_store=True), MIN_WALK), ),
-                1: ((dict(split=True, tma_store=True), MIN_WALK), )},
+ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK), ),
+                1: ((dict(split=True, tma_store=True), MIN_WALK_D128_CAUSAL_FREE),
+                    (dict(split=True, tma_store=True, pingpong=True), MIN_WALK))},
           64: {0: ((dict(consumers=3), MIN_WALK_D64), (dict(consumers=3, tma_store=True), MIN_WALK_D64_STORE),
-                   (dict(tma_store=True), MIN_WALK_D64_SHORT)),
+                   (dict(tma_store=True, pingpong=True), MIN_WALK_D64_SHORT)),
                1: ((dict(split=True), MIN_WALK_D64_CAUSAL), )}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each

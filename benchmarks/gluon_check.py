@@ -89,6 +89,8 @@ def variants(d: int) -> dict:
             "wsptph 128/4": C(128, 128, 4, True, True, persistent=True, tma_store=True, hold=True),
             "wspsp 128/4": C(128, 128, 4, True, True, persistent=True, split=True),
             "wspsph 128/4": C(128, 128, 4, True, True, persistent=True, split=True, hold=True),
+            "wsp3p 192/4": C(192, 128, 4, True, True, persistent=True, consumers=3),
+            "wsp3tp 192/4": C(192, 128, 4, True, True, persistent=True, consumers=3, tma_store=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 

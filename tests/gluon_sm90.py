@@ -170,7 +170,7 @@ KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, Fa
               "wsp3t": (True, False, False, False, True, 3, False, True)})
 # a trailing "p": the persistent kernel's ping-pong (named barriers), "ph" with the hold
 KINDS.update({kind + "p": (True, True) + flags[2:] for kind, flags in list(KINDS.items())
-              if kind in ("wsp", "wspt", "wsps", "wspst")})
+              if kind in ("wsp", "wspt", "wsps", "wspst", "wsp3", "wsp3t")})
 KINDS.update({kind + "h": flags[:3] + (True, ) + flags[4:] for kind, flags in list(KINDS.items())
               if kind.endswith("p") and kind.startswith("wsp")})
 

@@ -135,11 +135,12 @@ def test_footprint_counts_each_buffer():
 
 
 def test_persistent_config_rules():
-    """The persistent kernel is a warp-specialized one; its ping-pong (named barriers) is of two
-    consumers; one_section orders only its tiles, and only it has three consumers."""
+    """The persistent kernel is a warp-specialized one; its ping-pong (named barriers) takes two
+    or three consumers, the one-tile kernel's (mbarriers) two; one_section orders only its tiles, and only it has three consumers."""
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, pingpong=True)
-    for bad in (dict(persistent=True), dict(ws=True, pingpong=True, persistent=True, consumers=3),
+    gluon_launch.GluonConfig(192, 128, 3, ws=True, persistent=True, pingpong=True, consumers=3)
+    for bad in (dict(persistent=True), dict(ws=True, pingpong=True, consumers=3),
                 dict(pingpong=True), dict(ws=True, one_section=True),
                 dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4)):
         with pytest.raises(ValueError):

@@ -78,13 +78,15 @@ GLUON_TEMPLATE = '''\
 #
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than
-# free consumers). The persistent kernel's turns (PINGPONG) use two named hardware barriers, as
-# FlashAttention-3's and cuDNN's kernels do: a turn is bar.sync of 256 threads at the consumer's
-# own barrier, a pass bar.arrive of 128 at the other's. Such a barrier counts arrivals, not phases,
-# so the turns run on across output tiles; each consumer takes n_load + 1 of them per tile (the
-# drained tiles' included), so the two alternate through the whole schedule. Consumer 1 passes one
-# turn before its first and consumer 0 takes one after its last: every arrival is matched, and a
-# barrier never holds two of one consumer's arrivals (its next pass needs the other's turn first).
+# free consumers). The persistent kernel's turns (PINGPONG) use a named hardware barrier per
+# consumer, as FlashAttention-3's and cuDNN's kernels do: a turn is bar.sync of 256 threads at the
+# consumer's own barrier, a pass bar.arrive of 128 at the next consumer's (c + 1 mod CONSUMERS).
+# Such a barrier counts arrivals, not phases, so the turns run on across output tiles; each
+# consumer takes n_load + 1 of them per tile (the drained tiles' included), so the consumers go in
+# order through the whole schedule. The last consumer passes one turn before its first and
+# consumer 0 takes one after its last: every arrival is matched, and a barrier never holds two of
+# one consumer's arrivals (its next pass needs every other's turn first). Routed where call 57 ran
+# it ahead (gluon_launch.ROUTES); the hold did not help it there.
 #
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
@@ -183,10 +185,10 @@ def _named_arrive(bar):
 def _turn(sched, C: gl.constexpr, t, PP: gl.constexpr):
     """Ping-pong (PP): wait until consumer C may issue the matrix products of its turn t. Consumer
     0's turn t follows consumer 1's turn t - 1, consumer 1's follows consumer 0's turn t (a fresh
-    mbarrier passes a wait on parity 1, so consumer 0 starts). PP = 2 (the persistent kernel):
-    through the named hardware barrier PP_BARRIER + C instead, which counts threads, not phases
-    (see the note on the persistent ping-pong)."""
-    if PP == 2:
+    mbarrier passes a wait on parity 1, so consumer 0 starts). PP = n ≥ 2 (the persistent kernel's
+    n consumers): through the named hardware barrier PP_BARRIER + C instead, which counts threads,
+    not phases (see the note on the persistent ping-pong)."""
+    if PP >= 2:
         _named_sync(PP_BARRIER + C)
     elif PP:
         mbarrier.wait(sched.index(C), (t & 1) ^ (1 - C))
@@ -194,9 +196,10 @@ def _turn(sched, C: gl.constexpr, t, PP: gl.constexpr):
 
 @gluon.jit
 def _pass_turn(sched, C: gl.constexpr, PP: gl.constexpr):
-    """Ping-pong: consumer C's products are issued; the other consumer may issue its own."""
-    if PP == 2:
-        _named_arrive(PP_BARRIER + 1 - C)
+    """Ping-pong: consumer C's products are issued; the next consumer (PP = n ≥ 2: C + 1 mod n) may
+    issue its own."""
+    if PP >= 2:
+        _named_arrive(PP_BARRIER + (C + 1) % PP)
     elif PP:
         mbarrier.arrive(sched.index(1 - C), count=1)
 
@@ -666,14 +669,14 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
                          SPLIT: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
-    one's loads ended. PP = 2: the consumers take turns through named barriers, consumer 0 first
-    (consumer 1 passes it a turn before any), and consumer 0 takes the turn consumer 1 passes
-    after its last, so that every arrival at the two barriers is matched."""
+    one's loads ended. PP = CONSUMERS: the consumers take turns through named barriers in order,
+    consumer 0 first (the last consumer passes it a turn before any), and consumer 0 takes the
+    turn the last passes after its last, so that every arrival at the barriers is matched."""
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    if PP == 2:
-        if c == 1:
-            _pass_turn(q_ready, 1, PP)
+    if PP >= 2:
+        if c == CONSUMERS - 1:
+            _pass_turn(q_ready, c, PP)
     base = 0
     done = 0
     for g in range(ROUNDS):
@@ -688,7 +691,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
                            SPLIT, o_smem, TMA_STORE)
             base += n_load
             done += 1
-    if PP == 2:
+    if PP >= 2:
         if c == 0:
             _turn(q_ready, 0, 0, PP)
     if TMA_STORE:
@@ -716,9 +719,8 @@ def _attn_fwd_sm90_wsp(
     CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
     compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
-    output tile). PINGPONG: the two consumers take turns issuing their products through named
+    output tile). PINGPONG: the consumers take turns issuing their products through named
     hardware barriers (see the note on the persistent ping-pong)."""
-    gl.static_assert(not PINGPONG or CONSUMERS == 2, "the persistent kernel's ping-pong is of two consumers")
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -750,20 +752,20 @@ def _attn_fwd_sm90_wsp(
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
+            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
              + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
              + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(2 * PINGPONG), o_smem)
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
              + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):

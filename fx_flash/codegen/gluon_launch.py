@@ -141,7 +141,7 @@ class GluonConfig:
     STAGES: int
     ws: bool = False
     # ws only: the consumers take turns issuing their products (mbarriers; in the persistent kernel,
-    # of two consumers, named hardware barriers: gluon's note on the persistent ping-pong)
+    # of two or three consumers, named hardware barriers: gluon's note on the persistent ping-pong)
     pingpong: bool = False
     early: bool = False  # rescale the accumulator while q·kᵀ runs, not after p·v
     hold: bool = False  # ws only: keep each consumer's softmax between its q·kᵀ and p·v waits (gluon._hold)
@@ -162,8 +162,8 @@ class GluonConfig:
     def __post_init__(self):
         if self.persistent and not self.ws:
             raise ValueError("the persistent kernel is warp-specialized")
-        if self.pingpong and (not self.ws or self.consumers != 2):
-            raise ValueError("the ping-pong is of the warp-specialized kernels' two consumers")
+        if self.pingpong and (not self.ws or (self.consumers != 2 and not self.persistent)):
+            raise ValueError("the ping-pong is of the warp-specialized kernels' consumers (three: persistent only)")
         if (self.one_section or self.split or self.tma_store) and not self.persistent:
             raise ValueError("one_section, split and tma_store are options of the persistent kernel")
         if self.consumers not in (2, 3) or (self.consumers == 3 and not self.persistent):

@@ -198,8 +198,8 @@ def _turn(sched, C: gl.constexpr, t, PP: gl.constexpr):
 def _pass_turn(sched, C: gl.constexpr, PP: gl.constexpr):
     """Ping-pong: consumer C's products are issued; the next consumer (PP = n ≥ 2: C + 1 mod n) may
     issue its own."""
-    if PP >= 2:
-        _named_arrive(PP_BARRIER + (C + 1) % PP)
+    if PP >= 2:  # (C + 1 mod PP, without a modulo: in the one-tile ws kernel PP is traced as an int1)
+        _named_arrive(PP_BARRIER + (C + 1) * (C + 1 != PP))
     elif PP:
         mbarrier.arrive(sched.index(1 - C), count=1)
 

@@ -311,11 +311,11 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     its routes store the output by TMA (call 51: 1.025-1.03x, geometric means), which costs them a
     K/V stage; head dim 64's long walks do not (0.94-0.99x there). The consumers take turns (the
     persistent ping-pong, call 57) at head dim 128 without a predicate, causal on the shortest walks
-    only, and on head dim 64's two-consumer route."""
+    only, and on every head dim 64 route without a predicate (three consumers in turn, call 59)."""
     causal, prefix = sdpa_spec(causal=True), spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)")
     plain_cfg = gluon_launch.routed_config(H200, sdpa_spec(), 64, 2)
     assert (plain_cfg.BLOCK_M, plain_cfg.consumers, plain_cfg.rows_per_consumer, plain_cfg.split,
-            plain_cfg.tma_store, plain_cfg.STAGES) == (192, 3, 64, False, False, 4)
+            plain_cfg.tma_store, plain_cfg.pingpong, plain_cfg.STAGES) == (192, 3, 64, False, False, True, 4)
     causal_cfg = gluon_launch.routed_config(H200, causal, 64, 2)
     assert (causal_cfg.BLOCK_M, causal_cfg.consumers, causal_cfg.split, causal_cfg.persistent,
             causal_cfg.tma_store, causal_cfg.STAGES) == (128, 2, True, True, False, 4)
@@ -337,8 +337,8 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     # shorter plain walks (call 53): three consumers with the TMA store from 16 key tiles, two from 8
     chosen = {n: gluon_launch.routed_config(H200, sdpa_spec(), 64, 2, n, n) for n in (512, 1024, 2048, 4096, 8192)}
     assert {n: (cfg.consumers, cfg.tma_store, cfg.pingpong, cfg.STAGES) for n, cfg in chosen.items()} == {
-        512: (2, True, True, 4), 1024: (2, True, True, 4), 2048: (3, True, False, 4), 4096: (3, True, False, 4),
-        8192: (3, False, False, 4)}
+        512: (2, True, True, 4), 1024: (2, True, True, 4), 2048: (3, True, True, 4), 4096: (3, True, True, 4),
+        8192: (3, False, True, 4)}
     assert reason(1024) is None and reason(2048) is None and reason(4096) is None
     assert "4.0 key tiles per output tile on average, fewer than 8" in reason(512)
     assert reason(4096, causal) is None and reason(16384, causal) is None
@@ -427,10 +427,11 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     # the output stored by TMA from each consumer's staging tile (gluon's note on the epilogue)
     "plain-d128-wspt": ("score=qk*scale", 128, "wspt"), "causal-d128-wspst": (CAUSAL, 128, "wspst"),
     "plain-d64-wsp3t": ("score=qk*scale", 64, "wsp3t"),
-    # the persistent ping-pong through named barriers, with the hold (gluon's note on it)
-    "causal-d128-wspstph": (CAUSAL, 128, "wspstph"),
+    # the persistent ping-pong through named barriers, with the hold (gluon's note on it), and
+    # among three consumers as routed at d = 64
+    "causal-d128-wspstph": (CAUSAL, 128, "wspstph"), "plain-d64-wsp3tp": ("score=qk*scale", 64, "wsp3tp"),
 }
-TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t", "wspstph")
+TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t", "wspstph", "wsp3tp")
 
 
 def _tile(d, kind):
@@ -500,6 +501,9 @@ def test_persistent_pingpong_turns_at_named_barriers(compiled):
     assert set(pp["named_barriers"]) == {"SYNC 8", "SYNC 9", "ARV 8", "ARV 9"}, pp["named_barriers"]
     assert routed["named_barriers"] == {}
     assert pp["turn_waits"] == routed["turn_waits"]
+    # three consumers: each waits at its own barrier (8, 9, 10) and passes to the next, 2 to 0
+    three = compiled["plain-d64-wsp3tp"]["named_barriers"]
+    assert set(three) == {f"{op} {bar}" for op in ("SYNC", "ARV") for bar in (8, 9, 10)}, three
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")

@@ -96,7 +96,9 @@ MIN_WALK_D64_CAUSAL = 16
 # kernel timed in two columns, the same binary for plain specs: 1.025, 1.010, 1.012, 1.016, 1.005x
 # at N = 1k-16k, geometric mean 1.014); causal only below MIN_WALK_D128_CAUSAL_FREE key tiles (1k:
 # 1.035x; 2k-16k 1.00, 1.00, 0.98, 1.02x); at head dim 64 on the two-consumer route (1k: 1.024x),
-# not on the three-consumer ones (0.94-0.96x) nor causal (0.96-0.99x). With the hold it was slower.
+# not causal (0.96-0.99x). With the hold it was slower. Among three consumers (call 59, the turns
+# passed round all three) on both three-consumer routes: 1.029, 1.051x at 2k, 4k with the TMA
+# store, 1.046, 1.047x at 8k, 16k without (a two-consumer ping-pong there had run 0.95-0.96x).
 MIN_WALK_D128_CAUSAL_FREE = 8
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
@@ -106,7 +108,8 @@ MIN_WALK_D128_CAUSAL_FREE = 8
 ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK), ),
                 1: ((dict(split=True, tma_store=True), MIN_WALK_D128_CAUSAL_FREE),
                     (dict(split=True, tma_store=True, pingpong=True), MIN_WALK))},
-          64: {0: ((dict(consumers=3), MIN_WALK_D64), (dict(consumers=3, tma_store=True), MIN_WALK_D64_STORE),
+          64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64),
+                   (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE),
                    (dict(tma_store=True, pingpong=True), MIN_WALK_D64_SHORT)),
                1: ((dict(split=True), MIN_WALK_D64_CAUSAL), )}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))

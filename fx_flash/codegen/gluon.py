@@ -168,8 +168,8 @@ def _release(tile, base, empty, ready, desc, smem, kv_row, n_tiles, tile_bytes: 
 
 @gluon.jit
 def _named_sync(bar):
-    """Wait at hardware barrier ``bar`` until both consumer warpgroups (256 threads) have reached it,
-    this one by waiting, the other by _named_arrive (PTX bar.sync)."""
+    """Wait at hardware barrier ``bar`` until 256 threads have reached it: this warpgroup by waiting,
+    the one passing it the turn by _named_arrive (PTX bar.sync)."""
     gl.inline_asm_elementwise("bar.sync $$1, 256; mov.u32 $$0, 0;", "=r,r", [bar], dtype=gl.int32, is_pure=False,
                               pack=1)
 
@@ -691,7 +691,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
                            SPLIT, o_smem, TMA_STORE)
             base += n_load
             done += 1
-    if PP >= 2:
+    if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)
         if c == 0:
             _turn(q_ready, 0, 0, PP)
     if TMA_STORE:
@@ -718,8 +718,7 @@ def _attn_fwd_sm90_wsp(
     p·v and epilogue. The schedule's sizes come from the launcher: Q_TILES = cdiv(N_Q,
     CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
-    compiler, and ptxas kept them in local memory). No ping-pong (its turns are counted per
-    output tile). PINGPONG: the consumers take turns issuing their products through named
+    compiler, and ptxas kept them in local memory). PINGPONG: the consumers take turns issuing their products through named
     hardware barriers (see the note on the persistent ping-pong)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -752,21 +751,21 @@ def _attn_fwd_sm90_wsp(
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
-             + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
-             + consumer_args),
-            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
-             + consumer_args),
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
+                                    o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
+                                    o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
+                                    o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
-            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
-             + consumer_args),
-            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG), o_smem)
-             + consumer_args),
+            (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
+                                    o_smem) + consumer_args),
+            (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
+                                    o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(c))

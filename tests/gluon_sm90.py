@@ -83,8 +83,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
-              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store}
-                 if persistent else {})}
+              **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store} if persistent else {})}
     if tma_store:  # the output through a TMA descriptor of a consumer's rows
         signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})
@@ -186,17 +185,10 @@ def _sass(kernel) -> str:
         return ""
 
 
-def _exps_between_waits(kernel) -> list[int]:
+def _exps_between_waits(sass: str) -> list[int]:
     """For each wait for all wgmma (DEPBAR.LE gsb0, 0x0) that follows a wait leaving one in flight
-    (0x1), the exponentials (MUFU.EX2) between the two in the SASS: the softmax that overlaps p·v.
-    Empty when nvdisasm cannot run."""
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    try:
-        nvdisasm = os.path.join(os.path.dirname(_ptxas()), "nvdisasm")
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, timeout=120).stdout
-    except Exception:  # noqa: BLE001 - extra evidence, as _ptxas_report
-        return []
+    (0x1), the exponentials (MUFU.EX2) between the two in the SASS (_sass): the softmax that
+    overlaps p·v. Empty when nvdisasm could not run."""
     counts, since = [], None
     for line in sass.splitlines():
         if "DEPBAR.LE gsb0, 0x1" in line:
@@ -223,14 +215,15 @@ def main(argv: list[str]) -> None:
         sass = _sass(kernel)
         print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "kind": kind,
                           "shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-                          "tma": ptx.count("cp.async.bulk.tensor"), "exps_between_waits": _exps_between_waits(kernel),
+                          "tma": ptx.count("cp.async.bulk.tensor"), "exps_between_waits": _exps_between_waits(sass),
                           "turn_waits": ptx.count("mbarrier.try_wait"),
                           # the persistent ping-pong's hardware barriers, "SYNC 8" / "ARV 9" (of 256 threads),
                           # from the SASS (the PTX names them by register)
                           "named_barriers": dict(collections.Counter(
                               f"{op} {int(bar, 16)}" for op, bar in re.findall(
                                   r"BAR\.(SYNC|ARV)(?:\.DEFER_BLOCKING)? (0x[0-9a-f]+), 0x100\b", sass)
-                              if int(bar, 16) >= 8)), "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
+                              if int(bar, 16) >= 8)),
+                          "setmaxnreg": re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx),
                           "atomics": len(re.findall(r"\b(?:red|atom)\.global\.", ptx)),
                           "stores": dict(collections.Counter(re.findall(r"\bst\.global\.(?:v\d\.)?(\w+)", ptx))),
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),

@@ -136,7 +136,8 @@ def test_footprint_counts_each_buffer():
 
 def test_persistent_config_rules():
     """The persistent kernel is a warp-specialized one; its ping-pong (named barriers) takes two
-    or three consumers, the one-tile kernel's (mbarriers) two; one_section orders only its tiles, and only it has three consumers."""
+    or three consumers, the one-tile kernel's (mbarriers) two; one_section orders only its tiles,
+    and only it has three consumers."""
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, pingpong=True)
     gluon_launch.GluonConfig(192, 128, 3, ws=True, persistent=True, pingpong=True, consumers=3)
@@ -439,8 +440,8 @@ def _tile(d, kind):
     return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"),
                                        consumers=3 if kind.startswith("wsp3") else 2,
                                        split=kind in ("wsps", "wsp3s", "wspst", "wspstph"),
-                                       tma_store=kind in TMA_STORE_KINDS, pingpong=kind.startswith("wsp") and "p" in kind[3:],
-                                       hold=kind.endswith("h"))
+                                       tma_store=kind in TMA_STORE_KINDS,
+                                       pingpong=kind.startswith("wsp") and "p" in kind[3:], hold=kind.endswith("h"))
 
 
 @pytest.fixture(scope="module")

@@ -281,8 +281,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
-    p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols,
-                                         ${OPS}mid <= 0)
+    p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     # -- steady state: tiles from ``mid`` on cross the causal diagonal (MASK = 1) --
@@ -309,9 +308,8 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
         for j in range(1, n_tiles):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
-                                               qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid,
-                                               s_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP,
-                                               EARLY, HOLD)
+                                               qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
     if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
         mbarrier.arrive(q_empty, count=1)
 
@@ -718,8 +716,8 @@ def _attn_fwd_sm90_wsp(
     p·v and epilogue. The schedule's sizes come from the launcher: Q_TILES = cdiv(N_Q,
     CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
-    compiler, and ptxas kept them in local memory). PINGPONG: the consumers take turns issuing their products through named
-    hardware barriers (see the note on the persistent ping-pong)."""
+    compiler, and ptxas kept them in local memory). PINGPONG: the consumers take turns issuing
+    their products through named hardware barriers (see the note on the persistent ping-pong)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -740,8 +738,8 @@ def _attn_fwd_sm90_wsp(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
-    # (TMA_STORE goes to the consumers wrapped in gl.constexpr, ahead of this tuple: see
-    # the note on constexprs in partitions)
+    # (TMA_STORE and the ping-pong's PP go to the consumers wrapped in gl.constexpr, ahead of this
+    # tuple: see the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT)

@@ -88,9 +88,13 @@ def variants(d: int) -> dict:
             "wsptp 128/4": C(128, 128, 4, True, True, persistent=True, tma_store=True),
             "wsptph 128/4": C(128, 128, 4, True, True, persistent=True, tma_store=True, hold=True),
             "wspsp 128/4": C(128, 128, 4, True, True, persistent=True, split=True),
+            "wspstp 128/4": C(128, 128, 4, True, True, persistent=True, split=True, tma_store=True),
             "wspsph 128/4": C(128, 128, 4, True, True, persistent=True, split=True, hold=True),
             "wsp3p 192/4": C(192, 128, 4, True, True, persistent=True, consumers=3),
             "wsp3tp 192/4": C(192, 128, 4, True, True, persistent=True, consumers=3, tma_store=True),
+            "wsp3st 192/4": C(192, 128, 4, True, persistent=True, consumers=3, split=True, tma_store=True),
+            "wsp3sp 192/4": C(192, 128, 4, True, True, persistent=True, consumers=3, split=True),
+            "wsp3stp 192/4": C(192, 128, 4, True, True, persistent=True, consumers=3, split=True, tma_store=True),
             "pph 128/4": C(128, 128, 4, True, **pph), "ppeh 128/4": C(128, 128, 4, True, **ppeh)}
 
 
@@ -253,10 +257,11 @@ def _through_op(d, n, causal=True):
     return ok
 
 
-def _shapes(d, ns, softcap=True, fp16=False):
-    """(N, causal, spec text, dtype) rows of the timing table."""
-    shapes = [(n, causal, "", torch.bfloat16) for n in ns for causal in (False, True)]
-    if d == 128 and softcap:  # the second spec: Gemma 2's soft-capping (cuDNN has none)
+def _shapes(d, ns, softcap=True, fp16=False, kinds=(False, True)):
+    """(N, causal, spec text, dtype) rows of the timing table: ``kinds`` says which of plain (False)
+    and causal (True); ``softcap``: its row at d = 128, or at every d when it is "every"."""
+    shapes = [(n, causal, "", torch.bfloat16) for n in ns for causal in kinds]
+    if (d == 128 or softcap == "every") and softcap:  # the second spec: Gemma 2's soft-capping (cuDNN has none)
         shapes.append((ns[-1], True, SOFTCAP, torch.bfloat16))
     if fp16:
         shapes.append((ns[-1], False, "", torch.float16))
@@ -285,9 +290,10 @@ def bench(d, ns, names, extra, rounds=1):
     """TFLOP/s rows: cuDNN SDPA (first, and again last: the card's clocks drift within a row), the
     portable forward (paper tile, FX_FLASH_GLUON=0: before call 34 this column ran the default
     switches, so the Gluon forward where the op routes to it) and each Gluon variant in
-    ``names``. ``extra``: "noportable", "nosoftcap", "fp16" (a row at the longest N in fp16). ``rounds`` > 1: every column is timed
-    that many times, in turn forward and backward order, and each cell is the median of its rounds
-    (the drift then favours no column)."""
+    ``names``. ``extra``: "noportable", "nosoftcap", "softcap" (its row at d = 64 too),
+    "noplain", "nocausal" (no rows of that mask), "fp16" (a row at the longest N in fp16).
+    ``rounds`` > 1: every column is timed that many times, in turn forward and backward order, and
+    each cell is the median of its rounds (the drift then favours no column)."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -297,7 +303,9 @@ def bench(d, ns, names, extra, rounds=1):
 
     os.environ["FX_FLASH_AUTOTUNE"] = "0"
     configs = variants(d)
-    for n, causal, text, dtype in _shapes(d, ns, "nosoftcap" not in extra, "fp16" in extra):
+    softcap = "every" if "softcap" in extra else "nosoftcap" not in extra
+    kinds = tuple(causal for causal in (False, True) if ("noplain", "nocausal")[causal] not in extra)
+    for n, causal, text, dtype in _shapes(d, ns, softcap, "fp16" in extra, kinds):
         b, h = 16384 // n, 2048 // d
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
         scale = 1 / math.sqrt(d)
@@ -389,7 +397,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=12, help="numerics children at a time")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=120.0, help="seconds per timing child")
-    ap.add_argument("--bench", default="", help="timing extras: noportable, nosoftcap, fp16 (comma-separated)")
+    ap.add_argument("--bench", default="", help="timing extras: noportable, nosoftcap, softcap, noplain, nocausal, fp16 "
+                    "(comma-separated)")
     ap.add_argument("--rounds", type=int, default=1, help="times each column is timed, alternating the order (median)")
     ap.add_argument("--no-warm", action="store_true", help="skip the portable compile and the backward check")
     ap.add_argument("--child", default="", help="internal")

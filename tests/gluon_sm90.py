@@ -166,10 +166,11 @@ KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, Fa
               # "t": the output stored by TMA (gluon's note on the epilogue)
               "wspt": (True, False, False, False, True, 2, False, True),
               "wspst": (True, False, False, False, True, 2, True, True),
-              "wsp3t": (True, False, False, False, True, 3, False, True)})
+              "wsp3t": (True, False, False, False, True, 3, False, True),
+              "wsp3st": (True, False, False, False, True, 3, True, True)})
 # a trailing "p": the persistent kernel's ping-pong (named barriers), "ph" with the hold
 KINDS.update({kind + "p": (True, True) + flags[2:] for kind, flags in list(KINDS.items())
-              if kind in ("wsp", "wspt", "wsps", "wspst", "wsp3", "wsp3t")})
+              if kind in ("wsp", "wspt", "wsps", "wspst", "wsp3", "wsp3t", "wsp3s", "wsp3st")})
 KINDS.update({kind + "h": flags[:3] + (True, ) + flags[4:] for kind, flags in list(KINDS.items())
               if kind.endswith("p") and kind.startswith("wsp")})
 

@@ -110,6 +110,8 @@ def numerics(match: str = ""):
             # output by TMA); d = 128 causal at 4k with enough (query head, key tile) pairs per SM for
             # the Gluon backward, whose causal programs start longest first there (LPT)
             (f"{t} d64 N1024 plain (two consumers)", 2, 16, 16, 1024, 1024, 64, dtype, False),
+            # d = 64 causal from 4k: three consumers in turn (a score of qk and the scale alone)
+            (f"{t} d64 N4096 causal (three consumers)", 2, 16, 16, 4096, 4096, 64, dtype, True),
             (f"{t} d128 N4096 causal (backward LPT)", 2, 16, 16, 4096, 4096, 128, dtype, True),
             # split-KV decoding: packed GQA rows, keys split across programs
             (f"{t} decode split-KV GQA 32/8 1x20000", 2, 32, 8, 1, 20000, 128, dtype, False),

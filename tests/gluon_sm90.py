@@ -2,11 +2,7 @@
 
     python -m tests.gluon_sm90 SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND [SPEC_TEXT HEAD_DIM BLOCK_N STAGES KIND ...]
 
-KIND: v1 (one partition), ws (warp-specialized), pp (ws, consumers taking turns), ppe (pp, the
-accumulator rescaled while q·kᵀ runs), wsp (ws, persistent), wsp3 (wsp with three consumer
-warpgroups, CONSUMERS = 3), wsps and wsp3s (with the causal walk split in two loops), a "t"
-after them (wspt, wspst, wsp3t) with the output stored by TMA; a trailing
-"h" (wsh, pph, ppeh, wsph) adds the hold (gluon._hold); bwd, the backward
+KIND: a forward kind of tests/gluon_kinds.py (v1, ws, pp, wsp3stp, …); bwd, the backward
 (gluon_bwd._attn_bwd_sm90, BLOCK_M = 64 query rows per step, bwd@128 128 of them, and BLOCK_N
 keys; bwd:FLAG,FLAG with those of GluonBwdConfig's schedule flags set, e.g.
 bwd:DV_EARLY,ROWS_AHEAD or bwd@128:ROWS_AHEAD; bwd: none of them), bwd-prep its Delta kernel;
@@ -44,6 +40,7 @@ from fx_flash.codegen import gluon_launch
 from fx_flash.codegen.gluon import render_gluon
 from fx_flash.codegen.gluon_bwd import render_gluon_bwd
 from fx_flash.codegen.spec import spec_from_text
+from tests.gluon_kinds import KINDS
 
 SM90 = GPUTarget("cuda", 90, 128)
 
@@ -62,7 +59,7 @@ def _module(source: str):
     return module
 
 
-def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool, pingpong: bool = False,
+def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool = False, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
                  split: bool = False, tma_store: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
@@ -157,24 +154,6 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-# kind: (ws, pingpong, early, hold, persistent, consumers, split, tma_store)
-KINDS = {"v1": (False, False, False), "ws": (True, False, False), "pp": (True, True, False), "ppe": (True, True, True)}
-KINDS.update({kind + "h": flags + (True,) for kind, flags in list(KINDS.items()) if kind != "v1"})
-KINDS.update({"wsp": (True, False, False, False, True), "wsph": (True, False, False, True, True),
-              "wsp3": (True, False, False, False, True, 3), "wsps": (True, False, False, False, True, 2, True),
-              "wsp3s": (True, False, False, False, True, 3, True),
-              # "t": the output stored by TMA (gluon's note on the epilogue)
-              "wspt": (True, False, False, False, True, 2, False, True),
-              "wspst": (True, False, False, False, True, 2, True, True),
-              "wsp3t": (True, False, False, False, True, 3, False, True),
-              "wsp3st": (True, False, False, False, True, 3, True, True)})
-# a trailing "p": the persistent kernel's ping-pong (named barriers), "ph" with the hold
-KINDS.update({kind + "p": (True, True) + flags[2:] for kind, flags in list(KINDS.items())
-              if kind in ("wsp", "wspt", "wsps", "wspst", "wsp3", "wsp3t", "wsp3s", "wsp3st")})
-KINDS.update({kind + "h": flags[:3] + (True, ) + flags[4:] for kind, flags in list(KINDS.items())
-              if kind.endswith("p") and kind.startswith("wsp")})
-
-
 def _sass(kernel) -> str:
     """The kernel's SASS by the nvdisasm beside ptxas; empty when it cannot run."""
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
@@ -211,7 +190,7 @@ def main(argv: list[str]) -> None:
             kernel = compile_sm90_bwd(text, head_dim, block_n, stages, prep=kind == "bwd-prep", schedule=schedule,
                                       block_m=int(rows) if rows else gluon_launch.BWD_BLOCK_M)
         else:
-            kernel = compile_sm90(text, head_dim, block_n, stages, *KINDS[kind])
+            kernel = compile_sm90(text, head_dim, block_n, stages, **KINDS[kind])
         ptx = kernel.asm["ptx"]
         sass = _sass(kernel)
         print(json.dumps({"spec": text, "head_dim": head_dim, "block_n": block_n, "stages": stages, "kind": kind,

@@ -23,6 +23,7 @@ from fx_flash.codegen.gluon import _score_lines, render_gluon, unsupported
 from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 from fx_flash.device import DeviceProfile
 from tests import test_kernels
+from tests.gluon_kinds import KINDS
 from tests.numerics import poison_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,8 +306,10 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     keep-predicate, three consumer warpgroups (192 rows a program) from MIN_WALK_D64 key tiles an
     output tile on (call 36: 1.07x the portable forward at 64 tiles, 1.11x at 128), with their
     output stored by TMA from 16 (call 53: 1.07x at 16 and 32), and two consumers with it from 8
-    (1.07x); causal, two consumers with the causal walk split in two loops from
-    MIN_WALK_D64_CAUSAL (call 39: 1.05-1.06x from a walk of 16.5, N = 4k; 0.91-0.98x below).
+    (1.07x); causal, the causal walk split in two loops from MIN_WALK_D64_CAUSAL (call 39:
+    1.05-1.06x from a walk of 16.5, N = 4k; 0.91-0.98x below), with three consumers in turn and
+    the TMA store where the score reads only qk and the scale (call 60: 1.01-1.04x two
+    consumers), two consumers for other scores.
     Other predicates are ranged (not routed at any head dim); a mask kind without a route is
     refused by name. Head dim 128 splits the causal walk too (call 42), with two consumers; both
     its routes store the output by TMA (call 51: 1.025-1.03x, geometric means), which costs them a
@@ -319,7 +322,17 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
             plain_cfg.tma_store, plain_cfg.pingpong, plain_cfg.STAGES) == (192, 3, 64, False, False, True, 4)
     causal_cfg = gluon_launch.routed_config(H200, causal, 64, 2)
     assert (causal_cfg.BLOCK_M, causal_cfg.consumers, causal_cfg.split, causal_cfg.persistent,
-            causal_cfg.tma_store, causal_cfg.STAGES) == (128, 2, True, True, False, 4)
+            causal_cfg.tma_store, causal_cfg.pingpong, causal_cfg.STAGES) == (192, 3, True, True, True, True, 4)
+    # causal scores that read more than qk and the scale keep two consumers (call 60: the
+    # three-consumer kernel spills on them at 160 registers; soft-capping ran 0.72x)
+    softcap = spec_from_text("score=50*tanh(qk*scale/50); keep=kv_idx <= q_idx")
+    alibi = spec_from_text("score=qk*scale + 0.0625*(kv_idx - q_idx); keep=kv_idx <= q_idx")
+    assert gluon_launch.qk_only(spec_from_text("score=qk*0.125; keep=kv_idx <= q_idx"))
+    assert not gluon_launch.qk_only(softcap) and not gluon_launch.qk_only(alibi)
+    for spec in (softcap, alibi):
+        for n in (None, 4096, 8192):
+            cfg = gluon_launch.routed_config(H200, spec, 64, 2, n, n)
+            assert (cfg.BLOCK_M, cfg.consumers, cfg.split, cfg.tma_store, cfg.pingpong) == (128, 2, True, False, False)
     for spec, split in ((sdpa_spec(), False), (causal, True)):
         cfg = gluon_launch.routed_config(H200, spec, 128, 2)
         assert (cfg.BLOCK_M, cfg.consumers, cfg.split, cfg.tma_store, cfg.STAGES) == (128, 2, split, True, 2)
@@ -343,7 +356,8 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert reason(1024) is None and reason(2048) is None and reason(4096) is None
     assert "4.0 key tiles per output tile on average, fewer than 8" in reason(512)
     assert reason(4096, causal) is None and reason(16384, causal) is None
-    assert "8.5 key tiles" in reason(2048, causal)
+    assert reason(4096, softcap) is None and reason(16384, alibi) is None
+    assert "8.5 key tiles" in reason(2048, causal) and "8.5 key tiles" in reason(2048, softcap)
     assert "ranged" in reason(8192, prefix)
     monkeypatch.setitem(gluon_launch.ROUTES, 64, {0: gluon_launch.ROUTES[64][0]})
     assert "a causal keep-predicate were not measured faster" in reason(8192, causal)
@@ -412,7 +426,7 @@ def _gluon_hopper_available() -> bool:
         return False
 
 
-KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at the H200's tile for its head dim
+KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at the H200's tile for its head dim
     "plain-d128": ("score=qk*scale", 128, "v1"), "causal-d128": (CAUSAL, 128, "v1"),
     "softcap-d128": (SOFTCAP, 128, "v1"), "prefix_lm-d64": (PREFIX_LM, 64, "v1"),
     "head_and_length-d64": (HEAD_AND_LENGTH, 64, "v1"), "causal-d64": (CAUSAL, 64, "v1"),
@@ -431,17 +445,14 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), each at th
     # the persistent ping-pong through named barriers, with the hold (gluon's note on it), and
     # among three consumers as routed at d = 64
     "causal-d128-wspstph": (CAUSAL, 128, "wspstph"), "plain-d64-wsp3tp": ("score=qk*scale", 64, "wsp3tp"),
+    # d = 64 causal with a score of qk and the scale: three consumers in turn, split, TMA store
+    "causal-d64-wsp3stp": (CAUSAL, 64, "wsp3stp"),
 }
-TMA_STORE_KINDS = ("wspt", "wspst", "wsp3t", "wspstph", "wsp3tp")
 
 
 def _tile(d, kind):
-    """The H200's tile of kind (tests/gluon_sm90.py's names) at head dim d."""
-    return gluon_launch.default_config(H200, d, 2, kind != "v1", persistent=kind.startswith("wsp"),
-                                       consumers=3 if kind.startswith("wsp3") else 2,
-                                       split=kind in ("wsps", "wsp3s", "wspst", "wspstph"),
-                                       tma_store=kind in TMA_STORE_KINDS,
-                                       pingpong=kind.startswith("wsp") and "p" in kind[3:], hold=kind.endswith("h"))
+    """The H200's tile of kind (tests/gluon_kinds.py's names) at head dim d."""
+    return gluon_launch.default_config(H200, d, 2, **KINDS[kind])
 
 
 @pytest.fixture(scope="module")
@@ -537,7 +548,7 @@ def test_output_stores_hold_two_elements(compiled, name):
     TMA_STORE the rows leave by TMA bulk stores instead, and the LSE's are the only global stores."""
     stores = compiled[name]["stores"]
     assert set(stores) == {"b32"}, stores
-    if KERNELS[name][2] in TMA_STORE_KINDS:  # the LSE's alone: the rows leave by TMA, one store a consumer
+    if KINDS[KERNELS[name][2]].get("tma_store"):  # the LSE's alone: the rows leave by TMA, one store a consumer
         assert stores["b32"] < 8 and compiled[name]["tma_stores"] > 0, compiled[name]
     else:
         assert compiled[name]["tma_stores"] == 0

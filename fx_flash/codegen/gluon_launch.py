@@ -9,11 +9,12 @@ row-matrix descriptor cannot address, key lengths that are not a multiple of the
 that it was not measured faster on (``not_routed``: ranged specs, short walks; at head dim 64,
 keep-predicates other than causal), runs the portable kernels instead. The reason is logged on the
 ``fx_flash`` logger at debug level. What is routed runs ROUTED_KIND: the persistent
-warp-specialized kernel (a TMA producer and two consumer warpgroups, three at head dim 64 without
-a keep-predicate from 16 key tiles an output tile; one program per SM walking output tiles), the
-fastest of the kinds timed on the H200 (benchmarks/GLUON_NOTES.md, calls 9, 36, 39, 51, 53), with
-ROUTES' flags per head dim and mask kind, chosen by the call's walk (routed_config: among them the
-persistent kernel's ping-pong through named barriers); the others (one partition; not persistent;
+warp-specialized kernel (a TMA producer and two consumer warpgroups, three at head dim 64 from 16
+key tiles an output tile without a keep-predicate, or causal with a score of qk and the scale alone;
+one program per SM walking output tiles), the fastest of the kinds timed on the H200
+(benchmarks/GLUON_NOTES.md, calls 9, 36, 39, 51, 53, 57, 59, 60), with ROUTES' flags per head dim,
+mask kind and score, chosen by the call's walk (routed_config: among them the persistent kernel's
+ping-pong through named barriers); the others (one partition; not persistent;
 hold, early rescale) are reached through ``launch`` with their ``GluonConfig``
 (benchmarks/gluon_check.py).
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, fields, replace
 from types import ModuleType
 from typing import Optional
 
+import sympy
 import torch
 import triton
 
@@ -100,18 +102,26 @@ MIN_WALK_D64_CAUSAL = 16
 # passed round all three) on both three-consumer routes: 1.029, 1.051x at 2k, 4k with the TMA
 # store, 1.046, 1.047x at 8k, 16k without (a two-consumer ping-pong there had run 0.95-0.96x).
 MIN_WALK_D128_CAUSAL_FREE = 8
+# Causal specs at head dim 64 whose score reads nothing but qk and the scale (QK_ONLY, below) take
+# three consumers in turn with the split walk and the TMA store from the same walk (call 60, three
+# rounds, against the two-consumer split kernel: 1.008, 1.039, 1.039x at N = 4k, 8k, 16k; 0.93-1.04
+# of cuDNN). Other scores keep two consumers: with soft-capping the three-consumer kernel ran 0.72x
+# (it spills 12 B at 160 registers, an ALiBi-like slope·(kv_idx - q_idx) 36-88 B).
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
-# average), longest walk first}: a call takes the first route its walk reaches (routed_config). A
-# mask kind missing at a head dim is not routed there; other predicates (kind 2) are ranged specs,
-# which stay on the portable forward (``_not_measured``).
-ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK), ),
-                1: ((dict(split=True, tma_store=True), MIN_WALK_D128_CAUSAL_FREE),
-                    (dict(split=True, tma_store=True, pingpong=True), MIN_WALK))},
-          64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64),
-                   (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE),
-                   (dict(tma_store=True, pingpong=True), MIN_WALK_D64_SHORT)),
-               1: ((dict(split=True), MIN_WALK_D64_CAUSAL), )}}
+# average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
+# route its spec's score and its walk reach (routed_config). A mask kind missing at a head dim is
+# not routed there; other predicates (kind 2) are ranged specs, which stay on the portable forward
+# (``_not_measured``).
+ANY_SCORE, QK_ONLY = "any score", "a score of qk and the scale alone"
+ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), ),
+                1: ((dict(split=True, tma_store=True), MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
+                    (dict(split=True, tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE))},
+          64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64, ANY_SCORE),
+                   (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE, ANY_SCORE),
+                   (dict(tma_store=True, pingpong=True), MIN_WALK_D64_SHORT, ANY_SCORE)),
+               1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True), MIN_WALK_D64_CAUSAL, QK_ONLY),
+                   (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE))}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)
@@ -478,10 +488,17 @@ def _not_measured(spec: AttentionSpec, q: torch.Tensor, head_dims: tuple, direct
     return None
 
 
+def qk_only(spec: AttentionSpec) -> bool:
+    """Whether ``spec``'s score reads nothing but qk and the scale (no functions, no indices): what
+    a QK_ONLY route takes."""
+    return spec.score.free_symbols <= {QK, SCALE} and not spec.score.atoms(sympy.Function)
+
+
 def routes(spec: AttentionSpec, head_dim: int) -> tuple:
-    """The routes of ROUTES for ``spec``'s mask kind at ``head_dim``, (flags, fewest key tiles)
-    each, longest walk first; empty if none."""
-    return ROUTES.get(head_dim, {}).get(mask_kind(spec), ())
+    """The routes of ROUTES for ``spec``'s mask kind at ``head_dim`` that take its score, (flags,
+    fewest key tiles) each, longest walk first; empty if none."""
+    return tuple((flags, walk) for flags, walk, scores in ROUTES.get(head_dim, {}).get(mask_kind(spec), ())
+                 if scores == ANY_SCORE or qk_only(spec))
 
 
 def _kind(config: GluonConfig) -> tuple:

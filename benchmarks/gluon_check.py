@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import math
 import os
@@ -57,18 +56,10 @@ def variants(d: int) -> dict:
     warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split), then "t"
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
     K/V stage fewer at d = 128); a trailing "p" in a persistent
-    kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "q":
-    two Q buffers a consumer. BLOCK_M/ or BLOCK_N/STAGES."""
+    kind: its consumers take turns through named barriers (pingpong), "ph" with the hold. BLOCK_M/ or
+    BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
-    found = _variants(d, C)
-    # "q" after a persistent kind's letters: two Q buffers a consumer (gluon's note on Q buffers)
-    found.update({name.replace(" ", "q ", 1): dataclasses.replace(cfg, q_buffers=2)
-                  for name, cfg in list(found.items()) if cfg.persistent})
-    return found
-
-
-def _variants(d: int, C) -> dict:
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
                          dict(pingpong=True, hold=True, early=True))
     if d == 128:

@@ -6,12 +6,11 @@ process of its own) read the same table.
 v1: one partition; ws: warp-specialized (a TMA producer and two consumer warpgroups); pp: ws with
 the consumers taking turns (mbarriers), ppe also rescaling the accumulator while q·kᵀ runs; wsp:
 ws as a persistent kernel; after "wsp" a "3": three consumer warpgroups, "s": the causal walk split
-in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (named barriers), "ph"
-with the hold (gluon._hold), then "q": two Q buffers a consumer; a trailing "h" after ws, pp, ppe
-adds the hold.
+in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (named barriers); a
+trailing "h" adds the hold (gluon._hold).
 """
 
-FLAGS = ("ws", "pingpong", "early", "hold", "persistent", "consumers", "split", "tma_store", "q_buffers")
+FLAGS = ("ws", "pingpong", "early", "hold", "persistent", "consumers", "split", "tma_store")
 
 KINDS = {"v1": {}, "ws": dict(ws=True), "pp": dict(ws=True, pingpong=True),
          "ppe": dict(ws=True, pingpong=True, early=True)}
@@ -20,8 +19,7 @@ for three in ("", "3"):
     for split in ("", "s"):
         for store in ("", "t"):
             for turns in ("", "p", "ph"):
-                for q in ("", "q"):
-                    KINDS[f"wsp{three}{split}{store}{turns}{q}"] = dict(
-                        ws=True, persistent=True, consumers=3 if three else 2, split=bool(split),
-                        tma_store=bool(store), pingpong=bool(turns), hold=turns == "ph", q_buffers=2 if q else 1)
+                KINDS[f"wsp{three}{split}{store}{turns}"] = dict(
+                    ws=True, persistent=True, consumers=3 if three else 2, split=bool(split),
+                    tma_store=bool(store), pingpong=bool(turns), hold=turns == "ph")
 KINDS["wsph"] = dict(ws=True, persistent=True, hold=True)  # the persistent kernel with the hold, no turns

@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import expecttest
@@ -143,30 +142,11 @@ def test_persistent_config_rules():
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, pingpong=True)
     gluon_launch.GluonConfig(192, 128, 3, ws=True, persistent=True, pingpong=True, consumers=3)
-    gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, q_buffers=2)
     for bad in (dict(persistent=True), dict(ws=True, pingpong=True, consumers=3),
                 dict(pingpong=True), dict(ws=True, one_section=True),
-                dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4),
-                dict(ws=True, q_buffers=2), dict(ws=True, persistent=True, q_buffers=3)):
+                dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4)):
         with pytest.raises(ValueError):
             gluon_launch.GluonConfig(128, 128, 3, **bad)
-
-
-def test_two_q_buffers_in_the_footprint_and_the_launch(monkeypatch):
-    """Two Q buffers a consumer (gluon's note on Q buffers) add a Q tile of a program's rows and
-    two barriers a consumer (Q's ready and empty arrays, 16 bytes more each) to the footprint; at
-    d = 128 the routed tile still fits M with two K/V stages and the output's staging tiles. The
-    launch hands Q_BUFFERS to the kernel."""
-    one = gluon_launch.footprint(128, 128, 128, 2, 2, True, 2, True)
-    assert gluon_launch.footprint(128, 128, 128, 2, 2, True, 2, True, 2) - one == 2 * 128 * 128 + 2 * 16
-    cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True, q_buffers=2)
-    assert (cfg.BLOCK_N, cfg.STAGES, cfg.q_buffers) == (128, 2, 2)
-    assert "two Q buffers" in str(cfg)
-    monkeypatch.setattr(gluon_launch, "load", lambda spec: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
-    monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
-    q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
-    assert gluon_launch.forward_launch(sdpa_spec(), q, q, 0.1, replace(cfg, tma_store=False)).constexprs[
-        "Q_BUFFERS"] == 2
 
 
 def test_heads_per_section():
@@ -467,8 +447,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d128-wspstph": (CAUSAL, 128, "wspstph"), "plain-d64-wsp3tp": ("score=qk*scale", 64, "wsp3tp"),
     # d = 64 causal with a score of qk and the scale: three consumers in turn, split, TMA store
     "causal-d64-wsp3stp": (CAUSAL, 64, "wsp3stp"),
-    # two Q buffers a consumer (gluon's note on Q buffers): d = 128 fits M with them by 2.7 KB
-    "causal-d64-wspstpq": (CAUSAL, 64, "wspstpq"), "plain-d128-wsptpq": ("score=qk*scale", 128, "wsptpq"),
 }
 
 
@@ -506,8 +484,7 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     cfg = _tile(d, kind)
     assert (report["spec"], report["head_dim"], report["kind"]) == (text, d, kind)
     assert report["wgmma"] > 0 and report["tma"] > 0
-    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers, cfg.tma_store,
-                                   cfg.q_buffers)
+    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers, cfg.tma_store)
     if ws:
         assert model - gluon_launch.WS_CAPTURE_BYTES < report["shared"] <= model
         assert ("160" if kind.startswith("wsp3") else "240") in report["setmaxnreg"]  # the consumers' registers are raised

@@ -309,14 +309,15 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     (1.07x); causal, the causal walk split in two loops from MIN_WALK_D64_CAUSAL (call 39:
     1.05-1.06x from a walk of 16.5, N = 4k; 0.91-0.98x below), with three consumers in turn and
     the TMA store where the score reads only qk and the scale (call 60: 1.01-1.04x two
-    consumers), two consumers for other scores.
-    Other predicates are ranged (not routed at any head dim); a mask kind without a route is
+    consumers; taken with the Triton whose compile keeps it in registers, SPILL_FREE_TRITON), two
+    consumers for other scores. Other predicates are ranged (not routed at any head dim); a mask kind without a route is
     refused by name. Head dim 128 splits the causal walk too (call 42), with two consumers; both
     its routes store the output by TMA (call 51: 1.025-1.03x, geometric means), which costs them a
     K/V stage; head dim 64's long walks do not (0.94-0.99x there). The consumers take turns (the
     persistent ping-pong, call 57) at head dim 128 without a predicate, causal on the shortest walks
     only, and on every head dim 64 route without a predicate (three consumers in turn, call 59)."""
     causal, prefix = sdpa_spec(causal=True), spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) | (kv_idx < 64)")
+    monkeypatch.setattr(gluon_launch, "spill_free_triton", lambda: True)  # as with the H200's triton 3.6
     plain_cfg = gluon_launch.routed_config(H200, sdpa_spec(), 64, 2)
     assert (plain_cfg.BLOCK_M, plain_cfg.consumers, plain_cfg.rows_per_consumer, plain_cfg.split,
             plain_cfg.tma_store, plain_cfg.pingpong, plain_cfg.STAGES) == (192, 3, 64, False, False, True, 4)
@@ -333,6 +334,10 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
         for n in (None, 4096, 8192):
             cfg = gluon_launch.routed_config(H200, spec, 64, 2, n, n)
             assert (cfg.BLOCK_M, cfg.consumers, cfg.split, cfg.tma_store, cfg.pingpong) == (128, 2, True, False, False)
+    # and so do plain causal scores with a Triton whose compile spills the three-consumer kernel
+    monkeypatch.setattr(gluon_launch, "spill_free_triton", lambda: False)
+    assert gluon_launch.routed_config(H200, causal, 64, 2, 8192, 8192).consumers == 2
+    monkeypatch.setattr(gluon_launch, "spill_free_triton", lambda: True)
     for spec, split in ((sdpa_spec(), False), (causal, True)):
         cfg = gluon_launch.routed_config(H200, spec, 128, 2)
         assert (cfg.BLOCK_M, cfg.consumers, cfg.split, cfg.tma_store, cfg.STAGES) == (128, 2, split, True, 2)
@@ -557,9 +562,23 @@ def test_output_stores_hold_two_elements(compiled, name):
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
 @pytest.mark.parametrize("name", KERNELS)
 def test_no_register_spills(compiled, name):
-    """ptxas keeps every kernel in registers (the consumers at setmaxnreg 240, the producer at 24):
-    no spill stores. None: ptxas could not run."""
+    """ptxas keeps every kernel in registers (the consumers at setmaxnreg 240, or 160 with three,
+    the producer at 24): no spill stores. None: ptxas could not run. The three-consumer causal
+    kernel keeps within its 160 only with the Tritons of gluon_launch.SPILL_FREE_TRITON (triton
+    3.6; 3.9 spills it): with another, its route must not be taken."""
+    if name == "causal-d64-wsp3stp" and not gluon_launch.spill_free_triton():
+        cfg = gluon_launch.routed_config(H200, sdpa_spec(causal=True), 64, 2, 8192, 8192)
+        assert (cfg.consumers, cfg.split) == (2, True), cfg
+        return
     assert compiled[name]["spill_bytes"] in (0, None), compiled[name]
+
+
+def test_spill_free_triton_reads_major_and_minor(monkeypatch):
+    """SPILL_FREE_TRITON names Triton releases by major.minor: 3.6.0 and a 3.6 build are in it,
+    3.9.0 and 3.60 are not."""
+    for version, fits in (("3.6.0", True), ("3.6.1+git0abc", True), ("3.9.0", False), ("3.60.0", False)):
+        monkeypatch.setattr(gluon_launch.triton, "__version__", version)
+        assert gluon_launch.spill_free_triton() is fits, version
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")

@@ -106,7 +106,11 @@ MIN_WALK_D128_CAUSAL_FREE = 8
 # three consumers in turn with the split walk and the TMA store from the same walk (call 60, three
 # rounds, against the two-consumer split kernel: 1.008, 1.039, 1.039x at N = 4k, 8k, 16k; 0.93-1.04
 # of cuDNN). Other scores keep two consumers: with soft-capping the three-consumer kernel ran 0.72x
-# (it spills 12 B at 160 registers, an ALiBi-like slope·(kv_idx - q_idx) 36-88 B).
+# (it spills 12 B at 160 registers, an ALiBi-like slope·(kv_idx - q_idx) 36-88 B). So does the
+# plain causal one with another Triton's compile: within its registers with triton 3.6 (the H200's,
+# where it was measured), 72-108 B of spills with triton 3.9's (tests/test_gluon.py compiles it on
+# the CPU). A QK_ONLY route is therefore taken only with a Triton in SPILL_FREE_TRITON.
+SPILL_FREE_TRITON = ("3.6", )
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -489,16 +493,27 @@ def _not_measured(spec: AttentionSpec, q: torch.Tensor, head_dims: tuple, direct
 
 
 def qk_only(spec: AttentionSpec) -> bool:
-    """Whether ``spec``'s score reads nothing but qk and the scale (no functions, no indices): what
-    a QK_ONLY route takes."""
+    """Whether ``spec``'s score reads nothing but qk and the scale (no functions, no indices)."""
     return spec.score.free_symbols <= {QK, SCALE} and not spec.score.atoms(sympy.Function)
 
 
+def spill_free_triton() -> bool:
+    """Whether this Triton's compile keeps the QK_ONLY route's kernel within its registers
+    (SPILL_FREE_TRITON)."""
+    return ".".join(triton.__version__.split(".")[:2]) in SPILL_FREE_TRITON
+
+
+def takes(scores: str, spec: AttentionSpec) -> bool:
+    """Whether a route for ``scores`` takes ``spec``: ANY_SCORE every score; QK_ONLY a score of qk
+    and the scale alone (qk_only) with a Triton in SPILL_FREE_TRITON."""
+    return scores == ANY_SCORE or (qk_only(spec) and spill_free_triton())
+
+
 def routes(spec: AttentionSpec, head_dim: int) -> tuple:
-    """The routes of ROUTES for ``spec``'s mask kind at ``head_dim`` that take its score, (flags,
-    fewest key tiles) each, longest walk first; empty if none."""
+    """The routes of ROUTES for ``spec``'s mask kind at ``head_dim`` that take its score (``takes``),
+    (flags, fewest key tiles) each, longest walk first; empty if none."""
     return tuple((flags, walk) for flags, walk, scores in ROUTES.get(head_dim, {}).get(mask_kind(spec), ())
-                 if scores == ANY_SCORE or qk_only(spec))
+                 if takes(scores, spec))
 
 
 def _kind(config: GluonConfig) -> tuple:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import math
 import os
@@ -56,10 +57,19 @@ def variants(d: int) -> dict:
     warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split), then "t"
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
     K/V stage fewer at d = 128); a trailing "p" in a persistent
-    kind: its consumers take turns through named barriers (pingpong), "ph" with the hold. BLOCK_M/ or
-    BLOCK_N/STAGES."""
+    kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "x":
+    the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
+    found = _variants(d, C)
+    # "x" after a persistent kind's letters: the row max after the score's factor, as before gluon's
+    # note on the row max (the control column)
+    found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)
+                  for name, cfg in list(found.items()) if cfg.persistent})
+    return found
+
+
+def _variants(d: int, C) -> dict:
     ws, pp, pph, ppeh = ({}, dict(pingpong=True), dict(pingpong=True, hold=True),
                          dict(pingpong=True, hold=True, early=True))
     if d == 128:

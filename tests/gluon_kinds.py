@@ -10,7 +10,6 @@ in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (name
 trailing "h" adds the hold (gluon._hold).
 """
 
-FLAGS = ("ws", "pingpong", "early", "hold", "persistent", "consumers", "split", "tma_store")
 
 KINDS = {"v1": {}, "ws": dict(ws=True), "pp": dict(ws=True, pingpong=True),
          "ppe": dict(ws=True, pingpong=True, early=True)}
@@ -23,3 +22,4 @@ for three in ("", "3"):
                     ws=True, persistent=True, consumers=3 if three else 2, split=bool(split),
                     tma_store=bool(store), pingpong=bool(turns), hold=turns == "ph")
 KINDS["wsph"] = dict(ws=True, persistent=True, hold=True)  # the persistent kernel with the hold, no turns
+KINDS["wsptpx"] = dict(KINDS["wsptp"], raw_max=False)

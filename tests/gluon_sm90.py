@@ -61,12 +61,13 @@ def _module(source: str):
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool = False, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
-                 split: bool = False, tma_store: bool = False):
+                 split: bool = False, tma_store: bool = False, raw_max: bool = True):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
-    output stored by TMA when ``tma_store``)."""
-    module = _module(render_gluon(spec_from_text(spec_text)))
+    output stored by TMA when ``tma_store``; the row max before the score's factor when
+    ``raw_max``)."""
+    module = _module(render_gluon(spec_from_text(spec_text), raw_max))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
                                       tma_store=tma_store)

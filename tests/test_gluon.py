@@ -12,14 +12,17 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import expecttest
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 
 from fx_flash.codegen import gluon_launch
-from fx_flash.codegen.gluon import _score_lines, render_gluon, unsupported
+from fx_flash.codegen.gluon import _score_lines, raw_factor, render_gluon, unsupported
 from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 from fx_flash.device import DeviceProfile
 from tests import test_kernels
@@ -58,6 +61,26 @@ if PREDICATE:
 s = 50*LOG2E*(1.0 - 2.0 / (gl.exp2(2.8853900817779268 * (qk*sm_scale/50)) + 1.0))
 if PREDICATE:
     s = gl.where((offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))""")
+
+    def test_row_max_before_the_factor_where_the_score_is_qk_times_it(self):
+        """A score qk·f with f of the scale and positive constants: the tile's s is qk itself,
+        masked; the row max is taken of it and multiplied by f, the exponent is one multiply-add
+        (gluon's note on the row max). Other scores keep s scaled."""
+        self.assertEqual(str(raw_factor(sdpa_spec())), "qk_scale")
+        self.assertEqual(str(raw_factor(spec_from_text("score=qk*0.1; keep=kv_idx <= q_idx"))), "0.1*LOG2E")
+        for text in (SOFTCAP, HEAD_AND_LENGTH, "score=-qk*scale", "score=qk*scale + 0.5*(kv_idx - q_idx)"):
+            self.assertIsNone(raw_factor(spec_from_text(text)), text)
+        self.assertExpectedInline(_score_lines(spec_from_text(CAUSAL), raw=True), """\
+s = qk
+if PREDICATE:
+    s = gl.where((offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))""")
+        src = render_gluon(spec_from_text(CAUSAL))
+        self.assertIn("m_new = gl.maximum(m_i, gl.max(s, 1) * (qk_scale))", src)
+        self.assertIn("p = gl.exp2(s * (qk_scale) - m_safe[:, None])", src)
+        scaled = render_gluon(spec_from_text(CAUSAL), raw_max=False)
+        self.assertIn("s = qk*qk_scale", scaled)
+        self.assertIn("p = gl.exp2(s - m_safe[:, None])", scaled)
+        self.assertIn("p = gl.exp2(s - m_safe[:, None])", render_gluon(spec_from_text(SOFTCAP)))
 
     def test_window_keeps_its_lower_bound_on_interior_tiles(self):
         """A causal window: band tiles apply the whole predicate, interior ones its other half."""
@@ -147,6 +170,39 @@ def test_persistent_config_rules():
                 dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4)):
         with pytest.raises(ValueError):
             gluon_launch.GluonConfig(128, 128, 3, **bad)
+
+
+def test_a_scale_not_above_zero_takes_the_max_after_it(monkeypatch):
+    """The row max before the factor needs f > 0 (gluon's note on the row max): a call whose scale
+    is 0 or negative, a score without such a factor, or raw_max off loads the module with the max
+    after the scale; a constant factor needs no scale."""
+    loaded = []
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True: loaded.append(raw_max) or type(
+        "M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+    monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
+    q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
+    cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND)
+    constant = spec_from_text("score=qk*0.1")
+    for spec, scale, config, raw in ((sdpa_spec(), 0.1, cfg, True), (sdpa_spec(), -0.1, cfg, False),
+                                     (sdpa_spec(), 0.0, cfg, False), (sdpa_spec(), float("nan"), cfg, False),
+                                     (spec_from_text(SOFTCAP), 0.1, cfg, False),
+                                     (sdpa_spec(), 0.1, replace(cfg, raw_max=False), False),
+                                     (constant, -1.0, cfg, True)):
+        loaded.clear()
+        gluon_launch.forward_launch(spec, q, q, scale, config)
+        assert loaded == [raw], (spec.text, scale, config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64),
+       st.floats(0.0009765625, 16.0, width=32))
+def test_row_max_of_qk_times_f_is_the_max_of_the_products(qk, f):
+    """Why the row max may come before the factor: fp32 rounding is monotone, so for f > 0 the
+    rounded max(qk)·f is the max of the rounded products, bit for bit, and -inf stays -inf."""
+    x = torch.tensor(qk + [float("-inf")], dtype=torch.float32)
+    factor = torch.tensor(f, dtype=torch.float32)
+    assert torch.equal(x.max() * factor, (x * factor).max())
+    assert (x * factor)[-1] == float("-inf")
 
 
 def test_heads_per_section():
@@ -258,7 +314,7 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     launched = []
     module = type("Module", (), {n: RecordingKernel(n, launched)
                                  for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
-    monkeypatch.setattr(gluon_launch, "load", lambda spec: module)
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
@@ -452,6 +508,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d128-wspstph": (CAUSAL, 128, "wspstph"), "plain-d64-wsp3tp": ("score=qk*scale", 64, "wsp3tp"),
     # d = 64 causal with a score of qk and the scale: three consumers in turn, split, TMA store
     "causal-d64-wsp3stp": (CAUSAL, 64, "wsp3stp"),
+    # the row max before the score's factor (the default) and after it (gluon's note on the row max)
+    "plain-d64-wsptp": ("score=qk*scale", 64, "wsptp"), "plain-d64-wsptpx": ("score=qk*scale", 64, "wsptpx"),
 }
 
 
@@ -560,6 +618,17 @@ def test_output_stores_hold_two_elements(compiled, name):
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+def test_row_max_before_the_factor_saves_a_multiply_an_element(compiled):
+    """With the row max taken of qk before the score's factor, each consumer's steps lose a
+    multiply an element (gluon's note on the row max): at d = 64, BLOCK_N = 128, 64 a thread per
+    step body, four bodies (tile 0 and the loop, in two consumers), and nothing else changes."""
+    raw, scaled = compiled["plain-d64-wsptp"], compiled["plain-d64-wsptpx"]
+    if raw["instructions"] and scaled["instructions"]:  # (None: no nvdisasm)
+        assert scaled["instructions"] - raw["instructions"] >= 4 * 60, (raw["instructions"], scaled["instructions"])
+    assert raw["wgmma"] == scaled["wgmma"] and raw["shared"] == scaled["shared"]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
 @pytest.mark.parametrize("name", KERNELS)
 def test_no_register_spills(compiled, name):
     """ptxas keeps every kernel in registers (the consumers at setmaxnreg 240, or 160 with three,
@@ -608,7 +677,8 @@ def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
     consumer's 64 rows. Then the kernel takes a descriptor of 64-row tiles for it; otherwise it
     takes the tensor and stores by gl.store, TMA_STORE off. The staging tiles cost the footprint
     a consumer's rows per consumer (a K/V stage at d = 128: 3 stages fit without them, 2 with)."""
-    monkeypatch.setattr(gluon_launch, "load", lambda spec: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+    monkeypatch.setattr(gluon_launch, "load",
+                        lambda spec, raw_max=True: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True)

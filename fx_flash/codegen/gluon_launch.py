@@ -43,7 +43,8 @@ import sympy
 import torch
 import triton
 
-from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
+from fx_flash.codegen.generate import QK_SCALE
+from fx_flash.codegen.gluon import mask_kind, raw_factor, render_gluon, unsupported
 from fx_flash.codegen.gluon_bwd import constant_chain_rule, render_gluon_bwd
 from fx_flash.codegen.gluon_bwd import unsupported as unsupported_backward
 from fx_flash.codegen.loader import cache_dir, write_atomically
@@ -175,6 +176,9 @@ class GluonConfig:
     # memory (gluon's note on the epilogue), where the output is contiguous and N_Q a multiple of
     # a consumer's rows (forward_launch)
     tma_store: bool = False
+    # where the score is qk times a positive factor, the row max of qk taken before the factor (one
+    # multiply-add an element; gluon's note on the row max); False: after it (benchmarks' control)
+    raw_max: bool = True
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -206,7 +210,8 @@ class GluonConfig:
                                        ("hold", self.hold), ("persistent", self.persistent),
                                        ("one_section", self.one_section),
                                        ("three consumers", self.consumers == 3), ("split", self.split),
-                                       ("tma store", self.tma_store)) if on]
+                                       ("tma store", self.tma_store), ("max after the scale", not self.raw_max))
+                 if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
@@ -319,12 +324,16 @@ def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
 
 
 _modules: dict[str, ModuleType] = {}
+_modules_scaled: dict[str, ModuleType] = {}  # the row max after the score's factor (GluonConfig.raw_max off)
 _lock = threading.Lock()
 
 
-def load(spec: AttentionSpec) -> ModuleType:
-    """The imported Gluon module of ``spec`` (written next to the portable kernels' sources)."""
-    return _load(spec, render_gluon, "fx_flash_gluon", _modules)
+def load(spec: AttentionSpec, raw_max: bool = True) -> ModuleType:
+    """The imported Gluon module of ``spec`` (written next to the portable kernels' sources), with
+    the row max before the score's factor where it has one (``raw_max``), or after it."""
+    if raw_max:
+        return _load(spec, render_gluon, "fx_flash_gluon", _modules)
+    return _load(spec, functools.partial(render_gluon, raw_max=False), "fx_flash_gluon_scaled_max", _modules_scaled)
 
 
 def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:
@@ -431,7 +440,10 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
     if out_strides[3] != 1:
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
-    module = load(spec)
+    factor = raw_factor(spec)
+    # the row max before the factor needs f > 0 (gluon's note on the row max): not with a scale ≤ 0
+    raw_max = config.raw_max and factor is not None and (QK_SCALE not in factor.free_symbols or scale > 0)
+    module = load(spec, raw_max)
     rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,

@@ -93,10 +93,11 @@ GLUON_TEMPLATE = '''\
 # the exponent as qk·f - m, one fused multiply-add an element (FlashAttention-3's order). Rounding
 # is monotone, so max(qk)·f is the max of the rounded qk·f bit for bit; the exponent is rounded
 # once instead of twice. Taking the max after the scale, as other scores must, costs a multiply
-# an element more (64 a thread per tile at BLOCK_N = 128: a d = 64 step of the routed kernel is 467
-# SASS instructions with it, 405 without, triton 3.6). A call whose scale is not > 0 runs the module with the max
-# after the scale (gluon_launch.forward_launch): with f ≤ 0 the identity fails, and a masked
-# -inf times 0 is NaN.
+# an element more (64 a thread per tile at BLOCK_N = 128: a d = 64 step of the routed kernel is
+# 467 SASS instructions with it, 405 without, triton 3.6; GLUON_NOTES call 63: 1.035-1.066x at
+# d = 64, 1.015-1.11x at d = 128 on the H200 without it). A call whose scale is not > 0 runs the
+# module with the max after the scale (gluon_launch.forward_launch): with f ≤ 0 the identity
+# fails, and a masked -inf times 0 is NaN.
 #
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
@@ -880,7 +881,7 @@ def render_gluon(spec: AttentionSpec, raw_max: bool = True) -> str:
     raw_factor, the row max taken before it (the note on the row max), else after."""
     ops = _lead_and_sizes(spec)
     factor = raw_factor(spec) if raw_max else None
-    scaled = "s" if factor is None else f"s * ({GluonPrinter(BINDINGS['mn']).doprint(factor)})"
+    times = "" if factor is None else f" * ({GluonPrinter(BINDINGS['mn']).doprint(factor)})"
     heads = (["size_q = N_Q", "size_kv = N_KV"] if _uses_sizes(spec) else [])
     mask = mask_kind(spec)
     fields = {
@@ -890,8 +891,8 @@ def render_gluon(spec: AttentionSpec, raw_max: bool = True) -> str:
         "HEADS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
         "HEADS_WS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
         "SCORE": textwrap.indent(_score_lines(spec, raw=factor is not None), " " * 4),
-        "ROW_MAX": "gl.max(s, 1)" if factor is None else f"gl.max(s, 1) * ({GluonPrinter(BINDINGS['mn']).doprint(factor)})",
-        "EXP_ARG": f"{scaled} - m_safe[:, None]",
+        "ROW_MAX": f"gl.max(s, 1){times}",
+        "EXP_ARG": f"s{times} - m_safe[:, None]",
         "MASK": str(mask),
     }
     return Template(GLUON_TEMPLATE).substitute(fields)

@@ -330,7 +330,7 @@ def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
 
 
 _modules: dict[str, ModuleType] = {}
-_modules_scaled: dict[str, ModuleType] = {}  # the row max after the score's factor (GluonConfig.raw_max off)
+_modules_scaled: dict[str, ModuleType] = {}  # with the row max after the score's factor (raw_max off)
 _lock = threading.Lock()
 
 
@@ -339,7 +339,8 @@ def load(spec: AttentionSpec, raw_max: bool = True) -> ModuleType:
     the row max before the score's factor where it has one (``raw_max``), or after it."""
     if raw_max:
         return _load(spec, render_gluon, "fx_flash_gluon", _modules)
-    return _load(spec, functools.partial(render_gluon, raw_max=False), "fx_flash_gluon_scaled_max", _modules_scaled)
+    return _load(spec, functools.partial(render_gluon, raw_max=False), "fx_flash_gluon_scaled_max",
+                 _modules_scaled)
 
 
 def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:

@@ -7,7 +7,8 @@ v1: one partition; ws: warp-specialized (a TMA producer and two consumer warpgro
 the consumers taking turns (mbarriers), ppe also rescaling the accumulator while q·kᵀ runs; wsp:
 ws as a persistent kernel; after "wsp" a "3": three consumer warpgroups, "s": the causal walk split
 in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (named barriers); a
-trailing "h" adds the hold (gluon._hold).
+trailing "h" adds the hold (gluon._hold). wsptpx: wsptp with the row max taken after the score's
+factor (GluonConfig.raw_max off), the control of gluon's note on the row max.
 """
 
 

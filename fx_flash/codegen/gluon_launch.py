@@ -517,8 +517,9 @@ def qk_only(spec: AttentionSpec) -> bool:
 
 
 def spill_free_triton() -> bool:
-    """Whether this Triton's compile keeps the QK_ONLY route's kernel within its registers
-    (SPILL_FREE_TRITON)."""
+    """Whether this Triton is one of SPILL_FREE_TRITON, whose compile keeps the three-consumer
+    causal kernel within its registers. The QK_ONLY routes were all measured with it, the
+    two-consumer one from 2k too, so with another Triton none of them is taken."""
     return ".".join(triton.__version__.split(".")[:2]) in SPILL_FREE_TRITON
 
 

@@ -300,7 +300,8 @@ def bench(d, ns, names, extra, rounds=1):
     """TFLOP/s rows: cuDNN SDPA (first, and again last: the card's clocks drift within a row), the
     portable forward (paper tile, FX_FLASH_GLUON=0: before call 34 this column ran the default
     switches, so the Gluon forward where the op routes to it) and each Gluon variant in
-    ``names``. ``extra``: "noportable", "nosoftcap", "softcap" (its row at d = 64 too),
+    ``names``. ``extra``: "noportable", "portablex" (a column of the portable forward with the row
+    max after the scale, FX_FLASH_RAW_MAX=0), "nosoftcap", "softcap" (its row at d = 64 too),
     "noplain", "nocausal" (no rows of that mask), "fp16" (a row at the longest N in fp16).
     ``rounds`` > 1: every column is timed that many times, in turn forward and backward order, and
     each cell is the median of its rounds (the drift then favours no column)."""
@@ -338,6 +339,16 @@ def bench(d, ns, names, extra, rounds=1):
                     os.environ.pop("FX_FLASH_GLUON")
 
             fns["portable"] = portable
+        if "portablex" in extra:
+            def portable_x():  # the portable forward with the row max after the scale (the template's note on it)
+                os.environ.update(FX_FLASH_GLUON="0", FX_FLASH_RAW_MAX="0")
+                try:
+                    return launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
+                finally:
+                    os.environ.pop("FX_FLASH_GLUON")
+                    os.environ.pop("FX_FLASH_RAW_MAX")
+
+            fns["portable x"] = portable_x
         for name in names:
             fns[name] = lambda cfg=configs[name]: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
         fns["cudnn again"] = cudnn
@@ -407,7 +418,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=12, help="numerics children at a time")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=120.0, help="seconds per timing child")
-    ap.add_argument("--bench", default="", help="timing extras: noportable, nosoftcap, softcap, noplain, nocausal, fp16 "
+    ap.add_argument("--bench", default="", help="timing extras: noportable, portablex, nosoftcap, softcap, noplain, nocausal, fp16 "
                     "(comma-separated)")
     ap.add_argument("--rounds", type=int, default=1, help="times each column is timed, alternating the order (median)")
     ap.add_argument("--no-warm", action="store_true", help="skip the portable compile and the backward check")
@@ -456,7 +467,8 @@ def main():
     print("Backward through the routed Gluon forward: " + ", ".join(
         f"d{w[5:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items() if w.startswith("warm")))
     for d in dims:
-        cols = ["cudnn"] + ([] if "noportable" in args.bench else ["portable"]) + chosen[d] + ["cudnn again"]
+        cols = (["cudnn"] + ([] if "noportable" in args.bench else ["portable"])
+                + (["portable x"] if "portablex" in args.bench else []) + chosen[d] + ["cudnn again"])
         print(f"\nTFLOP/s forward, bf16, d = {d}, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
         persistent = [c for c in chosen[d] if c.startswith("wsp")]
         gain = "ws 128/3" in chosen[d] and persistent  # the persistent kernels against the routed one

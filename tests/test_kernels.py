@@ -9,7 +9,7 @@ import torch
 import fx_flash
 from fx_flash.codegen.spec import spec_from_text
 from fx_flash.ops import sdpa_call, sdpa_forward
-from tests.numerics import assert_against_reference, poison_outputs
+from tests.numerics import assert_against_reference, assert_rule, poison_outputs, reference_with_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -90,6 +90,52 @@ def test_causal_more_queries_than_keys():
 def test_custom_scale():
     """A non-default scale is honoured (an ignored scale is a silent wrong answer)."""
     check((1, 2, 2, 17, 17, 16), torch.float32, scale=0.7)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 40, 75, 16), (2, 4, 2, 1, 300, 16)], ids=["rows", "decode"])
+@pytest.mark.parametrize("scale", [0.7, -0.7, 0.0], ids=["positive", "negative", "zero"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_row_max_before_the_scale(scale, causal, shape):
+    """Where the score is qk times the scale, the portable forward (and the split-KV one) takes
+    each tile's row max of qk before the scale (RAW_MAX, the template's note on the row max); a
+    scale ≤ 0 takes it after, where max(qk)·scale is not the max and -inf·0 is NaN. Forward and
+    gradients against float64; then the forward on scores of ±100s in log2 units, where without
+    that fallback a negative scale's exponents overflow to inf."""
+    from fx_flash.codegen import launch
+
+    b, hq, hkv, nq, nk, d = shape
+    for spread in (1.0, 8.0):
+        launch.clear_plans()
+        q, k, v = (t.requires_grad_() for t in _inputs(b, hq, hkv, nq, nk, d, torch.float32))
+        with torch.no_grad():
+            q.mul_(spread)
+        out = fx_flash.flash_attention(q, k, v, None, 0.0, causal, scale, enable_gqa=hq != hkv)
+        (plan, ) = launch._FORWARDS.values()
+        assert plan.kernels[0].kwargs["RAW_MAX"] is (scale > 0)
+        if spread == 1.0:
+            dout = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+            assert_against_reference(out, grads, q, k, v, None, dout, dtype=torch.float32, same_dtype=torch.float32,
+                                     is_causal=causal, scale=scale, enable_gqa=hq != hkv)
+        else:
+            kw = dict(is_causal=causal, scale=scale, enable_gqa=hq != hkv)
+            exact, _ = reference_with_grads(q, k, v, None, out, dtype=torch.float64, **kw)
+            same, _ = reference_with_grads(q, k, v, None, out, dtype=torch.float32, **kw)
+            assert_rule("out", out.detach(), same.detach(), exact.detach(), torch.float32)
+
+
+def test_row_max_switch(monkeypatch):
+    """FX_FLASH_RAW_MAX=0 takes the row max after the scale everywhere (a control for benchmarks);
+    the switch is in the plan key, so both kinds of plan live side by side."""
+    from fx_flash.codegen import launch
+
+    launch.clear_plans()
+    q, k, v = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+    on = fx_flash.flash_attention(q, k, v, None, 0.0, True)
+    monkeypatch.setenv("FX_FLASH_RAW_MAX", "0")
+    off = fx_flash.flash_attention(q, k, v, None, 0.0, True)
+    assert sorted(plan.kernels[0].kwargs["RAW_MAX"] for plan in launch._FORWARDS.values()) == [False, True]
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
 
 
 MASKS = {

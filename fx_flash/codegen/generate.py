@@ -12,7 +12,9 @@ along before it is added into the gradient buffer.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import textwrap
 from string import Template
 
@@ -222,6 +224,30 @@ def _score_expr(spec: AttentionSpec):
     return spec.score.subs(SCALE, QK_SCALE)
 
 
+@functools.lru_cache(maxsize=None)
+def raw_factor(spec: AttentionSpec):
+    """The factor f of a score qk·f whose f reads only the scale and positive constants (in the
+    kernel's log2 units), with a -inf fill, or None for any other score: the forwards take such a
+    score's row max of qk and multiply it by f (the template's note on the row max). Cached: a
+    sympy simplify, asked once per plan key by the portable and the Gluon launches."""
+    if not spec.score_in_log2 or spec.fill != float("-inf"):
+        return None
+    factor = sympy.simplify(_score_expr(spec) / QK)
+    if not factor.free_symbols <= {QK_SCALE, LOG2E_SYM} or factor.atoms(sympy.Function):
+        return None
+    coefficient = factor.subs({QK_SCALE: 1, LOG2E_SYM: 1})
+    return factor if coefficient.is_number and coefficient > 0 else None
+
+
+def raw_max_applies(spec: AttentionSpec, scale: float) -> bool:
+    """Whether a call of ``spec`` at ``scale`` takes the row max before the score's factor: the
+    spec has one (raw_factor), and it is > 0 at this scale (with f ≤ 0 the identity fails, and a
+    masked -inf times 0 is NaN). FX_FLASH_RAW_MAX=0 takes it after the factor everywhere."""
+    factor = raw_factor(spec)
+    return (factor is not None and os.environ.get("FX_FLASH_RAW_MAX", "1") != "0"
+            and (QK_SCALE not in factor.free_symbols or scale > 0))
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -234,8 +260,10 @@ def _fill_score(spec: AttentionSpec) -> str:
     return repr(max(fill, -FLOAT32_MAX))
 
 
-def _score_block(spec: AttentionSpec, orient: str) -> str:
-    """Lines computing ``s`` (the masked score tile) from ``qk`` in orientation ``orient``.
+def _score_block(spec: AttentionSpec, orient: str, raw: bool = False) -> str:
+    """Lines computing ``s`` (the masked score tile) from ``qk`` in orientation ``orient``;
+    ``raw`` (a score with a raw_factor, the forward's RAW_MAX): ``s`` is qk itself, masked, the
+    factor applied by the caller (the template's note on the row max).
 
     ``tile_ok`` (set by the template) bounds the loads; tiles with PREDICATE=True apply the keep-
     predicate and the tensors' bounds. Tiles without it hold kept elements only, by construction
@@ -245,7 +273,7 @@ def _score_block(spec: AttentionSpec, orient: str) -> str:
     """
     printer = TritonPrinter(BINDINGS[orient])
     lines = [_load(op, orient) for op in spec.operands]
-    lines.append(f"s = {printer.doprint(_score_expr(spec))}")
+    lines.append(f"s = {'qk' if raw else printer.doprint(_score_expr(spec))}")
     if spec.fill != float("-inf"):
         # Note (finite fills): a dropped element's score is the constant fill, so its gradient is
         # 0: keep_ok also masks dS in the backward (the chain rule and operand gradients).
@@ -381,7 +409,11 @@ def render(spec: AttentionSpec) -> str:
         # Split-KV rows belong to different heads: off_h becomes (BLOCK_M, 1) for what follows.
         "HEADS_SPLIT": textwrap.indent(_heads(spec, {**lead, H_IDX: "off_h[:, None]"}) + "\noff_h = off_h[:, None]", " " * 4),
         "HEADS_GROUP": textwrap.indent(_heads(spec, lead, grads=True), " " * 8),
-        "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 4),
+        "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 8),
+        # Without a raw factor (no call of the spec has RAW_MAX: raw_max_applies), the score
+        # itself and a factor of 1: the same arithmetic as the branch without RAW_MAX.
+        "SCORE_RAW": textwrap.indent(_score_block(spec, "mn", raw=raw_factor(spec) is not None), " " * 8),
+        "RAW_FACTOR": TritonPrinter(BINDINGS["mn"]).doprint(raw_factor(spec) if raw_factor(spec) is not None else 1),
         "SCORE_BWD_T": textwrap.indent(_score_block(spec, "nm"), " " * 8),
         "OPERAND_GRADS_T": textwrap.indent(_operand_grad_block(spec), " " * 8),
         "KEEP_TILE": textwrap.indent(_keep_block(spec), " " * 8),

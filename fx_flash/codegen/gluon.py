@@ -17,7 +17,7 @@ from typing import Optional
 
 import sympy
 
-from fx_flash.codegen.generate import BINDINGS, LOG2E_SYM, QK_SCALE, TritonPrinter, _score_expr, _uses_sizes
+from fx_flash.codegen.generate import BINDINGS, TritonPrinter, _score_expr, _uses_sizes, raw_factor
 from fx_flash.codegen.spec import B_IDX, H_IDX, QK, AttentionSpec, exact_arithmetic, is_causal_relation
 
 GLUON_TEMPLATE = '''\
@@ -836,18 +836,6 @@ def _beyond_causal(keep):
     """The keep-predicate less its causal conjunct: what tiles wholly below the diagonal apply."""
     conjuncts = keep.args if isinstance(keep, sympy.And) else (keep,)
     return sympy.And(*[c for c in conjuncts if not is_causal_relation(c)])
-
-
-def raw_factor(spec: AttentionSpec):
-    """The factor f of a score qk·f whose f reads only the scale and positive constants (in the
-    kernel's log2 units), or None for any other score (see the note on the row max)."""
-    if not spec.score_in_log2:
-        return None
-    factor = sympy.simplify(_score_expr(spec) / QK)
-    if not factor.free_symbols <= {QK_SCALE, LOG2E_SYM} or factor.atoms(sympy.Function):
-        return None
-    coefficient = factor.subs({QK_SCALE: 1, LOG2E_SYM: 1})
-    return factor if coefficient.is_number and coefficient > 0 else None
 
 
 def _score_lines(spec: AttentionSpec, orient: str = "mn", raw: bool = False) -> str:

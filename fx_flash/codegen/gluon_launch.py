@@ -43,8 +43,8 @@ import sympy
 import torch
 import triton
 
-from fx_flash.codegen.generate import QK_SCALE
-from fx_flash.codegen.gluon import mask_kind, raw_factor, render_gluon, unsupported
+from fx_flash.codegen.generate import raw_max_applies
+from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
 from fx_flash.codegen.gluon_bwd import constant_chain_rule, render_gluon_bwd
 from fx_flash.codegen.gluon_bwd import unsupported as unsupported_backward
 from fx_flash.codegen.loader import cache_dir, write_atomically
@@ -447,9 +447,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
     if out_strides[3] != 1:
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
-    factor = raw_factor(spec)
-    # the row max before the factor needs f > 0 (gluon's note on the row max): not with a scale ≤ 0
-    raw_max = config.raw_max and factor is not None and (QK_SCALE not in factor.free_symbols or scale > 0)
+    raw_max = config.raw_max and raw_max_applies(spec, scale)  # f > 0 at this scale (gluon's note on the row max)
     module = load(spec, raw_max)
     rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,

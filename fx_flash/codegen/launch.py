@@ -32,6 +32,7 @@ import torch
 import triton
 
 from fx_flash.codegen import autotune, loader, skipping, tiling
+from fx_flash.codegen.generate import raw_max_applies
 from fx_flash.codegen.spec import AttentionSpec, sdpa_spec, spec_from_text
 from fx_flash.device import capturing, device_profile, interpreting
 
@@ -492,14 +493,14 @@ def _contiguous_strides(shape) -> tuple:
 # The environment variables launches read (through the functions named after them above and in
 # gluon_launch, tiling and device); a plan's key holds their values.
 SWITCHES = ("TRITON_INTERPRET", "FX_FLASH_AUTOTUNE", "FX_FLASH_DQ", "FX_FLASH_TMA", "FX_FLASH_SPLIT_KV",
-            "FX_FLASH_GLUON", "FX_FLASH_GLUON_BWD", "FX_FLASH_DIRECT_LAUNCH")
+            "FX_FLASH_GLUON", "FX_FLASH_GLUON_BWD", "FX_FLASH_DIRECT_LAUNCH", "FX_FLASH_RAW_MAX")
 
 
 def _switch_reader():
     """A function returning the values of SWITCHES now (None where unset), as os.environ.get would.
 
     Note (host time): os.environ.get costs ~1 µs per name (it encodes the name and decodes the
-    value), eight of them a call. os.environ keeps its contents in the dict ``_data``, under
+    value), nine of them a call. os.environ keeps its contents in the dict ``_data``, under
     ``encodekey(name)``, and every assignment, deletion and ``monkeypatch.setenv`` goes through
     it; reading that dict with the names encoded once sees the same values at a tenth of the
     cost (raw, not decoded: they only need to compare equal). Without that layout (another
@@ -746,6 +747,7 @@ class _Forward(_Plan):
         self.ranged = spec.tile_mode == "ranged"
         self.operands = _operand_layout(spec, operands)
         out_strides = _contiguous_strides(q.shape)
+        consts = {**consts, "RAW_MAX": raw_max_applies(spec, scale)}
         if not splits:
             self.kernels = (_Kernel(spec, "_attn_fwd", "fwd", lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h),
                                     consts, direct=direct, tables=True),)

@@ -49,6 +49,16 @@ TEMPLATE = '''\
 # Otherwise the score stays in natural units so that a value such as finfo(float32).min in an
 # operand cannot overflow to -inf when multiplied by log2 e.
 #
+# Note (the row max): where the score is qk times a factor f > 0 of the scale and constants, with
+# a -inf fill (generate.raw_factor: plain attention, causal or masked by a predicate), the forward
+# (RAW_MAX) keeps s = qk, masked, takes each tile's row max of it times f, and computes the
+# exponent as s·f - m, one fused multiply-add an element: one multiply an element less than
+# scaling s first. Rounding is monotone, so max(qk)·f is the max of the rounded qk·f bit for bit.
+# The launch sets RAW_MAX per call (generate.raw_max_applies): a scale ≤ 0 takes the max after
+# the factor, since with f < 0 max(qk)·f is the min and a masked -inf times 0 is NaN. The
+# backward recomputes p from the LSE and never takes a max: it keeps the scaled score. The Gluon
+# forward does the same (gluon's note on the row max).
+#
 # Note (finite fills): a spec with a finite fill writes it where the keep-predicate fails
 # (keep_ok), as eager's masked_fill does; the backward zeroes dS there (the fill is a constant,
 # its gradient 0). -inf fills need neither: p is 0 there.
@@ -250,11 +260,12 @@ def _scores(
     q, K_head, ${OPS}qk_scale, sm_scale, fill, offs_m, row_ok, start_n, offs_n, col_ok, offs_d, d_ok,
     stride_kn, stride_kk,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, RAW: tl.constexpr,
 ):
     """One tile of scores with queries on rows: qk = q·kᵀ, then the spec's expression and
     keep-predicate (dropped elements take ``fill``, in the units of s). Returns s (BLOCK_M, BLOCK_N), kᵀ (HEAD_DIM_PAD, BLOCK_N) and g, the score's
-    derivative by qk per element (1.0 when it is a constant, applied once at the end instead)."""
+    derivative by qk per element (1.0 when it is a constant, applied once at the end instead).
+    RAW: s is qk, masked, without the score's factor (the note on the row max)."""
     if USE_TMA:
         kT = tl.trans(K_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
     else:
@@ -265,6 +276,9 @@ def _scores(
         tile_ok = row_ok[:, None] & col_ok[None, :]
     else:
         tile_ok = row_ok[:, None]
+    if RAW:
+$SCORE_RAW
+    else:
 $SCORE_FWD
 $SCORE_GRAD
     return s, kT, g
@@ -276,20 +290,29 @@ def _attn_fwd_tiles(
     stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, gap_lo, gap_hi, hi,
     BOUNDS: tl.constexpr, PREDICATE: tl.constexpr, CHECK_D: tl.constexpr, DROPOUT: tl.constexpr,
-    SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCORE_IN_LOG2: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RAW_MAX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Online softmax over the key tiles [lo, gap_lo) ∪ [gap_hi, hi) of one query tile."""
+    """Online softmax over the key tiles [lo, gap_lo) ∪ [gap_hi, hi) of one query tile; RAW_MAX:
+    each tile's row max taken of qk before the score's factor (the note on the row max)."""
     for pos in range(lo, gap_lo + tl.maximum(hi - gap_hi, 0), BLOCK_N):
         start_n = _past_gap(pos, gap_lo, gap_hi)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N_KV
         s, _, _ = _scores(q, K_head, ${OPS}qk_scale, sm_scale, FILL_S, offs_m, row_ok, start_n, offs_n, col_ok,
                           offs_d, d_ok, stride_kn, stride_kk,
-                          BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
+                          BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA, RAW_MAX)  # (BLOCK_M, BLOCK_N)
         # -- online softmax: new running max, rescale what was accumulated so far --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if RAW_MAX:  # s is qk (masked): the max of s·f is max(s)·f, the exponent one FMA
+            raw_f = $RAW_FACTOR
+            m_new = tl.maximum(m_i, tl.max(s, 1) * raw_f)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if SCORE_IN_LOG2:
+        if RAW_MAX:
+            p = tl.math.exp2(s * raw_f - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        elif SCORE_IN_LOG2:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
         else:
@@ -315,7 +338,7 @@ def _attn_fwd_rows(
     stride_kn, stride_kk, stride_vn, stride_vk,
     offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
     CHECK_D: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The forward of one row tile over the keys [lo, hi): interior tiles [flo, fhi) unmasked,
@@ -329,12 +352,12 @@ def _attn_fwd_rows(
         acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, flo, fhi, fhi, fhi,
-        False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        False, False, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, RAW_MAX, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
-        True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_N)
+        True, True, CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, RAW_MAX, BLOCK_N)
     # -- epilogue: normalize; the logsumexp in natural units --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -365,7 +388,7 @@ def _attn_fwd(
     Ranges, Order, stride_rz, stride_rh, H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr, RAW_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -396,7 +419,7 @@ ${HEADS}
         q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, flo, fhi, hi,
-        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, RAW_MAX, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
     # -- write the output and the logsumexp once --
     tl.store(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
@@ -414,7 +437,7 @@ def _attn_fwd_split(
     H, N_Q, N_KV, N_Q_BUCKET, N_KV_BUCKET, NUM_SPLITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, SCORE_IN_LOG2: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RANGED: tl.constexpr, RAW_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Split-KV forward for few query rows (decoding): one program per (row tile, batch·K/V head,
@@ -462,7 +485,7 @@ ${HEADS_SPLIT}
         q, K_head, V_head, ${OPS}seed, off_hz, qk_scale, sm_scale, dropout_p,
         stride_kn, stride_kk, stride_vn, stride_vk,
         offs_m, row_ok, offs_d, d_ok, N_KV, lo, lo, mid, hi,
-        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
+        CHECK_D, DROPOUT, SCORE_IN_LOG2, INPUT_PRECISION, USE_TMA, RAW_MAX, BLOCK_M, HEAD_DIM_PAD, BLOCK_N)
 
     # -- this split's partial output, row max and sum (max -inf, sum 0 when it saw no key) --
     # Packed row r of K/V head off_hkv is element (off_zkv·GROUP)·N_Q + r of the (Z·H, N_Q) rows.
@@ -725,7 +748,7 @@ def _attn_bwd_dq_tiles(
         col_ok = offs_n < N_KV
         s, kT, g = _scores(q, K_head, ${OPS}qk_scale, sm_scale, fill[:, None], offs_m, row_ok, start_n, offs_n, col_ok,
                            offs_d, d_ok, stride_kn, stride_kk,
-                           BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA)  # (BLOCK_M, BLOCK_N)
+                           BOUNDS, PREDICATE, CHECK_D, INPUT_PRECISION, USE_TMA, False)  # (BLOCK_M, BLOCK_N)
         if USE_TMA:
             vT = tl.trans(V_head.load([start_n, 0]))  # (HEAD_DIM_PAD, BLOCK_N)
         else:

@@ -58,8 +58,7 @@ def variants(d: int) -> dict:
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
     K/V stage fewer at d = 128); a trailing "p" in a persistent
     kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "x":
-    the row max after the score's factor (GluonConfig.raw_max off), or "y": the row reductions in
-    chains (GluonConfig.tree off). BLOCK_M/ or BLOCK_N/STAGES."""
+    the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     found = _variants(d, C)
@@ -67,10 +66,6 @@ def variants(d: int) -> dict:
     # note on the row max (the control column)
     found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)
                   for name, cfg in list(found.items()) if cfg.persistent})
-    # "y": the row max and sum in one chain each (gl.max, gl.sum), as before gluon's note on the row
-    # reductions (the control column)
-    found.update({name.replace(" ", "y ", 1): dataclasses.replace(cfg, tree=False)
-                  for name, cfg in list(found.items()) if cfg.persistent and cfg.raw_max})
     return found
 
 

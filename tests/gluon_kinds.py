@@ -8,9 +8,7 @@ the consumers taking turns (mbarriers), ppe also rescaling the accumulator while
 ws as a persistent kernel; after "wsp" a "3": three consumer warpgroups, "s": the causal walk split
 in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (named barriers); a
 trailing "h" adds the hold (gluon._hold). wsptpx: wsptp with the row max taken after the score's
-factor (GluonConfig.raw_max off), the control of gluon's note on the row max; wsptpy: wsptp with
-the row max and sum in one chain each (GluonConfig.tree off), the control of its note on the row
-reductions.
+factor (GluonConfig.raw_max off), the control of gluon's note on the row max.
 """
 
 
@@ -26,4 +24,3 @@ for three in ("", "3"):
                     tma_store=bool(store), pingpong=bool(turns), hold=turns == "ph")
 KINDS["wsph"] = dict(ws=True, persistent=True, hold=True)  # the persistent kernel with the hold, no turns
 KINDS["wsptpx"] = dict(KINDS["wsptp"], raw_max=False)
-KINDS["wsptpy"] = dict(KINDS["wsptp"], tree=False)

@@ -61,13 +61,13 @@ def _module(source: str):
 
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool = False, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
-                 split: bool = False, tma_store: bool = False, raw_max: bool = True, tree: bool = True):
+                 split: bool = False, tma_store: bool = False, raw_max: bool = True):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
     output stored by TMA when ``tma_store``; the row max before the score's factor when
-    ``raw_max``; the row reductions by halves when ``tree``)."""
-    module = _module(render_gluon(spec_from_text(spec_text), raw_max, tree))
+    ``raw_max``)."""
+    module = _module(render_gluon(spec_from_text(spec_text), raw_max))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
                                       tma_store=tma_store)
@@ -182,22 +182,6 @@ def _exps_between_waits(sass: str) -> list[int]:
     return counts
 
 
-def _longest_chain(sass: str, opcode: str) -> int:
-    """The most ``opcode`` instructions (FADD, FMNMX) in the SASS each reading the one before's
-    result, in program order (a dependent chain the warp waits along; gluon's note on the row
-    reductions). 0 when nvdisasm could not run."""
-    depth, longest = {}, 0
-    for line in sass.splitlines():
-        found = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s+(R\d+)\s*,(.*?);", line)
-        if not found:
-            continue
-        op, dst, sources = found.groups()
-        chained = op.split(".")[0] == opcode
-        depth[dst] = 1 + max((depth.get(r, 0) for r in re.findall(r"\bR\d+\b", sources)), default=0) if chained else 0
-        longest = max(longest, depth[dst])
-    return longest
-
-
 def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
         text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
@@ -228,7 +212,6 @@ def main(argv: list[str]) -> None:
                           "local_stores": sass.count("STL"),
                           # SASS instructions (0 without nvdisasm): the code the instruction cache holds
                           "instructions": len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/", sass, re.M)),
-                          "fadd_chain": _longest_chain(sass, "FADD"), "fmnmx_chain": _longest_chain(sass, "FMNMX"),
                           **_ptxas_report(ptx)}), flush=True)
 
 

@@ -75,24 +75,12 @@ s = qk
 if PREDICATE:
     s = gl.where((offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))""")
         src = render_gluon(spec_from_text(CAUSAL))
-        self.assertIn("m_new = gl.maximum(m_i, _row_tree(s, m_i, True) * (qk_scale))", src)
+        self.assertIn("m_new = gl.maximum(m_i, gl.max(s, 1) * (qk_scale))", src)
         self.assertIn("p = gl.exp2(s * (qk_scale) - m_safe[:, None])", src)
         scaled = render_gluon(spec_from_text(CAUSAL), raw_max=False)
         self.assertIn("s = qk*qk_scale", scaled)
         self.assertIn("p = gl.exp2(s - m_safe[:, None])", scaled)
         self.assertIn("p = gl.exp2(s - m_safe[:, None])", render_gluon(spec_from_text(SOFTCAP)))
-
-    def test_row_reductions_by_halves(self):
-        """The row max and sum go by halves (_row_tree, gluon's note on the row reductions); with
-        tree off, gl.max and gl.sum (the benchmarks' control), the max after the factor either way
-        where raw_max is off."""
-        src = render_gluon(spec_from_text(CAUSAL))
-        self.assertIn("l_i = l_i * alpha + _row_tree(p, l_i, False)", src)
-        chains = render_gluon(spec_from_text(CAUSAL), tree=False)
-        self.assertIn("m_new = gl.maximum(m_i, gl.max(s, 1) * (qk_scale))", chains)
-        self.assertIn("l_i = l_i * alpha + gl.sum(p, 1)", chains)
-        self.assertIn("m_new = gl.maximum(m_i, _row_tree(s, m_i, True))",
-                      render_gluon(spec_from_text(SOFTCAP), raw_max=False))
 
     def test_window_keeps_its_lower_bound_on_interior_tiles(self):
         """A causal window: band tiles apply the whole predicate, interior ones its other half."""
@@ -189,7 +177,7 @@ def test_a_scale_not_above_zero_takes_the_max_after_it(monkeypatch):
     is 0 or negative, a score without such a factor, or raw_max off loads the module with the max
     after the scale; a constant factor needs no scale."""
     loaded = []
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, tree=True: loaded.append(raw_max) or type(
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True: loaded.append(raw_max) or type(
         "M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
@@ -326,7 +314,7 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     launched = []
     module = type("Module", (), {n: RecordingKernel(n, launched)
                                  for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, tree=True: module)
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
@@ -527,7 +515,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d64-wsp3stp": (CAUSAL, 64, "wsp3stp"),
     # the row max before the score's factor (the default) and after it (gluon's note on the row max)
     "plain-d64-wsptp": ("score=qk*scale", 64, "wsptp"), "plain-d64-wsptpx": ("score=qk*scale", 64, "wsptpx"),
-    "plain-d64-wsptpy": ("score=qk*scale", 64, "wsptpy"),
 }
 
 
@@ -647,19 +634,6 @@ def test_row_max_before_the_factor_saves_a_multiply_an_element(compiled):
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
-def test_row_reductions_leave_no_long_chain(compiled):
-    """The row max and sum by halves (gluon's note on the row reductions): no FADD or FMNMX waits
-    for more than 8 of its kind before it, where gl.max and gl.sum (tree off) chain a row's 32
-    values of a thread one after another. As many of each instruction either way (0: no nvdisasm)."""
-    tree, chains = compiled["plain-d64-wsptp"], compiled["plain-d64-wsptpy"]
-    if tree["instructions"] and chains["instructions"]:
-        assert chains["fadd_chain"] >= 24 and chains["fmnmx_chain"] >= 24, chains
-        assert tree["fadd_chain"] <= 8 and tree["fmnmx_chain"] <= 8, tree
-        assert abs(tree["instructions"] - chains["instructions"]) <= 16, (tree["instructions"], chains["instructions"])
-    assert tree["spill_bytes"] in (0, None) and tree["shared"] == chains["shared"]
-
-
-@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
 @pytest.mark.parametrize("name", KERNELS)
 def test_no_register_spills(compiled, name):
     """ptxas keeps every kernel in registers (the consumers at setmaxnreg 240, or 160 with three,
@@ -709,7 +683,7 @@ def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
     takes the tensor and stores by gl.store, TMA_STORE off. The staging tiles cost the footprint
     a consumer's rows per consumer (a K/V stage at d = 128: 3 stages fit without them, 2 with)."""
     monkeypatch.setattr(gluon_launch, "load",
-                        lambda spec, raw_max=True, tree=True: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+                        lambda spec, raw_max=True: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True)

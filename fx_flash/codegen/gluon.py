@@ -99,16 +99,6 @@ GLUON_TEMPLATE = '''\
 # module with the max after the scale (gluon_launch.forward_launch): with f ≤ 0 the identity
 # fails, and a masked -inf times 0 is NaN.
 #
-# Note (the row reductions): gl.max and gl.sum reduce a thread's 32 values of a row (BLOCK_N =
-# 128) in one dependent chain, 31 FMNMX or FADD each waiting for the one before (two rows a thread:
-# two chains), and each consumer warpgroup has one warp on each SM sub-partition to hide that
-# latency with. _row_tree combines columns c and c + N/2 first, which wgmma's accumulator layout
-# keeps in one thread (its columns repeat every 8), halving down to 8 columns, then reduces across
-# the row's four threads: as many instructions, in five levels of independent ones instead of a
-# chain (a d = 64 step's row max and sum: 2 × 31 dependent instructions → 5 + 5 levels). The
-# max is exact in any order; the sum is rounded pairwise instead of left to right. GluonConfig.tree
-# off keeps the chains (benchmarks' control).
-#
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
 # consumer_args is) arrives as a runtime value (int1, int32): GROUP, EARLY, HOLD and SPLIT are
@@ -145,40 +135,6 @@ PP_BARRIER = gl.constexpr(8)
 
 
 @gluon.jit
-def _halve(x, IS_MAX: gl.constexpr):
-    """(M, N) → (M, N/2): columns c and c + N/2 combined (max or sum) in the thread that holds
-    both (the note on the row reductions)."""
-    M: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[1]
-    y = gl.reshape(x, [M, 2, N // 2])
-    if IS_MAX:
-        return gl.max(y, 1)
-    return gl.sum(y, 1)
-
-
-@gluon.jit
-def _row_tree(x, like, IS_MAX: gl.constexpr):
-    """Row max (IS_MAX) or sum of x (M, N) by halves down to 8 columns, then across the row's
-    threads, in ``like``'s layout (m_i's or l_i's: the same rows, so no data moves)."""
-    N: gl.constexpr = x.shape[1]
-    if N >= 256:
-        x = _halve(x, IS_MAX)
-    if N >= 128:
-        x = _halve(x, IS_MAX)
-    if N >= 64:
-        x = _halve(x, IS_MAX)
-    if N >= 32:
-        x = _halve(x, IS_MAX)
-    if N >= 16:
-        x = _halve(x, IS_MAX)
-    if IS_MAX:
-        r = gl.max(x, 1)
-    else:
-        r = gl.sum(x, 1)
-    return gl.convert_layout(r, like.type.layout)
-
-
-@gluon.jit
 def _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}PREDICATE: gl.constexpr):
     """The spec's score of one tile, its keep-predicate, and the online-softmax update: returns p
     (BLOCK_M, BLOCK_N) fp32, the new m_i and l_i and alpha, the factor the accumulator is rescaled by."""
@@ -187,7 +143,7 @@ $SCORE
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2($EXP_ARG)
     alpha = gl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + $ROW_SUM
+    l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
 
 
@@ -908,10 +864,9 @@ def mask_kind(spec: AttentionSpec) -> int:
 
 
 @exact_arithmetic
-def render_gluon(spec: AttentionSpec, raw_max: bool = True, tree: bool = True) -> str:
+def render_gluon(spec: AttentionSpec, raw_max: bool = True) -> str:
     """The Gluon module source of ``spec``'s sm90 forward; ``raw_max``: where the score has a
-    raw_factor, the row max taken before it (the note on the row max), else after; ``tree``: the
-    row max and sum by halves (the note on the row reductions), else by gl.max and gl.sum."""
+    raw_factor, the row max taken before it (the note on the row max), else after."""
     ops = _lead_and_sizes(spec)
     factor = raw_factor(spec) if raw_max else None
     times = "" if factor is None else f" * ({GluonPrinter(BINDINGS['mn']).doprint(factor)})"
@@ -924,8 +879,7 @@ def render_gluon(spec: AttentionSpec, raw_max: bool = True, tree: bool = True) -
         "HEADS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
         "HEADS_WS": textwrap.indent("\n".join(heads), " " * 4) if heads else "",
         "SCORE": textwrap.indent(_score_lines(spec, raw=factor is not None), " " * 4),
-        "ROW_MAX": f"_row_tree(s, m_i, True){times}" if tree else f"gl.max(s, 1){times}",
-        "ROW_SUM": "_row_tree(p, l_i, False)" if tree else "gl.sum(p, 1)",
+        "ROW_MAX": f"gl.max(s, 1){times}",
         "EXP_ARG": f"s{times} - m_safe[:, None]",
         "MASK": str(mask),
     }

@@ -185,9 +185,6 @@ class GluonConfig:
     # where the score is qk times a positive factor, the row max of qk taken before the factor (one
     # multiply-add an element; gluon's note on the row max); False: after it (benchmarks' control)
     raw_max: bool = True
-    # the row max and sum by halves (gluon's note on the row reductions); False: gl.max and gl.sum,
-    # one dependent chain a row (benchmarks' control)
-    tree: bool = True
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -219,8 +216,7 @@ class GluonConfig:
                                        ("hold", self.hold), ("persistent", self.persistent),
                                        ("one_section", self.one_section),
                                        ("three consumers", self.consumers == 3), ("split", self.split),
-                                       ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
-                                       ("reductions in chains", not self.tree))
+                                       ("tma store", self.tma_store), ("max after the scale", not self.raw_max))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -333,18 +329,18 @@ def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
     return _reasons[key]
 
 
-_modules: dict[tuple, dict[str, ModuleType]] = {}  # by (raw_max, tree), then by spec key
+_modules: dict[str, ModuleType] = {}
+_modules_scaled: dict[str, ModuleType] = {}  # with the row max after the score's factor (raw_max off)
 _lock = threading.Lock()
 
 
-def load(spec: AttentionSpec, raw_max: bool = True, tree: bool = True) -> ModuleType:
+def load(spec: AttentionSpec, raw_max: bool = True) -> ModuleType:
     """The imported Gluon module of ``spec`` (written next to the portable kernels' sources), with
-    the row max before the score's factor where it has one (``raw_max``), or after it, and the row
-    reductions by halves (``tree``), or by gl.max and gl.sum (gluon's notes on both)."""
-    prefix = "fx_flash_gluon" + ("" if raw_max else "_scaled_max") + ("" if tree else "_chains")
-    with _lock:
-        modules = _modules.setdefault((raw_max, tree), {})
-    return _load(spec, functools.partial(render_gluon, raw_max=raw_max, tree=tree), prefix, modules)
+    the row max before the score's factor where it has one (``raw_max``), or after it."""
+    if raw_max:
+        return _load(spec, render_gluon, "fx_flash_gluon", _modules)
+    return _load(spec, functools.partial(render_gluon, raw_max=False), "fx_flash_gluon_scaled_max",
+                 _modules_scaled)
 
 
 def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:
@@ -452,7 +448,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
     raw_max = config.raw_max and raw_max_applies(spec, scale)  # f > 0 at this scale (gluon's note on the row max)
-    module = load(spec, raw_max, config.tree)
+    module = load(spec, raw_max)
     rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,

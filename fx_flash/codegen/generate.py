@@ -398,6 +398,7 @@ def render(spec: AttentionSpec) -> str:
         n for op in spec.operands for n in (f"T{op.name[1:]}_head", f"T{op.name[1:]}_sq", f"T{op.name[1:]}_sk")])
     dops = _arg_list([n for op in spec.grad_operands for n in (f"DT{op.name[1:]}_head", f"DT{op.name[1:]}_sq",
                                                                 f"DT{op.name[1:]}_sk")])
+    factor = raw_factor(spec)
     fields = {
         "SPEC_DESCRIPTION": spec.describe(),
         "SPEC_KEY": spec.key,
@@ -412,8 +413,8 @@ def render(spec: AttentionSpec) -> str:
         "SCORE_FWD": textwrap.indent(_score_block(spec, "mn"), " " * 8),
         # Without a raw factor (no call of the spec has RAW_MAX: raw_max_applies), the score
         # itself and a factor of 1: the same arithmetic as the branch without RAW_MAX.
-        "SCORE_RAW": textwrap.indent(_score_block(spec, "mn", raw=raw_factor(spec) is not None), " " * 8),
-        "RAW_FACTOR": TritonPrinter(BINDINGS["mn"]).doprint(raw_factor(spec) if raw_factor(spec) is not None else 1),
+        "SCORE_RAW": textwrap.indent(_score_block(spec, "mn", raw=factor is not None), " " * 8),
+        "RAW_FACTOR": TritonPrinter(BINDINGS["mn"]).doprint(1 if factor is None else factor),
         "SCORE_BWD_T": textwrap.indent(_score_block(spec, "nm"), " " * 8),
         "OPERAND_GRADS_T": textwrap.indent(_operand_grad_block(spec), " " * 8),
         "KEEP_TILE": textwrap.indent(_keep_block(spec), " " * 8),

@@ -68,7 +68,8 @@ if PREDICATE:
         (gluon's note on the row max). Other scores keep s scaled."""
         self.assertEqual(str(raw_factor(sdpa_spec())), "qk_scale")
         self.assertEqual(str(raw_factor(spec_from_text("score=qk*0.1; keep=kv_idx <= q_idx"))), "0.1*LOG2E")
-        for text in (SOFTCAP, HEAD_AND_LENGTH, "score=-qk*scale", "score=qk*scale + 0.5*(kv_idx - q_idx)"):
+        for text in (SOFTCAP, HEAD_AND_LENGTH, "score=-qk*scale", "score=qk*scale + 0.5*(kv_idx - q_idx)",
+                     "score=qk*scale; keep=kv_idx <= q_idx; fill=-3.4028234663852886e+38"):  # a finite fill
             self.assertIsNone(raw_factor(spec_from_text(text)), text)
         self.assertExpectedInline(_score_lines(spec_from_text(CAUSAL), raw=True), """\
 s = qk

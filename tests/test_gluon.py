@@ -22,7 +22,8 @@ import torch
 from hypothesis import given, settings
 
 from fx_flash.codegen import gluon_launch
-from fx_flash.codegen.gluon import _score_lines, raw_factor, render_gluon, unsupported
+from fx_flash.codegen.generate import raw_factor
+from fx_flash.codegen.gluon import _score_lines, render_gluon, unsupported
 from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 from fx_flash.device import DeviceProfile
 from tests import test_kernels

@@ -119,8 +119,7 @@ def triton_op_forward():
 
     @triton_op("fx_flash_bench::attn_fwd_causal", mutates_args=())
     def attn_fwd_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        consts, (z, h, n_q, n_kv) = launch._common(spec, q, k)
-        consts["RAW_MAX"] = launch.raw_max_applies(spec, scale)  # the forward's own constant (_Forward)
+        consts, (z, h, n_q, n_kv) = launch._forward_common(spec, q, k, scale)
         config = tiling.default_config("fwd", device_profile(q.device), q.shape[-1], q.element_size(), 0, 0,
                                        consts["N_Q_BUCKET"], consts["N_KV_BUCKET"])
         out = torch.empty_like(q)

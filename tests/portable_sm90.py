@@ -21,7 +21,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fx_flash.codegen import launch, loader
-from fx_flash.codegen.generate import raw_max_applies
 from fx_flash.codegen.spec import spec_from_text
 
 SM90 = GPUTarget("cuda", 90, 128)
@@ -34,13 +33,13 @@ _UNIT_STRIDES = ("stride_qk", "stride_kk", "stride_vk", "stride_ok")
 def compile_forward(spec_text: str, head_dim: int, block_m: int, block_n: int, warps: int, stages: int,
                     n: int = 4096, raw_max: bool = True):
     """The compiled forward (``_attn_fwd``) of ``spec_text`` at this tile, bf16 inputs and float
-    operands, N_Q = N_KV = n, H = 16, the constexprs from launch._common as a launch takes them;
+    operands, N_Q = N_KV = n, H = 16, the constexprs from launch._forward_common as a launch takes them;
     RAW_MAX where the spec has a raw factor and ``raw_max`` (the template's note on the row max)."""
     spec = spec_from_text(spec_text)
     fn = loader.load(spec)._attn_fwd
     qk = torch.empty((1, 16, n, head_dim), device="meta", dtype=torch.bfloat16)
-    values, _ = launch._common(spec, qk, qk)
-    values.update(BLOCK_M=block_m, BLOCK_N=block_n, RAW_MAX=raw_max and raw_max_applies(spec, head_dim ** -0.5))
+    values, _ = launch._forward_common(spec, qk, qk, head_dim ** -0.5)
+    values.update(BLOCK_M=block_m, BLOCK_N=block_n, RAW_MAX=raw_max and values["RAW_MAX"])
     kinds = {o.name.upper(): o.kind for o in spec.operands}
     signature, constants, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):

@@ -549,8 +549,7 @@ def _forward_call(n_q: int = 40, offset: int = 0):
     q = torch.randn(2 * 4 * n_q * 16 + offset)[offset:].view(2, 4, n_q, 16)
     k, v, out = (torch.randn(2, 4, n_q, 16) for _ in range(3))
     lse = torch.empty(2, 4, n_q)
-    consts, _ = launch._common(spec, q, k)
-    consts["RAW_MAX"] = launch.raw_max_applies(spec, 0.25)  # the forward's own constant (_Forward)
+    consts, _ = launch._forward_common(spec, q, k, 0.25)
     tables = tuple(skipping.unranged(q).values())  # a dense spec's (unread) tile-table arguments
     args = (q, k, v, out, lse, q, 0.25, 0.0, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tables)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), 2 * 4)  # noqa: E731

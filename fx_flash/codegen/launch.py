@@ -462,6 +462,13 @@ def _common(spec, q, k):
     ), (z, h, n_q, n_kv)
 
 
+def _forward_common(spec, q, k, scale: float):
+    """_common's constants with the forward kernels' own: RAW_MAX, whether this call takes each
+    tile's row max before the score's factor (the template's note on the row max)."""
+    consts, sizes = _common(spec, q, k)
+    return {**consts, "RAW_MAX": raw_max_applies(spec, scale)}, sizes
+
+
 def _tile_tables(spec, operands, operand_args, q, k, axis: str):
     """The ``tables`` argument of a kernel of ``axis`` for a ranged spec
     (skipping.table_keywords), None for specs whose kernels read no table."""
@@ -625,7 +632,7 @@ def planned_forward(q, k, v, operands, seed, dropout_p: float, scale: float, spe
     plan = _FORWARDS.get(key)
     if plan is not None:
         return (*plan(q, k, v, operands, seed), plan)
-    consts, (z, h, n_q, n_kv) = _common(spec, q, k)
+    consts, (z, h, n_q, n_kv) = _forward_common(spec, q, k, scale)
     consts = _with_tma(consts, k, v)
     out = new_output(q)
     lse = new_output(q, (z, h, n_q), torch.float32)
@@ -747,7 +754,6 @@ class _Forward(_Plan):
         self.ranged = spec.tile_mode == "ranged"
         self.operands = _operand_layout(spec, operands)
         out_strides = _contiguous_strides(q.shape)
-        consts = {**consts, "RAW_MAX": raw_max_applies(spec, scale)}
         if not splits:
             self.kernels = (_Kernel(spec, "_attn_fwd", "fwd", lambda meta: (_cdiv(n_q, meta["BLOCK_M"]), z * h),
                                     consts, direct=direct, tables=True),)

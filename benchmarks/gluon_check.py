@@ -330,25 +330,23 @@ def bench(d, ns, names, extra, rounds=1):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         fns = {"cudnn": cudnn}
+
+        def portable(**switches):  # the op with these switches set for the call, then unset
+            def run():
+                os.environ.update(switches)
+                try:
+                    return launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
+                finally:
+                    for name in switches:
+                        os.environ.pop(name)
+
+            return run
+
+        # FX_FLASH_GLUON=0: with the default switches the op routes to the Gluon kernel
         if "noportable" not in extra:
-            def portable():  # FX_FLASH_GLUON=0: with the default switches the op routes to the Gluon kernel
-                os.environ["FX_FLASH_GLUON"] = "0"
-                try:
-                    return launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
-                finally:
-                    os.environ.pop("FX_FLASH_GLUON")
-
-            fns["portable"] = portable
-        if "portablex" in extra:
-            def portable_x():  # the portable forward with the row max after the scale (the template's note on it)
-                os.environ.update(FX_FLASH_GLUON="0", FX_FLASH_RAW_MAX="0")
-                try:
-                    return launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
-                finally:
-                    os.environ.pop("FX_FLASH_GLUON")
-                    os.environ.pop("FX_FLASH_RAW_MAX")
-
-            fns["portable x"] = portable_x
+            fns["portable"] = portable(FX_FLASH_GLUON="0")
+        if "portablex" in extra:  # and the row max after the scale (the template's note on it)
+            fns["portable x"] = portable(FX_FLASH_GLUON="0", FX_FLASH_RAW_MAX="0")
         for name in names:
             fns[name] = lambda cfg=configs[name]: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
         fns["cudnn again"] = cudnn

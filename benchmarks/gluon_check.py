@@ -58,7 +58,8 @@ def variants(d: int) -> dict:
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
     K/V stage fewer at d = 128); a trailing "p" in a persistent
     kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "x":
-    the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES."""
+    the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES;
+    "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     found = _variants(d, C)
@@ -66,7 +67,25 @@ def variants(d: int) -> dict:
     # note on the row max (the control column)
     found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)
                   for name, cfg in list(found.items()) if cfg.persistent})
+    # "KIND k64/S": a persistent kind with key tiles of 64 (BLOCK_N = 64) and the deepest ring of at
+    # most 6 stages whose footprint fits this device's M (GLUON_NOTES call 69; S = 6 at d = 64 and
+    # 5 at d = 128 on the H200)
+    from fx_flash.codegen.gluon_launch import footprint
+
+    m = _shared_memory()
+    for name, cfg in list(found.items()):
+        if cfg.persistent and cfg.BLOCK_N == 128 and cfg.raw_max:
+            stages = max(s for s in range(2, 7)
+                         if footprint(cfg.BLOCK_M, 64, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store) <= m)
+            found[f"{name.split()[0]} k64/{stages}"] = dataclasses.replace(cfg, BLOCK_N=64, STAGES=stages)
     return found
+
+
+def _shared_memory() -> int:
+    """M of the GPU this runs on (of an H200 where none is: 232448 bytes, so that names list)."""
+    from fx_flash.device import device_profile
+
+    return device_profile(torch.device("cuda")).shared_memory if torch.cuda.is_available() else 232448
 
 
 def _variants(d: int, C) -> dict:

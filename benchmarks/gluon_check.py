@@ -57,12 +57,17 @@ def variants(d: int) -> dict:
     warpgroups (BLOCK_M = 192), a trailing "s" with the causal walk in two loops (split), then "t"
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
     K/V stage fewer at d = 128); a trailing "p" in a persistent
-    kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "x":
+    kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "d"
+    (split kinds): the last key tile on its first half where the rest lies past the diagonal; "x":
     the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES;
     "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
 
     found = _variants(d, C)
+    # "d" after a split kind's letters: its last key tile on the first half of its keys where the rest
+    # lie past every row's diagonal (GluonConfig.half; gluon's note on the diagonal's half)
+    found.update({name.replace(" ", "d ", 1): dataclasses.replace(cfg, half=True)
+                  for name, cfg in list(found.items()) if cfg.split})
     # "x" after a persistent kind's letters: the row max after the score's factor, as before gluon's
     # note on the row max (the control column)
     found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)

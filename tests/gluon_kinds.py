@@ -24,3 +24,6 @@ for three in ("", "3"):
                     tma_store=bool(store), pingpong=bool(turns), hold=turns == "ph")
 KINDS["wsph"] = dict(ws=True, persistent=True, hold=True)  # the persistent kernel with the hold, no turns
 KINDS["wsptpx"] = dict(KINDS["wsptp"], raw_max=False)
+# a trailing "d" on a split kind: its last key tile on the first half of its keys where the rest lie
+# past the diagonal (GluonConfig.half; gluon's note on the diagonal's half)
+KINDS.update({kind + "d": dict(flags, half=True) for kind, flags in list(KINDS.items()) if flags.get("split")})

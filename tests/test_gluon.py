@@ -517,6 +517,10 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d64-wsp3stp": (CAUSAL, 64, "wsp3stp"),
     # the row max before the score's factor (the default) and after it (gluon's note on the row max)
     "plain-d64-wsptp": ("score=qk*scale", 64, "wsptp"), "plain-d64-wsptpx": ("score=qk*scale", 64, "wsptpx"),
+    # the last key tile on its first half where the rest lies past the diagonal (gluon's note on the
+    # diagonal's half), with soft-capping's score too, and among three consumers
+    "causal-d128-wspstd": (CAUSAL, 128, "wspstd"), "softcap-d64-wspstpd": (SOFTCAP, 64, "wspstpd"),
+    "causal-d64-wsp3stpd": (CAUSAL, 64, "wsp3stpd"),
 }
 
 
@@ -636,13 +640,25 @@ def test_row_max_before_the_factor_saves_a_multiply_an_element(compiled):
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+def test_half_diagonal_takes_half_width_products(compiled):
+    """With the diagonal's half (GluonConfig.half), each consumer holds a q·kᵀ of n = 64 (the first
+    half of a 128-key tile) beside its n = 128 ones, and a p·v of k = 64: at d = 128 the kernel has
+    m64n64 wgmmas where the same kernel without it has only m64n128 ones (there both products are
+    n = 128 wide: the keys, and the head dim)."""
+    half, full = compiled["causal-d128-wspstd"], compiled["causal-d128-wspst"]
+    assert set(full["wgmma_n"]) == {"128"}, full["wgmma_n"]
+    assert half["wgmma_n"].get("64", 0) > 0 and half["wgmma_n"]["128"] > full["wgmma_n"]["128"], half["wgmma_n"]
+    assert half["shared"] == full["shared"]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
 @pytest.mark.parametrize("name", KERNELS)
 def test_no_register_spills(compiled, name):
     """ptxas keeps every kernel in registers (the consumers at setmaxnreg 240, or 160 with three,
     the producer at 24): no spill stores. None: ptxas could not run. The three-consumer causal
     kernel keeps within its 160 only with the Tritons of gluon_launch.SPILL_FREE_TRITON (triton
     3.6; 3.9 spills it): with another, its route must not be taken."""
-    if name == "causal-d64-wsp3stp" and not gluon_launch.spill_free_triton():
+    if name in ("causal-d64-wsp3stp", "causal-d64-wsp3stpd") and not gluon_launch.spill_free_triton():
         cfg = gluon_launch.routed_config(H200, sdpa_spec(causal=True), 64, 2, 8192, 8192)
         assert (cfg.consumers, cfg.split) == (2, True), cfg
         return

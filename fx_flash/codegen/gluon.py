@@ -99,6 +99,17 @@ GLUON_TEMPLATE = '''\
 # module with the max after the scale (gluon_launch.forward_launch): with f ≤ 0 the identity
 # fails, and a masked -inf times 0 is NaN.
 #
+# Note (the diagonal's half): on a causal walk (SPLIT, MASK = 1) a consumer's last key tile can hold
+# keys past every one of its rows: with BLOCK_N = 2·BLOCK_M, the first consumer of every output
+# tile whose rows start at a key tile's start (every tile with two consumers) keeps only the first
+# BLOCK_N / 2 keys of its diagonal tile. The causal conjunct masks the rest for every row (a -inf
+# fill: their weights are 0 and they add nothing to the row max, the sum or p·v), so with HALF
+# (GluonConfig.half) that tile's q·kᵀ, softmax and p·v take its first half only: an n = BLOCK_N / 2
+# wgmma on the first rows of the K buffer, a k = BLOCK_N / 2 one on those of the V buffer. Whether
+# it applies is decided per output tile (``half`` in _attend: the last tile lies past tile 0 and
+# its second half past the consumer's last row). The half tile's row layouts hold the same rows
+# per thread as the full tile's, so converting m_i and l_i between them moves no data.
+#
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
 # consumer_args is) arrives as a runtime value (int1, int32): GROUP, EARLY, HOLD and SPLIT are
@@ -230,15 +241,20 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
           k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
           s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr,
-          EARLY: gl.constexpr, HOLD: gl.constexpr):
+          EARLY: gl.constexpr, HOLD: gl.constexpr, KEYS: gl.constexpr):
     """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1.
     EARLY: the accumulator is rescaled by tile j-1's alpha while q·kᵀ runs (FlashAttention-3's
-    order), not after p·v of tile j-1 has completed. Key tile j sits at ring position base + j."""
+    order), not after p·v of tile j-1 has completed. Key tile j sits at ring position base + j.
+    KEYS: the scores of tile j's first KEYS keys only (BLOCK_N, or its half: the note on the
+    diagonal's half); ``s_layout``, ``offs_m``, ``cols``, m_i and l_i are of that width's tile."""
     buf = (base + j) % STAGES
     prev = (base + j - 1) % STAGES
     mbarrier.wait(k_ready.index(buf), ((base + j) // STAGES) & 1)
     _turn(sched, C, j, PP)
-    qk = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+    k_tile = k_smem.index(buf)
+    if KEYS < BLOCK_N:
+        k_tile = k_tile.slice(0, KEYS)
+    qk = warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BLOCK_M, KEYS], gl.float32, s_layout),
                        use_acc=False, is_async=True)
     if EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
@@ -262,14 +278,16 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
             row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
             C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr,
-            SPLIT: gl.constexpr = False):
+            SPLIT: gl.constexpr = False, HALF: gl.constexpr = False):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
     tiles are loaded into the ring in all (more than n_tiles when another consumer needs more),
     key tile 0 at ring position ``base`` (the tiles the program's earlier output tiles used; 0
     unless persistent). C is the consumer's index, PP whether it takes turns with the other one
     (turns 0 … n_tiles). RELEASE_Q: arrive on ``q_empty`` once the last q·kᵀ has completed, so
-    the producer loads the next output tile's Q while the last p·v and the epilogue run."""
+    the producer loads the next output tile's Q while the last p·v and the epilogue run. HALF
+    (with SPLIT, MASK = 1): a last tile whose second half lies past every row's diagonal is
+    computed on its first half only (the note on the diagonal's half)."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -303,39 +321,75 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     # 42); at d = 64 with two consumers, 1.05-1.06x the portable forward from N = 4k (call 39).
     # Measured slower (GLUON_NOTES call 56): one loop whose every tile applies the whole predicate,
     # one body of the softmax instead of four (29% less code; 0.84-0.96x split at d = 128 causal).
+    half = n_tiles < 0  # (False; SPLIT arrives as a runtime value: see the note on constexprs in partitions)
     if SPLIT and MASK == 1:
         band = gl.maximum(gl.minimum(mid, n_tiles), 1)
         for j in range(1, band):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}False, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
-        for j in range(band, n_tiles):
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
+        # the last tile's keys from BLOCK_N / 2 on lie past the last row (causal: every row masks them)
+        half = (n_tiles > band) & (row_start + BLOCK_M <= (n_tiles - 1) * BLOCK_N + BLOCK_N // 2) & HALF
+        for j in range(band, n_tiles - half.to(gl.int32)):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}True, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
     else:
         for j in range(1, n_tiles):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD)
-    if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
-        mbarrier.arrive(q_empty, count=1)
-
-    # -- the last tile's p·v --
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
     last = (base + n_tiles - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((base + n_tiles - 1) // STAGES) & 1)
+    if SPLIT and MASK == 1 and HALF:
+        if half:  # the last tile on its first BLOCK_N / 2 keys, then their p·v
+            h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                               instr_shape=[16, BLOCK_N // 2, 16])
+            h_rows: gl.constexpr = gl.SliceLayout(1, h_layout)
+            p_h, m_h, l_h, acc, alpha_h = _step(n_tiles - 1, base, p_op, gl.convert_layout(m_i, h_rows),
+                                                gl.convert_layout(l_i, h_rows), acc, gl.convert_layout(alpha, h_rows),
+                                                q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
+                                                k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale,
+                                                gl.convert_layout(offs_m, h_rows),
+                                                gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, h_layout)),
+                                                ${OPS}True, h_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES,
+                                                WS, C, PP, EARLY, HOLD, BLOCK_N // 2)
+            if RELEASE_Q:
+                mbarrier.arrive(q_empty, count=1)
+            acc = _last_pv(p_h, v_smem.index(last).slice(0, BLOCK_N // 2), acc, alpha_h, v_ready, v_empty, sched,
+                           last, base + n_tiles - 1, n_tiles, STAGES, WS, C, PP, EARLY)
+            m_i = gl.convert_layout(m_h, m_i.type.layout)
+            l_i = gl.convert_layout(l_h, l_i.type.layout)
+        else:
+            if RELEASE_Q:
+                mbarrier.arrive(q_empty, count=1)
+            acc = _last_pv(p_op, v_smem.index(last), acc, alpha, v_ready, v_empty, sched, last, base + n_tiles - 1,
+                           n_tiles, STAGES, WS, C, PP, EARLY)
+    else:
+        if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
+            mbarrier.arrive(q_empty, count=1)
+        acc = _last_pv(p_op, v_smem.index(last), acc, alpha, v_ready, v_empty, sched, last, base + n_tiles - 1,
+                       n_tiles, STAGES, WS, C, PP, EARLY)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _last_pv(p_op, v_tile, acc, alpha, v_ready, v_empty, sched, last, position, n_tiles, STAGES: gl.constexpr,
+             WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr):
+    """The last tile's p·v (its V in buffer ``last``, ring position ``position``; ``v_tile`` that
+    buffer or its first rows), after every q·kᵀ: a consumer's turn n_tiles."""
+    mbarrier.wait(v_ready.index(last), (position // STAGES) & 1)
     _turn(sched, C, n_tiles, PP)
     if EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    pv = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    pv = warpgroup_mma(p_op, v_tile, acc, is_async=True)
     _pass_turn(sched, C, PP)
     acc = warpgroup_mma_wait(0, deps=(pv, ))
     if WS:
         mbarrier.arrive(v_empty.index(last), count=1)
-    return acc, m_i, l_i
+    return acc
 
 
 @gluon.jit
@@ -489,7 +543,7 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
-                   o_smem=None, TMA_STORE: gl.constexpr = False):
+                   o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
@@ -504,7 +558,8 @@ $HEADS_WS
     mbarrier.wait(q_bars.index(c), q_phase)
     acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                             q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
-                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT)
+                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
+                            HALF)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
         mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
@@ -675,7 +730,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
                          q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE,
                          sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
                          SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
-                         SPLIT: gl.constexpr):
+                         SPLIT: gl.constexpr, HALF: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
     one's loads ended. PP = CONSUMERS: the consumers take turns through named barriers in order,
@@ -697,7 +752,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, PP, EARLY, HOLD, True,
-                           SPLIT, o_smem, TMA_STORE)
+                           SPLIT, o_smem, TMA_STORE, HALF)
             base += n_load
             done += 1
     if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)
@@ -717,6 +772,7 @@ def _attn_fwd_sm90_wsp(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
+    HALF: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -753,7 +809,7 @@ def _attn_fwd_sm90_wsp(
     # tuple: see the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
-                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT)
+                     SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT, HALF)
     producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                      v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ,
                      KV_RH, KV_CH, GROUP)

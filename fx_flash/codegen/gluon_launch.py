@@ -185,6 +185,9 @@ class GluonConfig:
     # where the score is qk times a positive factor, the row max of qk taken before the factor (one
     # multiply-add an element; gluon's note on the row max); False: after it (benchmarks' control)
     raw_max: bool = True
+    # split causal walks only: a consumer's last key tile computed on its first BLOCK_N / 2 keys where
+    # the rest lie past every row of it (gluon's note on the diagonal's half)
+    half: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -195,6 +198,8 @@ class GluonConfig:
             raise ValueError("one_section, split and tma_store are options of the persistent kernel")
         if self.consumers not in (2, 3) or (self.consumers == 3 and not self.persistent):
             raise ValueError("three consumer warpgroups are the persistent kernel's option")
+        if self.half and not self.split:
+            raise ValueError("half is an option of the split causal walk")
 
     @property
     def takes_views(self) -> bool:
@@ -216,7 +221,8 @@ class GluonConfig:
                                        ("hold", self.hold), ("persistent", self.persistent),
                                        ("one_section", self.one_section),
                                        ("three consumers", self.consumers == 3), ("split", self.split),
-                                       ("tma store", self.tma_store), ("max after the scale", not self.raw_max))
+                                       ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
+                                       ("half diagonal", self.half))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -465,7 +471,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         # a consumer's rows stored by TMA never cross into the next head only when N_Q is a multiple
         # of them; the descriptor addresses a contiguous output (heads as rows)
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
-        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store)
+        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

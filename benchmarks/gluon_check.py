@@ -58,7 +58,8 @@ def variants(d: int) -> dict:
     with each consumer's output rows stored by TMA (tma_store: a staging tile per consumer, so a
     K/V stage fewer at d = 128); a trailing "p" in a persistent
     kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "d"
-    (split kinds): the last key tile on its first half where the rest lies past the diagonal; "x":
+    (split kinds): the last key tile on its first half where the rest lies past the diagonal, "dh"
+    with the hold too; "x":
     the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES;
     "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
@@ -68,6 +69,10 @@ def variants(d: int) -> dict:
     # lie past every row's diagonal (GluonConfig.half; gluon's note on the diagonal's half)
     found.update({name.replace(" ", "d ", 1): dataclasses.replace(cfg, half=True)
                   for name, cfg in list(found.items()) if cfg.split})
+    # then "h": with the hold (gluon._hold), which keeps ptxas's wait for p·v below the softmax in the
+    # split kernels too (their SASS has none of the softmax between the two waits without it)
+    found.update({name.replace(" ", "h ", 1): dataclasses.replace(cfg, hold=True)
+                  for name, cfg in list(found.items()) if cfg.half and not cfg.hold})
     # "x" after a persistent kind's letters: the row max after the score's factor, as before gluon's
     # note on the row max (the control column)
     found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)

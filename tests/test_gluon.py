@@ -425,6 +425,12 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert reason(2048, causal) is None and "8.5 key tiles" in reason(2048, softcap)
     short = gluon_launch.routed_config(H200, causal, 64, 2, 2048, 2048)
     assert (short.consumers, short.split, short.tma_store, short.pingpong) == (2, True, True, True)
+    # the diagonal's half (call 70) on the two-consumer causal routes that were timed with it: head
+    # dim 128's, and head dim 64's short one; not three consumers (0.82-0.94x), nor other scores' route
+    assert short.half and causal_cfg.consumers == 3 and not causal_cfg.half
+    assert not any(gluon_launch.routed_config(H200, softcap, 64, 2, n, n).half for n in (4096, 16384))
+    assert all(gluon_launch.routed_config(H200, causal, 128, 2, n, n).half for n in (1024, 2048, 16384))
+    assert not any(gluon_launch.routed_config(H200, sdpa_spec(), d, 2, 4096, 4096).half for d in (64, 128))
     assert "4.5 key tiles per output tile on average, fewer than 8" in reason(1024, causal)
     assert "ranged" in reason(8192, prefix)
     monkeypatch.setitem(gluon_launch.ROUTES, 64, {0: gluon_launch.ROUTES[64][0]})
@@ -579,14 +585,15 @@ def test_pingpong_adds_the_turn_waits(compiled):
 def test_persistent_pingpong_turns_at_named_barriers(compiled):
     """The persistent kernel's ping-pong: each consumer waits for its turn at its own hardware
     barrier and passes it at the other's (bar.sync / bar.arrive of 256 threads at barriers 8 and 9,
-    past those Triton's partitions use), with no mbarrier turn waits beyond the routed kernel's; the
-    routed kernel has none of them. An empty dict on both sides: no nvdisasm beside ptxas."""
-    pp, routed = compiled["causal-d128-wspstph"], compiled["causal-d128-wspst"]
-    if not routed["instructions"]:
+    past those Triton's partitions use), with no mbarrier turn waits beyond the same kernel's
+    without turns (wspst), which has none of them. An empty dict on both sides: no nvdisasm beside
+    ptxas."""
+    pp, free = compiled["causal-d128-wspstph"], compiled["causal-d128-wspst"]
+    if not free["instructions"]:
         pytest.skip("no nvdisasm beside ptxas")
     assert set(pp["named_barriers"]) == {"SYNC 8", "SYNC 9", "ARV 8", "ARV 9"}, pp["named_barriers"]
-    assert routed["named_barriers"] == {}
-    assert pp["turn_waits"] == routed["turn_waits"]
+    assert free["named_barriers"] == {}
+    assert pp["turn_waits"] == free["turn_waits"]
     # three consumers: each waits at its own barrier (8, 9, 10) and passes to the next, 2 to 0
     three = compiled["plain-d64-wsp3tp"]["named_barriers"]
     assert set(three) == {f"{op} {bar}" for op in ("SYNC", "ARV") for bar in (8, 9, 10)}, three

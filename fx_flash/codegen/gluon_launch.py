@@ -117,6 +117,13 @@ SPILL_FREE_TRITON = ("3.6", )
 # where a Gluon kernel had not reached rule 2's 1.03 before (call 62: 1.015); at 1k (4.5) 1.00.
 # Causal specs of a score of qk and the scale take it from MIN_WALK_D64_CAUSAL_SHORT key tiles.
 MIN_WALK_D64_CAUSAL_SHORT = 8
+# The two-consumer causal routes compute a consumer's last key tile on its first half where the
+# rest lies past the diagonal (``half``: gluon's note on the diagonal's half). In three alternating
+# rounds (call 70) against the same kernels without it: at head dim 128 1.000, 1.016, 1.013, 1.011x
+# on the routed kernels at N = 1k, 2k, 4k, 16k, at head dim 64 1.017x at 2k (and 1.051x at 1k, where
+# the portable forward still runs: 1.028x it, short of rule 2's 1.03). Not on the three-consumer
+# route, where it ran 0.82, 0.91, 0.94, 1.00x at 1k-16k (its consumer code grows to 10k SASS
+# instructions), nor on the two-consumer route of other scores at head dim 64, not timed with it.
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -125,14 +132,15 @@ MIN_WALK_D64_CAUSAL_SHORT = 8
 # (``_not_measured``).
 ANY_SCORE, QK_ONLY = "any score", "a score of qk and the scale alone"
 ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), ),
-                1: ((dict(split=True, tma_store=True), MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
-                    (dict(split=True, tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE))},
+                1: ((dict(split=True, tma_store=True, half=True), MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
+                    (dict(split=True, tma_store=True, pingpong=True, half=True), MIN_WALK, ANY_SCORE))},
           64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64, ANY_SCORE),
                    (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE, ANY_SCORE),
                    (dict(tma_store=True, pingpong=True), MIN_WALK_D64_SHORT, ANY_SCORE)),
                1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True), MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),
-                   (dict(split=True, tma_store=True, pingpong=True), MIN_WALK_D64_CAUSAL_SHORT, QK_ONLY))}}
+                   (dict(split=True, tma_store=True, pingpong=True, half=True), MIN_WALK_D64_CAUSAL_SHORT,
+                    QK_ONLY))}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)

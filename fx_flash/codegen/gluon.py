@@ -321,7 +321,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     # 42); at d = 64 with two consumers, 1.05-1.06x the portable forward from N = 4k (call 39).
     # Measured slower (GLUON_NOTES call 56): one loop whose every tile applies the whole predicate,
     # one body of the softmax instead of four (29% less code; 0.84-0.96x split at d = 128 causal).
-    half = n_tiles < 0  # (False; SPLIT arrives as a runtime value: see the note on constexprs in partitions)
+    half = gl.to_tensor(False)  # a constant: its branch below folds away where nothing sets it
     if SPLIT and MASK == 1:
         band = gl.maximum(gl.minimum(mid, n_tiles), 1)
         for j in range(1, band):
@@ -343,30 +343,24 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
                                                tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
     last = (base + n_tiles - 1) % STAGES
-    if SPLIT and MASK == 1 and HALF:
-        if half:  # the last tile on its first BLOCK_N / 2 keys, then their p·v
-            h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                               instr_shape=[16, BLOCK_N // 2, 16])
-            h_rows: gl.constexpr = gl.SliceLayout(1, h_layout)
-            p_h, m_h, l_h, acc, alpha_h = _step(n_tiles - 1, base, p_op, gl.convert_layout(m_i, h_rows),
-                                                gl.convert_layout(l_i, h_rows), acc, gl.convert_layout(alpha, h_rows),
-                                                q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
-                                                k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale,
-                                                gl.convert_layout(offs_m, h_rows),
-                                                gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, h_layout)),
-                                                ${OPS}True, h_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES,
-                                                WS, C, PP, EARLY, HOLD, BLOCK_N // 2)
-            if RELEASE_Q:
-                mbarrier.arrive(q_empty, count=1)
-            acc = _last_pv(p_h, v_smem.index(last).slice(0, BLOCK_N // 2), acc, alpha_h, v_ready, v_empty, sched,
-                           last, base + n_tiles - 1, n_tiles, STAGES, WS, C, PP, EARLY)
-            m_i = gl.convert_layout(m_h, m_i.type.layout)
-            l_i = gl.convert_layout(l_h, l_i.type.layout)
-        else:
-            if RELEASE_Q:
-                mbarrier.arrive(q_empty, count=1)
-            acc = _last_pv(p_op, v_smem.index(last), acc, alpha, v_ready, v_empty, sched, last, base + n_tiles - 1,
-                           n_tiles, STAGES, WS, C, PP, EARLY)
+    if half:  # the last tile on its first BLOCK_N / 2 keys, then their p·v
+        h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N // 2, 16])
+        h_rows: gl.constexpr = gl.SliceLayout(1, h_layout)
+        p_h, m_h, l_h, acc, alpha_h = _step(n_tiles - 1, base, p_op, gl.convert_layout(m_i, h_rows),
+                                            gl.convert_layout(l_i, h_rows), acc, gl.convert_layout(alpha, h_rows),
+                                            q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
+                                            k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale,
+                                            gl.convert_layout(offs_m, h_rows),
+                                            gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, h_layout)),
+                                            ${OPS}True, h_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES,
+                                            WS, C, PP, EARLY, HOLD, BLOCK_N // 2)
+        if RELEASE_Q:
+            mbarrier.arrive(q_empty, count=1)
+        acc = _last_pv(p_h, v_smem.index(last).slice(0, BLOCK_N // 2), acc, alpha_h, v_ready, v_empty, sched,
+                       last, base + n_tiles - 1, n_tiles, STAGES, WS, C, PP, EARLY)
+        m_i = gl.convert_layout(m_h, m_i.type.layout)
+        l_i = gl.convert_layout(l_h, l_i.type.layout)
     else:
         if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
             mbarrier.arrive(q_empty, count=1)

@@ -59,7 +59,7 @@ def variants(d: int) -> dict:
     K/V stage fewer at d = 128); a trailing "p" in a persistent
     kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "d"
     (split kinds): the last key tile on its first half where the rest lies past the diagonal, "dh"
-    with the hold too; "w" (two consumers, no hold): the p·v wait pinned (gluon._pin); "x":
+    with the hold too; "x":
     the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES;
     "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
@@ -73,10 +73,6 @@ def variants(d: int) -> dict:
     # split kernels too (their SASS has none of the softmax between the two waits without it)
     found.update({name.replace(" ", "h ", 1): dataclasses.replace(cfg, hold=True)
                   for name, cfg in list(found.items()) if cfg.half and not cfg.hold})
-    # then "w" (two-consumer persistent kinds without the hold): the p·v wait pinned below the softmax
-    # by a store that never runs (GluonConfig.pin, gluon._pin), the hold's end without its barrier
-    found.update({name.replace(" ", "w ", 1): dataclasses.replace(cfg, pin=True)
-                  for name, cfg in list(found.items()) if cfg.persistent and cfg.consumers == 2 and not cfg.hold})
     # "x" after a persistent kind's letters: the row max after the score's factor, as before gluon's
     # note on the row max (the control column)
     found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)

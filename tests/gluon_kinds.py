@@ -27,7 +27,3 @@ KINDS["wsptpx"] = dict(KINDS["wsptp"], raw_max=False)
 # a trailing "d" on a split kind: its last key tile on the first half of its keys where the rest lie
 # past the diagonal (GluonConfig.half; gluon's note on the diagonal's half)
 KINDS.update({kind + "d": dict(flags, half=True) for kind, flags in list(KINDS.items()) if flags.get("split")})
-# a trailing "w" on a two-consumer persistent kind: the p·v wait pinned below the softmax by a store
-# that never runs (GluonConfig.pin, gluon._pin)
-KINDS.update({kind + "w": dict(flags, pin=True) for kind, flags in list(KINDS.items())
-              if flags.get("persistent") and flags.get("consumers") == 2 and not flags.get("hold")})

@@ -163,17 +163,13 @@ def test_footprint_counts_each_buffer():
 def test_persistent_config_rules():
     """The persistent kernel is a warp-specialized one; its ping-pong (named barriers) takes two
     or three consumers, the one-tile kernel's (mbarriers) two; one_section orders only its tiles,
-    and only it has three consumers; the pin is its option with two consumers, without the hold
-    (gluon's note on the pin)."""
+    and only it has three consumers."""
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, pingpong=True)
     gluon_launch.GluonConfig(192, 128, 3, ws=True, persistent=True, pingpong=True, consumers=3)
-    gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, pingpong=True, pin=True)
     for bad in (dict(persistent=True), dict(ws=True, pingpong=True, consumers=3),
                 dict(pingpong=True), dict(ws=True, one_section=True),
-                dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4),
-                dict(ws=True, pin=True), dict(ws=True, persistent=True, pin=True, hold=True),
-                dict(ws=True, persistent=True, pin=True, consumers=3)):
+                dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4)):
         with pytest.raises(ValueError):
             gluon_launch.GluonConfig(128, 128, 3, **bad)
 
@@ -531,9 +527,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     # diagonal's half), with soft-capping's score too, and among three consumers
     "causal-d128-wspstd": (CAUSAL, 128, "wspstd"), "softcap-d64-wspstpd": (SOFTCAP, 64, "wspstpd"),
     "causal-d64-wsp3stpd": (CAUSAL, 64, "wsp3stpd"),
-    # the p·v wait pinned below the softmax (gluon's note on the pin), beside three of the above
-    "plain-d64-wsptpw": ("score=qk*scale", 64, "wsptpw"), "softcap-d64-wspstpdw": (SOFTCAP, 64, "wspstpdw"),
-    "causal-d128-wspstdw": (CAUSAL, 128, "wspstdw"),
 }
 
 
@@ -624,31 +617,6 @@ def test_without_the_hold_ptxas_waits_before_the_softmax(compiled):
     order itself and the hold can go."""
     counts = compiled["plain-d128-pp"]["exps_between_waits"]
     assert counts and all(c == 0 for c in counts), counts
-
-
-@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
-@pytest.mark.parametrize("pinned, twin", [("plain-d64-wsptpw", "plain-d64-wsptp"),
-                                          ("softcap-d64-wspstpdw", "softcap-d64-wspstpd"),
-                                          ("causal-d128-wspstdw", "causal-d128-wspstd")])
-def test_pin_keeps_the_softmax_between_the_waits(compiled, pinned, twin):
-    """The pin (GluonConfig.pin, gluon._pin) puts every step's exponentials between the wait for
-    q·kᵀ and the wait for p·v: in each step body more of them than the same kernel without it has
-    there (none in plain or causal attention; with soft-capping, whose tanh is an exponential too,
-    a part of the step's), and costs a few instructions a step (a compare, a predicated store and
-    a move a row), not the hold's partition barrier and TMA issue: at most 1% more SASS. An empty
-    list: no nvdisasm beside ptxas."""
-    on, off = compiled[pinned], compiled[twin]
-    if not off["instructions"]:
-        pytest.skip("no nvdisasm beside ptxas")
-    pinned_exps, twin_exps = on["exps_between_waits"], off["exps_between_waits"]
-    assert pinned_exps and len(pinned_exps) == len(twin_exps), (pinned_exps, twin_exps)
-    assert all(a > b for a, b in zip(pinned_exps, twin_exps)), (pinned_exps, twin_exps)
-    # the unmasked and masked step bodies of each consumer: the tile's 64 exponentials a thread, and
-    # the two row factors (alpha), at least
-    assert min(pinned_exps) >= 34 and max(pinned_exps) >= 66, pinned_exps
-    assert 0 < on["instructions"] - off["instructions"] <= off["instructions"] // 100, (on["instructions"],
-                                                                                       off["instructions"])
-    assert (on["wgmma"], on["tma"], on["shared"]) == (off["wgmma"], off["tma"], off["shared"])
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")

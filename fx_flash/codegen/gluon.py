@@ -64,24 +64,8 @@ GLUON_TEMPLATE = '''\
 # the warp-specialized one arrives on its empty barrier for the producer. A buffer's barriers
 # flip phase once per use, so tile t waits on parity (t // STAGES) & 1 (in the persistent kernel t
 # counts on across the program's output tiles: ``base``). In the warp-specialized consumers ptxas
-# moves the p·v wait above the softmax unless a TMA issue sits between them (HOLD, _hold) or a
-# store that needs the softmax's row sums (PIN, _pin); the single-partition kernel's own loads do
-# that.
-#
-# Note (the pin): without HOLD or PIN, the SASS of the warp-specialized consumers (triton 3.6's
-# ptxas; tests/test_gluon.py checks the Triton it runs) waits for p·v a few row-max instructions
-# after the wait for q·kᵀ, in plain attention and on the split causal walks: each consumer's
-# softmax runs after its own p·v, not under it, and only the other consumer's products fill the
-# tensor cores meanwhile. Neither the accumulator's rescale, nor the V buffer's release, nor the
-# registers p is packed into is what draws the wait up (each removed in turn, the SASS of triton
-# 3.6 kept it there). ptxas does not move it above a TMA issue (the hold, which Gluon precedes
-# with a barrier of the warpgroup's 128 threads, one thread issuing it) nor above a store that
-# needs the softmax: the pin passes the row sums l_i, which need every exponential of the step,
-# through an inline-PTX store to shared memory predicated on l_i < -1, which never holds. The
-# wait then follows the softmax (66 exponentials between the waits a step at BLOCK_N = 128: 64
-# and the two rows' alpha) for three instructions a row and no barrier. With three consumers at
-# 160 registers the accumulator, P and the scores then live at once and ptxas spills (912 B at
-# d = 64), so the pin is an option of the two-consumer persistent kernel (GluonConfig.pin).
+# moves the p·v wait above the softmax unless a TMA issue sits between them (HOLD, _hold); the
+# single-partition kernel's own loads do that.
 #
 # Note (the epilogue): a consumer normalizes its rows and stores them from registers (gl.store:
 # two elements a store, 64 stores a thread at d = 128), or, in the persistent kernel with TMA_STORE
@@ -253,26 +237,11 @@ def _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD: gl.constexpr):
 
 
 @gluon.jit
-def _pin(l_i, PIN: gl.constexpr):
-    """PIN: the row sums through a shared-memory store that never runs (its predicate, l_i < -1,
-    never holds: a sum of exponentials, or NaN). ptxas does not move the wait for p·v above a
-    store, and this one needs every exponential of the tile (l_i sums them), so the softmax stays
-    between the two waits, as with _hold but without a TMA issue and the partition barrier that
-    precedes one (see the pipeline note and the note on the pin)."""
-    if PIN:
-        l_i = gl.inline_asm_elementwise(
-            "{ .reg .pred never; .reg .b32 at; mov.b32 at, 0; setp.lt.f32 never, $$1, 0fBF800000; "
-            "@never st.shared.f32 [at], $$1; mov.f32 $$0, $$1; }", "=f,f", [l_i], dtype=gl.float32,
-            is_pure=False, pack=1)
-    return l_i
-
-
-@gluon.jit
 def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
           k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
           s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr,
-          EARLY: gl.constexpr, HOLD: gl.constexpr, KEYS: gl.constexpr, PIN: gl.constexpr = False):
+          EARLY: gl.constexpr, HOLD: gl.constexpr, KEYS: gl.constexpr):
     """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1.
     EARLY: the accumulator is rescaled by tile j-1's alpha while q·kᵀ runs (FlashAttention-3's
     order), not after p·v of tile j-1 has completed. Key tile j sits at ring position base + j.
@@ -296,7 +265,6 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
     _release(j, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
     _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD)
-    l_i = _pin(l_i, PIN)
     acc, p_op = warpgroup_mma_wait(0, deps=(pv, p_op))
     _release(j - 1, base, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     if not EARLY:
@@ -310,7 +278,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
             row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
             C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr,
-            SPLIT: gl.constexpr = False, HALF: gl.constexpr = False, PIN: gl.constexpr = False):
+            SPLIT: gl.constexpr = False, HALF: gl.constexpr = False):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
     tiles are loaded into the ring in all (more than n_tiles when another consumer needs more),
@@ -319,8 +287,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     (turns 0 … n_tiles). RELEASE_Q: arrive on ``q_empty`` once the last q·kᵀ has completed, so
     the producer loads the next output tile's Q while the last p·v and the epilogue run. HALF
     (with SPLIT, MASK = 1): a last tile whose second half lies past every row's diagonal is
-    computed on its first half only (the note on the diagonal's half). PIN: each step's softmax
-    kept under its p·v by _pin."""
+    computed on its first half only (the note on the diagonal's half)."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -361,23 +328,20 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}False, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N,
-                                               PIN)
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
         # the last tile's keys from BLOCK_N / 2 on lie past the last row (causal: every row masks them)
         half = (n_tiles > band) & (row_start + BLOCK_M <= (n_tiles - 1) * BLOCK_N + BLOCK_N // 2) & HALF
         for j in range(band, n_tiles - half.to(gl.int32)):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}True, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N,
-                                               PIN)
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
     else:
         for j in range(1, n_tiles):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N,
-                                               PIN)
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
     last = (base + n_tiles - 1) % STAGES
     if half:  # the last tile on its first BLOCK_N / 2 keys, then their p·v
         h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -390,7 +354,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
                                             gl.convert_layout(offs_m, h_rows),
                                             gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, h_layout)),
                                             ${OPS}True, h_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES,
-                                            WS, C, PP, EARLY, HOLD, BLOCK_N // 2, PIN)
+                                            WS, C, PP, EARLY, HOLD, BLOCK_N // 2)
         if RELEASE_Q:
             mbarrier.arrive(q_empty, count=1)
         acc = _last_pv(p_h, v_smem.index(last).slice(0, BLOCK_N // 2), acc, alpha_h, v_ready, v_empty, sched,
@@ -573,8 +537,7 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
-                   o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False,
-                   PIN: gl.constexpr = False):
+                   o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
@@ -590,7 +553,7 @@ $HEADS_WS
     acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                             q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
                             ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
-                            HALF, PIN)
+                            HALF)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
         mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
@@ -757,9 +720,9 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 
 @gluon.jit
-def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, PIN: gl.constexpr, o_smem,
-                         k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                         Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
+def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, o_smem, k_desc, v_desc,
+                         q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE,
+                         sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
                          SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
                          SPLIT: gl.constexpr, HALF: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
@@ -783,7 +746,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, PP, EARLY, HOLD, True,
-                           SPLIT, o_smem, TMA_STORE, HALF, PIN)
+                           SPLIT, o_smem, TMA_STORE, HALF)
             base += n_load
             done += 1
     if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)
@@ -803,7 +766,7 @@ def _attn_fwd_sm90_wsp(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
-    HALF: gl.constexpr = False, PIN: gl.constexpr = False,
+    HALF: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -836,8 +799,8 @@ def _attn_fwd_sm90_wsp(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
-    # (TMA_STORE, the ping-pong's PP and PIN go to the consumers wrapped in gl.constexpr, ahead of
-    # this tuple: see the note on constexprs in partitions)
+    # (TMA_STORE and the ping-pong's PP go to the consumers wrapped in gl.constexpr, ahead of this
+    # tuple: see the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT, HALF)
@@ -848,20 +811,20 @@ def _attn_fwd_sm90_wsp(
         gl.warp_specialize([
             (_producer_persistent, producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(PIN), o_smem) + consumer_args),
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(PIN), o_smem) + consumer_args),
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(PIN), o_smem) + consumer_args),
+                                    o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(PIN), o_smem) + consumer_args),
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(PIN), o_smem) + consumer_args),
+                                    o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(c))

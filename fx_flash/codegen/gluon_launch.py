@@ -196,9 +196,6 @@ class GluonConfig:
     # split causal walks only: a consumer's last key tile computed on its first BLOCK_N / 2 keys where
     # the rest lie past every row of it (gluon's note on the diagonal's half)
     half: bool = False
-    # persistent only: each consumer's softmax kept under its p·v by a store that never runs, where
-    # ptxas would wait for p·v first (gluon's note on the pin); the hold's end without its barrier
-    pin: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -211,8 +208,6 @@ class GluonConfig:
             raise ValueError("three consumer warpgroups are the persistent kernel's option")
         if self.half and not self.split:
             raise ValueError("half is an option of the split causal walk")
-        if self.pin and (not self.persistent or self.hold or self.consumers != 2):
-            raise ValueError("pin is an option of the two-consumer persistent kernel, in place of the hold")
 
     @property
     def takes_views(self) -> bool:
@@ -235,7 +230,7 @@ class GluonConfig:
                                        ("one_section", self.one_section),
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
-                                       ("half diagonal", self.half), ("pinned p·v wait", self.pin))
+                                       ("half diagonal", self.half))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -484,8 +479,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         # a consumer's rows stored by TMA never cross into the next head only when N_Q is a multiple
         # of them; the descriptor addresses a contiguous output (heads as rows)
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
-        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half,
-                          PIN=config.pin)
+        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

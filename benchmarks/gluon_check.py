@@ -59,7 +59,7 @@ def variants(d: int) -> dict:
     K/V stage fewer at d = 128); a trailing "p" in a persistent
     kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "d"
     (split kinds): the last key tile on its first half where the rest lies past the diagonal, "dh"
-    with the hold too; "x":
+    with the hold too; "f" (persistent): the epilogue by reciprocals (GluonConfig.fast_epilogue); "x":
     the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES;
     "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
@@ -73,6 +73,10 @@ def variants(d: int) -> dict:
     # split kernels too (their SASS has none of the softmax between the two waits without it)
     found.update({name.replace(" ", "h ", 1): dataclasses.replace(cfg, hold=True)
                   for name, cfg in list(found.items()) if cfg.half and not cfg.hold})
+    # then "f" (persistent kinds): the epilogue by each row's reciprocal, the LSE's log2 by the
+    # hardware's approximation (GluonConfig.fast_epilogue; gluon's note on the epilogue's arithmetic)
+    found.update({name.replace(" ", "f ", 1): dataclasses.replace(cfg, fast_epilogue=True)
+                  for name, cfg in list(found.items()) if cfg.persistent and not cfg.hold})
     # "x" after a persistent kind's letters: the row max after the score's factor, as before gluon's
     # note on the row max (the control column)
     found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)

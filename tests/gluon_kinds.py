@@ -27,3 +27,7 @@ KINDS["wsptpx"] = dict(KINDS["wsptp"], raw_max=False)
 # a trailing "d" on a split kind: its last key tile on the first half of its keys where the rest lie
 # past the diagonal (GluonConfig.half; gluon's note on the diagonal's half)
 KINDS.update({kind + "d": dict(flags, half=True) for kind, flags in list(KINDS.items()) if flags.get("split")})
+# a trailing "f" on a persistent kind: the epilogue by each row's reciprocal and the LSE's log2 by the
+# hardware's approximation (GluonConfig.fast_epilogue; gluon's note on the epilogue's arithmetic)
+KINDS.update({kind + "f": dict(flags, fast_epilogue=True) for kind, flags in list(KINDS.items())
+              if flags.get("persistent")})

@@ -163,13 +163,15 @@ def test_footprint_counts_each_buffer():
 def test_persistent_config_rules():
     """The persistent kernel is a warp-specialized one; its ping-pong (named barriers) takes two
     or three consumers, the one-tile kernel's (mbarriers) two; one_section orders only its tiles,
-    and only it has three consumers."""
+    and only it has three consumers, and the epilogue by reciprocals."""
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, pingpong=True)
-    gluon_launch.GluonConfig(192, 128, 3, ws=True, persistent=True, pingpong=True, consumers=3)
+    gluon_launch.GluonConfig(192, 128, 3, ws=True, persistent=True, pingpong=True, consumers=3,
+                             fast_epilogue=True)
     for bad in (dict(persistent=True), dict(ws=True, pingpong=True, consumers=3),
                 dict(pingpong=True), dict(ws=True, one_section=True),
-                dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4)):
+                dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4),
+                dict(ws=True, fast_epilogue=True)):
         with pytest.raises(ValueError):
             gluon_launch.GluonConfig(128, 128, 3, **bad)
 
@@ -527,6 +529,9 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     # diagonal's half), with soft-capping's score too, and among three consumers
     "causal-d128-wspstd": (CAUSAL, 128, "wspstd"), "softcap-d64-wspstpd": (SOFTCAP, 64, "wspstpd"),
     "causal-d64-wsp3stpd": (CAUSAL, 64, "wsp3stpd"),
+    # the epilogue by each row's reciprocal (gluon's note on the epilogue's arithmetic), beside two of
+    # the above
+    "plain-d64-wsptpf": ("score=qk*scale", 64, "wsptpf"), "causal-d128-wspstdf": (CAUSAL, 128, "wspstdf"),
 }
 
 
@@ -656,6 +661,24 @@ def test_half_diagonal_takes_half_width_products(compiled):
     assert set(full["wgmma_n"]) == {"128"}, full["wgmma_n"]
     assert half["wgmma_n"].get("64", 0) > 0 and half["wgmma_n"]["128"] > full["wgmma_n"]["128"], half["wgmma_n"]
     assert half["shared"] == full["shared"]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("fast, twin, elements", [("plain-d64-wsptpf", "plain-d64-wsptp", 32),
+                                                  ("causal-d128-wspstdf", "causal-d128-wspstd", 64)])
+def test_fast_epilogue_divides_once_a_row(compiled, fast, twin, elements):
+    """The epilogue by reciprocals (GluonConfig.fast_epilogue): a consumer thread's ``elements``
+    output values (BLOCK_M · HEAD_DIM / 128) are each multiplied by its row's reciprocal instead
+    of divided (div.full.f32: a scale for large divisors, a select, the multiply, a scale for
+    denormals), and the LSE's log2 is one MUFU.LG2, not the precise polynomial: each consumer's
+    code is at least 3 instructions an element shorter, with the same products and loads. None: no
+    nvdisasm beside ptxas."""
+    on, off = compiled[fast], compiled[twin]
+    if not off["instructions"]:
+        pytest.skip("no nvdisasm beside ptxas")
+    assert off["instructions"] - on["instructions"] >= 2 * 3 * elements, (on["instructions"], off["instructions"])
+    assert (on["wgmma"], on["tma"], on["shared"], on["stores"]) == (off["wgmma"], off["tma"], off["shared"],
+                                                                    off["stores"])
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")

@@ -76,6 +76,15 @@ GLUON_TEMPLATE = '''\
 # contiguous outputs whose N_Q is a multiple of BLOCK_M. Routed at d = 128 (gluon_launch.ROUTES:
 # 1.00-1.08x the kernel without it at 1k-8k, 0.98 causal 16k; GLUON_NOTES call 51), not at d = 64.
 #
+# Note (the epilogue's arithmetic): `acc / l` is Triton's div.full.f32 for each element (a scale
+# for large divisors, a select, a multiply by the reciprocal, a scale for denormals: 150 SASS
+# instructions a consumer at d = 64) and gl.log2 the precise polynomial. FAST_EPILOGUE
+# (GluonConfig.fast_epilogue) takes each row's reciprocal once and multiplies (a thread holds two
+# rows), and the LSE's log2 by lg2.approx (MUFU.LG2, absolute error about 2^-22): 180 fewer
+# instructions a consumer at d = 64, 256 at d = 128 (triton 3.6), at a tile's end, where a short
+# walk spends its fixed cost (GLUON_NOTES: 1.64 µs a tile more than cuDNN at d = 64). The output
+# then differs from the division by an fp32 rounding or two, far below bf16's.
+#
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than
 # free consumers). The persistent kernel's turns (PINGPONG) use a named hardware barrier per
@@ -388,17 +397,25 @@ def _last_pv(p_op, v_tile, acc, alpha, v_ready, v_empty, sched, last, position, 
 
 @gluon.jit
 def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, o_smem=None, TMA_STORE: gl.constexpr = False):
+              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, o_smem=None, TMA_STORE: gl.constexpr = False,
+              FAST: gl.constexpr = False):
     """Normalize; write the output rows below N_Q and their natural-log logsumexp. With TMA_STORE
     (the persistent kernel's, see the note on the epilogue) ``Out`` is a TMA descriptor: the rows go
     into this consumer's staging tile ``o_smem`` once its previous tile's store has read it and are
     stored whole, at row off_hz·N_Q + row_start (a contiguous output with N_Q a multiple of
     BLOCK_M, so that a tile never crosses into the next head; a tile wholly past N_Q is not
-    stored)."""
+    stored). FAST: each row's reciprocal once, then a multiply an element, and the log2 of the LSE
+    by the hardware's approximation (see the note on the epilogue's arithmetic)."""
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-    out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+    if FAST:
+        log2_l = gl.inline_asm_elementwise("lg2.approx.f32 $$0, $$1;", "=f,f", [l_safe], dtype=gl.float32,
+                                           is_pure=True, pack=1)
+        out = acc * gl.convert_layout(1.0 / l_safe, o_rows)[:, None]
+    else:
+        log2_l = gl.log2(l_safe)
+        out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + log2_l) * LN2)
     if TMA_STORE:
         tma.store_wait(0)  # the previous tile's rows have left o_smem
         o_smem.store(out.to(o_smem.dtype))
@@ -537,7 +554,8 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
-                   o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False):
+                   o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False,
+                   FAST_EPILOGUE: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
@@ -564,7 +582,7 @@ $HEADS_WS
         _pass_turn(sched, c, PP)
     # with TMA_STORE, Out is a TMA descriptor and o_smem the consumers' staging tiles
     _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-              BLOCK_M, HEAD_DIM, o_smem.index(c) if TMA_STORE else None, TMA_STORE)
+              BLOCK_M, HEAD_DIM, o_smem.index(c) if TMA_STORE else None, TMA_STORE, FAST_EPILOGUE)
 
 
 @gluon.jit
@@ -720,8 +738,9 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 
 @gluon.jit
-def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, o_smem, k_desc, v_desc,
-                         q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE,
+def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, FAST_EPILOGUE: gl.constexpr,
+                         o_smem, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                         v_empty, Out, LSE,
                          sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
                          SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
                          SPLIT: gl.constexpr, HALF: gl.constexpr):
@@ -746,7 +765,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, PP, EARLY, HOLD, True,
-                           SPLIT, o_smem, TMA_STORE, HALF)
+                           SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE)
             base += n_load
             done += 1
     if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)
@@ -766,7 +785,7 @@ def _attn_fwd_sm90_wsp(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
-    HALF: gl.constexpr = False,
+    HALF: gl.constexpr = False, FAST_EPILOGUE: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -799,8 +818,8 @@ def _attn_fwd_sm90_wsp(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
-    # (TMA_STORE and the ping-pong's PP go to the consumers wrapped in gl.constexpr, ahead of this
-    # tuple: see the note on constexprs in partitions)
+    # (TMA_STORE, the ping-pong's PP and FAST_EPILOGUE go to the consumers wrapped in gl.constexpr,
+    # ahead of this tuple: see the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT, HALF)
@@ -811,20 +830,20 @@ def _attn_fwd_sm90_wsp(
         gl.warp_specialize([
             (_producer_persistent, producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for c in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(c))

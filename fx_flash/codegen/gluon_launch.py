@@ -196,6 +196,9 @@ class GluonConfig:
     # split causal walks only: a consumer's last key tile computed on its first BLOCK_N / 2 keys where
     # the rest lie past every row of it (gluon's note on the diagonal's half)
     half: bool = False
+    # persistent only: the epilogue normalizes by each row's reciprocal and takes the LSE's log2 by
+    # the hardware's approximation (gluon's note on the epilogue's arithmetic)
+    fast_epilogue: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -208,6 +211,8 @@ class GluonConfig:
             raise ValueError("three consumer warpgroups are the persistent kernel's option")
         if self.half and not self.split:
             raise ValueError("half is an option of the split causal walk")
+        if self.fast_epilogue and not self.persistent:
+            raise ValueError("fast_epilogue is an option of the persistent kernel")
 
     @property
     def takes_views(self) -> bool:
@@ -230,7 +235,7 @@ class GluonConfig:
                                        ("one_section", self.one_section),
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
-                                       ("half diagonal", self.half))
+                                       ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -479,7 +484,8 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         # a consumer's rows stored by TMA never cross into the next head only when N_Q is a multiple
         # of them; the descriptor addresses a contiguous output (heads as rows)
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
-        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half)
+        constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half,
+                          FAST_EPILOGUE=config.fast_epilogue)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

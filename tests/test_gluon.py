@@ -422,18 +422,30 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert "4.0 key tiles per output tile on average, fewer than 8" in reason(512)
     assert reason(4096, causal) is None and reason(16384, causal) is None
     assert reason(4096, softcap) is None and reason(16384, alibi) is None
-    # from 8 key tiles (2k) plain causal scores take two consumers in turn with the TMA store (call 63,
-    # with the row max before the scale); other scores, and every causal score at 1k, stay portable
-    assert reason(2048, causal) is None and "8.5 key tiles" in reason(2048, softcap)
+    # from 4 key tiles (1k: 4.5; 2k until call 74) plain causal scores take two consumers in turn with
+    # the TMA store (call 63, with the row max before the scale); other scores stay portable, and every
+    # causal score at 512 (2.5)
+    assert reason(1024, causal) is None and reason(2048, causal) is None and "8.5 key tiles" in reason(2048, softcap)
     short = gluon_launch.routed_config(H200, causal, 64, 2, 2048, 2048)
     assert (short.consumers, short.split, short.tma_store, short.pingpong) == (2, True, True, True)
+    assert gluon_launch.routed_config(H200, causal, 64, 2, 1024, 1024) == short
     # the diagonal's half (call 70) on the two-consumer causal routes that were timed with it: head
     # dim 128's, and head dim 64's short one; not three consumers (0.82-0.94x), nor other scores' route
     assert short.half and causal_cfg.consumers == 3 and not causal_cfg.half
     assert not any(gluon_launch.routed_config(H200, softcap, 64, 2, n, n).half for n in (4096, 16384))
     assert all(gluon_launch.routed_config(H200, causal, 128, 2, n, n).half for n in (1024, 2048, 16384))
     assert not any(gluon_launch.routed_config(H200, sdpa_spec(), d, 2, 4096, 4096).half for d in (64, 128))
-    assert "4.5 key tiles per output tile on average, fewer than 8" in reason(1024, causal)
+    assert "2.5 key tiles per output tile on average, fewer than 4" in reason(512, causal)
+    # the epilogue by reciprocals (call 74) where it ran ahead: every causal route of head dim 128, at
+    # head dim 64 the two-consumer plain route and the causal routes of qk and the scale; not head dim
+    # 128 plain, head dim 64's three-consumer plain routes, nor other scores' causal route
+    def fast(spec, d, ns):
+        return [gluon_launch.routed_config(H200, spec, d, 2, n, n).fast_epilogue for n in ns]
+
+    assert all(fast(causal, 128, (1024, 4096, 16384)) + fast(softcap, 128, (1024, 16384)))
+    assert not any(fast(sdpa_spec(), 128, (1024, 4096, 16384)))
+    assert fast(sdpa_spec(), 64, (1024, 4096, 16384)) == [True, False, False]
+    assert all(fast(causal, 64, (1024, 2048, 4096, 16384))) and not any(fast(softcap, 64, (4096, 16384)))
     assert "ranged" in reason(8192, prefix)
     monkeypatch.setitem(gluon_launch.ROUTES, 64, {0: gluon_launch.ROUTES[64][0]})
     assert "a causal keep-predicate were not measured faster" in reason(8192, causal)

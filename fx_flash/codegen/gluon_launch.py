@@ -115,8 +115,10 @@ SPILL_FREE_TRITON = ("3.6", )
 # With the row max before the scale (gluon's note on the row max; call 63) the two-consumer causal
 # kernel with the TMA store and turns ran 1.056x the portable forward at N = 2k (a walk of 8.5),
 # where a Gluon kernel had not reached rule 2's 1.03 before (call 62: 1.015); at 1k (4.5) 1.00.
-# Causal specs of a score of qk and the scale take it from MIN_WALK_D64_CAUSAL_SHORT key tiles.
-MIN_WALK_D64_CAUSAL_SHORT = 8
+# Causal specs of a score of qk and the scale take it from MIN_WALK_D64_CAUSAL_SHORT key tiles: from
+# 8.5 (N = 2k) until call 74, from 4.5 (N = 1k) since, where with the diagonal's half and the epilogue
+# by reciprocals (below) it ran 1.053x the portable forward (296 against 281 TFLOP/s).
+MIN_WALK_D64_CAUSAL_SHORT = 4
 # The two-consumer causal routes compute a consumer's last key tile on its first half where the
 # rest lies past the diagonal (``half``: gluon's note on the diagonal's half). In three alternating
 # rounds (call 70) against the same kernels without it: at head dim 128 1.000, 1.016, 1.013, 1.011x
@@ -124,6 +126,14 @@ MIN_WALK_D64_CAUSAL_SHORT = 8
 # the portable forward still runs: 1.028x it, short of rule 2's 1.03). Not on the three-consumer
 # route, where it ran 0.82, 0.91, 0.94, 1.00x at 1k-16k (its consumer code grows to 10k SASS
 # instructions), nor on the two-consumer route of other scores at head dim 64, not timed with it.
+# The epilogue by reciprocals (``fast_epilogue``: gluon's note on the epilogue's arithmetic), in
+# three alternating rounds (call 74) against the same kernels without it, on the routes where the
+# geometric mean over the N they take was ≥ 1.01 with no row below 0.99: head dim 128 causal
+# (wspstpd at 1k 1.052x; wspstd at 2k, 4k, 16k 1.008, 1.007, 1.027x), head dim 64 plain at 1k
+# (wsptp 1.020x), causal with turns at 1k-2k (wspstpd 1.017, 1.017x) and among three consumers from
+# 4k (wsp3stp 1.000, 1.030x at 4k, 16k). Not on head dim 128 plain (wsptp 1.009, 1.003, 0.997,
+# 0.952x), nor head dim 64 plain with three consumers (wsp3tp 1.000, 1.017x at 2k, 4k; wsp3p 0.984x
+# at 16k), nor the head dim 64 route of other causal scores (not timed).
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -132,15 +142,18 @@ MIN_WALK_D64_CAUSAL_SHORT = 8
 # (``_not_measured``).
 ANY_SCORE, QK_ONLY = "any score", "a score of qk and the scale alone"
 ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), ),
-                1: ((dict(split=True, tma_store=True, half=True), MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
-                    (dict(split=True, tma_store=True, pingpong=True, half=True), MIN_WALK, ANY_SCORE))},
+                1: ((dict(split=True, tma_store=True, half=True, fast_epilogue=True), MIN_WALK_D128_CAUSAL_FREE,
+                     ANY_SCORE),
+                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True), MIN_WALK,
+                     ANY_SCORE))},
           64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64, ANY_SCORE),
                    (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE, ANY_SCORE),
-                   (dict(tma_store=True, pingpong=True), MIN_WALK_D64_SHORT, ANY_SCORE)),
-               1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True), MIN_WALK_D64_CAUSAL, QK_ONLY),
+                   (dict(tma_store=True, pingpong=True, fast_epilogue=True), MIN_WALK_D64_SHORT, ANY_SCORE)),
+               1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True),
+                    MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),
-                   (dict(split=True, tma_store=True, pingpong=True, half=True), MIN_WALK_D64_CAUSAL_SHORT,
-                    QK_ONLY))}}
+                   (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True),
+                    MIN_WALK_D64_CAUSAL_SHORT, QK_ONLY))}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)

@@ -59,7 +59,8 @@ def variants(d: int) -> dict:
     K/V stage fewer at d = 128); a trailing "p" in a persistent
     kind: its consumers take turns through named barriers (pingpong), "ph" with the hold; then "d"
     (split kinds): the last key tile on its first half where the rest lies past the diagonal, "dh"
-    with the hold too; "f" (persistent): the epilogue by reciprocals (GluonConfig.fast_epilogue); "x":
+    with the hold too; "f" (persistent): the epilogue by reciprocals (GluonConfig.fast_epilogue); "q"
+    (persistent): two Q buffers a consumer, with the deepest ring that then fits; "x":
     the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES;
     "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
@@ -77,6 +78,18 @@ def variants(d: int) -> dict:
     # hardware's approximation (GluonConfig.fast_epilogue; gluon's note on the epilogue's arithmetic)
     found.update({name.replace(" ", "f ", 1): dataclasses.replace(cfg, fast_epilogue=True)
                   for name, cfg in list(found.items()) if cfg.persistent and not cfg.hold})
+    # then "q" (persistent kinds): two Q buffers a consumer (GluonConfig.q_buffers; gluon's note on Q
+    # buffers), with the deepest ring that then fits this device's M
+    from fx_flash.codegen.gluon_launch import footprint
+
+    m = _shared_memory()
+    for name, cfg in list(found.items()):
+        if cfg.persistent and not cfg.hold:
+            stages = [s for s in range(2, cfg.STAGES + 1)
+                      if footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store, 2) <= m]
+            if stages:
+                found[name.replace(" ", "q ", 1).rsplit("/", 1)[0] + f"/{max(stages)}"] = dataclasses.replace(
+                    cfg, q_buffers=2, STAGES=max(stages))
     # "x" after a persistent kind's letters: the row max after the score's factor, as before gluon's
     # note on the row max (the control column)
     found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)
@@ -84,13 +97,10 @@ def variants(d: int) -> dict:
     # "KIND k64/S": a persistent kind with key tiles of 64 (BLOCK_N = 64) and the deepest ring of at
     # most 6 stages whose footprint fits this device's M (GLUON_NOTES call 69; S = 6 at d = 64 and
     # 5 at d = 128 on the H200)
-    from fx_flash.codegen.gluon_launch import footprint
-
-    m = _shared_memory()
     for name, cfg in list(found.items()):
-        if cfg.persistent and cfg.BLOCK_N == 128 and cfg.raw_max:
+        if cfg.persistent and cfg.BLOCK_N == 128 and cfg.raw_max and cfg.q_buffers == 1:
             stages = max(s for s in range(2, 7)
-                         if footprint(cfg.BLOCK_M, 64, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store) <= m)
+                         if footprint(cfg.BLOCK_M, 64, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store, cfg.q_buffers) <= m)
             found[f"{name.split()[0]} k64/{stages}"] = dataclasses.replace(cfg, BLOCK_N=64, STAGES=stages)
     return found
 

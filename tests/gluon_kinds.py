@@ -31,3 +31,6 @@ KINDS.update({kind + "d": dict(flags, half=True) for kind, flags in list(KINDS.i
 # hardware's approximation (GluonConfig.fast_epilogue; gluon's note on the epilogue's arithmetic)
 KINDS.update({kind + "f": dict(flags, fast_epilogue=True) for kind, flags in list(KINDS.items())
               if flags.get("persistent")})
+# a trailing "q" on a persistent kind: two Q buffers a consumer (GluonConfig.q_buffers; gluon's note
+# on Q buffers)
+KINDS.update({kind + "q": dict(flags, q_buffers=2) for kind, flags in list(KINDS.items()) if flags.get("persistent")})

@@ -163,15 +163,16 @@ def test_footprint_counts_each_buffer():
 def test_persistent_config_rules():
     """The persistent kernel is a warp-specialized one; its ping-pong (named barriers) takes two
     or three consumers, the one-tile kernel's (mbarriers) two; one_section orders only its tiles,
-    and only it has three consumers, and the epilogue by reciprocals."""
+    and only it has three consumers, the epilogue by reciprocals and two Q buffers."""
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
     gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, pingpong=True)
     gluon_launch.GluonConfig(192, 128, 3, ws=True, persistent=True, pingpong=True, consumers=3,
-                             fast_epilogue=True)
+                             fast_epilogue=True, q_buffers=2)
     for bad in (dict(persistent=True), dict(ws=True, pingpong=True, consumers=3),
                 dict(pingpong=True), dict(ws=True, one_section=True),
                 dict(ws=True, consumers=3), dict(ws=True, persistent=True, consumers=4),
-                dict(ws=True, fast_epilogue=True)):
+                dict(ws=True, fast_epilogue=True), dict(ws=True, q_buffers=2),
+                dict(ws=True, persistent=True, q_buffers=3)):
         with pytest.raises(ValueError):
             gluon_launch.GluonConfig(128, 128, 3, **bad)
 
@@ -544,6 +545,9 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     # the epilogue by each row's reciprocal (gluon's note on the epilogue's arithmetic), beside two of
     # the above
     "plain-d64-wsptpf": ("score=qk*scale", 64, "wsptpf"), "causal-d128-wspstdf": (CAUSAL, 128, "wspstdf"),
+    # two Q buffers a consumer (gluon's note on Q buffers), on the two-consumer causal kernel with
+    # turns at both head dims (at d = 128 beside the TMA store's staging tiles: two K/V stages)
+    "causal-d64-wspstpdfq": (CAUSAL, 64, "wspstpdfq"), "causal-d128-wspstpdfq": (CAUSAL, 128, "wspstpdfq"),
 }
 
 
@@ -581,7 +585,8 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     cfg = _tile(d, kind)
     assert (report["spec"], report["head_dim"], report["kind"]) == (text, d, kind)
     assert report["wgmma"] > 0 and report["tma"] > 0
-    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers, cfg.tma_store)
+    model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers, cfg.tma_store,
+                                   cfg.q_buffers)
     if ws:
         assert model - gluon_launch.WS_CAPTURE_BYTES < report["shared"] <= model
         assert ("160" if kind.startswith("wsp3") else "240") in report["setmaxnreg"]  # the consumers' registers are raised

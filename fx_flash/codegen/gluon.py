@@ -119,6 +119,17 @@ GLUON_TEMPLATE = '''\
 # its second half past the consumer's last row). The half tile's row layouts hold the same rows
 # per thread as the full tile's, so converting m_i and l_i between them moves no data.
 #
+# Note (Q buffers): the persistent producer issues its loads in order, each output tile's Q before
+# its K/V, and waits for a Q buffer to be free before loading into it. With one Q buffer a consumer
+# (Q_BUFFERS = 1), the next output tile's K/V loads therefore wait until this tile's last q·kᵀ has
+# completed, even where the ring has free stages, and on a short walk the next tile's first product
+# waits for their latency: at d = 64 causal 1k the H200's profile (GLUON_NOTES call 61) found the
+# producer waiting on Q's empty barriers for most of its samples and consumer 0 waiting for the
+# next tile's first K tile for 9% of its own. With two (Q_BUFFERS = 2, GluonConfig.q_buffers), a
+# consumer's Q of a tile goes into the buffer its tile before last used, so the producer runs ahead
+# into the next tile as far as the ring allows, for CONSUMERS·BLOCK_M·HEAD_DIM more elements of
+# shared memory (measured in call 62, removed, and brought back for the short walks in call 76).
+#
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
 # consumer_args is) arrives as a runtime value (int1, int32): GROUP, EARLY, HOLD and SPLIT are
@@ -552,11 +563,11 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v
 @gluon.jit
 def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_empty, k_ready, v_ready,
                    k_empty, v_empty, sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                   off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, q_phase, PP: gl.constexpr,
+                   off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
                    o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False,
                    FAST_EPILOGUE: gl.constexpr = False):
-    """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer c
+    """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer qi
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
     keeps turning, each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
@@ -567,9 +578,9 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
     row_start = row0 + c * BLOCK_M
     n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
 $HEADS_WS
-    mbarrier.wait(q_bars.index(c), q_phase)
-    acc, m_i, l_i = _attend(q_smem.index(c), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
-                            q_empty.index(c), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
+    mbarrier.wait(q_bars.index(qi), q_phase)
+    acc, m_i, l_i = _attend(q_smem.index(qi), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
+                            q_empty.index(qi), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
                             ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
                             HALF)
     for i in range(n_tiles, n_load):
@@ -592,7 +603,7 @@ def _consumer(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k
     """Consumer warpgroup c of the one output tile of a program (_consumer_tile)."""
     _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_bars, k_ready, v_ready, k_empty, v_empty,
                    sched, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z, off_h, off_hz, row0,
-                   kv_row, N_Q, N_KV, n_load, 0, 0, PP, EARLY, HOLD, False)
+                   kv_row, N_Q, N_KV, n_load, 0, c, 0, PP, EARLY, HOLD, False)
 
 
 @gluon.jit
@@ -690,17 +701,18 @@ def _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS):
 
 
 @gluon.jit
-def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH,
-                         KV_RZ, KV_RH, KV_CH, GROUP: gl.constexpr):
-    """The persistent kernel's load partition: for each output tile of the schedule, both Q tiles
-    (each once its consumer has finished the previous tile's q·kᵀ), then its K and V tiles into
+def _producer_persistent(Q_BUFFERS: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                         k_ready, v_ready, k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS,
+                         ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH, GROUP: gl.constexpr):
+    """The persistent kernel's load partition: for each output tile of the schedule, each
+    consumer's Q tile (into that consumer's next Q buffer, once it has finished the q·kᵀ of the
+    tile that used the buffer before: see the note on Q buffers), then its K and V tiles into
     the ring, whose positions run on across output tiles (``it``), so the next tile's loads start
     while the consumers still finish the current one. Where a head's rows lie in its descriptor
     (the glossary's descriptors): Q head (z, h) from row z·Q_RZ + h·Q_RH, column h·Q_CH; K/V head
     (z, h // GROUP) likewise with KV_RZ, KV_RH, KV_CH."""
     dtype: gl.constexpr = q_smem.dtype
-    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     STAGES: gl.constexpr = k_smem.shape[0]
@@ -721,9 +733,10 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
             row0 = m * CONSUMERS * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, BLOCK_N)  # the last consumer reads the most
             for c in gl.static_range(CONSUMERS):
-                mbarrier.wait(q_empty.index(c), (done & 1) ^ 1)
-                mbarrier.expect(q_ready.index(c), q_bytes)
-                _tma_load(q_desc, [q_row + row0 + c * BLOCK_M, q_col], q_ready.index(c), q_smem.index(c))
+                qi = c + CONSUMERS * (done % Q_BUFFERS)
+                mbarrier.wait(q_empty.index(qi), ((done // Q_BUFFERS) & 1) ^ 1)
+                mbarrier.expect(q_ready.index(qi), q_bytes)
+                _tma_load(q_desc, [q_row + row0 + c * BLOCK_M, q_col], q_ready.index(qi), q_smem.index(qi))
             for i in range(n_load):
                 buf = (it + i) % STAGES
                 free = (((it + i) // STAGES) & 1) ^ 1
@@ -739,17 +752,17 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, FAST_EPILOGUE: gl.constexpr,
-                         o_smem, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, Out, LSE,
-                         sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES, SECTION,
-                         SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
-                         SPLIT: gl.constexpr, HALF: gl.constexpr):
+                         Q_BUFFERS: gl.constexpr, o_smem, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                         k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H,
+                         N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr,
+                         EARLY: gl.constexpr, HOLD: gl.constexpr, SPLIT: gl.constexpr, HALF: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
     each through _consumer_tile, key tile 0 of each at the ring position where the previous
-    one's loads ended. PP = CONSUMERS: the consumers take turns through named barriers in order,
+    one's loads ended, its Q in the buffer the producer loaded it into (Q_BUFFERS a consumer, taken
+    in turn). PP = CONSUMERS: the consumers take turns through named barriers in order,
     consumer 0 first (the last consumer passes it a turn before any), and consumer 0 takes the
     turn the last passes after its last, so that every arrival at the barriers is matched."""
-    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     if PP >= 2:
         if c == CONSUMERS - 1:
@@ -764,7 +777,8 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, done & 1, PP, EARLY, HOLD, True,
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base,
+                           c + CONSUMERS * (done % Q_BUFFERS), (done // Q_BUFFERS) & 1, PP, EARLY, HOLD, True,
                            SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE)
             base += n_load
             done += 1
@@ -785,7 +799,7 @@ def _attn_fwd_sm90_wsp(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
-    HALF: gl.constexpr = False, FAST_EPILOGUE: gl.constexpr = False,
+    HALF: gl.constexpr = False, FAST_EPILOGUE: gl.constexpr = False, Q_BUFFERS: gl.constexpr = 1,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -797,29 +811,31 @@ def _attn_fwd_sm90_wsp(
     CONSUMERS·BLOCK_M) query tiles per head, SECTION heads per section, SECTION_ROUNDS = cdiv(SECTION · Q_TILES, G) rounds per section, ROUNDS in all
     (computed here, such sizes were hoisted above the partitions' register reallocation by the
     compiler, and ptxas kept them in local memory). PINGPONG: the consumers take turns issuing
-    their products through named hardware barriers (see the note on the persistent ping-pong)."""
+    their products through named hardware barriers (see the note on the persistent ping-pong).
+    Q_BUFFERS = 2: two Q buffers a consumer (the note on Q buffers); consumer c's Q of the program's
+    t-th output tile in buffer c + CONSUMERS·(t % Q_BUFFERS)."""
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     if TMA_STORE:  # each consumer's output staging tile (see the note on the epilogue)
         o_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     else:
         o_smem = q_smem  # not used
-    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS * CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS * CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(CONSUMERS):
-        mbarrier.init(q_ready.index(c), count=1)
-        mbarrier.init(q_empty.index(c), count=1)
+    for i in gl.static_range(Q_BUFFERS * CONSUMERS):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
-    # (TMA_STORE, the ping-pong's PP and FAST_EPILOGUE go to the consumers wrapped in gl.constexpr,
-    # ahead of this tuple: see the note on constexprs in partitions)
+    # (TMA_STORE, the ping-pong's PP, FAST_EPILOGUE and Q_BUFFERS go to the partitions wrapped in
+    # gl.constexpr, ahead of these tuples: see the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT, HALF)
@@ -828,26 +844,26 @@ def _attn_fwd_sm90_wsp(
                      KV_RH, KV_CH, GROUP)
     if CONSUMERS == 3:
         gl.warp_specialize([
-            (_producer_persistent, producer_args),
+            (_producer_persistent, (gl.constexpr(Q_BUFFERS), ) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
-            (_producer_persistent, producer_args),
+            (_producer_persistent, (gl.constexpr(Q_BUFFERS), ) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
-    for c in gl.static_range(CONSUMERS):
-        mbarrier.invalidate(q_ready.index(c))
-        mbarrier.invalidate(q_empty.index(c))
+    for i in gl.static_range(Q_BUFFERS * CONSUMERS):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
     _invalidate_ring(k_ready, v_ready, k_empty, v_empty, STAGES)
 '''
 

@@ -212,6 +212,9 @@ class GluonConfig:
     # persistent only: the epilogue normalizes by each row's reciprocal and takes the LSE's log2 by
     # the hardware's approximation (gluon's note on the epilogue's arithmetic)
     fast_epilogue: bool = False
+    # persistent only: Q buffers a consumer (2: the next output tile's Q, and so its K/V, load while
+    # this tile runs; gluon's note on Q buffers)
+    q_buffers: int = 1
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -226,6 +229,8 @@ class GluonConfig:
             raise ValueError("half is an option of the split causal walk")
         if self.fast_epilogue and not self.persistent:
             raise ValueError("fast_epilogue is an option of the persistent kernel")
+        if self.q_buffers not in (1, 2) or (self.q_buffers == 2 and not self.persistent):
+            raise ValueError("two Q buffers a consumer are the persistent kernel's option")
 
     @property
     def takes_views(self) -> bool:
@@ -248,25 +253,28 @@ class GluonConfig:
                                        ("one_section", self.one_section),
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
-                                       ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue))
+                                       ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
+                                       ("two Q buffers", self.q_buffers == 2))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
 def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False,
-              consumers: int = 2, tma_store: bool = False) -> int:
+              consumers: int = 2, tma_store: bool = False, q_buffers: int = 1) -> int:
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
     the partitions when ``ws`` (with one more barrier per consumer: the ping-pong's turns,
     allocated whether or not it is on, or the persistent kernel's Q empty barriers in their
-    place), and with ``tma_store`` the consumers' output staging tiles (block_m rows in all). P and
+    place), and with ``tma_store`` the consumers' output staging tiles (block_m rows in all);
+    ``q_buffers`` Q tiles of block_m rows, and their two barriers each a consumer. P and
     the softmax stay in registers, so this is the whole of it: tests compare it with the compiled
     kernels' own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
-    tiles = elem_bytes * ((2 if tma_store else 1) * block_m * head_dim + 2 * stages * block_n * head_dim)
+    tiles = elem_bytes * ((q_buffers + (1 if tma_store else 0)) * block_m * head_dim
+                          + 2 * stages * block_n * head_dim)
     if ws:
-        return tiles + 2 * (-(-BARRIER_BYTES * consumers // 16) * 16) + 4 * ring + WS_CAPTURE_BYTES
+        return tiles + 2 * (-(-BARRIER_BYTES * consumers * q_buffers // 16) * 16) + 4 * ring + WS_CAPTURE_BYTES
     return tiles + BARRIER_BYTES + 2 * ring
 
 
@@ -281,12 +289,12 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
     """The tile for ``head_dim``: program_rows (BLOCK_M = 128, or 192 with three consumers), key
     tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES)
     whose footprint fits M. None if none fits. ``flags``: the other GluonConfig fields (pingpong,
-    early, hold, persistent, one_section, consumers, split, tma_store)."""
+    early, hold, persistent, one_section, consumers, split, tma_store, q_buffers…)."""
     block_m = program_rows(ws, flags.get("consumers", 2))
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
                    if footprint(block_m, block_n, head_dim, elem_bytes, s, ws, flags.get("consumers", 2),
-                                flags.get("tma_store", False)) <= device.shared_memory]
+                                flags.get("tma_store", False), flags.get("q_buffers", 1)) <= device.shared_memory]
         if fitting:
             return GluonConfig(block_m, block_n, max(fitting), ws, **flags)
     return None
@@ -498,7 +506,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         # of them; the descriptor addresses a contiguous output (heads as rows)
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
         constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half,
-                          FAST_EPILOGUE=config.fast_epilogue)
+                          FAST_EPILOGUE=config.fast_epilogue, Q_BUFFERS=config.q_buffers)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

@@ -423,13 +423,18 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert "4.0 key tiles per output tile on average, fewer than 8" in reason(512)
     assert reason(4096, causal) is None and reason(16384, causal) is None
     assert reason(4096, softcap) is None and reason(16384, alibi) is None
-    # from 4 key tiles (1k: 4.5; 2k until call 74) plain causal scores take two consumers in turn with
+    # from 4 key tiles (1k: 4.5; 8 until call 74) plain causal scores take two consumers in turn with
     # the TMA store (call 63, with the row max before the scale); other scores stay portable, and every
     # causal score at 512 (2.5)
     assert reason(1024, causal) is None and reason(2048, causal) is None and "8.5 key tiles" in reason(2048, softcap)
     short = gluon_launch.routed_config(H200, causal, 64, 2, 2048, 2048)
     assert (short.consumers, short.split, short.tma_store, short.pingpong) == (2, True, True, True)
-    assert gluon_launch.routed_config(H200, causal, 64, 2, 1024, 1024) == short
+    # at 1k the same kernel with two Q buffers a consumer (call 76; the next tile's Q and K/V load early)
+    assert gluon_launch.routed_config(H200, causal, 64, 2, 1024, 1024) == replace(short, q_buffers=2)
+    assert short.q_buffers == 1 and not any(
+        gluon_launch.routed_config(H200, spec, d, 2, n, n).q_buffers == 2
+        for d in (64, 128) for spec in (sdpa_spec(), causal) for n in (2048, 4096, 16384))
+    assert gluon_launch.routed_config(H200, causal, 128, 2, 1024, 1024).q_buffers == 1
     # the diagonal's half (call 70) on the two-consumer causal routes that were timed with it: head
     # dim 128's, and head dim 64's short one; not three consumers (0.82-0.94x), nor other scores' route
     assert short.half and causal_cfg.consumers == 3 and not causal_cfg.half

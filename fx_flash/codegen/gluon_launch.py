@@ -115,10 +115,14 @@ SPILL_FREE_TRITON = ("3.6", )
 # With the row max before the scale (gluon's note on the row max; call 63) the two-consumer causal
 # kernel with the TMA store and turns ran 1.056x the portable forward at N = 2k (a walk of 8.5),
 # where a Gluon kernel had not reached rule 2's 1.03 before (call 62: 1.015); at 1k (4.5) 1.00.
-# Causal specs of a score of qk and the scale take it from MIN_WALK_D64_CAUSAL_SHORT key tiles: from
-# 8.5 (N = 2k) until call 74, from 4.5 (N = 1k) since, where with the diagonal's half and the epilogue
-# by reciprocals (below) it ran 1.053x the portable forward (296 against 281 TFLOP/s).
-MIN_WALK_D64_CAUSAL_SHORT = 4
+# Causal specs of a score of qk and the scale take it from MIN_WALK_D64_CAUSAL_SHORT key tiles (8.5:
+# N = 2k), and from MIN_WALK_D64_CAUSAL_SHORTEST (4.5: N = 1k, until call 74 the portable forward's)
+# with two Q buffers a consumer (``q_buffers``, gluon's note on Q buffers): with the diagonal's half
+# and the epilogue by reciprocals (below) the kernel ran 1.053x the portable forward at 1k (call 74:
+# 296 against 281 TFLOP/s), and its two-Q-buffer twin 1.020x it there (call 76, three rounds: 301
+# against 295; at 2k 1.000, so from 8.5 on one buffer).
+MIN_WALK_D64_CAUSAL_SHORT = 8
+MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # The two-consumer causal routes compute a consumer's last key tile on its first half where the
 # rest lies past the diagonal (``half``: gluon's note on the diagonal's half). In three alternating
 # rounds (call 70) against the same kernels without it: at head dim 128 1.000, 1.016, 1.013, 1.011x
@@ -153,7 +157,9 @@ ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), 
                     MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),
                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True),
-                    MIN_WALK_D64_CAUSAL_SHORT, QK_ONLY))}}
+                    MIN_WALK_D64_CAUSAL_SHORT, QK_ONLY),
+                   (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, q_buffers=2),
+                    MIN_WALK_D64_CAUSAL_SHORTEST, QK_ONLY))}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)

@@ -127,7 +127,7 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # rest lies past the diagonal (``half``: gluon's note on the diagonal's half). In three alternating
 # rounds (call 70) against the same kernels without it: at head dim 128 1.000, 1.016, 1.013, 1.011x
 # on the routed kernels at N = 1k, 2k, 4k, 16k, at head dim 64 1.017x at 2k (and 1.051x at 1k, where
-# the portable forward still runs: 1.028x it, short of rule 2's 1.03). Not on the three-consumer
+# the portable forward ran until call 74: 1.028x it, short of rule 2's 1.03). Not on the three-consumer
 # route, where it ran 0.82, 0.91, 0.94, 1.00x at 1k-16k (its consumer code grows to 10k SASS
 # instructions), nor on the two-consumer route of other scores at head dim 64, not timed with it.
 # The epilogue by reciprocals (``fast_epilogue``: gluon's note on the epilogue's arithmetic), in

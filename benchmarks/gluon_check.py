@@ -64,43 +64,34 @@ def variants(d: int) -> dict:
     the row max after the score's factor (GluonConfig.raw_max off). BLOCK_M/ or BLOCK_N/STAGES;
     "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
+    from fx_flash.codegen.gluon_launch import footprint
+    from tests.gluon_kinds import TWINS
 
     found = _variants(d, C)
-    # "d" after a split kind's letters: its last key tile on the first half of its keys where the rest
-    # lie past every row's diagonal (GluonConfig.half; gluon's note on the diagonal's half)
-    found.update({name.replace(" ", "d ", 1): dataclasses.replace(cfg, half=True)
-                  for name, cfg in list(found.items()) if cfg.split})
-    # then "h": with the hold (gluon._hold), which keeps ptxas's wait for p·v below the softmax in the
-    # split kernels too (their SASS has none of the softmax between the two waits without it)
-    found.update({name.replace(" ", "h ", 1): dataclasses.replace(cfg, hold=True)
-                  for name, cfg in list(found.items()) if cfg.half and not cfg.hold})
-    # then "f" (persistent kinds): the epilogue by each row's reciprocal, the LSE's log2 by the
-    # hardware's approximation (GluonConfig.fast_epilogue; gluon's note on the epilogue's arithmetic)
-    found.update({name.replace(" ", "f ", 1): dataclasses.replace(cfg, fast_epilogue=True)
-                  for name, cfg in list(found.items()) if cfg.persistent and not cfg.hold})
-    # then "q" (persistent kinds): two Q buffers a consumer (GluonConfig.q_buffers; gluon's note on Q
-    # buffers), with the deepest ring that then fits this device's M
-    from fx_flash.codegen.gluon_launch import footprint
-
     m = _shared_memory()
-    for name, cfg in list(found.items()):
-        if cfg.persistent and not cfg.hold:
-            stages = [s for s in range(2, cfg.STAGES + 1)
-                      if footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store, 2) <= m]
-            if stages:
-                found[name.replace(" ", "q ", 1).rsplit("/", 1)[0] + f"/{max(stages)}"] = dataclasses.replace(
-                    cfg, q_buffers=2, STAGES=max(stages))
-    # "x" after a persistent kind's letters: the row max after the score's factor, as before gluon's
-    # note on the row max (the control column)
-    found.update({name.replace(" ", "x ", 1): dataclasses.replace(cfg, raw_max=False)
-                  for name, cfg in list(found.items()) if cfg.persistent})
+
+    def fits(cfg):
+        """cfg at the deepest ring of at most its stages whose footprint fits this device's M (a
+        twin with more shared memory, two Q buffers, may take fewer stages), or None."""
+        stages = [s for s in range(2, cfg.STAGES + 1)
+                  if footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store,
+                               cfg.q_buffers) <= m]
+        return dataclasses.replace(cfg, STAGES=max(stages)) if stages else None
+
+    # the twins (tests/gluon_kinds.TWINS, the sm_90 checks' letters): the letter after the kind's,
+    # the tile after it "BLOCK_N/STAGES" as the twin's own
+    for letter, extra, takes in TWINS:
+        for name, cfg in list(found.items()):
+            twin = fits(dataclasses.replace(cfg, **extra)) if takes(dataclasses.asdict(cfg)) else None
+            if twin is not None:
+                found[f"{name.split()[0]}{letter} {name.split()[1].split('/')[0]}/{twin.STAGES}"] = twin
     # "KIND k64/S": a persistent kind with key tiles of 64 (BLOCK_N = 64) and the deepest ring of at
     # most 6 stages whose footprint fits this device's M (GLUON_NOTES call 69; S = 6 at d = 64 and
     # 5 at d = 128 on the H200)
     for name, cfg in list(found.items()):
         if cfg.persistent and cfg.BLOCK_N == 128 and cfg.raw_max and cfg.q_buffers == 1:
             stages = max(s for s in range(2, 7)
-                         if footprint(cfg.BLOCK_M, 64, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store, cfg.q_buffers) <= m)
+                         if footprint(cfg.BLOCK_M, 64, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store) <= m)
             found[f"{name.split()[0]} k64/{stages}"] = dataclasses.replace(cfg, BLOCK_N=64, STAGES=stages)
     return found
 

@@ -67,7 +67,8 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
     output stored by TMA when ``tma_store``; the row max before the score's factor when
-    ``raw_max``; the diagonal's half when ``half``; the epilogue by reciprocals when ``fast_epilogue``; ``q_buffers`` Q buffers a consumer)."""
+    ``raw_max``; the diagonal's half when ``half``; the epilogue by reciprocals when
+    ``fast_epilogue``; ``q_buffers`` Q buffers a consumer)."""
     module = _module(render_gluon(spec_from_text(spec_text), raw_max))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,

@@ -42,7 +42,8 @@ GLUON_TEMPLATE = '''\
 #   k_ready, v_ready   one mbarrier per K and V buffer, completed by its TMA load's bytes;
 #   k_empty, v_empty   (warp-specialized kernels only) completed when every consumer released it.
 #   sched              (warp-specialized, PINGPONG) consumer c's turn to issue its products.
-#   q_ready, q_empty   (persistent) consumer c's Q buffer loaded / free for the next output tile.
+#   q_ready, q_empty   (persistent) Q buffer i, consumer i % CONSUMERS's, loaded / free for a next
+#                      output tile (Q_BUFFERS a consumer: the note on Q buffers).
 #   s_layout, o_layout wgmma accumulator layouts of the scores (BLOCK_M, BLOCK_N) and of the output
 #                      (BLOCK_M, HEAD_DIM); a consumer's NUM_WARPS // 4 warpgroups split its rows.
 #   qk, s              raw q·kᵀ of a tile and the score computed from it, in log2 units (log2 e
@@ -80,10 +81,11 @@ GLUON_TEMPLATE = '''\
 # for large divisors, a select, a multiply by the reciprocal, a scale for denormals: 150 SASS
 # instructions a consumer at d = 64) and gl.log2 the precise polynomial. FAST_EPILOGUE
 # (GluonConfig.fast_epilogue) takes each row's reciprocal once and multiplies (a thread holds two
-# rows), and the LSE's log2 by lg2.approx (MUFU.LG2, absolute error about 2^-22): 180 fewer
-# instructions a consumer at d = 64, 256 at d = 128 (triton 3.6), at a tile's end, where a short
-# walk spends its fixed cost (GLUON_NOTES: 1.64 µs a tile more than cuDNN at d = 64). The output
-# then differs from the division by an fp32 rounding or two, far below bf16's.
+# rows; l is at least 1, its row max's own term, or 0 and then taken as 1), and the LSE's log2 by
+# lg2.approx (MUFU.LG2, absolute error about 2^-22): 180 fewer instructions a consumer at d = 64,
+# 256 at d = 128 (triton 3.6), at a tile's end, where a short walk spends its fixed cost
+# (GLUON_NOTES: 1.64 µs a tile more than cuDNN at d = 64). The output then differs from the
+# division by an fp32 rounding or two, far below bf16's.
 #
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than

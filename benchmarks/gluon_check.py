@@ -90,9 +90,8 @@ def variants(d: int) -> dict:
     # 5 at d = 128 on the H200)
     for name, cfg in list(found.items()):
         if cfg.persistent and cfg.BLOCK_N == 128 and cfg.raw_max and cfg.q_buffers == 1:
-            stages = max(s for s in range(2, 7)
-                         if footprint(cfg.BLOCK_M, 64, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store) <= m)
-            found[f"{name.split()[0]} k64/{stages}"] = dataclasses.replace(cfg, BLOCK_N=64, STAGES=stages)
+            k64 = fits(dataclasses.replace(cfg, BLOCK_N=64, STAGES=6))
+            found[f"{name.split()[0]} k64/{k64.STAGES}"] = k64
     return found
 
 

@@ -703,6 +703,14 @@ def _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS):
 
 
 @gluon.jit
+def _q_buffer(c: gl.constexpr, done, CONSUMERS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+    """(index, parity) of consumer c's Q buffer for the program's output tile ``done`` (counted
+    from 0): buffer c + CONSUMERS·(done % Q_BUFFERS), whose barriers have flipped once per earlier
+    use (the note on Q buffers). The producer waits on its empty barrier at the other parity."""
+    return c + CONSUMERS * (done % Q_BUFFERS), (done // Q_BUFFERS) & 1
+
+
+@gluon.jit
 def _producer_persistent(Q_BUFFERS: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
                          k_ready, v_ready, k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS,
                          ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH, GROUP: gl.constexpr):
@@ -735,8 +743,8 @@ def _producer_persistent(Q_BUFFERS: gl.constexpr, q_desc, k_desc, v_desc, q_smem
             row0 = m * CONSUMERS * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, BLOCK_N)  # the last consumer reads the most
             for c in gl.static_range(CONSUMERS):
-                qi = c + CONSUMERS * (done % Q_BUFFERS)
-                mbarrier.wait(q_empty.index(qi), ((done // Q_BUFFERS) & 1) ^ 1)
+                qi, q_phase = _q_buffer(c, done, CONSUMERS, Q_BUFFERS)
+                mbarrier.wait(q_empty.index(qi), q_phase ^ 1)
                 mbarrier.expect(q_ready.index(qi), q_bytes)
                 _tma_load(q_desc, [q_row + row0 + c * BLOCK_M, q_col], q_ready.index(qi), q_smem.index(qi))
             for i in range(n_load):
@@ -777,11 +785,11 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
             row0 = m * CONSUMERS * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
+            qi, q_phase = _q_buffer(c, done, CONSUMERS, Q_BUFFERS)
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base,
-                           c + CONSUMERS * (done % Q_BUFFERS), (done // Q_BUFFERS) & 1, PP, EARLY, HOLD, True,
-                           SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE)
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP, EARLY, HOLD,
+                           True, SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE)
             base += n_load
             done += 1
     if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)

@@ -7,7 +7,7 @@ v1: one partition; ws: warp-specialized (a TMA producer and two consumer warpgro
 the consumers taking turns (mbarriers), ppe also rescaling the accumulator while q·kᵀ runs; wsp:
 ws as a persistent kernel; after "wsp" a "3": three consumer warpgroups, "s": the causal walk split
 in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (named barriers); a
-trailing "h" adds the hold (gluon._hold). Then the twins' letters (TWINS, below: d, h, f, q, x).
+trailing "h" adds the hold (gluon._hold). Then the twins' letters (TWINS, below: d, h, f, q, x, b).
 """
 
 
@@ -41,6 +41,10 @@ TWINS = (
     # the row max after the score's factor (GluonConfig.raw_max off), the control of gluon's note on
     # the row max
     ("x", dict(raw_max=False), lambda flags: flags.get("persistent", False)),
+    # each program's output tiles from the launcher's table, balanced by work (GluonConfig.balanced;
+    # gluon's note on the balanced order): the causal routes' kinds (split, the epilogue by reciprocals)
+    ("b", dict(balanced=True), lambda flags: flags.get("split", False) and flags.get("fast_epilogue", False)
+     and flags.get("raw_max", True)),
 )
 
 

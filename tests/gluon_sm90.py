@@ -62,35 +62,40 @@ def _module(source: str):
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool = False, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
                  split: bool = False, tma_store: bool = False, raw_max: bool = True, half: bool = False,
-                 fast_epilogue: bool = False, q_buffers: int = 1):
+                 fast_epilogue: bool = False, q_buffers: int = 1, balanced: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
     output stored by TMA when ``tma_store``; the row max before the score's factor when
     ``raw_max``; the diagonal's half when ``half``; the epilogue by reciprocals when
-    ``fast_epilogue``; ``q_buffers`` Q buffers a consumer)."""
+    ``fast_epilogue``; ``q_buffers`` Q buffers a consumer; the output tiles from the launcher's
+    table when ``balanced``)."""
     module = _module(render_gluon(spec_from_text(spec_text), raw_max))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
                                       tma_store=tma_store, half=half, fast_epilogue=fast_epilogue,
-                                      q_buffers=q_buffers)
+                                      q_buffers=q_buffers, balanced=balanced)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
                  **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")}}
     if persistent:  # the grid is the SMs, not the output tiles: the kernel takes Z, and the causal order's sections
-        signature = {**{k: v for k, v in signature.items() if k not in ("H", "N_Q", "N_KV")},
+        # (in the kernel's order of arguments: its table of output tiles after LSE)
+        signature = {**{k: v for k, v in signature.items() if k in ("q_desc", "k_desc", "v_desc", "Out", "LSE")},
+                     "order": "*i32",
+                     **{k: v for k, v in signature.items() if k not in ("q_desc", "k_desc", "v_desc", "Out", "LSE",
+                                                                        "H", "N_Q", "N_KV")},
                      **{name: "i32" for name in ("Z", "H", "N_Q", "N_KV", "Q_TILES", "SECTION", "SECTION_ROUNDS",
                                                  "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
               **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store, "HALF": half,
-                  "FAST_EPILOGUE": fast_epilogue, "Q_BUFFERS": q_buffers} if persistent else {})}
+                  "FAST_EPILOGUE": fast_epilogue, "Q_BUFFERS": q_buffers, "ORDER": balanced} if persistent else {})}
     if tma_store:  # the output through a TMA descriptor of a consumer's rows
         signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
-    divisible = (*(() if tma_store else ("Out", )), "LSE", "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
+    divisible = (*(() if tma_store else ("Out", )), "LSE", *(("order", ) if persistent else ()), "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}
     return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=SM90,
                           options={"num_warps": warps})

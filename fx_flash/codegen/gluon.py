@@ -132,6 +132,20 @@ GLUON_TEMPLATE = '''\
 # into the next tile as far as the ring allows, for CONSUMERS·BLOCK_M·HEAD_DIM more elements of
 # shared memory (measured in call 62, removed, and brought back for the short walks in call 76).
 #
+# Note (the balanced order): _output_tile's causal order (longest first within sections, odd rounds
+# reversed) gives each program a whole number of output tiles, and where the tiles are not a
+# multiple of the programs, some programs walk one tile more than others: at d = 64 causal 1k
+# (16 × 32 heads, 8 query tiles a head, 4,096 tiles on 132 programs, sections of 128 heads), each
+# section's last round takes 100 tiles, the same 32 programs idle in all four, and with each
+# tile's fixed cost (GLUON_NOTES: about two steps' time) the busiest program has 1.031x the mean
+# work. ORDER (GluonConfig.balanced) reads each program's tiles from a table the launcher
+# builds once per shape (gluon_launch.persistent_order): the tiles in _output_tile's order of
+# sections, longest first within each, each given to the program with the least work so far (its
+# key tiles plus TILE_COST_STEPS a tile), or _output_tile's own order where that models no worse
+# (1.006x at that shape, 1.004x at 2k). The table also holds each tile's batch and head, so the
+# tile's start takes no integer division; the partitions read round g + 1's entry while round g
+# runs, so its latency lies under a whole output tile.
+#
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
 # consumer_args is) arrives as a runtime value (int1, int32): GROUP, EARLY, HOLD and SPLIT are
@@ -482,8 +496,13 @@ def _head(off_hz, H, N_KV, GROUP: gl.constexpr):
     share one)."""
     off_z = off_hz // H
     off_h = off_hz % H
-    kv_row = (off_z * (H // GROUP) + off_h // GROUP) * N_KV
-    return off_z, off_h, kv_row
+    return off_z, off_h, _kv_row(off_z, off_h, H, N_KV, GROUP)
+
+
+@gluon.jit
+def _kv_row(off_z, off_h, H, N_KV, GROUP: gl.constexpr):
+    """The first row of query head (off_z, off_h)'s K/V head (GROUP query heads share one)."""
+    return (off_z * (H // GROUP) + off_h // GROUP) * N_KV
 
 
 @gluon.jit
@@ -711,9 +730,22 @@ def _q_buffer(c: gl.constexpr, done, CONSUMERS: gl.constexpr, Q_BUFFERS: gl.cons
 
 
 @gluon.jit
-def _producer_persistent(Q_BUFFERS: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
-                         k_ready, v_ready, k_empty, v_empty, H, N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS,
-                         ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH, GROUP: gl.constexpr):
+def _ordered_tile(order, g, H):
+    """(taken, batch, head, flat head, query tile) of this program's round g in the launcher's
+    table (ORDER: the note on the balanced order): four int32 a program a round, (z, h, m, 0), with
+    z = -1 where the program takes no tile. The table has a round past ROUNDS, all -1, so the
+    partitions read round g + 1 while round g runs without a bound check."""
+    entry = order + (g * gl.num_programs(0) + gl.program_id(0)) * 4
+    off_z = gl.load(entry)
+    off_h = gl.load(entry + 1)
+    return off_z, off_h, gl.load(entry + 2)
+
+
+@gluon.jit
+def _producer_persistent(Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, q_desc, k_desc, v_desc, q_smem,
+                         k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, N_Q, N_KV, ZH,
+                         Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
+                         GROUP: gl.constexpr):
     """The persistent kernel's load partition: for each output tile of the schedule, each
     consumer's Q tile (into that consumer's next Q buffer, once it has finished the q·kᵀ of the
     tile that used the buffer before: see the note on Q buffers), then its K and V tiles into
@@ -730,11 +762,18 @@ def _producer_persistent(Q_BUFFERS: gl.constexpr, q_desc, k_desc, v_desc, q_smem
     q_bytes: gl.constexpr = BLOCK_M * q_smem.shape[2] * dtype.primitive_bitwidth // 8
     it = 0
     done = 0  # output tiles taken: Q's barriers flip once per tile
+    if ORDER:
+        next_z, next_h, next_m = _ordered_tile(order, 0, H)
     for g in range(ROUNDS):
-        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
-        if taken:
+        if ORDER:  # this round's entry, read a round ahead (the note on the balanced order)
+            off_z, off_h, m = next_z, next_h, next_m
+            next_z, next_h, next_m = _ordered_tile(order, g + 1, H)
+            taken = off_z >= 0
+        else:
+            taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
             off_z = off_hz // H
             off_h = off_hz % H
+        if taken:
             off_hkv = off_h // GROUP
             q_row = off_z * Q_RZ + off_h * Q_RH
             q_col = off_h * Q_CH
@@ -762,7 +801,7 @@ def _producer_persistent(Q_BUFFERS: gl.constexpr, q_desc, k_desc, v_desc, q_smem
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, FAST_EPILOGUE: gl.constexpr,
-                         Q_BUFFERS: gl.constexpr, o_smem, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                         Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, o_smem, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
                          k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H,
                          N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr,
                          EARLY: gl.constexpr, HOLD: gl.constexpr, SPLIT: gl.constexpr, HALF: gl.constexpr):
@@ -779,10 +818,19 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             _pass_turn(q_ready, c, PP)
     base = 0
     done = 0
+    if ORDER:
+        next_z, next_h, next_m = _ordered_tile(order, 0, H)
     for g in range(ROUNDS):
-        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
-        if taken:
+        if ORDER:  # this round's entry, read a round ahead (the note on the balanced order)
+            off_z, off_h, m = next_z, next_h, next_m
+            next_z, next_h, next_m = _ordered_tile(order, g + 1, H)
+            taken = off_z >= 0
+            off_hz = off_z * H + off_h
+            kv_row = _kv_row(off_z, off_h, H, N_KV, GROUP)
+        else:
+            taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
             off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
+        if taken:
             row0 = m * CONSUMERS * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
             qi, q_phase = _q_buffer(c, done, CONSUMERS, Q_BUFFERS)
@@ -802,7 +850,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
 @gluon.jit(do_not_specialize=["Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ",
                               "KV_RH", "KV_CH"])  # one binary per spec and tile
 def _attn_fwd_sm90_wsp(
-    q_desc, k_desc, v_desc, Out, LSE, sm_scale,
+    q_desc, k_desc, v_desc, Out, LSE, order, sm_scale,
     stride_oz, stride_oh, stride_om,
     Z, H, N_Q, N_KV, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -810,6 +858,7 @@ def _attn_fwd_sm90_wsp(
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
     HALF: gl.constexpr = False, FAST_EPILOGUE: gl.constexpr = False, Q_BUFFERS: gl.constexpr = 1,
+    ORDER: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -823,7 +872,9 @@ def _attn_fwd_sm90_wsp(
     compiler, and ptxas kept them in local memory). PINGPONG: the consumers take turns issuing
     their products through named hardware barriers (see the note on the persistent ping-pong).
     Q_BUFFERS = 2: two Q buffers a consumer (the note on Q buffers); consumer c's Q of the program's
-    t-th output tile in buffer c + CONSUMERS·(t % Q_BUFFERS)."""
+    t-th output tile in buffer c + CONSUMERS·(t % Q_BUFFERS). ORDER: each program's output tiles
+    from the launcher's table ``order`` instead of _output_tile (the note on the balanced order;
+    without it ``order`` is not read)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -844,8 +895,8 @@ def _attn_fwd_sm90_wsp(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
-    # (TMA_STORE, the ping-pong's PP, FAST_EPILOGUE and Q_BUFFERS go to the partitions wrapped in
-    # gl.constexpr, ahead of these tuples: see the note on constexprs in partitions)
+    # (TMA_STORE, the ping-pong's PP, FAST_EPILOGUE, Q_BUFFERS and ORDER go to the partitions wrapped
+    # in gl.constexpr, ahead of these tuples: see the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
                      SECTION, SECTION_ROUNDS, ROUNDS, GROUP, EARLY, HOLD, SPLIT, HALF)
@@ -854,22 +905,27 @@ def _attn_fwd_sm90_wsp(
                      KV_RH, KV_CH, GROUP)
     if CONSUMERS == 3:
         gl.warp_specialize([
-            (_producer_persistent, (gl.constexpr(Q_BUFFERS), ) + producer_args),
+            (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
-            (_producer_persistent, (gl.constexpr(Q_BUFFERS), ) + producer_args),
+            (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for i in gl.static_range(Q_BUFFERS * CONSUMERS):
         mbarrier.invalidate(q_ready.index(i))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import importlib.util
 import logging
 import os
@@ -221,6 +222,9 @@ class GluonConfig:
     # persistent only: Q buffers a consumer (2: the next output tile's Q, and so its K/V, load while
     # this tile runs; gluon's note on Q buffers)
     q_buffers: int = 1
+    # persistent only: causal specs take each program's output tiles from the launcher's table,
+    # balanced by work (persistent_order; gluon's note on the balanced order)
+    balanced: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -237,6 +241,8 @@ class GluonConfig:
             raise ValueError("fast_epilogue is an option of the persistent kernel")
         if self.q_buffers not in (1, 2) or (self.q_buffers == 2 and not self.persistent):
             raise ValueError("two Q buffers a consumer are the persistent kernel's option")
+        if self.balanced and not self.persistent:
+            raise ValueError("balanced is an option of the persistent kernel")
 
     @property
     def takes_views(self) -> bool:
@@ -260,7 +266,7 @@ class GluonConfig:
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
                                        ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
-                                       ("two Q buffers", self.q_buffers == 2))
+                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -459,6 +465,73 @@ def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, con
     return min(z * h, max(1, L2_SECTION_BYTES // kv_head_bytes) * (h // k.shape[1]))
 
 
+# The work of an output tile in persistent_order's model: its key tiles, plus this many for what a
+# tile costs besides its steps (Q's wait, the first q·kᵀ, the last p·v, the epilogue). GLUON_NOTES'
+# line through d = 64 causal's times at 1k and 2k: 2.47 µs a tile against 1.16 a 128-key step.
+TILE_COST_STEPS = 2
+
+
+def _snake_order(heads: int, q_tiles: int, programs: int, section: int) -> list[list[tuple[int, int]]]:
+    """gluon._output_tile's causal order (MASK = 1) in Python: each program's (flat head, query
+    tile) in the order it walks them (tests check it against the rendered kernel's own)."""
+    section_rounds = -(-section * q_tiles // programs)
+    walks = [[] for _ in range(programs)]
+    for g in range(-(-heads // section) * section_rounds):
+        first, within_round = g // section_rounds * section, g % section_rounds * programs
+        n = min(section, heads - first)
+        for p in range(programs):
+            within = within_round + (programs - 1 - p if g & 1 else p)
+            if within < n * q_tiles:
+                walks[p].append((first + within % n, q_tiles - 1 - within // n))
+    return walks
+
+
+def _greedy_order(heads: int, walk: list[int], programs: int, section: int) -> list[list[tuple[int, int]]]:
+    """The tiles in _output_tile's order (sections of ``section`` heads, longest first within
+    each: ``walk[m]`` key tiles for query tile m), each to the program with the least modelled
+    work so far (the lowest index among equals)."""
+    heap = [(0, p) for p in range(programs)]
+    walks = [[] for _ in range(programs)]
+    for first in range(0, heads, section):
+        for m in sorted(range(len(walk)), key=lambda m: -walk[m]):
+            for hz in range(first, min(first + section, heads)):
+                work, p = heapq.heappop(heap)
+                walks[p].append((hz, m))
+                heapq.heappush(heap, (work + walk[m] + TILE_COST_STEPS, p))
+    return walks
+
+
+def _busiest(walks: list[list[tuple[int, int]]], walk: list[int]) -> int:
+    return max(sum(walk[m] + TILE_COST_STEPS for _, m in tiles) for tiles in walks)
+
+
+def persistent_order(h: int, walk: list[int], heads: int, programs: int, section: int) -> torch.Tensor:
+    """The persistent kernel's table of output tiles (ORDER: gluon's note on the balanced order), an
+    int32 (rounds + 1, programs, 4) CPU tensor: entry (g, p) is (batch, head, query tile, 0) of
+    program p's round-g tile, or -1s; its last round is all -1s. ``walk[m]``: key tiles of query
+    tile m; ``h`` heads a batch, ``heads`` flat heads. Of _output_tile's own order and the greedy
+    one, the one whose busiest program has the least modelled work (_output_tile's at a tie)."""
+    q_tiles = len(walk)
+    snake, greedy = _snake_order(heads, q_tiles, programs, section), _greedy_order(heads, walk, programs, section)
+    walks = greedy if _busiest(greedy, walk) < _busiest(snake, walk) else snake
+    rounds, none = max(map(len, walks)) + 1, (-1, -1, -1, -1)
+    return torch.tensor([[(tiles[g][0] // h, tiles[g][0] % h, tiles[g][1], 0) if g < len(tiles) else none
+                          for tiles in walks] for g in range(rounds)], dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _order_on(device: torch.device, h: int, walk: tuple, heads: int, programs: int, section: int) -> torch.Tensor:
+    """persistent_order's table on ``device``, built and copied once per shape (the op's plans keep
+    their launch; direct launches, as the benchmarks' are, find it here)."""
+    return persistent_order(h, list(walk), heads, programs, section).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_order(device: torch.device) -> torch.Tensor:
+    """What the persistent kernel takes for its table where it reads none (ORDER off)."""
+    return torch.full((4, ), -1, dtype=torch.int32, device=device)
+
+
 @dataclass(frozen=True)
 class ForwardLaunch:
     """What a forward launch of one call's shapes takes besides its tensors: the kernel, its grid,
@@ -506,13 +579,20 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         section = section or heads_per_section(spec, q, k, config)
         section_rounds = triton.cdiv(section * q_tiles, programs)
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
-        post = (scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds,
-                triton.cdiv(z * h, section) * section_rounds, q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
+        rounds = triton.cdiv(z * h, section) * section_rounds
+        order, ordered = _no_order(q.device), config.balanced and mask_kind(spec) == 1
+        if ordered:
+            walk = tuple(triton.cdiv(min(k.shape[2], (m + 1) * config.BLOCK_M), config.BLOCK_N) for m in range(q_tiles))
+            order = _order_on(q.device, h, walk, z * h, programs, section)
+            rounds = order.shape[0] - 1
+        post = (order, scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds, rounds,
+                q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
         # a consumer's rows stored by TMA never cross into the next head only when N_Q is a multiple
         # of them; the descriptor addresses a contiguous output (heads as rows)
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
         constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half,
-                          FAST_EPILOGUE=config.fast_epilogue, Q_BUFFERS=config.q_buffers)
+                          FAST_EPILOGUE=config.fast_epilogue, Q_BUFFERS=config.q_buffers,
+                          ORDER=ordered)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

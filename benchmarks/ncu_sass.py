@@ -10,6 +10,10 @@ see benchmarks/ncu_forward.py) summarized as
 - the global stores by width (STG.E.U16 is one bf16 element a store: GLUON_NOTES call 31).
 
     python benchmarks/ncu_sass.py X.csv [--top 25]
+    python benchmarks/ncu_sass.py X_cuda_sass.csv --source "score=qk*scale; keep=kv_idx <= q_idx"
+
+(the second: the export with the source lines, ``--print-source cuda,sass``, summed by the
+generated module's functions: GLUON_NOTES call 78).
 
 This is how GLUON_NOTES calls 31-32 split the forward's samples between its consumers, its
 producer and the epilogue's stores (`benchmarks/ncu_gluon_fwd_call3*.txt`).
@@ -25,12 +29,63 @@ import re
 SAMPLES = "Warp Stall Sampling (All Samples)"
 
 
-def read(path: str) -> list[dict]:
-    """The CSV's instruction rows as dicts (the first line names the kernel, the second the columns)."""
+def read(path: str) -> dict[str, list[dict]]:
+    """Each kernel's instruction rows as dicts, by kernel name: the CSV holds a block per profiled
+    kernel, a "Kernel Name" line and a line of columns, then its instructions."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    header = rows[1]
-    return [dict(zip(header, row)) for row in rows[2:] if len(row) == len(header)]
+    kernels, header, name = {}, None, None
+    for i, row in enumerate(rows):
+        if row and row[0] == "Kernel Name":
+            name, header = row[1], rows[i + 1]
+            kernels[name] = []
+        elif header is not None and row is not header and len(row) == len(header) and row[0] != header[0]:
+            kernels[name].append(dict(zip(header, row)))
+    return kernels
+
+
+def by_function(path: str, spec_text: str, top: int = 25) -> str:
+    """Stall samples of the source export with the high-level source beside the SASS (``ncu -i R
+    --page source --print-source cuda,sass --csv``): a block per source file, one line per source
+    line with its samples, then its SASS. The lines of the generated Gluon module (the module of
+    ``spec_text`` as this checkout renders it, which must be the code profiled) are summed by the
+    function they lie in (every gluon.jit function is inlined, so these are where the samples
+    fall in the source, not calls); other files (Triton's own library: the reductions) by file."""
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+    from fx_flash.codegen.gluon import render_gluon
+    from fx_flash.codegen.spec import spec_from_text
+
+    function, current = {}, None
+    for number, text in enumerate(render_gluon(spec_from_text(spec_text)).splitlines(), 1):
+        found = re.match(r"def (\w+)\(", text)
+        current = found.group(1) if found else current
+        function[number] = current
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    starts = [i for i, row in enumerate(rows) if row and row[0] == "File Path"] + [len(rows)]
+    functions, lines, files = collections.Counter(), collections.Counter(), collections.Counter()
+    for a, b in zip(starts, starts[1:]):
+        source_file = rows[a][1]
+        header = rows[a + 2]
+        column = header.index(SAMPLES)
+        for row in rows[a + 3:b]:
+            if len(row) > column and row[0]:  # a source line (its SASS rows have no line number)
+                samples = int(row[column]) if row[column].isdigit() else 0
+                if "fx_flash_gluon" in source_file:
+                    functions[function.get(int(row[0]))] += samples
+                    lines[(int(row[0]), row[1].strip()[:70])] += samples
+                else:
+                    files[source_file.rsplit("/", 1)[-1]] += samples
+    total = sum(functions.values()) + sum(files.values()) or 1
+    out = [f"{total} samples"]
+    out += [f"  {n / total:6.1%} {name}" for name, n in functions.most_common()]
+    out += [f"  {n / total:6.1%} (file {name})" for name, n in files.most_common()]
+    out.append(f"top {top} source lines:")
+    out += [f"  {n / total:6.1%} {number} {function.get(number)}: {text}"
+            for (number, text), n in lines.most_common(top)]
+    return "\n".join(out)
 
 
 def _count(row: dict, column: str) -> int:
@@ -107,8 +162,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--source", metavar="SPEC_TEXT",
+                    help="the CSV is the cuda,sass export: samples by function of this spec's module")
     args = ap.parse_args()
-    print(summary(read(args.csv), args.top))
+    if args.source:
+        print(by_function(args.csv, args.source, args.top))
+        return
+    for name, rows in read(args.csv).items():
+        print(f"=== {name}\n{summary(rows, args.top)}\n")
 
 
 if __name__ == "__main__":

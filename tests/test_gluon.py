@@ -488,12 +488,21 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert reason(1024, causal) is None and reason(2048, causal) is None and "8.5 key tiles" in reason(2048, softcap)
     short = gluon_launch.routed_config(H200, causal, 64, 2, 2048, 2048)
     assert (short.consumers, short.split, short.tma_store, short.pingpong) == (2, True, True, True)
-    # at 1k the same kernel with two Q buffers a consumer (call 76; the next tile's Q and K/V load early)
-    assert gluon_launch.routed_config(H200, causal, 64, 2, 1024, 1024) == replace(short, q_buffers=2)
-    assert short.q_buffers == 1 and not any(
-        gluon_launch.routed_config(H200, spec, d, 2, n, n).q_buffers == 2
-        for d in (64, 128) for spec in (sdpa_spec(), causal) for n in (2048, 4096, 16384))
-    assert gluon_launch.routed_config(H200, causal, 128, 2, 1024, 1024).q_buffers == 1
+    # with two Q buffers a consumer (call 76 at 1k; with the balanced order at 2k too, calls 79-80: the
+    # next tile's Q and K/V load early), the same kernel at 1k and 2k; no other route takes them
+    assert gluon_launch.routed_config(H200, causal, 64, 2, 1024, 1024) == short and short.q_buffers == 2
+    assert not any(gluon_launch.routed_config(H200, spec, d, 2, n, n).q_buffers == 2
+                   for d in (64, 128) for spec in (sdpa_spec(), causal) for n in (4096, 16384))
+    assert not any(gluon_launch.routed_config(H200, spec, 128, 2, n, n).q_buffers == 2
+                   for spec in (sdpa_spec(), causal) for n in (1024, 2048))
+    # the balanced order (calls 79-80) on head dim 64's causal routes of qk and the scale: not head
+    # dim 128 (1.00x there), not plain specs (every tile walks as far), nor other scores' route
+    def balanced(spec, d, ns):
+        return [gluon_launch.routed_config(H200, spec, d, 2, n, n).balanced for n in ns]
+
+    assert all(balanced(causal, 64, (1024, 2048, 4096, 16384)))
+    assert not any(balanced(causal, 128, (1024, 2048, 16384)) + balanced(sdpa_spec(), 64, (1024, 16384))
+                   + balanced(softcap, 64, (4096, 16384)) + balanced(softcap, 128, (1024, 16384)))
     # the diagonal's half (call 70) on the two-consumer causal routes that were timed with it: head
     # dim 128's, and head dim 64's short one; not three consumers (0.82-0.94x), nor other scores' route
     assert short.half and causal_cfg.consumers == 3 and not causal_cfg.half

@@ -116,13 +116,13 @@ SPILL_FREE_TRITON = ("3.6", )
 # With the row max before the scale (gluon's note on the row max; call 63) the two-consumer causal
 # kernel with the TMA store and turns ran 1.056x the portable forward at N = 2k (a walk of 8.5),
 # where a Gluon kernel had not reached rule 2's 1.03 before (call 62: 1.015); at 1k (4.5) 1.00.
-# Causal specs of a score of qk and the scale take it from MIN_WALK_D64_CAUSAL_SHORT key tiles (8.5:
-# N = 2k), and from MIN_WALK_D64_CAUSAL_SHORTEST (4.5: N = 1k, until call 74 the portable forward's)
-# with two Q buffers a consumer (``q_buffers``, gluon's note on Q buffers): with the diagonal's half
-# and the epilogue by reciprocals (below) the kernel ran 1.053x the portable forward at 1k (call 74:
-# 296 against 281 TFLOP/s), and its two-Q-buffer twin 1.020x it there (call 76, three rounds: 301
-# against 295; at 2k 1.000, so from 8.5 on one buffer).
-MIN_WALK_D64_CAUSAL_SHORT = 8
+# Causal specs of a score of qk and the scale take it from MIN_WALK_D64_CAUSAL_SHORTEST key tiles
+# (4.5: N = 1k, until call 74 the portable forward's) with two Q buffers a consumer (``q_buffers``,
+# gluon's note on Q buffers): with the diagonal's half and the epilogue by reciprocals (below) the
+# kernel ran 1.053x the portable forward at 1k (call 74: 296 against 281 TFLOP/s), and its
+# two-Q-buffer twin 1.020x it there (call 76, three rounds: 301 against 295; at 2k 1.000, so 2k
+# kept one buffer until call 80). With the balanced order (below) two buffers ran ahead at 2k too
+# (calls 79, 80: 1.027, 1.022x the balanced kernel with one), so 2k takes the 1k route's kernel.
 MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # The two-consumer causal routes compute a consumer's last key tile on its first half where the
 # rest lies past the diagonal (``half``: gluon's note on the diagonal's half). In three alternating
@@ -139,6 +139,12 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # 4k (wsp3stp 1.000, 1.030x at 4k, 16k). Not on head dim 128 plain (wsptp 1.009, 1.003, 0.997,
 # 0.952x), nor head dim 64 plain with three consumers (wsp3tp 1.000, 1.017x at 2k, 4k; wsp3p 0.984x
 # at 16k), nor the head dim 64 route of other causal scores (not timed).
+# The balanced order (``balanced``: each program's output tiles from persistent_order's table; gluon's
+# note on it) in four alternating rounds (call 80; call 79 in three agreed on these routes) against
+# the same kernels without it: head dim 64 causal 1k 1.059x (two Q buffers), 2k 1.022x (one), and
+# among three consumers 1.032, 1.026, 1.002x at 4k, 8k, 16k: those routes take it. Head dim 128
+# causal 1.007x at 1k (call 79 1.041) and 1.002, 1.000, 0.988, 1.015x at 2k-16k (call 79: 1.028,
+# 0.961, 0.981 at 2k-8k, the later columns then biased): the rule's 1.01 is not reached, not routed.
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -154,13 +160,11 @@ ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), 
           64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64, ANY_SCORE),
                    (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE, ANY_SCORE),
                    (dict(tma_store=True, pingpong=True, fast_epilogue=True), MIN_WALK_D64_SHORT, ANY_SCORE)),
-               1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True),
+               1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True, balanced=True),
                     MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),
-                   (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True),
-                    MIN_WALK_D64_CAUSAL_SHORT, QK_ONLY),
-                   (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, q_buffers=2),
-                    MIN_WALK_D64_CAUSAL_SHORTEST, QK_ONLY))}}
+                   (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, q_buffers=2,
+                     balanced=True), MIN_WALK_D64_CAUSAL_SHORTEST, QK_ONLY))}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)

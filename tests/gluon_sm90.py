@@ -95,7 +95,8 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
         signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
-    divisible = (*(() if tma_store else ("Out", )), "LSE", *(("order", ) if persistent else ()), "stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")
+    divisible = (*(() if tma_store else ("Out", )), "LSE", *(("order", ) if persistent else ()), "stride_oz",
+                 "stride_oh", "stride_om", "H", "N_Q", "N_KV")
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}
     return triton.compile(GluonASTSource(kernel, signature, consts, attrs), target=SM90,
                           options={"num_warps": warps})

@@ -39,7 +39,7 @@ def read(path: str) -> dict[str, list[dict]]:
         if row and row[0] == "Kernel Name":
             name, header = row[1], rows[i + 1]
             kernels[name] = []
-        elif header is not None and row is not header and len(row) == len(header) and row[0] != header[0]:
+        elif header is not None and len(row) == len(header) and row[0] != header[0]:  # not the columns' line
             kernels[name].append(dict(zip(header, row)))
     return kernels
 

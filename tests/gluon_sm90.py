@@ -79,14 +79,10 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
                  **{name: "i32" for name in ("stride_oz", "stride_oh", "stride_om", "H", "N_Q", "N_KV")}}
-    if persistent:  # the grid is the SMs, not the output tiles: the kernel takes Z, and the causal order's sections
-        # (in the kernel's order of arguments: its table of output tiles after LSE)
-        signature = {**{k: v for k, v in signature.items() if k in ("q_desc", "k_desc", "v_desc", "Out", "LSE")},
-                     "order": "*i32",
-                     **{k: v for k, v in signature.items() if k not in ("q_desc", "k_desc", "v_desc", "Out", "LSE",
-                                                                        "H", "N_Q", "N_KV")},
-                     **{name: "i32" for name in ("Z", "H", "N_Q", "N_KV", "Q_TILES", "SECTION", "SECTION_ROUNDS",
-                                                 "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}}
+    if persistent:  # the grid is the SMs, not the output tiles: the kernel takes Z, the causal order's sections
+        # and the balanced order's table
+        signature.update({"order": "*i32", **{name: "i32" for name in (
+            "Z", "Q_TILES", "SECTION", "SECTION_ROUNDS", "ROUNDS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH")}})
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
               **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store, "HALF": half,
@@ -95,6 +91,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
         signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})
     kernel = module._attn_fwd_sm90_wsp if persistent else module._attn_fwd_sm90_ws if ws else module._attn_fwd_sm90
+    signature = {name: signature[name] for name in kernel.arg_names if name in signature}  # in the kernel's order
     divisible = (*(() if tma_store else ("Out", )), "LSE", *(("order", ) if persistent else ()), "stride_oz",
                  "stride_oh", "stride_om", "H", "N_Q", "N_KV")
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}

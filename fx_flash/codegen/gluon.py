@@ -744,6 +744,36 @@ def _ordered_tile(order, g, H):
 
 
 @gluon.jit
+def _first_entry(order, H, ORDER: gl.constexpr):
+    """What _scheduled_tile takes for round 0: with ORDER its table entry, otherwise zeros it
+    does not read."""
+    if ORDER:
+        return _ordered_tile(order, 0, H)
+    else:
+        return 0, 0, 0
+
+
+@gluon.jit
+def _scheduled_tile(g, order, next_z, next_h, next_m, H, ZH, Q_TILES, SECTION, SECTION_ROUNDS,
+                    ORDER: gl.constexpr):
+    """(taken, batch, head, flat head, query tile) of this program's round g of the persistent
+    schedule, and the table's entry for round g + 1: from _output_tile; or with ORDER, round g's
+    entry (next_z, next_h, next_m) read a round before, while round g + 1's is read here to be
+    used a round later (the note on the balanced order). The producer and the consumers walk the
+    same rounds through it; before round 0 they read its entry with _ordered_tile."""
+    if ORDER:
+        off_z, off_h, m = next_z, next_h, next_m
+        next_z, next_h, next_m = _ordered_tile(order, g + 1, H)
+        taken = off_z >= 0
+        off_hz = off_z * H + off_h
+    else:
+        taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
+        off_z = off_hz // H
+        off_h = off_hz % H
+    return taken, off_z, off_h, off_hz, m, next_z, next_h, next_m
+
+
+@gluon.jit
 def _producer_persistent(Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, q_desc, k_desc, v_desc, q_smem,
                          k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, N_Q, N_KV, ZH,
                          Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH,
@@ -764,17 +794,10 @@ def _producer_persistent(Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, q_
     q_bytes: gl.constexpr = BLOCK_M * q_smem.shape[2] * dtype.primitive_bitwidth // 8
     it = 0
     done = 0  # output tiles taken: Q's barriers flip once per tile
-    if ORDER:
-        next_z, next_h, next_m = _ordered_tile(order, 0, H)
+    next_z, next_h, next_m = _first_entry(order, H, ORDER)
     for g in range(ROUNDS):
-        if ORDER:  # this round's entry, read a round ahead (the note on the balanced order)
-            off_z, off_h, m = next_z, next_h, next_m
-            next_z, next_h, next_m = _ordered_tile(order, g + 1, H)
-            taken = off_z >= 0
-        else:
-            taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
-            off_z = off_hz // H
-            off_h = off_hz % H
+        taken, off_z, off_h, _, m, next_z, next_h, next_m = _scheduled_tile(
+            g, order, next_z, next_h, next_m, H, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ORDER)
         if taken:
             off_hkv = off_h // GROUP
             q_row = off_z * Q_RZ + off_h * Q_RH
@@ -821,19 +844,12 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             _pass_turn(q_ready, c, PP)
     base = 0
     done = 0
-    if ORDER:
-        next_z, next_h, next_m = _ordered_tile(order, 0, H)
+    next_z, next_h, next_m = _first_entry(order, H, ORDER)
     for g in range(ROUNDS):
-        if ORDER:  # this round's entry, read a round ahead (the note on the balanced order)
-            off_z, off_h, m = next_z, next_h, next_m
-            next_z, next_h, next_m = _ordered_tile(order, g + 1, H)
-            taken = off_z >= 0
-            off_hz = off_z * H + off_h
-            kv_row = _kv_row(off_z, off_h, H, N_KV, GROUP)
-        else:
-            taken, off_hz, m = _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS)
-            off_z, off_h, kv_row = _head(off_hz, H, N_KV, GROUP)
+        taken, off_z, off_h, off_hz, m, next_z, next_h, next_m = _scheduled_tile(
+            g, order, next_z, next_h, next_m, H, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ORDER)
         if taken:
+            kv_row = _kv_row(off_z, off_h, H, N_KV, GROUP)
             row0 = m * CONSUMERS * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
             qi, q_phase = _q_buffer(c, done, CONSUMERS, Q_BUFFERS)

@@ -496,8 +496,9 @@ def _greedy_order(heads: int, walk: list[int], programs: int, section: int) -> l
     work so far (the lowest index among equals)."""
     heap = [(0, p) for p in range(programs)]
     walks = [[] for _ in range(programs)]
+    longest_first = sorted(range(len(walk)), key=lambda m: -walk[m])
     for first in range(0, heads, section):
-        for m in sorted(range(len(walk)), key=lambda m: -walk[m]):
+        for m in longest_first:
             for hz in range(first, min(first + section, heads)):
                 work, p = heapq.heappop(heap)
                 walks[p].append((hz, m))
@@ -586,8 +587,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         rounds = triton.cdiv(z * h, section) * section_rounds
         order, ordered = _no_order(q.device), config.balanced and mask_kind(spec) == 1
         if ordered:
-            walk = tuple(triton.cdiv(min(k.shape[2], (m + 1) * config.BLOCK_M), config.BLOCK_N) for m in range(q_tiles))
-            order = _order_on(q.device, h, walk, z * h, programs, section)
+            order = _order_on(q.device, h, causal_walks(n_q, k.shape[2], config), z * h, programs, section)
             rounds = order.shape[0] - 1
         post = (order, scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds, rounds,
                 q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
@@ -614,17 +614,20 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     found.fn[found.grid](*found.descriptors(q, k, v), found.output(out), lse, *found.post, **found.constexprs)
 
 
+def causal_walks(n_q: int, n_kv: int, config: GluonConfig) -> tuple:
+    """Key tiles each output tile of ``config`` walks under a causal spec (top-left aligned): those
+    up to its last row's diagonal, at most all of them (gluon._key_tiles, MASK = 1)."""
+    return tuple(-(-min(n_kv, (i + 1) * config.BLOCK_M) // config.BLOCK_N)
+                 for i in range(-(-n_q // config.BLOCK_M)))
+
+
 def mean_walk(spec: AttentionSpec, n_q: int, n_kv: int, config: GluonConfig) -> float:
     """Key tiles an output tile of ``config`` walks on average: every one of them, or under a
-    causal spec (top-left aligned) those up to its last row's diagonal."""
-    tiles = -(-n_kv // config.BLOCK_N)
+    causal spec those up to its last row's diagonal (causal_walks)."""
     if spec.tile_mode != "causal":
-        return float(tiles)
-    q_tiles = -(-n_q // config.BLOCK_M)
-    # output tile i walks cdiv((i + 1)·BLOCK_M, BLOCK_N) key tiles, all of them from i_full on
-    i_full = -(-((tiles - 1) * config.BLOCK_N + 1) // config.BLOCK_M) - 1
-    partial = sum(-(-(i + 1) * config.BLOCK_M // config.BLOCK_N) for i in range(min(q_tiles, i_full)))
-    return (partial + max(0, q_tiles - i_full) * tiles) / q_tiles
+        return float(-(-n_kv // config.BLOCK_N))
+    walks = causal_walks(n_q, n_kv, config)
+    return sum(walks) / len(walks)
 
 
 def _not_measured(spec: AttentionSpec, q: torch.Tensor, head_dims: tuple, direction: str) -> Optional[str]:

@@ -62,31 +62,28 @@ def variants(d: int) -> dict:
     with the hold too; "f" (persistent): the epilogue by reciprocals (GluonConfig.fast_epilogue); "q"
     (persistent): two Q buffers a consumer, with the deepest ring that then fits; "x":
     the row max after the score's factor (GluonConfig.raw_max off); "b" (split kinds with "f"): each
-    program's output tiles from the launcher's balanced table (GluonConfig.balanced); "l" (ping-pong
-    kinds with "q"): consumer c a turn per consumer behind consumer 0 (GluonConfig.lag), "m" two
-    (two consumers), with a ring of at least lag_stages. BLOCK_M/ or BLOCK_N/STAGES; "k64/STAGES": key tiles of 64."""
+    program's output tiles from the launcher's balanced table (GluonConfig.balanced). BLOCK_M/ or
+    BLOCK_N/STAGES; "k64/STAGES": key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
-    from fx_flash.codegen.gluon_launch import footprint, lag_stages
+    from fx_flash.codegen.gluon_launch import footprint
     from tests.gluon_kinds import TWINS
 
     found = _variants(d, C)
     m = _shared_memory()
 
-    def fits(cfg, **extra):
-        """cfg with ``extra`` flags at the deepest ring of at most its stages (and at least the lag's)
-        whose footprint fits this device's M (a twin with more shared memory, two Q buffers, may take
-        fewer stages), or None."""
-        flags = {**dataclasses.asdict(cfg), **extra}
-        stages = [s for s in range(lag_stages(flags["consumers"], flags["lag"]), cfg.STAGES + 1)
-                  if footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, s, cfg.ws, flags["consumers"], flags["tma_store"],
-                               flags["q_buffers"]) <= m]
-        return dataclasses.replace(cfg, STAGES=max(stages), **extra) if stages else None
+    def fits(cfg):
+        """cfg at the deepest ring of at most its stages whose footprint fits this device's M (a
+        twin with more shared memory, two Q buffers, may take fewer stages), or None."""
+        stages = [s for s in range(2, cfg.STAGES + 1)
+                  if footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store,
+                               cfg.q_buffers) <= m]
+        return dataclasses.replace(cfg, STAGES=max(stages)) if stages else None
 
     # the twins (tests/gluon_kinds.TWINS, the sm_90 checks' letters): the letter after the kind's,
     # the tile after it "BLOCK_N/STAGES" as the twin's own
     for letter, extra, takes in TWINS:
         for name, cfg in list(found.items()):
-            twin = fits(cfg, **extra) if takes(dataclasses.asdict(cfg)) else None
+            twin = fits(dataclasses.replace(cfg, **extra)) if takes(dataclasses.asdict(cfg)) else None
             if twin is not None:
                 found[f"{name.split()[0]}{letter} {name.split()[1].split('/')[0]}/{twin.STAGES}"] = twin
     # "KIND k64/S": a persistent kind with key tiles of 64 (BLOCK_N = 64) and the deepest ring of at

@@ -7,7 +7,7 @@ v1: one partition; ws: warp-specialized (a TMA producer and two consumer warpgro
 the consumers taking turns (mbarriers), ppe also rescaling the accumulator while q·kᵀ runs; wsp:
 ws as a persistent kernel; after "wsp" a "3": three consumer warpgroups, "s": the causal walk split
 in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (named barriers); a
-trailing "h" adds the hold (gluon._hold). Then the twins' letters (TWINS, below: d, h, f, q, x, b, l, m).
+trailing "h" adds the hold (gluon._hold). Then the twins' letters (TWINS, below: d, h, f, q, x, b).
 """
 
 
@@ -45,12 +45,6 @@ TWINS = (
     # gluon's note on the balanced order): the causal routes' kinds (split, the epilogue by reciprocals)
     ("b", dict(balanced=True), lambda flags: flags.get("split", False) and flags.get("fast_epilogue", False)
      and flags.get("raw_max", True)),
-    # consumer c one turn a consumer behind consumer 0 (GluonConfig.lag; gluon's note on the lag): the
-    # persistent ping-pong with two Q buffers
-    ("l", dict(lag=1), lambda flags: flags.get("pingpong", False) and flags.get("q_buffers", 1) == 2),
-    # two turns a consumer behind (lag = 2): two consumers, whose ring of four stages holds it
-    ("m", dict(lag=2), lambda flags: flags.get("pingpong", False) and flags.get("q_buffers", 1) == 2
-     and flags.get("consumers", 2) == 2 and not flags.get("lag", 0)),
 )
 
 

@@ -148,22 +148,6 @@ GLUON_TEMPLATE = '''\
 # 1.059, 1.022, 1.032, 1.026, 1.002x the same kernels at d = 64 causal 1k-16k, which route it, and
 # 0.99-1.015x at d = 128, which do not.
 #
-# Note (the lag): with turns (PINGPONG) the consumers alternate products one turn each, so both
-# finish an output tile within a turn of each other: each waits for its last p·v, stores its rows,
-# and then issues the next tile's first q·kᵀ and waits for it, and the tensor cores idle through
-# both epilogues and both first softmaxes (no p·v of their own under them): the fixed cost per
-# output tile that a short walk feels most (GLUON_NOTES call 78: the first key tile 9.4% of all
-# samples, the epilogue 2.7%, the last p·v 2.1% at d = 64 causal 1k). LAG (GluonConfig.lag) starts
-# consumer c c·LAG turns behind consumer 0: it takes that many turns with nothing to issue before its
-# first, and consumer c takes (CONSUMERS - 1 - c)·LAG of them after its last, so the named
-# barriers' arrivals still match. Every consumer still takes n_load + 1 turns a tile, so the lag
-# holds through the whole schedule, and one consumer's tile boundary falls among another's full
-# steps. The ring holds the lag: consumer 0 can be (CONSUMERS - 1)·LAG key tiles ahead of the last
-# consumer, whose buffers are released that much later, so the ring needs (CONSUMERS - 1)·LAG + 2
-# stages for consumer 0 to find its next K/V loaded (GluonConfig checks it); and the next tile's
-# Q must load while the lagging consumers still read this tile's, in the second Q buffer
-# (Q_BUFFERS = 2), or the producer's in-order loads would hold consumer 0's next K/V behind it.
-#
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as
 # consumer_args is) arrives as a runtime value (int1, int32): GROUP, EARLY, HOLD and SPLIT are
@@ -278,14 +262,6 @@ def _pass_turn(sched, C: gl.constexpr, PP: gl.constexpr):
         _named_arrive(PP_BARRIER + (C + 1) * (C + 1 != PP))
     elif PP:
         mbarrier.arrive(sched.index(1 - C), count=1)
-
-
-@gluon.jit
-def _idle_turns(sched, C: gl.constexpr, TURNS: gl.constexpr, PP: gl.constexpr):
-    """Consumer C takes TURNS turns with nothing to issue (the note on the lag)."""
-    for _ in gl.static_range(TURNS):
-        _turn(sched, C, 0, PP)
-        _pass_turn(sched, C, PP)
 
 
 @gluon.jit
@@ -850,7 +826,7 @@ def _producer_persistent(Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, q_
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, FAST_EPILOGUE: gl.constexpr,
-                         Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, LAG: gl.constexpr, order, o_smem, k_desc, v_desc, q_smem,
+                         Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, o_smem, k_desc, v_desc, q_smem,
                          k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
                          stride_oz, stride_oh, stride_om, H,
                          N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr,
@@ -860,14 +836,12 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
     one's loads ended, its Q in the buffer the producer loaded it into (Q_BUFFERS a consumer, taken
     in turn). PP = CONSUMERS: the consumers take turns through named barriers in order,
     consumer 0 first (the last consumer passes it a turn before any), and consumer 0 takes the
-    turn the last passes after its last, so that every arrival at the barriers is matched. LAG:
-    consumer c starts c·LAG turns behind consumer 0 (the note on the lag)."""
+    turn the last passes after its last, so that every arrival at the barriers is matched."""
     CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     if PP >= 2:
         if c == CONSUMERS - 1:
             _pass_turn(q_ready, c, PP)
-        _idle_turns(q_ready, c, c * LAG, PP)
     base = 0
     done = 0
     next_z, next_h, next_m = _first_entry(order, H, ORDER)
@@ -886,7 +860,6 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             base += n_load
             done += 1
     if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)
-        _idle_turns(q_ready, c, (CONSUMERS - 1 - c) * LAG, PP)
         if c == 0:
             _turn(q_ready, 0, 0, PP)
     if TMA_STORE:
@@ -904,7 +877,7 @@ def _attn_fwd_sm90_wsp(
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
     HALF: gl.constexpr = False, FAST_EPILOGUE: gl.constexpr = False, Q_BUFFERS: gl.constexpr = 1,
-    ORDER: gl.constexpr = False, LAG: gl.constexpr = 0,
+    ORDER: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -920,8 +893,7 @@ def _attn_fwd_sm90_wsp(
     Q_BUFFERS = 2: two Q buffers a consumer (the note on Q buffers); consumer c's Q of the program's
     t-th output tile in buffer c + CONSUMERS·(t % Q_BUFFERS). ORDER: each program's output tiles
     from the launcher's table ``order`` instead of _output_tile (the note on the balanced order;
-    without it ``order`` is not read). LAG: consumer c runs c·LAG turns behind consumer 0 (the note
-    on the lag)."""
+    without it ``order`` is not read)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -942,7 +914,7 @@ def _attn_fwd_sm90_wsp(
     _init_ring(k_ready, v_ready, k_empty, v_empty, STAGES, CONSUMERS)
 
     ZH = Z * H
-    # (TMA_STORE, the ping-pong's PP, FAST_EPILOGUE, Q_BUFFERS, ORDER and LAG go to the partitions wrapped
+    # (TMA_STORE, the ping-pong's PP, FAST_EPILOGUE, Q_BUFFERS and ORDER go to the partitions wrapped
     # in gl.constexpr, ahead of these tuples: see the note on constexprs in partitions)
     consumer_args = (k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                      Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_KV, ZH, Q_TILES,
@@ -954,25 +926,25 @@ def _attn_fwd_sm90_wsp(
         gl.warp_specialize([
             (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(LAG), order, o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(LAG), order, o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(LAG), order, o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(LAG), order, o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(LAG), order, o_smem) + consumer_args),
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
+                                    o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for i in gl.static_range(Q_BUFFERS * CONSUMERS):
         mbarrier.invalidate(q_ready.index(i))

@@ -229,10 +229,6 @@ class GluonConfig:
     # persistent only: causal specs take each program's output tiles from the launcher's table,
     # balanced by work (persistent_order; gluon's note on the balanced order)
     balanced: bool = False
-    # persistent ping-pong only: consumer c starts c·lag turns behind consumer 0, so that the
-    # consumers' tile boundaries fall apart (gluon's note on the lag); needs two Q buffers and
-    # lag_stages(consumers, lag) K/V stages
-    lag: int = 0
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -251,11 +247,6 @@ class GluonConfig:
             raise ValueError("two Q buffers a consumer are the persistent kernel's option")
         if self.balanced and not self.persistent:
             raise ValueError("balanced is an option of the persistent kernel")
-        if self.lag < 0 or (self.lag and not (self.persistent and self.pingpong and self.q_buffers == 2)):
-            raise ValueError("lag is an option of the persistent ping-pong with two Q buffers")
-        if self.lag and self.STAGES < lag_stages(self.consumers, self.lag):
-            raise ValueError(f"a lag of {self.lag} turns among {self.consumers} consumers needs "
-                             f"{lag_stages(self.consumers, self.lag)} K/V stages, not {self.STAGES}")
 
     @property
     def takes_views(self) -> bool:
@@ -279,17 +270,9 @@ class GluonConfig:
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
                                        ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
-                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced),
-                                       (f"lag {self.lag}", self.lag > 0))
+                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
-
-
-def lag_stages(consumers: int, lag: int) -> int:
-    """K/V stages a ring needs (at least two) for consumer 0 to find its next key tile loaded while
-    the last consumer, (consumers - 1)·lag key tiles behind it, still holds its buffers (gluon's
-    note on the lag)."""
-    return (consumers - 1) * lag + 2 if lag else 2
 
 
 def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False,
@@ -320,13 +303,12 @@ def program_rows(ws: bool, consumers: int = 2) -> int:
 def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bool = False,
                    **flags) -> Optional[GluonConfig]:
     """The tile for ``head_dim``: program_rows (BLOCK_M = 128, or 192 with three consumers), key
-    tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES,
-    at least lag_stages) whose footprint fits M. None if none fits. ``flags``: the other
-    GluonConfig fields (pingpong, early, hold, persistent, one_section, consumers, split,
-    tma_store, q_buffers, lag…)."""
+    tiles of 128 (64 when 128 does not fit two stages), and the deepest ring (at most MAX_STAGES)
+    whose footprint fits M. None if none fits. ``flags``: the other GluonConfig fields (pingpong,
+    early, hold, persistent, one_section, consumers, split, tma_store, q_buffers…)."""
     block_m = program_rows(ws, flags.get("consumers", 2))
     for block_n in (128, 64):
-        fitting = [s for s in range(lag_stages(flags.get("consumers", 2), flags.get("lag", 0)), MAX_STAGES + 1)
+        fitting = [s for s in range(2, MAX_STAGES + 1)
                    if footprint(block_m, block_n, head_dim, elem_bytes, s, ws, flags.get("consumers", 2),
                                 flags.get("tma_store", False), flags.get("q_buffers", 1)) <= device.shared_memory]
         if fitting:
@@ -614,7 +596,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
         constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half,
                           FAST_EPILOGUE=config.fast_epilogue, Q_BUFFERS=config.q_buffers,
-                          ORDER=ordered, LAG=config.lag)
+                          ORDER=ordered)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

@@ -475,9 +475,10 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert reason(8192, spec_from_text("score=50*tanh(qk*scale/50)")) is None  # a score without a predicate
     # shorter plain walks (call 53): three consumers with the TMA store from 16 key tiles, two from 8
     chosen = {n: gluon_launch.routed_config(H200, sdpa_spec(), 64, 2, n, n) for n in (512, 1024, 2048, 4096, 8192)}
-    assert {n: (cfg.consumers, cfg.tma_store, cfg.pingpong, cfg.STAGES) for n, cfg in chosen.items()} == {
-        512: (2, True, True, 4), 1024: (2, True, True, 4), 2048: (3, True, True, 4), 4096: (3, True, True, 4),
-        8192: (3, False, True, 4)}
+    assert {n: (cfg.consumers, cfg.tma_store, cfg.pingpong, cfg.STAGES, cfg.q_buffers)
+            for n, cfg in chosen.items()} == {
+        512: (2, True, True, 4, 2), 1024: (2, True, True, 4, 2), 2048: (3, True, True, 4, 1),
+        4096: (3, True, True, 4, 1), 8192: (3, False, True, 4, 1)}  # two Q buffers on two consumers: call 82
     assert reason(1024) is None and reason(2048) is None and reason(4096) is None
     assert "4.0 key tiles per output tile on average, fewer than 8" in reason(512)
     assert reason(4096, causal) is None and reason(16384, causal) is None
@@ -489,7 +490,8 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     short = gluon_launch.routed_config(H200, causal, 64, 2, 2048, 2048)
     assert (short.consumers, short.split, short.tma_store, short.pingpong) == (2, True, True, True)
     # with two Q buffers a consumer (call 76 at 1k; with the balanced order at 2k too, calls 79-80: the
-    # next tile's Q and K/V load early), the same kernel at 1k and 2k; no other route takes them
+    # next tile's Q and K/V load early), the same kernel at 1k and 2k; of the other routes only the
+    # plain two-consumer one of d = 64 takes them (call 82, above)
     assert gluon_launch.routed_config(H200, causal, 64, 2, 1024, 1024) == short and short.q_buffers == 2
     assert not any(gluon_launch.routed_config(H200, spec, d, 2, n, n).q_buffers == 2
                    for d in (64, 128) for spec in (sdpa_spec(), causal) for n in (4096, 16384))
@@ -623,6 +625,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d64-wspstpdfq": (CAUSAL, 64, "wspstpdfq"), "causal-d128-wspstpdfq": (CAUSAL, 128, "wspstpdfq"),
     # the balanced order (gluon's note on it), on the same kernel at d = 64
     "causal-d64-wspstpdfqb": (CAUSAL, 64, "wspstpdfqb"),
+    # the d = 64 plain route of short walks, with two Q buffers (call 82)
+    "plain-d64-wsptpfq": ("score=qk*scale", 64, "wsptpfq"),
 }
 
 

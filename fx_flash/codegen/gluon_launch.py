@@ -77,6 +77,10 @@ MIN_WALK_D64 = 64
 # their output stored by TMA (``tma_store``: 1.07x at 16 and 32 key tiles; without it 1.04, 1.06),
 # and from MIN_WALK_D64_SHORT two consumers with it (1.07x at 8; three consumers there 0.93-1.00).
 # From 64 key tiles on, three consumers without the TMA store (call 51: with it 1.01, 1.00).
+# The two-consumer route takes two Q buffers a consumer (``q_buffers``, gluon's note on Q buffers):
+# with the epilogue by reciprocals it ran 1.032x the same kernel with one at N = 1k (call 82, four
+# alternating rounds; call 62, before the reciprocals: 1.005). Not the three-consumer routes
+# (call 82: 0.986-0.998x at 2k-4k).
 MIN_WALK_D64_STORE = 16
 MIN_WALK_D64_SHORT = 8
 # Causal specs at head dim 64 route to two consumers with the causal walk split in two loops
@@ -159,7 +163,8 @@ ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), 
                      ANY_SCORE))},
           64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64, ANY_SCORE),
                    (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE, ANY_SCORE),
-                   (dict(tma_store=True, pingpong=True, fast_epilogue=True), MIN_WALK_D64_SHORT, ANY_SCORE)),
+                   (dict(tma_store=True, pingpong=True, fast_epilogue=True, q_buffers=2), MIN_WALK_D64_SHORT,
+                    ANY_SCORE)),
                1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True, balanced=True),
                     MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),

@@ -41,10 +41,11 @@ TWINS = (
     # the row max after the score's factor (GluonConfig.raw_max off), the control of gluon's note on
     # the row max
     ("x", dict(raw_max=False), lambda flags: flags.get("persistent", False)),
-    # each program's output tiles from the launcher's table, balanced by work (GluonConfig.balanced;
-    # gluon's note on the balanced order): the causal routes' kinds (split, the epilogue by reciprocals)
-    ("b", dict(balanced=True), lambda flags: flags.get("split", False) and flags.get("fast_epilogue", False)
-     and flags.get("raw_max", True)),
+    # each program's output tiles from the launcher's table (GluonConfig.balanced; gluon's note on the
+    # balanced order), balanced by work where causal: the causal routes' kinds (split, the epilogue by
+    # reciprocals) and the persistent kinds that do not split (plain specs: the kernel's own order)
+    ("b", dict(balanced=True), lambda flags: flags.get("persistent", False) and flags.get("raw_max", True)
+     and (flags.get("fast_epilogue", False) or not flags.get("split", False))),
 )
 
 

@@ -305,10 +305,15 @@ def test_causal_schedule_is_longest_first_and_balanced(n_m, zh, section):
 
 @pytest.mark.parametrize("n_m, zh, programs, section", [(16, 128, 132, 32), (8, 512, 132, 128), (64, 32, 132, 8),
                                                        (8, 16, 5, 3), (3, 5, 15, 5), (1, 7, 4, 2)])
-def test_launchers_snake_order_is_the_kernels(n_m, zh, programs, section):
-    """persistent_order's copy of _output_tile's causal order (gluon_launch._snake_order) walks the
-    same tiles in the same order as the rendered kernel's own, program by program."""
-    assert gluon_launch._snake_order(zh, n_m, programs, section) == _schedule(CAUSAL, n_m, zh, programs, section)
+def test_launchers_order_is_the_kernels(n_m, zh, programs, section):
+    """persistent_order's copy of _output_tile's orders (gluon_launch._kernel_order), causal and
+    not, walks the same tiles in the same order as the rendered kernel's own, program by program."""
+    assert gluon_launch._kernel_order(zh, n_m, programs, section) == _schedule(CAUSAL, n_m, zh, programs, section)
+    plain = _schedule("score=qk*scale", n_m, zh, programs, section)
+    assert gluon_launch._kernel_order(zh, n_m, programs, section, causal=False) == plain
+    # a plain spec's table holds that order (every tile walks as far)
+    table = gluon_launch.persistent_order(zh, [4] * n_m, zh, programs, section, causal=False)
+    assert _table_walks(table, zh) == plain
 
 
 def _table_walks(table, h):
@@ -335,7 +340,7 @@ def test_balanced_order_takes_every_tile_once_and_is_no_busier(z, h, n_m, progra
     section = min(section, z * h)
     walks = _table_walks(gluon_launch.persistent_order(h, walk, z * h, programs, section), h)
     assert Counter(t for tiles in walks for t in tiles) == Counter((hz, m) for hz in range(z * h) for m in range(n_m))
-    snake = gluon_launch._snake_order(z * h, n_m, programs, section)
+    snake = gluon_launch._kernel_order(z * h, n_m, programs, section)
     assert gluon_launch._busiest(walks, walk) <= gluon_launch._busiest(snake, walk)
 
 
@@ -346,7 +351,7 @@ def test_balanced_order_at_the_short_causal_rows():
     for z, n_m, section, busiest in ((16, 8, 128, 1.0065), (8, 16, 64, 1.0045)):
         walk = [m + 1 for m in range(n_m)]
         mean = sum((m + 1 + gluon_launch.TILE_COST_STEPS) * z * 32 for m in range(n_m)) / 132
-        snake = gluon_launch._snake_order(z * 32, n_m, 132, section)
+        snake = gluon_launch._kernel_order(z * 32, n_m, 132, section)
         assert gluon_launch._busiest(snake, walk) / mean == pytest.approx(1.031, abs=0.001)
         walks = _table_walks(gluon_launch.persistent_order(32, walk, z * 32, 132, section), 32)
         assert gluon_launch._busiest(walks, walk) / mean < busiest
@@ -393,15 +398,20 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     with pytest.raises(ValueError, match="row matrices"):  # the other kernels address heads as rows only
         run(8, 16, 2048, ws, q=bnhd)
     assert run(1, 2, 300, ws)[:2] == ("_attn_fwd_sm90_ws", (3, 2))
-    # the balanced order: causal, the table of persistent_order and its rounds; otherwise none read
+    # the balanced order: the table of persistent_order and its rounds, causal (balanced) and plain
+    # (the kernel's own order); none read without the flag, nor under another keep-predicate
     balanced = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, balanced=True)
-    assert not run(8, 16, 2048, balanced)[3]["ORDER"] and not run(8, 16, 2048, wsp)[3]["ORDER"]
+    assert not run(8, 16, 2048, wsp)[3]["ORDER"]
     q = torch.empty(8, 16, 2048, 64)  # the table is built on q's device: here the CPU, to read it
-    gluon_launch.launch(spec_from_text(CAUSAL), q, q, q, q, torch.empty(8, 16, 2048), 0.125, balanced)
-    _, grid, args, kwargs = launched.pop()
-    table = args[5]
-    assert kwargs["ORDER"] and grid == (132, ) and args[-7] == table.shape[0] - 1  # ROUNDS
-    assert torch.equal(table, gluon_launch.persistent_order(16, [m + 1 for m in range(16)], 128, 132, 32))
+    for text, walk, section, causal in ((CAUSAL, [m + 1 for m in range(16)], 32, True),
+                                        ("score=qk*scale", [16] * 16, 128, False)):
+        gluon_launch.launch(spec_from_text(text), q, q, q, q, torch.empty(8, 16, 2048), 0.125, balanced)
+        _, grid, args, kwargs = launched.pop()
+        table = args[5]
+        assert kwargs["ORDER"] and grid == (132, ) and args[-7] == table.shape[0] - 1  # ROUNDS
+        assert torch.equal(table, gluon_launch.persistent_order(16, walk, 128, 132, section, causal))
+    gluon_launch.launch(spec_from_text(PREFIX_LM), q, q, q, q, torch.empty(8, 16, 2048), 0.125, balanced)
+    assert not launched.pop()[3]["ORDER"]
 
 
 def test_row_matrix_rule():
@@ -498,13 +508,17 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert not any(gluon_launch.routed_config(H200, spec, 128, 2, n, n).q_buffers == 2
                    for spec in (sdpa_spec(), causal) for n in (1024, 2048))
     # the balanced order (calls 79-80) on head dim 64's causal routes of qk and the scale: not head
-    # dim 128 (1.00x there), not plain specs (every tile walks as far), nor other scores' route
+    # dim 128 (1.00x there), nor other scores' route
     def balanced(spec, d, ns):
         return [gluon_launch.routed_config(H200, spec, d, 2, n, n).balanced for n in ns]
 
     assert all(balanced(causal, 64, (1024, 2048, 4096, 16384)))
-    assert not any(balanced(causal, 128, (1024, 2048, 16384)) + balanced(sdpa_spec(), 64, (1024, 16384))
-                   + balanced(softcap, 64, (4096, 16384)) + balanced(softcap, 128, (1024, 16384)))
+    assert not any(balanced(causal, 128, (1024, 2048, 16384)) + balanced(softcap, 64, (4096, 16384))
+                   + balanced(softcap, 128, (1024, 16384)))
+    # plain specs read the table (the kernel's own order, call 84) on head dim 64's two-consumer route
+    # (N = 1k) only
+    assert balanced(sdpa_spec(), 64, (1024, 2048, 16384)) == [True, False, False]
+    assert not any(balanced(sdpa_spec(), 128, (1024, 16384)))
     # the diagonal's half (call 70) on the two-consumer causal routes that were timed with it: head
     # dim 128's, and head dim 64's short one; not three consumers (0.82-0.94x), nor other scores' route
     assert short.half and causal_cfg.consumers == 3 and not causal_cfg.half
@@ -625,8 +639,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d64-wspstpdfq": (CAUSAL, 64, "wspstpdfq"), "causal-d128-wspstpdfq": (CAUSAL, 128, "wspstpdfq"),
     # the balanced order (gluon's note on it), on the same kernel at d = 64
     "causal-d64-wspstpdfqb": (CAUSAL, 64, "wspstpdfqb"),
-    # the d = 64 plain route of short walks, with two Q buffers (call 82)
-    "plain-d64-wsptpfq": ("score=qk*scale", 64, "wsptpfq"),
+    # the d = 64 plain route of short walks, with two Q buffers (call 82) and the plain table (call 84)
+    "plain-d64-wsptpfqb": ("score=qk*scale", 64, "wsptpfqb"),
 }
 
 

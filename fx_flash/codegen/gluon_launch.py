@@ -80,7 +80,9 @@ MIN_WALK_D64 = 64
 # The two-consumer route takes two Q buffers a consumer (``q_buffers``, gluon's note on Q buffers):
 # with the epilogue by reciprocals it ran 1.032x the same kernel with one at N = 1k (call 82, four
 # alternating rounds; call 62, before the reciprocals: 1.005). Not the three-consumer routes
-# (call 82: 0.986-0.998x at 2k-4k).
+# (call 82: 0.986-0.998x at 2k-4k). It also reads its output tiles from the launcher's table
+# (``balanced``: for plain specs the kernel's own order without the schedule's divisions; call 84:
+# 1.015x at 1k; the three-consumer routes 0.985-1.002x, d = 128 plain 0.998-1.014x, not taken).
 MIN_WALK_D64_STORE = 16
 MIN_WALK_D64_SHORT = 8
 # Causal specs at head dim 64 route to two consumers with the causal walk split in two loops
@@ -163,8 +165,8 @@ ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), 
                      ANY_SCORE))},
           64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64, ANY_SCORE),
                    (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE, ANY_SCORE),
-                   (dict(tma_store=True, pingpong=True, fast_epilogue=True, q_buffers=2), MIN_WALK_D64_SHORT,
-                    ANY_SCORE)),
+                   (dict(tma_store=True, pingpong=True, fast_epilogue=True, q_buffers=2, balanced=True),
+                    MIN_WALK_D64_SHORT, ANY_SCORE)),
                1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True, balanced=True),
                     MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),
@@ -231,8 +233,10 @@ class GluonConfig:
     # persistent only: Q buffers a consumer (2: the next output tile's Q, and so its K/V, load while
     # this tile runs; gluon's note on Q buffers)
     q_buffers: int = 1
-    # persistent only: causal specs take each program's output tiles from the launcher's table,
-    # balanced by work (persistent_order; gluon's note on the balanced order)
+    # persistent only: each program's output tiles from the launcher's table (persistent_order;
+    # gluon's note on the balanced order): balanced by work for causal specs, the kernel's own order
+    # for specs without a keep-predicate (read without the schedule's divisions); other predicates
+    # keep the kernel's schedule
     balanced: bool = False
 
     def __post_init__(self):
@@ -480,18 +484,21 @@ def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, con
 TILE_COST_STEPS = 2
 
 
-def _snake_order(heads: int, q_tiles: int, programs: int, section: int) -> list[list[tuple[int, int]]]:
-    """gluon._output_tile's causal order (MASK = 1) in Python: each program's (flat head, query
-    tile) in the order it walks them (tests check it against the rendered kernel's own)."""
+def _kernel_order(heads: int, q_tiles: int, programs: int, section: int,
+                  causal: bool = True) -> list[list[tuple[int, int]]]:
+    """gluon._output_tile's order in Python: each program's (flat head, query tile) in the order it
+    walks them, causal (MASK = 1: the snake of longest tiles first) or not (tests check both
+    against the rendered kernel's own)."""
     section_rounds = -(-section * q_tiles // programs)
     walks = [[] for _ in range(programs)]
     for g in range(-(-heads // section) * section_rounds):
         first, within_round = g // section_rounds * section, g % section_rounds * programs
         n = min(section, heads - first)
         for p in range(programs):
-            within = within_round + (programs - 1 - p if g & 1 else p)
+            within = within_round + (programs - 1 - p if causal and g & 1 else p)
             if within < n * q_tiles:
-                walks[p].append((first + within % n, q_tiles - 1 - within // n))
+                walks[p].append((first + within % n, q_tiles - 1 - within // n) if causal
+                                else (first + within // q_tiles, within % q_tiles))
     return walks
 
 
@@ -515,25 +522,31 @@ def _busiest(walks: list[list[tuple[int, int]]], walk: list[int]) -> int:
     return max(sum(walk[m] + TILE_COST_STEPS for _, m in tiles) for tiles in walks)
 
 
-def persistent_order(h: int, walk: list[int], heads: int, programs: int, section: int) -> torch.Tensor:
+def persistent_order(h: int, walk: list[int], heads: int, programs: int, section: int,
+                     causal: bool = True) -> torch.Tensor:
     """The persistent kernel's table of output tiles (ORDER: gluon's note on the balanced order), an
     int32 (rounds + 1, programs, 4) CPU tensor: entry (g, p) is (batch, head, query tile, 0) of
     program p's round-g tile, or -1s; its last round is all -1s. ``walk[m]``: key tiles of query
-    tile m; ``h`` heads a batch, ``heads`` flat heads. Of _output_tile's own order and the greedy
-    one, the one whose busiest program has the least modelled work (_output_tile's at a tie)."""
+    tile m; ``h`` heads a batch, ``heads`` flat heads. Causal: of _output_tile's own order and the
+    greedy one, the one whose busiest program has the least modelled work (_output_tile's at a
+    tie); otherwise (every tile walks as far) _output_tile's own order."""
     q_tiles = len(walk)
-    snake, greedy = _snake_order(heads, q_tiles, programs, section), _greedy_order(heads, walk, programs, section)
-    walks = greedy if _busiest(greedy, walk) < _busiest(snake, walk) else snake
+    own = _kernel_order(heads, q_tiles, programs, section, causal)
+    walks = own
+    if causal:
+        greedy = _greedy_order(heads, walk, programs, section)
+        walks = greedy if _busiest(greedy, walk) < _busiest(own, walk) else own
     rounds, none = max(map(len, walks)) + 1, (-1, -1, -1, -1)
     return torch.tensor([[(tiles[g][0] // h, tiles[g][0] % h, tiles[g][1], 0) if g < len(tiles) else none
                           for tiles in walks] for g in range(rounds)], dtype=torch.int32)
 
 
 @functools.lru_cache(maxsize=64)
-def _order_on(device: torch.device, h: int, walk: tuple, heads: int, programs: int, section: int) -> torch.Tensor:
+def _order_on(device: torch.device, h: int, walk: tuple, heads: int, programs: int, section: int,
+              causal: bool) -> torch.Tensor:
     """persistent_order's table on ``device``, built and copied once per shape (the op's plans keep
     their launch; direct launches, as the benchmarks' are, find it here)."""
-    return persistent_order(h, list(walk), heads, programs, section).to(device)
+    return persistent_order(h, list(walk), heads, programs, section, causal).to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -590,9 +603,12 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         section_rounds = triton.cdiv(section * q_tiles, programs)
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         rounds = triton.cdiv(z * h, section) * section_rounds
-        order, ordered = _no_order(q.device), config.balanced and mask_kind(spec) == 1
-        if ordered:
-            order = _order_on(q.device, h, causal_walks(n_q, k.shape[2], config), z * h, programs, section)
+        order, ordered = _no_order(q.device), config.balanced and mask_kind(spec) in (0, 1)
+        if ordered:  # (a causal table balances the walks; a plain one keeps the kernel's order)
+            causal = mask_kind(spec) == 1
+            walks = (causal_walks(n_q, k.shape[2], config) if causal
+                     else (triton.cdiv(k.shape[2], config.BLOCK_N), ) * q_tiles)
+            order = _order_on(q.device, h, walks, z * h, programs, section, causal)
             rounds = order.shape[0] - 1
         post = (order, scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds, rounds,
                 q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)

@@ -61,9 +61,10 @@ def variants(d: int) -> dict:
     (split kinds): the last key tile on its first half where the rest lies past the diagonal, "dh"
     with the hold too; "f" (persistent): the epilogue by reciprocals (GluonConfig.fast_epilogue); "q"
     (persistent): two Q buffers a consumer, with the deepest ring that then fits; "x":
-    the row max after the score's factor (GluonConfig.raw_max off); "b" (split kinds with "f"): each
-    program's output tiles from the launcher's balanced table (GluonConfig.balanced). BLOCK_M/ or
-    BLOCK_N/STAGES; "k64/STAGES": key tiles of 64."""
+    the row max after the score's factor (GluonConfig.raw_max off); "b" (persistent kinds, split ones
+    with "f"): each program's output tiles from the launcher's table (GluonConfig.balanced: balanced
+    by work where causal, the kernel's own order otherwise). BLOCK_M/ or BLOCK_N/STAGES; "k64/STAGES":
+    key tiles of 64."""
     from fx_flash.codegen.gluon_launch import GluonConfig as C
     from fx_flash.codegen.gluon_launch import footprint
     from tests.gluon_kinds import TWINS

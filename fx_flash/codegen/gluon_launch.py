@@ -81,8 +81,9 @@ MIN_WALK_D64 = 64
 # with the epilogue by reciprocals it ran 1.032x the same kernel with one at N = 1k (call 82, four
 # alternating rounds; call 62, before the reciprocals: 1.005). Not the three-consumer routes
 # (call 82: 0.986-0.998x at 2k-4k). It also reads its output tiles from the launcher's table
-# (``balanced``: for plain specs the kernel's own order without the schedule's divisions; call 84:
-# 1.015x at 1k; the three-consumer routes 0.985-1.002x, d = 128 plain 0.998-1.014x, not taken).
+# (``balanced``: for plain specs the kernel's own order without the schedule's divisions; calls 84,
+# 85: 1.015, 1.012x at 1k; the three-consumer routes 0.985-1.002x and d = 128 plain, geometric
+# means 1.008 and 1.007, do not take it).
 MIN_WALK_D64_STORE = 16
 MIN_WALK_D64_SHORT = 8
 # Causal specs at head dim 64 route to two consumers with the causal walk split in two loops

@@ -337,13 +337,16 @@ def bench(d, ns, names, extra, rounds=1):
     switches, so the Gluon forward where the op routes to it) and each Gluon variant in
     ``names``. ``extra``: "noportable", "portablex" (a column of the portable forward with the row
     max after the scale, FX_FLASH_RAW_MAX=0), "nosoftcap", "softcap" (its row at d = 64 too),
-    "noplain", "nocausal" (no rows of that mask), "fp16" (a row at the longest N in fp16).
+    "noplain", "nocausal" (no rows of that mask), "fp16" (a row at the longest N in fp16), "op" (a
+    column through the op with the default switches, as benchmarks/target_grid.py times it: what the
+    op adds to the routed kernel's direct launch, GLUON_NOTES after call 85).
     ``rounds`` > 1: every column is timed that many times, in turn forward and backward order, and
     each cell is the median of its rounds (the drift then favours no column)."""
     import triton.testing
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import fx_flash
     from fx_flash.codegen import gluon_launch, launch
     from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 
@@ -382,6 +385,9 @@ def bench(d, ns, names, extra, rounds=1):
             fns["portable"] = portable(FX_FLASH_GLUON="0")
         if "portablex" in extra:  # and the row max after the scale (the template's note on it)
             fns["portable x"] = portable(FX_FLASH_GLUON="0", FX_FLASH_RAW_MAX="0")
+        if "op" in extra:  # the public entry point where the spec has one (target_grid's), else the op
+            fns["op"] = ((lambda: fx_flash.flash_attention(q, k, v, is_causal=causal)) if not text
+                         else portable())
         for name in names:
             fns[name] = lambda cfg=configs[name]: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
         fns["cudnn again"] = cudnn
@@ -451,8 +457,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=12, help="numerics children at a time")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds per numerics child")
     ap.add_argument("--bench-limit", type=float, default=120.0, help="seconds per timing child")
-    ap.add_argument("--bench", default="", help="timing extras: noportable, portablex, nosoftcap, softcap, noplain, nocausal, fp16 "
-                    "(comma-separated)")
+    ap.add_argument("--bench", default="", help="timing extras: noportable, portablex, nosoftcap, softcap, noplain, nocausal, fp16, "
+                    "op (comma-separated)")
     ap.add_argument("--rounds", type=int, default=1, help="times each column is timed, alternating the order (median)")
     ap.add_argument("--no-warm", action="store_true", help="skip the portable compile and the backward check")
     ap.add_argument("--child", default="", help="internal")
@@ -501,7 +507,8 @@ def main():
         f"d{w[5:]} {'PASS' if ok else 'FAIL'}" for w, ok in passed.items() if w.startswith("warm")))
     for d in dims:
         cols = (["cudnn"] + ([] if "noportable" in args.bench else ["portable"])
-                + (["portable x"] if "portablex" in args.bench else []) + chosen[d] + ["cudnn again"])
+                + (["portable x"] if "portablex" in args.bench else [])
+                + (["op"] if "op" in args.bench.split(",") else []) + chosen[d] + ["cudnn again"])
         print(f"\nTFLOP/s forward, bf16, d = {d}, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
         persistent = [c for c in chosen[d] if c.startswith("wsp")]
         gain = "ws 128/3" in chosen[d] and persistent  # the persistent kernels against the routed one

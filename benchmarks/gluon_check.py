@@ -508,7 +508,8 @@ def main():
     for d in dims:
         cols = (["cudnn"] + ([] if "noportable" in args.bench else ["portable"])
                 + (["portable x"] if "portablex" in args.bench else [])
-                + (["op"] if "op" in args.bench.split(",") else []) + chosen[d] + ["cudnn again"])
+                + (["op"] if "op" in args.bench.split(",") else [])  # a whole item: "noportable" holds "op"
+                + chosen[d] + ["cudnn again"])
         print(f"\nTFLOP/s forward, bf16, d = {d}, batch*N = 16k, hidden 2048 (portable at its paper tile, untuned)")
         persistent = [c for c in chosen[d] if c.startswith("wsp")]
         gain = "ws 128/3" in chosen[d] and persistent  # the persistent kernels against the routed one

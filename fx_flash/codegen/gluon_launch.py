@@ -607,9 +607,8 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         order, ordered = _no_order(q.device), config.balanced and mask_kind(spec) in (0, 1)
         if ordered:  # (a causal table balances the walks; a plain one keeps the kernel's order)
             causal = mask_kind(spec) == 1
-            walks = (causal_walks(n_q, k.shape[2], config) if causal
-                     else (triton.cdiv(k.shape[2], config.BLOCK_N), ) * q_tiles)
-            order = _order_on(q.device, h, walks, z * h, programs, section, causal)
+            order = _order_on(q.device, h, tile_walks(n_q, k.shape[2], config, causal), z * h, programs, section,
+                              causal)
             rounds = order.shape[0] - 1
         post = (order, scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds, rounds,
                 q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
@@ -636,19 +635,16 @@ def launch(spec: AttentionSpec, q, k, v, out, lse, scale: float, config: GluonCo
     found.fn[found.grid](*found.descriptors(q, k, v), found.output(out), lse, *found.post, **found.constexprs)
 
 
-def causal_walks(n_q: int, n_kv: int, config: GluonConfig) -> tuple:
-    """Key tiles each output tile of ``config`` walks under a causal spec (top-left aligned): those
-    up to its last row's diagonal, at most all of them (gluon._key_tiles, MASK = 1)."""
-    return tuple(-(-min(n_kv, (i + 1) * config.BLOCK_M) // config.BLOCK_N)
+def tile_walks(n_q: int, n_kv: int, config: GluonConfig, causal: bool) -> tuple:
+    """Key tiles each output tile of ``config`` walks (gluon._key_tiles): every one of them, or
+    under a causal spec (top-left aligned) those up to its last row's diagonal, at most all."""
+    return tuple(-(-min(n_kv, (i + 1) * config.BLOCK_M if causal else n_kv) // config.BLOCK_N)
                  for i in range(-(-n_q // config.BLOCK_M)))
 
 
 def mean_walk(spec: AttentionSpec, n_q: int, n_kv: int, config: GluonConfig) -> float:
-    """Key tiles an output tile of ``config`` walks on average: every one of them, or under a
-    causal spec those up to its last row's diagonal (causal_walks)."""
-    if spec.tile_mode != "causal":
-        return float(-(-n_kv // config.BLOCK_N))
-    walks = causal_walks(n_q, n_kv, config)
+    """Key tiles an output tile of ``config`` walks on average (tile_walks)."""
+    walks = tile_walks(n_q, n_kv, config, spec.tile_mode == "causal")
     return sum(walks) / len(walks)
 
 

@@ -128,12 +128,13 @@ SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+row
 
 
 # options a SCHEDULES name may add at its end (GluonBwdConfig's flags)
-EXTRAS = {"+lpt": "LPT", "+tmaepi": "TMA_EPILOGUE"}
+EXTRAS = {"+lpt": "LPT", "+tmaepi": "TMA_EPILOGUE", "+pers": "PERSISTENT"}
 
 
 def _flags(name):
     """The flags of a SCHEDULES name, which may end in EXTRAS' suffixes: "+lpt", the causal
-    longest-first order (LPT) too; "+tmaepi", dK and dV stored by TMA (TMA_EPILOGUE)."""
+    longest-first order (LPT) too; "+tmaepi", dK and dV stored by TMA (TMA_EPILOGUE); "+pers", one
+    program per SM walking key tiles from the launcher's table (PERSISTENT)."""
     extra = ()
     while True:
         for suffix, flag in EXTRAS.items():
@@ -201,32 +202,34 @@ def _numerics(d, dtype, schedule):
         k, v = (_randn(b, hkv, nk, d, dtype, bnhd) for _ in range(2))
         scale = 1 / math.sqrt(d)
         out, lse = launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)
-        tag = f"d{d} {str(dtype)[6:]} {label} [{cfg}]"
         reason = gluon_launch.unsupported_backward_call(spec, do, q, k, v, lse, cfg)
         if reason:
-            print(f"FAIL {tag}: refused: {reason}", flush=True)
+            print(f"FAIL d{d} {str(dtype)[6:]} {label} [{cfg}]: refused: {reason}", flush=True)
             ok = False
             continue
-        try:
-            with _poisoned_empty():
-                grads = gluon_launch.launch_backward(spec, do, q, k, v, out, lse, scale, cfg)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - reported per case, the rest still runs
-            print(f"FAIL {tag}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-            ok = False
-            continue
-        rows, good = [], True
         ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
         same_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         ref = torch.autograd.grad(_eager(*_grouped(ref_in, hq // hkv), scale, causal, softcap, *prefix), ref_in,
                                   do.float())
         same = torch.autograd.grad(_eager(*_grouped(same_in, hq // hkv), scale, causal, softcap, *prefix), same_in, do)
-        for name, a, t, r in zip(("dq", "dk", "dv"), grads, same, ref):
-            g, row = _rule(name, a, t, r)
-            good &= g
-            rows.append(row)
-        ok &= good
-        print(f"{'PASS' if good else 'FAIL'} {tag}: {' '.join(rows)}", flush=True)
+        # PERSISTENT: also on 5 programs, each walking several key tiles, its ring running on across them
+        for programs in (None, 5) if cfg.PERSISTENT else (None, ):
+            tag = f"d{d} {str(dtype)[6:]} {label} [{cfg}]" + (f" on {programs} programs" if programs else "")
+            try:
+                with _poisoned_empty():
+                    grads = gluon_launch.launch_backward(spec, do, q, k, v, out, lse, scale, cfg, programs)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - reported per case, the rest still runs
+                print(f"FAIL {tag}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                ok = False
+                continue
+            rows, good = [], True
+            for name, a, t, r in zip(("dq", "dk", "dv"), grads, same, ref):
+                g, row = _rule(name, a, t, r)
+                good &= g
+                rows.append(row)
+            ok &= good
+            print(f"{'PASS' if good else 'FAIL'} {tag}: {' '.join(rows)}", flush=True)
     return ok
 
 

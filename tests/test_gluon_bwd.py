@@ -383,14 +383,15 @@ def test_launch_arguments(monkeypatch):
     assert (main, grid) == ("_attn_bwd_sm90", (n_kv // 128, z * h_kv))
     assert args[:5] == (("descriptor", q.shape, 64), ("descriptor", k.shape, 128), ("descriptor", k.shape, 128),
                         ("descriptor", q.shape, 64), ("descriptor", dq_acc.shape, 64))
-    assert args[7] is lse and args[8] is prep_args[2] and args[9] == 0.1
-    assert args[10:18] == dk.stride() + dv.stride() and args[18:22] == (h, n_q, n_kv, 256)
-    assert args[22:28] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
-    assert args[28:] == (z * h_kv, )  # not causal: one section of every K/V head (the grid's own order)
+    assert args[7] is lse and args[8] is prep_args[2] and args[10] == 0.1
+    assert args[9].dtype == torch.int32  # the persistent walk's table, unread without PERSISTENT
+    assert args[11:19] == dk.stride() + dv.stride() and args[19:23] == (h, n_q, n_kv, 256)
+    assert args[23:29] == (h * n_q, n_q, 0, h_kv * n_kv, n_kv, 0)  # heads as rows (tma_view)
+    assert args[29:] == (z * h_kv, )  # not causal: one section of every K/V head (the grid's own order)
     assert {key: kw[key] for key in ("GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps")} == dict(
         GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=8)
-    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"], kw["ROWS_SHARED"], kw["LPT"]) == (
-        True, False, False, False, False)
+    assert (kw["DV_EARLY"], kw["ROWS_AHEAD"], kw["KEYS_ON_ROWS"], kw["ROWS_SHARED"], kw["LPT"], kw["PERSISTENT"]) == (
+        True, False, False, False, False, False)
     assert (dq.dtype, dq.shape, dk.shape, dk.is_contiguous()) == (torch.bfloat16, q.shape, k.shape, True)
 
 
@@ -406,8 +407,58 @@ def test_launch_arguments_with_the_tma_epilogue(monkeypatch):
     _, dk, dv = gluon_launch.launch_backward(sdpa_spec(), q, q, q, q, q, lse, 0.1, cfg)
     _, (main, grid, args, kw) = calls
     assert args[5:7] == (("descriptor", dk.shape, 128), ("descriptor", dv.shape, 128))
-    assert args[10:18] == dk.stride() + dv.stride()
+    assert args[11:19] == dk.stride() + dv.stride()
     assert (kw["TMA_EPILOGUE"], kw["SPLIT_M"], kw["BLOCK_M"]) == (True, True, 128)
+
+
+@pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL])
+def test_persistent_launch_reads_its_table(monkeypatch, text):
+    """With PERSISTENT the kernel runs on ``programs`` programs (one per SM by default) and takes
+    backward_order's table of this call: row 0 each program's rounds, then its key tiles."""
+    calls = _fake_module(monkeypatch)
+    z, h, h_kv, n, d = 2, 8, 2, 1024, 128
+    q = torch.empty(z, h, n, d, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(z, h_kv, n, d, dtype=torch.bfloat16, device="meta")
+    lse = torch.empty(z, h, n, device="meta")
+    cfg = gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True, LPT=True, TMA_EPILOGUE=True,
+                                      PERSISTENT=True)
+    monkeypatch.setattr(gluon_launch, "_bwd_order_on", lambda device, *args: gluon_launch.backward_order(*args))
+    gluon_launch.launch_backward(spec_from_text(text), q, q, k, k, q, lse, 0.1, cfg, programs=7)
+    _, (main, grid, args, kw) = calls
+    causal = text == CAUSAL
+    section = gluon_launch.bwd_heads_per_section(spec_from_text(text), q, k, cfg)
+    steps = gluon_launch.backward_steps(n, n, cfg, h // h_kv, causal)
+    assert grid == (7, ) and kw["PERSISTENT"]
+    assert torch.equal(args[9], gluon_launch.backward_order(n // 128, z * h_kv, section, causal, True, steps, 7))
+    # a key tile's steps: its query tiles of 64 rows from its diagonal on (causal), of its 4 query heads
+    assert steps == (tuple(4 * (16 - 2 * n) for n in range(8)) if causal else (4 * 16, ) * 8)
+
+
+@pytest.mark.parametrize("n_tiles, heads, section, causal, group, programs", [
+    (8, 256, 32, True, 1, 132), (8, 256, 256, False, 1, 132), (16, 64, 64, True, 4, 132), (3, 5, 2, True, 1, 4),
+    (4, 3, 3, False, 2, 12), (2, 1, 1, True, 1, 2)])
+def test_backward_order(n_tiles, heads, section, causal, group, programs):
+    """backward_order: every (key tile, K/V head) exactly once; every program at least one round,
+    row 0 its count and -1 after; each program's tiles in launch order (bwd_launch_order), so
+    longest first where LPT orders causal walks; and the greedy bound: no program's modelled work
+    exceeds the mean by more than the longest tile's."""
+    cfg = gluon_launch.GluonBwdConfig(64, 128, 2)
+    steps = gluon_launch.backward_steps(n_tiles * 128, n_tiles * 128, cfg, group, causal)
+    table = gluon_launch.backward_order(n_tiles, heads, section, causal, True, steps, programs).tolist()
+    counts, rounds = table[0], table[1:]
+    assert min(counts) >= 1 and len(rounds) == max(counts)
+    walks = [[rounds[r][p] for r in range(len(rounds)) if rounds[r][p] >= 0] for p in range(programs)]
+    assert [len(w) for w in walks] == counts
+    assert all(rounds[r][p] == -1 for p in range(programs) for r in range(counts[p], len(rounds)))
+    launch_order = gluon_launch.bwd_launch_order(n_tiles, heads, section, causal)
+    position = {n + n_tiles * hz: i for i, (n, hz) in enumerate(launch_order)}
+    assert sorted(e for w in walks for e in w) == sorted(position)
+    assert all(w == sorted(w, key=position.get) for w in walks)
+    cost = [sum(steps[e % n_tiles] + gluon_launch.BWD_TILE_COST_STEPS for e in w) for w in walks]
+    longest = max(steps) + gluon_launch.BWD_TILE_COST_STEPS
+    assert max(cost) <= sum(cost) / programs + longest
+    with pytest.raises(ValueError):
+        gluon_launch.backward_order(n_tiles, heads, section, causal, True, steps, n_tiles * heads + 1)
 
 
 def test_sections_of_the_longest_first_order():
@@ -437,12 +488,36 @@ def test_sections_of_the_longest_first_order():
 
 
 class _Shim:
-    """Stands in for ``gl`` in the rendered scalar helpers (integer arithmetic only)."""
+    """Stands in for ``gl`` in the rendered scalar helpers: integer arithmetic, and loads of a
+    _Pointer; ``pid`` and ``grid`` are the program's position in the grid and the grid's shape."""
     minimum = staticmethod(min)
+    pid, grid = (0, 0), (1, 1)
 
     @staticmethod
     def cdiv(a, b):
         return -(-a // b)
+
+    @staticmethod
+    def load(pointer):
+        return pointer.values[pointer.offset]
+
+    @classmethod
+    def program_id(cls, axis):
+        return cls.pid[axis]
+
+    @classmethod
+    def num_programs(cls, axis):
+        return cls.grid[axis]
+
+
+class _Pointer:
+    """A pointer into a list, for _Shim.load."""
+
+    def __init__(self, values, offset=0):
+        self.values, self.offset = values, offset
+
+    def __add__(self, offset):
+        return _Pointer(self.values, self.offset + offset)
 
 
 def _walk_helpers(text, names):
@@ -463,12 +538,14 @@ def test_program_order(text, n_tiles, n_heads, section, lpt):
     own position unless LPT is on and the spec causal, when the programs in launch order (key tile
     fastest) walk longest first within each section of ``section`` heads (the last one smaller
     where they do not divide) and never leave it: every head of a section starts its key tile k
-    before any starts k + 1, and the walk lengths never rise within a section."""
+    before any starts k + 1, and the walk lengths never rise within a section. The persistent
+    walk's table (gluon_launch.bwd_launch_order) deals the key tiles out in the same order."""
     key_tile, query_tiles = _walk_helpers(text, ("_key_tile", "_query_tiles"))
     causal = text == CAUSAL
     order = [key_tile(pid_n, pid_h, n_tiles, n_heads, section, lpt)
              for pid_h in range(n_heads) for pid_n in range(n_tiles)]
     assert sorted(order) == [(n, h) for n in range(n_tiles) for h in range(n_heads)]
+    assert order == gluon_launch.bwd_launch_order(n_tiles, n_heads, section, lpt and causal)  # the table's order
     if not (lpt and causal):
         assert order == [(n, h) for h in range(n_heads) for n in range(n_tiles)]
         return
@@ -485,11 +562,14 @@ def _numpy_fn(expr, names):
     return sympy.lambdify(names, expr, modules="numpy")
 
 
-def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, lpt=False):
+def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, lpt=False, programs=None):
     """(dq, dk, dv) by the kernel's algorithm in float64: per program of the grid, its key tile and
-    K/V head by _key_tile (LPT's order with sections of ``section`` heads if ``lpt``), the walk
-    of _query_tiles/_advance with a ring of ``stages`` buffers filled STAGES steps ahead (asserting
-    that each step finds its own tile in its buffer, and, as ROWS_AHEAD loads them, the LSE and
+    K/V head by _key_tile (LPT's order with sections of ``section`` heads if ``lpt``); or, with
+    ``programs`` (PERSISTENT), that many programs each walking its rounds' key tiles from
+    gluon_launch.backward_order's table (_round_walk); the walk of _query_tiles/_advance with a
+    ring of ``stages`` buffers filled STAGES steps ahead within a walk, and with PERSISTENT the next
+    round's first STAGES steps loaded at a round's end (as _next_round does), asserting that each
+    load finds its buffer free and each step its own round's tile and rows in its buffer, and, as ROWS_AHEAD loads them, the LSE and
     Delta of its own head and tile, addressed the step before), Q/dO tiles read from the flat (Z·H·N_Q, d)
     matrices (past a head's end: the next head's rows; past the tensor: zeros), the weights
     exp2(s − LSE·log2 e) with -inf LSE and rows past N_Q read as +inf, dS = P·d(score)/d(qk) ∘
@@ -498,7 +578,8 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     rows per head rounded up to BLOCK_M (the TMA reduce-add: rows past N_Q land in the padding),
     cut to N_Q rows at the end."""
     spec = spec_from_text(text)
-    query_tiles, advance, key_tile = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile"))
+    helpers = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile", "_round_tile", "_round_walk"))
+    advance, round_walk = helpers[1], helpers[4]
     mask = int(re.search(r"MASK = gl.constexpr\((\d)\)", render_gluon_bwd(spec)).group(1))
     z, h, n_q, d = q.shape
     h_kv, n_kv = k.shape[1], k.shape[2]
@@ -520,29 +601,50 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     dq_acc = torch.zeros(z * h * dq_rows, d, dtype=torch.float64)
     dk, dv = torch.full_like(k, math.nan), torch.full_like(v, math.nan)  # poisoned: a tile no program wrote stays NaN
     n_tiles, n_heads = n_kv // BN, z * h_kv
-    for pid_h in range(n_heads):
-        for pid_n in range(n_tiles):  # in launch order, each program's tile by the rendered _key_tile
-            start_n, zk = key_tile(pid_n, pid_h, n_tiles, n_heads, section or n_heads, lpt)
+    section, persistent = section or n_heads, programs is not None
+    if persistent:
+        steps = gluon_launch.backward_steps(n_q, n_kv, gluon_launch.GluonBwdConfig(bm, BN, stages), group, mask == 1)
+        programs = min(programs, n_tiles * n_heads)  # as backward_launch: every program has a round
+        table = gluon_launch.backward_order(n_tiles, n_heads, section, mask == 1, lpt, steps, programs)
+        order, grid = _Pointer(table.flatten().tolist()), (programs, 1)
+        launched = [((p, 0), table[0, p].item()) for p in range(programs)]
+    else:
+        order, grid = None, (n_tiles, n_heads)
+        launched = [((pid_n, pid_h), 1) for pid_h in range(n_heads) for pid_n in range(n_tiles)]
+    walk_args = (n_tiles, n_q, h, h * n_q, n_q, 0, section, bm, BN, group, lpt, persistent)
+    for pid, rounds in launched:  # in launch order
+        _Shim.pid, _Shim.grid = pid, grid
+        ring, t = {}, 0
+
+        def load(step, r, g, m, lo, n_m, q_row):
+            """_load_query_tile: step's Q/dO rows into its ring buffer (None past the walk's end),
+            the buffer free (every earlier load into it consumed); the loader's position after it."""
+            assert ring.get(step % stages) is None, (step, ring)
+            ring[step % stages] = (r, g, m, q_row + g * n_q + m * bm) if g < group and m < n_m else None
+            return advance(g, m, lo, n_m)
+
+        # the prologue: round 0's first STAGES steps (_load_query_tile, _advance)
+        _, _, lo, n_m, _, q_row, _ = round_walk(order, 0, *walk_args)
+        load_g, load_m = 0, lo
+        for i in range(stages):
+            load_g, load_m = load(i, 0, load_g, load_m, lo, n_m, q_row)
+        for r in range(rounds):
+            start_n, zk, lo, n_m, band, q_row, _ = round_walk(order, r, *walk_args)
             off_z, off_hkv = divmod(zk, h_kv)
-            lo, n_m, band = query_tiles(start_n, n_q, bm, BN)
-            ring, load_g, load_m = {}, 0, lo
-            for i in range(stages):
-                ring[i % stages] = (load_g, load_m) if load_g < group and load_m < n_m else None
-                load_g, load_m = advance(load_g, load_m, lo, n_m)
             keys = slice(start_n * BN, (start_n + 1) * BN)
             kt, vt = k[off_z, off_hkv, keys], v[off_z, off_hkv, keys]
             offs_n = (start_n * BN + torch.arange(BN))[None, :].numpy()
-            dk_t, dv_t, t = torch.zeros(BN, d, dtype=torch.float64), torch.zeros(BN, d, dtype=torch.float64), 0
+            dk_t, dv_t = torch.zeros(BN, d, dtype=torch.float64), torch.zeros(BN, d, dtype=torch.float64)
             ahead = (off_z * h + off_hkv * group, lo)  # ROWS_AHEAD: the flat head and tile of the rows loaded
             for g in range(group):
                 off_h = off_hkv * group + g
                 off_hz = off_z * h + off_h
                 for m in range(lo, n_m):
-                    assert ring[t % stages] == (g, m), (t, ring)
+                    row = off_hz * n_q + m * bm
+                    assert ring.pop(t % stages) == (r, g, m, row), (t, ring)  # its own Q/dO rows, loaded ahead
                     assert ahead == (off_z * h + off_hkv * group + g, m), (t, ahead)  # the rows this step uses
                     next_g, next_m = advance(g, m, lo, n_m)
                     ahead = (off_z * h + off_hkv * group + next_g, next_m) if next_g < group else None
-                    row = off_hz * n_q + m * bm
                     qt, dot = q_rows[row:row + bm], do_rows[row:row + bm]
                     offs_m = (m * bm + torch.arange(bm))[:, None]
                     ok = offs_m[:, 0] < n_q
@@ -568,14 +670,19 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
                     dk_t += ds.T @ qt
                     dq_part = ds @ kt * factor
                     dq_acc[off_hz * dq_rows + m * bm:][:bm] += dq_part
-                    ring[t % stages] = (load_g, load_m) if load_g < group and load_m < n_m else None
-                    load_g, load_m = advance(load_g, load_m, lo, n_m)
+                    load_g, load_m = load(t + stages, r, load_g, load_m, lo, n_m, q_row)  # within this walk
                     t += 1
-            assert all(slot is None for slot in ring.values())  # nothing loaded past the walk
-            assert ahead is None or lo == n_m  # nor rows (the kernel masks the load past the walk)
+            assert ahead is None or lo == n_m  # no rows past the walk (the kernel masks the load)
             assert dk[off_z, off_hkv, keys].isnan().all()  # not written before: each key tile has one program
             dk[off_z, off_hkv, keys] = dk_t * factor
             dv[off_z, off_hkv, keys] = dv_t
+            assert all(slot is None for slot in ring.values())  # nothing of this walk left, nothing past it
+            ring.clear()
+            if persistent and r + 1 < rounds:  # _next_round: the next round's first STAGES steps, at this round's end
+                _, _, next_lo, next_nm, _, next_row, _ = round_walk(order, r + 1, *walk_args)
+                load_g, load_m = 0, next_lo
+                for i in range(stages):
+                    load_g, load_m = load(t + i, r + 1, load_g, load_m, next_lo, next_nm, next_row)
     return dq_acc.reshape(z, h, dq_rows, d)[:, :, :n_q], dk, dv
 
 
@@ -600,15 +707,19 @@ def _eager(text, q, k, v, scale):
     (HEAD_AND_LENGTH, 1, 2, 2, 64, 256),  # the score reads h, the predicate n_kv
 ], ids=["plain", "causal", "softcap", "ragged", "gqa", "nq_gt_nkv", "nq_lt_nkv", "empty_row", "prefix_lm",
         "h_and_n_kv"])
-@pytest.mark.parametrize("bm, lpt", [(BM, False), (128, False), (BM, True)], ids=["rows64", "rows128", "lpt"])
-def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt):
+@pytest.mark.parametrize("bm, lpt, programs", [(BM, False, None), (128, False, None), (BM, True, None), (BM, False, 3),
+                                               (128, False, 2), (BM, True, 3)],
+                         ids=["rows64", "rows128", "lpt", "persistent", "persistent_rows128", "persistent_lpt"])
+def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt, programs):
     """The kernel's algorithm, run in float64 with its own rendered walk, gives autograd's
     gradients of eager attention (to 1e-9): a wrong tile range, band, ring position, LSE or Delta
     convention, or chain rule would not. At 64 query rows a step and at 128 (d = 64's tile, where
     one query tile is the whole causal band of a key tile); and with LPT's program order in
     sections of three heads (two of the cases have four heads, so a section of one follows), where
     a program given no key tile, or one given a tile another program also took, would leave dK/dV
-    NaN or fail the emulation's assertion."""
+    NaN or fail the emulation's assertion. PERSISTENT: two or three programs walk every key tile
+    from backward_order's table, their rings running on from one key tile's walk into the next
+    (empty walks included: N_Q > N_KV and ragged cases)."""
     torch.manual_seed(0)
     d, scale = 16, 0.3
     q = torch.randn(z, h, n_q, d, dtype=torch.float64, requires_grad=True)
@@ -617,7 +728,7 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lp
     do = torch.randn_like(out)
     ref = torch.autograd.grad(out, (q, k, v), do)
     got = _emulate(text, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), do, scale, bm=bm,
-                   section=3, lpt=lpt)
+                   section=3, lpt=lpt, programs=programs)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert torch.isfinite(a).all(), name
         assert (a - b).abs().max().item() < 1e-9, (name, (a - b).abs().max().item())
@@ -645,6 +756,11 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "causal-d128-lpt": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT"),
     # d = 64's 128-row step with the warpgroups splitting the keys, as before SPLIT_M (call 45)
     "causal-d64-keys-split": (CAUSAL, 64, "bwd@128:ROWS_AHEAD"),
+    # the persistent walk (gluon_bwd's note on it) on the defaults' schedules
+    "causal-d128-persistent": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,PERSISTENT"),
+    "plain-d128-persistent": ("score=qk*scale", 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,TMA_EPILOGUE,PERSISTENT"),
+    "causal-d64-persistent": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
+    "plain-d64-persistent": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). The defaults' kernels (bwd)
@@ -658,9 +774,14 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 #   own rows (SPLIT_M, call 45) and the TMA epilogue (call 48), the defaults since: plain none under
 #   3.6, causal 16 B (4 STL), prefix-LM 32 B (8 STL, not timed); under ptxas 13 40-168 B.
 # - causal d = 128 under ptxas 13 only: 16-36 B (15-20 STL) by schedule, 32 B with LPT.
+# - the persistent walk (gluon_bwd's note on it): a few values a program kept across its rounds,
+#   reloaded once a round (none in the step's loop): triton 3.6 causal d = 128 12 B (3 STL), plain
+#   28 B (7), d = 64 plain 32 B (8); ptxas 13 4-72 B.
 # Every other kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0, 4)),
                 "causal-d128": ((0, 0), (28, 16)), "causal-d64": ((16, 4), (68, 57)),
+                "causal-d128-persistent": ((12, 3), (12, 10)), "plain-d128-persistent": ((28, 7), (4, 5)),
+                "causal-d64-persistent": ((0, 0), (4, 35)), "plain-d64-persistent": ((32, 8), (72, 28)),
                 "prefix_lm-d64": ((32, 8), (168, 78)), "plain-d64": ((0, 0), (152, 38)),
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
                 "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),

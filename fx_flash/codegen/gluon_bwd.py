@@ -114,6 +114,18 @@ GLUON_BWD_TEMPLATE = '''\
 # to start are the shortest. On at d = 128 (gluon_launch.BWD_SCHEDULES: 1.01-1.05x on causal and
 # soft-capping rows beside a control column, GLUON_NOTES call 52), off at d = 64 (0.98-1.03x).
 #
+# Note (the persistent walk): with PERSISTENT (a constexpr, GluonBwdConfig's flag, off unless a
+# launch asks for it) the grid is one program per SM, and each walks the key tiles of a table the
+# launcher deals out (gluon_launch.backward_order: an int32 (1 + rounds, programs) tensor, row 0 each
+# program's number of rounds, row 1 + r its round-r key tile as key tile + key tiles a head · flat
+# K/V head; each program has at least one). A round is what a program does without PERSISTENT:
+# K and V of its key tile, the walk over the query tiles, dK and dV out. The ring, its barriers'
+# phases and the step count t run on across rounds. At a round's end, once every product is done
+# and dK and dV's TMA stores are issued, the next round's first STAGES query tiles are loaded
+# (``_next_round``), so they arrive while dK and dV leave; the next K and V load once those stores
+# have read K's and V's tiles. The step's own loop is the non-persistent one: nothing of the next
+# round is looked up in it. It needs TMA_EPILOGUE (the epilogue it loads during).
+#
 # Note (rows): the forward's fully masked rows have LSE = -inf: read as +inf here, as rows past N_Q
 # are, so their weights are exp2(s − inf) = 0 and they add nothing to dV, dK or dQ (Delta loads as
 # 0 there; their dQ is not stored). ROWS_SHARED stages them through shared memory instead: the next
@@ -287,6 +299,67 @@ def _advance(g, m, lo, n_m):
 
 
 @gluon.jit
+def _round_tile(order, r, n_tiles, SECTION, LPT: gl.constexpr, PERSISTENT: gl.constexpr):
+    """(key tile, flat K/V head) of this program's round r: with PERSISTENT the launcher's table
+    entry (see the note on the persistent walk); otherwise its grid position through _key_tile
+    (one round)."""
+    if PERSISTENT:
+        entry = gl.load(order + (1 + r) * gl.num_programs(0) + gl.program_id(0))
+        start_n = entry % n_tiles
+        off_hkvz = entry // n_tiles
+    else:
+        start_n, off_hkvz = _key_tile(gl.program_id(0), gl.program_id(1), gl.num_programs(0), gl.num_programs(1),
+                                      SECTION, LPT)
+    return start_n, off_hkvz
+
+
+@gluon.jit
+def _round_walk(order, r, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                GROUP: gl.constexpr, LPT: gl.constexpr, PERSISTENT: gl.constexpr):
+    """What round r walks: (key tile, flat K/V head, lo, n_m, band, q_row, q_col), q_row and
+    q_col where the group's first query head starts in Q's matrix (see q_desc)."""
+    start_n, off_hkvz = _round_tile(order, r, n_tiles, SECTION, LPT, PERSISTENT)
+    H_KV = H // GROUP
+    off_z = off_hkvz // H_KV
+    off_hkv = off_hkvz % H_KV
+    lo, n_m, band = _query_tiles(start_n, N_Q, BLOCK_M, BLOCK_N)
+    return start_n, off_hkvz, lo, n_m, band, off_z * Q_RZ + off_hkv * GROUP * Q_RH, off_hkv * GROUP * Q_CH
+
+
+@gluon.jit
+def _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH):
+    """Issue the TMA loads of K and V's tiles of key tile start_n of flat K/V head off_hkvz."""
+    BLOCK_N: gl.constexpr = k_all.shape[1]
+    tile_bytes: gl.constexpr = BLOCK_N * k_all.shape[2] * k_all.dtype.primitive_bitwidth // 8
+    off_z = off_hkvz // H_KV
+    off_hkv = off_hkvz % H_KV
+    kv_row = off_z * KV_RZ + off_hkv * KV_RH + start_n * BLOCK_N
+    mbarrier.expect(kv_bar, 2 * tile_bytes)
+    _tma_load(k_desc, [kv_row, off_hkv * KV_CH], kv_bar, k_all.index(0))
+    _tma_load(v_desc, [kv_row, off_hkv * KV_CH], kv_bar, v_all.index(0))
+
+
+@gluon.jit
+def _next_round(r, rounds, t, order, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, q_desc, do_desc, q_smem, do_smem,
+                q_ready, do_ready, start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
+                LPT: gl.constexpr):
+    """PERSISTENT, at round r's end (every product done): round r + 1's walk (_round_walk's values)
+    with the TMA loads of its first STAGES steps issued into the ring (steps t, t + 1, ...), and
+    the loader's position after them; after the last round, everything as it was, nothing loaded."""
+    if r + 1 < rounds:
+        start_n, off_hkvz, lo, n_m, band, q_row, q_col = _round_walk(order, r + 1, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH,
+                                                                     SECTION, BLOCK_M, BLOCK_N, GROUP, LPT, True)
+        load_g = 0
+        load_m = lo
+        for i in gl.static_range(STAGES):
+            _load_query_tile(t + i, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col,
+                             Q_RH, Q_CH, n_m, GROUP, STAGES)
+            load_g, load_m = _advance(load_g, load_m, lo, n_m)
+    return start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m
+
+
+@gluon.jit
 def _load_query_tile(t, g, m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col, Q_RH, Q_CH, n_m,
                      GROUP: gl.constexpr, STAGES: gl.constexpr):
     """Issue the TMA loads of step t's Q and dO tiles (head g of the group, query tile m) into
@@ -352,7 +425,7 @@ def _attn_bwd_sm90_prep(
 
 @gluon.jit
 def _attn_bwd_sm90(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE, Delta, sm_scale,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, DK, DV, LSE, Delta, order, sm_scale,
     stride_dkz, stride_dkh, stride_dkn, stride_dkk,
     stride_dvz, stride_dvh, stride_dvn, stride_dvk,
     H, N_Q, N_KV, DQ_ROWS, Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH, SECTION,
@@ -360,11 +433,12 @@ def _attn_bwd_sm90(
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
     ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False, SPLIT_M: gl.constexpr = False,
-    TMA_EPILOGUE: gl.constexpr = False,
+    TMA_EPILOGUE: gl.constexpr = False, PERSISTENT: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
-    its own TMA loads (see the notes on the loop and on dQ)."""
+    its own TMA loads (see the notes on the loop and on dQ); with PERSISTENT, of each key tile of
+    the launcher's table in turn (see the note on the persistent walk)."""
     dtype: gl.constexpr = q_desc.dtype
     WG: gl.constexpr = NUM_WARPS // 4  # warpgroups
     if SPLIT_M:  # see the note on the warpgroups' shares
@@ -387,15 +461,16 @@ def _attn_bwd_sm90(
                                                         instr_shape=[16, BLOCK_M, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     scores_layout: gl.constexpr = st_layout if KEYS_ON_ROWS else s_layout
-    start_n, off_hkvz = _key_tile(gl.program_id(0), gl.program_id(1), gl.num_programs(0), gl.num_programs(1), SECTION,
-                                  LPT)
+    gl.static_assert(TMA_EPILOGUE or not PERSISTENT, "the persistent walk loads its next rounds during the TMA epilogue")
     H_KV = H // GROUP
-    off_z = off_hkvz // H_KV
-    off_hkv = off_hkvz % H_KV
-    lo, n_m, band = _query_tiles(start_n, N_Q, BLOCK_M, BLOCK_N)
-    q_row = off_z * Q_RZ + off_hkv * GROUP * Q_RH  # the group's first query head in Q's matrix (see q_desc)
-    q_col = off_hkv * GROUP * Q_CH
-    kv_row = off_z * KV_RZ + off_hkv * KV_RH + start_n * BLOCK_N
+    n_tiles = N_KV // BLOCK_N  # key tiles a K/V head
+    if PERSISTENT:  # rounds of this program: row 0 of the table
+        rounds = gl.load(order + gl.program_id(0))
+    else:
+        rounds = 1
+    # round 0's key tile; q_row, q_col: where the group's first query head starts in Q's matrix
+    start_n, off_hkvz, lo, n_m, band, q_row, q_col = _round_walk(order, 0, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION,
+                                                                 BLOCK_M, BLOCK_N, GROUP, LPT, PERSISTENT)
 $HEADS
 
     # -- shared memory: K and V of the key tile, the Q/dO ring, P and dS; one mbarrier per buffer --
@@ -424,9 +499,7 @@ $HEADS
         mbarrier.init(do_ready.index(i), count=1)
 
     # -- prologue: K, V and the first STAGES query tiles in flight --
-    mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8)
-    _tma_load(k_desc, [kv_row, off_hkv * KV_CH], kv_bar, k_all.index(0))
-    _tma_load(v_desc, [kv_row, off_hkv * KV_CH], kv_bar, v_all.index(0))
+    _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH)
     load_g = 0  # the next step to load: head load_g of the group, query tile load_m
     load_m = lo
     for i in gl.static_range(STAGES):
@@ -439,133 +512,148 @@ $HEADS
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
     else:
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-    mbarrier.wait(kv_bar, 0)
-    t = 0
-    head0 = off_z * H + off_hkv * GROUP  # the group's first flat query head
-    if ROWS_SHARED:  # step 0's rows into buffer 0, loaded a few per thread
+    if ROWS_SHARED:
         few: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
         rows_few = gl.arange(0, BLOCK_M, layout=few)
-        lse0, delta0 = _rows(LSE, Delta, head0, lo, rows_few, N_Q, BLOCK_M)
-        base_all.index(0).store(gl.where(lse0 == float("-inf"), float("inf"), lse0) * LOG2E)
-        delta_all.index(0).store(delta0)
-    elif ROWS_AHEAD:  # step 0's rows: the first head of the group, query tile lo
-        lse, delta = _rows(LSE, Delta, head0, lo, rows, N_Q, BLOCK_M)
-    for g in range(GROUP):
-        off_h = off_hkv * GROUP + g
-        off_hz = head0 + g
-        for m in range(lo, n_m):
-            offs_m = m * BLOCK_M + rows
-            if ROWS_SHARED:
-                base = base_all.index(t % 2).load(rows.type.layout)
-                delta = delta_all.index(t % 2).load(rows.type.layout)
-            else:
-                if not ROWS_AHEAD:
-                    lse, delta = _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M)
-                base = gl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (BLOCK_M,), see the note on rows
-            buf = t % STAGES
-            phase = (t // STAGES) & 1
-            # see the note on registers
-            zero = gl.inline_asm_elementwise("mov.u32 $$0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
-            k_smem = k_all.index(zero)
-            v_smem = v_all.index(zero)
-            ds_smem = ds_all.index(zero)
-
-            if KEYS_ON_ROWS:
-                p_smem = None  # P stays in registers (see the note on the orientation)
-            else:
-                p_smem = p_all.index(zero)
-            # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ (both transposed with keys on rows) --
-            qk, dp = _scores(q_smem.index(buf), do_smem.index(buf), k_smem, v_smem, q_ready.index(buf),
-                             do_ready.index(buf), phase, scores_layout, KEYS_ON_ROWS)
-            # the keys' positions from an opaque zero, so that they are not held across the loop
-            p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
-                             KEYS_ON_ROWS)
-            if ROWS_SHARED:  # the next step's rows, stored at the step's end
-                lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
-            elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
-                lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
-            if KEYS_ON_ROWS:
-                # -- dV += Pᵀ·dO with Pᵀ from registers while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
-                p_op = gl.convert_layout(p.to(dtype), op_layout)
-                dv = warpgroup_mma(p_op, do_smem.index(buf), dv, is_async=True)
-                dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_N, BLOCK_M)
-                ds = pg * (dp - delta[None, :])
-                if ROWS_AHEAD and not ROWS_SHARED:
-                    delta = delta_next
-                ds = ds.to(dtype)
-                ds_op = gl.convert_layout(ds, op_layout)
-                dk = warpgroup_mma(ds_op, q_smem.index(buf), dk, is_async=True)
-                # -- dQ_tile = dS·K, dS read from shared memory by every warpgroup --
-                ds_smem.store(ds)
-                fence_async_shared()
-                dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem,
-                                   gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False, is_async=True)
-                dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, dq, p_op, ds_op))
-            else:
-                if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
-                    fence_async_shared()
-                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
-                    dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_M, BLOCK_N)
+    t = 0
+    for r in range(rounds):
+        off_z = off_hkvz // H_KV
+        off_hkv = off_hkvz % H_KV
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+        mbarrier.wait(kv_bar, r & 1)
+        head0 = off_z * H + off_hkv * GROUP  # the group's first flat query head
+        if ROWS_SHARED:  # the round's first step's rows into buffer t % 2, loaded a few per thread
+            lse0, delta0 = _rows(LSE, Delta, head0, lo, rows_few, N_Q, BLOCK_M)
+            base_all.index(t % 2).store(gl.where(lse0 == float("-inf"), float("inf"), lse0) * LOG2E)
+            delta_all.index(t % 2).store(delta0)
+        elif ROWS_AHEAD:  # step 0's rows: the first head of the group, query tile lo
+            lse, delta = _rows(LSE, Delta, head0, lo, rows, N_Q, BLOCK_M)
+        for g in range(GROUP):
+            off_h = off_hkv * GROUP + g
+            off_hz = head0 + g
+            for m in range(lo, n_m):
+                offs_m = m * BLOCK_M + rows
+                if ROWS_SHARED:
+                    base = base_all.index(t % 2).load(rows.type.layout)
+                    delta = delta_all.index(t % 2).load(rows.type.layout)
                 else:
-                    dp = warpgroup_mma_wait(0, deps=(dp, ))
+                    if not ROWS_AHEAD:
+                        lse, delta = _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M)
+                    base = gl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (BLOCK_M,), see the note on rows
+                buf = t % STAGES
+                phase = (t // STAGES) & 1
+                # see the note on registers
+                zero = gl.inline_asm_elementwise("mov.u32 $$0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
+                k_smem = k_all.index(zero)
+                v_smem = v_all.index(zero)
+                ds_smem = ds_all.index(zero)
 
-                # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
-                ds = pg * (dp - delta[:, None])
-                if ROWS_AHEAD and not ROWS_SHARED:
-                    delta = delta_next
-                ds_smem.store(ds.to(dtype))
+                if KEYS_ON_ROWS:
+                    p_smem = None  # P stays in registers (see the note on the orientation)
+                else:
+                    p_smem = p_all.index(zero)
+                # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ (both transposed with keys on rows) --
+                qk, dp = _scores(q_smem.index(buf), do_smem.index(buf), k_smem, v_smem, q_ready.index(buf),
+                                 do_ready.index(buf), phase, scores_layout, KEYS_ON_ROWS)
+                # the keys' positions from an opaque zero, so that they are not held across the loop
+                p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
+                                 KEYS_ON_ROWS)
+                if ROWS_SHARED:  # the next step's rows, stored at the step's end
+                    lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
+                elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
+                    lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
+                if KEYS_ON_ROWS:
+                    # -- dV += Pᵀ·dO with Pᵀ from registers while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
+                    p_op = gl.convert_layout(p.to(dtype), op_layout)
+                    dv = warpgroup_mma(p_op, do_smem.index(buf), dv, is_async=True)
+                    dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_N, BLOCK_M)
+                    ds = pg * (dp - delta[None, :])
+                    if ROWS_AHEAD and not ROWS_SHARED:
+                        delta = delta_next
+                    ds = ds.to(dtype)
+                    ds_op = gl.convert_layout(ds, op_layout)
+                    dk = warpgroup_mma(ds_op, q_smem.index(buf), dk, is_async=True)
+                    # -- dQ_tile = dS·K, dS read from shared memory by every warpgroup --
+                    ds_smem.store(ds)
+                    fence_async_shared()
+                    dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem,
+                                       gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False, is_async=True)
+                    dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, dq, p_op, ds_op))
+                else:
+                    if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
+                        fence_async_shared()
+                        dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+                        dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_M, BLOCK_N)
+                    else:
+                        dp = warpgroup_mma_wait(0, deps=(dp, ))
+
+                    # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
+                    ds = pg * (dp - delta[:, None])
+                    if ROWS_AHEAD and not ROWS_SHARED:
+                        delta = delta_next
+                    ds_smem.store(ds.to(dtype))
+                    fence_async_shared()
+                    if not DV_EARLY:
+                        dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
+                    dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
+                    dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
+                                       use_acc=False, is_async=True)
+                    dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+
+                # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
+                _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
+                                 q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
+                load_g, load_m = _advance(load_g, load_m, lo, n_m)
+                if ROWS_SHARED:  # into the other buffer, read by the next step (see the note on rows)
+                    base_all.index((t + 1) % 2).store(gl.where(lse_next == float("-inf"), float("inf"), lse_next) * LOG2E)
+                    delta_all.index((t + 1) % 2).store(delta_next)
+                dq_smem = dq_all.index(zero)  # see the note on registers
+                tma.store_wait(0)  # the previous share has been read out of dq_smem
+                dq_smem.store(dq * $DQK_FACTOR)
                 fence_async_shared()
-                if not DV_EARLY:
-                    dv = warpgroup_mma(p_smem.permute((1, 0)), do_smem.index(buf), dv, is_async=True)
-                dk = warpgroup_mma(ds_smem.permute((1, 0)), q_smem.index(buf), dk, is_async=True)
-                dq = warpgroup_mma(ds_smem, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
-                                   use_acc=False, is_async=True)
-                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
+                t += 1
 
-            # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
-            _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
-                             q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
-            load_g, load_m = _advance(load_g, load_m, lo, n_m)
-            if ROWS_SHARED:  # into the other buffer, read by the next step (see the note on rows)
-                base_all.index((t + 1) % 2).store(gl.where(lse_next == float("-inf"), float("inf"), lse_next) * LOG2E)
-                delta_all.index((t + 1) % 2).store(delta_next)
-            dq_smem = dq_all.index(zero)  # see the note on registers
-            tma.store_wait(0)  # the previous share has been read out of dq_smem
-            dq_smem.store(dq * $DQK_FACTOR)
+        if not PERSISTENT:  # (with it, the next round's first step waits for the last dQ share)
+            tma.store_wait(0)
+        dk = dk * $DQK_FACTOR
+        if TMA_EPILOGUE:  # see the note on the epilogue
+            _cta_barrier()  # both warpgroups' last products have read K and V
+            k_smem = k_all.index(0)
+            v_smem = v_all.index(0)
+            k_smem.store(dk.to(dtype))
+            v_smem.store(dv.to(dtype))
             fence_async_shared()
-            _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
-            t += 1
-
+            kv_tile = off_hkvz * N_KV + start_n * BLOCK_N  # its first row in dK's and dV's (heads as rows)
+            _tma_store(DK, [kv_tile, 0], k_smem)
+            _tma_store(DV, [kv_tile, 0], v_smem)
+            if PERSISTENT:  # the next round's first query tiles load while dK and dV leave
+                start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m = _next_round(
+                    r, rounds, t, order, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, q_desc, do_desc, q_smem, do_smem,
+                    q_ready, do_ready, start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m, BLOCK_M, BLOCK_N,
+                    GROUP, STAGES, LPT)
+            tma.store_wait(0)
+        else:
+            kv_rows: gl.constexpr = gl.SliceLayout(1, kv_layout)
+            offs_kn = start_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=kv_rows)
+            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+            ok = (offs_kn[:, None] < N_KV) & (offs_d[None, :] < HEAD_DIM)
+            gl.store(DK + off_z.to(gl.int64) * stride_dkz + off_hkv.to(gl.int64) * stride_dkh
+                     + offs_kn[:, None].to(gl.int64) * stride_dkn + offs_d[None, :] * stride_dkk,
+                     dk.to(DK.dtype.element_ty), mask=ok)
+            gl.store(DV + off_z.to(gl.int64) * stride_dvz + off_hkv.to(gl.int64) * stride_dvh
+                     + offs_kn[:, None].to(gl.int64) * stride_dvn + offs_d[None, :] * stride_dvk,
+                     dv.to(DV.dtype.element_ty), mask=ok)
+        if PERSISTENT:
+            if r + 1 < rounds:  # the next round's K and V, once both warpgroups are done with their tiles
+                _cta_barrier()
+                _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH)
     tma.store_wait(0)
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(q_ready.index(i))
         mbarrier.invalidate(do_ready.index(i))
-    dk = dk * $DQK_FACTOR
-    if TMA_EPILOGUE:  # see the note on the epilogue
-        _cta_barrier()  # both warpgroups' last products have read K and V
-        k_smem = k_all.index(0)
-        v_smem = v_all.index(0)
-        k_smem.store(dk.to(dtype))
-        v_smem.store(dv.to(dtype))
-        fence_async_shared()
-        kv_tile = off_hkvz * N_KV + start_n * BLOCK_N  # its first row in dK's and dV's (heads as rows)
-        _tma_store(DK, [kv_tile, 0], k_smem)
-        _tma_store(DV, [kv_tile, 0], v_smem)
-        tma.store_wait(0)
-    else:
-        kv_rows: gl.constexpr = gl.SliceLayout(1, kv_layout)
-        offs_kn = start_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=kv_rows)
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-        ok = (offs_kn[:, None] < N_KV) & (offs_d[None, :] < HEAD_DIM)
-        gl.store(DK + off_z.to(gl.int64) * stride_dkz + off_hkv.to(gl.int64) * stride_dkh
-                 + offs_kn[:, None].to(gl.int64) * stride_dkn + offs_d[None, :] * stride_dkk,
-                 dk.to(DK.dtype.element_ty), mask=ok)
-        gl.store(DV + off_z.to(gl.int64) * stride_dvz + off_hkv.to(gl.int64) * stride_dvh
-                 + offs_kn[:, None].to(gl.int64) * stride_dvn + offs_d[None, :] * stride_dvk,
-                 dv.to(DV.dtype.element_ty), mask=ok)
 '''
 
 

@@ -806,6 +806,9 @@ _bwd_modules: dict[str, ModuleType] = {}
 
 
 BWD_ROUTED_HEAD_DIMS = (64, 128)
+# What a key tile costs the persistent backward besides its steps, in steps, for backward_order's
+# model of each program's work: its K/V load, exposed at the round's start, and the dK/dV epilogue.
+BWD_TILE_COST_STEPS = 1
 # Fewest (query head, key tile) pairs per SM for which the backward is routed: below, a call is
 # small enough that the Gluon path's extra host work (five descriptors, a third launch) or its few
 # long programs cost more than its products save. fwd+bwd at B = 1 on the H200, against the
@@ -848,6 +851,9 @@ class GluonBwdConfig:
     # dK and dV stored through the K/V tiles' shared memory by TMA, not from registers (gluon_bwd's
     # note on the epilogue)
     TMA_EPILOGUE: bool = False
+    # one program per SM walking key tiles from the launcher's table, each tile's first query tiles
+    # loaded during the last one's epilogue (gluon_bwd's note on the persistent walk; backward_order)
+    PERSISTENT: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
@@ -858,7 +864,7 @@ class GluonBwdConfig:
     def schedule(self) -> dict:
         return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
                     ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT, SPLIT_M=self.SPLIT_M,
-                    TMA_EPILOGUE=self.TMA_EPILOGUE)
+                    TMA_EPILOGUE=self.TMA_EPILOGUE, PERSISTENT=self.PERSISTENT)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
@@ -954,6 +960,7 @@ class BackwardLaunch:
     dq_rows: int
     views: tuple  # (Q_RZ, Q_RH, Q_CH, KV_RZ, KV_RH, KV_CH): where each head starts (tma_view)
     section: int  # K/V heads per section of the causal longest-first order (bwd_heads_per_section)
+    order: torch.Tensor  # PERSISTENT: the programs' key tiles (backward_order); otherwise unread
 
     def buffers(self, q, k, v) -> tuple:
         """(delta, dq accumulator, dk, dv), dk and dv contiguous, as the portable backward's."""
@@ -970,7 +977,7 @@ class BackwardLaunch:
         descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
                        _descriptor(dq_acc, rows))
         outputs = (_descriptor(dk, keys), _descriptor(dv, keys)) if self.config.TMA_EPILOGUE else (dk, dv)
-        return (*descriptors, *outputs, lse, delta, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
+        return (*descriptors, *outputs, lse, delta, self.order, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
                 k.shape[2], self.dq_rows, *self.views, self.section)
 
     @staticmethod
@@ -991,25 +998,84 @@ def bwd_heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor,
     return min(heads, max(1, L2_SECTION_BYTES // head_bytes))
 
 
-def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig) -> BackwardLaunch:
+def bwd_launch_order(n_tiles: int, heads: int, section: int, longest_first: bool) -> list[tuple[int, int]]:
+    """gluon_bwd._key_tile's order in Python: (key tile, flat K/V head) of each program of the
+    non-persistent grid in launch order (key tile fastest); with ``longest_first`` (LPT on a causal
+    spec) every head's key tile 0, then every head's key tile 1, ..., within sections of
+    ``section`` heads (tests check it against the rendered kernel's own)."""
+    if not longest_first:
+        return [(n, hz) for hz in range(heads) for n in range(n_tiles)]
+    return [(n, first + hz) for first in range(0, heads, section) for n in range(n_tiles)
+            for hz in range(min(section, heads - first))]
+
+
+def backward_order(n_tiles: int, heads: int, section: int, causal: bool, lpt: bool, steps: tuple,
+                   programs: int) -> torch.Tensor:
+    """The persistent backward's table (gluon_bwd's note on the persistent walk), an int32 (1 +
+    rounds, programs) CPU tensor: row 0 holds each program's number of rounds, row 1 + r its round-r
+    key tile as ``key tile + n_tiles · flat K/V head``, or -1. The key tiles in the non-persistent
+    launch order (bwd_launch_order), each to the program with the least modelled work so far
+    (``steps[n]``, the query tiles key tile n's walk takes, plus BWD_TILE_COST_STEPS; the lowest
+    index among equals): the hardware's own dispatch of the grid, fixed ahead. Every program gets a
+    round (the kernel's prologue loads round 0's tiles), so ``programs`` is at most the key tiles."""
+    if not 0 < programs <= n_tiles * heads:
+        raise ValueError(f"{programs} programs for {n_tiles * heads} key tiles: each program needs one")
+    heap = [(0, p) for p in range(programs)]
+    walks: list[list[int]] = [[] for _ in range(programs)]
+    for n, hz in bwd_launch_order(n_tiles, heads, section, causal and lpt):
+        work, p = heapq.heappop(heap)
+        walks[p].append(n + n_tiles * hz)
+        heapq.heappush(heap, (work + steps[n] + BWD_TILE_COST_STEPS, p))
+    rounds = max(map(len, walks))
+    table = [[len(w) for w in walks]] + [[w[r] if r < len(w) else -1 for w in walks] for r in range(rounds)]
+    return torch.tensor(table, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _bwd_order_on(device: torch.device, n_tiles: int, heads: int, section: int, causal: bool, lpt: bool,
+                  steps: tuple, programs: int) -> torch.Tensor:
+    """backward_order's table on ``device``, built and copied once per shape."""
+    return backward_order(n_tiles, heads, section, causal, lpt, steps, programs).to(device)
+
+
+def backward_steps(n_q: int, n_kv: int, config: GluonBwdConfig, group: int, causal: bool) -> tuple:
+    """Steps (query tiles, over the group's heads) each key tile of a K/V head walks
+    (gluon_bwd._query_tiles): all of them, or under a causal spec those from its diagonal on."""
+    n_m = -(-n_q // config.BLOCK_M)
+    return tuple(group * (n_m - (min(n * (config.BLOCK_N // config.BLOCK_M), n_m) if causal else 0))
+                 for n in range(n_kv // config.BLOCK_N))
+
+
+def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig, programs: Optional[int] = None) -> BackwardLaunch:
     """The BackwardLaunch of ``config`` for these shapes (the caller has checked
-    ``unsupported_backward_call``)."""
+    ``unsupported_backward_call``). ``programs``: the persistent kernel's grid, by default one
+    program per SM (checks set fewer, so that each walks many key tiles)."""
     z, h, n_q, d = q.shape
     module = load_backward(spec)
     dq_rows = triton.cdiv(n_q, config.BLOCK_M) * config.BLOCK_M
+    n_tiles, heads, section = k.shape[2] // config.BLOCK_N, z * k.shape[1], bwd_heads_per_section(spec, q, k, config)
+    grid, order = (n_tiles, heads), _no_order(q.device)
+    if config.PERSISTENT:
+        causal = mask_kind(spec) == 1
+        programs = min(n_tiles * heads, programs or device_profile(q.device).multiprocessors)
+        order = _bwd_order_on(q.device, n_tiles, heads, section, causal, config.LPT,
+                              backward_steps(n_q, k.shape[2], config, h // k.shape[1], causal), programs)
+        grid = (programs, )
     return BackwardLaunch(
         module._attn_bwd_sm90_prep, (triton.cdiv(dq_rows, BWD_PREP_ROWS), z * h),
         dict(HEAD_DIM=d, BLOCK=BWD_PREP_ROWS, NUM_WARPS=4, num_warps=4),
-        module._attn_bwd_sm90, (k.shape[2] // config.BLOCK_N, z * k.shape[1]),
+        module._attn_bwd_sm90, grid,
         dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
              NUM_WARPS=BWD_NUM_WARPS, num_warps=BWD_NUM_WARPS, **config.schedule),
-        config, dq_rows, (*tma_view(q)[2:], *tma_view(k)[2:]), bwd_heads_per_section(spec, q, k, config))
+        config, dq_rows, (*tma_view(q)[2:], *tma_view(k)[2:]), section, order)
 
 
-def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig):
+def launch_backward(spec: AttentionSpec, dout, q, k, v, out, lse, scale: float, config: GluonBwdConfig,
+                    programs: Optional[int] = None):
     """(dq, dk, dv) of one call (the caller has checked ``unsupported_backward_call``), launched
-    through ``JITFunction.run``: the BackwardLaunch's two kernels, then dQ finished."""
-    launch = backward_launch(spec, q, k, config)
+    through ``JITFunction.run``: the BackwardLaunch's two kernels, then dQ finished. ``programs``:
+    as backward_launch's."""
+    launch = backward_launch(spec, q, k, config, programs)
     delta, dq_acc, dk, dv = launch.buffers(q, k, v)
     launch.prep[launch.prep_grid](*launch.prep_args(out, dout, delta, dq_acc), **launch.prep_constexprs)
     launch.fn[launch.grid](*launch.args(dout, q, k, v, lse, scale, delta, dq_acc, dk, dv), **launch.constexprs)

@@ -298,15 +298,21 @@ def test_refusals_are_logged_and_build_nothing(monkeypatch, caplog):
 def test_routed_backward_orders_only_causal_walks_longest_first():
     """d = 128's schedule has LPT (call 52: 1.01-1.05x on causal and soft-capping rows); the routed
     tile keeps it for causal specs only, where it changes the order (gluon_bwd._key_tile), so that
-    a plain call's tile does not name an order it does not have. d = 64's schedule has none."""
+    a plain call's tile does not name an order it does not have. d = 64's schedule has none. The
+    persistent walk is routed where it was measured ahead: d = 128, causal, qk·scale alone."""
     causal, softcap = sdpa_spec(causal=True), spec_from_text(SOFTCAP)
     tiles = {name: gluon_launch.routed_backward_config(H200, spec, 128, 2)
              for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
     assert {name: cfg.LPT for name, cfg in tiles.items()} == {"plain": False, "causal": True, "softcap": True}
-    assert "lpt" not in str(tiles["plain"]) and str(tiles["causal"]).endswith("rows_shared lpt tma_epilogue")
+    assert "lpt" not in str(tiles["plain"]) and str(tiles["causal"]).endswith("rows_shared lpt tma_epilogue persistent")
     assert tiles["plain"] == gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True,
                                                          TMA_EPILOGUE=True)
     assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).LPT
+    # the persistent walk (call 89): d = 128's causal specs of qk·scale alone; not plain, not
+    # soft-capping, not a positional score, nor d = 64
+    assert {name: cfg.PERSISTENT for name, cfg in tiles.items()} == {"plain": False, "causal": True, "softcap": False}
+    assert not gluon_launch.routed_backward_config(H200, spec_from_text(ALIBI_CAUSAL), 128, 2).PERSISTENT
+    assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).PERSISTENT
     q = torch.empty(1, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     # Q, dO and the fp32 dQ rows of a head at 8k: 8 MiB, four of them in the 32 MiB section
     assert gluon_launch.bwd_heads_per_section(causal, q, q, tiles["causal"]) == 4

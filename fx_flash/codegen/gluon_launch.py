@@ -809,6 +809,14 @@ BWD_ROUTED_HEAD_DIMS = (64, 128)
 # What a key tile costs the persistent backward besides its steps, in steps, for backward_order's
 # model of each program's work: its K/V load, exposed at the round's start, and the dK/dV epilogue.
 BWD_TILE_COST_STEPS = 1
+# Head dims whose causal specs of a score of qk and the scale take the persistent walk (PERSISTENT;
+# gluon_bwd's note on it), as measured on the H200 in four alternating rounds (GLUON_NOTES call 89),
+# the backward alone against the routed schedule: d = 128 causal 1.023, 1.028, 1.011, 1.016,
+# 1.014x at N = 1k-16k (geometric mean 1.018; a control column of the routed kernel ran 0.99-1.02).
+# Not there: d = 128 plain (0.96-0.99x), d = 128 soft-capping (0.98-0.995x), d = 64 (plain
+# 0.96-0.98x, causal 0.99-1.01x). Its first form, which looked the next walk up in every step, ran
+# 0.98-1.02x (call 87).
+BWD_PERSISTENT_HEAD_DIMS = (128, )
 # Fewest (query head, key tile) pairs per SM for which the backward is routed: below, a call is
 # small enough that the Gluon path's extra host work (five descriptors, a third launch) or its few
 # long programs cost more than its products save. fwd+bwd at B = 1 on the H200, against the
@@ -888,8 +896,7 @@ def backward_rows(spec: AttentionSpec, head_dim: int) -> int:
     them and the score reads only qk and the scale with a constant chain rule (qk·scale, not
     soft-capping's), else BWD_BLOCK_M. The keep-predicate does not count: causal and prefix-LM
     compile within the registers."""
-    simple = constant_chain_rule(spec) and spec.score.free_symbols <= {QK, SCALE}
-    return BWD_ROWS.get(head_dim, BWD_BLOCK_M) if simple else BWD_BLOCK_M
+    return BWD_ROWS.get(head_dim, BWD_BLOCK_M) if qk_scale_only(spec) else BWD_BLOCK_M
 
 
 def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
@@ -910,14 +917,24 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
     return None
 
 
+def qk_scale_only(spec: AttentionSpec) -> bool:
+    """Whether ``spec``'s score reads nothing but qk and the scale, with a constant chain rule
+    (qk·scale; not soft-capping's, nor a positional term)."""
+    return constant_chain_rule(spec) and spec.score.free_symbols <= {QK, SCALE}
+
+
 def routed_backward_config(device: DeviceProfile, spec: AttentionSpec, head_dim: int,
                            elem_bytes: int) -> Optional[GluonBwdConfig]:
     """The backward's tile for ``spec`` (backward_config at its backward_rows), without LPT where
     the spec is not causal: that order changes causal walks only (gluon_bwd._key_tile), and a
-    plain call's tile should not name it."""
+    plain call's tile should not name it; with PERSISTENT where BWD_PERSISTENT_HEAD_DIMS has the
+    head dim and the spec is causal with a score of qk and the scale alone."""
     config = backward_config(device, head_dim, elem_bytes, backward_rows(spec, head_dim))
     if config is not None and config.LPT and mask_kind(spec) != 1:
         config = replace(config, LPT=False)
+    if (config is not None and head_dim in BWD_PERSISTENT_HEAD_DIMS and mask_kind(spec) == 1 and qk_scale_only(spec)
+            and config.TMA_EPILOGUE):
+        config = replace(config, PERSISTENT=True)
     return config
 
 

@@ -1,6 +1,7 @@
 """Spec → Gluon source for Hopper (sm90): the backward, one program per key tile (FlashAttention-3's
-design), dK and dV in registers (stored by TMA at the end), dQ summed into fp32 by TMA bulk
-reduce-adds; wgmma on TMA-loaded Q/dO tiles.
+design; or, PERSISTENT, one per SM walking key tiles from the launcher's table), dK and dV in
+registers (stored by TMA at the end), dQ summed into fp32 by TMA bulk reduce-adds; wgmma on
+TMA-loaded Q/dO tiles.
 
 The same specs as the Gluon forward (``gluon.unsupported``), with the score, its keep-predicate and
 the chain rule d(score)/d(qk) printed by the forward's printer (``gluon.GluonPrinter``) with

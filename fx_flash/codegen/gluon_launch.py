@@ -964,8 +964,9 @@ def load_backward(spec: AttentionSpec) -> ModuleType:
 class BackwardLaunch:
     """What a backward launch of one call's shapes takes besides its tensors: the Delta kernel
     (which also zeroes the fp32 dQ accumulator of ``dq_rows`` rows per head: N_Q rounded up to
-    BLOCK_M) and the main kernel, one program per key tile and K/V head, each with its grid and
-    constexprs; ``finish`` cuts dQ to N_Q rows and casts it to q's dtype."""
+    BLOCK_M) and the main kernel, one program per key tile and K/V head (with PERSISTENT one per
+    SM, reading ``order``), each with its grid and constexprs; ``finish`` cuts dQ to N_Q rows and
+    casts it to q's dtype."""
 
     prep: object
     prep_grid: tuple

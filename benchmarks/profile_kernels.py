@@ -4,11 +4,12 @@ with --impls, FlexAttention.
     python benchmarks/profile_kernels.py [--d 128 --n 8192 --impls fx_flash,sdpa,cudnn,flex]
         [--causal both|yes|no] [--dtype bf16|fp16] [--defaults]
 
-For each implementation, torch.profiler records five fwd+bwd steps (bf16, batch·N = 16k,
-hidden 2048) and prints each GPU kernel's mean time. "sdpa" is SDPA's own choice of backend,
+For each implementation, torch.profiler records five fwd+bwd steps (bf16 or --dtype, batch·N =
+16k, hidden 2048) and prints each GPU kernel's mean time. "sdpa" is SDPA's own choice of backend,
 "cudnn" SDPA held to cuDNN (target_grid.py's baseline). ``--defaults`` runs fx_flash with every
-switch at its default (untuned tiles, as target_grid.py and users do) instead of tuned ones. For fx_flash's kernels it also prints the
-matrix-unit rate each achieves counting the products that kernel really computes:
+switch at its default (untuned tiles, as target_grid.py and users do) instead of tuned ones. For
+fx_flash's kernels it also prints the matrix-unit rate each achieves counting the products that
+kernel really computes:
     forward  2 products per tile (Q·Kᵀ, P·V)
     dQ       3 (Q·Kᵀ again, dO·Vᵀ, dS·K)
     dK/dV    4 (Q·Kᵀ again, Pᵀ·dO, dO·Vᵀ, dSᵀ·Q)

@@ -118,8 +118,8 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
         kernel, warps = module._attn_bwd_sm90, gluon_launch.BWD_NUM_WARPS
         signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                      "v_desc": _descriptor_type(block_n, head_dim), "do_desc": _descriptor_type(block_m, head_dim),
-                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16", "LSE": "*fp32",
-                     "Delta": "*fp32", "order": "*i32", "sm_scale": "fp32",
+                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16",
+                     "LSE": "*fp32", "Delta": "*fp32", "order": "*i32", "sm_scale": "fp32",
                      **{name: "i32" for name in ("stride_dkz", "stride_dkh", "stride_dkn", "stride_dkk", "stride_dvz",
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV",
                                                  "DQ_ROWS", "Q_RZ", "Q_RH", "Q_CH", "KV_RZ", "KV_RH", "KV_CH",
@@ -129,7 +129,8 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
         consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
                   "NUM_WARPS": warps, "stride_dkk": 1, "stride_dvk": 1,
                   **{name: name in schedule for name in gluon_launch.GluonBwdConfig(block_m, block_n, stages).schedule}}
-        divisible = (*(() if "TMA_EPILOGUE" in schedule else ("DK", "DV")), "LSE", "Delta", "order", "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
+        divisible = (*(() if "TMA_EPILOGUE" in schedule else ("DK", "DV")), "LSE", "Delta", "order",
+                     "stride_dkz", "stride_dkh", "stride_dkn", "stride_dvz",
                      "stride_dvh", "stride_dvn", "H", "N_Q", "N_KV", "DQ_ROWS")
     signature.update({name: "constexpr" for name in consts})
     attrs = {(kernel.arg_names.index(name), ): [["tt.divisibility", 16]] for name in divisible}

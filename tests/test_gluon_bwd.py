@@ -574,10 +574,11 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     ``programs`` (PERSISTENT), that many programs each walking its rounds' key tiles from
     gluon_launch.backward_order's table (_round_walk); the walk of _query_tiles/_advance with a
     ring of ``stages`` buffers filled STAGES steps ahead within a walk, and with PERSISTENT the next
-    round's first STAGES steps loaded at a round's end (as _next_round does), asserting that each
-    load finds its buffer free and each step its own round's tile and rows in its buffer, and, as ROWS_AHEAD loads them, the LSE and
-    Delta of its own head and tile, addressed the step before), Q/dO tiles read from the flat (Z·H·N_Q, d)
-    matrices (past a head's end: the next head's rows; past the tensor: zeros), the weights
+    round's first STAGES steps loaded at a round's end, as _next_round does (asserting that each
+    load finds its buffer free, that each step finds its own round's tile and rows in its buffer,
+    and, as ROWS_AHEAD loads them, the LSE and Delta of its own head and tile, addressed the step
+    before), Q/dO tiles read from the flat (Z·H·N_Q, d) matrices (past a head's end: the next
+    head's rows; past the tensor: zeros), the weights
     exp2(s − LSE·log2 e) with -inf LSE and rows past N_Q read as +inf, dS = P·d(score)/d(qk) ∘
     (dP − Delta) (a constant derivative applied once to dK and to each dQ share instead),
     dV += Pᵀ·dO, dK += dSᵀ·Q, and each tile's dQ share added whole into one accumulator of N_Q

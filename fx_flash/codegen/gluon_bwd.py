@@ -462,7 +462,7 @@ def _attn_bwd_sm90(
                                                         instr_shape=[16, BLOCK_M, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     scores_layout: gl.constexpr = st_layout if KEYS_ON_ROWS else s_layout
-    gl.static_assert(TMA_EPILOGUE or not PERSISTENT, "the persistent walk loads its next rounds during the TMA epilogue")
+    gl.static_assert(TMA_EPILOGUE or not PERSISTENT, "the persistent walk loads the next round in the TMA epilogue")
     H_KV = H // GROUP
     n_tiles = N_KV // BLOCK_N  # key tiles a K/V head
     if PERSISTENT:  # rounds of this program: row 0 of the table
@@ -565,7 +565,7 @@ $HEADS
                 elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
                     lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
                 if KEYS_ON_ROWS:
-                    # -- dV += Pᵀ·dO with Pᵀ from registers while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
+                    # -- dV += Pᵀ·dO, Pᵀ from registers, while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
                     p_op = gl.convert_layout(p.to(dtype), op_layout)
                     dv = warpgroup_mma(p_op, do_smem.index(buf), dv, is_async=True)
                     dp = warpgroup_mma_wait(1, deps=(dp, ))  # (BLOCK_N, BLOCK_M)
@@ -579,7 +579,8 @@ $HEADS
                     ds_smem.store(ds)
                     fence_async_shared()
                     dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem,
-                                       gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False, is_async=True)
+                                       gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout), use_acc=False,
+                                       is_async=True)
                     dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, dq, p_op, ds_op))
                 else:
                     if DV_EARLY:  # dV += Pᵀ·dO runs while dP is waited for and dS computed
@@ -589,7 +590,7 @@ $HEADS
                     else:
                         dp = warpgroup_mma_wait(0, deps=(dp, ))
 
-                    # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
+                    # -- dS = P ∘ (dP − Delta) ∘ d(score)/d(qk); dV += Pᵀ·dO, dK += dSᵀ·Q, dQ_tile = dS·K --
                     ds = pg * (dp - delta[:, None])
                     if ROWS_AHEAD and not ROWS_SHARED:
                         delta = delta_next
@@ -607,7 +608,8 @@ $HEADS
                                  q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
                 load_g, load_m = _advance(load_g, load_m, lo, n_m)
                 if ROWS_SHARED:  # into the other buffer, read by the next step (see the note on rows)
-                    base_all.index((t + 1) % 2).store(gl.where(lse_next == float("-inf"), float("inf"), lse_next) * LOG2E)
+                    base_next = gl.where(lse_next == float("-inf"), float("inf"), lse_next) * LOG2E
+                    base_all.index((t + 1) % 2).store(base_next)
                     delta_all.index((t + 1) % 2).store(delta_next)
                 dq_smem = dq_all.index(zero)  # see the note on registers
                 tma.store_wait(0)  # the previous share has been read out of dq_smem

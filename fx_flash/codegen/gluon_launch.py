@@ -995,7 +995,8 @@ class BackwardLaunch:
         descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
                        _descriptor(dq_acc, rows))
         outputs = (_descriptor(dk, keys), _descriptor(dv, keys)) if self.config.TMA_EPILOGUE else (dk, dv)
-        return (*descriptors, *outputs, lse, delta, self.order, scale, *dk.stride(), *dv.stride(), q.shape[1], q.shape[2],
+        return (*descriptors, *outputs, lse, delta, self.order, scale, *dk.stride(), *dv.stride(), q.shape[1],
+                q.shape[2],
                 k.shape[2], self.dq_rows, *self.views, self.section)
 
     @staticmethod
@@ -1064,7 +1065,8 @@ def backward_steps(n_q: int, n_kv: int, config: GluonBwdConfig, group: int, caus
                  for n in range(n_kv // config.BLOCK_N))
 
 
-def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig, programs: Optional[int] = None) -> BackwardLaunch:
+def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig,
+                    programs: Optional[int] = None) -> BackwardLaunch:
     """The BackwardLaunch of ``config`` for these shapes (the caller has checked
     ``unsupported_backward_call``). ``programs``: the persistent kernel's grid, by default one
     program per SM (checks set fewer, so that each walks many key tiles)."""

@@ -996,8 +996,7 @@ class BackwardLaunch:
                        _descriptor(dq_acc, rows))
         outputs = (_descriptor(dk, keys), _descriptor(dv, keys)) if self.config.TMA_EPILOGUE else (dk, dv)
         return (*descriptors, *outputs, lse, delta, self.order, scale, *dk.stride(), *dv.stride(), q.shape[1],
-                q.shape[2],
-                k.shape[2], self.dq_rows, *self.views, self.section)
+                q.shape[2], k.shape[2], self.dq_rows, *self.views, self.section)
 
     @staticmethod
     def finish(dq_acc, q):

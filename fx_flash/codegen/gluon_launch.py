@@ -503,20 +503,27 @@ def _kernel_order(heads: int, q_tiles: int, programs: int, section: int,
     return walks
 
 
-def _greedy_order(heads: int, walk: list[int], programs: int, section: int) -> list[list[tuple[int, int]]]:
-    """The tiles in _output_tile's order (sections of ``section`` heads, longest first within
-    each: ``walk[m]`` key tiles for query tile m), each to the program with the least modelled
-    work so far (the lowest index among equals)."""
+def _deal(tiles, work, programs: int) -> list[list]:
+    """``tiles`` in their order, each to the program with the least modelled work so far (the
+    lowest index among equals), which then grows by ``work(tile)``: each program's tiles, in order.
+    The persistent kernels' tables, forward (_greedy_order) and backward (backward_order)."""
     heap = [(0, p) for p in range(programs)]
     walks = [[] for _ in range(programs)]
-    longest_first = sorted(range(len(walk)), key=lambda m: -walk[m])
-    for first in range(0, heads, section):
-        for m in longest_first:
-            for hz in range(first, min(first + section, heads)):
-                work, p = heapq.heappop(heap)
-                walks[p].append((hz, m))
-                heapq.heappush(heap, (work + walk[m] + TILE_COST_STEPS, p))
+    for tile in tiles:
+        load, p = heapq.heappop(heap)
+        walks[p].append(tile)
+        heapq.heappush(heap, (load + work(tile), p))
     return walks
+
+
+def _greedy_order(heads: int, walk: list[int], programs: int, section: int) -> list[list[tuple[int, int]]]:
+    """The tiles in _output_tile's order (sections of ``section`` heads, longest first within
+    each: ``walk[m]`` key tiles for query tile m), dealt by modelled work (_deal: walk[m] +
+    TILE_COST_STEPS a tile)."""
+    longest_first = sorted(range(len(walk)), key=lambda m: -walk[m])
+    tiles = [(hz, m) for first in range(0, heads, section) for m in longest_first
+             for hz in range(first, min(first + section, heads))]
+    return _deal(tiles, lambda tile: walk[tile[1]] + TILE_COST_STEPS, programs)
 
 
 def _busiest(walks: list[list[tuple[int, int]]], walk: list[int]) -> int:
@@ -919,7 +926,9 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
 
 def qk_scale_only(spec: AttentionSpec) -> bool:
     """Whether ``spec``'s score reads nothing but qk and the scale, with a constant chain rule
-    (qk·scale; not soft-capping's, nor a positional term)."""
+    (qk·scale; not soft-capping's, nor a positional term): the backward's test (BWD_ROWS, the
+    persistent walk). The forward's qk_only differs: it refuses any function of them and does not
+    ask for a constant derivative."""
     return constant_chain_rule(spec) and spec.score.free_symbols <= {QK, SCALE}
 
 
@@ -1038,12 +1047,8 @@ def backward_order(n_tiles: int, heads: int, section: int, causal: bool, lpt: bo
     round (the kernel's prologue loads round 0's tiles), so ``programs`` is at most the key tiles."""
     if not 0 < programs <= n_tiles * heads:
         raise ValueError(f"{programs} programs for {n_tiles * heads} key tiles: each program needs one")
-    heap = [(0, p) for p in range(programs)]
-    walks: list[list[int]] = [[] for _ in range(programs)]
-    for n, hz in bwd_launch_order(n_tiles, heads, section, causal and lpt):
-        work, p = heapq.heappop(heap)
-        walks[p].append(n + n_tiles * hz)
-        heapq.heappush(heap, (work + steps[n] + BWD_TILE_COST_STEPS, p))
+    tiles = [n + n_tiles * hz for n, hz in bwd_launch_order(n_tiles, heads, section, causal and lpt)]
+    walks = _deal(tiles, lambda tile: steps[tile % n_tiles] + BWD_TILE_COST_STEPS, programs)
     rounds = max(map(len, walks))
     table = [[len(w) for w in walks]] + [[w[r] if r < len(w) else -1 for w in walks] for r in range(rounds)]
     return torch.tensor(table, dtype=torch.int32)

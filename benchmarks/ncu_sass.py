@@ -44,21 +44,24 @@ def read(path: str) -> dict[str, list[dict]]:
     return kernels
 
 
-def by_function(path: str, spec_text: str, top: int = 25) -> str:
+def by_function(path: str, spec_text: str, top: int = 25, backward: bool = False) -> str:
     """Stall samples of the source export with the high-level source beside the SASS (``ncu -i R
     --page source --print-source cuda,sass --csv``): a block per source file, one line per source
     line with its samples, then its SASS. The lines of the generated Gluon module (the module of
-    ``spec_text`` as this checkout renders it, which must be the code profiled) are summed by the
+    ``spec_text`` as this checkout renders it, the backward's with ``backward``, which must be the
+    code profiled) are summed by the
     function they lie in (every gluon.jit function is inlined, so these are where the samples
     fall in the source, not calls); other files (Triton's own library: the reductions) by file."""
     import sys
 
     sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
     from fx_flash.codegen.gluon import render_gluon
+    from fx_flash.codegen.gluon_bwd import render_gluon_bwd
     from fx_flash.codegen.spec import spec_from_text
 
+    render, module = (render_gluon_bwd, "fx_flash_gluon_bwd") if backward else (render_gluon, "fx_flash_gluon")
     function, current = {}, None
-    for number, text in enumerate(render_gluon(spec_from_text(spec_text)).splitlines(), 1):
+    for number, text in enumerate(render(spec_from_text(spec_text)).splitlines(), 1):
         found = re.match(r"def (\w+)\(", text)
         current = found.group(1) if found else current
         function[number] = current
@@ -73,7 +76,8 @@ def by_function(path: str, spec_text: str, top: int = 25) -> str:
         for row in rows[a + 3:b]:
             if len(row) > column and row[0]:  # a source line (its SASS rows have no line number)
                 samples = int(row[column]) if row[column].isdigit() else 0
-                if "fx_flash_gluon" in source_file:
+                name = source_file.rsplit("/", 1)[-1]
+                if name.startswith(module) and (backward or not name.startswith("fx_flash_gluon_bwd")):
                     functions[function.get(int(row[0]))] += samples
                     lines[(int(row[0]), row[1].strip()[:70])] += samples
                 else:
@@ -164,9 +168,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--source", metavar="SPEC_TEXT",
                     help="the CSV is the cuda,sass export: samples by function of this spec's module")
+    ap.add_argument("--backward", action="store_true", help="with --source: the spec's Gluon backward module")
     args = ap.parse_args()
     if args.source:
-        print(by_function(args.csv, args.source, args.top))
+        print(by_function(args.csv, args.source, args.top, args.backward))
         return
     for name, rows in read(args.csv).items():
         print(f"=== {name}\n{summary(rows, args.top)}\n")

@@ -249,17 +249,19 @@ def _score_product(query_side, key_side, layout: gl.constexpr, KEYS_ON_ROWS: gl.
 
 
 @gluon.jit
-def _scores(q_smem, do_smem, k_smem, v_smem, q_ready, do_ready, phase, v_ready, v_phase, layout: gl.constexpr,
-            KEYS_ON_ROWS: gl.constexpr, K_AHEAD: gl.constexpr):
+def _scores(q_smem, do_smem, k_smem, v_smem, q_ready, do_ready, phase, v_ready, v_phase, first,
+            layout: gl.constexpr, KEYS_ON_ROWS: gl.constexpr, K_AHEAD: gl.constexpr):
     """Issue a step's two score products, each once its query-side tile has landed, and wait for
     the first: (qk, dP) = (Q·Kᵀ, dO·Vᵀ), or with KEYS_ON_ROWS (K·Qᵀ, V·dOᵀ) (_score_product).
     dP is returned still running. K_AHEAD: V's tile has its own barrier (``v_ready``, parity
-    ``v_phase``), waited for before dP (see the note on the persistent walk)."""
+    ``v_phase``), waited for before dP in a round's ``first`` step (see the note on the persistent
+    walk)."""
     mbarrier.wait(q_ready, phase)
     qk = _score_product(q_smem, k_smem, layout, KEYS_ON_ROWS)
     mbarrier.wait(do_ready, phase)
     if K_AHEAD:
-        mbarrier.wait(v_ready, v_phase)
+        if first:
+            mbarrier.wait(v_ready, v_phase)
     dp = _score_product(do_smem, v_smem, layout, KEYS_ON_ROWS)
     qk = warpgroup_mma_wait(1, deps=(qk, ))
     return qk, dp
@@ -584,7 +586,8 @@ $HEADS
                     p_smem = p_all.index(zero)
                 # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ (both transposed with keys on rows) --
                 qk, dp = _scores(q_smem.index(buf), do_smem.index(buf), k_smem, v_smem, q_ready.index(buf),
-                                 do_ready.index(buf), phase, v_bar, r & 1, scores_layout, KEYS_ON_ROWS, K_AHEAD)
+                                 do_ready.index(buf), phase, v_bar, r & 1, (g == 0) & (m == lo), scores_layout,
+                                 KEYS_ON_ROWS, K_AHEAD)
                 # the keys' positions from an opaque zero, so that they are not held across the loop
                 p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
                                  KEYS_ON_ROWS)
@@ -653,6 +656,7 @@ $HEADS
             _cta_barrier()  # both warpgroups' last products have read K and V
             v_smem = v_all.index(0)
             if K_AHEAD:  # the next round's K now; dK through the dQ tile once the last share has left it
+                mbarrier.wait(v_bar, r & 1)  # V has landed (a walk without steps never waited for it)
                 if r + 1 < rounds:
                     _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, entry_next // n_tiles, entry_next % n_tiles,
                                    H_KV, KV_RZ, KV_RH, KV_CH, 0)

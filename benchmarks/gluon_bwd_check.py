@@ -128,16 +128,13 @@ SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+row
 
 
 # options a SCHEDULES name may add at its end (GluonBwdConfig's flags)
-EXTRAS = {"+lpt": "LPT", "+tmaepi": "TMA_EPILOGUE", "+pers": "PERSISTENT", "+kahead": "K_AHEAD",
-          "+dq32": "DQ_SWIZZLE32"}
+EXTRAS = {"+lpt": "LPT", "+tmaepi": "TMA_EPILOGUE", "+pers": "PERSISTENT"}
 
 
 def _flags(name):
     """The flags of a SCHEDULES name, which may end in EXTRAS' suffixes: "+lpt", the causal
     longest-first order (LPT) too; "+tmaepi", dK and dV stored by TMA (TMA_EPILOGUE); "+pers", one
-    program per SM walking key tiles from the launcher's table (PERSISTENT); "+kahead", with it the
-    next round's K loaded before dK and dV leave (K_AHEAD); "+dq32", the dQ staging tile with 32 bytes
-    of swizzle (DQ_SWIZZLE = 32)."""
+    program per SM walking key tiles from the launcher's table (PERSISTENT)."""
     extra = ()
     while True:
         for suffix, flag in EXTRAS.items():
@@ -169,8 +166,7 @@ def _config(d, schedule=None, spec=None):
     cfg = gluon_launch.backward_config(device, d, 2)
     schedule, _, rows = schedule.partition("@")
     flags = _flags(schedule)
-    cfg = dataclasses.replace(cfg, **{name: name in flags for name in cfg.schedule},
-                              DQ_SWIZZLE=32 if "DQ_SWIZZLE32" in flags else 128)
+    cfg = dataclasses.replace(cfg, **{name: name in flags for name in cfg.schedule})
     if rows:
         stages = [s for s in range(2, gluon_launch.BWD_MAX_STAGES + 1)
                   if gluon_launch.footprint_bwd(int(rows), cfg.BLOCK_N, d, 2, s, cfg.KEYS_ON_ROWS,

@@ -45,12 +45,8 @@ from tests.gluon_kinds import KINDS
 SM90 = GPUTarget("cuda", 90, 128)
 
 
-def _descriptor_type(rows: int, head_dim: int, dtype: str = "bf16", swizzle=None) -> str:
-    element = {"bf16": gl.bfloat16, "fp32": gl.float32}[dtype]
-    if swizzle is None:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], element)
-    else:
-        layout = gl.NVMMASharedLayout(swizzle, element.primitive_bitwidth, 2)
+def _descriptor_type(rows: int, head_dim: int, dtype: str = "bf16") -> str:
+    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], {"bf16": gl.bfloat16, "fp32": gl.float32}[dtype])
     return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
 
 
@@ -106,11 +102,9 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
 def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, prep: bool = False,
                      schedule: tuple = (), block_m: int = gluon_launch.BWD_BLOCK_M):
     """The compiled Gluon backward of ``spec_text`` for bf16 at ``head_dim`` (its Delta kernel when
-    ``prep``; ``schedule``, the GluonBwdConfig flags set, e.g. ("DV_EARLY", ), and DQ_SWIZZLE32 for
-    DQ_SWIZZLE = 32), specialized as launch_backward's call at the benchmarks' shapes: last strides 1,
+    ``prep``; ``schedule``, the GluonBwdConfig flags set, e.g. ("DV_EARLY", )), specialized as launch_backward's call at the benchmarks' shapes: last strides 1,
     the others, the sizes and the pointers multiples of 16."""
     module = _module(render_gluon_bwd(spec_from_text(spec_text)))
-    dq_swizzle = 32 if "DQ_SWIZZLE32" in schedule else None  # GluonBwdConfig.DQ_SWIZZLE: 32, or the default
     if prep:
         kernel, warps = module._attn_bwd_sm90_prep, 4
         signature = {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32", "DQ": "*fp32",
@@ -124,7 +118,7 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
         kernel, warps = module._attn_bwd_sm90, gluon_launch.BWD_NUM_WARPS
         signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                      "v_desc": _descriptor_type(block_n, head_dim), "do_desc": _descriptor_type(block_m, head_dim),
-                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32", dq_swizzle), "DK": "*bf16", "DV": "*bf16",
+                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16",
                      "LSE": "*fp32", "Delta": "*fp32", "order": "*i32", "sm_scale": "fp32",
                      **{name: "i32" for name in ("stride_dkz", "stride_dkh", "stride_dkn", "stride_dkk", "stride_dvz",
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV",

@@ -335,8 +335,7 @@ def _fake_module(monkeypatch):
     calls = []
     module = type("Module", (), {n: RecordingKernel(n, calls) for n in ("_attn_bwd_sm90_prep", "_attn_bwd_sm90")})
     monkeypatch.setattr(gluon_launch, "load_backward", lambda spec: module)
-    monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows, swizzle=None: (
-        "descriptor", tuple(t.shape), rows, *([swizzle] if swizzle else [])))
+    monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     return calls
 
 
@@ -372,9 +371,8 @@ def test_routed_path_is_a_plan(monkeypatch):
 def test_launch_arguments(monkeypatch):
     """launch_backward: the Delta kernel over (query tiles of 64, Z·H) zeroing an fp32 dQ of N_Q
     rows per head rounded up to 64, then one program per (key tile, Z·H_KV) with the descriptors of
-    q, k, v, dO and that dQ (its staging tile's swizzle, DQ_SWIZZLE: by default 128 bytes), dk/dv
-    strides, the sizes and the tile; dq comes back cut to N_Q rows in q's dtype, dk and dv
-    contiguous in k's and v's."""
+    q, k, v, dO and that dQ, dk/dv strides, the sizes and the tile; dq comes back cut to N_Q rows in
+    q's dtype, dk and dv contiguous in k's and v's."""
     calls = _fake_module(monkeypatch)
     z, h, h_kv, n_q, n_kv, d = 2, 8, 2, 200, 256, 128
     q = torch.empty(z, h, n_q, d, dtype=torch.bfloat16, device="meta")
@@ -390,7 +388,7 @@ def test_launch_arguments(monkeypatch):
     assert prep_args[-3:] == (h, n_q, 256) and prep_kw["HEAD_DIM"] == d
     assert (main, grid) == ("_attn_bwd_sm90", (n_kv // 128, z * h_kv))
     assert args[:5] == (("descriptor", q.shape, 64), ("descriptor", k.shape, 128), ("descriptor", k.shape, 128),
-                        ("descriptor", q.shape, 64), ("descriptor", dq_acc.shape, 64, 128))
+                        ("descriptor", q.shape, 64), ("descriptor", dq_acc.shape, 64))
     assert args[7] is lse and args[8] is prep_args[2] and args[10] == 0.1
     assert args[9].dtype == torch.int32  # the persistent walk's table, unread without PERSISTENT
     assert args[11:19] == dk.stride() + dv.stride() and args[19:23] == (h, n_q, n_kv, 256)
@@ -417,24 +415,6 @@ def test_launch_arguments_with_the_tma_epilogue(monkeypatch):
     assert args[5:7] == (("descriptor", dk.shape, 128), ("descriptor", dv.shape, 128))
     assert args[11:19] == dk.stride() + dv.stride()
     assert (kw["TMA_EPILOGUE"], kw["SPLIT_M"], kw["BLOCK_M"]) == (True, True, 128)
-
-
-def test_dq_staging_swizzle(monkeypatch):
-    """DQ_SWIZZLE sets the swizzle of the dQ accumulator's descriptor (so of the kernel's staging
-    tile, which takes the descriptor's layout) and nothing else; its default, 128 bytes, is the
-    layout the other descriptors' rule (NVMMASharedLayout.get_default_for) gives that tile."""
-    gl = pytest.importorskip("triton.experimental.gluon.language")
-    calls = _fake_module(monkeypatch)
-    q = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16, device="meta")
-    lse = torch.empty(1, 2, 256, device="meta")
-    cfg = gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True, DQ_SWIZZLE=32)
-    gluon_launch.launch_backward(sdpa_spec(), q, q, q, q, q, lse, 0.1, cfg)
-    _, (_, _, args, kw) = calls
-    assert args[4][2:] == (64, 32) and "DQ_SWIZZLE" not in kw and "dq_swizzle=32" in str(cfg)
-    for rows, d in ((64, 128), (128, 64)):  # d = 128's and d = 64's staging tiles
-        assert gluon_launch._shared_layout(rows, d, torch.float32, 128) == gl.NVMMASharedLayout.get_default_for(
-            [rows, d], gl.float32)
-    assert gluon_launch._shared_layout(64, 128, torch.float32, 32).swizzle_byte_width == 32
 
 
 @pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL])
@@ -788,8 +768,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "plain-d128-persistent": ("score=qk*scale", 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,TMA_EPILOGUE,PERSISTENT"),
     "causal-d64-persistent": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
     "plain-d64-persistent": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
-    # and with the next round's K loaded before dK and dV leave (K_AHEAD, GLUON_NOTES, call 92)
-    "causal-d128-kahead": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,PERSISTENT,K_AHEAD"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). The defaults' kernels (bwd)
@@ -805,13 +783,11 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 # - causal d = 128 under ptxas 13 only: 16-36 B (15-20 STL) by schedule, 32 B with LPT.
 # - the persistent walk (gluon_bwd's note on it): a few values a program kept across its rounds,
 #   reloaded once a round (none in the step's loop): triton 3.6 causal d = 128 12 B (3 STL), plain
-#   28 B (7), d = 64 plain 32 B (8); ptxas 13 4-72 B. With K_AHEAD causal d = 128 24 B (6 STL),
-#   ptxas 13 32 B (14), none in the step's loop either.
+#   28 B (7), d = 64 plain 32 B (8); ptxas 13 4-72 B.
 # Every other kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0, 4)),
                 "causal-d128": ((0, 0), (28, 16)), "causal-d64": ((16, 4), (68, 57)),
                 "causal-d128-persistent": ((12, 3), (12, 10)), "plain-d128-persistent": ((28, 7), (4, 5)),
-                "causal-d128-kahead": ((24, 6), (32, 14)),
                 "causal-d64-persistent": ((0, 0), (4, 35)), "plain-d64-persistent": ((32, 8), (72, 28)),
                 "prefix_lm-d64": ((32, 8), (168, 78)), "plain-d64": ((0, 0), (152, 38)),
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
@@ -868,8 +844,7 @@ def test_compiles_for_sm90_with_wgmma_tma_and_dq_reduce(compiled, name):
     else:
         assert set(report["stores"]) == {"b32"} and report["stores"]["b32"] > 0
     assert report["shared"] == gluon_launch.footprint_bwd(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES,
-                                                          "KEYS_ON_ROWS" in flags, "ROWS_SHARED" in flags,
-                                                          "K_AHEAD" in flags)
+                                                          "KEYS_ON_ROWS" in flags, "ROWS_SHARED" in flags)
     assert report["shared"] <= H200.shared_memory
 
 

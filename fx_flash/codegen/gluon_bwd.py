@@ -162,7 +162,7 @@ GLUON_BWD_TEMPLATE = '''\
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language._core import _unwrap_if_constexpr, builtin
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -181,14 +181,6 @@ else:  # triton 3.6 has the operation (ttng.async_tma_reduce) but no Gluon funct
         coord = _semantic._convert_to_ir_values(coord, require_i64=False)
         _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
                                                   src.handle)
-
-
-@builtin
-def _view(smem, dtype, shape, layout, _semantic=None):
-    """The bytes of ``smem`` as a ``shape`` tile of ``dtype`` in ``layout`` (3.6's _reinterpret,
-    3.9's reinterpret)."""
-    return _semantic.memdesc_reinterpret(smem, _unwrap_if_constexpr(dtype), [_unwrap_if_constexpr(n) for n in shape],
-                                         _unwrap_if_constexpr(layout))
 # Where the keep-predicate can fail: 0 nowhere; 1 on the causal band; 2 on every tile (gluon.py's MASK).
 MASK = gl.constexpr($MASK)
 
@@ -249,19 +241,14 @@ def _score_product(query_side, key_side, layout: gl.constexpr, KEYS_ON_ROWS: gl.
 
 
 @gluon.jit
-def _scores(q_smem, do_smem, k_smem, v_smem, q_ready, do_ready, phase, v_ready, v_phase, first,
-            layout: gl.constexpr, KEYS_ON_ROWS: gl.constexpr, K_AHEAD: gl.constexpr):
+def _scores(q_smem, do_smem, k_smem, v_smem, q_ready, do_ready, phase, layout: gl.constexpr,
+            KEYS_ON_ROWS: gl.constexpr):
     """Issue a step's two score products, each once its query-side tile has landed, and wait for
     the first: (qk, dP) = (Q·Kᵀ, dO·Vᵀ), or with KEYS_ON_ROWS (K·Qᵀ, V·dOᵀ) (_score_product).
-    dP is returned still running. K_AHEAD: V's tile has its own barrier (``v_ready``, parity
-    ``v_phase``), waited for before dP in a round's ``first`` step (see the note on the persistent
-    walk)."""
+    dP is returned still running."""
     mbarrier.wait(q_ready, phase)
     qk = _score_product(q_smem, k_smem, layout, KEYS_ON_ROWS)
     mbarrier.wait(do_ready, phase)
-    if K_AHEAD:
-        if first:
-            mbarrier.wait(v_ready, v_phase)
     dp = _score_product(do_smem, v_smem, layout, KEYS_ON_ROWS)
     qk = warpgroup_mma_wait(1, deps=(qk, ))
     return qk, dp
@@ -341,20 +328,16 @@ def _round_walk(order, r, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, BLOCK_M: g
 
 
 @gluon.jit
-def _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH,
-                   WHICH: gl.constexpr = 2):
-    """Issue the TMA loads of K and V's tiles of key tile start_n of flat K/V head off_hkvz, both
-    on ``kv_bar``; WHICH 0 or 1: K's or V's alone."""
+def _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH):
+    """Issue the TMA loads of K and V's tiles of key tile start_n of flat K/V head off_hkvz."""
     BLOCK_N: gl.constexpr = k_all.shape[1]
     tile_bytes: gl.constexpr = BLOCK_N * k_all.shape[2] * k_all.dtype.primitive_bitwidth // 8
     off_z = off_hkvz // H_KV
     off_hkv = off_hkvz % H_KV
     kv_row = off_z * KV_RZ + off_hkv * KV_RH + start_n * BLOCK_N
-    mbarrier.expect(kv_bar, (2 if WHICH == 2 else 1) * tile_bytes)
-    if WHICH != 1:
-        _tma_load(k_desc, [kv_row, off_hkv * KV_CH], kv_bar, k_all.index(0))
-    if WHICH != 0:
-        _tma_load(v_desc, [kv_row, off_hkv * KV_CH], kv_bar, v_all.index(0))
+    mbarrier.expect(kv_bar, 2 * tile_bytes)
+    _tma_load(k_desc, [kv_row, off_hkv * KV_CH], kv_bar, k_all.index(0))
+    _tma_load(v_desc, [kv_row, off_hkv * KV_CH], kv_bar, v_all.index(0))
 
 
 @gluon.jit
@@ -451,7 +434,7 @@ def _attn_bwd_sm90(
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
     ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False, SPLIT_M: gl.constexpr = False,
-    TMA_EPILOGUE: gl.constexpr = False, PERSISTENT: gl.constexpr = False, K_AHEAD: gl.constexpr = False,
+    TMA_EPILOGUE: gl.constexpr = False, PERSISTENT: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -480,9 +463,6 @@ def _attn_bwd_sm90(
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     scores_layout: gl.constexpr = st_layout if KEYS_ON_ROWS else s_layout
     gl.static_assert(TMA_EPILOGUE or not PERSISTENT, "the persistent walk loads the next round in the TMA epilogue")
-    gl.static_assert(PERSISTENT or not K_AHEAD, "K_AHEAD loads the next round's K")
-    gl.static_assert(not K_AHEAD or BLOCK_M * 32 == BLOCK_N * dtype.primitive_bitwidth,
-                     "K_AHEAD stages dK in the fp32 dQ tile, which must be its size")
     H_KV = H // GROUP
     n_tiles = N_KV // BLOCK_N  # key tiles a K/V head
     if PERSISTENT:  # rounds of this program: row 0 of the table
@@ -511,11 +491,7 @@ $HEADS
         rows_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         base_all = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], rows_shared)
         delta_all = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], rows_shared)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # K's alone with K_AHEAD
-    v_bar = kv_bar
-    if K_AHEAD:
-        v_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(v_bar, count=1)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
@@ -524,11 +500,7 @@ $HEADS
         mbarrier.init(do_ready.index(i), count=1)
 
     # -- prologue: K, V and the first STAGES query tiles in flight --
-    if K_AHEAD:
-        _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH, 0)
-        _load_key_tile(k_desc, v_desc, k_all, v_all, v_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH, 1)
-    else:
-        _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH)
+    _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH)
     load_g = 0  # the next step to load: head load_g of the group, query tile load_m
     load_m = lo
     for i in gl.static_range(STAGES):
@@ -548,8 +520,6 @@ $HEADS
     for r in range(rounds):
         off_z = off_hkvz // H_KV
         off_hkv = off_hkvz % H_KV
-        if K_AHEAD:  # the next round's table entry, read at this round's end (see the note on the persistent walk)
-            entry_next = gl.load(order + (2 + r) * gl.num_programs(0) + gl.program_id(0), mask=r + 1 < rounds, other=0)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_bar, r & 1)
@@ -586,8 +556,7 @@ $HEADS
                     p_smem = p_all.index(zero)
                 # -- recompute the weights: qk = Q·Kᵀ; meanwhile dP = dO·Vᵀ (both transposed with keys on rows) --
                 qk, dp = _scores(q_smem.index(buf), do_smem.index(buf), k_smem, v_smem, q_ready.index(buf),
-                                 do_ready.index(buf), phase, v_bar, r & 1, (g == 0) & (m == lo), scores_layout,
-                                 KEYS_ON_ROWS, K_AHEAD)
+                                 do_ready.index(buf), phase, scores_layout, KEYS_ON_ROWS)
                 # the keys' positions from an opaque zero, so that they are not held across the loop
                 p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
                                  KEYS_ON_ROWS)
@@ -654,20 +623,10 @@ $HEADS
         dk = dk * $DQK_FACTOR
         if TMA_EPILOGUE:  # see the note on the epilogue
             _cta_barrier()  # both warpgroups' last products have read K and V
+            k_smem = k_all.index(0)
             v_smem = v_all.index(0)
-            if K_AHEAD:  # the next round's K now; dK through the dQ tile once the last share has left it
-                mbarrier.wait(v_bar, r & 1)  # V has landed (a walk without steps never waited for it)
-                if r + 1 < rounds:
-                    _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, entry_next // n_tiles, entry_next % n_tiles,
-                                   H_KV, KV_RZ, KV_RH, KV_CH, 0)
-                v_smem.store(dv.to(dtype))
-                tma.store_wait(0)
-                k_smem = _view(dq_all.index(0), dtype, [BLOCK_N, HEAD_DIM], DK.layout)
-                k_smem.store(dk.to(dtype))
-            else:
-                k_smem = k_all.index(0)
-                k_smem.store(dk.to(dtype))
-                v_smem.store(dv.to(dtype))
+            k_smem.store(dk.to(dtype))
+            v_smem.store(dv.to(dtype))
             fence_async_shared()
             kv_tile = off_hkvz * N_KV + start_n * BLOCK_N  # its first row in dK's and dV's (heads as rows)
             _tma_store(DK, [kv_tile, 0], k_smem)
@@ -690,16 +649,11 @@ $HEADS
                      + offs_kn[:, None].to(gl.int64) * stride_dvn + offs_d[None, :] * stride_dvk,
                      dv.to(DV.dtype.element_ty), mask=ok)
         if PERSISTENT:
-            if r + 1 < rounds:  # the next round's K and V (V alone with K_AHEAD), once dK and dV have left
+            if r + 1 < rounds:  # the next round's K and V, once both warpgroups are done with their tiles
                 _cta_barrier()
-                if K_AHEAD:
-                    _load_key_tile(k_desc, v_desc, k_all, v_all, v_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH, 1)
-                else:
-                    _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH)
+                _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV, KV_RZ, KV_RH, KV_CH)
     tma.store_wait(0)
     mbarrier.invalidate(kv_bar)
-    if K_AHEAD:
-        mbarrier.invalidate(v_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(q_ready.index(i))
         mbarrier.invalidate(do_ready.index(i))

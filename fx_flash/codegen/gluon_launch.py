@@ -428,14 +428,11 @@ def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_layout(block_rows: int, d: int, dtype: torch.dtype, swizzle: Optional[int] = None):
-    """The NVMMA shared layout of a (block_rows, d) tile (built once: descriptors are made per call):
-    the default for its shape, or with ``swizzle`` bytes of swizzle."""
+def _shared_layout(block_rows: int, d: int, dtype: torch.dtype):
+    """The NVMMA shared layout of a (block_rows, d) tile (built once: descriptors are made per call)."""
     from triton.experimental.gluon import language as gl
 
     element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
-    if swizzle is not None:
-        return gl.NVMMASharedLayout(swizzle, element.primitive_bitwidth, 2)
     return gl.NVMMASharedLayout.get_default_for([block_rows, d], element)
 
 
@@ -443,9 +440,8 @@ def _shared_layout(block_rows: int, d: int, dtype: torch.dtype, swizzle: Optiona
 _descriptor_fields: dict = {}
 
 
-def _descriptor(t: torch.Tensor, block_rows: int, swizzle: Optional[int] = None):
-    """The TMA descriptor of ``t``'s tiles of block_rows rows: over the matrix tma_view finds, its
-    tiles in _shared_layout's layout.
+def _descriptor(t: torch.Tensor, block_rows: int):
+    """The TMA descriptor of ``t``'s tiles of block_rows rows: over the matrix tma_view finds.
 
     Note (host time): building one runs tma_view and TensorDescriptor's checks (alignment, block
     shape, dtype, strides), ~5 µs, and a backward takes five per call; they depend only on t's
@@ -454,7 +450,7 @@ def _descriptor(t: torch.Tensor, block_rows: int, swizzle: Optional[int] = None)
     keeps a tensor alive."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    key = (t.shape, t.stride(), t.dtype, t.data_ptr() % 16, block_rows, swizzle)
+    key = (t.shape, t.stride(), t.dtype, t.data_ptr() % 16, block_rows)
     fields = _descriptor_fields.get(key)
     if fields is not None:
         desc = object.__new__(TensorDescriptor)
@@ -463,8 +459,7 @@ def _descriptor(t: torch.Tensor, block_rows: int, swizzle: Optional[int] = None)
         return desc
     (rows, cols), row_stride = tma_view(t)[:2]
     d = t.shape[3]
-    desc = TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d],
-                            _shared_layout(block_rows, d, t.dtype, swizzle))
+    desc = TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d], _shared_layout(block_rows, d, t.dtype))
     if hasattr(desc, "__dict__"):
         if len(_descriptor_fields) >= 4096:
             _descriptor_fields.clear()
@@ -874,42 +869,33 @@ class GluonBwdConfig:
     # one program per SM walking key tiles from the launcher's table, each tile's first query tiles
     # loaded during the last one's epilogue (gluon_bwd's note on the persistent walk; backward_order)
     PERSISTENT: bool = False
-    # PERSISTENT: the next round's K loaded as soon as the last products are done, dK staged in the
-    # dQ tile and V on a barrier of its own (gluon_bwd's note on the persistent walk)
-    K_AHEAD: bool = False
-    # bytes of swizzle of the dQ staging tile (its descriptor's layout; gluon_bwd's note on dQ): 128,
-    # the default for its shape, or 32
-    DQ_SWIZZLE: int = 128
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
         flags = "".join(f" {name.lower()}" for name, on in self.schedule.items() if on)
-        dq = f" dq_swizzle={self.DQ_SWIZZLE}" if self.DQ_SWIZZLE != 128 else ""
-        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}{flags}{dq}"
+        return f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}{flags}"
 
     @property
     def schedule(self) -> dict:
         return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
                     ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT, SPLIT_M=self.SPLIT_M,
-                    TMA_EPILOGUE=self.TMA_EPILOGUE, PERSISTENT=self.PERSISTENT, K_AHEAD=self.K_AHEAD)
+                    TMA_EPILOGUE=self.TMA_EPILOGUE, PERSISTENT=self.PERSISTENT)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
-                  keys_on_rows: bool = False, rows_shared: bool = False, k_ahead: bool = False) -> int:
+                  keys_on_rows: bool = False, rows_shared: bool = False) -> int:
     """Shared-memory bytes of one backward program: K and V of its key tile, ``stages`` Q and dO
     tiles, P and dS (block_m, block_n) for the products that read them from shared memory (dS
     alone when ``keys_on_rows``: P is then a register operand), the fp32 dQ staging tile (block_m,
     head_dim) of the TMA reduce-adds, two steps' fp32 LSE and Delta when ``rows_shared``, and the
-    mbarriers (K/V's, V's own too with ``k_ahead``, and a ready one per Q and dO buffer; Triton
-    aligns each array to 16 bytes).
+    mbarriers (K/V's, and a ready one per Q and dO buffer; Triton aligns each array to 16 bytes).
     dK, dV and the scores stay in registers, so this is the whole of it: tests compare it with the
     compiled kernel's own count."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     scores = 1 if keys_on_rows else 2
     tiles = elem_bytes * (2 * block_n * head_dim + 2 * stages * block_m * head_dim + scores * block_m * block_n)
     rows = 2 * 2 * 4 * block_m if rows_shared else 0
-    v_barrier = -(-BARRIER_BYTES // 16) * 16 if k_ahead else 0
-    return tiles + 4 * block_m * head_dim + rows + BARRIER_BYTES + 2 * ring + v_barrier
+    return tiles + 4 * block_m * head_dim + rows + BARRIER_BYTES + 2 * ring
 
 
 def backward_rows(spec: AttentionSpec, head_dim: int) -> int:
@@ -1016,7 +1002,7 @@ class BackwardLaunch:
     def args(self, dout, q, k, v, lse, scale, delta, dq_acc, dk, dv) -> tuple:
         rows, keys = self.config.BLOCK_M, self.config.BLOCK_N
         descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
-                       _descriptor(dq_acc, rows, self.config.DQ_SWIZZLE))
+                       _descriptor(dq_acc, rows))
         outputs = (_descriptor(dk, keys), _descriptor(dv, keys)) if self.config.TMA_EPILOGUE else (dk, dv)
         return (*descriptors, *outputs, lse, delta, self.order, scale, *dk.stride(), *dv.stride(), q.shape[1],
                 q.shape[2], k.shape[2], self.dq_rows, *self.views, self.section)

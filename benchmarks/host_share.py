@@ -24,18 +24,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 import fx_flash  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _cudnn(q, k, v, causal):
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+from target_grid import DTYPES, _cudnn  # noqa: E402  (the grid's dtypes and its cuDNN baseline)
 
 
 def measure(fn, calls: int, rounds: int = 7) -> tuple[float, float, float]:

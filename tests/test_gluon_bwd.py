@@ -428,7 +428,7 @@ def test_persistent_launch_reads_its_table(monkeypatch, text):
     lse = torch.empty(z, h, n, device="meta")
     cfg = gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True, LPT=True, TMA_EPILOGUE=True,
                                       PERSISTENT=True)
-    monkeypatch.setattr(gluon_launch, "_bwd_order_on", lambda device, *args: gluon_launch.backward_order(*args))
+    monkeypatch.setattr(gluon_launch, "_table_on", lambda device, build, *args: build(*args))
     gluon_launch.launch_backward(spec_from_text(text), q, q, k, k, q, lse, 0.1, cfg, programs=7)
     _, (main, grid, args, kw) = calls
     causal = text == CAUSAL

@@ -550,11 +550,11 @@ def persistent_order(h: int, walk: list[int], heads: int, programs: int, section
 
 
 @functools.lru_cache(maxsize=64)
-def _order_on(device: torch.device, h: int, walk: tuple, heads: int, programs: int, section: int,
-              causal: bool) -> torch.Tensor:
-    """persistent_order's table on ``device``, built and copied once per shape (the op's plans keep
-    their launch; direct launches, as the benchmarks' are, find it here)."""
-    return persistent_order(h, list(walk), heads, programs, section, causal).to(device)
+def _table_on(device: torch.device, build, *args) -> torch.Tensor:
+    """A persistent kernel's table, ``build(*args)`` (persistent_order's for the forward,
+    backward_order's for the backward), on ``device``: built and copied once per shape (the op's
+    plans keep their launch; direct launches, as the benchmarks' are, find it here)."""
+    return build(*args).to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -614,8 +614,8 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         order, ordered = _no_order(q.device), config.balanced and mask_kind(spec) in (0, 1)
         if ordered:  # (a causal table balances the walks; a plain one keeps the kernel's order)
             causal = mask_kind(spec) == 1
-            order = _order_on(q.device, h, tile_walks(n_q, k.shape[2], config, causal), z * h, programs, section,
-                              causal)
+            order = _table_on(q.device, persistent_order, h, tile_walks(n_q, k.shape[2], config, causal), z * h,
+                              programs, section, causal)
             rounds = order.shape[0] - 1
         post = (order, scale, *out_strides, z, h, n_q, k.shape[2], q_tiles, section, section_rounds, rounds,
                 q_rz, q_rh, q_ch, kv_rz, kv_rh, kv_ch)
@@ -1054,13 +1054,6 @@ def backward_order(n_tiles: int, heads: int, section: int, causal: bool, lpt: bo
     return torch.tensor(table, dtype=torch.int32)
 
 
-@functools.lru_cache(maxsize=64)
-def _bwd_order_on(device: torch.device, n_tiles: int, heads: int, section: int, causal: bool, lpt: bool,
-                  steps: tuple, programs: int) -> torch.Tensor:
-    """backward_order's table on ``device``, built and copied once per shape."""
-    return backward_order(n_tiles, heads, section, causal, lpt, steps, programs).to(device)
-
-
 def backward_steps(n_q: int, n_kv: int, config: GluonBwdConfig, group: int, causal: bool) -> tuple:
     """Steps (query tiles, over the group's heads) each key tile of a K/V head walks
     (gluon_bwd._query_tiles): all of them, or under a causal spec those from its diagonal on."""
@@ -1082,8 +1075,8 @@ def backward_launch(spec: AttentionSpec, q, k, config: GluonBwdConfig,
     if config.PERSISTENT:
         causal = mask_kind(spec) == 1
         programs = min(n_tiles * heads, programs or device_profile(q.device).multiprocessors)
-        order = _bwd_order_on(q.device, n_tiles, heads, section, causal, config.LPT,
-                              backward_steps(n_q, k.shape[2], config, h // k.shape[1], causal), programs)
+        order = _table_on(q.device, backward_order, n_tiles, heads, section, causal, config.LPT,
+                          backward_steps(n_q, k.shape[2], config, h // k.shape[1], causal), programs)
         grid = (programs, )
     return BackwardLaunch(
         module._attn_bwd_sm90_prep, (triton.cdiv(dq_rows, BWD_PREP_ROWS), z * h),

@@ -62,19 +62,21 @@ def _module(source: str):
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool = False, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
                  split: bool = False, tma_store: bool = False, raw_max: bool = True, half: bool = False,
-                 fast_epilogue: bool = False, q_buffers: int = 1, balanced: bool = False):
+                 fast_epilogue: bool = False, q_buffers: int = 1, balanced: bool = False,
+                 defer: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
     output stored by TMA when ``tma_store``; the row max before the score's factor when
     ``raw_max``; the diagonal's half when ``half``; the epilogue by reciprocals when
     ``fast_epilogue``; ``q_buffers`` Q buffers a consumer; the output tiles from the launcher's
-    table when ``balanced``)."""
+    table when ``balanced``; each tile's stores under the next tile's first product when
+    ``defer``)."""
     module = _module(render_gluon(spec_from_text(spec_text), raw_max))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
                                       tma_store=tma_store, half=half, fast_epilogue=fast_epilogue,
-                                      q_buffers=q_buffers, balanced=balanced)
+                                      q_buffers=q_buffers, balanced=balanced, defer=defer)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -86,7 +88,8 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
               **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store, "HALF": half,
-                  "FAST_EPILOGUE": fast_epilogue, "Q_BUFFERS": q_buffers, "ORDER": balanced} if persistent else {})}
+                  "FAST_EPILOGUE": fast_epilogue, "Q_BUFFERS": q_buffers, "ORDER": balanced,
+                  "DEFER": defer} if persistent else {})}
     if tma_store:  # the output through a TMA descriptor of a consumer's rows
         signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})

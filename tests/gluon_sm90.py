@@ -194,6 +194,21 @@ def _exps_between_waits(sass: str) -> list[int]:
     return counts
 
 
+def _stores_under_products(sass: str) -> dict:
+    """The output's global stores (TMA stores, UTMASTG; and STG) in the SASS (_sass) by whether a
+    wgmma group is in flight where they issue (an HGMMA since the last wait for all of them,
+    DEPBAR.LE gsb0, 0x0): {"under": n, "after": m}. Gluon's note on the deferred stores."""
+    counts, in_flight = {"under": 0, "after": 0}, False
+    for line in sass.splitlines():
+        if "HGMMA" in line:
+            in_flight = True
+        elif "DEPBAR.LE gsb0, 0x0" in line:
+            in_flight = False
+        elif re.search(r"\b(UTMASTG|STG)\b", line):
+            counts["under" if in_flight else "after"] += 1
+    return counts
+
+
 def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
         text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
@@ -225,6 +240,7 @@ def main(argv: list[str]) -> None:
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
                           "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
                           "local_stores": sass.count("STL"),
+                          "stores_under_products": _stores_under_products(sass),
                           # SASS instructions (0 without nvdisasm): the code the instruction cache holds
                           "instructions": len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/", sass, re.M)),
                           **_ptxas_report(ptx)}), flush=True)

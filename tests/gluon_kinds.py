@@ -46,9 +46,6 @@ TWINS = (
     # reciprocals) and the persistent kinds that do not split (plain specs: the kernel's own order)
     ("b", dict(balanced=True), lambda flags: flags.get("persistent", False) and flags.get("raw_max", True)
      and (flags.get("fast_epilogue", False) or not flags.get("split", False))),
-    # each output tile's rows stored while the next tile's first q·kᵀ runs (GluonConfig.defer;
-    # gluon's note on the deferred stores): persistent kinds
-    ("l", dict(defer=True), lambda flags: flags.get("persistent", False) and not flags.get("hold", False)),
 )
 
 

@@ -62,21 +62,19 @@ def _module(source: str):
 def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: bool = False, pingpong: bool = False,
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
                  split: bool = False, tma_store: bool = False, raw_max: bool = True, half: bool = False,
-                 fast_epilogue: bool = False, q_buffers: int = 1, balanced: bool = False,
-                 defer: bool = False):
+                 fast_epilogue: bool = False, q_buffers: int = 1, balanced: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
     output stored by TMA when ``tma_store``; the row max before the score's factor when
     ``raw_max``; the diagonal's half when ``half``; the epilogue by reciprocals when
     ``fast_epilogue``; ``q_buffers`` Q buffers a consumer; the output tiles from the launcher's
-    table when ``balanced``; each tile's stores under the next tile's first product when
-    ``defer``)."""
+    table when ``balanced``)."""
     module = _module(render_gluon(spec_from_text(spec_text), raw_max))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
                                       tma_store=tma_store, half=half, fast_epilogue=fast_epilogue,
-                                      q_buffers=q_buffers, balanced=balanced, defer=defer)
+                                      q_buffers=q_buffers, balanced=balanced)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
@@ -88,8 +86,7 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
     consts = {"GROUP": 1, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
               "STAGES": stages, "NUM_WARPS": warps, "PINGPONG": pingpong, "EARLY": early, "HOLD": hold,
               **({"CONSUMERS": consumers, "SPLIT": split, "TMA_STORE": tma_store, "HALF": half,
-                  "FAST_EPILOGUE": fast_epilogue, "Q_BUFFERS": q_buffers, "ORDER": balanced,
-                  "DEFER": defer} if persistent else {})}
+                  "FAST_EPILOGUE": fast_epilogue, "Q_BUFFERS": q_buffers, "ORDER": balanced} if persistent else {})}
     if tma_store:  # the output through a TMA descriptor of a consumer's rows
         signature["Out"] = _descriptor_type(block_m, head_dim)
     signature.update({name: "constexpr" for name in consts})
@@ -194,21 +191,6 @@ def _exps_between_waits(sass: str) -> list[int]:
     return counts
 
 
-def _stores_under_products(sass: str) -> dict:
-    """The output's global stores (TMA stores, UTMASTG; and STG) in the SASS (_sass) by whether a
-    wgmma group is in flight where they issue (an HGMMA since the last wait for all of them,
-    DEPBAR.LE gsb0, 0x0): {"under": n, "after": m}. Gluon's note on the deferred stores."""
-    counts, in_flight = {"under": 0, "after": 0}, False
-    for line in sass.splitlines():
-        if "HGMMA" in line:
-            in_flight = True
-        elif "DEPBAR.LE gsb0, 0x0" in line:
-            in_flight = False
-        elif re.search(r"\b(UTMASTG|STG)\b", line):
-            counts["under" if in_flight else "after"] += 1
-    return counts
-
-
 def main(argv: list[str]) -> None:
     for i in range(0, len(argv), 5):
         text, head_dim, block_n, stages, kind = argv[i], int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]), argv[i + 4]
@@ -240,7 +222,6 @@ def main(argv: list[str]) -> None:
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
                           "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
                           "local_stores": sass.count("STL"),
-                          "stores_under_products": _stores_under_products(sass),
                           # SASS instructions (0 without nvdisasm): the code the instruction cache holds
                           "instructions": len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/", sass, re.M)),
                           **_ptxas_report(ptx)}), flush=True)

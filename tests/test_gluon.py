@@ -641,8 +641,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d64-wspstpdfqb": (CAUSAL, 64, "wspstpdfqb"),
     # the d = 64 plain route of short walks, with two Q buffers (call 82) and the plain table (call 84)
     "plain-d64-wsptpfqb": ("score=qk*scale", 64, "wsptpfqb"),
-    # each tile's rows stored under the next tile's first q·kᵀ (gluon's note on the deferred stores)
-    "causal-d64-wspstpdfqbl": (CAUSAL, 64, "wspstpdfqbl"), "plain-d128-wsptpl": ("score=qk*scale", 128, "wsptpl"),
 }
 
 
@@ -699,20 +697,6 @@ def test_pingpong_adds_the_turn_waits(compiled):
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
-@pytest.mark.parametrize("name", KERNELS)
-def test_deferred_stores_issue_under_the_next_product(compiled, name):
-    """With DEFER (kinds ending in "l") a tile's stores go out while the next tile's first q·kᵀ is
-    in flight: ptxas leaves the wait for that product below them (gluon's note on the deferred
-    stores; an earlier form found it moved above). Every other kernel stores with no product in
-    flight, and so does the deferred kernel's last tile, after the loop."""
-    stores = compiled[name]["stores_under_products"]
-    if KERNELS[name][2].endswith("l"):
-        assert stores["under"] > 0 and stores["after"] > 0, stores
-    else:
-        assert stores["under"] == 0 and stores["after"] > 0, stores
-
-
-@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
 def test_persistent_pingpong_turns_at_named_barriers(compiled):
     """The persistent kernel's ping-pong: each consumer waits for its turn at its own hardware
     barrier and passes it at the other's (bar.sync / bar.arrive of 256 threads at barriers 8 and 9,
@@ -757,13 +741,11 @@ def test_output_stores_hold_two_elements(compiled, name):
     holds them: the H200's profile of the persistent kernel (GLUON_NOTES call 31) found one element
     a store (st.global.b16) spending 18% of its consumers' samples, from a head-dim stride that
     warp_specialize's captures turned into a runtime value. Besides them only the LSE's fp32. With
-    TMA_STORE the rows leave by TMA bulk stores instead, and the LSE's are the only global stores
-    (DEFER stores from two places: under the next tile's product and after the loop)."""
+    TMA_STORE the rows leave by TMA bulk stores instead, and the LSE's are the only global stores."""
     stores = compiled[name]["stores"]
     assert set(stores) == {"b32"}, stores
-    flags = KINDS[KERNELS[name][2]]
-    if flags.get("tma_store"):  # the LSE's alone: the rows leave by TMA, one store a consumer (DEFER: two)
-        assert stores["b32"] < 8 * (1 + flags.get("defer", False)) and compiled[name]["tma_stores"] > 0, compiled[name]
+    if KINDS[KERNELS[name][2]].get("tma_store"):  # the LSE's alone: the rows leave by TMA, one store a consumer
+        assert stores["b32"] < 8 and compiled[name]["tma_stores"] > 0, compiled[name]
     else:
         assert compiled[name]["tma_stores"] == 0
 

@@ -87,16 +87,6 @@ GLUON_TEMPLATE = '''\
 # (GLUON_NOTES: 1.64 µs a tile more than cuDNN at d = 64). The output then differs from the
 # division by an fp32 rounding or two, far below bf16's.
 #
-# Note (the deferred stores): with DEFER (GluonConfig.defer) a persistent consumer normalizes a
-# finished output tile at once, into the output's dtype (half the accumulator's registers), and
-# carries those rows, their LSE and their place to its next tile: it issues that tile's first
-# q·kᵀ (its turn 0), stores the carried rows while the product runs, and only then waits for it.
-# The last tile's rows are stored after the loop. So a tile's stores (staging, TMA store, LSE) no
-# longer sit between its last p·v and the next tile's first product, where the consumer's tensor
-# cores idle once the other consumer's last p·v is done. ptxas (triton 3.6) keeps the product in
-# flight over the stores in every persistent kind (tests/test_gluon.py checks the SASS). Call 35
-# measured an earlier form (no turns, no TMA store) at d = 128: 1.01 geometric mean, one row 0.97.
-#
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than
 # free consumers). The persistent kernel's turns (PINGPONG) use a named hardware barrier per
@@ -339,34 +329,6 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     the producer loads the next output tile's Q while the last p·v and the epilogue run. HALF
     (with SPLIT, MASK = 1): a last tile whose second half lies past every row's diagonal is
     computed on its first half only (the note on the diagonal's half)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    qk = _first_qk(q_smem, k_smem, k_ready, sched, base, s_layout, BLOCK_M, BLOCK_N, STAGES, C, PP)
-    return _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q_empty, k_desc,
-                        v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM, BLOCK_M,
-                        BLOCK_N, STAGES, NUM_WARPS, WS, C, PP, EARLY, HOLD, RELEASE_Q, SPLIT, HALF)
-
-
-@gluon.jit
-def _first_qk(q_smem, k_smem, k_ready, sched, base, s_layout: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, C: gl.constexpr, PP: gl.constexpr):
-    """Issue q·kᵀ of key tile 0 (ring position ``base``) in the consumer's turn 0, asynchronously."""
-    mbarrier.wait(k_ready.index(base % STAGES), (base // STAGES) & 1)
-    _turn(sched, C, 0, PP)
-    qk = warpgroup_mma(q_smem, k_smem.index(base % STAGES).permute((1, 0)),
-                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    _pass_turn(sched, C, PP)
-    return qk
-
-
-@gluon.jit
-def _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q_empty, k_desc, v_desc,
-                 kv_row, row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
-                 WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr,
-                 RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr, HALF: gl.constexpr):
-    """_attend once tile 0's q·kᵀ (``qk``, _first_qk's) is issued: its softmax, the steady state
-    and the last p·v."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -382,6 +344,11 @@ def _attend_rest(qk, q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
 
     # -- tile 0: scores and softmax (nothing accumulated yet) --
+    mbarrier.wait(k_ready.index(base % STAGES), (base // STAGES) & 1)
+    _turn(sched, C, 0, PP)
+    qk = warpgroup_mma(q_smem, k_smem.index(base % STAGES).permute((1, 0)),
+                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    _pass_turn(sched, C, PP)
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
@@ -464,18 +431,13 @@ def _last_pv(p_op, v_tile, acc, alpha, v_ready, v_empty, sched, last, position, 
 def _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, o_smem=None, TMA_STORE: gl.constexpr = False,
               FAST: gl.constexpr = False):
-    """Normalize; write the output rows below N_Q and their natural-log logsumexp (_normalize, then
-    _store_rows)."""
-    out, lse = _normalize(acc, m_i, l_i, FAST)
-    _store_rows(out, lse, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om, BLOCK_M,
-                HEAD_DIM, o_smem, TMA_STORE)
-
-
-@gluon.jit
-def _normalize(acc, m_i, l_i, FAST: gl.constexpr):
-    """The output rows acc / l (fp32) and their natural-log logsumexp. FAST: each row's reciprocal
-    once, then a multiply an element, and the log2 of the LSE by the hardware's approximation (see
-    the note on the epilogue's arithmetic)."""
+    """Normalize; write the output rows below N_Q and their natural-log logsumexp. With TMA_STORE
+    (the persistent kernel's, see the note on the epilogue) ``Out`` is a TMA descriptor: the rows go
+    into this consumer's staging tile ``o_smem`` once its previous tile's store has read it and are
+    stored whole, at row off_hz·N_Q + row_start (a contiguous output with N_Q a multiple of
+    BLOCK_M, so that a tile never crosses into the next head; a tile wholly past N_Q is not
+    stored). FAST: each row's reciprocal once, then a multiply an element, and the log2 of the LSE
+    by the hardware's approximation (see the note on the epilogue's arithmetic)."""
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     if FAST:
@@ -486,18 +448,6 @@ def _normalize(acc, m_i, l_i, FAST: gl.constexpr):
         log2_l = gl.log2(l_safe)
         out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + log2_l) * LN2)
-    return out, lse
-
-
-@gluon.jit
-def _store_rows(out, lse, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-                BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, o_smem=None, TMA_STORE: gl.constexpr = False):
-    """Write the output rows ``out`` below N_Q and their logsumexp ``lse``. With TMA_STORE (the
-    persistent kernel's, see the note on the epilogue) ``Out`` is a TMA descriptor: the rows go
-    into this consumer's staging tile ``o_smem`` once its previous tile's store has read it and are
-    stored whole, at row off_hz·N_Q + row_start (a contiguous output with N_Q a multiple of
-    BLOCK_M, so that a tile never crosses into the next head; a tile wholly past N_Q is not
-    stored)."""
     if TMA_STORE:
         tma.store_wait(0)  # the previous tile's rows have left o_smem
         o_smem.store(out.to(o_smem.dtype))
@@ -505,16 +455,15 @@ def _store_rows(out, lse, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride
         if row_start < N_Q:
             _tma_store(Out, [off_hz * N_Q + row_start, 0], o_smem)
     else:
-        o_rows: gl.constexpr = gl.SliceLayout(1, out.type.layout)
         offs_m = row_start + gl.arange(0, BLOCK_M, layout=o_rows)
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out.type.layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc.type.layout))
         # The head dim is contiguous (the launcher's outputs are): with a stride there, handed through
         # warp_specialize's captures as a runtime value even when it is 1, the stores went one bf16 each.
         out_ptrs = (Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
                     + offs_m[:, None].to(gl.int64) * stride_om + offs_d[None, :])
         gl.store(out_ptrs, out.to(Out.dtype.element_ty),
                  mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
-    offs_l = row_start + gl.arange(0, BLOCK_M, layout=lse.type.layout)
+    offs_l = row_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
     gl.store(LSE + off_hz.to(gl.int64) * N_Q + offs_l, lse, mask=offs_l < N_Q)
 
 
@@ -643,14 +592,11 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
                    o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False,
-                   FAST_EPILOGUE: gl.constexpr = False, DEFER: gl.constexpr = False, prev=None):
+                   FAST_EPILOGUE: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer qi
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
-    keeps turning, each with a turn passed on (PP), so both consumers take n_load + 1 turns.
-    DEFER: ``prev`` is the previous tile's rows, LSE and place (out, lse, z, h, flat head, first
-    row, whether there is one), stored while this tile's first q·kᵀ runs, and the tile returns its
-    own rows and LSE instead of storing them (the note on the deferred stores)."""
+    keeps turning, each with a turn passed on (PP), so both consumers take n_load + 1 turns."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -659,18 +605,10 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
     n_tiles, mid = _key_tiles(row_start, N_KV, BLOCK_M, BLOCK_N)
 $HEADS_WS
     mbarrier.wait(q_bars.index(qi), q_phase)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    qk = _first_qk(q_smem.index(qi), k_smem, k_ready, sched, base, s_layout, BLOCK_M, BLOCK_N, STAGES, c, PP)
-    if DEFER:  # the previous tile's rows, stored while this tile's first q·kᵀ runs
-        out_p, lse_p, z_p, h_p, hz_p, row_p, has_p = prev
-        if has_p:
-            _store_rows(out_p, lse_p, Out, LSE, z_p, h_p, hz_p, row_p, N_Q, stride_oz, stride_oh, stride_om,
-                        BLOCK_M, HEAD_DIM, o_smem.index(c) if TMA_STORE else None, TMA_STORE)
-    acc, m_i, l_i = _attend_rest(qk, q_smem.index(qi), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
-                                 q_empty.index(qi), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base,
-                                 sm_scale, ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD,
-                                 RELEASE_Q, SPLIT, HALF)
+    acc, m_i, l_i = _attend(q_smem.index(qi), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
+                            q_empty.index(qi), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
+                            ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
+                            HALF)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
         mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
@@ -679,13 +617,9 @@ $HEADS_WS
         mbarrier.arrive(v_empty.index(buf), count=1)
         _turn(sched, c, i + 1, PP)
         _pass_turn(sched, c, PP)
-    if DEFER:  # the rows in the output's dtype, stored by the next tile (or after the last)
-        out, lse = _normalize(acc, m_i, l_i, FAST_EPILOGUE)
-        return out.to(q_smem.dtype), lse
-    else:
-        # with TMA_STORE, Out is a TMA descriptor and o_smem the consumers' staging tiles
-        _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
-                  BLOCK_M, HEAD_DIM, o_smem.index(c) if TMA_STORE else None, TMA_STORE, FAST_EPILOGUE)
+    # with TMA_STORE, Out is a TMA descriptor and o_smem the consumers' staging tiles
+    _epilogue(acc, m_i, l_i, Out, LSE, off_z, off_h, off_hz, row_start, N_Q, stride_oz, stride_oh, stride_om,
+              BLOCK_M, HEAD_DIM, o_smem.index(c) if TMA_STORE else None, TMA_STORE, FAST_EPILOGUE)
 
 
 @gluon.jit
@@ -895,9 +829,9 @@ def _producer_persistent(Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, q_
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, FAST_EPILOGUE: gl.constexpr,
-                         Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, DEFER: gl.constexpr, order, o_smem, k_desc,
-                         v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out,
-                         LSE, sm_scale, stride_oz, stride_oh, stride_om, H,
+                         Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, o_smem, k_desc, v_desc, q_smem,
+                         k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
+                         stride_oz, stride_oh, stride_om, H,
                          N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr,
                          EARLY: gl.constexpr, HOLD: gl.constexpr, SPLIT: gl.constexpr, HALF: gl.constexpr):
     """Consumer warpgroup c of the persistent kernel: the output tiles of the producer's schedule,
@@ -905,26 +839,14 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
     one's loads ended, its Q in the buffer the producer loaded it into (Q_BUFFERS a consumer, taken
     in turn). PP = CONSUMERS: the consumers take turns through named barriers in order,
     consumer 0 first (the last consumer passes it a turn before any), and consumer 0 takes the
-    turn the last passes after its last, so that every arrival at the barriers is matched.
-    DEFER: each tile's rows carried to the next taken tile, the last tile's stored after the loop."""
+    turn the last passes after its last, so that every arrival at the barriers is matched."""
     CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.shape[2]
     if PP >= 2:
         if c == CONSUMERS - 1:
             _pass_turn(q_ready, c, PP)
     base = 0
     done = 0
-    if DEFER:  # the previous tile's rows and where they go (see the note on the deferred stores)
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        out_p = gl.zeros([BLOCK_M, HEAD_DIM], q_smem.dtype, o_layout)
-        lse_p = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, k_smem.shape[1], 16])))
-        z_p = 0
-        h_p = 0
-        hz_p = 0
-        row_p = 0
     next_z, next_h, next_m = _first_entry(order, H, ORDER)
     for g in range(ROUNDS):
         taken, off_z, off_h, off_hz, m, next_z, next_h, next_m = _scheduled_tile(
@@ -934,28 +856,12 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             row0 = m * CONSUMERS * BLOCK_M
             n_load, _ = _key_tiles(row0, N_KV, CONSUMERS * BLOCK_M, k_smem.shape[1])
             qi, q_phase = _q_buffer(c, done, CONSUMERS, Q_BUFFERS)
-            if DEFER:
-                out_p, lse_p = _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                                              v_ready, k_empty, v_empty, q_ready, Out, LSE, sm_scale, stride_oz,
-                                              stride_oh, stride_om, off_z, off_h, off_hz, row0, kv_row, N_Q, N_KV,
-                                              n_load, base, qi, q_phase, PP, EARLY, HOLD, True, SPLIT, o_smem,
-                                              TMA_STORE, HALF, FAST_EPILOGUE, True,
-                                              (out_p, lse_p, z_p, h_p, hz_p, row_p, done > 0))
-                z_p = off_z
-                h_p = off_h
-                hz_p = off_hz
-                row_p = row0 + c * BLOCK_M
-            else:
-                _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                               k_empty, v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
-                               off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP, EARLY, HOLD,
-                               True, SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE)
+            _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                           v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
+                           off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP, EARLY, HOLD,
+                           True, SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE)
             base += n_load
             done += 1
-    if DEFER:
-        if done > 0:  # the last tile's rows
-            _store_rows(out_p, lse_p, Out, LSE, z_p, h_p, hz_p, row_p, N_Q, stride_oz, stride_oh, stride_om,
-                        BLOCK_M, HEAD_DIM, o_smem.index(c) if TMA_STORE else None, TMA_STORE)
     if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)
         if c == 0:
             _turn(q_ready, 0, 0, PP)
@@ -974,7 +880,7 @@ def _attn_fwd_sm90_wsp(
     PINGPONG: gl.constexpr = False, EARLY: gl.constexpr = False, HOLD: gl.constexpr = False,
     CONSUMERS: gl.constexpr = 2, SPLIT: gl.constexpr = False, TMA_STORE: gl.constexpr = False,
     HALF: gl.constexpr = False, FAST_EPILOGUE: gl.constexpr = False, Q_BUFFERS: gl.constexpr = 1,
-    ORDER: gl.constexpr = False, DEFER: gl.constexpr = False,
+    ORDER: gl.constexpr = False,
 ):
     """Persistent _attn_fwd_sm90_ws: a grid of at most one program per SM, each walking output
     tiles (CONSUMERS·BLOCK_M query rows of one head: two consumer warpgroups, or three, FA3's
@@ -990,8 +896,7 @@ def _attn_fwd_sm90_wsp(
     Q_BUFFERS = 2: two Q buffers a consumer (the note on Q buffers); consumer c's Q of the program's
     t-th output tile in buffer c + CONSUMERS·(t % Q_BUFFERS). ORDER: each program's output tiles
     from the launcher's table ``order`` instead of _output_tile (the note on the balanced order;
-    without it ``order`` is not read). DEFER: each tile's rows stored under the next tile's first
-    q·kᵀ (the note on the deferred stores)."""
+    without it ``order`` is not read)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -1024,16 +929,13 @@ def _attn_fwd_sm90_wsp(
         gl.warp_specialize([
             (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(DEFER), order,
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
                                     o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(DEFER), order,
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
                                     o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(DEFER), order,
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
                                     o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
@@ -1041,12 +943,10 @@ def _attn_fwd_sm90_wsp(
         gl.warp_specialize([
             (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(DEFER), order,
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
                                     o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
-                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER),
-                                    gl.constexpr(DEFER), order,
+                                    gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
                                     o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for i in gl.static_range(Q_BUFFERS * CONSUMERS):

@@ -239,9 +239,6 @@ class GluonConfig:
     # for specs without a keep-predicate (read without the schedule's divisions); other predicates
     # keep the kernel's schedule
     balanced: bool = False
-    # persistent only: each output tile's rows stored while the next tile's first q·kᵀ runs
-    # (gluon's note on the deferred stores)
-    defer: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -260,8 +257,6 @@ class GluonConfig:
             raise ValueError("two Q buffers a consumer are the persistent kernel's option")
         if self.balanced and not self.persistent:
             raise ValueError("balanced is an option of the persistent kernel")
-        if self.defer and not self.persistent:
-            raise ValueError("defer is an option of the persistent kernel")
 
     @property
     def takes_views(self) -> bool:
@@ -285,8 +280,7 @@ class GluonConfig:
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
                                        ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
-                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced),
-                                       ("deferred stores", self.defer))
+                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -630,7 +624,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         tma_store = config.tma_store and n_q % rows == 0 and out_strides == (h * n_q * d, n_q * d, d)
         constexprs.update(CONSUMERS=config.consumers, SPLIT=config.split, TMA_STORE=tma_store, HALF=config.half,
                           FAST_EPILOGUE=config.fast_epilogue, Q_BUFFERS=config.q_buffers,
-                          ORDER=ordered, DEFER=config.defer)
+                          ORDER=ordered)
         return ForwardLaunch(module._attn_fwd_sm90_wsp, (programs, ), post, constexprs, blocks, config,
                              rows if tma_store else None)
     if not all(row_matrix(t) for t in (q, k)):  # these kernels address heads as rows only

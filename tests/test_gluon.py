@@ -211,6 +211,86 @@ def test_row_max_of_qk_times_f_is_the_max_of_the_products(qk, f):
     assert (x * factor)[-1] == float("-inf")
 
 
+def _run_exp2_asm(n: int, x: "numpy.ndarray") -> "numpy.ndarray":
+    """gluon.exp2_asm(n)'s PTX run on fp32 inputs x (a multiple of n of them), instruction by
+    instruction with PTX's semantics for its ops (round to nearest, ftz where it says so: no
+    subnormal inputs here; fma rounded once from the exact product, exact in fp64 for fp32
+    operands), each instance taking n consecutive elements: the code the kernel compiles, not a
+    copy of its formula."""
+    import numpy as np
+
+    from fx_flash.codegen.gluon import exp2_asm
+
+    asm, constraints = exp2_asm(n)
+    assert constraints == ",".join(["=f"] * n + ["f"] * n)
+    f32 = np.float32
+
+    def value(regs, token):
+        token = token.strip()
+        if token.startswith("0f"):
+            return np.frombuffer(bytes.fromhex(token[2:]), dtype=">f4").astype(f32)[0]
+        return regs[token] if not token.isdigit() else np.uint32(int(token))
+
+    out = np.empty_like(x)
+    for start in range(0, x.size, n):
+        regs = {f"${n + i}": f32(x[start + i]) for i in range(n)}
+        for ins in (part.strip(" {}") for part in asm.split(";")):
+            if not ins or ins.startswith(".reg"):  # (the braces scope the polynomial's registers)
+                continue
+            op, args = ins.split(None, 1)
+            dst, *src = [a.strip() for a in args.split(",")]
+            a = [value(regs, t) for t in src]
+            if op == "ex2.approx.ftz.f32":
+                regs[dst] = f32(np.exp2(np.float64(a[0])))
+            elif op == "max.ftz.f32":
+                regs[dst] = f32(max(a[0], a[1]))
+            elif op == "add.rn.ftz.f32":
+                regs[dst] = f32(a[0] + a[1])
+            elif op == "sub.rn.ftz.f32":
+                regs[dst] = f32(a[0] - a[1])
+            elif op == "fma.rn.ftz.f32":
+                regs[dst] = f32(np.float64(a[0]) * np.float64(a[1]) + np.float64(a[2]))
+            elif op == "mov.b32":
+                regs[dst] = a[0]
+            elif op == "shl.b32":
+                regs[dst] = np.uint32((int(np.asarray(a[0]).view(np.uint32)) << int(a[1])) & 0xFFFFFFFF)
+            elif op == "add.s32":
+                total = (int(np.asarray(a[0]).view(np.uint32)) + int(np.asarray(a[1]).view(np.uint32))) & 0xFFFFFFFF
+                regs[dst] = np.uint32(total)
+            else:
+                raise AssertionError(f"an op this test does not know: {ins}")
+        for i in range(n):
+            out[start + i] = np.asarray(regs[f"${i}"]).view(f32)  # (a b32 register read as the f32 it holds)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_polynomial_exp2_matches_the_hardware_s_within_its_bound(n):
+    """The exponentials on the FMA pipe (gluon's note): the last element of every n is 2^x by the
+    polynomial, within 4e-6 relative of 2^x over the exponents a softmax makes (from -126, where
+    the result is still normal, to just above 0, the rounding of a row max taken before the
+    factor), exactly 1 at 0 and exactly +0 at -inf (a masked score: fully masked rows keep l = 0)
+    and at every x ≤ -127; the other elements are ex2.approx's, each of its own input."""
+    import numpy as np
+
+    x = np.concatenate([np.linspace(-126.0, 0.01, 4001, dtype=np.float32),
+                        np.array([0.0, -0.0, -0.5, 0.5, -1e-7, -126.5, -127.0, -200.0, -np.inf, -1e30,
+                                  -np.inf, -3.4e38], dtype=np.float32)])
+    x = x[: x.size // n * n]
+    got, want = _run_exp2_asm(n, x), np.exp2(x.astype(np.float64))
+    poly = np.arange(x.size) % n == n - 1
+    normal = poly & (x >= -126.0)
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    assert rel.max() < 4e-6, (rel.max(), x[normal][rel.argmax()])
+    assert np.all(got[poly & (x <= -127.0)] == 0.0) and not np.signbit(got[poly & (x <= -127.0)]).any()
+    assert np.all(got[poly & (x == 0.0)] == 1.0)
+    assert np.all((got[poly] >= 0) & np.isfinite(got[poly]))
+    from fx_flash.codegen.gluon import exp2_asm
+
+    assert re.findall(r"ex2\.approx\.ftz\.f32 \$(\d+), \$(\d+)", exp2_asm(n)[0]) == [
+        (str(i), str(n + i)) for i in range(n - 1)]
+
+
 def test_heads_per_section():
     """Causal, a section holds the query heads whose K/V fit L2_SECTION_BYTES (32 MiB): 8 heads at
     N = 8k, d = 128 in bf16 (4 MiB of K/V each), 8 times as many when 8 query heads share a K/V

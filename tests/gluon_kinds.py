@@ -46,12 +46,6 @@ TWINS = (
     # reciprocals) and the persistent kinds that do not split (plain specs: the kernel's own order)
     ("b", dict(balanced=True), lambda flags: flags.get("persistent", False) and flags.get("raw_max", True)
      and (flags.get("fast_epilogue", False) or not flags.get("split", False))),
-    # one element of every four of p by the polynomial on the FMA pipe (GluonConfig.poly_exp; gluon's
-    # note on exponentials on the FMA pipe); "E" one of every two: persistent kinds
-    ("e", dict(poly_exp=4), lambda flags: flags.get("persistent", False) and not flags.get("hold", False)
-     and not flags.get("poly_exp")),
-    ("E", dict(poly_exp=2), lambda flags: flags.get("persistent", False) and not flags.get("hold", False)
-     and not flags.get("poly_exp")),
 )
 
 

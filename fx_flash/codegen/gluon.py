@@ -11,7 +11,6 @@ portable kernels, which stay the path for other GPUs and for the interpreter.
 from __future__ import annotations
 
 import re
-import struct
 import textwrap
 from string import Template
 from typing import Optional
@@ -87,18 +86,6 @@ GLUON_TEMPLATE = '''\
 # 256 at d = 128 (triton 3.6), at a tile's end, where a short walk spends its fixed cost
 # (GLUON_NOTES: 1.64 µs a tile more than cuDNN at d = 64). The output then differs from the
 # division by an fp32 rounding or two, far below bf16's.
-#
-# Note (exponentials on the FMA pipe): at head dim 64 a score costs the tensor cores as many cycles
-# as its exponential costs the MUFU unit (2·64 + 2·64 flops at 4,096 a cycle an SM against 16 ex2
-# a cycle an SM), so each consumer's softmax is as long as the other's products and sets the
-# step's pace. With POLY_EXP = n (GluonConfig.poly_exp; the module is rendered with it) one element
-# of every n of a tile's p takes 2^x by a polynomial on the FMA pipe instead (FlashAttention-4's
-# trick on Blackwell): x clamped at -127; j = round(x) by adding and subtracting 1.5·2^23; the
-# degree-4 polynomial in f = x - j ∈ [-0.5, 0.5] fitted to 2^f with its constant term exactly 1
-# (relative error 2.9e-6 in fp32, against ex2.approx's 2^-22 and bf16's 2^-8 for p·v); and j added
-# to the exponent field as an integer. A masked -inf gives exactly +0: clamped, f = 0 and the
-# polynomial 1.0, whose exponent field less 127 is 0. The other elements keep ex2.approx.ftz, as
-# gl.exp2 compiles. Both forms give 0 at -inf and 1 at 0, so fully masked rows keep l = 0.
 #
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than
@@ -197,20 +184,6 @@ CONSUMER_REGISTERS_3 = gl.constexpr(160)
 # The persistent kernel's ping-pong barriers (consumer c waits at PP_BARRIER + c): hardware barriers
 # past those Triton's partitions use (0-3 in these kernels; PTX has 16).
 PP_BARRIER = gl.constexpr(8)
-# One element of every POLY_EXP of a tile's p by the polynomial (0: none; the note on exponentials
-# on the FMA pipe).
-POLY_EXP = gl.constexpr($POLY_EXP)
-
-
-@gluon.jit
-def _exp2_tile(x):
-    """2^x of a tile's scores, by ex2.approx, or with POLY_EXP one element in POLY_EXP of them by
-    the polynomial (the note on exponentials on the FMA pipe)."""
-    if POLY_EXP == 0:
-        return gl.exp2(x)
-    else:
-        return gl.inline_asm_elementwise("$EXP2_ASM", "$EXP2_CONSTRAINTS", [x], dtype=gl.float32, is_pure=True,
-                                         pack=POLY_EXP)
 
 
 @gluon.jit
@@ -220,7 +193,7 @@ def _softmax_tile(qk, m_i, l_i, qk_scale, sm_scale, offs_m, offs_n, ${OPS}PREDIC
 $SCORE
     m_new = gl.maximum(m_i, $ROW_MAX)
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = _exp2_tile($EXP_ARG)
+    p = gl.exp2($EXP_ARG)
     alpha = gl.exp2(m_i - m_safe)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
@@ -1063,43 +1036,10 @@ def mask_kind(spec: AttentionSpec) -> int:
     return 0 if spec.keep is sympy.true else 1 if spec.causal else 2
 
 
-# 2^f on [-0.5, 0.5] with the constant term 1: the coefficients of f, f², f³, f⁴ in fp32 (a minimax
-# fit of the relative error, 2.9e-6 evaluated in fp32 by Horner's rule).
-EXP2_POLY = (0.6931241750717163, 0.24024099111557007, 0.05590637028217316, 0.00958281010389328)
-
-
-def _hex(value: float) -> str:
-    """PTX's spelling of an fp32 constant (0fXXXXXXXX)."""
-    return "0f" + struct.pack(">f", value).hex().upper()
-
-
-def exp2_asm(n: int) -> tuple[str, str]:
-    """The inline PTX and its constraints for 2^x of n elements at once, the last by the polynomial
-    (the note on exponentials on the FMA pipe), the others by ex2.approx.ftz: outputs $0 … $n-1,
-    inputs $n … $2n-1."""
-    lines = [f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1)]
-    c1, c2, c3, c4 = (_hex(c) for c in EXP2_POLY)
-    x, out = f"${2 * n - 1}", f"${n - 1}"
-    lines += [
-        "{", ".reg .f32 t, r, f, p;", ".reg .b32 e, b;",
-        f"max.ftz.f32 t, {x}, {_hex(-127.0)};",
-        f"add.rn.ftz.f32 r, t, {_hex(12582912.0)};",  # 1.5·2^23: r's low bits hold round(t)
-        f"sub.rn.ftz.f32 f, r, {_hex(12582912.0)};",
-        "sub.rn.ftz.f32 f, t, f;",
-        f"fma.rn.ftz.f32 p, f, {c4}, {c3};",
-        f"fma.rn.ftz.f32 p, p, f, {c2};",
-        f"fma.rn.ftz.f32 p, p, f, {c1};",
-        f"fma.rn.ftz.f32 p, p, f, {_hex(1.0)};",
-        "mov.b32 e, r;", "shl.b32 e, e, 23;", "mov.b32 b, p;", "add.s32 b, b, e;", f"mov.b32 {out}, b;", "}",
-    ]
-    return " ".join(lines), ",".join(["=f"] * n + ["f"] * n)
-
-
 @exact_arithmetic
-def render_gluon(spec: AttentionSpec, raw_max: bool = True, poly_exp: int = 0) -> str:
+def render_gluon(spec: AttentionSpec, raw_max: bool = True) -> str:
     """The Gluon module source of ``spec``'s sm90 forward; ``raw_max``: where the score has a
-    raw_factor, the row max taken before it (the note on the row max), else after; ``poly_exp``:
-    one element of every poly_exp of p by a polynomial (the note on exponentials on the FMA pipe)."""
+    raw_factor, the row max taken before it (the note on the row max), else after."""
     ops = _lead_and_sizes(spec)
     factor = raw_factor(spec) if raw_max else None
     times = "" if factor is None else f" * ({GluonPrinter(BINDINGS['mn']).doprint(factor)})"
@@ -1115,7 +1055,5 @@ def render_gluon(spec: AttentionSpec, raw_max: bool = True, poly_exp: int = 0) -
         "ROW_MAX": f"gl.max(s, 1){times}",
         "EXP_ARG": f"s{times} - m_safe[:, None]",
         "MASK": str(mask),
-        "POLY_EXP": str(poly_exp),
     }
-    fields["EXP2_ASM"], fields["EXP2_CONSTRAINTS"] = exp2_asm(poly_exp) if poly_exp else ("", "")
     return Template(GLUON_TEMPLATE).substitute(fields)

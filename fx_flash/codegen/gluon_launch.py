@@ -239,9 +239,6 @@ class GluonConfig:
     # for specs without a keep-predicate (read without the schedule's divisions); other predicates
     # keep the kernel's schedule
     balanced: bool = False
-    # one element of every poly_exp of a tile's p by a polynomial on the FMA pipe instead of the
-    # MUFU unit (0: none; gluon's note on exponentials on the FMA pipe)
-    poly_exp: int = 0
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -260,8 +257,6 @@ class GluonConfig:
             raise ValueError("two Q buffers a consumer are the persistent kernel's option")
         if self.balanced and not self.persistent:
             raise ValueError("balanced is an option of the persistent kernel")
-        if self.poly_exp not in (0, 2, 3, 4, 8):
-            raise ValueError("poly_exp is one element in 2, 3, 4 or 8 by the polynomial, or 0")
 
     @property
     def takes_views(self) -> bool:
@@ -285,8 +280,7 @@ class GluonConfig:
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
                                        ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
-                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced),
-                                       (f"1/{self.poly_exp} exp2 by polynomial", self.poly_exp))
+                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -401,18 +395,18 @@ def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
     return _reasons[key]
 
 
-# imported forward modules by their render options (raw_max, poly_exp), then the spec's key
-_modules: dict[tuple, dict[str, ModuleType]] = {}
+_modules: dict[str, ModuleType] = {}
+_modules_scaled: dict[str, ModuleType] = {}  # with the row max after the score's factor (raw_max off)
 _lock = threading.Lock()
 
 
-def load(spec: AttentionSpec, raw_max: bool = True, poly_exp: int = 0) -> ModuleType:
+def load(spec: AttentionSpec, raw_max: bool = True) -> ModuleType:
     """The imported Gluon module of ``spec`` (written next to the portable kernels' sources), with
-    the row max before the score's factor where it has one (``raw_max``), or after it, and one
-    element of every ``poly_exp`` of p by the polynomial (render_gluon's options)."""
-    name = "fx_flash_gluon" + ("" if raw_max else "_scaled_max") + (f"_poly{poly_exp}" if poly_exp else "")
-    return _load(spec, functools.partial(render_gluon, raw_max=raw_max, poly_exp=poly_exp), name,
-                 _modules.setdefault((raw_max, poly_exp), {}))
+    the row max before the score's factor where it has one (``raw_max``), or after it."""
+    if raw_max:
+        return _load(spec, render_gluon, "fx_flash_gluon", _modules)
+    return _load(spec, functools.partial(render_gluon, raw_max=False), "fx_flash_gluon_scaled_max",
+                 _modules_scaled)
 
 
 def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:
@@ -604,7 +598,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
     raw_max = config.raw_max and raw_max_applies(spec, scale)  # f > 0 at this scale (gluon's note on the row max)
-    module = load(spec, raw_max, config.poly_exp)
+    module = load(spec, raw_max)
     rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,

@@ -46,6 +46,9 @@ TWINS = (
     # reciprocals) and the persistent kinds that do not split (plain specs: the kernel's own order)
     ("b", dict(balanced=True), lambda flags: flags.get("persistent", False) and flags.get("raw_max", True)
      and (flags.get("fast_epilogue", False) or not flags.get("split", False))),
+    # p converted for p·v two elements at a time in PTX (GluonConfig.pack_p; gluon's note on p's
+    # conversion): persistent kinds
+    ("k", dict(pack_p=True), lambda flags: flags.get("persistent", False) and not flags.get("hold", False)),
 )
 
 

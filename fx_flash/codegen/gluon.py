@@ -87,6 +87,14 @@ GLUON_TEMPLATE = '''\
 # (GLUON_NOTES: 1.64 µs a tile more than cuDNN at d = 64). The output then differs from the
 # division by an fp32 rounding or two, far below bf16's.
 #
+# Note (p's conversion): p·v takes p from registers in bf16 (fp16), two elements of a row a 32-bit
+# register. Triton converts p's fp32 elements one by one (cvt.rn.bf16.f32) and packs the pairs for
+# the wgmma; in the causal steps ptxas fuses each pair's conversions into one F2FP with its halves
+# the other way round and swaps them back with a PRMT: 32 PRMT a d = 64 step (455 SASS instructions;
+# one consumer of the plain kernels too; triton 3.6). With PACK_P (GluonConfig.pack_p; the module is
+# rendered with it) the pairs are converted by cvt.rn.bf16x2.f32 in inline PTX, element 0 in the low
+# half as Triton packs them, and the PRMTs go (441 and 427 instructions a step in the two consumers).
+#
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than
 # free consumers). The persistent kernel's turns (PINGPONG) use a named hardware barrier per
@@ -184,6 +192,8 @@ CONSUMER_REGISTERS_3 = gl.constexpr(160)
 # The persistent kernel's ping-pong barriers (consumer c waits at PP_BARRIER + c): hardware barriers
 # past those Triton's partitions use (0-3 in these kernels; PTX has 16).
 PP_BARRIER = gl.constexpr(8)
+# p converted for p·v two elements at a time by inline PTX (the note on p's conversion).
+PACK_P = gl.constexpr($PACK_P)
 
 
 @gluon.jit
@@ -197,6 +207,21 @@ $SCORE
     alpha = gl.exp2(m_i - m_safe)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _to_bf16x2(p, dtype: gl.constexpr):
+    """p in ``dtype`` (bf16 or fp16) for p·v: with PACK_P two elements a conversion in PTX
+    (cvt.rn.bf16x2.f32, element 0 in the low half), as wgmma's A registers hold them (the note on
+    p's conversion); else Triton's p.to(dtype)."""
+    if not PACK_P:
+        return p.to(dtype)
+    elif dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $$0, $$2, $$1;", "=r,r,r", [p], dtype=gl.bfloat16,
+                                         is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $$0, $$2, $$1;", "=r,r,r", [p], dtype=gl.float16,
+                                         is_pure=True, pack=2)
 
 
 @gluon.jit
@@ -310,7 +335,7 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
     _release(j - 1, base, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     if not EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    p_op = gl.convert_layout(p.to(p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
+    p_op = gl.convert_layout(_to_bf16x2(p, p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
     return p_op, m_i, l_i, acc, alpha
 
 
@@ -352,7 +377,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p_op = gl.convert_layout(_to_bf16x2(p, dtype), p_layout)
 
     # -- steady state: tiles from ``mid`` on cross the causal diagonal (MASK = 1) --
     # Note (one loop): by default one loop with a branch per tile on in_band. SPLIT (MASK = 1): an
@@ -1037,9 +1062,10 @@ def mask_kind(spec: AttentionSpec) -> int:
 
 
 @exact_arithmetic
-def render_gluon(spec: AttentionSpec, raw_max: bool = True) -> str:
+def render_gluon(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False) -> str:
     """The Gluon module source of ``spec``'s sm90 forward; ``raw_max``: where the score has a
-    raw_factor, the row max taken before it (the note on the row max), else after."""
+    raw_factor, the row max taken before it (the note on the row max), else after; ``pack_p``: p
+    converted two elements at a time in PTX (the note on p's conversion)."""
     ops = _lead_and_sizes(spec)
     factor = raw_factor(spec) if raw_max else None
     times = "" if factor is None else f" * ({GluonPrinter(BINDINGS['mn']).doprint(factor)})"
@@ -1055,5 +1081,6 @@ def render_gluon(spec: AttentionSpec, raw_max: bool = True) -> str:
         "ROW_MAX": f"gl.max(s, 1){times}",
         "EXP_ARG": f"s{times} - m_safe[:, None]",
         "MASK": str(mask),
+        "PACK_P": str(pack_p),
     }
     return Template(GLUON_TEMPLATE).substitute(fields)

@@ -239,6 +239,9 @@ class GluonConfig:
     # for specs without a keep-predicate (read without the schedule's divisions); other predicates
     # keep the kernel's schedule
     balanced: bool = False
+    # p converted for p·v two elements at a time in PTX (a render option of the module; gluon's
+    # note on p's conversion)
+    pack_p: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -280,7 +283,8 @@ class GluonConfig:
                                        ("three consumers", self.consumers == 3), ("split", self.split),
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
                                        ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
-                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced))
+                                       ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced),
+                                       ("p packed in PTX", self.pack_p))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -395,18 +399,18 @@ def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
     return _reasons[key]
 
 
-_modules: dict[str, ModuleType] = {}
-_modules_scaled: dict[str, ModuleType] = {}  # with the row max after the score's factor (raw_max off)
+# imported forward modules by their render options (raw_max, pack_p), then the spec's key
+_modules: dict[tuple, dict[str, ModuleType]] = {}
 _lock = threading.Lock()
 
 
-def load(spec: AttentionSpec, raw_max: bool = True) -> ModuleType:
+def load(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False) -> ModuleType:
     """The imported Gluon module of ``spec`` (written next to the portable kernels' sources), with
-    the row max before the score's factor where it has one (``raw_max``), or after it."""
-    if raw_max:
-        return _load(spec, render_gluon, "fx_flash_gluon", _modules)
-    return _load(spec, functools.partial(render_gluon, raw_max=False), "fx_flash_gluon_scaled_max",
-                 _modules_scaled)
+    the row max before the score's factor where it has one (``raw_max``), or after it, and p
+    converted in PTX where ``pack_p`` (render_gluon's options)."""
+    name = "fx_flash_gluon" + ("" if raw_max else "_scaled_max") + ("_pack_p" if pack_p else "")
+    return _load(spec, functools.partial(render_gluon, raw_max=raw_max, pack_p=pack_p), name,
+                 _modules.setdefault((raw_max, pack_p), {}))
 
 
 def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:
@@ -598,7 +602,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
     raw_max = config.raw_max and raw_max_applies(spec, scale)  # f > 0 at this scale (gluon's note on the row max)
-    module = load(spec, raw_max)
+    module = load(spec, raw_max, config.pack_p)
     rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,

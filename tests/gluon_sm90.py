@@ -223,6 +223,9 @@ def main(argv: list[str]) -> None:
                           "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
                           "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
                           "local_stores": sass.count("STL"),
+                          # byte permutes: ptxas's swaps of p's bf16 halves before p·v (gluon's note on
+                          # p's conversion)
+                          "permutes": len(re.findall(r"\bPRMT\b", sass)),
                           # SASS instructions (0 without nvdisasm): the code the instruction cache holds
                           "instructions": len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/", sass, re.M)),
                           **_ptxas_report(ptx)}), flush=True)

@@ -183,7 +183,7 @@ def test_a_scale_not_above_zero_takes_the_max_after_it(monkeypatch):
     is 0 or negative, a score without such a factor, or raw_max off loads the module with the max
     after the scale; a constant factor needs no scale."""
     loaded = []
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True: loaded.append(raw_max) or type(
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: loaded.append(raw_max) or type(
         "M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
@@ -374,7 +374,7 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     launched = []
     module = type("Module", (), {n: RecordingKernel(n, launched)
                                  for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True: module)
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
@@ -536,6 +536,16 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert not any(fast(sdpa_spec(), 128, (1024, 4096, 16384)))
     assert fast(sdpa_spec(), 64, (1024, 4096, 16384)) == [True, False, False]
     assert all(fast(causal, 64, (1024, 2048, 4096, 16384))) and not any(fast(softcap, 64, (4096, 16384)))
+    # p converted in PTX (call 98) where it ran ahead: every causal route of a score of qk and the
+    # scale, head dim 128's causal routes for any score, head dim 64's three-consumer plain routes;
+    # not the plain routes of 1k at head dim 64 nor head dim 128's, nor head dim 64's other scores
+    def packed(spec, d, ns):
+        return [gluon_launch.routed_config(H200, spec, d, 2, n, n).pack_p for n in ns]
+
+    assert all(packed(causal, 128, (1024, 4096, 16384)) + packed(softcap, 128, (1024, 16384)))
+    assert all(packed(causal, 64, (1024, 2048, 4096, 16384)))
+    assert packed(sdpa_spec(), 64, (1024, 2048, 4096, 16384)) == [False, True, True, True]
+    assert not any(packed(sdpa_spec(), 128, (1024, 4096, 16384)) + packed(softcap, 64, (4096, 16384)))
     assert "ranged" in reason(8192, prefix)
     monkeypatch.setitem(gluon_launch.ROUTES, 64, {0: gluon_launch.ROUTES[64][0]})
     assert "a causal keep-predicate were not measured faster" in reason(8192, causal)
@@ -641,6 +651,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "causal-d64-wspstpdfqb": (CAUSAL, 64, "wspstpdfqb"),
     # the d = 64 plain route of short walks, with two Q buffers (call 82) and the plain table (call 84)
     "plain-d64-wsptpfqb": ("score=qk*scale", 64, "wsptpfqb"),
+    # p converted for p·v in PTX (gluon's note on p's conversion), on both head dims' causal routes
+    "causal-d64-wspstpdfqbk": (CAUSAL, 64, "wspstpdfqbk"), "causal-d128-wspstdfk": (CAUSAL, 128, "wspstdfk"),
 }
 
 
@@ -694,6 +706,20 @@ def test_pingpong_adds_the_turn_waits(compiled):
     prologue's, each step's, the last p·v's and each drained tile's): the kernel holds more mbarrier
     waits than the same kernel without it, which waits only on the ring."""
     assert compiled["causal-d128-pph"]["turn_waits"] > compiled["causal-d128-ws"]["turn_waits"]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("packed, twin", [("causal-d64-wspstpdfqbk", "causal-d64-wspstpdfqb"),
+                                          ("causal-d128-wspstdfk", "causal-d128-wspstdf")])
+def test_p_converted_in_ptx_takes_the_half_swaps_out(compiled, packed, twin):
+    """Converted by Triton one element at a time, p reaches p·v through ptxas's F2FP with its halves
+    the other way round and a PRMT swapping them back, one per register of p (32 a step at d = 64,
+    in each body of the causal walk); converted two at a time by cvt.rn.bf16x2.f32 (PACK_P) it
+    needs none (gluon's note on p's conversion). The kernels are otherwise the same."""
+    assert compiled[twin]["permutes"] >= 128, compiled[twin]["permutes"]
+    assert compiled[packed]["permutes"] <= 2, compiled[packed]["permutes"]
+    assert compiled[packed]["instructions"] < compiled[twin]["instructions"] or not compiled[twin]["instructions"]
+    assert compiled[packed]["wgmma_n"] == compiled[twin]["wgmma_n"]
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
@@ -856,7 +882,7 @@ def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
     takes the tensor and stores by gl.store, TMA_STORE off. The staging tiles cost the footprint
     a consumer's rows per consumer (a K/V stage at d = 128: 3 stages fit without them, 2 with)."""
     monkeypatch.setattr(gluon_launch, "load",
-                        lambda spec, raw_max=True: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+                        lambda spec, raw_max=True, pack_p=False: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True)

@@ -94,6 +94,8 @@ GLUON_TEMPLATE = '''\
 # one consumer of the plain kernels too; triton 3.6). With PACK_P (GluonConfig.pack_p; the module is
 # rendered with it) the pairs are converted by cvt.rn.bf16x2.f32 in inline PTX, element 0 in the low
 # half as Triton packs them, and the PRMTs go (441 and 427 instructions a step in the two consumers).
+# Routed where it ran ahead (gluon_launch.ROUTES; GLUON_NOTES call 98: 1.00-1.05x the same kernels
+# on the causal routes and on d = 64's three-consumer ones).
 #
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than

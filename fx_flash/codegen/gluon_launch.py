@@ -152,6 +152,15 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # among three consumers 1.032, 1.026, 1.002x at 4k, 8k, 16k: those routes take it. Head dim 128
 # causal 1.007x at 1k (call 79 1.041) and 1.002, 1.000, 0.988, 1.015x at 2k-16k (call 79: 1.028,
 # 0.961, 0.981 at 2k-8k, the later columns then biased): the rule's 1.01 is not reached, not routed.
+# p converted for p·v by cvt.rn.bf16x2.f32 in PTX (``pack_p``: gluon's note on p's conversion, which
+# takes 32 PRMTs out of a d = 64 causal step) in four alternating rounds (call 98) against the same
+# kernels without it, on the routes where the geometric mean over the N they take was ≥ 1.01 with no
+# row below 0.99: head dim 64 causal at 1k-2k (wspstpdfqb 1.025, 1.032x) and among three consumers
+# from 4k (0.998, 1.024, 1.045x), plain among three consumers (wsp3tp 1.017, 1.027x at 2k-4k; wsp3p
+# 1.046, 1.035x at 8k-16k); head dim 128 causal (wspstpdf 1.027x at 1k; wspstdf 1.008, 1.004, 1.012,
+# 1.032x at 2k-16k). Not head dim 64 plain at 1k (wsptpfqb 1.007x) nor head dim 128 plain (wsptp 1.020,
+# 1.010, 1.007, 1.019, 0.990x: geometric mean 1.009), nor the d = 64 route of other causal scores (not
+# timed).
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -160,19 +169,19 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # (``_not_measured``).
 ANY_SCORE, QK_ONLY = "any score", "a score of qk and the scale alone"
 ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), ),
-                1: ((dict(split=True, tma_store=True, half=True, fast_epilogue=True), MIN_WALK_D128_CAUSAL_FREE,
-                     ANY_SCORE),
-                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True), MIN_WALK,
-                     ANY_SCORE))},
-          64: {0: ((dict(consumers=3, pingpong=True), MIN_WALK_D64, ANY_SCORE),
-                   (dict(consumers=3, tma_store=True, pingpong=True), MIN_WALK_D64_STORE, ANY_SCORE),
+                1: ((dict(split=True, tma_store=True, half=True, fast_epilogue=True, pack_p=True),
+                     MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
+                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, pack_p=True),
+                     MIN_WALK, ANY_SCORE))},
+          64: {0: ((dict(consumers=3, pingpong=True, pack_p=True), MIN_WALK_D64, ANY_SCORE),
+                   (dict(consumers=3, tma_store=True, pingpong=True, pack_p=True), MIN_WALK_D64_STORE, ANY_SCORE),
                    (dict(tma_store=True, pingpong=True, fast_epilogue=True, q_buffers=2, balanced=True),
                     MIN_WALK_D64_SHORT, ANY_SCORE)),
-               1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True, balanced=True),
-                    MIN_WALK_D64_CAUSAL, QK_ONLY),
+               1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True, balanced=True,
+                         pack_p=True), MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),
                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, q_buffers=2,
-                     balanced=True), MIN_WALK_D64_CAUSAL_SHORTEST, QK_ONLY))}}
+                     balanced=True, pack_p=True), MIN_WALK_D64_CAUSAL_SHORTEST, QK_ONLY))}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)

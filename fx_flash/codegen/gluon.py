@@ -212,7 +212,7 @@ $SCORE
 
 
 @gluon.jit
-def _to_bf16x2(p, dtype: gl.constexpr):
+def _convert_p(p, dtype: gl.constexpr):
     """p in ``dtype`` (bf16 or fp16) for p·v: with PACK_P two elements a conversion in PTX
     (cvt.rn.bf16x2.f32, element 0 in the low half), as wgmma's A registers hold them (the note on
     p's conversion); else Triton's p.to(dtype)."""
@@ -337,7 +337,7 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
     _release(j - 1, base, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     if not EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    p_op = gl.convert_layout(_to_bf16x2(p, p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
+    p_op = gl.convert_layout(_convert_p(p, p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
     return p_op, m_i, l_i, acc, alpha
 
 
@@ -379,7 +379,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     qk = warpgroup_mma_wait(0, deps=(qk, ))  # (BLOCK_M, BLOCK_N)
     _release(0, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, cols, ${OPS}mid <= 0)
-    p_op = gl.convert_layout(_to_bf16x2(p, dtype), p_layout)
+    p_op = gl.convert_layout(_convert_p(p, dtype), p_layout)
 
     # -- steady state: tiles from ``mid`` on cross the causal diagonal (MASK = 1) --
     # Note (one loop): by default one loop with a branch per tile on in_band. SPLIT (MASK = 1): an

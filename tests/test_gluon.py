@@ -183,8 +183,8 @@ def test_a_scale_not_above_zero_takes_the_max_after_it(monkeypatch):
     is 0 or negative, a score without such a factor, or raw_max off loads the module with the max
     after the scale; a constant factor needs no scale."""
     loaded = []
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: loaded.append(raw_max) or type(
-        "M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, *render_options: loaded.append(raw_max)
+                        or type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND)
@@ -374,7 +374,7 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     launched = []
     module = type("Module", (), {n: RecordingKernel(n, launched)
                                  for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: module)
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, *render_options: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
@@ -900,7 +900,7 @@ def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
     takes the tensor and stores by gl.store, TMA_STORE off. The staging tiles cost the footprint
     a consumer's rows per consumer (a K/V stage at d = 128: 3 stages fit without them, 2 with)."""
     monkeypatch.setattr(gluon_launch, "load",
-                        lambda spec, raw_max=True, pack_p=False: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+                        lambda spec, raw_max=True, *render_options: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True)

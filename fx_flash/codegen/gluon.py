@@ -209,7 +209,7 @@ PP_BARRIER = gl.constexpr(8)
 PACK_P = gl.constexpr($PACK_P)
 # l accumulated on the tensor cores as p·1 beside p·v (the note on the row sum).
 ROWSUM_MMA = gl.constexpr($ROWSUM_MMA)
-ROWSUM_COLUMNS = gl.constexpr(16)  # of the p·1 accumulator and its ones tile (gluon_launch.ROWSUM_COLUMNS)
+ROWSUM_COLUMNS = gl.constexpr($ROWSUM_COLUMNS)  # of the p·1 accumulator and its ones tile
 
 
 @gluon.jit
@@ -1124,6 +1124,11 @@ def mask_kind(spec: AttentionSpec) -> int:
     return 0 if spec.keep is sympy.true else 1 if spec.causal else 2
 
 
+# Columns of the p·1 accumulator and of its tile of ones (rowsum_mma: an m64n16 wgmma; the launcher's
+# footprint model counts the tile).
+ROWSUM_COLUMNS = 16
+
+
 @exact_arithmetic
 def render_gluon(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False, rowsum_mma: bool = False) -> str:
     """The Gluon module source of ``spec``'s sm90 forward; ``raw_max``: where the score has a
@@ -1147,5 +1152,6 @@ def render_gluon(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False
         "MASK": str(mask),
         "PACK_P": str(pack_p),
         "ROWSUM_MMA": str(rowsum_mma),
+        "ROWSUM_COLUMNS": str(ROWSUM_COLUMNS),
     }
     return Template(GLUON_TEMPLATE).substitute(fields)

@@ -45,7 +45,7 @@ import torch
 import triton
 
 from fx_flash.codegen.generate import raw_max_applies
-from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
+from fx_flash.codegen.gluon import ROWSUM_COLUMNS, mask_kind, render_gluon, unsupported
 from fx_flash.codegen.gluon_bwd import constant_chain_rule, render_gluon_bwd
 from fx_flash.codegen.gluon_bwd import unsupported as unsupported_backward
 from fx_flash.codegen.loader import cache_dir, write_atomically
@@ -187,7 +187,6 @@ BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)
 NUM_WARPS = 8
 MAX_STAGES = 4
-ROWSUM_COLUMNS = 16  # of gluon's tile of ones (rowsum_mma: an m64n16 wgmma; gluon.ROWSUM_COLUMNS)
 BARRIER_BYTES = 8
 # Shared memory Triton uses to hand a warp-specialized region's captured values (pointers,
 # strides, offsets) to its partitions: 216 bytes compiled for this kernel (triton 3.6 and 3.9),

@@ -94,8 +94,8 @@ GLUON_TEMPLATE = '''\
 # one consumer of the plain kernels too; triton 3.6). With PACK_P (GluonConfig.pack_p; the module is
 # rendered with it) the pairs are converted by cvt.rn.bf16x2.f32 in inline PTX, element 0 in the low
 # half as Triton packs them, and the PRMTs go (441 and 427 instructions a step in the two consumers).
-# Routed where it ran ahead (gluon_launch.ROUTES; GLUON_NOTES call 98: 1.00-1.05x the same kernels
-# on the causal routes and on d = 64's three-consumer ones).
+# Routed where it ran ahead (gluon_launch.ROUTES; GLUON_NOTES calls 98 and 103: 1.00-1.05x the same
+# kernels, on every route but d = 64's route of other causal scores, which was not timed).
 #
 # Note (the row sum): at d = 64 a step's softmax is paced by its instructions (GLUON_NOTES calls
 # 97-98), and the row sum l is 64 FADD of a step's ~430 (two rows of 64 elements a thread, plus the

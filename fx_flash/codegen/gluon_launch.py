@@ -158,9 +158,10 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # row below 0.99: head dim 64 causal at 1k-2k (wspstpdfqb 1.025, 1.032x) and among three consumers
 # from 4k (0.998, 1.024, 1.045x), plain among three consumers (wsp3tp 1.017, 1.027x at 2k-4k; wsp3p
 # 1.046, 1.035x at 8k-16k); head dim 128 causal (wspstpdf 1.027x at 1k; wspstdf 1.008, 1.004, 1.012,
-# 1.032x at 2k-16k). Not head dim 64 plain at 1k (wsptpfqb 1.007x) nor head dim 128 plain (wsptp 1.020,
-# 1.010, 1.007, 1.019, 0.990x: geometric mean 1.009), nor the d = 64 route of other causal scores (not
-# timed).
+# 1.032x at 2k-16k). Head dim 64 plain at 1k (wsptpfqb 1.007x) and head dim 128 plain (wsptp 1.020,
+# 1.010, 1.007, 1.019, 0.990x: geometric mean 1.009) fell short then and take it since calls 102-103
+# (six rounds: wsptpfqb 1.031x, 1.033x in call 102; wsptp 1.031, 1.010, 1.007, 1.018, 1.011x,
+# geometric mean 1.015). Not the d = 64 route of other causal scores (not timed).
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -168,14 +169,14 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # not routed there; other predicates (kind 2) are ranged specs, which stay on the portable forward
 # (``_not_measured``).
 ANY_SCORE, QK_ONLY = "any score", "a score of qk and the scale alone"
-ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True), MIN_WALK, ANY_SCORE), ),
+ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True, pack_p=True), MIN_WALK, ANY_SCORE), ),
                 1: ((dict(split=True, tma_store=True, half=True, fast_epilogue=True, pack_p=True),
                      MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
                     (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, pack_p=True),
                      MIN_WALK, ANY_SCORE))},
           64: {0: ((dict(consumers=3, pingpong=True, pack_p=True), MIN_WALK_D64, ANY_SCORE),
                    (dict(consumers=3, tma_store=True, pingpong=True, pack_p=True), MIN_WALK_D64_STORE, ANY_SCORE),
-                   (dict(tma_store=True, pingpong=True, fast_epilogue=True, q_buffers=2, balanced=True),
+                   (dict(tma_store=True, pingpong=True, fast_epilogue=True, q_buffers=2, balanced=True, pack_p=True),
                     MIN_WALK_D64_SHORT, ANY_SCORE)),
                1: ((dict(consumers=3, split=True, tma_store=True, pingpong=True, fast_epilogue=True, balanced=True,
                          pack_p=True), MIN_WALK_D64_CAUSAL, QK_ONLY),

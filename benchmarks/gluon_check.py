@@ -77,7 +77,7 @@ def variants(d: int) -> dict:
         twin with more shared memory, two Q buffers, may take fewer stages), or None."""
         stages = [s for s in range(2, cfg.STAGES + 1)
                   if footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, s, cfg.ws, cfg.consumers, cfg.tma_store,
-                               cfg.q_buffers, cfg.rowsum_mma) <= m]
+                               cfg.q_buffers) <= m]
         return dataclasses.replace(cfg, STAGES=max(stages)) if stages else None
 
     # the twins (tests/gluon_kinds.TWINS, the sm_90 checks' letters): the letter after the kind's,

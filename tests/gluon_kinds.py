@@ -49,9 +49,6 @@ TWINS = (
     # p converted for p·v two elements at a time in PTX (GluonConfig.pack_p; gluon's note on p's
     # conversion): persistent kinds
     ("k", dict(pack_p=True), lambda flags: flags.get("persistent", False) and not flags.get("hold", False)),
-    # l summed on the tensor cores as p·1 (GluonConfig.rowsum_mma; gluon's note on the row sum): the
-    # persistent kinds with p converted in PTX
-    ("r", dict(rowsum_mma=True), lambda flags: flags.get("pack_p", False)),
 )
 
 

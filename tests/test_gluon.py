@@ -183,8 +183,8 @@ def test_a_scale_not_above_zero_takes_the_max_after_it(monkeypatch):
     is 0 or negative, a score without such a factor, or raw_max off loads the module with the max
     after the scale; a constant factor needs no scale."""
     loaded = []
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, *render_options: loaded.append(raw_max)
-                        or type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: loaded.append(raw_max) or type(
+        "M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND)
@@ -374,7 +374,7 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     launched = []
     module = type("Module", (), {n: RecordingKernel(n, launched)
                                  for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, *render_options: module)
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
@@ -653,10 +653,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "plain-d64-wsptpfqb": ("score=qk*scale", 64, "wsptpfqb"),
     # p converted for p·v in PTX (gluon's note on p's conversion), on both head dims' causal routes
     "causal-d64-wspstpdfqbk": (CAUSAL, 64, "wspstpdfqbk"), "causal-d128-wspstdfk": (CAUSAL, 128, "wspstdfk"),
-    # l summed on the tensor cores (gluon's note on the row sum; not routed, not yet timed), on the
-    # d = 64 two-consumer routes (the three-consumer ones spill 48-204 B with it at 160 registers)
-    "causal-d64-wspstpdfqbkr": (CAUSAL, 64, "wspstpdfqbkr"),
-    "plain-d64-wsptpfqbkr": ("score=qk*scale", 64, "wsptpfqbkr"),
 }
 
 
@@ -695,7 +691,7 @@ def test_compiles_for_sm90_with_wgmma_and_tma(compiled, name):
     assert (report["spec"], report["head_dim"], report["kind"]) == (text, d, kind)
     assert report["wgmma"] > 0 and report["tma"] > 0
     model = gluon_launch.footprint(cfg.BLOCK_M, cfg.BLOCK_N, d, 2, cfg.STAGES, ws, cfg.consumers, cfg.tma_store,
-                                   cfg.q_buffers, cfg.rowsum_mma)
+                                   cfg.q_buffers)
     if ws:
         assert model - gluon_launch.WS_CAPTURE_BYTES < report["shared"] <= model
         assert ("160" if kind.startswith("wsp3") else "240") in report["setmaxnreg"]  # the consumers' registers are raised
@@ -724,20 +720,6 @@ def test_p_converted_in_ptx_takes_the_half_swaps_out(compiled, packed, twin):
     assert compiled[packed]["permutes"] <= 2, compiled[packed]["permutes"]
     assert compiled[packed]["instructions"] < compiled[twin]["instructions"] or not compiled[twin]["instructions"]
     assert compiled[packed]["wgmma_n"] == compiled[twin]["wgmma_n"]
-
-
-@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
-def test_row_sum_on_the_tensor_cores(compiled):
-    """ROWSUM_MMA (gluon's note on the row sum): each p·v gets a p·1 beside it, an m64n16 wgmma whose
-    k is p's keys (8 instructions of k = 16 a full tile, 4 on the diagonal's half), and the kernel
-    has fewer instructions than its twin without it (the row sums' adds go), in the ones tile's
-    4 KiB more shared memory (the footprint test checks the model's count against the kernel's)."""
-    packed, summed = compiled["causal-d64-wspstpdfqbk"], compiled["causal-d64-wspstpdfqbkr"]
-    assert "16" not in packed["wgmma_n"] and summed["wgmma_n"]["16"] > 0
-    assert {n: c for n, c in summed["wgmma_n"].items() if n != "16"} == packed["wgmma_n"]
-    assert summed["instructions"] < packed["instructions"] or not packed["instructions"]
-    ones = 128 * gluon_launch.ROWSUM_COLUMNS * 2
-    assert ones <= summed["shared"] - packed["shared"] <= ones + 64  # (and an allocation's alignment)
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
@@ -900,7 +882,7 @@ def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
     takes the tensor and stores by gl.store, TMA_STORE off. The staging tiles cost the footprint
     a consumer's rows per consumer (a K/V stage at d = 128: 3 stages fit without them, 2 with)."""
     monkeypatch.setattr(gluon_launch, "load",
-                        lambda spec, raw_max=True, *render_options: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+                        lambda spec, raw_max=True, pack_p=False: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True)

@@ -97,17 +97,6 @@ GLUON_TEMPLATE = '''\
 # Routed where it ran ahead (gluon_launch.ROUTES; GLUON_NOTES calls 98 and 103: 1.00-1.05x the same
 # kernels, on every route but d = 64's route of other causal scores, which was not timed).
 #
-# Note (the row sum): at d = 64 a step's softmax is paced by its instructions (GLUON_NOTES calls
-# 97-98), and the row sum l is 64 FADD of a step's ~430 (two rows of 64 elements a thread, plus the
-# shuffles across a row's four threads). With ROWSUM_MMA (GluonConfig.rowsum_mma; the module is
-# rendered with it; the persistent kernel only) l is accumulated on the tensor cores instead, as
-# p·1 by an m64n16 wgmma beside each p·v: its B a [BLOCK_N, 16] tile of ones written once before
-# the partitions start, its accumulator (every column holds the row's l) rescaled with acc, issued
-# before p·v so that the wait for the step's q·kᵀ also waits for it. l is then the sum of the
-# bf16 (fp16) p that p·v multiplies, so each row's weights are normalized as they were applied;
-# fully masked rows keep l = 0. By count: 64 FADD and 4 shuffles out of a step for 8 HGMMA and 8
-# FMUL in. Not yet timed (GLUON_NOTES, prepared after call 101).
-#
 # Note (the persistent ping-pong): the mbarrier turns of the one-tile ws kernel count phases per
 # output tile, and each pass costs a barrier of the partition then an arrive (call 3: slower than
 # free consumers). The persistent kernel's turns (PINGPONG) use a named hardware barrier per
@@ -207,9 +196,6 @@ CONSUMER_REGISTERS_3 = gl.constexpr(160)
 PP_BARRIER = gl.constexpr(8)
 # p converted for p·v two elements at a time by inline PTX (the note on p's conversion).
 PACK_P = gl.constexpr($PACK_P)
-# l accumulated on the tensor cores as p·1 beside p·v (the note on the row sum).
-ROWSUM_MMA = gl.constexpr($ROWSUM_MMA)
-ROWSUM_COLUMNS = gl.constexpr($ROWSUM_COLUMNS)  # of the p·1 accumulator and its ones tile
 
 
 @gluon.jit
@@ -221,8 +207,7 @@ $SCORE
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2($EXP_ARG)
     alpha = gl.exp2(m_i - m_safe)
-    if not ROWSUM_MMA:  # (with it l_i is the p·1 accumulator, rescaled beside acc)
-        l_i = l_i * alpha + gl.sum(p, 1)
+    l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
 
 
@@ -324,13 +309,12 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
           k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale, offs_m, cols, ${OPS}in_band,
           s_layout: gl.constexpr, p_layout: gl.constexpr, tile_bytes: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr,
-          EARLY: gl.constexpr, HOLD: gl.constexpr, KEYS: gl.constexpr, ones=None):
+          EARLY: gl.constexpr, HOLD: gl.constexpr, KEYS: gl.constexpr):
     """One steady-state iteration (see the pipeline note): q·kᵀ of tile j and p·v of tile j-1.
     EARLY: the accumulator is rescaled by tile j-1's alpha while q·kᵀ runs (FlashAttention-3's
     order), not after p·v of tile j-1 has completed. Key tile j sits at ring position base + j.
     KEYS: the scores of tile j's first KEYS keys only (BLOCK_N, or its half: the note on the
-    diagonal's half); ``s_layout``, ``offs_m``, ``cols``, m_i and l_i are of that width's tile.
-    ROWSUM_MMA: l_i is the p·1 accumulator, ``ones`` its B tile (the note on the row sum)."""
+    diagonal's half); ``s_layout``, ``offs_m``, ``cols``, m_i and l_i are of that width's tile."""
     buf = (base + j) % STAGES
     prev = (base + j - 1) % STAGES
     mbarrier.wait(k_ready.index(buf), ((base + j) // STAGES) & 1)
@@ -342,17 +326,10 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
                        use_acc=False, is_async=True)
     if EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-        if ROWSUM_MMA:
-            l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
     mbarrier.wait(v_ready.index(prev), ((base + j - 1) // STAGES) & 1)
-    if ROWSUM_MMA:  # before p·v: the wait for q·kᵀ below then waits for it too, and leaves p·v running
-        l_i = warpgroup_mma(p_op, ones, l_i, is_async=True)
     pv = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
     _pass_turn(sched, C, PP)
-    if ROWSUM_MMA:
-        qk, l_i = warpgroup_mma_wait(1, deps=(qk, l_i))
-    else:
-        qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
+    qk = warpgroup_mma_wait(1, deps=(qk, ))  # q·kᵀ done, p·v may still run  (BLOCK_M, BLOCK_N)
     _release(j, base, k_empty, k_ready, k_desc, k_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     p, m_i, l_i, alpha = _online_softmax(qk, m_i, l_i, qk_scale, sm_scale, offs_m, j * BLOCK_N + cols, ${OPS}in_band)
     _hold(k_desc, k_ready, k_smem, kv_row, buf, HOLD)
@@ -360,8 +337,6 @@ def _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready, 
     _release(j - 1, base, v_empty, v_ready, v_desc, v_smem, kv_row, n_load, tile_bytes, BLOCK_N, STAGES, WS)
     if not EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-        if ROWSUM_MMA:
-            l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
     p_op = gl.convert_layout(_convert_p(p, p_op.dtype), p_layout)  # (BLOCK_M, BLOCK_N), wgmma's A operand
     return p_op, m_i, l_i, acc, alpha
 
@@ -371,7 +346,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
             row_start, n_tiles, n_load, mid, base, sm_scale, ${OPS}HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WS: gl.constexpr,
             C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr,
-            SPLIT: gl.constexpr = False, HALF: gl.constexpr = False, ones=None):
+            SPLIT: gl.constexpr = False, HALF: gl.constexpr = False):
     """acc, m_i, l_i of BLOCK_M query rows from row_start over key tiles [0, n_tiles): tiles
     [0, mid) without the causal part of the keep-predicate, [mid, n_tiles) with it. ``n_load``
     tiles are loaded into the ring in all (more than n_tiles when another consumer needs more),
@@ -380,8 +355,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     (turns 0 … n_tiles). RELEASE_Q: arrive on ``q_empty`` once the last q·kᵀ has completed, so
     the producer loads the next output tile's Q while the last p·v and the epilogue run. HALF
     (with SPLIT, MASK = 1): a last tile whose second half lies past every row's diagonal is
-    computed on its first half only (the note on the diagonal's half). ROWSUM_MMA: l by p·1 on the
-    tensor cores, ``ones`` its B tile (the note on the row sum)."""
+    computed on its first half only (the note on the diagonal's half)."""
     dtype: gl.constexpr = q_smem.dtype
     tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -393,12 +367,7 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-    if ROWSUM_MMA:  # the p·1 accumulator: every column of a row holds its l
-        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                           instr_shape=[16, ROWSUM_COLUMNS, 16])
-        l_i = gl.zeros([BLOCK_M, ROWSUM_COLUMNS], gl.float32, layout=l_layout)
-    else:
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
 
     # -- tile 0: scores and softmax (nothing accumulated yet) --
@@ -427,84 +396,62 @@ def _attend(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched, q
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}False, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N,
-                                               ones)
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
         # the last tile's keys from BLOCK_N / 2 on lie past the last row (causal: every row masks them)
         half = (n_tiles > band) & (row_start + BLOCK_M <= (n_tiles - 1) * BLOCK_N + BLOCK_N // 2) & HALF
         for j in range(band, n_tiles - half.to(gl.int32)):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}True, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N,
-                                               ones)
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
     else:
         for j in range(1, n_tiles):
             p_op, m_i, l_i, acc, alpha = _step(j, base, p_op, m_i, l_i, acc, alpha, q_smem, k_smem, v_smem, k_ready,
                                                v_ready, k_empty, v_empty, sched, k_desc, v_desc, kv_row, n_load,
                                                qk_scale, sm_scale, offs_m, cols, ${OPS}j >= mid, s_layout, p_layout,
-                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N,
-                                               ones)
+                                               tile_bytes, BLOCK_M, BLOCK_N, STAGES, WS, C, PP, EARLY, HOLD, BLOCK_N)
     last = (base + n_tiles - 1) % STAGES
     if half:  # the last tile on its first BLOCK_N / 2 keys, then their p·v
         h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N // 2, 16])
         h_rows: gl.constexpr = gl.SliceLayout(1, h_layout)
-        if ROWSUM_MMA:  # (the p·1 accumulator's layout is not the tile's)
-            l_h = l_i
-        else:
-            l_h = gl.convert_layout(l_i, h_rows)
         p_h, m_h, l_h, acc, alpha_h = _step(n_tiles - 1, base, p_op, gl.convert_layout(m_i, h_rows),
-                                            l_h, acc, gl.convert_layout(alpha, h_rows),
+                                            gl.convert_layout(l_i, h_rows), acc, gl.convert_layout(alpha, h_rows),
                                             q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                                             k_desc, v_desc, kv_row, n_load, qk_scale, sm_scale,
                                             gl.convert_layout(offs_m, h_rows),
                                             gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, h_layout)),
                                             ${OPS}True, h_layout, p_layout, tile_bytes, BLOCK_M, BLOCK_N, STAGES,
-                                            WS, C, PP, EARLY, HOLD, BLOCK_N // 2, ones)
+                                            WS, C, PP, EARLY, HOLD, BLOCK_N // 2)
         if RELEASE_Q:
             mbarrier.arrive(q_empty, count=1)
-        acc, l_h = _last_pv(p_h, v_smem.index(last).slice(0, BLOCK_N // 2), acc, alpha_h, v_ready, v_empty, sched,
-                            last, base + n_tiles - 1, n_tiles, STAGES, WS, C, PP, EARLY, l_h,
-                            ones.slice(0, BLOCK_N // 2) if ROWSUM_MMA else None)
+        acc = _last_pv(p_h, v_smem.index(last).slice(0, BLOCK_N // 2), acc, alpha_h, v_ready, v_empty, sched,
+                       last, base + n_tiles - 1, n_tiles, STAGES, WS, C, PP, EARLY)
         m_i = gl.convert_layout(m_h, m_i.type.layout)
-        if ROWSUM_MMA:
-            l_i = l_h
-        else:
-            l_i = gl.convert_layout(l_h, l_i.type.layout)
+        l_i = gl.convert_layout(l_h, l_i.type.layout)
     else:
         if RELEASE_Q:  # every q·kᵀ has completed (the last step waited for its own)
             mbarrier.arrive(q_empty, count=1)
-        acc, l_i = _last_pv(p_op, v_smem.index(last), acc, alpha, v_ready, v_empty, sched, last,
-                            base + n_tiles - 1, n_tiles, STAGES, WS, C, PP, EARLY, l_i, ones)
-    if ROWSUM_MMA:  # each row's l, from any column of the p·1 accumulator (all hold it)
-        l_i = gl.convert_layout(gl.max(l_i, 1), m_i.type.layout)
+        acc = _last_pv(p_op, v_smem.index(last), acc, alpha, v_ready, v_empty, sched, last, base + n_tiles - 1,
+                       n_tiles, STAGES, WS, C, PP, EARLY)
     return acc, m_i, l_i
 
 
 @gluon.jit
 def _last_pv(p_op, v_tile, acc, alpha, v_ready, v_empty, sched, last, position, n_tiles, STAGES: gl.constexpr,
-             WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr, l_i=None, ones=None):
+             WS: gl.constexpr, C: gl.constexpr, PP: gl.constexpr, EARLY: gl.constexpr):
     """The last tile's p·v (its V in buffer ``last``, ring position ``position``; ``v_tile`` that
-    buffer or its first rows), after every q·kᵀ: a consumer's turn n_tiles. Returns acc and l_i,
-    with ROWSUM_MMA the p·1 accumulator l_i with this tile's p added (``ones`` as many rows as
-    v_tile), else l_i as given."""
+    buffer or its first rows), after every q·kᵀ: a consumer's turn n_tiles."""
     mbarrier.wait(v_ready.index(last), (position // STAGES) & 1)
     _turn(sched, C, n_tiles, PP)
     if EARLY:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-        if ROWSUM_MMA:
-            l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
-    if ROWSUM_MMA:
-        l_i = warpgroup_mma(p_op, ones, l_i, is_async=True)
     pv = warpgroup_mma(p_op, v_tile, acc, is_async=True)
     _pass_turn(sched, C, PP)
-    if ROWSUM_MMA:
-        acc, l_i = warpgroup_mma_wait(0, deps=(pv, l_i))
-    else:
-        acc = warpgroup_mma_wait(0, deps=(pv, ))
+    acc = warpgroup_mma_wait(0, deps=(pv, ))
     if WS:
         mbarrier.arrive(v_empty.index(last), count=1)
-    return acc, l_i
+    return acc
 
 
 @gluon.jit
@@ -672,7 +619,7 @@ def _consumer_tile(c: gl.constexpr, k_desc, v_desc, q_smem, k_smem, v_smem, q_ba
                    off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP: gl.constexpr,
                    EARLY: gl.constexpr, HOLD: gl.constexpr, RELEASE_Q: gl.constexpr, SPLIT: gl.constexpr = False,
                    o_smem=None, TMA_STORE: gl.constexpr = False, HALF: gl.constexpr = False,
-                   FAST_EPILOGUE: gl.constexpr = False, ones=None):
+                   FAST_EPILOGUE: gl.constexpr = False):
     """Consumer warpgroup c on one output tile: query rows row0 + c·BLOCK_M on, its Q in buffer qi
     (ready at parity q_phase), key tile 0 at ring position ``base``. Tiles it does not read
     (causal: the other consumer's rows go further) are released unread, so the producer's ring
@@ -688,7 +635,7 @@ $HEADS_WS
     acc, m_i, l_i = _attend(q_smem.index(qi), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, sched,
                             q_empty.index(qi), k_desc, v_desc, kv_row, row_start, n_tiles, n_load, mid, base, sm_scale,
                             ${OPS}HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 4, True, c, PP, EARLY, HOLD, RELEASE_Q, SPLIT,
-                            HALF, ones)
+                            HALF)
     for i in range(n_tiles, n_load):
         buf = (base + i) % STAGES
         mbarrier.wait(k_ready.index(buf), ((base + i) // STAGES) & 1)
@@ -909,7 +856,7 @@ def _producer_persistent(Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, q_
 
 @gluon.jit
 def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.constexpr, FAST_EPILOGUE: gl.constexpr,
-                         Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, o_smem, ones, k_desc, v_desc, q_smem,
+                         Q_BUFFERS: gl.constexpr, ORDER: gl.constexpr, order, o_smem, k_desc, v_desc, q_smem,
                          k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, Out, LSE, sm_scale,
                          stride_oz, stride_oh, stride_om, H,
                          N_Q, N_KV, ZH, Q_TILES, SECTION, SECTION_ROUNDS, ROUNDS, GROUP: gl.constexpr,
@@ -939,7 +886,7 @@ def _consumer_persistent(c: gl.constexpr, TMA_STORE: gl.constexpr, PP: gl.conste
             _consumer_tile(c, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                            v_empty, q_ready, Out, LSE, sm_scale, stride_oz, stride_oh, stride_om, off_z,
                            off_h, off_hz, row0, kv_row, N_Q, N_KV, n_load, base, qi, q_phase, PP, EARLY, HOLD,
-                           True, SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE, ones)
+                           True, SPLIT, o_smem, TMA_STORE, HALF, FAST_EPILOGUE)
             base += n_load
             done += 1
     if PP >= 2:  # (named turns take no mbarrier: q_ready stands in for the one-tile kernel's sched)
@@ -985,14 +932,6 @@ def _attn_fwd_sm90_wsp(
         o_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     else:
         o_smem = q_smem  # not used
-    if ROWSUM_MMA:  # B of the p·1 products (the note on the row sum), written once before the partitions
-        ones = gl.allocate_shared_memory(dtype, [BLOCK_N, ROWSUM_COLUMNS],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWSUM_COLUMNS], dtype))
-        ones.store(gl.full([BLOCK_N, ROWSUM_COLUMNS], 1.0, dtype,
-                           gl.BlockedLayout([1, ROWSUM_COLUMNS], [32, 1], [NUM_WARPS, 1], [1, 0])))
-        fence_async_shared()
-    else:
-        ones = q_smem  # not used
     q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS * CONSUMERS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS * CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -1018,13 +957,13 @@ def _attn_fwd_sm90_wsp(
             (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
                                     gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
-                                    o_smem, ones) + consumer_args),
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
                                     gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
-                                    o_smem, ones) + consumer_args),
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(2), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
                                     gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
-                                    o_smem, ones) + consumer_args),
+                                    o_smem) + consumer_args),
         ], [4, 4, 4], [CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3, CONSUMER_REGISTERS_3])
     else:
         gl.static_assert(CONSUMERS == 2, "two or three consumer warpgroups")
@@ -1032,10 +971,10 @@ def _attn_fwd_sm90_wsp(
             (_producer_persistent, (gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order) + producer_args),
             (_consumer_persistent, (gl.constexpr(0), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
                                     gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
-                                    o_smem, ones) + consumer_args),
+                                    o_smem) + consumer_args),
             (_consumer_persistent, (gl.constexpr(1), gl.constexpr(TMA_STORE), gl.constexpr(CONSUMERS * PINGPONG),
                                     gl.constexpr(FAST_EPILOGUE), gl.constexpr(Q_BUFFERS), gl.constexpr(ORDER), order,
-                                    o_smem, ones) + consumer_args),
+                                    o_smem) + consumer_args),
         ], [4, 4], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     for i in gl.static_range(Q_BUFFERS * CONSUMERS):
         mbarrier.invalidate(q_ready.index(i))
@@ -1124,17 +1063,11 @@ def mask_kind(spec: AttentionSpec) -> int:
     return 0 if spec.keep is sympy.true else 1 if spec.causal else 2
 
 
-# Columns of the p·1 accumulator and of its tile of ones (rowsum_mma: an m64n16 wgmma; the launcher's
-# footprint model counts the tile).
-ROWSUM_COLUMNS = 16
-
-
 @exact_arithmetic
-def render_gluon(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False, rowsum_mma: bool = False) -> str:
+def render_gluon(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False) -> str:
     """The Gluon module source of ``spec``'s sm90 forward; ``raw_max``: where the score has a
     raw_factor, the row max taken before it (the note on the row max), else after; ``pack_p``: p
-    converted two elements at a time in PTX (the note on p's conversion); ``rowsum_mma``: l summed
-    on the tensor cores (the note on the row sum; the persistent kernel's only)."""
+    converted two elements at a time in PTX (the note on p's conversion)."""
     ops = _lead_and_sizes(spec)
     factor = raw_factor(spec) if raw_max else None
     times = "" if factor is None else f" * ({GluonPrinter(BINDINGS['mn']).doprint(factor)})"
@@ -1151,7 +1084,5 @@ def render_gluon(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False
         "EXP_ARG": f"s{times} - m_safe[:, None]",
         "MASK": str(mask),
         "PACK_P": str(pack_p),
-        "ROWSUM_MMA": str(rowsum_mma),
-        "ROWSUM_COLUMNS": str(ROWSUM_COLUMNS),
     }
     return Template(GLUON_TEMPLATE).substitute(fields)

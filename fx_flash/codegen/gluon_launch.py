@@ -45,7 +45,7 @@ import torch
 import triton
 
 from fx_flash.codegen.generate import raw_max_applies
-from fx_flash.codegen.gluon import ROWSUM_COLUMNS, mask_kind, render_gluon, unsupported
+from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
 from fx_flash.codegen.gluon_bwd import constant_chain_rule, render_gluon_bwd
 from fx_flash.codegen.gluon_bwd import unsupported as unsupported_backward
 from fx_flash.codegen.loader import cache_dir, write_atomically
@@ -252,9 +252,6 @@ class GluonConfig:
     # p converted for p·v two elements at a time in PTX (a render option of the module; gluon's
     # note on p's conversion)
     pack_p: bool = False
-    # persistent only: l summed on the tensor cores as p·1 beside p·v (a render option of the module;
-    # gluon's note on the row sum)
-    rowsum_mma: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -273,8 +270,6 @@ class GluonConfig:
             raise ValueError("two Q buffers a consumer are the persistent kernel's option")
         if self.balanced and not self.persistent:
             raise ValueError("balanced is an option of the persistent kernel")
-        if self.rowsum_mma and not self.persistent:
-            raise ValueError("rowsum_mma is an option of the persistent kernel")
 
     @property
     def takes_views(self) -> bool:
@@ -299,26 +294,25 @@ class GluonConfig:
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
                                        ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
                                        ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced),
-                                       ("p packed in PTX", self.pack_p), ("l by p·1", self.rowsum_mma))
+                                       ("p packed in PTX", self.pack_p))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
 
 def footprint(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int, ws: bool = False,
-              consumers: int = 2, tma_store: bool = False, q_buffers: int = 1, rowsum_mma: bool = False) -> int:
+              consumers: int = 2, tma_store: bool = False, q_buffers: int = 1) -> int:
     """Shared-memory bytes of one program: the Q tile(s) of its block_m rows, ``stages`` K and V
     tiles, and the mbarriers (Triton aligns each array of them to 16 bytes): Q's, and a ready one
     per K and V buffer, plus an empty one per buffer and WS_CAPTURE_BYTES for the values handed to
     the partitions when ``ws`` (with one more barrier per consumer: the ping-pong's turns,
     allocated whether or not it is on, or the persistent kernel's Q empty barriers in their
     place), and with ``tma_store`` the consumers' output staging tiles (block_m rows in all);
-    ``q_buffers`` Q tiles of block_m rows, and their two barriers each a consumer; with
-    ``rowsum_mma`` the tile of ones the p·1 products read (block_n rows of ROWSUM_COLUMNS). P and
+    ``q_buffers`` Q tiles of block_m rows, and their two barriers each a consumer. P and
     the softmax stay in registers, so this is the whole of it: tests compare it with the compiled
     kernels' own counts."""
     ring = -(-BARRIER_BYTES * stages // 16) * 16
     tiles = elem_bytes * ((q_buffers + (1 if tma_store else 0)) * block_m * head_dim
-                          + 2 * stages * block_n * head_dim + (block_n * ROWSUM_COLUMNS if rowsum_mma else 0))
+                          + 2 * stages * block_n * head_dim)
     if ws:
         return tiles + 2 * (-(-BARRIER_BYTES * consumers * q_buffers // 16) * 16) + 4 * ring + WS_CAPTURE_BYTES
     return tiles + BARRIER_BYTES + 2 * ring
@@ -340,8 +334,7 @@ def default_config(device: DeviceProfile, head_dim: int, elem_bytes: int, ws: bo
     for block_n in (128, 64):
         fitting = [s for s in range(2, MAX_STAGES + 1)
                    if footprint(block_m, block_n, head_dim, elem_bytes, s, ws, flags.get("consumers", 2),
-                                flags.get("tma_store", False), flags.get("q_buffers", 1),
-                                flags.get("rowsum_mma", False)) <= device.shared_memory]
+                                flags.get("tma_store", False), flags.get("q_buffers", 1)) <= device.shared_memory]
         if fitting:
             return GluonConfig(block_m, block_n, max(fitting), ws, **flags)
     return None
@@ -416,19 +409,18 @@ def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
     return _reasons[key]
 
 
-# imported forward modules by their render options (raw_max, pack_p, rowsum_mma), then the spec's key
+# imported forward modules by their render options (raw_max, pack_p), then the spec's key
 _modules: dict[tuple, dict[str, ModuleType]] = {}
 _lock = threading.Lock()
 
 
-def load(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False, rowsum_mma: bool = False) -> ModuleType:
+def load(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False) -> ModuleType:
     """The imported Gluon module of ``spec`` (written next to the portable kernels' sources), with
-    the row max before the score's factor where it has one (``raw_max``), or after it, p converted
-    in PTX where ``pack_p``, l by p·1 where ``rowsum_mma`` (render_gluon's options)."""
-    name = ("fx_flash_gluon" + ("" if raw_max else "_scaled_max") + ("_pack_p" if pack_p else "")
-            + ("_rowsum_mma" if rowsum_mma else ""))
-    return _load(spec, functools.partial(render_gluon, raw_max=raw_max, pack_p=pack_p, rowsum_mma=rowsum_mma),
-                 name, _modules.setdefault((raw_max, pack_p, rowsum_mma), {}))
+    the row max before the score's factor where it has one (``raw_max``), or after it, and p
+    converted in PTX where ``pack_p`` (render_gluon's options)."""
+    name = "fx_flash_gluon" + ("" if raw_max else "_scaled_max") + ("_pack_p" if pack_p else "")
+    return _load(spec, functools.partial(render_gluon, raw_max=raw_max, pack_p=pack_p), name,
+                 _modules.setdefault((raw_max, pack_p), {}))
 
 
 def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:
@@ -620,7 +612,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
     raw_max = config.raw_max and raw_max_applies(spec, scale)  # f > 0 at this scale (gluon's note on the row max)
-    module = load(spec, raw_max, config.pack_p, config.rowsum_mma)
+    module = load(spec, raw_max, config.pack_p)
     rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,

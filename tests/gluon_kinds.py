@@ -7,7 +7,7 @@ v1: one partition; ws: warp-specialized (a TMA producer and two consumer warpgro
 the consumers taking turns (mbarriers), ppe also rescaling the accumulator while q·kᵀ runs; wsp:
 ws as a persistent kernel; after "wsp" a "3": three consumer warpgroups, "s": the causal walk split
 in two loops, "t": the output stored by TMA, "p": the persistent ping-pong (named barriers); a
-trailing "h" adds the hold (gluon._hold). Then the twins' letters (TWINS, below: d, h, f, q, x, b).
+trailing "h" adds the hold (gluon._hold). Then the twins' letters (TWINS, below: d, h, f, q, x, b, k, m).
 """
 
 
@@ -49,6 +49,9 @@ TWINS = (
     # p converted for p·v two elements at a time in PTX (GluonConfig.pack_p; gluon's note on p's
     # conversion): persistent kinds
     ("k", dict(pack_p=True), lambda flags: flags.get("persistent", False) and not flags.get("hold", False)),
+    # the keep-predicate applied by its sign (GluonConfig.sign_mask; gluon's note on the mask as a
+    # sign): kinds with p packed
+    ("m", dict(sign_mask=True), lambda flags: flags.get("pack_p", False)),
 )
 
 

@@ -63,19 +63,20 @@ def compile_sm90(spec_text: str, head_dim: int, block_n: int, stages: int, ws: b
                  early: bool = False, hold: bool = False, persistent: bool = False, consumers: int = 2,
                  split: bool = False, tma_store: bool = False, raw_max: bool = True, half: bool = False,
                  fast_epilogue: bool = False, q_buffers: int = 1, balanced: bool = False,
-                 pack_p: bool = False):
+                 pack_p: bool = False, sign_mask: bool = False):
     """The compiled kernel of ``spec_text``'s Gluon forward for bf16 at ``head_dim``: the
     warp-specialized one when ``ws`` (its consumers taking turns when ``pingpong``; one program
     per SM walking output tiles when ``persistent``, with ``consumers`` consumer warpgroups, its
     output stored by TMA when ``tma_store``; the row max before the score's factor when
     ``raw_max``; the diagonal's half when ``half``; the epilogue by reciprocals when
     ``fast_epilogue``; ``q_buffers`` Q buffers a consumer; the output tiles from the launcher's
-    table when ``balanced``; p converted in PTX when ``pack_p``)."""
-    module = _module(render_gluon(spec_from_text(spec_text), raw_max, pack_p))
+    table when ``balanced``; p converted in PTX when ``pack_p``; the keep-predicate by its sign when
+    ``sign_mask``)."""
+    module = _module(render_gluon(spec_from_text(spec_text), raw_max, pack_p, sign_mask))
     config = gluon_launch.GluonConfig(gluon_launch.program_rows(ws, consumers), block_n, stages, ws, pingpong,
                                       early, hold, persistent, consumers=consumers, split=split,
                                       tma_store=tma_store, half=half, fast_epilogue=fast_epilogue,
-                                      q_buffers=q_buffers, balanced=balanced, pack_p=pack_p)
+                                      q_buffers=q_buffers, balanced=balanced, pack_p=pack_p, sign_mask=sign_mask)
     block_m, warps = config.rows_per_consumer, config.num_warps
     signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                  "v_desc": _descriptor_type(block_n, head_dim), "Out": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",

@@ -18,12 +18,13 @@ from pathlib import Path
 import expecttest
 import hypothesis.strategies as st
 import pytest
+import sympy
 import torch
 from hypothesis import given, settings
 
 from fx_flash.codegen import gluon_launch
-from fx_flash.codegen.generate import raw_factor
-from fx_flash.codegen.gluon import _score_lines, render_gluon, unsupported
+from fx_flash.codegen.generate import BINDINGS, raw_factor
+from fx_flash.codegen.gluon import GluonPrinter, _keep_sign, _score_lines, render_gluon, unsupported
 from fx_flash.codegen.spec import sdpa_spec, spec_from_text
 from fx_flash.device import DeviceProfile
 from tests import test_kernels
@@ -183,7 +184,7 @@ def test_a_scale_not_above_zero_takes_the_max_after_it(monkeypatch):
     is 0 or negative, a score without such a factor, or raw_max off loads the module with the max
     after the scale; a constant factor needs no scale."""
     loaded = []
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: loaded.append(raw_max) or type(
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, **options: loaded.append(raw_max) or type(
         "M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     q = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16, device="meta")
@@ -197,6 +198,103 @@ def test_a_scale_not_above_zero_takes_the_max_after_it(monkeypatch):
         loaded.clear()
         gluon_launch.forward_launch(spec, q, q, scale, config)
         assert loaded == [raw], (spec.text, scale, config)
+
+
+SIGN_FORMS = [  # keep-predicates with a sign form (gluon's note on the mask as a sign)
+    "kv_idx <= q_idx", "kv_idx < q_idx", "q_idx >= kv_idx + 3", "(kv_idx <= q_idx) | (kv_idx < 64)",
+    "(kv_idx <= q_idx) & (q_idx - kv_idx < 256)", "kv_idx < n_kv - 3", "(q_idx > kv_idx) & (kv_idx >= h)",
+    "~(kv_idx > q_idx)", "kv_idx - n_kv < q_idx - n_q", "kv_idx + q_idx < n_q", "kv_idx < 2**31"]
+NO_SIGN_FORMS = ["Eq(kv_idx, q_idx)", "kv_idx*q_idx < 4096", "kv_idx < 2**32", "3*kv_idx <= q_idx",
+                 "kv_idx + q_idx + n_q < n_kv", "n_kv > n_q"]
+
+
+def _keep(text):
+    from fx_flash.codegen import spec as spec_module
+    names = {str(s): s for s in spec_module.INDEX_SYMBOLS}
+    return sympy.sympify(text, locals=names)
+
+
+def _evaluate(text, dtype, offs_m, offs_n):
+    """A printed tile expression at these query and key indices (lengths and the head fixed)."""
+    env = dict(offs_m=offs_m.to(dtype), offs_n=offs_n.to(dtype), off_z=3, off_h=5, size_q=2 ** 30 - 1,
+               size_kv=2 ** 30 - 1)
+    return eval(text, env)
+
+
+@pytest.mark.parametrize("text", SIGN_FORMS)
+def test_keep_sign_is_negative_exactly_where_the_predicate_fails(text):
+    """The sign form of a keep-predicate (gluon._keep_sign), computed in int32 as the kernel does, is
+    negative exactly where the predicate, printed as gl.where takes it and evaluated in int64, fails:
+    near 0, around the diagonal, and near the largest index the launcher lets through."""
+    printer = GluonPrinter(BINDINGS["mn"])
+    d_text = _keep_sign(_keep(text), printer)
+    assert d_text is not None, text
+    top = gluon_launch.INDEX_LIMIT - 1
+    for values in (torch.arange(0, 300), torch.arange(top - 299, top + 1),
+                   torch.tensor([0, 1, 2, 63, 64, 255, 256, top - 1, top])):
+        keep = _evaluate(printer.doprint(_keep(text)), torch.int64, values, values)
+        d = _evaluate(d_text, torch.int32, values, values)
+        assert d.dtype == torch.int32
+        assert torch.equal(torch.broadcast_to(d < 0, keep.shape), ~keep), text
+
+
+@pytest.mark.parametrize("text", NO_SIGN_FORMS)
+def test_keep_sign_refuses_what_it_cannot_bound(text):
+    """Equalities, products of indices, differences that could leave int32 (gluon._fits_int32) and
+    predicates of lengths alone have no sign form: those keep gl.where."""
+    assert _keep_sign(_keep(text), GluonPrinter(BINDINGS["mn"])) is None, text
+
+
+def test_sign_mask_renders_the_sign_form_where_it_has_one():
+    """With sign_mask the forward applies its predicate by _drop_negative (interior tiles' rest of
+    it too); without it, and for a predicate without a sign form, by gl.where; the backward keeps
+    gl.where."""
+    window = spec_from_text("score=qk*scale; keep=(kv_idx <= q_idx) & (q_idx - kv_idx < 256)")
+    assert render_gluon(window, sign_mask=True).count("s = _drop_negative(s, ") == 2
+    assert "s = _drop_negative(s, " not in render_gluon(window)
+    assert "s = _drop_negative(s, " not in _score_lines(window)
+    product = spec_from_text("score=qk*scale; keep=kv_idx*q_idx < 4096")
+    assert "s = gl.where(" in render_gluon(product, sign_mask=True)
+
+
+def _lop3(a, b, c, lut):
+    """PTX lop3.b32 on int64 tensors of 32-bit words: each result bit is lut's bit at a·4 + b·2 + c."""
+    out = torch.zeros_like(a)
+    for index in range(8):
+        if lut >> index & 1:
+            bits = ((a if index & 4 else ~a) & (b if index & 2 else ~b) & (c if index & 1 else ~c))
+            out |= bits & 0xFFFFFFFF
+    return out
+
+
+def test_drop_negative_ptx_selects_minus_infinity_where_d_is_negative():
+    """_drop_negative's PTX, run op by op on the CPU from the template's own text (shr.s32 by 31,
+    then lop3 with its constant and table): bit for bit s where d >= 0 and -inf where d < 0, for
+    every kind of float (signed zeros, infinities, NaN, subnormals) and d around 0 and int32's ends."""
+    from fx_flash.codegen.gluon import GLUON_TEMPLATE
+
+    found = re.search(r"shr\.s32 m, \$\$2, 31; lop3\.b32 \$\$0, \$\$1, m, (0x[0-9A-F]+), (0x[0-9A-F]+);",
+                      GLUON_TEMPLATE)
+    assert found, "the template's _drop_negative changed: this emulation must follow it"
+    constant, lut = (int(x, 16) for x in found.groups())
+    floats = torch.tensor([0.0, -0.0, 1.5, -2.25, float("inf"), float("-inf"), float("nan"), 1e-40, -3e38])
+    s = floats.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    for d in (0, 1, -1, 5, -7, 2 ** 31 - 1, -2 ** 31):
+        spread = torch.full_like(s, -1 if d < 0 else 0) & 0xFFFFFFFF  # shr.s32 m, d, 31
+        out = _lop3(s, spread, torch.full_like(s, constant), lut)
+        want = (torch.full_like(floats, float("-inf")) if d < 0 else floats).view(torch.int32).to(torch.int64)
+        assert torch.equal(out, want & 0xFFFFFFFF), d
+
+
+def test_lengths_past_the_index_limit_are_refused(monkeypatch):
+    """The sign form's bounds hold for indices below 2^30: a longer call is refused by the Gluon path."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(gluon_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
+    cfg = gluon_launch.default_config(H200, 64, 2, **gluon_launch.ROUTED_KIND)
+    q = SimpleNamespace(device=SimpleNamespace(type="cuda"), dtype=torch.bfloat16, shape=(1, 1, 2 ** 30, 64))
+    assert "2^30" in gluon_launch.unsupported_call(sdpa_spec(causal=True), q, q, q, cfg)
 
 
 @settings(max_examples=200, deadline=None)
@@ -374,7 +472,7 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     launched = []
     module = type("Module", (), {n: RecordingKernel(n, launched)
                                  for n in ("_attn_fwd_sm90", "_attn_fwd_sm90_ws", "_attn_fwd_sm90_wsp")})
-    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, pack_p=False: module)
+    monkeypatch.setattr(gluon_launch, "load", lambda spec, raw_max=True, **options: module)
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     wsp = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
@@ -653,6 +751,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_kinds.py), each at t
     "plain-d64-wsptpfqb": ("score=qk*scale", 64, "wsptpfqb"),
     # p converted for p·v in PTX (gluon's note on p's conversion), on both head dims' causal routes
     "causal-d64-wspstpdfqbk": (CAUSAL, 64, "wspstpdfqbk"), "causal-d128-wspstdfk": (CAUSAL, 128, "wspstdfk"),
+    # the keep-predicate by its sign (gluon's note on the mask as a sign), on d = 64's causal route
+    "causal-d64-wspstpdfqbkm": (CAUSAL, 64, "wspstpdfqbkm"),
 }
 
 
@@ -720,6 +820,19 @@ def test_p_converted_in_ptx_takes_the_half_swaps_out(compiled, packed, twin):
     assert compiled[packed]["permutes"] <= 2, compiled[packed]["permutes"]
     assert compiled[packed]["instructions"] < compiled[twin]["instructions"] or not compiled[twin]["instructions"]
     assert compiled[packed]["wgmma_n"] == compiled[twin]["wgmma_n"]
+
+
+@pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
+def test_keep_by_sign_takes_the_predicate_packing_out(compiled):
+    """Applied by gl.where, the causal predicate's 64 comparisons a masked d = 64 step are packed
+    into integers and unpacked for their selects (about 370 instructions besides the softmax); by
+    its sign (SIGN_MASK) they are a subtraction and a lop3 an element: the kernel, whose every
+    causal body has a masked step, is at least 200 instructions shorter (248 with triton 3.6), with
+    the same products."""
+    packed, sign = compiled["causal-d64-wspstpdfqbk"], compiled["causal-d64-wspstpdfqbkm"]
+    if packed["instructions"] and sign["instructions"]:
+        assert sign["instructions"] <= packed["instructions"] - 200, (sign["instructions"], packed["instructions"])
+    assert sign["wgmma_n"] == packed["wgmma_n"]
 
 
 @pytest.mark.skipif(not _gluon_hopper_available(), reason="this Triton has no Gluon Hopper dialect")
@@ -882,7 +995,7 @@ def test_tma_store_takes_whole_tiles_of_contiguous_outputs(monkeypatch):
     takes the tensor and stores by gl.store, TMA_STORE off. The staging tiles cost the footprint
     a consumer's rows per consumer (a K/V stage at d = 128: 3 stages fit without them, 2 with)."""
     monkeypatch.setattr(gluon_launch, "load",
-                        lambda spec, raw_max=True, pack_p=False: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
+                        lambda spec, raw_max=True, **options: type("M", (), {"_attn_fwd_sm90_wsp": "kernel"}))
     monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     cfg = gluon_launch.default_config(H200, 128, 2, **gluon_launch.ROUTED_KIND, tma_store=True)

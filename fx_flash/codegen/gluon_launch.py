@@ -45,7 +45,7 @@ import torch
 import triton
 
 from fx_flash.codegen.generate import raw_max_applies
-from fx_flash.codegen.gluon import mask_kind, render_gluon, unsupported
+from fx_flash.codegen.gluon import INDEX_LIMIT, mask_kind, render_gluon, unsupported
 from fx_flash.codegen.gluon_bwd import constant_chain_rule, render_gluon_bwd
 from fx_flash.codegen.gluon_bwd import unsupported as unsupported_backward
 from fx_flash.codegen.loader import cache_dir, write_atomically
@@ -252,6 +252,9 @@ class GluonConfig:
     # p converted for p·v two elements at a time in PTX (a render option of the module; gluon's
     # note on p's conversion)
     pack_p: bool = False
+    # the keep-predicate applied by its sign where it has one, without predicate registers (a render
+    # option of the module; gluon's note on the mask as a sign)
+    sign_mask: bool = False
 
     def __post_init__(self):
         if self.persistent and not self.ws:
@@ -294,7 +297,7 @@ class GluonConfig:
                                        ("tma store", self.tma_store), ("max after the scale", not self.raw_max),
                                        ("half diagonal", self.half), ("fast epilogue", self.fast_epilogue),
                                        ("two Q buffers", self.q_buffers == 2), ("balanced", self.balanced),
-                                       ("p packed in PTX", self.pack_p))
+                                       ("p packed in PTX", self.pack_p), ("keep by sign", self.sign_mask))
                  if on]
         return " ".join([f"BLOCK_M={self.BLOCK_M} BLOCK_N={self.BLOCK_N} stages={self.STAGES}"] + flags)
 
@@ -385,6 +388,8 @@ def unsupported_call(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: t
         return "no tile fits the device's shared memory"
     if k.shape[2] % config.BLOCK_N:
         return f"N_KV = {k.shape[2]} is not a multiple of BLOCK_N = {config.BLOCK_N}"
+    if max(q.shape[2], k.shape[2]) >= INDEX_LIMIT:
+        return f"a length of 2^30 or more (the keep-predicate's sign form needs indices below {INDEX_LIMIT})"
     if config.takes_views:
         views = [tma_view(t) for t in (q, k, v)]
         if None in views or views[1] != views[2]:
@@ -409,18 +414,20 @@ def spec_reason(spec: AttentionSpec, backward: bool = False) -> Optional[str]:
     return _reasons[key]
 
 
-# imported forward modules by their render options (raw_max, pack_p), then the spec's key
+# imported forward modules by their render options (raw_max, pack_p, sign_mask), then the spec's key
 _modules: dict[tuple, dict[str, ModuleType]] = {}
 _lock = threading.Lock()
 
 
-def load(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False) -> ModuleType:
+def load(spec: AttentionSpec, raw_max: bool = True, pack_p: bool = False, sign_mask: bool = False) -> ModuleType:
     """The imported Gluon module of ``spec`` (written next to the portable kernels' sources), with
-    the row max before the score's factor where it has one (``raw_max``), or after it, and p
-    converted in PTX where ``pack_p`` (render_gluon's options)."""
-    name = "fx_flash_gluon" + ("" if raw_max else "_scaled_max") + ("_pack_p" if pack_p else "")
-    return _load(spec, functools.partial(render_gluon, raw_max=raw_max, pack_p=pack_p), name,
-                 _modules.setdefault((raw_max, pack_p), {}))
+    the row max before the score's factor where it has one (``raw_max``), or after it, p converted
+    in PTX where ``pack_p``, the keep-predicate by its sign where ``sign_mask`` (render_gluon's
+    options)."""
+    name = ("fx_flash_gluon" + ("" if raw_max else "_scaled_max") + ("_pack_p" if pack_p else "")
+            + ("_sign_mask" if sign_mask else ""))
+    return _load(spec, functools.partial(render_gluon, raw_max=raw_max, pack_p=pack_p, sign_mask=sign_mask), name,
+                 _modules.setdefault((raw_max, pack_p, sign_mask), {}))
 
 
 def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType:
@@ -612,7 +619,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
         raise ValueError(f"the Gluon forward writes outputs whose head dim is contiguous, not strides {out_strides}")
     out_strides = out_strides[:3]
     raw_max = config.raw_max and raw_max_applies(spec, scale)  # f > 0 at this scale (gluon's note on the row max)
-    module = load(spec, raw_max, config.pack_p)
+    module = load(spec, raw_max, pack_p=config.pack_p, sign_mask=config.sign_mask)
     rows = config.rows_per_consumer
     constexprs = dict(GROUP=h // k.shape[1], HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=config.BLOCK_N, STAGES=config.STAGES,
                       NUM_WARPS=config.num_warps, PINGPONG=config.pingpong, EARLY=config.early,

@@ -162,6 +162,11 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # 1.010, 1.007, 1.019, 0.990x: geometric mean 1.009) fell short then and take it since calls 102-103
 # (six rounds: wsptpfqb 1.031x, 1.033x in call 102; wsptp 1.031, 1.010, 1.007, 1.018, 1.011x,
 # geometric mean 1.015). Not the d = 64 route of other causal scores (not timed).
+# The keep-predicate by its sign (``sign_mask``: gluon's note on the mask as a sign, which takes the
+# predicate packing out of a masked step) in four alternating rounds (call 106) against the same
+# kernels without it: head dim 64 causal at 1k-2k (wspstpdfqbk 1.021, 1.010x), which takes it. Not
+# among three consumers (wsp3stpfb 1.007, 1.013, 0.994x at 4k-16k: geometric mean 1.005) nor at head
+# dim 128 (wspstpdf 0.981x at 1k; wspstdf 1.023, 0.991, 0.997, 0.989x at 2k-16k; 12 B of spills).
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -182,7 +187,7 @@ ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True, pack_p=True), MIN_WALK,
                          pack_p=True), MIN_WALK_D64_CAUSAL, QK_ONLY),
                    (dict(split=True), MIN_WALK_D64_CAUSAL, ANY_SCORE),
                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, q_buffers=2,
-                     balanced=True, pack_p=True), MIN_WALK_D64_CAUSAL_SHORTEST, QK_ONLY))}}
+                     balanced=True, pack_p=True, sign_mask=True), MIN_WALK_D64_CAUSAL_SHORTEST, QK_ONLY))}}
 ROUTED_HEAD_DIMS = tuple(sorted(ROUTES))
 BLOCK_M = 128  # two warpgroups of 64 query rows each
 CONSUMER_ROWS = 64  # query rows of a consumer warpgroup in the warp-specialized kernels (one m64 wgmma)

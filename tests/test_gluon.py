@@ -287,14 +287,18 @@ def test_drop_negative_ptx_selects_minus_infinity_where_d_is_negative():
 
 
 def test_lengths_past_the_index_limit_are_refused(monkeypatch):
-    """The sign form's bounds hold for indices below 2^30: a longer call is refused by the Gluon path."""
+    """The sign form's bound holds for indices below 2^30: a longer call is refused by a kernel with
+    sign_mask (and not for that reason by one without it)."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(gluon_launch, "interpreting", lambda: False)
     monkeypatch.setattr(gluon_launch, "device_profile", lambda device: H200)
     cfg = gluon_launch.default_config(H200, 64, 2, **gluon_launch.ROUTED_KIND)
     q = SimpleNamespace(device=SimpleNamespace(type="cuda"), dtype=torch.bfloat16, shape=(1, 1, 2 ** 30, 64))
-    assert "2^30" in gluon_launch.unsupported_call(sdpa_spec(causal=True), q, q, q, cfg)
+    signed = replace(cfg, sign_mask=True)
+    assert "2^30" in gluon_launch.unsupported_call(sdpa_spec(causal=True), q, q, q, signed)
+    monkeypatch.setattr(gluon_launch, "tma_view", lambda t: None)  # (the next check's, reached without it)
+    assert "2^30" not in gluon_launch.unsupported_call(sdpa_spec(causal=True), q, q, q, cfg)
 
 
 @settings(max_examples=200, deadline=None)

@@ -393,8 +393,8 @@ def unsupported_call(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: t
         return "no tile fits the device's shared memory"
     if k.shape[2] % config.BLOCK_N:
         return f"N_KV = {k.shape[2]} is not a multiple of BLOCK_N = {config.BLOCK_N}"
-    if max(q.shape[2], k.shape[2]) >= INDEX_LIMIT:
-        return f"a length of 2^30 or more (the keep-predicate's sign form needs indices below {INDEX_LIMIT})"
+    if config.sign_mask and max(q.shape[2], k.shape[2]) >= INDEX_LIMIT:
+        return "a length of 2^30 or more: the keep-predicate's sign form (sign_mask) needs indices below it"
     if config.takes_views:
         views = [tma_view(t) for t in (q, k, v)]
         if None in views or views[1] != views[2]:

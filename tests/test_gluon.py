@@ -5,6 +5,7 @@ sm_90 with wgmma and TMA and use exactly the shared memory the footprint model s
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -609,11 +610,15 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
                    for d in (64, 128) for spec in (sdpa_spec(), causal) for n in (4096, 16384))
     assert not any(gluon_launch.routed_config(H200, spec, 128, 2, n, n).q_buffers == 2
                    for spec in (sdpa_spec(), causal) for n in (1024, 2048))
+
+    def routed(flag, spec, d, ns):
+        """The routed config's ``flag`` at head dim d for each N in ns."""
+        return [getattr(gluon_launch.routed_config(H200, spec, d, 2, n, n), flag) for n in ns]
+
+    balanced, fast, packed, signed = (functools.partial(routed, flag)
+                                      for flag in ("balanced", "fast_epilogue", "pack_p", "sign_mask"))
     # the balanced order (calls 79-80) on head dim 64's causal routes of qk and the scale: not head
     # dim 128 (1.00x there), nor other scores' route
-    def balanced(spec, d, ns):
-        return [gluon_launch.routed_config(H200, spec, d, 2, n, n).balanced for n in ns]
-
     assert all(balanced(causal, 64, (1024, 2048, 4096, 16384)))
     assert not any(balanced(causal, 128, (1024, 2048, 16384)) + balanced(softcap, 64, (4096, 16384))
                    + balanced(softcap, 128, (1024, 16384)))
@@ -631,9 +636,6 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     # the epilogue by reciprocals (call 74) where it ran ahead: every causal route of head dim 128, at
     # head dim 64 the two-consumer plain route and the causal routes of qk and the scale; not head dim
     # 128 plain, head dim 64's three-consumer plain routes, nor other scores' causal route
-    def fast(spec, d, ns):
-        return [gluon_launch.routed_config(H200, spec, d, 2, n, n).fast_epilogue for n in ns]
-
     assert all(fast(causal, 128, (1024, 4096, 16384)) + fast(softcap, 128, (1024, 16384)))
     assert not any(fast(sdpa_spec(), 128, (1024, 4096, 16384)))
     assert fast(sdpa_spec(), 64, (1024, 4096, 16384)) == [True, False, False]
@@ -641,17 +643,11 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     # p converted in PTX (calls 98, 103) where it ran ahead: every causal route of a score of qk and
     # the scale, head dim 128's routes for any score, head dim 64's plain routes; not head dim 64's
     # route of other causal scores
-    def packed(spec, d, ns):
-        return [gluon_launch.routed_config(H200, spec, d, 2, n, n).pack_p for n in ns]
-
     assert all(packed(causal, 128, (1024, 4096, 16384)) + packed(softcap, 128, (1024, 16384)))
     assert all(packed(causal, 64, (1024, 2048, 4096, 16384)))
     assert all(packed(sdpa_spec(), 64, (1024, 2048, 4096, 16384)) + packed(sdpa_spec(), 128, (1024, 16384)))
     assert not any(packed(softcap, 64, (4096, 16384)))
     # the keep-predicate by its sign (call 106) on the route it ran ahead on: d = 64 causal 1k-2k
-    def signed(spec, d, ns):
-        return [gluon_launch.routed_config(H200, spec, d, 2, n, n).sign_mask for n in ns]
-
     assert signed(causal, 64, (1024, 2048, 4096, 16384)) == [True, True, False, False]
     assert not any(signed(causal, 128, (1024, 4096)) + signed(softcap, 64, (4096, 16384))
                    + signed(sdpa_spec(), 64, (1024, 4096)))

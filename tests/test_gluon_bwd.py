@@ -497,6 +497,7 @@ class _Shim:
     """Stands in for ``gl`` in the rendered scalar helpers: integer arithmetic, and loads of a
     _Pointer; ``pid`` and ``grid`` are the program's position in the grid and the grid's shape."""
     minimum = staticmethod(min)
+    reshape, permute = staticmethod(torch.reshape), staticmethod(torch.permute)  # of tiles: _interleave_rows
     pid, grid = (0, 0), (1, 1)
 
     @staticmethod
@@ -527,7 +528,8 @@ class _Pointer:
 
 
 def _walk_helpers(text, names):
-    """The rendered kernel's scalar helpers ``names`` (_query_tiles, _advance, _key_tile), as Python functions."""
+    """The rendered kernel's helpers ``names`` (_query_tiles, _advance, _key_tile, _interleave_rows),
+    as Python functions (on integers; _interleave_rows on torch tensors)."""
     src = render_gluon_bwd(spec_from_text(text))
     namespace = {"gl": _Shim, "MASK": int(re.search(r"MASK = gl.constexpr\((\d)\)", src).group(1))}
     for name in names:
@@ -568,7 +570,8 @@ def _numpy_fn(expr, names):
     return sympy.lambdify(names, expr, modules="numpy")
 
 
-def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, lpt=False, programs=None):
+def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, lpt=False, programs=None,
+             interleave=False):
     """(dq, dk, dv) by the kernel's algorithm in float64: per program of the grid, its key tile and
     K/V head by _key_tile (LPT's order with sections of ``section`` heads if ``lpt``); or, with
     ``programs`` (PERSISTENT), that many programs each walking its rounds' key tiles from
@@ -583,10 +586,12 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     (dP − Delta) (a constant derivative applied once to dK and to each dQ share instead),
     dV += Pᵀ·dO, dK += dSᵀ·Q, and each tile's dQ share added whole into one accumulator of N_Q
     rows per head rounded up to BLOCK_M (the TMA reduce-add: rows past N_Q land in the padding),
-    cut to N_Q rows at the end."""
+    its rows renamed by the rendered _interleave_rows first with ``interleave`` (DQ_INTERLEAVE),
+    then finished as the launcher finishes it (gluon_launch.finish_dq: back in order, cut to N_Q)."""
     spec = spec_from_text(text)
-    helpers = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile", "_round_tile", "_round_walk"))
-    advance, round_walk = helpers[1], helpers[4]
+    helpers = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile", "_round_tile", "_round_walk",
+                                   "_interleave_rows"))
+    advance, round_walk, interleave_rows = helpers[1], helpers[4], helpers[5]
     mask = int(re.search(r"MASK = gl.constexpr\((\d)\)", render_gluon_bwd(spec)).group(1))
     z, h, n_q, d = q.shape
     h_kv, n_kv = k.shape[1], k.shape[2]
@@ -676,6 +681,8 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
                     dv_t += p.T @ dot
                     dk_t += ds.T @ qt
                     dq_part = ds @ kt * factor
+                    if interleave:
+                        dq_part = interleave_rows(dq_part)
                     dq_acc[off_hz * dq_rows + m * bm:][:bm] += dq_part
                     load_g, load_m = load(t + stages, r, load_g, load_m, lo, n_m, q_row)  # within this walk
                     t += 1
@@ -690,7 +697,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
                 load_g, load_m = 0, next_lo
                 for i in range(stages):
                     load_g, load_m = load(t + i, r + 1, load_g, load_m, next_lo, next_nm, next_row)
-    return dq_acc.reshape(z, h, dq_rows, d)[:, :, :n_q], dk, dv
+    return gluon_launch.finish_dq(dq_acc.reshape(z, h, dq_rows, d), n_q, torch.float64, interleave), dk, dv
 
 
 def _eager(text, q, k, v, scale):
@@ -714,10 +721,12 @@ def _eager(text, q, k, v, scale):
     (HEAD_AND_LENGTH, 1, 2, 2, 64, 256),  # the score reads h, the predicate n_kv
 ], ids=["plain", "causal", "softcap", "ragged", "gqa", "nq_gt_nkv", "nq_lt_nkv", "empty_row", "prefix_lm",
         "h_and_n_kv"])
-@pytest.mark.parametrize("bm, lpt, programs", [(BM, False, None), (128, False, None), (BM, True, None), (BM, False, 3),
-                                               (128, False, 2), (BM, True, 3)],
-                         ids=["rows64", "rows128", "lpt", "persistent", "persistent_rows128", "persistent_lpt"])
-def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt, programs):
+@pytest.mark.parametrize("bm, lpt, programs, interleave", [
+    (BM, False, None, False), (128, False, None, False), (BM, True, None, False), (BM, False, 3, False),
+    (128, False, 2, False), (BM, True, 3, False), (128, False, None, True), (BM, True, 3, True)],
+    ids=["rows64", "rows128", "lpt", "persistent", "persistent_rows128", "persistent_lpt", "rows128_dq_interleave",
+         "persistent_lpt_dq_interleave"])
+def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt, programs, interleave):
     """The kernel's algorithm, run in float64 with its own rendered walk, gives autograd's
     gradients of eager attention (to 1e-9): a wrong tile range, band, ring position, LSE or Delta
     convention, or chain rule would not. At 64 query rows a step and at 128 (d = 64's tile, where
@@ -726,7 +735,8 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lp
     a program given no key tile, or one given a tile another program also took, would leave dK/dV
     NaN or fail the emulation's assertion. PERSISTENT: two or three programs walk every key tile
     from backward_order's table, their rings running on from one key tile's walk into the next
-    (empty walks included: N_Q > N_KV and ragged cases)."""
+    (empty walks included: N_Q > N_KV and ragged cases). DQ_INTERLEAVE: the shares' rows renamed
+    as the kernel renames them and put back by the launcher's finish (ragged: padding rows too)."""
     torch.manual_seed(0)
     d, scale = 16, 0.3
     q = torch.randn(z, h, n_q, d, dtype=torch.float64, requires_grad=True)
@@ -735,10 +745,46 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lp
     do = torch.randn_like(out)
     ref = torch.autograd.grad(out, (q, k, v), do)
     got = _emulate(text, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), do, scale, bm=bm,
-                   section=3, lpt=lpt, programs=programs)
+                   section=3, lpt=lpt, programs=programs, interleave=interleave)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert torch.isfinite(a).all(), name
         assert (a - b).abs().max().item() < 1e-9, (name, (a - b).abs().max().item())
+
+
+def _staging_wavefronts(staged_row):
+    """Shared-memory wavefronts of one warp's 64-bit stores of its 16 rows of a dQ share (128 fp32
+    columns) into the staging tile, as gluon_bwd's note on dQ describes them: the TMA's 128-byte
+    swizzle (four pieces of 32 columns, 128-byte rows whose 16-byte chunks are XORed with the row's
+    index mod 8), lane l holding columns 2 (l % 4) and the next of every group of 8 in rows l // 4 and
+    l // 4 + 8 (the wgmma accumulator's layout), each store served a half-warp at a time, its
+    wavefronts the most distinct words any bank is asked for. ``staged_row``: where each row goes."""
+    total = 0
+    for upper in range(2):  # rows l // 4, then l // 4 + 8
+        for group in range(16):  # columns 8·group ...
+            for half in range(2):
+                words = set()
+                for lane in range(16 * half, 16 * half + 16):
+                    row, col = staged_row[lane // 4 + 8 * upper], 8 * group + 2 * (lane % 4)
+                    chunk = (col % 32) // 4 ^ row % 8
+                    first = (col // 32 * 64 + row) * 128 + chunk * 16 + col % 4 * 4
+                    words |= {first, first + 4}
+                banks = [word // 4 % 32 for word in words]
+                total += max(banks.count(b) for b in set(banks))
+    return total
+
+
+def test_interleaved_dq_rows_store_without_bank_conflicts():
+    """The rendered _interleave_rows renames rows 4j + i to 2i + j within each group of 8 (the order
+    gluon_launch.finish_dq undoes), and with it a warp's 64-bit stores of its dQ share take one
+    wavefront a half-warp, 64 in all, where the rows in order take two (the 4.7 M conflicted wavefronts
+    ncu counted in call 91)."""
+    (interleave_rows, ) = _walk_helpers("score=qk*scale", ("_interleave_rows", ))
+    held = interleave_rows(torch.arange(64)[:, None].expand(64, 3)).clone()  # held[s]: the row staged at s
+    assert held[:8, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7] and (held[8:16, 0] - 8).tolist() == held[:8, 0].tolist()
+    back = gluon_launch.finish_dq(held[None, None].float(), 60, torch.float32, True)
+    assert back.shape == (1, 1, 60, 3) and back[0, 0, :, 0].tolist() == list(range(60))
+    assert _staging_wavefronts(list(range(16))) == 128
+    assert _staging_wavefronts(torch.argsort(held[:16, 0]).tolist()) == 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,6 +814,10 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "plain-d128-persistent": ("score=qk*scale", 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,TMA_EPILOGUE,PERSISTENT"),
     "causal-d64-persistent": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
     "plain-d64-persistent": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
+    # the dQ share's rows interleaved in its staging tile (gluon_bwd's note on dQ)
+    "causal-d128-persistent-dq-interleave": (CAUSAL, 128,
+                                             "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,PERSISTENT,DQ_INTERLEAVE"),
+    "causal-d64-dq-interleave": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,DQ_INTERLEAVE"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). The defaults' kernels (bwd)
@@ -784,6 +834,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 # - the persistent walk (gluon_bwd's note on it): a few values a program kept across its rounds,
 #   reloaded once a round (none in the step's loop): triton 3.6 causal d = 128 12 B (3 STL), plain
 #   28 B (7), d = 64 plain 32 B (8); ptxas 13 4-72 B.
+# - the dQ share's rows interleaved (DQ_INTERLEAVE): causal d = 128 persistent 8 B (2 STL) under 3.6,
+#   as without it or less; causal d = 64's 128-row step 32 B (8 STL), twice its spills without it.
 # Every other kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0, 4)),
                 "causal-d128": ((0, 0), (28, 16)), "causal-d64": ((16, 4), (68, 57)),
@@ -792,7 +844,8 @@ KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0
                 "prefix_lm-d64": ((32, 8), (168, 78)), "plain-d64": ((0, 0), (152, 38)),
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
                 "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),
-                "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15))}
+                "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15)),
+                "causal-d128-persistent-dq-interleave": ((8, 2), (0, 10)), "causal-d64-dq-interleave": ((32, 8), (24, 39))}
 
 
 def _tile(text, d, kind):

@@ -142,7 +142,17 @@ GLUON_BWD_TEMPLATE = '''\
 # it into L2 line by line while the next step's products run; the next step waits for it to have
 # read the staging tile (store_wait) before writing its own share there. Relaxed fp32 atomics from
 # the accumulator's registers (red.global.add.v2.f32, 16 per thread per step) were 1.06-1.30x
-# slower: they kept L2 57% busy and the tensor cores 42% (GLUON_NOTES, calls 8 and 14). The sum's
+# slower: they kept L2 57% busy and the tensor cores 42% (GLUON_NOTES, calls 8 and 14). The staging
+# tile has the TMA's 128-byte swizzle: a row's 16-byte chunks XORed with its index mod 8. A thread
+# holds two adjacent columns of rows r and r + 8 (the wgmma accumulator's layout), so a half-warp's
+# 64-bit store writes 4 consecutive rows, and rows r and r ^ 1 put their chunks on the same banks:
+# two wavefronts where one would do, on the step's path to its reduce-add (GLUON_NOTES, call 91). A
+# narrower swizzle that avoids it slowed the reduce-add more (call 92). DQ_INTERLEAVE (a constexpr,
+# GluonBwdConfig's flag) instead renames the share's rows within each group of 8, query row 4j + i
+# to row 2i + j (_interleave_rows: the registers stay, the store's addresses change), so a
+# half-warp's rows are 0, 2, 4, 6 (or 1, 3, 5, 7) mod 8 and their chunks fill the banks once; DQ
+# then holds every query tile's rows in that order, and the launcher's final cast puts them back
+# (gluon_launch.finish_dq). The sum's
 # order varies between runs: not deterministic (the portable backward's separate dQ pass is, and
 # runs instead under torch.use_deterministic_algorithms).
 #
@@ -252,6 +262,16 @@ def _scores(q_smem, do_smem, k_smem, v_smem, q_ready, do_ready, phase, layout: g
     dp = _score_product(do_smem, v_smem, layout, KEYS_ON_ROWS)
     qk = warpgroup_mma_wait(1, deps=(qk, ))
     return qk, dp
+
+
+@gluon.jit
+def _interleave_rows(x):
+    """x (rows, columns) with its rows renamed within each group of 8: row 4j + i becomes row 2i + j
+    (i < 4, j < 2; see the note on dQ). Each thread keeps its registers: reshape and permute only
+    relabel the layout's row bits."""
+    ROWS: gl.constexpr = x.shape[0]
+    COLS: gl.constexpr = x.shape[1]
+    return gl.reshape(gl.permute(gl.reshape(x, [ROWS // 8, 2, 4, COLS]), (0, 2, 1, 3)), [ROWS, COLS])
 
 
 @gluon.jit
@@ -434,7 +454,7 @@ def _attn_bwd_sm90(
     STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
     ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False, SPLIT_M: gl.constexpr = False,
-    TMA_EPILOGUE: gl.constexpr = False, PERSISTENT: gl.constexpr = False,
+    TMA_EPILOGUE: gl.constexpr = False, PERSISTENT: gl.constexpr = False, DQ_INTERLEAVE: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -613,7 +633,10 @@ $HEADS
                     delta_all.index((t + 1) % 2).store(delta_next)
                 dq_smem = dq_all.index(zero)  # see the note on registers
                 tma.store_wait(0)  # the previous share has been read out of dq_smem
-                dq_smem.store(dq * $DQK_FACTOR)
+                dq = dq * $DQK_FACTOR
+                if DQ_INTERLEAVE:  # see the note on dQ
+                    dq = _interleave_rows(dq)
+                dq_smem.store(dq)
                 fence_async_shared()
                 _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
                 t += 1

@@ -895,6 +895,9 @@ class GluonBwdConfig:
     # one program per SM walking key tiles from the launcher's table, each tile's first query tiles
     # loaded during the last one's epilogue (gluon_bwd's note on the persistent walk; backward_order)
     PERSISTENT: bool = False
+    # each dQ share staged with its rows interleaved within groups of 8, so that its 64-bit stores do
+    # not conflict in the staging tile's banks; ``finish`` puts the rows back (gluon_bwd's note on dQ)
+    DQ_INTERLEAVE: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
 
     def __str__(self) -> str:
@@ -905,7 +908,7 @@ class GluonBwdConfig:
     def schedule(self) -> dict:
         return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
                     ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT, SPLIT_M=self.SPLIT_M,
-                    TMA_EPILOGUE=self.TMA_EPILOGUE, PERSISTENT=self.PERSISTENT)
+                    TMA_EPILOGUE=self.TMA_EPILOGUE, PERSISTENT=self.PERSISTENT, DQ_INTERLEAVE=self.DQ_INTERLEAVE)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
@@ -1033,9 +1036,21 @@ class BackwardLaunch:
         return (*descriptors, *outputs, lse, delta, self.order, scale, *dk.stride(), *dv.stride(), q.shape[1],
                 q.shape[2], k.shape[2], self.dq_rows, *self.views, self.section)
 
-    @staticmethod
-    def finish(dq_acc, q):
-        return dq_acc[:, :, :q.shape[2]].to(q.dtype)
+    def finish(self, dq_acc, q):
+        """dQ from the accumulator: its rows in query order (finish_dq), cut to N_Q, in q's dtype."""
+        return finish_dq(dq_acc, q.shape[2], q.dtype, self.config.DQ_INTERLEAVE)
+
+
+def finish_dq(dq_acc: torch.Tensor, n_q: int, dtype: torch.dtype, interleaved: bool) -> torch.Tensor:
+    """The (Z, H, N_Q, d) dQ of the (Z, H, DQ_ROWS, d) fp32 accumulator, contiguous, in ``dtype``.
+    ``interleaved`` (DQ_INTERLEAVE): accumulator row 8b + 2i + j holds query row 8b + 4j + i (i < 4,
+    j < 2; gluon_bwd._interleave_rows), put back in order by the one copy that casts."""
+    if not interleaved:
+        return dq_acc[:, :, :n_q].to(dtype)
+    z, h, rows, d = dq_acc.shape
+    ordered = dq_acc.view(z, h, rows // 8, 4, 2, d).transpose(3, 4)  # [.., b, j, i, :] = query row 8b + 4j + i
+    dq = torch.empty(ordered.shape, dtype=dtype, device=dq_acc.device).copy_(ordered).view(z, h, rows, d)
+    return dq if rows == n_q else dq[:, :, :n_q].contiguous()
 
 
 def bwd_heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonBwdConfig) -> int:

@@ -289,7 +289,8 @@ def test_drop_negative_ptx_selects_minus_infinity_where_d_is_negative():
 
 def test_lengths_past_the_index_limit_are_refused(monkeypatch):
     """The sign form's bound holds for indices below 2^30: a longer call is refused by a kernel with
-    sign_mask (and not for that reason by one without it)."""
+    sign_mask (and not for that reason by one without it, nor by the backward, which has no sign
+    form: its configs pass the same check, which must not fail on them)."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(gluon_launch, "interpreting", lambda: False)
@@ -300,6 +301,10 @@ def test_lengths_past_the_index_limit_are_refused(monkeypatch):
     assert "2^30" in gluon_launch.unsupported_call(sdpa_spec(causal=True), q, q, q, signed)
     monkeypatch.setattr(gluon_launch, "tma_view", lambda t: None)  # (the next check's, reached without it)
     assert "2^30" not in gluon_launch.unsupported_call(sdpa_spec(causal=True), q, q, q, cfg)
+    # the backward's configs go through the same checks (its predicate is never by its sign)
+    for d in gluon_launch.BWD_ROUTED_HEAD_DIMS:
+        bwd = gluon_launch.routed_backward_config(H200, sdpa_spec(causal=True), d, 2)
+        assert "2^30" not in gluon_launch.unsupported_backward_call(sdpa_spec(causal=True), q, q, q, q, q, bwd)
 
 
 @settings(max_examples=200, deadline=None)

@@ -899,6 +899,7 @@ class GluonBwdConfig:
     # not conflict in the staging tile's banks; ``finish`` puts the rows back (gluon_bwd's note on dQ)
     DQ_INTERLEAVE: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
+    sign_mask = False  # its keep-predicate is applied by gl.where, never by its sign (unsupported_call's guard)
 
     def __str__(self) -> str:
         flags = "".join(f" {name.lower()}" for name, on in self.schedule.items() if on)

@@ -45,8 +45,13 @@ from tests.gluon_kinds import KINDS
 SM90 = GPUTarget("cuda", 90, 128)
 
 
-def _descriptor_type(rows: int, head_dim: int, dtype: str = "bf16") -> str:
+def _descriptor_type(rows: int, head_dim: int, dtype: str = "bf16", interleaved: bool = False) -> str:
+    """A descriptor's type of tiles of (rows, head_dim); ``interleaved``: the backward's dQ tiles as
+    DQ_INTERLEAVE has them, (rows // 8, 4, 2, head_dim) (gluon_launch.dq_descriptor)."""
     layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], {"bf16": gl.bfloat16, "fp32": gl.float32}[dtype])
+    if interleaved:
+        layout = gl.NVMMASharedLayout(layout.swizzle_byte_width, layout.element_bitwidth, rank=4)
+        return f"tensordesc<{dtype}[{rows // 8}, 4, 2, {head_dim}],{layout!r}>"
     return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
 
 
@@ -120,7 +125,8 @@ def compile_sm90_bwd(spec_text: str, head_dim: int, block_n: int, stages: int, p
         kernel, warps = module._attn_bwd_sm90, gluon_launch.BWD_NUM_WARPS
         signature = {"q_desc": _descriptor_type(block_m, head_dim), "k_desc": _descriptor_type(block_n, head_dim),
                      "v_desc": _descriptor_type(block_n, head_dim), "do_desc": _descriptor_type(block_m, head_dim),
-                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32"), "DK": "*bf16", "DV": "*bf16",
+                     "dq_desc": _descriptor_type(block_m, head_dim, "fp32", "DQ_INTERLEAVE" in schedule),
+                     "DK": "*bf16", "DV": "*bf16",
                      "LSE": "*fp32", "Delta": "*fp32", "order": "*i32", "sm_scale": "fp32",
                      **{name: "i32" for name in ("stride_dkz", "stride_dkh", "stride_dkn", "stride_dkk", "stride_dvz",
                                                  "stride_dvh", "stride_dvn", "stride_dvk", "H", "N_Q", "N_KV",

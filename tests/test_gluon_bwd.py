@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import expecttest
@@ -335,7 +336,8 @@ def _fake_module(monkeypatch):
     calls = []
     module = type("Module", (), {n: RecordingKernel(n, calls) for n in ("_attn_bwd_sm90_prep", "_attn_bwd_sm90")})
     monkeypatch.setattr(gluon_launch, "load_backward", lambda spec: module)
-    monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows: ("descriptor", tuple(t.shape), rows))
+    monkeypatch.setattr(gluon_launch, "_descriptor", lambda t, rows, interleaved=False: (
+        "descriptor", tuple(t.shape), rows, *(("interleaved", ) if interleaved else ())))
     return calls
 
 
@@ -415,6 +417,11 @@ def test_launch_arguments_with_the_tma_epilogue(monkeypatch):
     assert args[5:7] == (("descriptor", dk.shape, 128), ("descriptor", dv.shape, 128))
     assert args[11:19] == dk.stride() + dv.stride()
     assert (kw["TMA_EPILOGUE"], kw["SPLIT_M"], kw["BLOCK_M"]) == (True, True, 128)
+    assert args[4] == ("descriptor", (z, h, n, d), 128) and not kw["DQ_INTERLEAVE"]  # dQ's tiles in order
+    # DQ_INTERLEAVE: dQ's descriptor is the interleaved one (gluon_launch.interleaved_rows), the flag a constexpr
+    gluon_launch.launch_backward(sdpa_spec(), q, q, q, q, q, lse, 0.1, replace(cfg, DQ_INTERLEAVE=True))
+    (_, _, args, kw) = calls[-1]
+    assert args[4] == ("descriptor", (z, h, n, d), 128, "interleaved") and kw["DQ_INTERLEAVE"]
 
 
 @pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL])
@@ -586,8 +593,8 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     (dP − Delta) (a constant derivative applied once to dK and to each dQ share instead),
     dV += Pᵀ·dO, dK += dSᵀ·Q, and each tile's dQ share added whole into one accumulator of N_Q
     rows per head rounded up to BLOCK_M (the TMA reduce-add: rows past N_Q land in the padding),
-    its rows renamed by the rendered _interleave_rows first with ``interleave`` (DQ_INTERLEAVE),
-    then finished as the launcher finishes it (gluon_launch.finish_dq: back in order, cut to N_Q)."""
+    with ``interleave`` (DQ_INTERLEAVE) staged by the rendered _interleave_rows and added through the
+    descriptor's shape and strides (gluon_launch.interleaved_rows); cut to N_Q rows at the end."""
     spec = spec_from_text(text)
     helpers = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile", "_round_tile", "_round_walk",
                                    "_interleave_rows"))
@@ -611,6 +618,8 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     delta = (out * do).sum(-1)
     dq_rows = -(-n_q // bm) * bm
     dq_acc = torch.zeros(z * h * dq_rows, d, dtype=torch.float64)
+    shape, strides = gluon_launch.interleaved_rows(z * h * dq_rows, d)
+    dq_tiles = dq_acc.as_strided([*shape, d], [*strides, 1])  # what DQ_INTERLEAVE's descriptor addresses
     dk, dv = torch.full_like(k, math.nan), torch.full_like(v, math.nan)  # poisoned: a tile no program wrote stays NaN
     n_tiles, n_heads = n_kv // BN, z * h_kv
     section, persistent = section or n_heads, programs is not None
@@ -681,9 +690,10 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
                     dv_t += p.T @ dot
                     dk_t += ds.T @ qt
                     dq_part = ds @ kt * factor
-                    if interleave:
-                        dq_part = interleave_rows(dq_part)
-                    dq_acc[off_hz * dq_rows + m * bm:][:bm] += dq_part
+                    if interleave:  # the staged tile, added at its descriptor's coordinates
+                        dq_tiles[(off_hz * dq_rows + m * bm) // 8:][:bm // 8] += interleave_rows(dq_part)
+                    else:
+                        dq_acc[off_hz * dq_rows + m * bm:][:bm] += dq_part
                     load_g, load_m = load(t + stages, r, load_g, load_m, lo, n_m, q_row)  # within this walk
                     t += 1
             assert ahead is None or lo == n_m  # no rows past the walk (the kernel masks the load)
@@ -697,7 +707,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
                 load_g, load_m = 0, next_lo
                 for i in range(stages):
                     load_g, load_m = load(t + i, r + 1, load_g, load_m, next_lo, next_nm, next_row)
-    return gluon_launch.finish_dq(dq_acc.reshape(z, h, dq_rows, d), n_q, torch.float64, interleave), dk, dv
+    return dq_acc.reshape(z, h, dq_rows, d)[:, :, :n_q], dk, dv
 
 
 def _eager(text, q, k, v, scale):
@@ -735,8 +745,8 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lp
     a program given no key tile, or one given a tile another program also took, would leave dK/dV
     NaN or fail the emulation's assertion. PERSISTENT: two or three programs walk every key tile
     from backward_order's table, their rings running on from one key tile's walk into the next
-    (empty walks included: N_Q > N_KV and ragged cases). DQ_INTERLEAVE: the shares' rows renamed
-    as the kernel renames them and put back by the launcher's finish (ragged: padding rows too)."""
+    (empty walks included: N_Q > N_KV and ragged cases). DQ_INTERLEAVE: each share staged as the
+    kernel stages it and added where its descriptor's strides put it."""
     torch.manual_seed(0)
     d, scale = 16, 0.3
     q = torch.randn(z, h, n_q, d, dtype=torch.float64, requires_grad=True)
@@ -774,17 +784,18 @@ def _staging_wavefronts(staged_row):
 
 
 def test_interleaved_dq_rows_store_without_bank_conflicts():
-    """The rendered _interleave_rows renames rows 4j + i to 2i + j within each group of 8 (the order
-    gluon_launch.finish_dq undoes), and with it a warp's 64-bit stores of its dQ share take one
-    wavefront a half-warp, 64 in all, where the rows in order take two (the 4.7 M conflicted wavefronts
-    ncu counted in call 91)."""
+    """The rendered _interleave_rows stages row 4j + i of each group of 8 at row 2i + j, the launcher's
+    interleaved_rows addresses each staged row back at the row it holds, and staged so a warp's
+    64-bit stores of its dQ share take one wavefront a half-warp, 64 in all, where the rows in order
+    take two (the 4.7 M conflicted wavefronts ncu counted in call 91)."""
     (interleave_rows, ) = _walk_helpers("score=qk*scale", ("_interleave_rows", ))
-    held = interleave_rows(torch.arange(64)[:, None].expand(64, 3)).clone()  # held[s]: the row staged at s
-    assert held[:8, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7] and (held[8:16, 0] - 8).tolist() == held[:8, 0].tolist()
-    back = gluon_launch.finish_dq(held[None, None].float(), 60, torch.float32, True)
-    assert back.shape == (1, 1, 60, 3) and back[0, 0, :, 0].tolist() == list(range(60))
+    rows = torch.arange(64)[:, None].repeat(1, 3)
+    staged = interleave_rows(rows).reshape(64, 3)  # staged[s]: the row the staging tile holds at row s
+    assert staged[:16, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    shape, strides = gluon_launch.interleaved_rows(64, 3)
+    assert torch.equal(rows.as_strided([*shape, 3], [*strides, 1]).reshape(64, 3), staged)  # the reduce-add's rows
     assert _staging_wavefronts(list(range(16))) == 128
-    assert _staging_wavefronts(torch.argsort(held[:16, 0]).tolist()) == 64
+    assert _staging_wavefronts(torch.argsort(staged[:16, 0]).tolist()) == 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,7 +856,8 @@ KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0
                 "causal-d128-plain-schedule": ((0, 0), (28, 15)), "causal-d128-rows-ahead": ((0, 0), (36, 20)),
                 "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),
                 "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15)),
-                "causal-d128-persistent-dq-interleave": ((8, 2), (0, 10)), "causal-d64-dq-interleave": ((32, 8), (24, 39))}
+                "causal-d128-persistent-dq-interleave": ((8, 2), (0, 10)),
+                "causal-d64-dq-interleave": ((32, 8), (24, 40))}
 
 
 def _tile(text, d, kind):

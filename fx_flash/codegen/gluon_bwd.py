@@ -148,11 +148,12 @@ GLUON_BWD_TEMPLATE = '''\
 # 64-bit store writes 4 consecutive rows, and rows r and r ^ 1 put their chunks on the same banks:
 # two wavefronts where one would do, on the step's path to its reduce-add (GLUON_NOTES, call 91). A
 # narrower swizzle that avoids it slowed the reduce-add more (call 92). DQ_INTERLEAVE (a constexpr,
-# GluonBwdConfig's flag) instead renames the share's rows within each group of 8, query row 4j + i
-# to row 2i + j (_interleave_rows: the registers stay, the store's addresses change), so a
-# half-warp's rows are 0, 2, 4, 6 (or 1, 3, 5, 7) mod 8 and their chunks fill the banks once; DQ
-# then holds every query tile's rows in that order, and the launcher's final cast puts them back
-# (gluon_launch.finish_dq). The sum's
+# GluonBwdConfig's flag) instead stages row 4j + i of each group of 8 at row 2i + j
+# (_interleave_rows: the registers stay, the store's addresses change), so a half-warp's rows are
+# 0, 2, 4, 6 (or 1, 3, 5, 7) mod 8 and their chunks fill the banks once. The staging tile is then a
+# (BLOCK_M // 8, 4, 2, HEAD_DIM) box of a rank-4 descriptor over DQ whose strides put element
+# (b, i, j) at row 8b + 4j + i (gluon_launch.interleaved_rows), so the reduce-add writes every row
+# where it belongs: DQ, the swizzle and the reduce-add's pieces stay as they are. The sum's
 # order varies between runs: not deterministic (the portable backward's separate dQ pass is, and
 # runs instead under torch.use_deterministic_algorithms).
 #
@@ -266,12 +267,12 @@ def _scores(q_smem, do_smem, k_smem, v_smem, q_ready, do_ready, phase, layout: g
 
 @gluon.jit
 def _interleave_rows(x):
-    """x (rows, columns) with its rows renamed within each group of 8: row 4j + i becomes row 2i + j
-    (i < 4, j < 2; see the note on dQ). Each thread keeps its registers: reshape and permute only
-    relabel the layout's row bits."""
+    """x (rows, columns) as (rows // 8, 4, 2, columns) with element (b, i, j) its row 8b + 4j + i:
+    staged in that order, row 4j + i of each group of 8 goes to row 2i + j (see the note on dQ).
+    Each thread keeps its registers: reshape and permute only relabel the layout's row bits."""
     ROWS: gl.constexpr = x.shape[0]
     COLS: gl.constexpr = x.shape[1]
-    return gl.reshape(gl.permute(gl.reshape(x, [ROWS // 8, 2, 4, COLS]), (0, 2, 1, 3)), [ROWS, COLS])
+    return gl.permute(gl.reshape(x, [ROWS // 8, 2, 4, COLS]), (0, 2, 1, 3))
 
 
 @gluon.jit
@@ -506,7 +507,10 @@ $HEADS
         ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
         p_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
         ds_all = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], ps_layout)
-    dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM], dq_desc.layout)  # see the note on dQ
+    if DQ_INTERLEAVE:  # see the note on dQ
+        dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M // 8, 4, 2, HEAD_DIM], dq_desc.layout)
+    else:
+        dq_all = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM], dq_desc.layout)
     if ROWS_SHARED:  # two steps' log2-unit LSE and Delta (see the note on rows)
         rows_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         base_all = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M], rows_shared)
@@ -635,10 +639,13 @@ $HEADS
                 tma.store_wait(0)  # the previous share has been read out of dq_smem
                 dq = dq * $DQK_FACTOR
                 if DQ_INTERLEAVE:  # see the note on dQ
-                    dq = _interleave_rows(dq)
-                dq_smem.store(dq)
-                fence_async_shared()
-                _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
+                    dq_smem.store(_interleave_rows(dq))
+                    fence_async_shared()
+                    _tma_reduce_add(dq_desc, [(off_hz * DQ_ROWS + m * BLOCK_M) // 8, 0, 0, 0], dq_smem)
+                else:
+                    dq_smem.store(dq)
+                    fence_async_shared()
+                    _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
                 t += 1
 
         if not PERSISTENT:  # (with it, the next round's first step waits for the last dQ share)

@@ -454,20 +454,31 @@ def _load(spec: AttentionSpec, render, prefix: str, modules: dict) -> ModuleType
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_layout(block_rows: int, d: int, dtype: torch.dtype):
-    """The NVMMA shared layout of a (block_rows, d) tile (built once: descriptors are made per call)."""
+def _shared_layout(block_rows: int, d: int, dtype: torch.dtype, rank: int = 2):
+    """The NVMMA shared layout of a (block_rows, d) tile (built once: descriptors are made per call),
+    or of the same tile as a rank-4 box (interleaved_rows): the same swizzle over its rows."""
     from triton.experimental.gluon import language as gl
 
     element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
-    return gl.NVMMASharedLayout.get_default_for([block_rows, d], element)
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, d], element)
+    return layout if rank == 2 else gl.NVMMASharedLayout(layout.swizzle_byte_width, layout.element_bitwidth, rank=rank)
+
+
+def interleaved_rows(rows: int, row_stride: int) -> tuple[list, list]:
+    """(shape, strides) of a matrix of ``rows`` rows as DQ_INTERLEAVE's descriptor sees it: (rows //
+    8, 4, 2, columns), element (b, i, j) in row 8b + 4j + i. A tile of it staged in order puts row
+    4j + i of each group of 8 at row 2i + j (gluon_bwd._interleave_rows; its note on dQ)."""
+    return [rows // 8, 4, 2], [8 * row_stride, row_stride, 4 * row_stride]
 
 
 # Descriptor fields by (layout, block rows): every field but the base tensor, as validated once.
 _descriptor_fields: dict = {}
 
 
-def _descriptor(t: torch.Tensor, block_rows: int):
-    """The TMA descriptor of ``t``'s tiles of block_rows rows: over the matrix tma_view finds.
+def _descriptor(t: torch.Tensor, block_rows: int, interleaved: bool = False):
+    """The TMA descriptor of ``t``'s tiles of block_rows rows: over the matrix tma_view finds; with
+    ``interleaved``, over that matrix as interleaved_rows shapes it (the dQ accumulator's, with
+    DQ_INTERLEAVE).
 
     Note (host time): building one runs tma_view and TensorDescriptor's checks (alignment, block
     shape, dtype, strides), ~5 µs, and a backward takes five per call; they depend only on t's
@@ -476,7 +487,7 @@ def _descriptor(t: torch.Tensor, block_rows: int):
     keeps a tensor alive."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    key = (t.shape, t.stride(), t.dtype, t.data_ptr() % 16, block_rows)
+    key = (t.shape, t.stride(), t.dtype, t.data_ptr() % 16, block_rows, interleaved)
     fields = _descriptor_fields.get(key)
     if fields is not None:
         desc = object.__new__(TensorDescriptor)
@@ -485,7 +496,13 @@ def _descriptor(t: torch.Tensor, block_rows: int):
         return desc
     (rows, cols), row_stride = tma_view(t)[:2]
     d = t.shape[3]
-    desc = TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d], _shared_layout(block_rows, d, t.dtype))
+    if interleaved:
+        shape, strides = interleaved_rows(rows, row_stride)
+        desc = TensorDescriptor(t, [*shape, cols], [*strides, 1], [block_rows // 8, 4, 2, d],
+                                _shared_layout(block_rows, d, t.dtype, 4))
+    else:
+        desc = TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d],
+                                _shared_layout(block_rows, d, t.dtype))
     if hasattr(desc, "__dict__"):
         if len(_descriptor_fields) >= 4096:
             _descriptor_fields.clear()
@@ -896,7 +913,8 @@ class GluonBwdConfig:
     # loaded during the last one's epilogue (gluon_bwd's note on the persistent walk; backward_order)
     PERSISTENT: bool = False
     # each dQ share staged with its rows interleaved within groups of 8, so that its 64-bit stores do
-    # not conflict in the staging tile's banks; ``finish`` puts the rows back (gluon_bwd's note on dQ)
+    # not conflict in the staging tile's banks, and added back in order by its descriptor's strides
+    # (gluon_bwd's note on dQ; interleaved_rows)
     DQ_INTERLEAVE: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
     sign_mask = False  # its keep-predicate is applied by gl.where, never by its sign (unsupported_call's guard)
@@ -1032,26 +1050,14 @@ class BackwardLaunch:
     def args(self, dout, q, k, v, lse, scale, delta, dq_acc, dk, dv) -> tuple:
         rows, keys = self.config.BLOCK_M, self.config.BLOCK_N
         descriptors = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(dout, rows),
-                       _descriptor(dq_acc, rows))
+                       _descriptor(dq_acc, rows, self.config.DQ_INTERLEAVE))
         outputs = (_descriptor(dk, keys), _descriptor(dv, keys)) if self.config.TMA_EPILOGUE else (dk, dv)
         return (*descriptors, *outputs, lse, delta, self.order, scale, *dk.stride(), *dv.stride(), q.shape[1],
                 q.shape[2], k.shape[2], self.dq_rows, *self.views, self.section)
 
-    def finish(self, dq_acc, q):
-        """dQ from the accumulator: its rows in query order (finish_dq), cut to N_Q, in q's dtype."""
-        return finish_dq(dq_acc, q.shape[2], q.dtype, self.config.DQ_INTERLEAVE)
-
-
-def finish_dq(dq_acc: torch.Tensor, n_q: int, dtype: torch.dtype, interleaved: bool) -> torch.Tensor:
-    """The (Z, H, N_Q, d) dQ of the (Z, H, DQ_ROWS, d) fp32 accumulator, contiguous, in ``dtype``.
-    ``interleaved`` (DQ_INTERLEAVE): accumulator row 8b + 2i + j holds query row 8b + 4j + i (i < 4,
-    j < 2; gluon_bwd._interleave_rows), put back in order by the one copy that casts."""
-    if not interleaved:
-        return dq_acc[:, :, :n_q].to(dtype)
-    z, h, rows, d = dq_acc.shape
-    ordered = dq_acc.view(z, h, rows // 8, 4, 2, d).transpose(3, 4)  # [.., b, j, i, :] = query row 8b + 4j + i
-    dq = torch.empty(ordered.shape, dtype=dtype, device=dq_acc.device).copy_(ordered).view(z, h, rows, d)
-    return dq if rows == n_q else dq[:, :, :n_q].contiguous()
+    @staticmethod
+    def finish(dq_acc, q):
+        return dq_acc[:, :, :q.shape[2]].to(q.dtype)
 
 
 def bwd_heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonBwdConfig) -> int:

@@ -300,7 +300,8 @@ def test_routed_backward_orders_only_causal_walks_longest_first():
     """d = 128's schedule has LPT (call 52: 1.01-1.05x on causal and soft-capping rows); the routed
     tile keeps it for causal specs only, where it changes the order (gluon_bwd._key_tile), so that
     a plain call's tile does not name an order it does not have. d = 64's schedule has none. The
-    persistent walk is routed where it was measured ahead: d = 128, causal, qk·scale alone."""
+    persistent walk is routed where it was measured ahead: d = 128, causal, qk·scale alone; and the
+    interleaved dQ staging where it was (gluon_launch.interleaves_dq)."""
     causal, softcap = sdpa_spec(causal=True), spec_from_text(SOFTCAP)
     tiles = {name: gluon_launch.routed_backward_config(H200, spec, 128, 2)
              for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
@@ -314,6 +315,15 @@ def test_routed_backward_orders_only_causal_walks_longest_first():
     assert {name: cfg.PERSISTENT for name, cfg in tiles.items()} == {"plain": False, "causal": True, "softcap": False}
     assert not gluon_launch.routed_backward_config(H200, spec_from_text(ALIBI_CAUSAL), 128, 2).PERSISTENT
     assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).PERSISTENT
+    # the interleaved dQ staging (calls 108b-108c): d = 128's causal band off the persistent walk, d = 64
+    # without a predicate on its 128-row tile
+    assert {name: cfg.DQ_INTERLEAVE for name, cfg in tiles.items()} == {"plain": False, "causal": False,
+                                                                       "softcap": True}
+    assert gluon_launch.routed_backward_config(H200, spec_from_text(ALIBI_CAUSAL), 128, 2).DQ_INTERLEAVE
+    d64 = {name: gluon_launch.routed_backward_config(H200, spec, 64, 2)
+           for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
+    assert {name: (cfg.BLOCK_M, cfg.DQ_INTERLEAVE) for name, cfg in d64.items()} == {
+        "plain": (128, True), "causal": (128, False), "softcap": (64, False)}
     q = torch.empty(1, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     # Q, dO and the fp32 dQ rows of a head at 8k: 8 MiB, four of them in the 32 MiB section
     assert gluon_launch.bwd_heads_per_section(causal, q, q, tiles["causal"]) == 4
@@ -825,10 +835,12 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "plain-d128-persistent": ("score=qk*scale", 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,TMA_EPILOGUE,PERSISTENT"),
     "causal-d64-persistent": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
     "plain-d64-persistent": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
-    # the dQ share's rows interleaved in its staging tile (gluon_bwd's note on dQ)
+    # the dQ share's rows interleaved in its staging tile (gluon_bwd's note on dQ): routed with soft-capping
+    # at d = 128 and without a predicate at d = 64 (gluon_launch.interleaves_dq); not on the persistent walk
+    "softcap-d128-dq-interleave": (SOFTCAP, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,DQ_INTERLEAVE"),
+    "plain-d64-dq-interleave": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,DQ_INTERLEAVE"),
     "causal-d128-persistent-dq-interleave": (CAUSAL, 128,
                                              "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,PERSISTENT,DQ_INTERLEAVE"),
-    "causal-d64-dq-interleave": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,DQ_INTERLEAVE"),
 }
 # Known spills, (spill bytes by ptxas -v, STL in the binary) at most, as measured, for (triton 3.6 —
 # the H200's, ptxas 12.9 —, newer — ptxas 13 with --regAllocOptLevel=2). The defaults' kernels (bwd)
@@ -845,8 +857,8 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 # - the persistent walk (gluon_bwd's note on it): a few values a program kept across its rounds,
 #   reloaded once a round (none in the step's loop): triton 3.6 causal d = 128 12 B (3 STL), plain
 #   28 B (7), d = 64 plain 32 B (8); ptxas 13 4-72 B.
-# - the dQ share's rows interleaved (DQ_INTERLEAVE): causal d = 128 persistent 8 B (2 STL) under 3.6,
-#   as without it or less; causal d = 64's 128-row step 32 B (8 STL), twice its spills without it.
+# - the dQ share's rows interleaved (DQ_INTERLEAVE): within the bounds of the same kernels without it
+#   (triton 3.6: soft-capping d = 128 64 B, 16 STL; plain d = 64 none; causal d = 128 persistent 8 B).
 # Every other kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0, 4)),
                 "causal-d128": ((0, 0), (28, 16)), "causal-d64": ((16, 4), (68, 57)),
@@ -857,7 +869,7 @@ KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0
                 "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),
                 "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15)),
                 "causal-d128-persistent-dq-interleave": ((8, 2), (0, 10)),
-                "causal-d64-dq-interleave": ((32, 8), (24, 40))}
+                "softcap-d128-dq-interleave": ((68, 17), (140, 60)), "plain-d64-dq-interleave": ((0, 0), (152, 38))}
 
 
 def _tile(text, d, kind):

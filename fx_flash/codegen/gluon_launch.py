@@ -985,14 +985,31 @@ def routed_backward_config(device: DeviceProfile, spec: AttentionSpec, head_dim:
     """The backward's tile for ``spec`` (backward_config at its backward_rows), without LPT where
     the spec is not causal: that order changes causal walks only (gluon_bwd._key_tile), and a
     plain call's tile should not name it; with PERSISTENT where BWD_PERSISTENT_HEAD_DIMS has the
-    head dim and the spec is causal with a score of qk and the scale alone."""
+    head dim and the spec is causal with a score of qk and the scale alone; with DQ_INTERLEAVE where
+    interleaves_dq says."""
     config = backward_config(device, head_dim, elem_bytes, backward_rows(spec, head_dim))
     if config is not None and config.LPT and mask_kind(spec) != 1:
         config = replace(config, LPT=False)
     if (config is not None and head_dim in BWD_PERSISTENT_HEAD_DIMS and mask_kind(spec) == 1 and qk_scale_only(spec)
             and config.TMA_EPILOGUE):
         config = replace(config, PERSISTENT=True)
+    if config is not None and interleaves_dq(spec, head_dim, config):
+        config = replace(config, DQ_INTERLEAVE=True)
     return config
+
+
+def interleaves_dq(spec: AttentionSpec, head_dim: int, config: GluonBwdConfig) -> bool:
+    """Whether the routed backward stages dQ's rows interleaved (DQ_INTERLEAVE, gluon_bwd's note on
+    dQ): where it was measured ahead on the H200 (GLUON_NOTES calls 108b-108c, the backward alone
+    against the route without it, four alternating rounds, N = 1k-16k): d = 64 without a predicate
+    on its 128-row tile, 1.022-1.034x; d = 128 on the causal band off the persistent walk (soft-
+    capping 0.998-1.037x, geometric mean 1.027; causal qk·scale through that schedule 1.00-1.05x).
+    Not: d = 128 plain (0.93-0.98x), d = 128's persistent walk (0.97-1.03x, mean 1.005), d = 64
+    causal (0.99-1.03x, 16k 0.987)."""
+    kind = mask_kind(spec)
+    if head_dim == 64:
+        return kind == 0 and config.SPLIT_M
+    return head_dim == 128 and kind == 1 and not config.PERSISTENT
 
 
 def unsupported_backward_call(spec: AttentionSpec, dout, q, k, v, lse,

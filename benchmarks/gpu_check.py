@@ -41,7 +41,9 @@ def _max_err(a, b):
 
 def check_case(name, b, hq, hkv, nq, nk, d, dtype, causal=False, mask=None, dropout_p=0.0, bias_grad=False,
                layout="bhnd"):
-    """Forward and backward of fx_flash vs an fp32 reference, against SDPA-math's own error."""
+    """Forward and backward of fx_flash vs an fp32 reference, against SDPA-math's own error; the
+    line ends in the case's seconds (its first call compiles: a slow run says which case was slow)."""
+    t0 = time.time()
     gen = lambda *s: torch.randn(*s, device=DEV, dtype=dtype)  # noqa: E731
     if layout == "packed":  # q/k/v as permuted views of one (B, N, 3, H, d) tensor
         qkv = gen(b, nq, 3, hq, d)
@@ -88,7 +90,7 @@ def check_case(name, b, hq, hkv, nq, nk, d, dtype, causal=False, mask=None, drop
         bad = not (e_ours <= 2 * e_torch + atol) or not torch.isfinite(ours).all()
         ok &= not bad
         rows.append(f"{what}:{e_ours:.2e}/{e_torch:.2e}{'!' if bad else ''}")
-    print(f"{'PASS' if ok else 'FAIL'} {name:<44} {' '.join(rows)}", flush=True)
+    print(f"{'PASS' if ok else 'FAIL'} {name:<44} {' '.join(rows)} [{time.time() - t0:.1f}s]", flush=True)
     return ok
 
 

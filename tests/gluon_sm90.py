@@ -31,9 +31,9 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from fx_flash.codegen import gluon_launch
@@ -46,13 +46,13 @@ SM90 = GPUTarget("cuda", 90, 128)
 
 
 def _descriptor_type(rows: int, head_dim: int, dtype: str = "bf16", interleaved: bool = False) -> str:
-    """A descriptor's type of tiles of (rows, head_dim); ``interleaved``: the backward's dQ tiles as
-    DQ_INTERLEAVE has them, (rows // 8, 4, 2, head_dim) (gluon_launch.dq_descriptor)."""
-    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], {"bf16": gl.bfloat16, "fp32": gl.float32}[dtype])
-    if interleaved:
-        layout = gl.NVMMASharedLayout(layout.swizzle_byte_width, layout.element_bitwidth, rank=4)
-        return f"tensordesc<{dtype}[{rows // 8}, 4, 2, {head_dim}],{layout!r}>"
-    return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
+    """The type of the launcher's descriptor of (rows, head_dim) tiles (gluon_launch._descriptor);
+    ``interleaved``: the backward's dQ tiles as DQ_INTERLEAVE has them, (rows // 8, 4, 2, head_dim)
+    boxes (gluon_launch.interleaved_rows)."""
+    element = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    layout = gluon_launch._shared_layout(rows, head_dim, element, 4 if interleaved else 2)
+    box = [*gluon_launch.interleaved_rows(rows, head_dim)[0], head_dim] if interleaved else [rows, head_dim]
+    return f"tensordesc<{dtype}[{', '.join(map(str, box))}],{layout!r}>"
 
 
 def _module(source: str):

@@ -498,8 +498,8 @@ def _descriptor(t: torch.Tensor, block_rows: int, interleaved: bool = False):
     d = t.shape[3]
     if interleaved:
         shape, strides = interleaved_rows(rows, row_stride)
-        desc = TensorDescriptor(t, [*shape, cols], [*strides, 1], [block_rows // 8, 4, 2, d],
-                                _shared_layout(block_rows, d, t.dtype, 4))
+        box = interleaved_rows(block_rows, d)[0]  # a tile of block_rows rows, seen the same way
+        desc = TensorDescriptor(t, [*shape, cols], [*strides, 1], [*box, d], _shared_layout(block_rows, d, t.dtype, 4))
     else:
         desc = TensorDescriptor(t, [rows, cols], [row_stride, 1], [block_rows, d],
                                 _shared_layout(block_rows, d, t.dtype))

@@ -300,24 +300,24 @@ def test_routed_backward_orders_only_causal_walks_longest_first():
     """d = 128's schedule has LPT (call 52: 1.01-1.05x on causal and soft-capping rows); the routed
     tile keeps it for causal specs only, where it changes the order (gluon_bwd._key_tile), so that
     a plain call's tile does not name an order it does not have. d = 64's schedule has none. The
-    persistent walk is routed where it was measured ahead: d = 128, causal, qk·scale alone; and the
-    interleaved dQ staging where it was (gluon_launch.interleaves_dq)."""
+    interleaved dQ staging is routed where it was measured ahead (gluon_launch.interleaves_dq); the
+    persistent walk nowhere (call 111: the interleaved staging without it ran ahead of it)."""
     causal, softcap = sdpa_spec(causal=True), spec_from_text(SOFTCAP)
     tiles = {name: gluon_launch.routed_backward_config(H200, spec, 128, 2)
              for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
     assert {name: cfg.LPT for name, cfg in tiles.items()} == {"plain": False, "causal": True, "softcap": True}
-    assert "lpt" not in str(tiles["plain"]) and str(tiles["causal"]).endswith("rows_shared lpt tma_epilogue persistent")
+    assert "lpt" not in str(tiles["plain"])
+    assert str(tiles["causal"]).endswith("rows_shared lpt tma_epilogue dq_interleave")
     assert tiles["plain"] == gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True,
                                                          TMA_EPILOGUE=True)
     assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).LPT
-    # the persistent walk (call 89): d = 128's causal specs of qk·scale alone; not plain, not
-    # soft-capping, not a positional score, nor d = 64
-    assert {name: cfg.PERSISTENT for name, cfg in tiles.items()} == {"plain": False, "causal": True, "softcap": False}
+    # the persistent walk: no route (call 111)
+    assert not any(cfg.PERSISTENT for cfg in tiles.values())
     assert not gluon_launch.routed_backward_config(H200, spec_from_text(ALIBI_CAUSAL), 128, 2).PERSISTENT
     assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).PERSISTENT
-    # the interleaved dQ staging (calls 108b-108c): d = 128's causal band off the persistent walk, d = 64
-    # without a predicate on its 128-row tile
-    assert {name: cfg.DQ_INTERLEAVE for name, cfg in tiles.items()} == {"plain": False, "causal": False,
+    # the interleaved dQ staging (calls 108b-108c, 111): d = 128's causal band, d = 64 without a
+    # predicate on its 128-row tile
+    assert {name: cfg.DQ_INTERLEAVE for name, cfg in tiles.items()} == {"plain": False, "causal": True,
                                                                        "softcap": True}
     assert gluon_launch.routed_backward_config(H200, spec_from_text(ALIBI_CAUSAL), 128, 2).DQ_INTERLEAVE
     d64 = {name: gluon_launch.routed_backward_config(H200, spec, 64, 2)
@@ -743,9 +743,10 @@ def _eager(text, q, k, v, scale):
         "h_and_n_kv"])
 @pytest.mark.parametrize("bm, lpt, programs, interleave", [
     (BM, False, None, False), (128, False, None, False), (BM, True, None, False), (BM, False, 3, False),
-    (128, False, 2, False), (BM, True, 3, False), (128, False, None, True), (BM, True, 3, True)],
+    (128, False, 2, False), (BM, True, 3, False), (128, False, None, True), (BM, True, None, True),
+    (BM, True, 3, True)],
     ids=["rows64", "rows128", "lpt", "persistent", "persistent_rows128", "persistent_lpt", "rows128_dq_interleave",
-         "persistent_lpt_dq_interleave"])
+         "lpt_dq_interleave", "persistent_lpt_dq_interleave"])
 def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt, programs, interleave):
     """The kernel's algorithm, run in float64 with its own rendered walk, gives autograd's
     gradients of eager attention (to 1e-9): a wrong tile range, band, ring position, LSE or Delta
@@ -835,8 +836,9 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "plain-d128-persistent": ("score=qk*scale", 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,TMA_EPILOGUE,PERSISTENT"),
     "causal-d64-persistent": (CAUSAL, 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
     "plain-d64-persistent": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,PERSISTENT"),
-    # the dQ share's rows interleaved in its staging tile (gluon_bwd's note on dQ): routed with soft-capping
-    # at d = 128 and without a predicate at d = 64 (gluon_launch.interleaves_dq); not on the persistent walk
+    # the dQ share's rows interleaved in its staging tile (gluon_bwd's note on dQ): routed on d = 128's causal
+    # band and without a predicate at d = 64 (gluon_launch.interleaves_dq); not on the persistent walk
+    "causal-d128-dq-interleave": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,DQ_INTERLEAVE"),
     "softcap-d128-dq-interleave": (SOFTCAP, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,DQ_INTERLEAVE"),
     "plain-d64-dq-interleave": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,DQ_INTERLEAVE"),
     "causal-d128-persistent-dq-interleave": (CAUSAL, 128,
@@ -858,7 +860,7 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 #   reloaded once a round (none in the step's loop): triton 3.6 causal d = 128 12 B (3 STL), plain
 #   28 B (7), d = 64 plain 32 B (8); ptxas 13 4-72 B.
 # - the dQ share's rows interleaved (DQ_INTERLEAVE): within the bounds of the same kernels without it
-#   (triton 3.6: soft-capping d = 128 64 B, 16 STL; plain d = 64 none; causal d = 128 persistent 8 B).
+#   (triton 3.6: soft-capping d = 128 64 B, 16 STL; plain d = 64 none; causal d = 128 none, persistent 8 B).
 # Every other kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0, 4)),
                 "causal-d128": ((0, 0), (28, 16)), "causal-d64": ((16, 4), (68, 57)),
@@ -869,6 +871,7 @@ KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0
                 "causal-d128-dv-early": ((0, 0), (28, 15)), "causal-d128-lpt": ((0, 0), (32, 16)),
                 "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15)),
                 "causal-d128-persistent-dq-interleave": ((8, 2), (0, 10)),
+                "causal-d128-dq-interleave": ((0, 0), (28, 16)),
                 "softcap-d128-dq-interleave": ((68, 17), (140, 60)), "plain-d64-dq-interleave": ((0, 0), (152, 38))}
 
 

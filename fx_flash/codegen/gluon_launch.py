@@ -859,14 +859,11 @@ BWD_ROUTED_HEAD_DIMS = (64, 128)
 # What a key tile costs the persistent backward besides its steps, in steps, for backward_order's
 # model of each program's work: its K/V load, exposed at the round's start, and the dK/dV epilogue.
 BWD_TILE_COST_STEPS = 1
-# Head dims whose causal specs of a score of qk and the scale take the persistent walk (PERSISTENT;
-# gluon_bwd's note on it), as measured on the H200 in four alternating rounds (GLUON_NOTES call 89),
-# the backward alone against the routed schedule: d = 128 causal 1.023, 1.028, 1.011, 1.016,
-# 1.014x at N = 1k-16k (geometric mean 1.018; a control column of the routed kernel ran 0.99-1.02).
-# Not there: d = 128 plain (0.96-0.99x), d = 128 soft-capping (0.98-0.995x), d = 64 (plain
-# 0.96-0.98x, causal 0.99-1.01x). Its first form, which looked the next walk up in every step, ran
-# 0.98-1.02x (call 87).
-BWD_PERSISTENT_HEAD_DIMS = (128, )
+# The persistent walk (PERSISTENT; gluon_bwd's note on it) is an option no route takes. It was
+# d = 128 causal qk·scale's route from call 89 (1.011-1.028x the grid of key tiles at N = 1k-16k)
+# until the grid with DQ_INTERLEAVE ran ahead of it there: 1.003, 1.016, 1.046, 1.024, 1.031x,
+# geometric mean 1.024 (GLUON_NOTES call 111, four alternating rounds, each side the mean of a
+# column and its control). Elsewhere it ran 0.96-1.01x (plain, soft-capping, d = 64; call 89).
 # Fewest (query head, key tile) pairs per SM for which the backward is routed: below, a call is
 # small enough that the Gluon path's extra host work (five descriptors, a third launch) or its few
 # long programs cost more than its products save. fwd+bwd at B = 1 on the H200, against the
@@ -974,9 +971,9 @@ def backward_config(device: DeviceProfile, head_dim: int, elem_bytes: int,
 
 def qk_scale_only(spec: AttentionSpec) -> bool:
     """Whether ``spec``'s score reads nothing but qk and the scale, with a constant chain rule
-    (qk·scale; not soft-capping's, nor a positional term): the backward's test (BWD_ROWS, the
-    persistent walk). The forward's qk_only differs: it refuses any function of them and does not
-    ask for a constant derivative."""
+    (qk·scale; not soft-capping's, nor a positional term): the backward's test (BWD_ROWS). The
+    forward's qk_only differs: it refuses any function of them and does not ask for a constant
+    derivative."""
     return constant_chain_rule(spec) and spec.score.free_symbols <= {QK, SCALE}
 
 
@@ -984,15 +981,10 @@ def routed_backward_config(device: DeviceProfile, spec: AttentionSpec, head_dim:
                            elem_bytes: int) -> Optional[GluonBwdConfig]:
     """The backward's tile for ``spec`` (backward_config at its backward_rows), without LPT where
     the spec is not causal: that order changes causal walks only (gluon_bwd._key_tile), and a
-    plain call's tile should not name it; with PERSISTENT where BWD_PERSISTENT_HEAD_DIMS has the
-    head dim and the spec is causal with a score of qk and the scale alone; with DQ_INTERLEAVE where
-    interleaves_dq says."""
+    plain call's tile should not name it; with DQ_INTERLEAVE where interleaves_dq says."""
     config = backward_config(device, head_dim, elem_bytes, backward_rows(spec, head_dim))
     if config is not None and config.LPT and mask_kind(spec) != 1:
         config = replace(config, LPT=False)
-    if (config is not None and head_dim in BWD_PERSISTENT_HEAD_DIMS and mask_kind(spec) == 1 and qk_scale_only(spec)
-            and config.TMA_EPILOGUE):
-        config = replace(config, PERSISTENT=True)
     if config is not None and interleaves_dq(spec, head_dim, config):
         config = replace(config, DQ_INTERLEAVE=True)
     return config
@@ -1003,9 +995,9 @@ def interleaves_dq(spec: AttentionSpec, head_dim: int, config: GluonBwdConfig) -
     dQ): where it was measured ahead on the H200 (GLUON_NOTES calls 108b-108c, the backward alone
     against the route without it, four alternating rounds, N = 1k-16k): d = 64 without a predicate
     on its 128-row tile, 1.022-1.034x; d = 128 on the causal band off the persistent walk (soft-
-    capping 0.998-1.037x, geometric mean 1.027; causal qk·scale through that schedule 1.00-1.05x).
-    Not: d = 128 plain (0.93-0.98x), d = 128's persistent walk (0.97-1.03x, mean 1.005), d = 64
-    causal (0.99-1.03x, 16k 0.987)."""
+    capping 0.998-1.037x, geometric mean 1.027; causal qk·scale 1.00-1.05x, and 1.003-1.046x the
+    persistent walk that route took before, call 111). Not: d = 128 plain (0.93-0.98x), the
+    persistent walk (0.97-1.03x, mean 1.005), d = 64 causal (0.99-1.03x, 16k 0.987)."""
     kind = mask_kind(spec)
     if head_dim == 64:
         return kind == 0 and config.SPLIT_M

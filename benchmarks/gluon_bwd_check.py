@@ -128,16 +128,14 @@ SCHEDULES = {"base": (), "dv": ("DV_EARLY", ), "rows": ("ROWS_AHEAD", ), "dv+row
 
 
 # options a SCHEDULES name may add at its end (GluonBwdConfig's flags)
-EXTRAS = {"+lpt": "LPT", "+tmaepi": "TMA_EPILOGUE", "+pers": "PERSISTENT", "+dqil": "DQ_INTERLEAVE",
-          "+stag": "STAGGER"}
+EXTRAS = {"+lpt": "LPT", "+tmaepi": "TMA_EPILOGUE", "+pers": "PERSISTENT", "+dqil": "DQ_INTERLEAVE"}
 
 
 def _flags(name):
     """The flags of a SCHEDULES name, which may end in EXTRAS' suffixes: "+lpt", the causal
     longest-first order (LPT) too; "+tmaepi", dK and dV stored by TMA (TMA_EPILOGUE); "+pers", one
     program per SM walking key tiles from the launcher's table (PERSISTENT); "+dqil", the dQ shares'
-    rows interleaved in their staging tile (DQ_INTERLEAVE); "+stag", each key tile's walk started
-    at its own share of the query tiles (STAGGER)."""
+    rows interleaved in their staging tile (DQ_INTERLEAVE)."""
     extra = ()
     while True:
         for suffix, flag in EXTRAS.items():

@@ -301,8 +301,7 @@ def test_routed_backward_orders_only_causal_walks_longest_first():
     tile keeps it for causal specs only, where it changes the order (gluon_bwd._key_tile), so that
     a plain call's tile does not name an order it does not have. d = 64's schedule has none. The
     interleaved dQ staging is routed where it was measured ahead (gluon_launch.interleaves_dq); the
-    persistent walk nowhere (call 111: the interleaved staging without it ran ahead of it); the
-    staggered walks where no predicate bounds them (gluon_launch.staggers)."""
+    persistent walk nowhere (call 111: the interleaved staging without it ran ahead of it)."""
     causal, softcap = sdpa_spec(causal=True), spec_from_text(SOFTCAP)
     tiles = {name: gluon_launch.routed_backward_config(H200, spec, 128, 2)
              for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
@@ -310,7 +309,7 @@ def test_routed_backward_orders_only_causal_walks_longest_first():
     assert "lpt" not in str(tiles["plain"])
     assert str(tiles["causal"]).endswith("rows_shared lpt tma_epilogue dq_interleave")
     assert tiles["plain"] == gluon_launch.GluonBwdConfig(64, 128, 3, KEYS_ON_ROWS=True, ROWS_SHARED=True,
-                                                         TMA_EPILOGUE=True, STAGGER=True)
+                                                         TMA_EPILOGUE=True)
     assert not gluon_launch.routed_backward_config(H200, causal, 64, 2).LPT
     # the persistent walk: no route (call 111)
     assert not any(cfg.PERSISTENT for cfg in tiles.values())
@@ -325,11 +324,6 @@ def test_routed_backward_orders_only_causal_walks_longest_first():
            for name, spec in (("plain", sdpa_spec()), ("causal", causal), ("softcap", softcap))}
     assert {name: (cfg.BLOCK_M, cfg.DQ_INTERLEAVE) for name, cfg in d64.items()} == {
         "plain": (128, True), "causal": (128, False), "softcap": (64, False)}
-    # the staggered walks: wherever no predicate bounds them, at both head dims and any score
-    prefix_lm, alibi = spec_from_text(PREFIX_LM), spec_from_text("score=qk*scale + (kv_idx - q_idx)*0.5")
-    assert [cfg.STAGGER for cfg in (*tiles.values(), *d64.values())] == [True, False, False, True, False, False]
-    assert gluon_launch.routed_backward_config(H200, alibi, 64, 2).STAGGER
-    assert not gluon_launch.routed_backward_config(H200, prefix_lm, 128, 2).STAGGER
     q = torch.empty(1, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     # Q, dO and the fp32 dQ rows of a head at 8k: 8 MiB, four of them in the 32 MiB section
     assert gluon_launch.bwd_heads_per_section(causal, q, q, tiles["causal"]) == 4
@@ -589,40 +583,18 @@ def test_program_order(text, n_tiles, n_heads, section, lpt):
         assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 
 
-@pytest.mark.parametrize("text", ["score=qk*scale", CAUSAL])
-@pytest.mark.parametrize("n_q, n_kv", [(1024, 1024), (512, 1024), (1024, 256), (100, 384)])
-def test_staggered_walks_take_each_tile_once_from_apart(text, n_q, n_kv):
-    """STAGGER's walks, by the rendered _walk_shift and _tile_of: each key tile's walk takes every
-    query tile of [lo, n_m) once; the key tiles of a head start at as many different tiles as
-    there are (plain: all of them apart while the head has a tile each); without STAGGER each walk
-    is lo, lo + 1, …"""
-    walk_shift, tile_of, query_tiles = _walk_helpers(text, ("_walk_shift", "_tile_of", "_query_tiles"))
-    n_tiles = n_kv // BN
-    starts = []
-    for n in range(n_tiles):
-        lo, n_m, _ = query_tiles(n, n_q, BM, BN)
-        walk = [tile_of(m, lo, n_m, walk_shift(n, n_tiles, lo, n_m, True), True) for m in range(lo, n_m)]
-        assert sorted(walk) == list(range(lo, n_m))
-        plain = [tile_of(m, lo, n_m, walk_shift(n, n_tiles, lo, n_m, False), False) for m in range(lo, n_m)]
-        assert plain == list(range(lo, n_m))
-        starts += walk[:1]
-    if text != CAUSAL:
-        assert len(set(starts)) == min(n_tiles, -(-n_q // BM))
-
-
 def _numpy_fn(expr, names):
     return sympy.lambdify(names, expr, modules="numpy")
 
 
 def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, lpt=False, programs=None,
-             interleave=False, stagger=False):
+             interleave=False):
     """(dq, dk, dv) by the kernel's algorithm in float64: per program of the grid, its key tile and
     K/V head by _key_tile (LPT's order with sections of ``section`` heads if ``lpt``); or, with
     ``programs`` (PERSISTENT), that many programs each walking its rounds' key tiles from
     gluon_launch.backward_order's table (_round_walk); the walk of _query_tiles/_advance with a
     ring of ``stages`` buffers filled STAGES steps ahead within a walk, and with PERSISTENT the next
-    round's first STAGES steps loaded at a round's end, as _next_round does (with ``stagger``
-    (STAGGER) each walk position's query tile by the rendered _tile_of; asserting that each
+    round's first STAGES steps loaded at a round's end, as _next_round does (asserting that each
     load finds its buffer free, that each step finds its own round's tile and rows in its buffer,
     and, as ROWS_AHEAD loads them, the LSE and Delta of its own head and tile, addressed the step
     before), Q/dO tiles read from the flat (Z·H·N_Q, d) matrices (past a head's end: the next
@@ -634,9 +606,9 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     with ``interleave`` (DQ_INTERLEAVE) staged by the rendered _interleave_rows and added through the
     descriptor's shape and strides (gluon_launch.interleaved_rows); cut to N_Q rows at the end."""
     spec = spec_from_text(text)
-    helpers = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile", "_round_tile", "_walk_shift", "_tile_of",
-                                   "_round_walk", "_interleave_rows"))
-    advance, tile_of, round_walk, interleave_rows = helpers[1], helpers[5], helpers[6], helpers[7]
+    helpers = _walk_helpers(text, ("_query_tiles", "_advance", "_key_tile", "_round_tile", "_round_walk",
+                                   "_interleave_rows"))
+    advance, round_walk, interleave_rows = helpers[1], helpers[4], helpers[5]
     mask = int(re.search(r"MASK = gl.constexpr\((\d)\)", render_gluon_bwd(spec)).group(1))
     z, h, n_q, d = q.shape
     h_kv, n_kv = k.shape[1], k.shape[2]
@@ -670,48 +642,42 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
     else:
         order, grid = None, (n_tiles, n_heads)
         launched = [((pid_n, pid_h), 1) for pid_h in range(n_heads) for pid_n in range(n_tiles)]
-    walk_args = (n_tiles, n_q, h, h * n_q, n_q, 0, section, bm, BN, group, lpt, persistent, stagger)
+    walk_args = (n_tiles, n_q, h, h * n_q, n_q, 0, section, bm, BN, group, lpt, persistent)
     for pid, rounds in launched:  # in launch order
         _Shim.pid, _Shim.grid = pid, grid
         ring, t = {}, 0
 
-        def load(step, r, g, m, lo, n_m, shift, q_row):
+        def load(step, r, g, m, lo, n_m, q_row):
             """_load_query_tile: step's Q/dO rows into its ring buffer (None past the walk's end),
             the buffer free (every earlier load into it consumed); the loader's position after it."""
             assert ring.get(step % stages) is None, (step, ring)
-            if g < group and m < n_m:
-                ring[step % stages] = (r, g, m, q_row + g * n_q + tile_of(m, lo, n_m, shift, stagger) * bm)
-            else:
-                ring[step % stages] = None
+            ring[step % stages] = (r, g, m, q_row + g * n_q + m * bm) if g < group and m < n_m else None
             return advance(g, m, lo, n_m)
 
         # the prologue: round 0's first STAGES steps (_load_query_tile, _advance)
-        _, _, lo, n_m, _, shift, q_row, _ = round_walk(order, 0, *walk_args)
+        _, _, lo, n_m, _, q_row, _ = round_walk(order, 0, *walk_args)
         load_g, load_m = 0, lo
         for i in range(stages):
-            load_g, load_m = load(i, 0, load_g, load_m, lo, n_m, shift, q_row)
+            load_g, load_m = load(i, 0, load_g, load_m, lo, n_m, q_row)
         for r in range(rounds):
-            start_n, zk, lo, n_m, band, shift, q_row, _ = round_walk(order, r, *walk_args)
+            start_n, zk, lo, n_m, band, q_row, _ = round_walk(order, r, *walk_args)
             off_z, off_hkv = divmod(zk, h_kv)
             keys = slice(start_n * BN, (start_n + 1) * BN)
             kt, vt = k[off_z, off_hkv, keys], v[off_z, off_hkv, keys]
             offs_n = (start_n * BN + torch.arange(BN))[None, :].numpy()
             dk_t, dv_t = torch.zeros(BN, d, dtype=torch.float64), torch.zeros(BN, d, dtype=torch.float64)
-            # ROWS_AHEAD: the flat head and query tile of the rows loaded
-            ahead = (off_z * h + off_hkv * group, tile_of(lo, lo, n_m, shift, stagger))
+            ahead = (off_z * h + off_hkv * group, lo)  # ROWS_AHEAD: the flat head and tile of the rows loaded
             for g in range(group):
                 off_h = off_hkv * group + g
                 off_hz = off_z * h + off_h
-                for m in range(lo, n_m):  # walk positions; ``tile`` the query tile
-                    tile = tile_of(m, lo, n_m, shift, stagger)
-                    row = off_hz * n_q + tile * bm
+                for m in range(lo, n_m):
+                    row = off_hz * n_q + m * bm
                     assert ring.pop(t % stages) == (r, g, m, row), (t, ring)  # its own Q/dO rows, loaded ahead
-                    assert ahead == (off_z * h + off_hkv * group + g, tile), (t, ahead)  # the rows this step uses
+                    assert ahead == (off_z * h + off_hkv * group + g, m), (t, ahead)  # the rows this step uses
                     next_g, next_m = advance(g, m, lo, n_m)
-                    ahead = ((off_z * h + off_hkv * group + next_g, tile_of(next_m, lo, n_m, shift, stagger))
-                             if next_g < group else None)
+                    ahead = (off_z * h + off_hkv * group + next_g, next_m) if next_g < group else None
                     qt, dot = q_rows[row:row + bm], do_rows[row:row + bm]
-                    offs_m = (tile * bm + torch.arange(bm))[:, None]
+                    offs_m = (m * bm + torch.arange(bm))[:, None]
                     ok = offs_m[:, 0] < n_q
                     flat = (off_hz * n_q + offs_m[:, 0]).clamp(max=z * h * n_q - 1)
                     lse_t = torch.where(ok, lse.reshape(-1)[flat], math.inf)  # rows past N_Q: +inf
@@ -721,7 +687,7 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
                     rows, cols = torch.broadcast_tensors(offs_m, torch.as_tensor(offs_n))
                     args = (qk, scale, rows.numpy(), cols.numpy(), off_h, n_q, n_kv)
                     s = torch.as_tensor(score(*args) * log2e * torch.ones(bm, BN, dtype=torch.float64).numpy())
-                    if mask == 2 or (mask == 1 and tile < band):
+                    if mask == 2 or (mask == 1 and m < band):
                         s = torch.where(torch.as_tensor(keep(*args) & torch.ones(bm, BN, dtype=torch.bool).numpy()), s,
                                         -math.inf)
                     elif mask == 1:
@@ -735,10 +701,10 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
                     dk_t += ds.T @ qt
                     dq_part = ds @ kt * factor
                     if interleave:  # the staged tile, added at its descriptor's coordinates
-                        dq_tiles[(off_hz * dq_rows + tile * bm) // 8:][:bm // 8] += interleave_rows(dq_part)
+                        dq_tiles[(off_hz * dq_rows + m * bm) // 8:][:bm // 8] += interleave_rows(dq_part)
                     else:
-                        dq_acc[off_hz * dq_rows + tile * bm:][:bm] += dq_part
-                    load_g, load_m = load(t + stages, r, load_g, load_m, lo, n_m, shift, q_row)  # within this walk
+                        dq_acc[off_hz * dq_rows + m * bm:][:bm] += dq_part
+                    load_g, load_m = load(t + stages, r, load_g, load_m, lo, n_m, q_row)  # within this walk
                     t += 1
             assert ahead is None or lo == n_m  # no rows past the walk (the kernel masks the load)
             assert dk[off_z, off_hkv, keys].isnan().all()  # not written before: each key tile has one program
@@ -747,10 +713,10 @@ def _emulate(text, q, k, v, out, lse, do, scale, stages=3, bm=BM, section=None, 
             assert all(slot is None for slot in ring.values())  # nothing of this walk left, nothing past it
             ring.clear()
             if persistent and r + 1 < rounds:  # _next_round: the next round's first STAGES steps, at this round's end
-                _, _, next_lo, next_nm, _, next_shift, next_row, _ = round_walk(order, r + 1, *walk_args)
+                _, _, next_lo, next_nm, _, next_row, _ = round_walk(order, r + 1, *walk_args)
                 load_g, load_m = 0, next_lo
                 for i in range(stages):
-                    load_g, load_m = load(t + i, r + 1, load_g, load_m, next_lo, next_nm, next_shift, next_row)
+                    load_g, load_m = load(t + i, r + 1, load_g, load_m, next_lo, next_nm, next_row)
     return dq_acc.reshape(z, h, dq_rows, d)[:, :, :n_q], dk, dv
 
 
@@ -775,15 +741,13 @@ def _eager(text, q, k, v, scale):
     (HEAD_AND_LENGTH, 1, 2, 2, 64, 256),  # the score reads h, the predicate n_kv
 ], ids=["plain", "causal", "softcap", "ragged", "gqa", "nq_gt_nkv", "nq_lt_nkv", "empty_row", "prefix_lm",
         "h_and_n_kv"])
-@pytest.mark.parametrize("bm, lpt, programs, interleave, stagger", [
-    (BM, False, None, False, False), (128, False, None, False, False), (BM, True, None, False, False),
-    (BM, False, 3, False, False), (128, False, 2, False, False), (BM, True, 3, False, False),
-    (128, False, None, True, False), (BM, True, None, True, False), (BM, True, 3, True, False),
-    (BM, False, None, False, True), (128, True, 3, True, True)],
+@pytest.mark.parametrize("bm, lpt, programs, interleave", [
+    (BM, False, None, False), (128, False, None, False), (BM, True, None, False), (BM, False, 3, False),
+    (128, False, 2, False), (BM, True, 3, False), (128, False, None, True), (BM, True, None, True),
+    (BM, True, 3, True)],
     ids=["rows64", "rows128", "lpt", "persistent", "persistent_rows128", "persistent_lpt", "rows128_dq_interleave",
-         "lpt_dq_interleave", "persistent_lpt_dq_interleave", "stagger",
-         "persistent_lpt_rows128_dq_interleave_stagger"])
-def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt, programs, interleave, stagger):
+         "lpt_dq_interleave", "persistent_lpt_dq_interleave"])
+def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lpt, programs, interleave):
     """The kernel's algorithm, run in float64 with its own rendered walk, gives autograd's
     gradients of eager attention (to 1e-9): a wrong tile range, band, ring position, LSE or Delta
     convention, or chain rule would not. At 64 query rows a step and at 128 (d = 64's tile, where
@@ -793,9 +757,7 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lp
     NaN or fail the emulation's assertion. PERSISTENT: two or three programs walk every key tile
     from backward_order's table, their rings running on from one key tile's walk into the next
     (empty walks included: N_Q > N_KV and ragged cases). DQ_INTERLEAVE: each share staged as the
-    kernel stages it and added where its descriptor's strides put it. STAGGER: each walk started at
-    its key tile's share of the query tiles and wrapped round (a wrong wrap skips or repeats a tile:
-    the ring's assertion or the gradients)."""
+    kernel stages it and added where its descriptor's strides put it."""
     torch.manual_seed(0)
     d, scale = 16, 0.3
     q = torch.randn(z, h, n_q, d, dtype=torch.float64, requires_grad=True)
@@ -804,7 +766,7 @@ def test_emulated_algorithm_matches_autograd(text, z, h, h_kv, n_q, n_kv, bm, lp
     do = torch.randn_like(out)
     ref = torch.autograd.grad(out, (q, k, v), do)
     got = _emulate(text, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), do, scale, bm=bm,
-                   section=3, lpt=lpt, programs=programs, interleave=interleave, stagger=stagger)
+                   section=3, lpt=lpt, programs=programs, interleave=interleave)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert torch.isfinite(a).all(), name
         assert (a - b).abs().max().item() < 1e-9, (name, (a - b).abs().max().item())
@@ -879,10 +841,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
     "causal-d128-dq-interleave": (CAUSAL, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,DQ_INTERLEAVE"),
     "softcap-d128-dq-interleave": (SOFTCAP, 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,DQ_INTERLEAVE"),
     "plain-d64-dq-interleave": ("score=qk*scale", 64, "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,DQ_INTERLEAVE"),
-    # the staggered walks (gluon_bwd's note on the loop): routed without a predicate (gluon_launch.staggers)
-    "plain-d128-stagger": ("score=qk*scale", 128, "bwd:KEYS_ON_ROWS,ROWS_SHARED,TMA_EPILOGUE,STAGGER"),
-    "plain-d64-dq-interleave-stagger": ("score=qk*scale", 64,
-                                        "bwd@128:ROWS_AHEAD,SPLIT_M,TMA_EPILOGUE,DQ_INTERLEAVE,STAGGER"),
     "causal-d128-persistent-dq-interleave": (CAUSAL, 128,
                                              "bwd:KEYS_ON_ROWS,ROWS_SHARED,LPT,TMA_EPILOGUE,PERSISTENT,DQ_INTERLEAVE"),
 }
@@ -903,8 +861,6 @@ KERNELS = {  # name: (spec, head dim, kind: see tests/gluon_sm90.py), at the H20
 #   28 B (7), d = 64 plain 32 B (8); ptxas 13 4-72 B.
 # - the dQ share's rows interleaved (DQ_INTERLEAVE): within the bounds of the same kernels without it
 #   (triton 3.6: soft-capping d = 128 64 B, 16 STL; plain d = 64 none; causal d = 128 none, persistent 8 B).
-# - the staggered walks (STAGGER): none under 3.6; under ptxas 13 plain d = 128 as without (4 STL),
-#   plain d = 64 128 B (39 STL) where it has 152 B without.
 # Every other kernel here stays in registers under both.
 KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0, 4)),
                 "causal-d128": ((0, 0), (28, 16)), "causal-d64": ((16, 4), (68, 57)),
@@ -916,8 +872,7 @@ KNOWN_SPILLS = {"softcap-d128": ((68, 17), (140, 60)), "plain-d128": ((0, 0), (0
                 "causal-d64-keys-split": ((28, 7), (92, 33)), "causal-d128-rows-shared": ((0, 0), (24, 15)),
                 "causal-d128-persistent-dq-interleave": ((8, 2), (0, 10)),
                 "causal-d128-dq-interleave": ((0, 0), (28, 16)),
-                "softcap-d128-dq-interleave": ((68, 17), (140, 60)), "plain-d64-dq-interleave": ((0, 0), (152, 38)),
-                "plain-d128-stagger": ((0, 0), (0, 4)), "plain-d64-dq-interleave-stagger": ((0, 0), (152, 39))}
+                "softcap-d128-dq-interleave": ((68, 17), (140, 60)), "plain-d64-dq-interleave": ((0, 0), (152, 38))}
 
 
 def _tile(text, d, kind):

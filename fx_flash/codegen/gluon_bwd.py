@@ -100,14 +100,8 @@ GLUON_BWD_TEMPLATE = '''\
 # (``load_g``, ``load_m``: the walk's position STAGES steps ahead, advanced by _advance). Causal
 # (MASK = 1): query tiles before lo see none of these keys and are skipped; the BLOCK_N // BLOCK_M
 # tiles from lo on cross the diagonal and apply the predicate (``band``), the rest only what the
-# predicate holds beyond it. The key tiles of one head start together (see the note on the order),
-# so without a causal band their walks are in step: at each step they all add their dQ shares into
-# the same query tile. STAGGER (a constexpr, GluonBwdConfig's flag) starts key tile n's walk over
-# each head n · (n_m − lo) // n_tiles tiles in, wrapping round (_walk_shift, _tile_of: the loop,
-# the loader and the rows count walk positions, the tile's rows and its dQ share use its query
-# tile), so that those shares go to different tiles. tests/test_gluon_bwd.py runs this walk, with
-# _query_tiles, _advance and _tile_of as rendered, in a float64 emulation of the whole kernel
-# against autograd.
+# predicate holds beyond it. tests/test_gluon_bwd.py runs this walk, with _query_tiles and
+# _advance as rendered, in a float64 emulation of the whole kernel against autograd.
 #
 # Note (the order): the launch's grid is (key tiles, Z·H_KV), and programs start in the order of
 # their flat index (key tile fastest). Without LPT, that is the program's key tile and K/V head. A
@@ -300,28 +294,6 @@ def _query_tiles(start_n, N_Q, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _walk_shift(start_n, n_tiles, lo, n_m, STAGGER: gl.constexpr):
-    """How many query tiles into [lo, n_m) key tile start_n's walk over each head starts: none, or
-    with STAGGER its even share of them, start_n · (n_m − lo) // n_tiles (see the note on the loop)."""
-    shift = 0
-    if STAGGER:
-        shift = start_n * (n_m - lo) // n_tiles
-    return shift
-
-
-@gluon.jit
-def _tile_of(m, lo, n_m, shift, STAGGER: gl.constexpr):
-    """The query tile of walk position m in [lo, n_m): m itself, or with STAGGER m + shift wrapped
-    around within [lo, n_m)."""
-    tile = m
-    if STAGGER:
-        tile = m + shift
-        if tile >= n_m:
-            tile = tile - (n_m - lo)
-    return tile
-
-
-@gluon.jit
 def _key_tile(pid_n, pid_h, n_tiles, n_heads, SECTION, LPT: gl.constexpr):
     """(key tile, flat K/V head) of the program with grid position (pid_n, pid_h) in a grid of
     (n_tiles, n_heads): itself, or with LPT on a causal spec the longest-first order within
@@ -365,17 +337,15 @@ def _round_tile(order, r, n_tiles, SECTION, LPT: gl.constexpr, PERSISTENT: gl.co
 
 @gluon.jit
 def _round_walk(order, r, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                GROUP: gl.constexpr, LPT: gl.constexpr, PERSISTENT: gl.constexpr, STAGGER: gl.constexpr):
-    """What round r walks: (key tile, flat K/V head, lo, n_m, band, shift, q_row, q_col), shift its
-    _walk_shift, q_row and q_col where the group's first query head starts in Q's matrix (see
-    q_desc)."""
+                GROUP: gl.constexpr, LPT: gl.constexpr, PERSISTENT: gl.constexpr):
+    """What round r walks: (key tile, flat K/V head, lo, n_m, band, q_row, q_col), q_row and
+    q_col where the group's first query head starts in Q's matrix (see q_desc)."""
     start_n, off_hkvz = _round_tile(order, r, n_tiles, SECTION, LPT, PERSISTENT)
     H_KV = H // GROUP
     off_z = off_hkvz // H_KV
     off_hkv = off_hkvz % H_KV
     lo, n_m, band = _query_tiles(start_n, N_Q, BLOCK_M, BLOCK_N)
-    shift = _walk_shift(start_n, n_tiles, lo, n_m, STAGGER)
-    return start_n, off_hkvz, lo, n_m, band, shift, off_z * Q_RZ + off_hkv * GROUP * Q_RH, off_hkv * GROUP * Q_CH
+    return start_n, off_hkvz, lo, n_m, band, off_z * Q_RZ + off_hkv * GROUP * Q_RH, off_hkv * GROUP * Q_CH
 
 
 @gluon.jit
@@ -393,34 +363,34 @@ def _load_key_tile(k_desc, v_desc, k_all, v_all, kv_bar, off_hkvz, start_n, H_KV
 
 @gluon.jit
 def _next_round(r, rounds, t, order, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, q_desc, do_desc, q_smem, do_smem,
-                q_ready, do_ready, start_n, off_hkvz, lo, n_m, band, shift, q_row, q_col, load_g, load_m,
+                q_ready, do_ready, start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                LPT: gl.constexpr, STAGGER: gl.constexpr):
+                LPT: gl.constexpr):
     """PERSISTENT, at round r's end (every product done): round r + 1's walk (_round_walk's values)
     with the TMA loads of its first STAGES steps issued into the ring (steps t, t + 1, ...), and
     the loader's position after them; after the last round, everything as it was, nothing loaded."""
     if r + 1 < rounds:
-        start_n, off_hkvz, lo, n_m, band, shift, q_row, q_col = _round_walk(
-            order, r + 1, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, BLOCK_M, BLOCK_N, GROUP, LPT, True, STAGGER)
+        start_n, off_hkvz, lo, n_m, band, q_row, q_col = _round_walk(order, r + 1, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH,
+                                                                     SECTION, BLOCK_M, BLOCK_N, GROUP, LPT, True)
         load_g = 0
         load_m = lo
         for i in gl.static_range(STAGES):
             _load_query_tile(t + i, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col,
-                             Q_RH, Q_CH, lo, n_m, shift, GROUP, STAGES, STAGGER)
+                             Q_RH, Q_CH, n_m, GROUP, STAGES)
             load_g, load_m = _advance(load_g, load_m, lo, n_m)
-    return start_n, off_hkvz, lo, n_m, band, shift, q_row, q_col, load_g, load_m
+    return start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m
 
 
 @gluon.jit
-def _load_query_tile(t, g, m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col, Q_RH, Q_CH, lo, n_m,
-                     shift, GROUP: gl.constexpr, STAGES: gl.constexpr, STAGGER: gl.constexpr):
-    """Issue the TMA loads of step t's Q and dO tiles (head g of the group, walk position m: query
-    tile _tile_of(m)) into buffer t % STAGES; nothing past the walk's end. ``q_row``, ``q_col``:
-    where the group's first query head starts in the descriptors' matrix."""
+def _load_query_tile(t, g, m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col, Q_RH, Q_CH, n_m,
+                     GROUP: gl.constexpr, STAGES: gl.constexpr):
+    """Issue the TMA loads of step t's Q and dO tiles (head g of the group, query tile m) into
+    buffer t % STAGES; nothing past the walk's end. ``q_row``, ``q_col``: where the group's first
+    query head starts in the descriptors' matrix."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     tile_bytes: gl.constexpr = BLOCK_M * q_smem.shape[2] * q_smem.dtype.primitive_bitwidth // 8
     ok = (g < GROUP) & (m < n_m)
-    row = q_row + g * Q_RH + _tile_of(m, lo, n_m, shift, STAGGER) * BLOCK_M
+    row = q_row + g * Q_RH + m * BLOCK_M
     col = q_col + g * Q_CH
     buf = t % STAGES
     mbarrier.expect(q_ready.index(buf), tile_bytes, ok)
@@ -441,13 +411,11 @@ def _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M: gl.constexpr, ok=True):
 
 
 @gluon.jit
-def _next_rows(LSE, Delta, head0, g, m, lo, n_m, shift, rows, N_Q, BLOCK_M: gl.constexpr, GROUP: gl.constexpr,
-               STAGGER: gl.constexpr):
+def _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M: gl.constexpr, GROUP: gl.constexpr):
     """ROWS_AHEAD: _rows of the step after (head g, query tile m) of the walk over the group whose
     first flat head is head0; none past the walk's end."""
     next_g, next_m = _advance(g, m, lo, n_m)
-    return _rows(LSE, Delta, head0 + next_g, _tile_of(next_m, lo, n_m, shift, STAGGER), rows, N_Q, BLOCK_M,
-                 next_g < GROUP)
+    return _rows(LSE, Delta, head0 + next_g, next_m, rows, N_Q, BLOCK_M, next_g < GROUP)
 
 
 @gluon.jit
@@ -488,7 +456,6 @@ def _attn_bwd_sm90(
     DV_EARLY: gl.constexpr = False, ROWS_AHEAD: gl.constexpr = False, KEYS_ON_ROWS: gl.constexpr = False,
     ROWS_SHARED: gl.constexpr = False, LPT: gl.constexpr = False, SPLIT_M: gl.constexpr = False,
     TMA_EPILOGUE: gl.constexpr = False, PERSISTENT: gl.constexpr = False, DQ_INTERLEAVE: gl.constexpr = False,
-    STAGGER: gl.constexpr = False,
 ):
     """dK and dV of one key tile (BLOCK_N keys of one K/V head) over every query row of the GROUP
     heads that read it, and its share of their dQ: one partition of NUM_WARPS warps that issues
@@ -524,8 +491,8 @@ def _attn_bwd_sm90(
     else:
         rounds = 1
     # round 0's key tile; q_row, q_col: where the group's first query head starts in Q's matrix
-    start_n, off_hkvz, lo, n_m, band, shift, q_row, q_col = _round_walk(
-        order, 0, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, BLOCK_M, BLOCK_N, GROUP, LPT, PERSISTENT, STAGGER)
+    start_n, off_hkvz, lo, n_m, band, q_row, q_col = _round_walk(order, 0, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION,
+                                                                 BLOCK_M, BLOCK_N, GROUP, LPT, PERSISTENT)
 $HEADS
 
     # -- shared memory: K and V of the key tile, the Q/dO ring, P and dS; one mbarrier per buffer --
@@ -562,7 +529,7 @@ $HEADS
     load_m = lo
     for i in gl.static_range(STAGES):
         _load_query_tile(i, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row, q_col, Q_RH,
-                         Q_CH, lo, n_m, shift, GROUP, STAGES, STAGGER)
+                         Q_CH, n_m, GROUP, STAGES)
         load_g, load_m = _advance(load_g, load_m, lo, n_m)
 
     qk_scale = sm_scale * LOG2E
@@ -582,23 +549,22 @@ $HEADS
         mbarrier.wait(kv_bar, r & 1)
         head0 = off_z * H + off_hkv * GROUP  # the group's first flat query head
         if ROWS_SHARED:  # the round's first step's rows into buffer t % 2, loaded a few per thread
-            lse0, delta0 = _rows(LSE, Delta, head0, _tile_of(lo, lo, n_m, shift, STAGGER), rows_few, N_Q, BLOCK_M)
+            lse0, delta0 = _rows(LSE, Delta, head0, lo, rows_few, N_Q, BLOCK_M)
             base_all.index(t % 2).store(gl.where(lse0 == float("-inf"), float("inf"), lse0) * LOG2E)
             delta_all.index(t % 2).store(delta0)
         elif ROWS_AHEAD:  # step 0's rows: the first head of the group, query tile lo
-            lse, delta = _rows(LSE, Delta, head0, _tile_of(lo, lo, n_m, shift, STAGGER), rows, N_Q, BLOCK_M)
+            lse, delta = _rows(LSE, Delta, head0, lo, rows, N_Q, BLOCK_M)
         for g in range(GROUP):
             off_h = off_hkv * GROUP + g
             off_hz = head0 + g
             for m in range(lo, n_m):
-                tile = _tile_of(m, lo, n_m, shift, STAGGER)  # the query tile of walk position m
-                offs_m = tile * BLOCK_M + rows
+                offs_m = m * BLOCK_M + rows
                 if ROWS_SHARED:
                     base = base_all.index(t % 2).load(rows.type.layout)
                     delta = delta_all.index(t % 2).load(rows.type.layout)
                 else:
                     if not ROWS_AHEAD:
-                        lse, delta = _rows(LSE, Delta, off_hz, tile, rows, N_Q, BLOCK_M)
+                        lse, delta = _rows(LSE, Delta, off_hz, m, rows, N_Q, BLOCK_M)
                     base = gl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # (BLOCK_M,), see the note on rows
                 buf = t % STAGES
                 phase = (t // STAGES) & 1
@@ -616,14 +582,12 @@ $HEADS
                 qk, dp = _scores(q_smem.index(buf), do_smem.index(buf), k_smem, v_smem, q_ready.index(buf),
                                  do_ready.index(buf), phase, scores_layout, KEYS_ON_ROWS)
                 # the keys' positions from an opaque zero, so that they are not held across the loop
-                p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}tile < band,
+                p, pg = _weights(qk, base, p_smem, qk_scale, sm_scale, offs_m, start_n * BLOCK_N + zero, ${OPS}m < band,
                                  KEYS_ON_ROWS)
                 if ROWS_SHARED:  # the next step's rows, stored at the step's end
-                    lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, shift, rows_few, N_Q, BLOCK_M,
-                                                      GROUP, STAGGER)
+                    lse_next, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows_few, N_Q, BLOCK_M, GROUP)
                 elif ROWS_AHEAD:  # the next step's rows, while this one's products run (see the note on the schedule)
-                    lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, shift, rows, N_Q, BLOCK_M, GROUP,
-                                                 STAGGER)
+                    lse, delta_next = _next_rows(LSE, Delta, head0, g, m, lo, n_m, rows, N_Q, BLOCK_M, GROUP)
                 if KEYS_ON_ROWS:
                     # -- dV += Pᵀ·dO, Pᵀ from registers, while dP is waited for; dSᵀ; dK += dSᵀ·Q likewise --
                     p_op = gl.convert_layout(p.to(dtype), op_layout)
@@ -665,7 +629,7 @@ $HEADS
 
                 # -- buffer t is free: load step t + STAGES into it; add this tile's dQ --
                 _load_query_tile(t + STAGES, load_g, load_m, q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, q_row,
-                                 q_col, Q_RH, Q_CH, lo, n_m, shift, GROUP, STAGES, STAGGER)
+                                 q_col, Q_RH, Q_CH, n_m, GROUP, STAGES)
                 load_g, load_m = _advance(load_g, load_m, lo, n_m)
                 if ROWS_SHARED:  # into the other buffer, read by the next step (see the note on rows)
                     base_next = gl.where(lse_next == float("-inf"), float("inf"), lse_next) * LOG2E
@@ -677,11 +641,11 @@ $HEADS
                 if DQ_INTERLEAVE:  # see the note on dQ
                     dq_smem.store(_interleave_rows(dq))
                     fence_async_shared()
-                    _tma_reduce_add(dq_desc, [(off_hz * DQ_ROWS + tile * BLOCK_M) // 8, 0, 0, 0], dq_smem)
+                    _tma_reduce_add(dq_desc, [(off_hz * DQ_ROWS + m * BLOCK_M) // 8, 0, 0, 0], dq_smem)
                 else:
                     dq_smem.store(dq)
                     fence_async_shared()
-                    _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + tile * BLOCK_M, 0], dq_smem)
+                    _tma_reduce_add(dq_desc, [off_hz * DQ_ROWS + m * BLOCK_M, 0], dq_smem)
                 t += 1
 
         if not PERSISTENT:  # (with it, the next round's first step waits for the last dQ share)
@@ -698,10 +662,10 @@ $HEADS
             _tma_store(DK, [kv_tile, 0], k_smem)
             _tma_store(DV, [kv_tile, 0], v_smem)
             if PERSISTENT:  # the next round's first query tiles load while dK and dV leave
-                start_n, off_hkvz, lo, n_m, band, shift, q_row, q_col, load_g, load_m = _next_round(
+                start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m = _next_round(
                     r, rounds, t, order, n_tiles, N_Q, H, Q_RZ, Q_RH, Q_CH, SECTION, q_desc, do_desc, q_smem, do_smem,
-                    q_ready, do_ready, start_n, off_hkvz, lo, n_m, band, shift, q_row, q_col, load_g, load_m, BLOCK_M,
-                    BLOCK_N, GROUP, STAGES, LPT, STAGGER)
+                    q_ready, do_ready, start_n, off_hkvz, lo, n_m, band, q_row, q_col, load_g, load_m, BLOCK_M, BLOCK_N,
+                    GROUP, STAGES, LPT)
             tma.store_wait(0)
         else:
             kv_rows: gl.constexpr = gl.SliceLayout(1, kv_layout)

@@ -913,10 +913,6 @@ class GluonBwdConfig:
     # not conflict in the staging tile's banks, and added back in order by its descriptor's strides
     # (gluon_bwd's note on dQ; interleaved_rows)
     DQ_INTERLEAVE: bool = False
-    # each key tile's walk over a head started at its own share of the query tiles, wrapping round,
-    # so that the key tiles of one head add their dQ shares into different tiles at each step
-    # (gluon_bwd's note on the loop)
-    STAGGER: bool = False
     takes_views = True  # its loads place each head by tma_view's numbers, as the persistent forward's
     sign_mask = False  # its keep-predicate is applied by gl.where, never by its sign (unsupported_call's guard)
 
@@ -928,8 +924,7 @@ class GluonBwdConfig:
     def schedule(self) -> dict:
         return dict(DV_EARLY=self.DV_EARLY, ROWS_AHEAD=self.ROWS_AHEAD, KEYS_ON_ROWS=self.KEYS_ON_ROWS,
                     ROWS_SHARED=self.ROWS_SHARED, LPT=self.LPT, SPLIT_M=self.SPLIT_M,
-                    TMA_EPILOGUE=self.TMA_EPILOGUE, PERSISTENT=self.PERSISTENT, DQ_INTERLEAVE=self.DQ_INTERLEAVE,
-                    STAGGER=self.STAGGER)
+                    TMA_EPILOGUE=self.TMA_EPILOGUE, PERSISTENT=self.PERSISTENT, DQ_INTERLEAVE=self.DQ_INTERLEAVE)
 
 
 def footprint_bwd(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int,
@@ -986,24 +981,13 @@ def routed_backward_config(device: DeviceProfile, spec: AttentionSpec, head_dim:
                            elem_bytes: int) -> Optional[GluonBwdConfig]:
     """The backward's tile for ``spec`` (backward_config at its backward_rows), without LPT where
     the spec is not causal: that order changes causal walks only (gluon_bwd._key_tile), and a
-    plain call's tile should not name it; with DQ_INTERLEAVE where interleaves_dq says, and STAGGER
-    where staggers does."""
+    plain call's tile should not name it; with DQ_INTERLEAVE where interleaves_dq says."""
     config = backward_config(device, head_dim, elem_bytes, backward_rows(spec, head_dim))
     if config is not None and config.LPT and mask_kind(spec) != 1:
         config = replace(config, LPT=False)
     if config is not None and interleaves_dq(spec, head_dim, config):
         config = replace(config, DQ_INTERLEAVE=True)
-    if config is not None and staggers(spec):
-        config = replace(config, STAGGER=True)
     return config
-
-
-def staggers(spec: AttentionSpec) -> bool:
-    """Whether the routed backward starts each key tile's walk at its own share of the query tiles
-    (STAGGER, gluon_bwd's note on the loop): where no predicate bounds the walks (mask kind 0), so
-    that the key tiles of a head, started together, walk in step and add into the same dQ tile at
-    each step (GLUON_NOTES call 114)."""
-    return mask_kind(spec) == 0
 
 
 def interleaves_dq(spec: AttentionSpec, head_dim: int, config: GluonBwdConfig) -> bool:

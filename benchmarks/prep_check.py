@@ -7,7 +7,8 @@ rowsum(dO ∘ O) read from two (Z, H, N, d) tensors, and the fp32 dQ accumulator
 final cast of that accumulator to the inputs' dtype (BackwardLaunch.finish). Their bytes grow with
 N·d and the main kernel's time with N², so they weigh most at N = 1k. At the grid's shapes (batch·N
 = 16k, hidden 2048) this times, with triton's do_bench (L2 flushed between calls), the Delta kernel
-as launched and with other tiles, its two halves apart (the rowsum alone, DQ_ROWS = 0 so that no
+as launched and with other tiles (each first checked against torch's rowsum and for a fully
+zeroed accumulator), its two halves apart (the rowsum alone, DQ_ROWS = 0 so that no
 row is zeroed; torch's zero_ of the accumulator), the cast, and an fp32 copy of the accumulator's
 size as the memory's reference rate. Each row prints µs and GB/s (bytes read plus written).
 """
@@ -50,11 +51,12 @@ def rows(d: int, n: int, dtype: torch.dtype) -> list:
             out, dout, delta, dq_acc, *out.stride(), *dout.stride(), h, n, dq_rows,
             HEAD_DIM=d, BLOCK=block, NUM_WARPS=warps, num_warps=warps)
 
-    # the launcher's tile first, checked: Delta as torch computes it, every accumulator element zero
-    dq_acc.fill_(float("nan"))
-    launch(*PREP_TILES[0])()
-    torch.testing.assert_close(delta, (out.float() * dout.float()).sum(-1), rtol=1e-5, atol=1e-4)
-    assert not dq_acc.count_nonzero(), "the Delta kernel left accumulator elements unzeroed"
+    for tile in PREP_TILES:  # each checked: Delta as torch computes it, every accumulator element zero
+        delta.fill_(float("nan"))
+        dq_acc.fill_(float("nan"))
+        launch(*tile)()
+        torch.testing.assert_close(delta, (out.float() * dout.float()).sum(-1), rtol=1e-5, atol=1e-4)
+        assert not dq_acc.count_nonzero(), f"the Delta kernel's {tile} tile left accumulator elements unzeroed"
     table = [(f"Delta + zero, {b} rows {w} warps", _us(launch(b, w)), read + acc) for b, w in PREP_TILES]
     table += [("Delta alone (no zeroing)", _us(launch(*PREP_TILES[0], dq_rows=0)), read),
               ("zero_ of the accumulator", _us(dq_acc.zero_), acc),

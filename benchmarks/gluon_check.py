@@ -389,7 +389,8 @@ def bench(d, ns, names, extra, rounds=1):
             fns["op"] = ((lambda: fx_flash.flash_attention(q, k, v, is_causal=causal)) if not text
                          else portable())
         for name in names:
-            fns[name] = lambda cfg=configs[name]: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
+            cfg = configs[name.partition("=")[0]]  # "NAME=2": NAME's kernel again
+            fns[name] = lambda cfg=cfg: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
         fns["cudnn again"] = cudnn
         ref = cudnn() if not text else launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)[0]
         row = dict(d=d, n=n, causal=causal, spec=("softcap" if text else "") + (" fp16" if dtype == torch.float16 else ""))
@@ -399,7 +400,7 @@ def bench(d, ns, names, extra, rounds=1):
                 continue  # cuDNN has no soft-capping
             try:
                 fn()
-                if name in configs:
+                if name.partition("=")[0] in configs:
                     err = _err(out, ref)
                     if not err < 2e-2:
                         row[name] = f"err {err:.2g}"
@@ -450,7 +451,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--ns", default="2048,8192")
-    ap.add_argument("--variants", default="", help="comma-separated names (see variants()); default all")
+    ap.add_argument("--variants", default="", help="comma-separated names (see variants()); default all; "
+                    "NAME=2: NAME timed again under that label (a control)")
     ap.add_argument("--full", default="pph,ppeh", help="kinds whose numerics run every case (others: the 3 timed specs)")
     ap.add_argument("--fp16", default="pph 128/2,pph 128/4,v1 128/3,v1 128/4",
                     help="variants also checked in fp16 (on the cases of their bf16 check)")
@@ -474,10 +476,12 @@ def main():
     dims = [int(x) for x in args.dims.split(",")]
     wanted = [x.strip() for x in args.variants.split(",") if x.strip()]
     full = args.full.split(",")
-    chosen = {d: [n for n in variants(d) if not wanted or n in wanted] for d in dims}
+    # "NAME=2": NAME timed again under its own label, a control column (numerics run once, for NAME)
+    chosen = {d: [n for n in variants(d) if not wanted or n in wanted]
+              + [w for w in wanted if "=" in w and w.partition("=")[0] in variants(d)] for d in dims}
     jobs = [] if args.no_warm else [f"warm:{d}" for d in dims]
     for d in dims:
-        for name in chosen[d]:
+        for name in (n for n in chosen[d] if "=" not in n):
             cases = "full" if name.split()[0] in full else "short"
             jobs.append(f"numerics:{d}:{name}:{cases}:bfloat16")
             if name in args.fp16.split(","):
@@ -491,7 +495,8 @@ def main():
 
     rows = {}
     for d in dims:
-        names = [n for n in chosen[d] if all(ok for w, ok in passed.items() if w.startswith(f"numerics:{d}:{n}:"))]
+        names = [n for n in chosen[d]
+                 if all(ok for w, ok in passed.items() if w.startswith(f"numerics:{d}:{n.partition('=')[0]}:"))]
         what, text, secs, ok = _run_child(f"bench:{d}:{';'.join(names)}:{args.bench}:{args.rounds}", args.ns,
                                           args.bench_limit)
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)

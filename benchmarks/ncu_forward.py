@@ -1,6 +1,6 @@
 """One Gluon forward at one shape, for Nsight Compute: a variant of benchmarks/gluon_check.py's
 (the routed plain one at d = 128, wspt 128/2, by default) launched once between cudaProfilerStart/Stop after a
-warm-up (bf16, batch·N = 16k, hidden 2048).
+warm-up (bf16 or fp16, batch·N = 16k, hidden 2048).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \\
         --section SourceCounters -k regex:'_attn_fwd_sm90' -o REPORT \\
@@ -43,10 +43,12 @@ def main() -> None:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--variant", default="wspt 128/2", help="a name of gluon_check.variants, or portable")
     ap.add_argument("--cudnn", action="store_true", help="profile cuDNN SDPA's forward at the same shape too")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     args = ap.parse_args()
     n, d = args.n, args.d
     b, h = 16384 // n, 2048 // d
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
     out, lse = torch.empty_like(q), torch.empty(b, h, n, device="cuda")
     spec, scale = sdpa_spec(causal=args.causal), 1 / math.sqrt(d)
     if args.variant == "portable":  # the portable forward, through the op with the Gluon path off

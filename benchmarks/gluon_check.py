@@ -302,14 +302,29 @@ def _through_op(d, n, causal=True):
     return ok
 
 
+def kernel_of(column: str) -> str:
+    """The variant a timing column runs: "NAME=2" is NAME again under a second label (a control),
+    "NAME~MIB" NAME with its causal sections sized to MIB MiB of K/V (L2_SECTION_BYTES's
+    budget), and "NAME~MIB=2" that column's control."""
+    return column.partition("=")[0].partition("~")[0]
+
+
+def section_of(column: str, n: int, d: int, elem_bytes: int, causal: bool):
+    """Heads in a causal section of column ``column`` at N = n: as many as share its budget of K/V
+    ("NAME~MIB", gluon_launch.heads_per_section's rule with MIB MiB for L2_SECTION_BYTES), or None
+    (the launcher's own)."""
+    budget = column.partition("=")[0].partition("~")[2]
+    return max(1, int(float(budget) * 2**20) // (2 * n * d * elem_bytes)) if budget and causal else None
+
+
 def _shapes(d, ns, softcap=True, fp16=False, kinds=(False, True)):
     """(N, causal, spec text, dtype) rows of the timing table: ``kinds`` says which of plain (False)
     and causal (True); ``softcap``: its row at d = 128, or at every d when it is "every"."""
     shapes = [(n, causal, "", torch.bfloat16) for n in ns for causal in kinds]
     if (d == 128 or softcap == "every") and softcap:  # the second spec: Gemma 2's soft-capping (cuDNN has none)
         shapes.append((ns[-1], True, SOFTCAP, torch.bfloat16))
-    if fp16:
-        shapes.append((ns[-1], False, "", torch.float16))
+    if fp16:  # at the longest N, of each mask timed
+        shapes += [(ns[-1], causal, "", torch.float16) for causal in kinds]
     return shapes
 
 
@@ -337,7 +352,7 @@ def bench(d, ns, names, extra, rounds=1):
     switches, so the Gluon forward where the op routes to it) and each Gluon variant in
     ``names``. ``extra``: "noportable", "portablex" (a column of the portable forward with the row
     max after the scale, FX_FLASH_RAW_MAX=0), "nosoftcap", "softcap" (its row at d = 64 too),
-    "noplain", "nocausal" (no rows of that mask), "fp16" (a row at the longest N in fp16), "op" (a
+    "noplain", "nocausal" (no rows of that mask), "fp16" (rows at the longest N in fp16), "op" (a
     column through the op with the default switches, as benchmarks/target_grid.py times it: what the
     op adds to the routed kernel's direct launch, GLUON_NOTES after call 85).
     ``rounds`` > 1: every column is timed that many times, in turn forward and backward order, and
@@ -389,8 +404,9 @@ def bench(d, ns, names, extra, rounds=1):
             fns["op"] = ((lambda: fx_flash.flash_attention(q, k, v, is_causal=causal)) if not text
                          else portable())
         for name in names:
-            cfg = configs[name.partition("=")[0]]  # "NAME=2": NAME's kernel again
-            fns[name] = lambda cfg=cfg: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)
+            cfg, section = configs[kernel_of(name)], section_of(name, n, d, k.element_size(), causal)
+            fns[name] = lambda cfg=cfg, section=section: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg,
+                                                                             section=section)
         fns["cudnn again"] = cudnn
         ref = cudnn() if not text else launch.attention_forward(q, k, v, [], None, 0.0, scale, spec)[0]
         row = dict(d=d, n=n, causal=causal, spec=("softcap" if text else "") + (" fp16" if dtype == torch.float16 else ""))
@@ -400,7 +416,7 @@ def bench(d, ns, names, extra, rounds=1):
                 continue  # cuDNN has no soft-capping
             try:
                 fn()
-                if name.partition("=")[0] in configs:
+                if kernel_of(name) in configs:
                     err = _err(out, ref)
                     if not err < 2e-2:
                         row[name] = f"err {err:.2g}"
@@ -452,7 +468,7 @@ def main():
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--ns", default="2048,8192")
     ap.add_argument("--variants", default="", help="comma-separated names (see variants()); default all; "
-                    "NAME=2: NAME timed again under that label (a control)")
+                    "NAME=2, NAME~MIB: other columns of NAME's kernel (kernel_of)")
     ap.add_argument("--full", default="pph,ppeh", help="kinds whose numerics run every case (others: the 3 timed specs)")
     ap.add_argument("--fp16", default="pph 128/2,pph 128/4,v1 128/3,v1 128/4",
                     help="variants also checked in fp16 (on the cases of their bf16 check)")
@@ -476,12 +492,12 @@ def main():
     dims = [int(x) for x in args.dims.split(",")]
     wanted = [x.strip() for x in args.variants.split(",") if x.strip()]
     full = args.full.split(",")
-    # "NAME=2": NAME timed again under its own label, a control column (numerics run once, for NAME)
+    # columns of another's kernel ("NAME=2", "NAME~MIB": kernel_of): numerics run once, for NAME
     chosen = {d: [n for n in variants(d) if not wanted or n in wanted]
-              + [w for w in wanted if "=" in w and w.partition("=")[0] in variants(d)] for d in dims}
+              + [w for w in wanted if w != kernel_of(w) and kernel_of(w) in variants(d)] for d in dims}
     jobs = [] if args.no_warm else [f"warm:{d}" for d in dims]
     for d in dims:
-        for name in (n for n in chosen[d] if "=" not in n):
+        for name in (n for n in chosen[d] if n == kernel_of(n)):
             cases = "full" if name.split()[0] in full else "short"
             jobs.append(f"numerics:{d}:{name}:{cases}:bfloat16")
             if name in args.fp16.split(","):
@@ -496,7 +512,7 @@ def main():
     rows = {}
     for d in dims:
         names = [n for n in chosen[d]
-                 if all(ok for w, ok in passed.items() if w.startswith(f"numerics:{d}:{n.partition('=')[0]}:"))]
+                 if all(ok for w, ok in passed.items() if w.startswith(f"numerics:{d}:{kernel_of(n)}:"))]
         what, text, secs, ok = _run_child(f"bench:{d}:{';'.join(names)}:{args.bench}:{args.rounds}", args.ns,
                                           args.bench_limit)
         print(f"--- {what} ({secs:.0f}s)\n{text}", flush=True)

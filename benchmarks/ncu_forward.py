@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main() -> None:
-    from gluon_check import variants
+    from gluon_check import kernel_of, section_of, variants
     from ncu_backward import median_ms, profile_once
 
     from fx_flash.codegen import gluon_launch
@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--variant", default="wspt 128/2", help="a name of gluon_check.variants, or portable")
+    ap.add_argument("--variant", default="wspt 128/2",
+                    help="a name of gluon_check.variants (NAME~MIB: causal sections of MIB MiB of K/V), or portable")
     ap.add_argument("--cudnn", action="store_true", help="profile cuDNN SDPA's forward at the same shape too")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     args = ap.parse_args()
@@ -58,8 +59,9 @@ def main() -> None:
         os.environ["FX_FLASH_AUTOTUNE"] = "0"
         step = lambda: fx_flash.flash_attention(q, k, v, is_causal=args.causal)  # noqa: E731
     else:
-        cfg = variants(d)[args.variant]
-        step = lambda: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg)  # noqa: E731
+        cfg = variants(d)[kernel_of(args.variant)]
+        section = section_of(args.variant, n, d, q.element_size(), args.causal)
+        step = lambda: gluon_launch.launch(spec, q, k, v, out, lse, scale, cfg, section=section)  # noqa: E731
     ms = median_ms(step, 20)
     profile_once(step)
     work = 4 * b * h * n * n * d / (2 if args.causal else 1)

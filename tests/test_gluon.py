@@ -318,22 +318,29 @@ def test_row_max_of_qk_times_f_is_the_max_of_the_products(qk, f):
 
 
 def test_heads_per_section():
-    """Causal, a section holds the query heads whose K/V fit L2_SECTION_BYTES (32 MiB): 8 heads at
-    N = 8k, d = 128 in bf16 (4 MiB of K/V each), 8 times as many when 8 query heads share a K/V
-    head, never more than there are; one section of every head for the other orders, or with
+    """Causal, a section holds whole groups of query heads (those reading one K/V head): as many
+    as make one round of the grid's output tiles, at least one group, and no more than share
+    L2_SECTION_BYTES (32 MiB) of K/V; one section of every head for the other orders, or with
     one_section."""
     persistent = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True)
     one = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, one_section=True)
     causal = spec_from_text(CAUSAL)
     q = torch.empty(2, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     gqa_kv = torch.empty(2, 2, 8192, 128, dtype=torch.bfloat16, device="meta")
-    assert gluon_launch.heads_per_section(causal, q, q, persistent) == 8
-    assert gluon_launch.heads_per_section(causal, q, gqa_kv, persistent) == 32
-    assert gluon_launch.heads_per_section(causal, q, q, one) == 32
+    # 64 output tiles a head: two heads make a round of 132 programs (128 tiles)
+    assert gluon_launch.heads_per_section(causal, q, q, persistent, 132) == 2
+    assert gluon_launch.heads_per_section(causal, q, q, persistent, 1000) == 8  # 8 · 4 MiB of K/V
+    assert gluon_launch.heads_per_section(causal, q, q, persistent, 100) == 1  # a head is more than a round
+    # a group of 8 query heads (512 tiles) is more than a round: one group
+    assert gluon_launch.heads_per_section(causal, q, gqa_kv, persistent, 132) == 8
+    assert gluon_launch.heads_per_section(causal, q, gqa_kv, persistent, 10000) == 32  # all of them
+    assert gluon_launch.heads_per_section(causal, q, q, one, 132) == 32
     for text in ("score=qk*scale", PREFIX_LM):
-        assert gluon_launch.heads_per_section(spec_from_text(text), q, q, persistent) == 32
-    q2k = torch.empty(8, 16, 2048, 128, dtype=torch.bfloat16, device="meta")
-    assert gluon_launch.heads_per_section(causal, q2k, q2k, persistent) == 32
+        assert gluon_launch.heads_per_section(spec_from_text(text), q, q, persistent, 132) == 32
+    q1k = torch.empty(16, 16, 1024, 128, dtype=torch.bfloat16, device="meta")
+    assert gluon_launch.heads_per_section(causal, q1k, q1k, persistent, 132) == 16  # 128 tiles, not 64 heads
+    three = gluon_launch.GluonConfig(192, 128, 4, ws=True, persistent=True, consumers=3)
+    assert gluon_launch.heads_per_section(causal, q1k, q1k, three, 132) == 22  # 6 tiles of 192 rows a head
 
 
 class _Shim:
@@ -509,7 +516,8 @@ def test_persistent_launch_runs_one_program_per_sm(monkeypatch):
     balanced = gluon_launch.GluonConfig(128, 128, 3, ws=True, persistent=True, balanced=True)
     assert not run(8, 16, 2048, wsp)[3]["ORDER"]
     q = torch.empty(8, 16, 2048, 64)  # the table is built on q's device: here the CPU, to read it
-    for text, walk, section, causal in ((CAUSAL, [m + 1 for m in range(16)], 32, True),
+    # (causal: sections of one round, 8 heads of 16 tiles)
+    for text, walk, section, causal in ((CAUSAL, [m + 1 for m in range(16)], 8, True),
                                         ("score=qk*scale", [16] * 16, 128, False)):
         gluon_launch.launch(spec_from_text(text), q, q, q, q, torch.empty(8, 16, 2048), 0.125, balanced)
         _, grid, args, kwargs = launched.pop()
@@ -607,12 +615,15 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
     assert (short.consumers, short.split, short.tma_store, short.pingpong) == (2, True, True, True)
     # with two Q buffers a consumer (call 76 at 1k; with the balanced order at 2k too, calls 79-80: the
     # next tile's Q and K/V load early), the same kernel at 1k and 2k; of the other routes only the
-    # plain two-consumer one of d = 64 takes them (call 82, above)
+    # plain two-consumer one of d = 64 takes them (call 82, above), and head dim 128's causal route
+    # of 1k, with the balanced order (calls 116-117)
     assert gluon_launch.routed_config(H200, causal, 64, 2, 1024, 1024) == short and short.q_buffers == 2
     assert not any(gluon_launch.routed_config(H200, spec, d, 2, n, n).q_buffers == 2
                    for d in (64, 128) for spec in (sdpa_spec(), causal) for n in (4096, 16384))
-    assert not any(gluon_launch.routed_config(H200, spec, 128, 2, n, n).q_buffers == 2
-                   for spec in (sdpa_spec(), causal) for n in (1024, 2048))
+    assert [gluon_launch.routed_config(H200, spec, 128, 2, n, n).q_buffers
+            for spec in (sdpa_spec(), causal) for n in (1024, 2048)] == [1, 1, 2, 1]
+    causal_1k = gluon_launch.routed_config(H200, causal, 128, 2, 1024, 1024)
+    assert (causal_1k.STAGES, causal_1k.balanced, causal_1k.pingpong) == (2, True, True)
 
     def routed(flag, spec, d, ns):
         """The routed config's ``flag`` at head dim d for each N in ns."""
@@ -620,11 +631,13 @@ def test_head_dim_64_routes_by_mask_kind(monkeypatch):
 
     balanced, fast, packed, signed = (functools.partial(routed, flag)
                                       for flag in ("balanced", "fast_epilogue", "pack_p", "sign_mask"))
-    # the balanced order (calls 79-80) on head dim 64's causal routes of qk and the scale: not head
-    # dim 128 (1.00x there), nor other scores' route
+    # the balanced order (calls 79-80) on head dim 64's causal routes of qk and the scale, and head dim
+    # 128's causal route of 1k (with two Q buffers, calls 116-117; 1.00x on its longer walks, call
+    # 80); not head dim 64's route of other scores
     assert all(balanced(causal, 64, (1024, 2048, 4096, 16384)))
-    assert not any(balanced(causal, 128, (1024, 2048, 16384)) + balanced(softcap, 64, (4096, 16384))
-                   + balanced(softcap, 128, (1024, 16384)))
+    assert balanced(causal, 128, (1024, 2048, 16384)) == balanced(softcap, 128, (1024, 2048, 16384)) == [
+        True, False, False]
+    assert not any(balanced(softcap, 64, (4096, 16384)))
     # plain specs read the table (the kernel's own order, call 84) on head dim 64's two-consumer route
     # (N = 1k) only
     assert balanced(sdpa_spec(), 64, (1024, 2048, 16384)) == [True, False, False]

@@ -169,7 +169,8 @@ GLUON_TEMPLATE = '''\
 # tile's start takes no integer division; the partitions read round g + 1's entry while round g
 # runs, so its latency lies under a whole output tile. On the H200 (GLUON_NOTES call 80) it ran
 # 1.059, 1.022, 1.032, 1.026, 1.002x the same kernels at d = 64 causal 1k-16k, which route it, and
-# 0.99-1.015x at d = 128, which do not. Specs without a keep-predicate can take a table too: their
+# 0.99-1.015x at d = 128, which take it only on the route of N = 1k, with two Q buffers (calls
+# 116-117: 1.014-1.020x the kernel without either). Specs without a keep-predicate can take a table too: their
 # tiles all walk as far, so it holds _output_tile's own order, and what it removes is the
 # schedule's divisions (2.3% of all samples at d = 64 plain 1k, GLUON_NOTES call 83; 150-300 SASS
 # instructions fewer, triton 3.6).
@@ -757,9 +758,10 @@ def _output_tile(g, ZH, Q_TILES, SECTION, SECTION_ROUNDS):
     longest first (query tile m reads m + 1 key tiles): the last query tile of every head of the
     section, then the one before it, …, with odd rounds walking the programs backwards (tile
     r·G + G - 1 - p) so that the program given a round's longest tile gets the next round's
-    shortest. Sections (the launcher's L2 budget, FlashAttention-3's swizzle) keep the causal
-    order's programs in flight on a few heads. The last round of a section, and of a smaller last
-    section, does not take a tile on every program."""
+    shortest. Sections (gluon_launch.heads_per_section: one round of the grid within an L2 budget,
+    after FlashAttention-3's swizzle) keep the causal order's programs in flight on a few heads.
+    The last round of a section, and of a smaller last section, does not take a tile on every
+    program."""
     pid = gl.program_id(0)
     if MASK == 1:
         pid = pid + (g & 1) * (gl.num_programs(0) - 1 - 2 * pid)

@@ -167,6 +167,12 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # kernels without it: head dim 64 causal at 1k-2k (wspstpdfqbk 1.021, 1.010x), which takes it. Not
 # among three consumers (wsp3stpfb 1.007, 1.013, 0.994x at 4k-16k: geometric mean 1.005) nor at head
 # dim 128 (wspstpdf 0.981x at 1k; wspstdf 1.023, 0.991, 0.997, 0.989x at 2k-16k; 12 B of spills).
+# The head dim 128 causal route of the shortest walks (N = 1k: 4.5 key tiles) takes two Q buffers and
+# the balanced order together (``q_buffers``, ``balanced``): in twelve and ten alternating rounds
+# (calls 116-117) 1.021x the same kernel without them in bf16 at 1k with sections of 32 MiB, 1.022x
+# / 1.006x in bf16 / fp16 in the next call (geometric mean 1.014), and with sections of one round
+# (heads_per_section) 1.020x / 1.014x the kernel without them: 1.10x cuDNN's forward in both types.
+# (Each alone: q 0.995x, b 1.005x in call 116; calls 76 and 79-80 had timed them on older kernels.)
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -177,8 +183,8 @@ ANY_SCORE, QK_ONLY = "any score", "a score of qk and the scale alone"
 ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True, pack_p=True), MIN_WALK, ANY_SCORE), ),
                 1: ((dict(split=True, tma_store=True, half=True, fast_epilogue=True, pack_p=True),
                      MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
-                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, pack_p=True),
-                     MIN_WALK, ANY_SCORE))},
+                    (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, q_buffers=2,
+                          balanced=True, pack_p=True), MIN_WALK, ANY_SCORE))},
           64: {0: ((dict(consumers=3, pingpong=True, pack_p=True), MIN_WALK_D64, ANY_SCORE),
                    (dict(consumers=3, tma_store=True, pingpong=True, pack_p=True), MIN_WALK_D64_STORE, ANY_SCORE),
                    (dict(tma_store=True, pingpong=True, fast_epilogue=True, q_buffers=2, balanced=True, pack_p=True),
@@ -198,9 +204,11 @@ BARRIER_BYTES = 8
 # strides, offsets) to its partitions: 216 bytes compiled for this kernel (triton 3.6 and 3.9),
 # reserved with room to spare.
 WS_CAPTURE_BYTES = 512
-# K/V bytes of the heads in one section of the persistent kernel's causal order (FlashAttention-3's
-# tile scheduler sizes its sections to 32 MiB of K and V, in the H100's and H200's 50 MB of L2):
-# without sections, at N = 2k its programs in flight read 128 heads' K/V, each once.
+# K/V bytes of the heads in one section of the persistent kernel's causal order at most
+# (FlashAttention-3's tile scheduler sizes its sections to 32 MiB of K and V, in the H100's and
+# H200's 50 MB of L2): without sections, at N = 2k its programs in flight read 128 heads' K/V, each
+# once. A forward section also holds no more than one round of the grid's output tiles
+# (heads_per_section), which is what bounds it on the H200.
 L2_SECTION_BYTES = 32 * 1024 * 1024
 
 
@@ -510,16 +518,30 @@ def _descriptor(t: torch.Tensor, block_rows: int, interleaved: bool = False):
     return desc
 
 
-def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig) -> int:
-    """Query heads per section of the persistent kernel's order (gluon._output_tile): causal, as
-    many as share L2_SECTION_BYTES of K/V (a K/V head serves the H_Q / H_KV query heads next to
-    it); otherwise, or with ``one_section``, all of them (the other orders keep a head's query
-    tiles together)."""
+def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig,
+                      programs: int) -> int:
+    """Query heads per section of the persistent kernel's order (gluon._output_tile) on ``programs``
+    programs: causal, whole groups of the H_Q / H_KV query heads that read one K/V head, as many as
+    make one round of the grid's output tiles (at least one group) and whose K/V fit
+    L2_SECTION_BYTES; otherwise, or with ``one_section``, all of them (the other orders keep a
+    head's query tiles together).
+
+    Why one round (GLUON_NOTES calls 116-117): a causal section walks longest first, the last query
+    tile of each of its heads, then the tile before, so a section of several rounds reads each K/V
+    tile again a round later. With sections of 32 MiB of K/V (64 heads at d = 128, N = 1k) the H200
+    kept too little of it in L2: the forward read 285 MB from DRAM where cuDNN's reads Q, K and V
+    once (201 MB). Sections of one round read 202 MB, and on the routes' kernels ran 1.03-1.06x the
+    32 MiB ones at d = 128 causal 1k-8k (call 117, ten alternating rounds) and 1.02x at d = 64
+    causal 1k-2k. A section is not much smaller than a round either (where a group's tiles fit in
+    one, it holds more than ``programs`` less a group's tiles): with half a round, the kernel's own
+    order gives the same programs the longest tiles in every round (0.62-0.74x in call 117)."""
     z, h = q.shape[:2]
     if mask_kind(spec) != 1 or config.one_section:
         return z * h
+    group = h // k.shape[1]
     kv_head_bytes = 2 * k.shape[2] * k.shape[3] * k.element_size()
-    return min(z * h, max(1, L2_SECTION_BYTES // kv_head_bytes) * (h // k.shape[1]))
+    round_groups = programs // (triton.cdiv(q.shape[2], config.BLOCK_M) * group)
+    return min(z * h, max(1, min(round_groups, L2_SECTION_BYTES // kv_head_bytes)) * group)
 
 
 # The work of an output tile in persistent_order's model: its key tiles, plus this many for what a
@@ -650,7 +672,7 @@ def forward_launch(spec: AttentionSpec, q, k, scale: float, config: GluonConfig,
     if config.persistent:
         q_tiles = triton.cdiv(n_q, config.BLOCK_M)  # of a head
         programs = min(q_tiles * z * h, programs or device_profile(q.device).multiprocessors)
-        section = section or heads_per_section(spec, q, k, config)
+        section = section or heads_per_section(spec, q, k, config, programs)
         section_rounds = triton.cdiv(section * q_tiles, programs)
         (q_rz, q_rh, q_ch), (kv_rz, kv_rh, kv_ch) = tma_view(q)[2:], tma_view(k)[2:]
         rounds = triton.cdiv(z * h, section) * section_rounds

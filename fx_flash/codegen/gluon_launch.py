@@ -151,7 +151,8 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # the same kernels without it: head dim 64 causal 1k 1.059x (two Q buffers), 2k 1.022x (one), and
 # among three consumers 1.032, 1.026, 1.002x at 4k, 8k, 16k: those routes take it. Head dim 128
 # causal 1.007x at 1k (call 79 1.041) and 1.002, 1.000, 0.988, 1.015x at 2k-16k (call 79: 1.028,
-# 0.961, 0.981 at 2k-8k, the later columns then biased): the rule's 1.01 is not reached, not routed.
+# 0.961, 0.981 at 2k-8k, the later columns then biased): the rule's 1.01 is not reached, not routed
+# then (with sections of one round it is, below).
 # p converted for p·v by cvt.rn.bf16x2.f32 in PTX (``pack_p``: gluon's note on p's conversion, which
 # takes 32 PRMTs out of a d = 64 causal step) in four alternating rounds (call 98) against the same
 # kernels without it, on the routes where the geometric mean over the N they take was ≥ 1.01 with no
@@ -173,6 +174,10 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # / 1.006x in bf16 / fp16 in the next call (geometric mean 1.014), and with sections of one round
 # (heads_per_section) 1.020x / 1.014x the kernel without them: 1.10x cuDNN's forward in both types.
 # (Each alone: q 0.995x, b 1.005x in call 116; calls 76 and 79-80 had timed them on older kernels.)
+# The head dim 128 causal route from 2k takes the balanced order since its sections are one round
+# (call 118, six alternating rounds, both with sections of one round: 1.011, 1.021, 0.997, 0.992x
+# the kernel's own order at 2k, 4k, 8k, 16k, and 1.168x at 12k, where the own order's trap is;
+# 1.06, 1.06, 1.02, 1.06, 1.00x the own order with sections of 32 MiB at 2k, 4k, 8k, 12k, 16k).
 # head dim: {mask kind (gluon.mask_kind: 0 no keep-predicate, 1 causal): its routes, each (the
 # routed kernel's GluonConfig flags beyond ROUTED_KIND, fewest key tiles an output tile walks on
 # average, the scores it takes: ANY_SCORE or QK_ONLY), longest walk first}: a call takes the first
@@ -181,7 +186,7 @@ MIN_WALK_D64_CAUSAL_SHORTEST = 4
 # (``_not_measured``).
 ANY_SCORE, QK_ONLY = "any score", "a score of qk and the scale alone"
 ROUTES = {128: {0: ((dict(tma_store=True, pingpong=True, pack_p=True), MIN_WALK, ANY_SCORE), ),
-                1: ((dict(split=True, tma_store=True, half=True, fast_epilogue=True, pack_p=True),
+                1: ((dict(split=True, tma_store=True, half=True, fast_epilogue=True, balanced=True, pack_p=True),
                      MIN_WALK_D128_CAUSAL_FREE, ANY_SCORE),
                     (dict(split=True, tma_store=True, pingpong=True, half=True, fast_epilogue=True, q_buffers=2,
                           balanced=True, pack_p=True), MIN_WALK, ANY_SCORE))},
@@ -207,8 +212,8 @@ WS_CAPTURE_BYTES = 512
 # K/V bytes of the heads in one section of the persistent kernel's causal order at most
 # (FlashAttention-3's tile scheduler sizes its sections to 32 MiB of K and V, in the H100's and
 # H200's 50 MB of L2): without sections, at N = 2k its programs in flight read 128 heads' K/V, each
-# once. A forward section also holds no more than one round of the grid's output tiles
-# (heads_per_section), which is what bounds it on the H200.
+# once. A section of the balanced table's also holds no more than one round of the grid's output
+# tiles (heads_per_section), which is what bounds it on the H200.
 L2_SECTION_BYTES = 32 * 1024 * 1024
 
 
@@ -521,27 +526,30 @@ def _descriptor(t: torch.Tensor, block_rows: int, interleaved: bool = False):
 def heads_per_section(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, config: GluonConfig,
                       programs: int) -> int:
     """Query heads per section of the persistent kernel's order (gluon._output_tile) on ``programs``
-    programs: causal, whole groups of the H_Q / H_KV query heads that read one K/V head, as many as
-    make one round of the grid's output tiles (at least one group) and whose K/V fit
-    L2_SECTION_BYTES; otherwise, or with ``one_section``, all of them (the other orders keep a
-    head's query tiles together).
+    programs: causal, whole groups of the H_Q / H_KV query heads that read one K/V head, as many
+    as share L2_SECTION_BYTES of K/V and, with the balanced table (``balanced``), make at most one
+    round of the grid's output tiles; at least one group. Otherwise, or with ``one_section``, all
+    of them (the other orders keep a head's query tiles together).
 
-    Why one round (GLUON_NOTES calls 116-117): a causal section walks longest first, the last query
+    Why one round (GLUON_NOTES calls 116-118): a causal section walks longest first, the last query
     tile of each of its heads, then the tile before, so a section of several rounds reads each K/V
     tile again a round later. With sections of 32 MiB of K/V (64 heads at d = 128, N = 1k) the H200
     kept too little of it in L2: the forward read 285 MB from DRAM where cuDNN's reads Q, K and V
-    once (201 MB). Sections of one round read 202 MB, and on the routes' kernels ran 1.03-1.06x the
-    32 MiB ones at d = 128 causal 1k-8k (call 117, ten alternating rounds) and 1.02x at d = 64
-    causal 1k-2k. A section is not much smaller than a round either (where a group's tiles fit in
-    one, it holds more than ``programs`` less a group's tiles): with half a round, the kernel's own
-    order gives the same programs the longest tiles in every round (0.62-0.74x in call 117)."""
+    once (201 MB). Sections of one round read 202 MB. With the balanced table they ran 1.06x the
+    routes' kernels of 32 MiB sections at d = 128 causal 1k-4k and 12k, 1.02x at 8k, 1.00x at 16k,
+    and 1.01-1.03x at d = 64 causal 1k-8k, 0.99x at 16k (calls 117-118). Why the
+    balanced table only: where a group's tiles are under a round but over half of one (N = 12k at
+    d = 128: 96), the kernel's own order (odd rounds walk the programs backwards) hands the same
+    programs the longest tiles in every round: 0.91x the 32 MiB sections there (call 118; 0.63-0.74x
+    with half a round at every N, call 117). The table deals each tile to the least loaded program."""
     z, h = q.shape[:2]
     if mask_kind(spec) != 1 or config.one_section:
         return z * h
     group = h // k.shape[1]
-    kv_head_bytes = 2 * k.shape[2] * k.shape[3] * k.element_size()
-    round_groups = programs // (triton.cdiv(q.shape[2], config.BLOCK_M) * group)
-    return min(z * h, max(1, min(round_groups, L2_SECTION_BYTES // kv_head_bytes)) * group)
+    groups = L2_SECTION_BYTES // (2 * k.shape[2] * k.shape[3] * k.element_size())
+    if config.balanced:
+        groups = min(groups, programs // (triton.cdiv(q.shape[2], config.BLOCK_M) * group))
+    return min(z * h, max(1, groups) * group)
 
 
 # The work of an output tile in persistent_order's model: its key tiles, plus this many for what a

@@ -349,6 +349,33 @@ def test_heads_per_section():
             assert gluon_launch.heads_per_section(spec_from_text(text), q, q, config, 132) == 32
 
 
+def test_sections_of_one_round_need_the_balanced_table():
+    """Why heads_per_section gives sections of one round to the balanced table only (GLUON_NOTES
+    call 118), in the launcher's model of a program's work (its tiles' key tiles plus
+    TILE_COST_STEPS each): at d = 128 causal N = 12k (16 heads of 96 output tiles, 132 programs) a
+    round holds one head, and the kernel's own order (odd rounds walk the programs backwards) gives
+    the programs that take an even round's first, longest tiles nothing in the odd rounds: its
+    busiest program has 1.3x the mean work (0.91x the speed on the H200), where the table deals the
+    same sections within 1.07x and the own order's sections of 32 MiB within 1.14x. At the grid's
+    N the table with sections of one round stays within 3% of the mean."""
+    config = gluon_launch.GluonConfig(128, 128, 2, ws=True, persistent=True, split=True, balanced=True)
+    causal = spec_from_text(CAUSAL)
+
+    def busiest_over_mean(n: int, own: bool, balanced: bool = True) -> float:
+        q = torch.empty(16384 // n, 16, n, 128, dtype=torch.bfloat16, device="meta")
+        heads, walk = 16384 // n * 16, list(gluon_launch.tile_walks(n, n, config, True))
+        section = gluon_launch.heads_per_section(causal, q, q, replace(config, balanced=balanced), 132)
+        walks = (gluon_launch._kernel_order(heads, len(walk), 132, section) if own
+                 else gluon_launch._greedy_order(heads, walk, 132, section))
+        mean = heads * sum(w + gluon_launch.TILE_COST_STEPS for w in walk) / 132
+        return gluon_launch._busiest(walks, walk) / mean
+
+    assert busiest_over_mean(12288, own=True) > 1.25  # one round a section, the own order: the trap
+    assert busiest_over_mean(12288, own=False) < 1.08  # the same sections, the table
+    assert busiest_over_mean(12288, own=True, balanced=False) < 1.15  # the own order's 32 MiB
+    assert all(busiest_over_mean(n, own=False) < 1.03 for n in (1024, 2048, 4096, 8192, 16384))
+
+
 class _Shim:
     """Stands in for ``gl`` in the rendered schedule functions (scalar integer arithmetic only)."""
     minimum = staticmethod(min)

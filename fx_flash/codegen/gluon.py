@@ -169,11 +169,13 @@ GLUON_TEMPLATE = '''\
 # tile's start takes no integer division; the partitions read round g + 1's entry while round g
 # runs, so its latency lies under a whole output tile. On the H200 (GLUON_NOTES call 80) it ran
 # 1.059, 1.022, 1.032, 1.026, 1.002x the same kernels at d = 64 causal 1k-16k, which route it, and
-# 0.99-1.015x at d = 128, which take it only on the route of N = 1k, with two Q buffers (calls
-# 116-117: 1.014-1.020x the kernel without either). Specs without a keep-predicate can take a table too: their
-# tiles all walk as far, so it holds _output_tile's own order, and what it removes is the
-# schedule's divisions (2.3% of all samples at d = 64 plain 1k, GLUON_NOTES call 83; 150-300 SASS
-# instructions fewer, triton 3.6).
+# 0.99-1.015x at d = 128. Since its sections hold one round of the grid (gluon_launch.
+# heads_per_section, GLUON_NOTES calls 116-118) d = 128's causal routes take it too, where the
+# kernel's own order with such sections hands the same programs the longest tiles in every round
+# (0.91x at 12k). Specs without a keep-predicate can take a table too: their tiles all walk as
+# far, so it holds _output_tile's own order, and what it removes is the schedule's divisions
+# (2.3% of all samples at d = 64 plain 1k, GLUON_NOTES call 83; 150-300 SASS instructions fewer,
+# triton 3.6).
 #
 # Note (constexprs in partitions): a warp_specialize partition receives its arguments through the
 # tuple it is given, and a constexpr placed in a tuple that is first bound to a name (as

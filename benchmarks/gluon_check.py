@@ -541,7 +541,8 @@ def main():
             best = max(((r[c], c) for c in chosen[d] if isinstance(r.get(c), int)), default=None)
             ref = max((r[c] for c in ("cudnn", "cudnn again") if isinstance(r.get(c), int)), default=None)
             ratio = f"{best[0] / ref:.2f}" if best and ref else "-"
-            line = (f"| {r['n']} | {r['spec'] or ('yes' if r['causal'] else 'no')} | "
+            mask = ("yes" if r["causal"] else "no") + (f" ({r['spec'].strip()})" if r["spec"] else "")
+            line = (f"| {r['n']} | {mask} | "
                     + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {best[1] if best else '-'} | {ratio} |")
             if gain:
                 best_p = max((r[c] for c in persistent if isinstance(r.get(c), int)), default=None)
